@@ -1,0 +1,345 @@
+"""The YAML configuration: loading, validation into frozen typed settings, and secrets.
+
+``load_config(path)`` returns a :class:`Settings` or raises :class:`~mailbridge.errors.ConfigError`
+whose message names the key path (``accounts[0].imap.port``) and what is expected. Unknown keys
+are errors (a typo must not silently fall back to a default). Secrets are never stored in the
+settings as plain strings: :meth:`AuthSettings.secret` reads them when a connection needs them,
+from ``password``, ``password_file``, ``password_env`` or a systemd credential
+(``password_credential`` under ``$CREDENTIALS_DIRECTORY``), so a fixed password file takes effect
+at the next connection attempt.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import stat
+from pathlib import Path
+from typing import Annotated, Any, Literal
+
+import yaml
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    SecretStr,
+    StringConstraints,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
+
+from mailbridge.errors import ConfigError
+from mailbridge.log import register_secret
+
+DEFAULT_CONFIG_PATH = Path("/etc/mailbridge/config.yaml")
+CONFIG_ENV = "MAILBRIDGE_CONFIG"
+
+Port = Annotated[int, Field(ge=1, le=65535, strict=False)]
+AccountName = Annotated[str, StringConstraints(pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")]
+EmailAddress = Annotated[
+    str,
+    StringConstraints(strip_whitespace=True, to_lower=True, pattern=r"^[^@\s]+@[^@\s]+$"),
+]
+
+
+class _Model(BaseModel):
+    """Frozen, strict about unknown keys."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True, str_strip_whitespace=True)
+
+
+class ServerSettings(_Model):
+    """Connection settings shared by IMAP and SMTP."""
+
+    host: Annotated[str, StringConstraints(min_length=1)]
+    port: Port | None = None  # filled from tls in the subclasses
+    tls: Literal["implicit", "starttls", "none"] = "implicit"
+    verify_certificate: bool = True
+    ca_file: Path | None = None
+    timeout_seconds: Annotated[float, Field(gt=0, le=600)] = 60.0
+
+    @field_validator("ca_file")
+    @classmethod
+    def _ca_exists(cls, value: Path | None) -> Path | None:
+        if value is not None and not value.is_file():
+            raise ValueError(f"CA file {str(value)!r} does not exist")
+        return value
+
+
+class ImapSettings(ServerSettings):
+    @model_validator(mode="after")
+    def _default_port(self) -> ImapSettings:
+        if self.port is None:
+            object.__setattr__(self, "port", 993 if self.tls == "implicit" else 143)
+        return self
+
+
+class SmtpSettings(ServerSettings):
+    tls: Literal["implicit", "starttls", "none"] = "starttls"
+
+    @model_validator(mode="after")
+    def _default_port(self) -> SmtpSettings:
+        if self.port is None:
+            ports = {"implicit": 465, "starttls": 587, "none": 25}
+            object.__setattr__(self, "port", ports[self.tls])
+        return self
+
+
+class AuthSettings(_Model):
+    """How to log in. Exactly one secret source for ``method: password``."""
+
+    # A password may begin or end with spaces; the model-wide stripping must not touch it, so it
+    # is switched off here and asked for per field instead.
+    model_config = ConfigDict(extra="forbid", frozen=True, str_strip_whitespace=False)
+
+    method: Literal["password"] = "password"
+    username: Annotated[str, StringConstraints(strip_whitespace=True, min_length=1)]
+    password: SecretStr | None = None
+    password_file: Path | None = None
+    password_env: Annotated[str, StringConstraints(strip_whitespace=True)] | None = None
+    # a systemd credential name (LoadCredential=)
+    password_credential: Annotated[str, StringConstraints(strip_whitespace=True)] | None = None
+
+    @model_validator(mode="after")
+    def _one_secret(self) -> AuthSettings:
+        given = [
+            k
+            for k in ("password", "password_file", "password_env", "password_credential")
+            if getattr(self, k) is not None
+        ]
+        if len(given) != 1:
+            raise ValueError(
+                "give exactly one of password, password_file, password_env, password_credential"
+                + (f" (got {', '.join(given)})" if given else "")
+            )
+        return self
+
+    def secret_source(self) -> str:
+        """Where the secret comes from, for messages (never the secret itself)."""
+        if self.password is not None:
+            return "auth.password"
+        if self.password_file is not None:
+            return f"password_file {self.password_file}"
+        if self.password_env is not None:
+            return f"environment variable {self.password_env}"
+        return f"systemd credential {self.password_credential}"
+
+    def secret(self) -> str:
+        """Read the secret now. Raises ConfigError(code=secret_missing) naming the source.
+
+        The value is registered with the log redactor, so it is masked in any log line,
+        including third-party debug output such as aioimaplib's echo of LOGIN.
+        """
+        value = self._read_secret()
+        register_secret(value)
+        return value
+
+    def _read_secret(self) -> str:
+        if self.password is not None:
+            return self.password.get_secret_value()
+        if self.password_env is not None:
+            value = os.environ.get(self.password_env)
+            if not value:
+                raise ConfigError(
+                    f"environment variable {self.password_env} is not set",
+                    path="auth.password_env",
+                    code="secret_missing",
+                )
+            return value
+        if self.password_file is not None:
+            return _read_secret_file(self.password_file, "auth.password_file")
+        credentials = os.environ.get("CREDENTIALS_DIRECTORY")
+        if not credentials:
+            raise ConfigError(
+                "password_credential needs $CREDENTIALS_DIRECTORY (set by systemd LoadCredential=)",
+                path="auth.password_credential",
+                code="secret_missing",
+            )
+        assert self.password_credential is not None  # guaranteed by _one_secret
+        return _read_secret_file(
+            Path(credentials) / self.password_credential, "auth.password_credential"
+        )
+
+
+def _read_secret_file(path: Path, key: str) -> str:
+    try:
+        text = path.read_text(encoding="utf-8")
+    except OSError as exc:
+        raise ConfigError(
+            f"cannot read {path}: {exc.strerror}", path=key, code="secret_missing"
+        ) from exc
+    value = text.strip("\r\n")
+    if not value:
+        raise ConfigError(f"{path} is empty", path=key, code="secret_missing")
+    return value
+
+
+def world_readable(path: Path) -> bool:
+    """True when a secret file can be read by users other than its owner and group."""
+    try:
+        return bool(path.stat().st_mode & stat.S_IROTH)
+    except OSError:
+        return False
+
+
+class FolderSettings(_Model):
+    inbox: Annotated[str, StringConstraints(min_length=1)] = "INBOX"
+    processed: Annotated[str, StringConstraints(min_length=1)] = "Mailbridge Processed"
+    failed: Annotated[str, StringConstraints(min_length=1)] = "Mailbridge Failed"
+
+    @model_validator(mode="after")
+    def _distinct(self) -> FolderSettings:
+        names = [self.inbox, self.processed, self.failed]
+        if len({n.casefold() for n in names}) != 3:
+            raise ValueError("inbox, processed and failed must be three different folders")
+        return self
+
+
+class AccountSettings(_Model):
+    name: AccountName
+    address: EmailAddress
+    aliases: tuple[EmailAddress, ...] = ()
+    imap: ImapSettings
+    smtp: SmtpSettings | None = None
+    auth: AuthSettings
+    folders: FolderSettings = FolderSettings()
+    mode: Literal["idle", "poll"] = "idle"
+    poll_interval_seconds: Annotated[float, Field(ge=1, le=86400)] = 60.0
+    # RFC 2177 section 3: a server may drop an IDLE after 30 minutes; re-issue well before.
+    idle_timeout_seconds: Annotated[float, Field(ge=1, le=29 * 60)] = 25 * 60.0
+    enabled: bool = True
+
+    def own_addresses(self) -> frozenset[str]:
+        """The account's address and its aliases: one identity."""
+        return frozenset((self.address, *self.aliases))
+
+
+class LimitSettings(_Model):
+    attachment_max_size_mb: Annotated[float, Field(gt=0, le=10_000)] = 25.0
+    fetch_batch_size: Annotated[int, Field(ge=1, le=1000)] = 100
+
+    @property
+    def max_message_bytes(self) -> int:
+        return int(self.attachment_max_size_mb * 1024 * 1024)
+
+
+class LogSettings(_Model):
+    level: Literal["debug", "info", "warning", "error"] = "info"
+    format: Literal["auto", "json", "console"] = "auto"  # auto: console on a TTY, else JSON
+
+
+class Settings(_Model):
+    database: Path = Path("/var/lib/mailbridge/mailbridge.db")
+    limits: LimitSettings = LimitSettings()
+    log: LogSettings = LogSettings()
+    accounts: tuple[AccountSettings, ...]
+    source: Path | None = Field(default=None, exclude=True)  # the file it came from
+
+    # A field validator (not a model validator) so the error's path is "accounts", not the top.
+    @field_validator("accounts")
+    @classmethod
+    def _unique_names(cls, accounts: tuple[AccountSettings, ...]) -> tuple[AccountSettings, ...]:
+        if not accounts:
+            raise ValueError("list at least one account")
+        seen: set[str] = set()
+        for account in accounts:
+            if account.name in seen:
+                raise ValueError(f"account name {account.name!r} is used twice")
+            seen.add(account.name)
+        return accounts
+
+    def account(self, name: str) -> AccountSettings:
+        for account in self.accounts:
+            if account.name == name:
+                return account
+        names = ", ".join(a.name for a in self.accounts)
+        raise ConfigError(f"no account named {name!r} (configured: {names})", path="accounts")
+
+
+def _format_loc(loc: tuple[int | str, ...], data: object) -> str:
+    """Render pydantic's error location as a key path, walking the input alongside it.
+
+    pydantic mixes type tags ('int', 'function-after[...]') into ``loc``; they mean nothing to
+    users. Walking the input tells keys from tags whatever their spelling, so an unknown key such
+    as ``Port`` or ``imap2`` is named exactly as the user wrote it.
+    """
+    out = ""
+    node: object = data
+    for part in loc:
+        if isinstance(node, list | tuple) and isinstance(part, int) and 0 <= part < len(node):
+            out += f"[{part}]"
+            node = node[part]
+        elif isinstance(node, dict) and part in node:
+            out += f".{part}" if out else str(part)
+            node = node[part]
+        elif isinstance(node, dict) and isinstance(part, str) and re.fullmatch(r"[a-z_]+", part):
+            # a field missing from the input (error type 'missing')
+            out += f".{part}" if out else part
+            node = None
+        # anything else is a pydantic tag: skip it and stay at the same place in the input
+    return out or "(top level)"
+
+
+def _explain(error: Any) -> str:
+    kind = error["type"]
+    if kind == "extra_forbidden":
+        return "unknown key (check the spelling against config.example.yaml)"
+    if kind == "missing":
+        return "required key is missing"
+    if kind in {"int_parsing", "int_type", "int_from_float"}:
+        return f"expected a whole number, got {error.get('input')!r}"
+    if kind in {"greater_than_equal", "less_than_equal", "greater_than", "less_than"}:
+        return f"{error['msg'].lower()}, got {error.get('input')!r}"
+    if kind == "literal_error":
+        return f"{error['msg'].lower()}, got {error.get('input')!r}"
+    if kind == "string_pattern_mismatch":
+        return f"not a valid value: {error.get('input')!r}"
+    msg = str(error["msg"])
+    return msg.removeprefix("Value error, ")
+
+
+def parse_config(data: object, *, source: Path | None = None) -> Settings:
+    """Validate already-loaded YAML data. Raises ConfigError naming the first bad key."""
+    if not isinstance(data, dict):
+        raise ConfigError("the config must be a YAML mapping (key: value)", path="(top level)")
+    if "source" in data:  # an internal field; in the file it is as unknown as any typo
+        raise ConfigError("source: unknown key", path="source")
+    try:
+        settings = Settings.model_validate(data)
+    except ValidationError as exc:
+        problems = [(_format_loc(e["loc"], data), _explain(e)) for e in exc.errors()]
+        first_path = problems[0][0] if problems else ""
+        text = "; ".join(f"{path}: {why}" for path, why in problems)
+        raise ConfigError(text, path=first_path) from exc
+    # Set after validation so the file cannot set it (model_copy does not re-validate).
+    return settings.model_copy(update={"source": source})
+
+
+def load_config(path: Path | str | None = None) -> Settings:
+    """Read and validate the config file (``-c``, else $MAILBRIDGE_CONFIG, else /etc/...)."""
+    resolved = resolve_config_path(path)
+    try:
+        text = resolved.read_text(encoding="utf-8")
+    except FileNotFoundError as exc:
+        raise ConfigError(
+            f"config file {resolved} does not exist (pass -c FILE or set {CONFIG_ENV})",
+            path=str(resolved),
+        ) from exc
+    except OSError as exc:
+        raise ConfigError(f"cannot read {resolved}: {exc.strerror}", path=str(resolved)) from exc
+    try:
+        data = yaml.safe_load(text)
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
+        problem = getattr(exc, "problem", None) or "invalid YAML"
+        raise ConfigError(f"{resolved}{where}: {problem}", path=str(resolved)) from exc
+    return parse_config(data, source=resolved)
+
+
+def resolve_config_path(path: Path | str | None) -> Path:
+    if path is not None:
+        return Path(path)
+    env = os.environ.get(CONFIG_ENV)
+    return Path(env) if env else DEFAULT_CONFIG_PATH

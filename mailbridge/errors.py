@@ -1,0 +1,406 @@
+"""The one exception tree of mailbridge and the error catalogue (code -> meaning and remedy).
+
+Every failure mailbridge reports carries a stable *code* from :data:`CATALOGUE`. The code is what
+logs, ``mailbridge status`` and ``mailbridge doctor`` show beside a one-line remedy, and what
+monitoring can alert on. Third-party exceptions are mapped into this tree at the boundary
+(``raise ... from exc``) so nothing above the I/O layer ever sees an aioimaplib, ssl or sqlite3
+exception.
+
+::
+
+    MailbridgeError                   code, remedy, transient
+    ├── ConfigError                   bad YAML, unknown key, missing secret   (exit 78, EX_CONFIG)
+    ├── ServerError                   an IMAP/SMTP/OAuth server said no or could not be reached
+    │   │                             (code from classify_server_text / the TLS and socket mapping)
+    │   ├── AuthError                 credentials, tokens, MFA, disabled account/protocol
+    │   └── FolderError               a configured folder is missing or not selectable
+    ├── MessageError                  one message cannot be imported -> the Failed folder
+    └── StoreError                    the database refused (locked, disk full, corrupt)
+
+``transient`` says whether retrying soon may help (a dropped connection, a locked database) or an
+operator must act first (a wrong password). The daemon's backoff follows it.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+from typing import Final
+
+
+@dataclass(frozen=True, slots=True)
+class ErrorInfo:
+    """What one error code means and what to do about it."""
+
+    code: str
+    title: str
+    remedy: str
+    transient: bool
+
+
+def _info(code: str, title: str, remedy: str, *, transient: bool) -> tuple[str, ErrorInfo]:
+    return code, ErrorInfo(code, title, remedy, transient)
+
+
+CATALOGUE: Final[dict[str, ErrorInfo]] = dict(
+    [
+        _info(
+            "config_invalid",
+            "The configuration is invalid",
+            "Fix the named key in the config file, then run 'mailbridge check-config'.",
+            transient=False,
+        ),
+        _info(
+            "secret_missing",
+            "A password or token could not be read",
+            "Check the password_file/password_env/credential named in the config exists and is "
+            "readable by the mailbridge user.",
+            transient=False,
+        ),
+        _info(
+            "auth_failed",
+            "The server rejected the username or password",
+            "Check auth.username and the password; if it was changed recently, update the "
+            "password file and send SIGHUP (systemctl reload mailbridge).",
+            transient=False,
+        ),
+        _info(
+            "account_disabled",
+            "The mailbox is disabled, locked or blocked",
+            "Ask the mail administrator to unlock or re-enable the mailbox.",
+            transient=False,
+        ),
+        _info(
+            "app_password_required",
+            "The account uses multi-factor authentication",
+            "Create an application password for the account and use it as the password, or "
+            "switch auth.method to OAuth2.",
+            transient=False,
+        ),
+        _info(
+            "token_expired",
+            "The OAuth2 token has expired or was revoked",
+            "Run 'mailbridge auth ACCOUNT' to sign in again and store a fresh token.",
+            transient=False,
+        ),
+        _info(
+            "consent_missing",
+            "The OAuth2 application lacks the permissions (consent) it needs",
+            "Grant admin consent for the IMAP/SMTP scopes in the identity provider, then retry.",
+            transient=False,
+        ),
+        _info(
+            "protocol_disabled",
+            "IMAP or SMTP access is turned off for this account",
+            "Enable IMAP (and authenticated SMTP) for the mailbox in the provider's admin centre.",
+            transient=False,
+        ),
+        _info(
+            "connection_limit",
+            "Too many connections to the server from this user or address",
+            "Close other IMAP clients of this mailbox or ask the administrator to raise the limit; "
+            "mailbridge retries by itself.",
+            transient=True,
+        ),
+        _info(
+            "quota_exceeded",
+            "The mailbox is over its storage quota",
+            "Free space in the mailbox (empty the Processed folder) or raise the quota.",
+            transient=False,
+        ),
+        _info(
+            "folder_unavailable",
+            "A configured folder does not exist or cannot be opened",
+            "Check folders.* in the config against the server's folder names and permissions.",
+            transient=False,
+        ),
+        _info(
+            "tls_untrusted",
+            "The server's TLS certificate could not be verified",
+            "Install the server's CA and set imap.ca_file (or smtp.ca_file) to it; only as a "
+            "last resort set verify_certificate: false.",
+            transient=False,
+        ),
+        _info(
+            "tls_failed",
+            "The TLS handshake failed",
+            "Check the port matches the tls mode (993 implicit, 143/587 starttls) and the server "
+            "supports a modern TLS version.",
+            transient=False,
+        ),
+        _info(
+            "unreachable",
+            "The server could not be reached (DNS failure or connection refused)",
+            "Check the host and port in the config and that the server is up; mailbridge retries "
+            "by itself.",
+            transient=True,
+        ),
+        _info(
+            "timeout",
+            "The server did not answer in time",
+            "Check the network and the server's load; mailbridge retries by itself.",
+            transient=True,
+        ),
+        _info(
+            "connection_lost",
+            "The connection to the server was lost",
+            "Nothing to do if it happens rarely; mailbridge reconnects by itself.",
+            transient=True,
+        ),
+        _info(
+            "server_unavailable",
+            "The server is temporarily unavailable",
+            "Wait; mailbridge retries by itself. If it persists, contact the mail provider.",
+            transient=True,
+        ),
+        _info(
+            "server_error",
+            "The server answered with an unexpected error",
+            "Read the server's words in the log line; retry, or contact the mail provider.",
+            transient=True,
+        ),
+        _info(
+            "too_large",
+            "The message is over limits.attachment_max_size_mb",
+            "Raise limits.attachment_max_size_mb and run 'mailbridge failed retry', or handle "
+            "the message by hand.",
+            transient=False,
+        ),
+        _info(
+            "unparseable",
+            "The message could not be parsed",
+            "Inspect it with 'mailbridge failed show UID'; it stays in the Failed folder.",
+            transient=False,
+        ),
+        _info(
+            "import_failed",
+            "The message could not be written to the database",
+            "Read the reason in 'mailbridge failed show UID'; fix the cause and retry.",
+            transient=False,
+        ),
+        _info(
+            "database_locked",
+            "The database is locked by another writer",
+            "Keep integrators' write transactions short; mailbridge retries by itself.",
+            transient=True,
+        ),
+        _info(
+            "disk_full",
+            "The disk holding the database is full",
+            "Free space on the data directory's file system; mailbridge retries by itself.",
+            transient=True,
+        ),
+        _info(
+            "database_error",
+            "The database could not be opened or is damaged",
+            "Check the database path, its permissions and "
+            "'sqlite3 FILE \"PRAGMA integrity_check\"'.",
+            transient=False,
+        ),
+        _info(
+            "internal",
+            "An unexpected internal error",
+            "Report it with the log lines around it; mailbridge goes on with the other accounts.",
+            transient=True,
+        ),
+    ]
+)
+
+
+class MailbridgeError(Exception):
+    """The root of every error mailbridge raises on purpose.
+
+    ``code`` picks the catalogue entry; the message is the specific detail (the server's words,
+    the key path, the file name). Never put a secret in the message.
+    """
+
+    default_code: str = "internal"
+
+    def __init__(self, message: str, *, code: str | None = None) -> None:
+        super().__init__(message)
+        self.code = code or self.default_code
+        if self.code not in CATALOGUE:  # a programming error, caught by the catalogue tests
+            raise ValueError(f"unknown error code {self.code!r}")
+
+    @property
+    def info(self) -> ErrorInfo:
+        return CATALOGUE[self.code]
+
+    @property
+    def remedy(self) -> str:
+        return self.info.remedy
+
+    @property
+    def transient(self) -> bool:
+        return self.info.transient
+
+    @property
+    def detail(self) -> str:
+        return str(self)
+
+
+class ConfigError(MailbridgeError):
+    """The configuration is wrong. ``path`` is the key path such as ``accounts[0].imap.port``."""
+
+    default_code = "config_invalid"
+
+    def __init__(self, message: str, *, path: str = "", code: str | None = None) -> None:
+        super().__init__(message, code=code)
+        self.path = path
+
+
+class ServerError(MailbridgeError):
+    """An IMAP, SMTP or OAuth2 server could not be reached or refused a command."""
+
+    default_code = "server_error"
+
+
+class AuthError(ServerError):
+    """Login was refused: credentials, token, MFA, a disabled account or protocol."""
+
+    default_code = "auth_failed"
+
+
+class FolderError(ServerError):
+    """A configured folder is missing or cannot be selected or created."""
+
+    default_code = "folder_unavailable"
+
+
+class MessageError(MailbridgeError):
+    """One message cannot be imported; it goes to the Failed folder with this reason."""
+
+    default_code = "unparseable"
+
+
+class StoreError(MailbridgeError):
+    """The database refused a read or write."""
+
+    default_code = "database_error"
+
+
+# Server wording -> code. Checked in order; the first match wins, and a code may appear more than
+# once so that a narrow wording can win before a broad one. Sources: RFC 5530 response codes (as
+# Dovecot and Gmail send them), Exchange Online's SMTP AUTH replies and AADSTS codes, Gmail's IMAP
+# and SMTP replies, and the wording quoted in the reference error guide. tests/unit/test_errors.py
+# holds the real responses each rule exists for.
+#
+# Precedence, top to bottom:
+# 1. Unambiguous RFC 5530 / RFC 3501 response codes that name the *condition* ([NONEXISTENT],
+#    [OVERQUOTA], [LIMIT], [UNAVAILABLE] ...). The free text after them can quote a folder name or
+#    server prose ("[UNAVAILABLE] Temporary authentication failure"), so the code must win.
+#    Exception first: Gmail sends "[OVERQUOTA] Account exceeded command or bandwidth limits" for
+#    a daily *throttle* that resets by itself - transient, not a full mailbox.
+# 2. Specific causes (MFA/app password, expired token, missing consent, protocol disabled,
+#    disabled account). They often arrive inside a generic failure ("535 5.7.139 Authentication
+#    unsuccessful, SmtpClientAuthentication is disabled for the Tenant", "[ALERT] Application-
+#    specific password required ... (Failure)"), so they come before the generic auth rule.
+# 3. Limits, quota and folders by wording.
+# 4. Generic authentication failure ([AUTHENTICATIONFAILED], 535, "LOGIN failed").
+# 5. Generic "try later" (transient) last, so "... or try again later" appended to a specific
+#    reason never hides that reason.
+#
+# "454 4.7.0 Too many login attempts, please try again later" (Gmail SMTP) is connection_limit,
+# not server_unavailable: the server is up and is throttling *this user's* logins (too many
+# clients or retries). connection_limit says exactly that, is transient like server_unavailable,
+# and its remedy (other clients of this mailbox) is the one that helps.
+_RULES: Final[tuple[tuple[str, re.Pattern[str]], ...]] = tuple(
+    (code, re.compile(pattern, re.IGNORECASE))
+    for code, pattern in (
+        # -- 1. response codes ------------------------------------------------------------------
+        ("server_unavailable", r"command or bandwidth limits|bandwidth limits? exceeded"),
+        ("folder_unavailable", r"\[(?:NONEXISTENT|NOPERM|TRYCREATE)\]"),
+        ("quota_exceeded", r"\[OVERQUOTA\]"),
+        ("connection_limit", r"\[LIMIT\]"),
+        ("server_unavailable", r"\[(?:UNAVAILABLE|INUSE)\]"),
+        # -- 2. specific causes -----------------------------------------------------------------
+        (
+            "app_password_required",
+            r"application[- ]specific password|app password|application password|multi-?factor|"
+            r"two[- ]step|\b2fa\b|\bmfa\b|InvalidSecondFactor|web login required|WEBALERT|"
+            # Gmail: 534-5.7.14 / [ALERT] "Please log in via your web browser" - Google refuses a
+            # plain password from a mail client; an app password (or OAuth2) is the way in.
+            r"log ?in via your web browser|"
+            # Entra ID: AADSTS50076 MFA required, AADSTS50079 MFA registration required.
+            r"AADSTS50076|AADSTS50079",
+        ),
+        (
+            "token_expired",
+            r"token has been expired|expired or revoked|invalid_grant|token.{0,20}expired|"
+            # AADSTS70008/700082 expired refresh token, 50173 revoked by a password change,
+            # 70043 expired by a sign-in frequency policy; interaction_required: sign in again.
+            r"AADSTS70008\b|AADSTS700082|AADSTS50173|AADSTS70043|interaction_required",
+        ),
+        (
+            "consent_missing",
+            r"consent|AADSTS65001|AADSTS650057|insufficient.?scope|unauthorized_client",
+        ),
+        (
+            "protocol_disabled",
+            r"IMAP (?:access )?is disabled|not enabled for IMAP|IMAP use|"
+            r"SmtpClientAuthentication is disabled|SMTP AUTH(?:entication)? is disabled|"
+            r"basic authentication is disabled|authenticated but not connected|"
+            r"protocol.{0,20}disabled|"
+            # Exchange Online's 5.7.139 is always a policy block: SMTP AUTH off for the tenant or
+            # the mailbox, security defaults or Conditional Access refusing basic auth.
+            r"\b5\.7\.139\b",
+        ),
+        (
+            "account_disabled",
+            r"account (?:is )?(?:disabled|locked|blocked|suspended)|"
+            r"mailbox (?:is )?(?:disabled|blocked)|user is (?:disabled|blocked)|"
+            r"\[ACCOUNTDISABLED\]|AADSTS50057|AADSTS50053|access restricted|access denied",
+            # Not "mailbox unavailable": that is RFC 5321's stock 550 text for a rejected
+            # *recipient*, which must not read as "our account is disabled".
+        ),
+        # -- 3. limits, quota, folders by wording -----------------------------------------------
+        (
+            "connection_limit",
+            r"too many (?:simultaneous |concurrent )?connections|"
+            r"maximum number of connections|connection limit|mail_max_userip_connections|"
+            r"too many login",
+        ),
+        (
+            "quota_exceeded",
+            r"quota exceeded|over quota|mailbox (?:is )?full|mailbox limit exceeded|\b5\.2\.2\b",
+        ),
+        (
+            "folder_unavailable",
+            r"mailbox doesn't exist|mailbox does not exist|no such (?:mailbox|folder)|"
+            r"unknown mailbox|folder not found",
+        ),
+        # -- 4. generic authentication failure --------------------------------------------------
+        (
+            "auth_failed",
+            r"\[AUTHENTICATIONFAILED\]|\[AUTHORIZATIONFAILED\]|\[EXPIRED\]|authentication failed|"
+            r"authentication unsuccessful|invalid credentials|login failed|AUTHENTICATE failed|"
+            r"incorrect (?:password|credentials)|bad credentials|"
+            r"username and password not accepted|"
+            # AADSTS50126 wrong password, 50034 no such user, 7000215 wrong client secret.
+            r"AADSTS50126|AADSTS50034|AADSTS7000215|invalid_client|"
+            r"\b5\.7\.8\b|\b535\b",
+        ),
+        # -- 5. generic transient ---------------------------------------------------------------
+        (
+            "server_unavailable",
+            r"temporar(?:il)?y (?:unavailable|failure|system error)|try again later|"
+            r"server (?:is )?(?:busy|unavailable)|"
+            # Any SMTP 4xx reply or 4.x.x enhanced status code is transient by definition
+            # (RFC 5321 4.2.1, RFC 3463); anchored so a "450" inside prose does not count.
+            r"(?:^|\s)4\d\d(?:[ -]|$)|\b4\.\d{1,3}\.\d{1,3}\b",
+        ),
+    )
+)
+
+
+def classify_server_text(text: str, *, default: str = "server_error") -> str:
+    """Map a server's words (an IMAP NO/BAD line, an SMTP reply, an OAuth error) to a code."""
+    for code, pattern in _RULES:
+        if pattern.search(text):
+            return code
+    return default
+
+
+def describe(code: str) -> ErrorInfo:
+    """The catalogue entry for ``code``; unknown codes read as ``internal``."""
+    return CATALOGUE.get(code, CATALOGUE["internal"])

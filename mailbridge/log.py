@@ -1,0 +1,257 @@
+"""Structured logging for mailbridge: JSON lines under systemd, readable text on a terminal.
+
+``configure_logging()`` routes structlog *and* the standard library's ``logging`` (aioimaplib,
+aiosmtplib, asyncio) through one handler on the root logger, so every line has the same shape
+and passes the same redaction. Under systemd stderr is not a TTY and each event becomes one JSON
+object per line (journald stores one entry per line)::
+
+    {"account": "support", "uid": 42, "event": "imported", "logger": "mailbridge.daemon",
+     "level": "info", "timestamp": "2024-05-01T09:00:00.123456Z"}
+
+Context that should ride along with every event of a task (``account``, ``uid``) is bound with
+:func:`bound_contextvars` / :func:`bind_contextvars`; asyncio copies the context into each task, so
+one account's task never leaks its context into another's.
+
+Secrets: the :func:`redact` processor runs just before rendering, on structlog events and foreign
+stdlib records alike. It masks values of keys that name a secret (``password``, ``token`` ...) and
+any string containing a value passed to :func:`register_secret` - the daemon registers every
+password and token it reads, so a secret echoed by a library's debug log (aioimaplib logs the
+LOGIN command line at debug level) or quoted in an exception message is masked as well.
+"""
+
+from __future__ import annotations
+
+import logging
+import re
+import sys
+import threading
+from collections.abc import Mapping
+from typing import Any, Final, TextIO
+
+import structlog
+from structlog.contextvars import (
+    bind_contextvars,
+    bound_contextvars,
+    clear_contextvars,
+    unbind_contextvars,
+)
+from structlog.typing import EventDict, Processor, WrappedLogger
+
+__all__ = [
+    "MASK",
+    "bind_contextvars",
+    "bound_contextvars",
+    "clear_contextvars",
+    "configure_logging",
+    "get_logger",
+    "redact",
+    "register_secret",
+    "reset_logging",
+    "unbind_contextvars",
+    "unregister_secret",
+]
+
+MASK: Final = "***"
+
+LEVELS: Final[Mapping[str, int]] = {
+    "debug": logging.DEBUG,
+    "info": logging.INFO,
+    "warning": logging.WARNING,
+    "error": logging.ERROR,
+    "critical": logging.CRITICAL,
+}
+
+# Secrets shorter than this are not registered: masking every "a" or "123" in every log line would
+# make logs useless, and such a value offers no protection worth having anyway.
+MIN_SECRET_LENGTH: Final = 4
+
+# A key is secret when its last word (after '_', '-' or '.') or all of it names a secret:
+# "password", "imap_password", "access_token", "X-Authorization". Keys that merely *describe* a
+# secret ("password_file", "password_env", "token_expires_at") stay readable: they are what an
+# operator needs to find the problem.
+_SECRET_KEY: Final = re.compile(
+    r"(?:.*[_.-])?(?:password|passwd|passphrase|pw|pwd|secret|client_secret|token|access_token|"
+    r"refresh_token|id_token|authorization|credential|credentials|api_key|apikey|auth_string)",
+    re.IGNORECASE,
+)
+
+_secrets: set[str] = set()
+_secrets_lock = threading.Lock()  # register_secret may run in a worker thread (MSAL refresh)
+_secret_pattern: re.Pattern[str] | None = None
+
+# The one handler configure_logging installs on the root logger; kept so a reconfigure (SIGHUP)
+# replaces it instead of stacking a second one, and other handlers (pytest's) stay untouched.
+_handler: logging.Handler | None = None
+
+
+def register_secret(value: str) -> None:
+    """Mask ``value`` wherever it appears in a logged string. Short values are ignored."""
+    global _secret_pattern
+    if len(value) < MIN_SECRET_LENGTH:
+        return
+    with _secrets_lock:
+        if value in _secrets:
+            return
+        _secrets.add(value)
+        _secret_pattern = _compile_secrets(_secrets)
+
+
+def unregister_secret(value: str) -> None:
+    """Stop masking ``value`` (a token that was replaced). Unknown values are ignored."""
+    global _secret_pattern
+    with _secrets_lock:
+        _secrets.discard(value)
+        _secret_pattern = _compile_secrets(_secrets) if _secrets else None
+
+
+def _compile_secrets(values: set[str]) -> re.Pattern[str]:
+    # Longest first so a secret containing another is masked whole, not leaving a tail behind.
+    ordered = sorted(values, key=len, reverse=True)
+    return re.compile("|".join(re.escape(v) for v in ordered))
+
+
+def _is_secret_key(key: object) -> bool:
+    return isinstance(key, str) and _SECRET_KEY.fullmatch(key) is not None
+
+
+def _mask(value: Any, depth: int = 0) -> Any:
+    """Mask registered secrets inside ``value``; recurses into containers a few levels deep."""
+    if isinstance(value, str):
+        pattern = _secret_pattern
+        return pattern.sub(MASK, value) if pattern is not None else value
+    if depth >= 4:  # deeper structures are not logged on purpose; do not walk them forever
+        return value
+    if isinstance(value, Mapping):
+        return {
+            k: MASK if _is_secret_key(k) and v is not None else _mask(v, depth + 1)
+            for k, v in value.items()
+        }
+    if isinstance(value, list | tuple | set | frozenset):
+        return [_mask(v, depth + 1) for v in value]
+    if isinstance(value, bytes | bytearray):
+        # Protocol traces are bytes; decode so a registered secret inside them is found.
+        return _mask(bytes(value).decode("utf-8", "backslashreplace"), depth + 1)
+    return value
+
+
+def redact(logger: WrappedLogger, method_name: str, event_dict: EventDict) -> EventDict:
+    """structlog processor: mask secret-named keys and registered secret values.
+
+    Runs after ``format_exc_info`` so tracebacks (which quote exception messages) are covered too.
+    Values of other types (ints, objects) are left for the renderer; an object's ``repr`` that
+    contains a secret is the caller's bug, and the SecretStr type used in the config guards it.
+    """
+    for key, value in list(event_dict.items()):
+        if key.startswith("_"):  # structlog's own bookkeeping (_record, _from_structlog)
+            continue
+        if _is_secret_key(key) and value is not None:
+            event_dict[key] = MASK
+        else:
+            event_dict[key] = _mask(value)
+    return event_dict
+
+
+def _use_json(fmt: str, stream: TextIO) -> bool:
+    if fmt == "json":
+        return True
+    if fmt == "console":
+        return False
+    if fmt != "auto":
+        raise ValueError(f"log format must be auto, json or console, not {fmt!r}")
+    # journald (and any pipe or file) gets JSON; a person at a terminal gets text.
+    return not _isatty(stream)
+
+
+def _isatty(stream: TextIO) -> bool:
+    try:
+        return stream.isatty()
+    except (AttributeError, ValueError):  # a closed or unusual stream is not a terminal
+        return False
+
+
+def configure_logging(
+    level: str = "info", fmt: str = "auto", *, stream: TextIO | None = None
+) -> None:
+    """Set up structlog and stdlib logging. Safe to call again (SIGHUP) with a new level/format.
+
+    ``level``: debug, info, warning, error or critical. ``fmt``: ``json``, ``console`` or
+    ``auto`` (JSON unless ``stream`` is a TTY). ``stream`` defaults to ``sys.stderr`` at call
+    time, which is what systemd connects to the journal.
+    """
+    global _handler
+    numeric = LEVELS.get(level.lower())
+    if numeric is None:
+        raise ValueError(f"log level must be one of {', '.join(LEVELS)}, not {level!r}")
+    out = stream if stream is not None else sys.stderr
+    as_json = _use_json(fmt, out)
+
+    timestamper = structlog.processors.TimeStamper(fmt="iso", utc=True)
+    # Run for structlog events (in configure) and for foreign stdlib records (in the formatter).
+    shared: list[Processor] = [
+        structlog.contextvars.merge_contextvars,
+        structlog.stdlib.add_logger_name,
+        structlog.stdlib.add_log_level,
+        timestamper,
+    ]
+    renderer: Processor
+    if as_json:
+        renderer = structlog.processors.JSONRenderer(sort_keys=False)
+    else:
+        # Colours only on a real terminal: escape codes in a file or a pipe are noise.
+        renderer = structlog.dev.ConsoleRenderer(
+            colors=_isatty(out),
+            # Tracebacks are rendered to text by format_exc_info *before* redaction, so the
+            # console shows that (redacted) text instead of re-rendering the live exception,
+            # whose message may quote a secret.
+            exception_formatter=structlog.dev.plain_traceback,
+        )
+
+    formatter = structlog.stdlib.ProcessorFormatter(
+        foreign_pre_chain=[*shared, structlog.stdlib.ExtraAdder()],
+        processors=[
+            structlog.stdlib.ProcessorFormatter.remove_processors_meta,
+            structlog.processors.StackInfoRenderer(),
+            structlog.processors.format_exc_info,
+            redact,
+            renderer,
+        ],
+    )
+    handler = logging.StreamHandler(out)
+    handler.setFormatter(formatter)
+
+    root = logging.getLogger()
+    if _handler is not None:
+        root.removeHandler(_handler)
+    root.addHandler(handler)
+    root.setLevel(numeric)
+    _handler = handler
+
+    structlog.configure(
+        processors=[
+            # Drop below-level events before any work is done; reads the stdlib level live, so
+            # a reload's new level applies to loggers created earlier.
+            structlog.stdlib.filter_by_level,
+            *shared,
+            structlog.stdlib.PositionalArgumentsFormatter(),
+            structlog.stdlib.ProcessorFormatter.wrap_for_formatter,
+        ],
+        logger_factory=structlog.stdlib.LoggerFactory(),
+        wrapper_class=structlog.stdlib.BoundLogger,
+        # Not cached: a module-level logger must pick up the processors of a reconfigure.
+        cache_logger_on_first_use=False,
+    )
+
+
+def reset_logging() -> None:
+    """Undo :func:`configure_logging` (for tests): remove the handler, restore structlog."""
+    global _handler
+    if _handler is not None:
+        logging.getLogger().removeHandler(_handler)
+        _handler = None
+    structlog.reset_defaults()
+    clear_contextvars()
+
+
+def get_logger(name: str) -> structlog.stdlib.BoundLogger:
+    """A structlog logger named ``name`` (use ``__name__``). Usable before configure_logging."""
+    return structlog.stdlib.get_logger(name)

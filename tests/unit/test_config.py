@@ -1,0 +1,280 @@
+"""Tests for mailbridge.config: defaults, key paths in errors, and the secret sources."""
+
+from __future__ import annotations
+
+import textwrap
+from pathlib import Path
+
+import pytest
+
+from mailbridge.config import (
+    CONFIG_ENV,
+    DEFAULT_CONFIG_PATH,
+    load_config,
+    parse_config,
+    resolve_config_path,
+)
+from mailbridge.errors import ConfigError
+
+REPO_ROOT = Path(__file__).resolve().parents[2]
+
+MINIMAL = """\
+accounts:
+  - name: support
+    address: support@example.com
+    imap:
+      host: imap.example.com
+    auth:
+      username: support@example.com
+      password_file: {password_file}
+"""
+
+
+@pytest.fixture(autouse=True)
+def _no_ambient_env(monkeypatch: pytest.MonkeyPatch) -> None:
+    for name in (CONFIG_ENV, "CREDENTIALS_DIRECTORY", "MAILBRIDGE_TEST_PW"):
+        monkeypatch.delenv(name, raising=False)
+
+
+def _write(tmp_path: Path, text: str, name: str = "config.yaml") -> Path:
+    path = tmp_path / name
+    path.write_text(textwrap.dedent(text), encoding="utf-8")
+    return path
+
+
+def _account(**overrides: object) -> dict[str, object]:
+    account: dict[str, object] = {
+        "name": "support",
+        "address": "support@example.com",
+        "imap": {"host": "imap.example.com"},
+        "auth": {"username": "support@example.com", "password": "pw"},
+    }
+    account.update(overrides)
+    return account
+
+
+def _error(data: object) -> ConfigError:
+    with pytest.raises(ConfigError) as info:
+        parse_config(data)
+    return info.value
+
+
+def test_minimal_config_loads_with_defaults(tmp_path: Path) -> None:
+    secret = tmp_path / "support.pw"
+    secret.write_text("s3cret\n", encoding="utf-8")
+    path = _write(tmp_path, MINIMAL.format(password_file=secret))
+
+    settings = load_config(path)
+
+    assert settings.source == path
+    assert settings.database == Path("/var/lib/mailbridge/mailbridge.db")
+    assert settings.log.level == "info"
+    assert settings.log.format == "auto"
+    assert settings.limits.attachment_max_size_mb == 25.0
+    (account,) = settings.accounts
+    assert account.imap.tls == "implicit"
+    assert account.imap.port == 993
+    assert account.imap.verify_certificate is True
+    assert account.smtp is None
+    assert account.folders.inbox == "INBOX"
+    assert account.mode == "idle"
+    assert account.auth.secret() == "s3cret"
+    assert settings.account("support") is account
+
+
+def test_starttls_imap_defaults_to_143_and_smtp_to_587_starttls() -> None:
+    settings = parse_config(
+        {
+            "accounts": [
+                _account(
+                    imap={"host": "imap.example.com", "tls": "starttls"},
+                    smtp={"host": "smtp.example.com"},
+                )
+            ]
+        }
+    )
+    account = settings.accounts[0]
+    assert account.imap.port == 143
+    assert account.smtp is not None
+    assert account.smtp.tls == "starttls"
+    assert account.smtp.port == 587
+
+
+def test_explicit_port_is_kept() -> None:
+    settings = parse_config({"accounts": [_account(imap={"host": "h", "port": "10993"})]})
+    assert settings.accounts[0].imap.port == 10993
+
+
+def test_bad_port_names_path_and_key() -> None:
+    error = _error({"accounts": [_account(imap={"host": "h", "port": "not-a-port"})]})
+    assert error.path == "accounts[0].imap.port"
+    assert "port" in str(error)
+    assert "not-a-port" in str(error)
+    assert error.code == "config_invalid"
+
+
+@pytest.mark.parametrize("key", ["prot", "Port", "port2"])
+def test_unknown_key_is_named_with_its_path(key: str) -> None:
+    error = _error({"accounts": [_account(imap={"host": "h", key: 993})]})
+    assert error.path == f"accounts[0].imap.{key}"
+    assert f"accounts[0].imap.{key}" in str(error)
+    assert "unknown key" in str(error)
+
+
+def test_unknown_top_level_key_including_internal_source() -> None:
+    assert _error({"accounts": [_account()], "databse": "/x"}).path == "databse"
+    assert _error({"accounts": [_account()], "source": "/x"}).path == "source"
+
+
+def test_missing_key_is_named() -> None:
+    error = _error({"accounts": [_account(imap={})]})
+    assert error.path == "accounts[0].imap.host"
+    assert "missing" in str(error)
+
+
+def test_two_accounts_with_the_same_name() -> None:
+    error = _error({"accounts": [_account(), _account(address="other@example.com")]})
+    assert error.path == "accounts"
+    assert "'support'" in str(error)
+    assert "twice" in str(error)
+
+
+def test_no_accounts() -> None:
+    assert _error({"accounts": []}).path == "accounts"
+
+
+@pytest.mark.parametrize(
+    "auth",
+    [
+        {"username": "u"},
+        {"username": "u", "password": "pw", "password_env": "MAILBRIDGE_TEST_PW"},
+        {"username": "u", "password_file": "/a", "password_credential": "support"},
+    ],
+)
+def test_exactly_one_secret(auth: dict[str, str]) -> None:
+    error = _error({"accounts": [_account(auth=auth)]})
+    assert error.path == "accounts[0].auth"
+    assert "exactly one of" in str(error)
+    for given in set(auth) - {"username"}:
+        assert given in str(error)
+
+
+def test_password_file_strips_only_the_trailing_newline(tmp_path: Path) -> None:
+    secret = tmp_path / "pw"
+    secret.write_text(" spaces kept \n", encoding="utf-8")
+    settings = parse_config(
+        {"accounts": [_account(auth={"username": "u", "password_file": secret})]}
+    )
+    assert settings.accounts[0].auth.secret() == " spaces kept "
+
+
+def test_inline_password_keeps_its_spaces() -> None:
+    # The model strips whitespace from strings; a password must not be changed by that.
+    settings = parse_config({"accounts": [_account(auth={"username": " u ", "password": " pw "})]})
+    auth = settings.accounts[0].auth
+    assert auth.secret() == " pw "
+    assert auth.username == "u"
+    assert "pw" not in repr(settings)  # SecretStr keeps it out of reprs
+
+
+def test_password_env(monkeypatch: pytest.MonkeyPatch) -> None:
+    settings = parse_config(
+        {"accounts": [_account(auth={"username": "u", "password_env": "MAILBRIDGE_TEST_PW"})]}
+    )
+    auth = settings.accounts[0].auth
+    with pytest.raises(ConfigError) as info:
+        auth.secret()
+    assert info.value.code == "secret_missing"
+    assert "MAILBRIDGE_TEST_PW" in str(info.value)
+
+    monkeypatch.setenv("MAILBRIDGE_TEST_PW", "from-env")
+    assert auth.secret() == "from-env"
+
+
+def test_systemd_credential(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    settings = parse_config(
+        {"accounts": [_account(auth={"username": "u", "password_credential": "support.pw"})]}
+    )
+    auth = settings.accounts[0].auth
+    with pytest.raises(ConfigError) as info:
+        auth.secret()
+    assert info.value.code == "secret_missing"
+    assert "CREDENTIALS_DIRECTORY" in str(info.value)
+
+    (tmp_path / "support.pw").write_text("from-credential\n", encoding="utf-8")
+    monkeypatch.setenv("CREDENTIALS_DIRECTORY", str(tmp_path))
+    assert auth.secret() == "from-credential"
+
+
+def test_missing_secret_file_is_secret_missing_naming_the_file(tmp_path: Path) -> None:
+    missing = tmp_path / "nope.pw"
+    settings = parse_config(
+        {"accounts": [_account(auth={"username": "u", "password_file": missing})]}
+    )
+    with pytest.raises(ConfigError) as info:
+        settings.accounts[0].auth.secret()
+    assert info.value.code == "secret_missing"
+    assert str(missing) in str(info.value)
+    assert info.value.path == "auth.password_file"
+
+
+def test_empty_secret_file_is_secret_missing(tmp_path: Path) -> None:
+    empty = tmp_path / "empty.pw"
+    empty.write_text("\n", encoding="utf-8")
+    settings = parse_config(
+        {"accounts": [_account(auth={"username": "u", "password_file": empty})]}
+    )
+    with pytest.raises(ConfigError) as info:
+        settings.accounts[0].auth.secret()
+    assert info.value.code == "secret_missing"
+
+
+def test_yaml_syntax_error_names_the_line(tmp_path: Path) -> None:
+    path = _write(
+        tmp_path,
+        """\
+        accounts:
+          - name: support
+            imap: {host: imap.example.com
+            auth: x
+        """,
+    )
+    with pytest.raises(ConfigError) as info:
+        load_config(path)
+    assert "line 4" in str(info.value)
+    assert str(path) in str(info.value)
+
+
+def test_not_a_mapping(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError, match="mapping"):
+        load_config(_write(tmp_path, "- just\n- a list\n"))
+
+
+def test_missing_config_file_names_it_and_the_env_var(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError) as info:
+        load_config(tmp_path / "absent.yaml")
+    assert "absent.yaml" in str(info.value)
+    assert CONFIG_ENV in str(info.value)
+
+
+def test_default_path_resolution(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    assert resolve_config_path(None) == DEFAULT_CONFIG_PATH
+
+    secret = tmp_path / "pw"
+    secret.write_text("x\n", encoding="utf-8")
+    from_env = _write(tmp_path, MINIMAL.format(password_file=secret), "env.yaml")
+    monkeypatch.setenv(CONFIG_ENV, str(from_env))
+    assert resolve_config_path(None) == from_env
+    assert load_config().source == from_env
+
+    explicit = tmp_path / "explicit.yaml"
+    assert resolve_config_path(explicit) == explicit  # -c beats the environment
+    assert resolve_config_path(str(explicit)) == explicit
+
+
+def test_example_config_loads() -> None:
+    example = REPO_ROOT / "config.example.yaml"
+    if not example.is_file():
+        pytest.skip("config.example.yaml not present")
+    settings = load_config(example)
+    assert settings.accounts

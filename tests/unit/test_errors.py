@@ -1,0 +1,165 @@
+"""Tests for the error catalogue and the mapping of real server wording to error codes."""
+
+from __future__ import annotations
+
+import pytest
+
+from mailbridge import errors
+from mailbridge.errors import (
+    CATALOGUE,
+    AuthError,
+    ConfigError,
+    FolderError,
+    MailbridgeError,
+    MessageError,
+    ServerError,
+    StoreError,
+    classify_server_text,
+    describe,
+)
+
+
+def test_every_catalogue_entry_has_title_and_remedy() -> None:
+    for code, info in CATALOGUE.items():
+        assert info.code == code
+        assert info.title.strip(), code
+        assert info.remedy.strip(), code
+        assert isinstance(info.transient, bool)
+
+
+def test_every_code_used_by_the_rules_exists() -> None:
+    assert errors._RULES
+    for code, _pattern in errors._RULES:
+        assert code in CATALOGUE, code
+
+
+@pytest.mark.parametrize(
+    "cls", [MailbridgeError, ConfigError, ServerError, AuthError, FolderError, MessageError,
+            StoreError]
+)  # fmt: skip
+def test_default_codes_exist(cls: type[MailbridgeError]) -> None:
+    assert cls.default_code in CATALOGUE
+    assert cls("detail").remedy == CATALOGUE[cls.default_code].remedy
+
+
+def test_unknown_code_is_a_programming_error() -> None:
+    with pytest.raises(ValueError, match="unknown error code"):
+        ServerError("x", code="no_such_code")
+    assert describe("no_such_code") is CATALOGUE["internal"]
+
+
+# Real responses as servers send them (after the tag and NO/BAD, or the SMTP reply line).
+REAL_RESPONSES: list[tuple[str, str]] = [
+    # --- Dovecot (RFC 5530 response codes) ---
+    ("[AUTHENTICATIONFAILED] Authentication failed.", "auth_failed"),
+    ("[UNAVAILABLE] Temporary authentication failure. [mail1:2024-05-01 09:00:00]",
+     "server_unavailable"),
+    ("[UNAVAILABLE] Temporary authentication failure.", "server_unavailable"),
+    ("[LIMIT] Maximum number of connections from user+IP exceeded "
+     "(mail_max_userip_connections=10)", "connection_limit"),
+    ("[NONEXISTENT] Mailbox doesn't exist: Foo", "folder_unavailable"),
+    # a folder name must not decide the code: the response code wins
+    ("[NONEXISTENT] Mailbox doesn't exist: Account locked", "folder_unavailable"),
+    ("[TRYCREATE] Mailbox doesn't exist: Mailbridge Processed", "folder_unavailable"),
+    ("[NOPERM] Permission denied", "folder_unavailable"),
+    ("[OVERQUOTA] Quota exceeded (mailbox for user is full)", "quota_exceeded"),
+    ("[INUSE] Mailbox is locked by another process", "server_unavailable"),
+    ("[EXPIRED] Password expired", "auth_failed"),
+    # --- Exchange Online ---
+    ("AUTHENTICATE failed.", "auth_failed"),
+    ("LOGIN failed.", "auth_failed"),
+    ("User is authenticated but not connected.", "protocol_disabled"),
+    ("535 5.7.139 Authentication unsuccessful, SmtpClientAuthentication is disabled for the "
+     "Tenant.", "protocol_disabled"),
+    ("535 5.7.139 Authentication unsuccessful, user is locked by your organization's security "
+     "defaults policy. Contact your administrator.", "protocol_disabled"),
+    ("535 5.7.139 Authentication unsuccessful, the request did not meet the criteria to be "
+     "authenticated successfully. Contact your administrator.", "protocol_disabled"),
+    ("535 5.7.3 Authentication unsuccessful", "auth_failed"),
+    ("AADSTS50076: Due to a configuration change made by your administrator, or because you "
+     "moved to a new location, you must use multi-factor authentication to access "
+     "'00000002-0000-0ff1-ce00-000000000000'.", "app_password_required"),
+    ("interaction_required: AADSTS50076: Due to a configuration change made by your "
+     "administrator ... you must use multi-factor authentication", "app_password_required"),
+    ("AADSTS65001: The user or administrator has not consented to use the application with ID "
+     "'1234'. Send an interactive authorization request for this user and resource.",
+     "consent_missing"),
+    ("AADSTS700082: The refresh token has expired due to inactivity. The token was issued on "
+     "2024-01-01 and was inactive for 90.00:00:00.", "token_expired"),
+    ("AADSTS50173: The provided grant has expired due to it being revoked", "token_expired"),
+    ("AADSTS50057: The user account is disabled.", "account_disabled"),
+    ("AADSTS50126: Error validating credentials due to invalid username or password.",
+     "auth_failed"),
+    ("Server Unavailable. 15", "server_unavailable"),
+    # --- Gmail ---
+    ("[AUTHENTICATIONFAILED] Invalid credentials (Failure)", "auth_failed"),
+    ("[ALERT] Application-specific password required: "
+     "https://support.google.com/accounts/answer/185833 (Failure)", "app_password_required"),
+    ("[ALERT] Please log in via your web browser: "
+     "https://support.google.com/mail/accounts/answer/78754 (Failure)", "app_password_required"),
+    ("[ALERT] Please log in via your web browser", "app_password_required"),
+    ("[ALERT] Web login required: https://support.google.com/mail/answer/78754 (Failure)",
+     "app_password_required"),
+    ("534-5.7.9 Application-specific password required.", "app_password_required"),
+    ("Your account is not enabled for IMAP use. Please visit your Gmail settings page and enable "
+     "your account for IMAP access. (Failure)", "protocol_disabled"),
+    ("invalid_grant: Token has been expired or revoked.", "token_expired"),
+    ("535-5.7.8 Username and Password not accepted. For more information, go to\n"
+     "535 5.7.8  https://support.google.com/mail/?p=BadCredentials", "auth_failed"),
+    ("535-5.7.8 Username and Password not accepted", "auth_failed"),
+    # The server is up and throttling this user's logins: a per-user limit, transient.
+    ("454 4.7.0 Too many login attempts, please try again later.", "connection_limit"),
+    ("[ALERT] Too many simultaneous connections. (Failure)", "connection_limit"),
+    # Gmail's OVERQUOTA for a daily throttle: transient, not a full mailbox.
+    ("[OVERQUOTA] Account exceeded command or bandwidth limits. (Failure)", "server_unavailable"),
+    ("[UNAVAILABLE] Temporary System Error", "server_unavailable"),
+    ("421 4.7.0 Try again later, closing connection.", "server_unavailable"),
+    # --- the reference mailbox error guide ---
+    ("Temporary Authentication failure; Please contact your mailbox provider or try again later",
+     "server_unavailable"),
+    ("Authentication Failure - Incorrect credentials; Please connect your mailbox again with the "
+     "right credentials and try again", "auth_failed"),
+    ("Incorrect credentials; Please connect your mailbox again with the right credentials and "
+     "try again", "auth_failed"),
+    ("Mailbox limit exceeded; Please contact your mailbox provider to increase the limit or try "
+     "again later", "quota_exceeded"),
+    ("Authentication failure due to account locked/disabled or unreachable. Please contact your "
+     "mailbox provider or try again later", "account_disabled"),
+    ("Account blocked / Unavailable. Please check with mailbox provider", "account_disabled"),
+    ("Mailbox access restricted; Please check with your mailbox provider or try again later.",
+     "account_disabled"),
+    ("Connection limit exceeded;", "connection_limit"),
+    ("Maximum connection limit for user IP exceeded.", "connection_limit"),
+    ("Access denied, contact mailbox admin.", "account_disabled"),
+    ("Multi-factor authentication required; Please use application password to login.",
+     "app_password_required"),
+    ("Token has been expired or revoked, please update the correct token", "token_expired"),
+]  # fmt: skip
+
+
+@pytest.mark.parametrize(("text", "code"), REAL_RESPONSES)
+def test_real_server_responses(text: str, code: str) -> None:
+    assert classify_server_text(text) == code
+
+
+@pytest.mark.parametrize(
+    "text",
+    [
+        "Completed",
+        "[CANNOT] Invalid mailbox name",
+        # a number inside prose is not an SMTP status code
+        "Message 4501 has an unknown charset",
+        # RFC 5321's stock 550 text is about a recipient, not our account
+        "550 5.1.1 <nobody@example.com>: mailbox unavailable",
+    ],
+)
+def test_unmatched_text_falls_back_to_default(text: str) -> None:
+    assert classify_server_text(text) == "server_error"
+    assert classify_server_text(text, default="internal") == "internal"
+
+
+def test_every_rule_is_exercised_by_a_real_response() -> None:
+    # A rule no real wording needs is dead weight (or a sign the table lost a case).
+    for index, (code, pattern) in enumerate(errors._RULES):
+        hits = [text for text, expected in REAL_RESPONSES if pattern.search(text)]
+        assert hits, f"rule {index} ({code}) matches none of the real responses"

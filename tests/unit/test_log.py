@@ -1,0 +1,187 @@
+"""Tests for mailbridge.log: JSON lines off a TTY, console text on one, and redaction of secrets."""
+
+from __future__ import annotations
+
+import io
+import json
+import logging
+from collections.abc import Iterator
+from datetime import datetime
+
+import pytest
+
+from mailbridge import log as mblog
+from mailbridge.log import (
+    bind_contextvars,
+    bound_contextvars,
+    configure_logging,
+    get_logger,
+    register_secret,
+    reset_logging,
+    unregister_secret,
+)
+
+REGISTERED = "Tr0ub4dor&3-registered"
+KEYED = "value-under-a-password-key"
+
+
+class FakeTTY(io.StringIO):
+    """A StringIO that claims to be a terminal."""
+
+    def isatty(self) -> bool:
+        return True
+
+
+@pytest.fixture(autouse=True)
+def _clean_logging() -> Iterator[None]:
+    yield
+    reset_logging()
+    unregister_secret(REGISTERED)
+
+
+def _json_lines(text: str) -> list[dict[str, object]]:
+    lines = text.splitlines()
+    assert lines, "nothing was logged"
+    return [json.loads(line) for line in lines]  # every line must be one JSON object
+
+
+def test_json_when_not_a_tty_carries_bound_context() -> None:
+    out = io.StringIO()
+    configure_logging("info", "auto", stream=out)
+    logger = get_logger("mailbridge.test")
+    with bound_contextvars(account="support"):
+        logger.bind(uid=42).info("imported", folder="INBOX")
+    logger.info("after")
+
+    first, second = _json_lines(out.getvalue())
+    assert first["event"] == "imported"
+    assert first["account"] == "support"
+    assert first["uid"] == 42
+    assert first["folder"] == "INBOX"
+    assert first["level"] == "info"
+    assert first["logger"] == "mailbridge.test"
+    stamp = str(first["timestamp"])
+    assert stamp.endswith("Z")  # UTC
+    assert datetime.fromisoformat(stamp.replace("Z", "+00:00")).utcoffset() is not None
+    # context bound for a block ends with the block
+    assert second["event"] == "after"
+    assert "account" not in second
+
+
+def test_stdlib_records_are_rendered_as_json_too() -> None:
+    out = io.StringIO()
+    configure_logging("debug", "json", stream=out)
+    bind_contextvars(account="sales")
+    logging.getLogger("aioimaplib.test").debug("sent %s", "CAPABILITY")
+
+    (line,) = _json_lines(out.getvalue())
+    assert line["event"] == "sent CAPABILITY"
+    assert line["logger"] == "aioimaplib.test"
+    assert line["level"] == "debug"
+    assert line["account"] == "sales"
+
+
+def _log_everything_secret() -> None:
+    register_secret(REGISTERED)
+    logger = get_logger("mailbridge.test")
+    logger.info("login", username="support", password=KEYED)
+    logger.info("token refreshed", access_token=KEYED, refresh_token=KEYED, client_secret=KEYED)
+    logger.info("headers", Authorization=f"Bearer {KEYED}", auth={"token": KEYED, "user": "u"})
+    logger.info(f"LOGIN support {REGISTERED}", detail=f'A1 LOGIN "support" "{REGISTERED}"')
+    logger.info("bytes", line=b"A1 LOGIN support " + REGISTERED.encode())
+    logger.info("nested", trace=[{"sent": REGISTERED}])
+    logging.getLogger("aioimaplib").debug("C: LOGIN support %s", REGISTERED)
+    try:
+        raise RuntimeError(f"server quoted {REGISTERED}")
+    except RuntimeError:
+        logger.exception("login failed")
+    try:
+        raise RuntimeError(f"stdlib saw {REGISTERED}")
+    except RuntimeError:
+        logging.getLogger("aioimaplib").exception("boom")
+
+
+@pytest.mark.parametrize("fmt", ["json", "console"])
+def test_secrets_never_reach_the_output(fmt: str) -> None:
+    out = io.StringIO()
+    configure_logging("debug", fmt, stream=out)
+    _log_everything_secret()
+    text = out.getvalue()
+
+    assert REGISTERED not in text
+    assert KEYED not in text
+    assert mblog.MASK in text
+    # what is not secret survives, so the lines stay useful
+    assert "support" in text
+    assert "login failed" in text
+    assert "RuntimeError" in text
+
+
+def test_json_masks_by_key_and_by_value() -> None:
+    out = io.StringIO()
+    configure_logging("info", "json", stream=out)
+    register_secret(REGISTERED)
+    logger = get_logger("t")
+    logger.info("x", password=KEYED, password_file="/etc/mailbridge/support.pw")
+    logger.info("y", detail=f"before {REGISTERED} after")
+
+    first, second = _json_lines(out.getvalue())
+    assert first["password"] == "***"
+    # keys that describe where a secret lives are what an operator needs; they stay readable
+    assert first["password_file"] == "/etc/mailbridge/support.pw"
+    assert second["detail"] == "before *** after"
+
+
+def test_short_values_are_not_registered() -> None:
+    out = io.StringIO()
+    configure_logging("info", "json", stream=out)
+    register_secret("abc")
+    get_logger("t").info("abc and more abc")
+    (line,) = _json_lines(out.getvalue())
+    assert line["event"] == "abc and more abc"
+
+
+def test_console_mode_renders_readable_text_without_colours_off_a_tty() -> None:
+    out = io.StringIO()
+    configure_logging("info", "console", stream=out)
+    with bound_contextvars(account="support"):
+        get_logger("mailbridge.test").info("imported", uid=7)
+    text = out.getvalue()
+    assert "imported" in text
+    assert "account=support" in text
+    assert "uid=7" in text
+    assert "\x1b[" not in text
+    with pytest.raises(json.JSONDecodeError):
+        json.loads(text)
+
+
+def test_auto_on_a_tty_is_coloured_console() -> None:
+    out = FakeTTY()
+    configure_logging("info", "auto", stream=out)
+    get_logger("mailbridge.test").info("hello", uid=1)
+    text = out.getvalue()
+    assert "hello" in text
+    assert "\x1b[" in text  # ANSI colours on a terminal
+
+
+def test_reconfigure_replaces_handler_and_level() -> None:
+    first = io.StringIO()
+    configure_logging("warning", "json", stream=first)
+    logger = get_logger("mailbridge.test")  # created before the reload, like a module logger
+    logger.info("dropped")
+    handlers_before = len(logging.getLogger().handlers)
+
+    second = io.StringIO()
+    configure_logging("debug", "json", stream=second)
+    logger.debug("kept")
+
+    assert first.getvalue() == ""
+    assert [line["event"] for line in _json_lines(second.getvalue())] == ["kept"]
+    assert len(logging.getLogger().handlers) == handlers_before  # replaced, not stacked
+
+
+def test_bad_level_or_format_is_refused() -> None:
+    with pytest.raises(ValueError, match="level"):
+        configure_logging("loud", stream=io.StringIO())
+    with pytest.raises(ValueError, match="format"):
+        configure_logging("info", "xml", stream=io.StringIO())
