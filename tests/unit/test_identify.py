@@ -1,0 +1,88 @@
+"""Tests for mailbridge.core.identify: id normalisation, id lists, thread candidates, keys."""
+
+from __future__ import annotations
+
+import re
+
+import pytest
+
+from mailbridge.core.identify import (
+    new_conversation_key,
+    normalize_message_id,
+    parse_id_list,
+    thread_candidates,
+)
+from tests.unit.factories import message
+
+
+@pytest.mark.parametrize(
+    ("value", "expected"),
+    [
+        ("<Abc.123@Example.COM>", "Abc.123@example.com"),
+        ("  <abc@example.com>  ", "abc@example.com"),
+        ("abc@example.com", "abc@example.com"),
+        ("<abc@exa\r\n mple.com>", "abc@example.com"),
+        ("<CAF=x+Y_z@mail.gmail.com>", "CAF=x+Y_z@mail.gmail.com"),
+        ("<no-at-sign>", "no-at-sign"),
+        ("<>", None),
+        ("", None),
+        ("   ", None),
+        ("<a\x00b@example.com>", None),
+        ("<" + "x" * 2000 + "@example.com>", None),
+    ],
+)
+def test_normalize_message_id(value: str, expected: str | None) -> None:
+    assert normalize_message_id(value) == expected
+
+
+@pytest.mark.parametrize(
+    ("value", "expected"),
+    [
+        ("<a@x.org> <b@x.org>", ("a@x.org", "b@x.org")),
+        ("<a@x.org>,<b@x.org>", ("a@x.org", "b@x.org")),
+        ("<a@x.org>\r\n\t<b@x.org>\r\n <c@x.org>", ("a@x.org", "b@x.org", "c@x.org")),
+        ("<a@x.org> (Joe's message of Mon, 1 Jan <joe@x.org>)", ("a@x.org",)),
+        ("(comment (nested)) <a@x.org>", ("a@x.org",)),
+        ("Your message of Mon, 1 Jan 2024 <a@X.ORG>", ("a@x.org",)),
+        ("a@x.org b@x.org", ("a@x.org", "b@x.org")),
+        ("a@x.org, b@x.org", ("a@x.org", "b@x.org")),
+        ("<a@x.org> <a@x.org> <A@x.org>", ("a@x.org", "A@x.org")),
+        ("just some prose", ()),
+        ("", ()),
+        ("<> <  >", ()),
+        ('"quoted (not a comment)" <a@x.org>', ("a@x.org",)),
+    ],
+)
+def test_parse_id_list(value: str, expected: tuple[str, ...]) -> None:
+    assert parse_id_list(value) == expected
+
+
+def test_thread_candidates_order_dedup_and_own_id_excluded() -> None:
+    msg = message(
+        "own@x.org",
+        in_reply_to=("parent@x.org",),
+        references=("root@x.org", "middle@x.org", "parent@x.org", "own@x.org"),
+    )
+    assert thread_candidates(msg) == ("parent@x.org", "middle@x.org", "root@x.org")
+
+
+def test_thread_candidates_without_in_reply_to_uses_newest_reference_first() -> None:
+    msg = message("m@x.org", references=("a@x.org", "b@x.org"))
+    assert thread_candidates(msg) == ("b@x.org", "a@x.org")
+
+
+def test_thread_candidates_without_own_id() -> None:
+    msg = message(None, in_reply_to=("p@x.org",), references=("p@x.org",))
+    assert thread_candidates(msg) == ("p@x.org",)
+
+
+def test_thread_candidates_none() -> None:
+    assert thread_candidates(message("m@x.org")) == ()
+
+
+def test_new_conversation_key_shape_and_uniqueness() -> None:
+    keys = {new_conversation_key() for _ in range(2000)}
+    assert len(keys) == 2000
+    for key in keys:
+        assert re.fullmatch(r"[a-z2-7]{16}", key)
+        assert key == key.lower()
