@@ -1,0 +1,209 @@
+"""The database schema as SQL DDL, and the migrations that create and upgrade it.
+
+The schema version lives in ``PRAGMA user_version``: 0 is an empty file, and migration *N*
+takes a database from version N-1 to N. A backend applies every migration above the stored
+version inside one write transaction (SQLite DDL is transactional), so an upgrade interrupted by
+a crash leaves the previous version intact. Migrations are append-only: a shipped migration is
+never edited, because installs already ran it; a change is a new migration.
+
+Table and column names follow the reference product's defaults (lower case, no underscores), so
+integrators can point existing tooling at the file. Integrators read and write these tables
+directly; README.md ("The database schema") documents every table and column for them.
+Timestamps are ISO-8601 UTC text of one shape (``YYYY-MM-DDTHH:MM:SSZ``) so that text order is time order.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Final
+
+# The ISO-8601 UTC form every timestamp column uses; the SQL defaults below write the same shape.
+TIMESTAMP_FORMAT: Final = "%Y-%m-%dT%H:%M:%SZ"
+_NOW: Final = "(strftime('%Y-%m-%dT%H:%M:%SZ', 'now'))"
+
+
+@dataclass(frozen=True, slots=True)
+class Migration:
+    """One step of the schema: ``statements`` take the database to ``version``."""
+
+    version: int
+    description: str
+    statements: tuple[str, ...]
+
+
+# Child rows name their parent with ON DELETE CASCADE: an integrator deleting a conversation (or
+# a message) must not be refused by a foreign key nor leave orphans behind.
+_V1: Final[tuple[str, ...]] = (
+    f"""
+    CREATE TABLE conversation (
+        id               INTEGER PRIMARY KEY,
+        uniqueid         TEXT NOT NULL UNIQUE,
+        account          TEXT,
+        email            TEXT,
+        subject          TEXT NOT NULL DEFAULT '',
+        threadid         TEXT,
+        replytoid        TEXT,
+        earliestunread   TEXT,
+        firstmessagedate TEXT,
+        lastmessagedate  TEXT,
+        language         TEXT,
+        source           TEXT NOT NULL DEFAULT 'email',
+        createdtime      TEXT NOT NULL DEFAULT {_NOW},
+        updatedtime      TEXT NOT NULL DEFAULT {_NOW}
+    )
+    """,
+    # Listing (most recent first, optionally per account).
+    "CREATE INDEX conversation_account_lastmessagedate ON conversation (account, lastmessagedate)",
+    "CREATE INDEX conversation_lastmessagedate ON conversation (lastmessagedate)",
+    f"""
+    CREATE TABLE conversationmessage (
+        id           INTEGER PRIMARY KEY,
+        conversation INTEGER NOT NULL REFERENCES conversation (id) ON DELETE CASCADE,
+        account      TEXT NOT NULL,
+        uid          INTEGER,
+        messageid    TEXT,
+        messagekey   TEXT NOT NULL,
+        uniqueid     TEXT NOT NULL UNIQUE,
+        direction    TEXT NOT NULL DEFAULT 'incoming'
+                     CHECK (direction IN ('incoming', 'outgoing')),
+        subject      TEXT NOT NULL DEFAULT '',
+        fromaddress  TEXT NOT NULL DEFAULT '',
+        fromname     TEXT NOT NULL DEFAULT '',
+        date         TEXT NOT NULL,
+        message      TEXT NOT NULL DEFAULT '',
+        plaintext    TEXT NOT NULL DEFAULT '',
+        inreplyto    TEXT,
+        "references" TEXT,
+        size         INTEGER NOT NULL DEFAULT 0,
+        source       TEXT NOT NULL DEFAULT 'email',
+        createdtime  TEXT NOT NULL DEFAULT {_NOW},
+        UNIQUE (account, messagekey)
+    )
+    """,
+    # Threading: a candidate parent id -> its message (and conversation), per account.
+    "CREATE INDEX conversationmessage_account_messageid"
+    " ON conversationmessage (account, messageid)",
+    # A conversation's messages in date order; also serves the foreign key.
+    "CREATE INDEX conversationmessage_conversation_date"
+    " ON conversationmessage (conversation, date)",
+    """
+    CREATE TABLE messagereference (
+        messageid           TEXT NOT NULL,
+        conversationmessage INTEGER NOT NULL
+                            REFERENCES conversationmessage (id) ON DELETE CASCADE,
+        PRIMARY KEY (messageid, conversationmessage)
+    ) WITHOUT ROWID
+    """,
+    # The primary key serves "who cites this id"; this one serves the cascade from a message.
+    "CREATE INDEX messagereference_conversationmessage ON messagereference (conversationmessage)",
+    f"""
+    CREATE TABLE follower (
+        id           INTEGER PRIMARY KEY,
+        conversation INTEGER NOT NULL REFERENCES conversation (id) ON DELETE CASCADE,
+        email        TEXT NOT NULL,
+        name         TEXT NOT NULL DEFAULT '',
+        active       INTEGER NOT NULL DEFAULT 1 CHECK (active IN (0, 1)),
+        subscribed   INTEGER NOT NULL DEFAULT 1 CHECK (subscribed IN (0, 1)),
+        createdtime  TEXT NOT NULL DEFAULT {_NOW},
+        updatedtime  TEXT NOT NULL DEFAULT {_NOW},
+        UNIQUE (conversation, email)
+    )
+    """,
+    "CREATE INDEX follower_email ON follower (email)",
+    """
+    CREATE TABLE messagefollower (
+        id                  INTEGER PRIMARY KEY,
+        conversationmessage INTEGER NOT NULL
+                            REFERENCES conversationmessage (id) ON DELETE CASCADE,
+        follower            INTEGER NOT NULL REFERENCES follower (id) ON DELETE CASCADE,
+        participationlevel  TEXT NOT NULL
+                            CHECK (participationlevel IN ('from', 'to', 'cc', 'bcc')),
+        messageid           TEXT,
+        queueid             TEXT,
+        UNIQUE (conversationmessage, follower, participationlevel)
+    )
+    """,
+    "CREATE INDEX messagefollower_follower ON messagefollower (follower)",
+    f"""
+    CREATE TABLE document (
+        id                  INTEGER PRIMARY KEY,
+        conversationmessage INTEGER NOT NULL
+                            REFERENCES conversationmessage (id) ON DELETE CASCADE,
+        filename            TEXT NOT NULL DEFAULT '',
+        contenttype         TEXT NOT NULL DEFAULT 'application/octet-stream',
+        size                INTEGER NOT NULL DEFAULT 0,
+        document            BLOB,
+        comment             TEXT,
+        type                TEXT NOT NULL DEFAULT 'other',
+        createdtime         TEXT NOT NULL DEFAULT {_NOW}
+    )
+    """,
+    "CREATE INDEX document_conversationmessage ON document (conversationmessage)",
+    f"""
+    CREATE TABLE embeddedfile (
+        id                  INTEGER PRIMARY KEY,
+        conversationmessage INTEGER NOT NULL
+                            REFERENCES conversationmessage (id) ON DELETE CASCADE,
+        contentid           TEXT,
+        filename            TEXT NOT NULL DEFAULT '',
+        contenttype         TEXT NOT NULL DEFAULT 'application/octet-stream',
+        size                INTEGER NOT NULL DEFAULT 0,
+        document            BLOB,
+        createdtime         TEXT NOT NULL DEFAULT {_NOW}
+    )
+    """,
+    "CREATE INDEX embeddedfile_conversationmessage ON embeddedfile (conversationmessage)",
+    """
+    CREATE TABLE importfailure (
+        id          INTEGER PRIMARY KEY,
+        account     TEXT NOT NULL,
+        uid         INTEGER,
+        folderuid   INTEGER,
+        messagekey  TEXT NOT NULL,
+        messageid   TEXT,
+        subject     TEXT NOT NULL DEFAULT '',
+        fromaddress TEXT NOT NULL DEFAULT '',
+        date        TEXT,
+        size        INTEGER NOT NULL DEFAULT 0,
+        code        TEXT NOT NULL,
+        reason      TEXT NOT NULL DEFAULT '',
+        attempts    INTEGER NOT NULL DEFAULT 1,
+        firstfailed TEXT NOT NULL,
+        lastfailed  TEXT NOT NULL,
+        resolved    TEXT,
+        UNIQUE (account, messagekey)
+    )
+    """,
+    "CREATE INDEX importfailure_lastfailed ON importfailure (lastfailed)",
+    """
+    CREATE TABLE accountstate (
+        account    TEXT PRIMARY KEY,
+        state      TEXT NOT NULL,
+        code       TEXT,
+        detail     TEXT NOT NULL DEFAULT '',
+        since      TEXT,
+        lastimport TEXT,
+        imported   INTEGER NOT NULL DEFAULT 0,
+        updated    TEXT
+    )
+    """,
+)
+
+MIGRATIONS: Final[tuple[Migration, ...]] = (
+    Migration(1, "conversations, messages, followers, files, import failures", _V1),
+)
+
+# The version a fully migrated database reports in PRAGMA user_version.
+SCHEMA_VERSION: Final[int] = MIGRATIONS[-1].version
+
+TABLES: Final[tuple[str, ...]] = (
+    "conversation",
+    "conversationmessage",
+    "messagereference",
+    "follower",
+    "messagefollower",
+    "document",
+    "embeddedfile",
+    "importfailure",
+    "accountstate",
+)

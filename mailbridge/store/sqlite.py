@@ -1,0 +1,1047 @@
+"""The SQLite backend of :class:`~mailbridge.store.base.Repository`, and its asyncio wrapper.
+
+:class:`SqliteRepository` owns one ``sqlite3`` connection (wrapped by sqlite-utils) and is used
+from one thread only. The daemon reaches it through :class:`AsyncRepository`, which creates the
+repository on a dedicated writer thread and runs every call there, so SQLite sees a single
+writer and the event loop never blocks on disk.
+
+Durability: WAL journal with ``synchronous=FULL``, so a returned ``import_batch`` has been synced
+to disk and survives a power cut; only then does the daemon move the messages out of the Inbox.
+Writes start with ``BEGIN IMMEDIATE`` so a competing writer (an integrator) shows up as a busy
+wait at the start of a transaction, never as a failure half-way through it.
+
+Every ``sqlite3``/``OSError`` leaving this module is mapped to
+:class:`~mailbridge.errors.StoreError` (``database_locked``, ``disk_full`` or
+``database_error``) after the transaction has been rolled back.
+
+Threading rules (see "The database schema" in README.md for the integrator's view):
+
+* A message joins the conversation of the first of its thread candidates (In-Reply-To, then
+  References newest first) stored for the same account; failing that, the conversation of a
+  stored message that cites it (its reply arrived first); failing that, of a stored message
+  citing one of the same ancestors (a sibling). Otherwise it starts a new conversation.
+* Followers: every participant (From, To, Cc and Bcc) other than the account's own addresses.
+  After the newest message of a conversation, the active followers are exactly that message's
+  participants: someone it leaves out becomes inactive, someone it names is active again. Bcc
+  counts as present, because the person received the message. A message older than the newest
+  one already stored (it arrived late) adds followers but deactivates no one, and a follower it
+  introduces starts inactive, since the newer message did not name them; so the result does
+  not depend on the order messages arrive in.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import contextlib
+import errno
+import os
+import secrets
+import sqlite3
+from collections.abc import Callable, Iterable, Iterator, Sequence
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any, Final, TypeVar
+
+from sqlite_utils import Database
+
+from mailbridge.core.html import rewrite_inline_images, text_to_html
+from mailbridge.core.identify import new_conversation_key, thread_candidates
+from mailbridge.core.model import ParsedMessage
+from mailbridge.errors import StoreError
+from mailbridge.store.base import (
+    AccountState,
+    ConversationDetail,
+    ConversationSummary,
+    FailureInfo,
+    FailureRecord,
+    ImportItem,
+    ImportResult,
+    Outcome,
+    Repository,
+    StoredMessage,
+)
+from mailbridge.store.schema import MIGRATIONS, SCHEMA_VERSION
+
+T = TypeVar("T")
+
+DEFAULT_BUSY_TIMEOUT: Final = 10.0  # seconds a writer waits for an integrator's transaction
+
+# Primary result codes (the low byte of an extended code).
+_SQLITE_BUSY: Final = 5
+_SQLITE_LOCKED: Final = 6
+_SQLITE_FULL: Final = 13
+
+# Errors that concern one message's data (a constraint, a value SQLite cannot bind); any other
+# sqlite3 error is about the database itself and fails the whole batch.
+_MESSAGE_LEVEL_ERRORS: Final = (
+    sqlite3.IntegrityError,
+    sqlite3.DataError,
+    sqlite3.InterfaceError,
+    sqlite3.ProgrammingError,
+)
+
+# SQLite allows 32766 host parameters since 3.32; stay far below for older system libraries.
+_CHUNK: Final = 500
+_MAX_REASON: Final = 1000
+
+
+def error_code(exc: BaseException) -> str:
+    """The catalogue code for a sqlite3 or OS error: database_locked, disk_full, database_error."""
+    if isinstance(exc, OSError) and exc.errno == errno.ENOSPC:
+        return "disk_full"
+    if isinstance(exc, sqlite3.Error):
+        # Absent on errors raised by Python code rather than by the SQLite library.
+        primary = (getattr(exc, "sqlite_errorcode", None) or 0) & 0xFF
+        text = str(exc).lower()
+        if primary in (_SQLITE_BUSY, _SQLITE_LOCKED) or "is locked" in text:
+            return "database_locked"
+        if primary == _SQLITE_FULL or "disk is full" in text or "no space left" in text:
+            return "disk_full"
+    return "database_error"
+
+
+def _store_error(exc: BaseException, action: str) -> StoreError:
+    return StoreError(f"{action}: {exc}", code=error_code(exc))
+
+
+def _is_batch_error(exc: BaseException) -> bool:
+    """True when ``exc`` concerns the database (locked, full, corrupt) rather than one message."""
+    if isinstance(exc, sqlite3.Error):
+        return not isinstance(exc, _MESSAGE_LEVEL_ERRORS)
+    return isinstance(exc, OSError | StoreError)
+
+
+def iso(value: datetime) -> str:
+    """``value`` as ISO-8601 UTC text in the one shape the schema uses (naive means UTC)."""
+    if value.tzinfo is None:
+        value = value.replace(tzinfo=UTC)
+    # isoformat, not strftime: strftime does not zero-pad years before 1000 on glibc, and text
+    # order must stay time order.
+    return value.astimezone(UTC).replace(microsecond=0, tzinfo=None).isoformat() + "Z"
+
+
+def parse_time(value: object) -> datetime | None:
+    """A timestamp column back as an aware datetime; None for NULL or text we cannot read
+    (integrators write these columns too)."""
+    if not isinstance(value, str) or not value:
+        return None
+    try:
+        parsed = datetime.fromisoformat(value)
+    except ValueError:
+        return None
+    return parsed.replace(tzinfo=UTC) if parsed.tzinfo is None else parsed
+
+
+def _now() -> str:
+    return iso(datetime.now(UTC))
+
+
+def _message_uniqueid() -> str:
+    # 160 random bits, lower-case base32 like the conversation keys.
+    return base64.b32encode(secrets.token_bytes(20)).decode("ascii").lower()
+
+
+def _chunks(values: Sequence[T], size: int = _CHUNK) -> Iterator[Sequence[T]]:
+    for start in range(0, len(values), size):
+        yield values[start : start + size]
+
+
+def _marks(count: int) -> str:
+    return ", ".join("?" * count)
+
+
+def _like_pattern(search: str) -> str:
+    escaped = search.replace("\\", "\\\\").replace("%", "\\%").replace("_", "\\_")
+    return f"%{escaped}%"
+
+
+def _connect(path: Path, busy_timeout: float) -> sqlite3.Connection:
+    """Open (creating if needed) ``path`` with owner-only permissions and our pragmas."""
+    # The umask covers the directory, the database and the -wal/-shm files SQLite creates.
+    # It is process-wide; the window is the few system calls below.
+    old_umask = os.umask(0o077)
+    try:
+        if not path.parent.exists():
+            path.parent.mkdir(mode=0o700, parents=True)
+        if not path.exists():
+            os.close(os.open(path, os.O_RDWR | os.O_CREAT, 0o600))
+        # isolation_level=None: the driver opens no implicit transactions; we issue BEGIN
+        # IMMEDIATE / SAVEPOINT / COMMIT ourselves (sqlite-utils honours an open transaction).
+        conn = sqlite3.connect(path, timeout=busy_timeout, isolation_level=None)
+        try:
+            conn.execute("PRAGMA journal_mode=WAL").fetchone()
+            # FULL syncs the WAL at every commit: a committed import survives a power cut.
+            conn.execute("PRAGMA synchronous=FULL")
+            conn.execute(f"PRAGMA busy_timeout={int(busy_timeout * 1000)}")
+            conn.execute("PRAGMA foreign_keys=ON")
+        except BaseException:
+            conn.close()
+            raise
+    finally:
+        os.umask(old_umask)
+    return conn
+
+
+@dataclass(slots=True)
+class _FollowerRow:
+    id: int
+    name: str
+    active: int
+
+
+class SqliteRepository:
+    """:class:`~mailbridge.store.base.Repository` on one SQLite file.
+
+    Not thread-safe: create and use it on one thread (``AsyncRepository`` does). Call
+    :meth:`migrate` once after opening.
+    """
+
+    def __init__(
+        self, path: str | os.PathLike[str], *, busy_timeout: float = DEFAULT_BUSY_TIMEOUT
+    ) -> None:
+        self.path = Path(path)
+        try:
+            self._conn = _connect(self.path, busy_timeout)
+        except (sqlite3.Error, OSError) as exc:
+            raise _store_error(exc, f"cannot open the database {self.path}") from exc
+        # Plugins could change the connection behind our back; recursive triggers are an
+        # integrator's choice, not ours.
+        self._db = Database(self._conn, recursive_triggers=False, execute_plugins=False)
+        self._closed = False
+
+    # -- transactions -------------------------------------------------------------------------
+
+    def _rollback(self) -> None:
+        if self._conn.in_transaction:
+            # Nothing useful can be done when even the rollback fails: SQLite rolls back
+            # an abandoned transaction when the connection closes.
+            with contextlib.suppress(sqlite3.Error):
+                self._conn.execute("ROLLBACK")
+
+    @contextlib.contextmanager
+    def _transaction(self, action: str, *, write: bool) -> Iterator[sqlite3.Connection]:
+        """One transaction, committed on success, rolled back and mapped on failure.
+
+        Reads get one too, so that the several queries of one answer see one snapshot.
+        """
+        if self._closed:
+            raise StoreError(f"{action}: the database is closed", code="database_error")
+        try:
+            self._conn.execute("BEGIN IMMEDIATE" if write else "BEGIN")
+        except sqlite3.Error as exc:
+            raise _store_error(exc, action) from exc
+        try:
+            yield self._conn
+            self._conn.execute("COMMIT")
+        except (sqlite3.Error, OSError) as exc:
+            self._rollback()
+            raise _store_error(exc, action) from exc
+        except BaseException:
+            self._rollback()
+            raise
+
+    # -- schema -------------------------------------------------------------------------------
+
+    def schema_version(self) -> int:
+        """The schema version stored in the file (0 for a new file)."""
+        try:
+            row = self._conn.execute("PRAGMA user_version").fetchone()
+        except sqlite3.Error as exc:
+            raise _store_error(exc, "read the schema version") from exc
+        return int(row[0])
+
+    def migrate(self) -> None:
+        with self._transaction("migrate the database schema", write=True) as conn:
+            current = int(conn.execute("PRAGMA user_version").fetchone()[0])
+            if current > SCHEMA_VERSION:
+                raise StoreError(
+                    f"the database {self.path} has schema version {current}, newer than this "
+                    f"mailbridge understands ({SCHEMA_VERSION}); upgrade mailbridge",
+                    code="database_error",
+                )
+            for migration in MIGRATIONS:
+                if migration.version <= current:
+                    continue
+                for statement in migration.statements:
+                    conn.execute(statement)
+                # An int from our own table, not user input; PRAGMA takes no parameters.
+                conn.execute(f"PRAGMA user_version = {int(migration.version)}")
+
+    # -- import -------------------------------------------------------------------------------
+
+    def import_batch(
+        self, account: str, own_addresses: frozenset[str], items: Sequence[ImportItem]
+    ) -> list[ImportResult]:
+        own = frozenset(address.strip().lower() for address in own_addresses)
+        results: list[ImportResult | None] = [None] * len(items)
+        if not items:
+            return []
+        with self._transaction(f"import {len(items)} message(s) for {account}", write=True) as conn:
+            now = _now()
+            stored = self._stored_keys(conn, account, [item.message.message_key for item in items])
+            settled: list[str] = []  # keys now in the database: their failures are resolved
+            # UID order, so that a reply in the same batch finds its parent already stored.
+            for index in sorted(range(len(items)), key=lambda i: items[i].uid):
+                item = items[index]
+                key = item.message.message_key
+                known = stored.get(key)
+                if known is not None:
+                    results[index] = ImportResult(
+                        uid=item.uid,
+                        message_key=key,
+                        outcome=Outcome.DUPLICATE,
+                        conversation_id=known[0],
+                        message_row_id=known[1],
+                    )
+                    settled.append(key)
+                    continue
+                result, written = self._import_in_savepoint(conn, account, own, item, now)
+                results[index] = result
+                if written is not None:
+                    # A second copy later in the same batch is a duplicate of this one.
+                    stored[key] = written
+                    settled.append(key)
+            self._resolve_failures(conn, account, settled, now)
+        return [result for result in results if result is not None]
+
+    def _import_in_savepoint(
+        self,
+        conn: sqlite3.Connection,
+        account: str,
+        own: frozenset[str],
+        item: ImportItem,
+        now: str,
+    ) -> tuple[ImportResult, tuple[int, int] | None]:
+        """Import one message all-or-nothing; the result, and (conversation, row) if written."""
+        conn.execute("SAVEPOINT message")
+        try:
+            conversation_id, row_id, new = self._import_one(conn, account, own, item, now)
+        except Exception as exc:
+            if _is_batch_error(exc) or not conn.in_transaction:
+                # The database itself failed (or SQLite already rolled everything back): the
+                # batch fails as a whole and the caller retries it.
+                raise
+            conn.execute("ROLLBACK TO SAVEPOINT message")
+            conn.execute("RELEASE SAVEPOINT message")
+            reason = f"{type(exc).__name__}: {exc}"[:_MAX_REASON]
+            failed = ImportResult(
+                uid=item.uid,
+                message_key=item.message.message_key,
+                outcome=Outcome.FAILED,
+                error_code="import_failed",
+                error_reason=reason,
+            )
+            return failed, None
+        conn.execute("RELEASE SAVEPOINT message")
+        imported = ImportResult(
+            uid=item.uid,
+            message_key=item.message.message_key,
+            outcome=Outcome.IMPORTED,
+            conversation_id=conversation_id,
+            message_row_id=row_id,
+            new_conversation=new,
+        )
+        return imported, (conversation_id, row_id)
+
+    @staticmethod
+    def _stored_keys(
+        conn: sqlite3.Connection, account: str, keys: Sequence[str]
+    ) -> dict[str, tuple[int, int]]:
+        """message key -> (conversation id, message row id) for the keys already stored."""
+        unique = list(dict.fromkeys(keys))
+        found: dict[str, tuple[int, int]] = {}
+        for chunk in _chunks(unique):
+            rows = conn.execute(
+                "SELECT messagekey, conversation, id FROM conversationmessage"
+                f" WHERE account = ? AND messagekey IN ({_marks(len(chunk))})",
+                (account, *chunk),
+            )
+            for key, conversation_id, row_id in rows:
+                found[key] = (conversation_id, row_id)
+        return found
+
+    @staticmethod
+    def _resolve_failures(
+        conn: sqlite3.Connection, account: str, keys: Sequence[str], now: str
+    ) -> None:
+        for chunk in _chunks(keys):
+            conn.execute(
+                "UPDATE importfailure SET resolved = ?"
+                f" WHERE account = ? AND resolved IS NULL AND messagekey IN ({_marks(len(chunk))})",
+                (now, account, *chunk),
+            )
+
+    @staticmethod
+    def _find_conversation(
+        conn: sqlite3.Connection, account: str, message_id: str | None, candidates: Sequence[str]
+    ) -> int | None:
+        """The conversation ``message`` continues, by the rules in the module docstring."""
+        if candidates:
+            parents: dict[str, int] = {}
+            for chunk in _chunks(candidates):
+                rows = conn.execute(
+                    "SELECT messageid, conversation FROM conversationmessage"
+                    f" WHERE account = ? AND messageid IN ({_marks(len(chunk))})"
+                    " ORDER BY id",
+                    (account, *chunk),
+                )
+                for mid, conversation_id in rows:
+                    parents.setdefault(mid, conversation_id)
+            for candidate in candidates:
+                if candidate in parents:
+                    return parents[candidate]
+        # Messages citing this one (its reply came first) or citing one of its ancestors.
+        cited = ([message_id] if message_id else []) + list(candidates)
+        citing: dict[str, int] = {}
+        for chunk in _chunks(cited):
+            rows = conn.execute(
+                "SELECT r.messageid, m.conversation FROM messagereference AS r"
+                " JOIN conversationmessage AS m ON m.id = r.conversationmessage"
+                f" WHERE r.messageid IN ({_marks(len(chunk))}) AND m.account = ?"
+                " ORDER BY m.date, m.id",
+                (*chunk, account),
+            )
+            for mid, conversation_id in rows:
+                citing.setdefault(mid, conversation_id)
+        for mid in cited:  # own id first (a child), then the nearest shared ancestor
+            if mid in citing:
+                return citing[mid]
+        return None
+
+    def _import_one(
+        self,
+        conn: sqlite3.Connection,
+        account: str,
+        own: frozenset[str],
+        item: ImportItem,
+        now: str,
+    ) -> tuple[int, int, bool]:
+        """Write one message; returns (conversation id, message row id, new conversation)."""
+        message = item.message
+        date = iso(message.date)
+        sender = message.from_address
+        # Mail from the account's own address (sent by another client, Bcc to self) is ours.
+        outgoing = sender is not None and sender.email.strip().lower() in own
+        candidates = tuple(c for c in thread_candidates(message) if c and c != message.message_id)
+        own_email = _own_address(message, own)
+
+        conversation_id = self._find_conversation(conn, account, message.message_id, candidates)
+        new = conversation_id is None
+        if conversation_id is None:
+            conversation_id = self._new_conversation(
+                conn, account, own_email, message, date, outgoing=outgoing, now=now
+            )
+            latest = True
+        else:
+            latest = self._update_conversation(
+                conn, conversation_id, own_email, message, date, outgoing=outgoing, now=now
+            )
+
+        html = message.html or text_to_html(message.plain_text)
+        cursor = conn.execute(
+            "INSERT INTO conversationmessage (conversation, account, uid, messageid, messagekey,"
+            " uniqueid, direction, subject, fromaddress, fromname, date, message, plaintext,"
+            ' inreplyto, "references", size, createdtime)'
+            " VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+            (
+                conversation_id,
+                account,
+                item.uid,
+                message.message_id,
+                message.message_key,
+                _message_uniqueid(),
+                "outgoing" if outgoing else "incoming",
+                message.subject,
+                sender.email.strip().lower() if sender is not None else "",
+                sender.name if sender is not None else "",
+                date,
+                html,
+                message.plain_text,
+                " ".join(message.in_reply_to) or None,
+                " ".join(message.references) or None,
+                message.size,
+                now,
+            ),
+        )
+        row_id = int(cursor.lastrowid or 0)
+        if candidates:
+            conn.executemany(
+                "INSERT OR IGNORE INTO messagereference (messageid, conversationmessage)"
+                " VALUES (?, ?)",
+                [(candidate, row_id) for candidate in candidates],
+            )
+        self._write_followers(
+            conn, conversation_id, row_id, message, own, latest=latest, new=new, now=now
+        )
+        self._write_files(conn, row_id, message, html, now)
+        return conversation_id, row_id, new
+
+    @staticmethod
+    def _new_conversation(
+        conn: sqlite3.Connection,
+        account: str,
+        own_email: str | None,
+        message: ParsedMessage,
+        date: str,
+        *,
+        outgoing: bool,
+        now: str,
+    ) -> int:
+        cursor = conn.execute(
+            "INSERT INTO conversation (uniqueid, account, email, subject, threadid, replytoid,"
+            " earliestunread, firstmessagedate, lastmessagedate, createdtime, updatedtime)"
+            " VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+            (
+                new_conversation_key(),
+                account,
+                own_email,
+                message.subject,
+                message.message_id,
+                message.message_id,
+                None if outgoing else date,
+                date,
+                date,
+                now,
+                now,
+            ),
+        )
+        return int(cursor.lastrowid or 0)
+
+    @staticmethod
+    def _update_conversation(
+        conn: sqlite3.Connection,
+        conversation_id: int,
+        own_email: str | None,
+        message: ParsedMessage,
+        date: str,
+        *,
+        outgoing: bool,
+        now: str,
+    ) -> bool:
+        """Fold the message into the conversation row; True when it is the newest message."""
+        row = conn.execute(
+            "SELECT email, firstmessagedate, lastmessagedate, earliestunread, subject, threadid,"
+            " replytoid FROM conversation WHERE id = ?",
+            (conversation_id,),
+        ).fetchone()
+        email, first, last, unread, subject, threadid, replytoid = row
+        latest = last is None or date >= last
+        earliest = first is None or date < first
+        if earliest:
+            # The real start of the thread arrived after a reply: it names the conversation.
+            first = date
+            threadid = message.message_id or threadid
+            subject = message.subject or subject
+        if latest:
+            last = date
+            replytoid = message.message_id or replytoid
+        if not outgoing and (unread is None or date < unread):
+            unread = date
+        conn.execute(
+            "UPDATE conversation SET email = ?, firstmessagedate = ?, lastmessagedate = ?,"
+            " earliestunread = ?, subject = ?, threadid = ?, replytoid = ?, updatedtime = ?"
+            " WHERE id = ?",
+            (
+                email or own_email,
+                first,
+                last,
+                unread,
+                subject,
+                threadid,
+                replytoid,
+                now,
+                conversation_id,
+            ),
+        )
+        return latest
+
+    @staticmethod
+    def _write_followers(
+        conn: sqlite3.Connection,
+        conversation_id: int,
+        row_id: int,
+        message: ParsedMessage,
+        own: frozenset[str],
+        *,
+        latest: bool,
+        new: bool,
+        now: str,
+    ) -> None:
+        names: dict[str, str] = {}  # email -> first non-empty name, in order of appearance
+        levels: list[tuple[str, str]] = []
+        for address, level in message.participants():
+            email = address.email.strip().lower()
+            if not email or email in own:
+                continue
+            if not names.get(email):
+                names[email] = address.name.strip()
+            levels.append((email, level.value))
+        existing: dict[str, _FollowerRow] = {}
+        if not new:
+            for fid, email, name, active in conn.execute(
+                "SELECT id, email, name, active FROM follower WHERE conversation = ?",
+                (conversation_id,),
+            ):
+                existing[email] = _FollowerRow(fid, name, active)
+        ids: dict[str, int] = {}
+        updates: list[tuple[str, int, str, int]] = []
+        for email, name in names.items():
+            row = existing.get(email)
+            if row is None:
+                # Introduced by a message older than the newest one, which left them out.
+                cursor = conn.execute(
+                    "INSERT INTO follower (conversation, email, name, active, subscribed,"
+                    " createdtime, updatedtime) VALUES (?, ?, ?, ?, 1, ?, ?)",
+                    (conversation_id, email, name, 1 if latest else 0, now, now),
+                )
+                ids[email] = int(cursor.lastrowid or 0)
+                continue
+            ids[email] = row.id
+            new_name = name or row.name
+            new_active = 1 if latest else row.active
+            if new_name != row.name or new_active != row.active:
+                updates.append((new_name, new_active, now, row.id))
+        if latest:
+            updates.extend(
+                (row.name, 0, now, row.id)
+                for email, row in existing.items()
+                if row.active and email not in names
+            )
+        if updates:
+            conn.executemany(
+                "UPDATE follower SET name = ?, active = ?, updatedtime = ? WHERE id = ?", updates
+            )
+        if levels:
+            conn.executemany(
+                "INSERT OR IGNORE INTO messagefollower (conversationmessage, follower,"
+                " participationlevel) VALUES (?, ?, ?)",
+                [(row_id, ids[email], level) for email, level in levels],
+            )
+
+    @staticmethod
+    def _write_files(
+        conn: sqlite3.Connection, row_id: int, message: ParsedMessage, html: str, now: str
+    ) -> None:
+        if message.attachments:
+            conn.executemany(
+                "INSERT INTO document (conversationmessage, filename, contenttype, size, document,"
+                " createdtime) VALUES (?, ?, ?, ?, ?, ?)",
+                [
+                    (row_id, a.filename, a.content_type, a.size, a.data, now)
+                    for a in message.attachments
+                ],
+            )
+        mapping: dict[str, str] = {}
+        for image in message.inline_images:
+            cursor = conn.execute(
+                "INSERT INTO embeddedfile (conversationmessage, contentid, filename, contenttype,"
+                " size, document, createdtime) VALUES (?, ?, ?, ?, ?, ?, ?)",
+                (
+                    row_id,
+                    image.content_id,
+                    image.filename,
+                    image.content_type,
+                    image.size,
+                    image.data,
+                    now,
+                ),
+            )
+            if image.content_id:
+                mapping.setdefault(image.content_id, f"embeddedfile:{cursor.lastrowid}")
+        if mapping and message.html:
+            rewritten = rewrite_inline_images(html, mapping)
+            if rewritten != html:
+                conn.execute(
+                    "UPDATE conversationmessage SET message = ? WHERE id = ?", (rewritten, row_id)
+                )
+
+    # -- failures -----------------------------------------------------------------------------
+
+    def record_failures(self, account: str, failures: Sequence[FailureInfo]) -> None:
+        if not failures:
+            return
+        with self._transaction(f"record import failures for {account}", write=True) as conn:
+            now = _now()
+            # A new failure of a known message: one more attempt, the latest reason, unresolved
+            # again; its old Failed-folder UID is stale once it is moved there anew.
+            conn.executemany(
+                "INSERT INTO importfailure (account, uid, folderuid, messagekey, messageid,"
+                " subject, fromaddress, date, size, code, reason, attempts, firstfailed,"
+                " lastfailed, resolved) VALUES (?, ?, NULL, ?, ?, ?, ?, ?, ?, ?, ?, 1, ?, ?, NULL)"
+                " ON CONFLICT (account, messagekey) DO UPDATE SET uid = excluded.uid,"
+                " folderuid = NULL, messageid = excluded.messageid, subject = excluded.subject,"
+                " fromaddress = excluded.fromaddress, date = excluded.date, size = excluded.size,"
+                " code = excluded.code, reason = excluded.reason,"
+                " attempts = importfailure.attempts + 1, lastfailed = excluded.lastfailed,"
+                " resolved = NULL",
+                [
+                    (
+                        account,
+                        f.uid,
+                        f.message_key,
+                        f.message_id,
+                        f.subject,
+                        f.from_address.strip().lower(),
+                        iso(f.date) if f.date is not None else None,
+                        f.size,
+                        f.code,
+                        f.reason,
+                        now,
+                        now,
+                    )
+                    for f in failures
+                ],
+            )
+
+    def set_failure_folder_uids(self, account: str, folder_uids: dict[str, int]) -> None:
+        if not folder_uids:
+            return
+        with self._transaction(f"record Failed-folder UIDs for {account}", write=True) as conn:
+            conn.executemany(
+                "UPDATE importfailure SET folderuid = ? WHERE account = ? AND messagekey = ?",
+                [(uid, account, key) for key, uid in folder_uids.items()],
+            )
+
+    def failures(
+        self, account: str | None = None, *, include_resolved: bool = False
+    ) -> list[FailureRecord]:
+        clauses: list[str] = []
+        params: list[Any] = []
+        if account is not None:
+            clauses.append("account = ?")
+            params.append(account)
+        if not include_resolved:
+            clauses.append("resolved IS NULL")
+        where = f" WHERE {' AND '.join(clauses)}" if clauses else ""
+        with self._transaction("read import failures", write=False):
+            rows = list(
+                self._db.query(
+                    f"SELECT * FROM importfailure{where} ORDER BY lastfailed DESC, id DESC", params
+                )
+            )
+        return [_failure_record(row) for row in rows]
+
+    # -- account state ------------------------------------------------------------------------
+
+    def set_account_state(self, state: AccountState) -> None:
+        with self._transaction(f"record the state of {state.account}", write=True) as conn:
+            # ``imported`` is a delta. A missing last_import keeps the stored one: "no import
+            # in this update" must not erase when the last import happened.
+            conn.execute(
+                "INSERT INTO accountstate (account, state, code, detail, since, lastimport,"
+                " imported, updated) VALUES (?, ?, ?, ?, ?, ?, ?, ?)"
+                " ON CONFLICT (account) DO UPDATE SET state = excluded.state,"
+                " code = excluded.code, detail = excluded.detail, since = excluded.since,"
+                " lastimport = COALESCE(excluded.lastimport, accountstate.lastimport),"
+                " imported = accountstate.imported + excluded.imported,"
+                " updated = excluded.updated",
+                (
+                    state.account,
+                    state.state,
+                    state.code,
+                    state.detail,
+                    iso(state.since) if state.since is not None else None,
+                    iso(state.last_import) if state.last_import is not None else None,
+                    state.imported,
+                    iso(state.updated) if state.updated is not None else _now(),
+                ),
+            )
+
+    def account_states(self) -> list[AccountState]:
+        sql = """
+            WITH failed AS (
+                SELECT account, COUNT(*) AS n FROM importfailure
+                WHERE resolved IS NULL GROUP BY account
+            )
+            SELECT s.account, s.state, s.code, s.detail, s.since, s.lastimport, s.imported,
+                   s.updated, COALESCE(failed.n, 0) AS failed
+            FROM accountstate AS s LEFT JOIN failed ON failed.account = s.account
+            UNION ALL
+            SELECT failed.account, 'unknown', NULL, '', NULL, NULL, 0, NULL, failed.n
+            FROM failed
+            WHERE failed.account NOT IN (SELECT account FROM accountstate)
+            ORDER BY 1
+        """
+        with self._transaction("read account states", write=False):
+            rows = list(self._db.query(sql))
+        return [
+            AccountState(
+                account=row["account"],
+                state=row["state"],
+                code=row["code"],
+                detail=row["detail"] or "",
+                since=parse_time(row["since"]),
+                last_import=parse_time(row["lastimport"]),
+                imported=int(row["imported"] or 0),
+                failed=int(row["failed"] or 0),
+                updated=parse_time(row["updated"]),
+            )
+            for row in rows
+        ]
+
+    # -- reading conversations ----------------------------------------------------------------
+
+    def conversations(
+        self, account: str | None = None, search: str | None = None, limit: int = 100
+    ) -> list[ConversationSummary]:
+        clauses: list[str] = []
+        params: list[Any] = []
+        if account is not None:
+            clauses.append("c.account = ?")
+            params.append(account)
+        if search:
+            pattern = _like_pattern(search)
+            clauses.append(
+                "(c.subject LIKE ? ESCAPE '\\'"
+                " OR EXISTS (SELECT 1 FROM conversationmessage AS m WHERE m.conversation = c.id"
+                "  AND (m.subject LIKE ? ESCAPE '\\' OR m.plaintext LIKE ? ESCAPE '\\'"
+                "       OR m.fromaddress LIKE ? ESCAPE '\\'))"
+                " OR EXISTS (SELECT 1 FROM follower AS f WHERE f.conversation = c.id"
+                "  AND (f.email LIKE ? ESCAPE '\\' OR f.name LIKE ? ESCAPE '\\')))"
+            )
+            params.extend([pattern] * 6)
+        where = f" WHERE {' AND '.join(clauses)}" if clauses else ""
+        sql = f"{_SUMMARY_SELECT}{where} ORDER BY c.lastmessagedate DESC, c.id DESC LIMIT ?"
+        params.append(max(limit, 0))
+        with self._transaction("list conversations", write=False):
+            rows = list(self._db.query(sql, params))
+        return [_summary(row) for row in rows]
+
+    def conversation(self, conversation_id: int) -> ConversationDetail | None:
+        with self._transaction(f"read conversation {conversation_id}", write=False):
+            head = list(self._db.query(f"{_SUMMARY_SELECT} WHERE c.id = ?", [conversation_id]))
+            if not head:
+                return None
+            followers = tuple(
+                (row["email"], row["name"], bool(row["active"]))
+                for row in self._db.query(
+                    "SELECT email, name, active FROM follower WHERE conversation = ? ORDER BY id",
+                    [conversation_id],
+                )
+            )
+            messages = list(
+                self._db.query(
+                    "SELECT id, messageid, uid, date, subject, fromaddress, fromname, plaintext,"
+                    " message FROM conversationmessage WHERE conversation = ?"
+                    " ORDER BY date, id",
+                    [conversation_id],
+                )
+            )
+            participants: dict[int, list[tuple[str, str]]] = {}
+            for row in self._db.query(
+                "SELECT mf.conversationmessage AS mid, f.email, mf.participationlevel AS level"
+                " FROM messagefollower AS mf JOIN follower AS f ON f.id = mf.follower"
+                " JOIN conversationmessage AS m ON m.id = mf.conversationmessage"
+                " WHERE m.conversation = ? ORDER BY mf.id",
+                [conversation_id],
+            ):
+                participants.setdefault(row["mid"], []).append((row["email"], row["level"]))
+            documents: dict[int, list[tuple[str, str, int]]] = {}
+            for row in self._db.query(
+                "SELECT d.conversationmessage AS mid, d.filename, d.contenttype, d.size"
+                " FROM document AS d JOIN conversationmessage AS m ON m.id = d.conversationmessage"
+                " WHERE m.conversation = ? ORDER BY d.id",
+                [conversation_id],
+            ):
+                documents.setdefault(row["mid"], []).append(
+                    (row["filename"], row["contenttype"], int(row["size"]))
+                )
+            embedded: dict[int, list[tuple[str, str, int]]] = {}
+            for row in self._db.query(
+                "SELECT e.conversationmessage AS mid, e.contentid, e.contenttype, e.size"
+                " FROM embeddedfile AS e"
+                " JOIN conversationmessage AS m ON m.id = e.conversationmessage"
+                " WHERE m.conversation = ? ORDER BY e.id",
+                [conversation_id],
+            ):
+                embedded.setdefault(row["mid"], []).append(
+                    (row["contentid"] or "", row["contenttype"], int(row["size"]))
+                )
+        return ConversationDetail(
+            summary=_summary(head[0]),
+            followers=followers,
+            messages=tuple(
+                StoredMessage(
+                    id=row["id"],
+                    message_id=row["messageid"],
+                    uid=row["uid"],
+                    date=parse_time(row["date"]),
+                    subject=row["subject"],
+                    from_address=row["fromaddress"],
+                    from_name=row["fromname"],
+                    plain_text=row["plaintext"],
+                    html=row["message"],
+                    followers=tuple(participants.get(row["id"], ())),
+                    documents=tuple(documents.get(row["id"], ())),
+                    embedded_files=tuple(embedded.get(row["id"], ())),
+                )
+                for row in messages
+            ),
+        )
+
+    def close(self) -> None:
+        if self._closed:
+            return
+        self._closed = True
+        self._rollback()
+        try:
+            self._conn.close()
+        except sqlite3.Error as exc:
+            raise _store_error(exc, "close the database") from exc
+
+
+_SUMMARY_SELECT: Final = (
+    "SELECT c.id, c.uniqueid, c.account, c.subject, c.firstmessagedate, c.lastmessagedate,"
+    " (SELECT COUNT(*) FROM conversationmessage AS m WHERE m.conversation = c.id) AS messages,"
+    " (SELECT COUNT(*) FROM follower AS f WHERE f.conversation = c.id) AS followers"
+    " FROM conversation AS c"
+)
+
+
+def _summary(row: dict[str, Any]) -> ConversationSummary:
+    return ConversationSummary(
+        id=row["id"],
+        uniqueid=row["uniqueid"],
+        account=row["account"] or "",
+        subject=row["subject"] or "",
+        first_message=parse_time(row["firstmessagedate"]),
+        last_message=parse_time(row["lastmessagedate"]),
+        messages=int(row["messages"]),
+        followers=int(row["followers"]),
+    )
+
+
+def _failure_record(row: dict[str, Any]) -> FailureRecord:
+    epoch = datetime(1970, 1, 1, tzinfo=UTC)
+    return FailureRecord(
+        id=row["id"],
+        account=row["account"],
+        uid=int(row["uid"] or 0),
+        folder_uid=row["folderuid"],
+        message_key=row["messagekey"],
+        message_id=row["messageid"],
+        subject=row["subject"] or "",
+        from_address=row["fromaddress"] or "",
+        date=parse_time(row["date"]),
+        size=int(row["size"] or 0),
+        code=row["code"],
+        reason=row["reason"] or "",
+        attempts=int(row["attempts"]),
+        first_failed=parse_time(row["firstfailed"]) or epoch,
+        last_failed=parse_time(row["lastfailed"]) or epoch,
+        resolved=parse_time(row["resolved"]),
+    )
+
+
+def _own_address(message: ParsedMessage, own: frozenset[str]) -> str | None:
+    """Which of the account's addresses the message reached (None when it names none)."""
+    seen: Iterable[str] = (
+        *message.delivered_to,
+        *(a.email for a in (*message.to, *message.cc, *message.bcc)),
+        *((message.from_address.email,) if message.from_address is not None else ()),
+    )
+    for address in seen:
+        email = address.strip().lower()
+        if email in own:
+            return email
+    return None
+
+
+class AsyncRepository:
+    """Any :class:`Repository` behind ``async`` methods, run on one dedicated writer thread.
+
+    ``factory`` is called on that thread, so a connection that must stay on the thread that
+    created it (sqlite3's ``check_same_thread``) is created there. Calls run one at a time in
+    the order they were made. A cancelled call is not undone: the thread finishes it (an
+    import then commits, and the retry sees its messages as duplicates).
+    """
+
+    def __init__(self, factory: Callable[[], Repository]) -> None:
+        self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="mailbridge-db")
+        # The first job on the (FIFO, single) worker, so it is done before any call runs.
+        self._opened: Future[Repository] = self._executor.submit(factory)
+        self._closed = False
+
+    @classmethod
+    def sqlite(
+        cls, path: str | os.PathLike[str], *, busy_timeout: float = DEFAULT_BUSY_TIMEOUT
+    ) -> AsyncRepository:
+        """An :class:`AsyncRepository` over a :class:`SqliteRepository` at ``path``."""
+        return cls(lambda: SqliteRepository(path, busy_timeout=busy_timeout))
+
+    def _call(self, fn: Callable[[Repository], T]) -> T:
+        return fn(self._opened.result())
+
+    async def _run(self, fn: Callable[[Repository], T]) -> T:
+        if self._closed:
+            raise StoreError("the repository is closed", code="database_error")
+        loop = asyncio.get_running_loop()
+        return await loop.run_in_executor(self._executor, self._call, fn)
+
+    async def migrate(self) -> None:
+        await self._run(lambda repo: repo.migrate())
+
+    async def import_batch(
+        self, account: str, own_addresses: frozenset[str], items: Sequence[ImportItem]
+    ) -> list[ImportResult]:
+        batch = tuple(items)  # the caller may reuse its list while the thread works
+        return await self._run(lambda repo: repo.import_batch(account, own_addresses, batch))
+
+    async def record_failures(self, account: str, failures: Sequence[FailureInfo]) -> None:
+        batch = tuple(failures)
+        await self._run(lambda repo: repo.record_failures(account, batch))
+
+    async def set_failure_folder_uids(self, account: str, folder_uids: dict[str, int]) -> None:
+        uids = dict(folder_uids)
+        await self._run(lambda repo: repo.set_failure_folder_uids(account, uids))
+
+    async def failures(
+        self, account: str | None = None, *, include_resolved: bool = False
+    ) -> list[FailureRecord]:
+        return await self._run(
+            lambda repo: repo.failures(account, include_resolved=include_resolved)
+        )
+
+    async def set_account_state(self, state: AccountState) -> None:
+        await self._run(lambda repo: repo.set_account_state(state))
+
+    async def account_states(self) -> list[AccountState]:
+        return await self._run(lambda repo: repo.account_states())
+
+    async def conversations(
+        self, account: str | None = None, search: str | None = None, limit: int = 100
+    ) -> list[ConversationSummary]:
+        return await self._run(lambda repo: repo.conversations(account, search, limit))
+
+    async def conversation(self, conversation_id: int) -> ConversationDetail | None:
+        return await self._run(lambda repo: repo.conversation(conversation_id))
+
+    async def aclose(self) -> None:
+        """Close the repository on its thread and stop the thread. Idempotent."""
+        if self._closed:
+            return
+        self._closed = True
+        loop = asyncio.get_running_loop()
+        try:
+            await loop.run_in_executor(self._executor, self._close_on_thread)
+        finally:
+            # The close job was the last one; the idle thread exits without waiting here.
+            self._executor.shutdown(wait=False)
+
+    def _close_on_thread(self) -> None:
+        if self._opened.exception() is None:
+            self._opened.result().close()
+
+
+async def open_repository(path: str | os.PathLike[str]) -> AsyncRepository:
+    """Open (creating if needed) and migrate the SQLite database for the daemon."""
+    repo = AsyncRepository.sqlite(path)
+    try:
+        await repo.migrate()
+    except BaseException:
+        await repo.aclose()
+        raise
+    return repo

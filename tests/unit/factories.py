@@ -1,0 +1,119 @@
+"""Builders of ParsedMessage objects for tests, so a test states only what it is about.
+
+Addresses are written ``"Name <email>"`` or ``"email"``; ids without angle brackets, as the
+parser stores them. A message without a Message-ID gets the parser's ``sha256:`` key of its
+"raw bytes" (here: ``raw``, or a rendering of the headers given).
+"""
+
+from __future__ import annotations
+
+import hashlib
+from collections.abc import Iterable
+from datetime import UTC, datetime, timedelta
+
+from mailbridge.core.model import Address, Attachment, ParsedMessage
+
+BASE_DATE = datetime(2024, 3, 1, 9, 0, tzinfo=UTC)
+
+
+def addr(text: str) -> Address:
+    """``"Ann Example <ann@example.com>"`` or ``"ann@example.com"`` -> Address."""
+    if "<" in text:
+        name, _, rest = text.partition("<")
+        return Address(email=rest.rstrip(">").strip().lower(), name=name.strip())
+    return Address(email=text.strip().lower())
+
+
+def addrs(values: Iterable[str]) -> tuple[Address, ...]:
+    return tuple(addr(v) for v in values)
+
+
+def at(minutes: int) -> datetime:
+    """A date ``minutes`` after a fixed base, so tests can order messages."""
+    return BASE_DATE + timedelta(minutes=minutes)
+
+
+def attachment(
+    filename: str = "report.pdf", data: bytes = b"%PDF-1.4 test", content_type: str = ""
+) -> Attachment:
+    return Attachment(filename=filename, content_type=content_type or "application/pdf", data=data)
+
+
+def inline_image(content_id: str, data: bytes = b"\x89PNG\r\n\x1a\nfake") -> Attachment:
+    return Attachment(
+        filename=f"{content_id.split('@')[0]}.png",
+        content_type="image/png",
+        data=data,
+        content_id=content_id,
+    )
+
+
+def message(
+    message_id: str | None = "m1@example.com",
+    *,
+    subject: str = "Hello",
+    sender: str | None = "Ann Example <ann@example.com>",
+    to: Iterable[str] = ("support@acme.test",),
+    cc: Iterable[str] = (),
+    bcc: Iterable[str] = (),
+    in_reply_to: Iterable[str] = (),
+    references: Iterable[str] = (),
+    date: datetime = BASE_DATE,
+    text: str = "Hello there",
+    html: str = "",
+    attachments: Iterable[Attachment] = (),
+    inline_images: Iterable[Attachment] = (),
+    delivered_to: Iterable[str] = (),
+    raw: bytes | None = None,
+) -> ParsedMessage:
+    """A ParsedMessage with sensible defaults; ``message_key`` is derived as the parser does."""
+    to_t, cc_t, bcc_t = addrs(to), addrs(cc), addrs(bcc)
+    if message_id is not None:
+        key = message_id
+    else:
+        body = raw if raw is not None else f"{subject}|{sender}|{date.isoformat()}|{text}".encode()
+        key = "sha256:" + hashlib.sha256(body).hexdigest()
+    return ParsedMessage(
+        message_key=key,
+        message_id=message_id,
+        in_reply_to=tuple(in_reply_to),
+        references=tuple(references),
+        subject=subject,
+        from_address=addr(sender) if sender is not None else None,
+        reply_to=(),
+        to=to_t,
+        cc=cc_t,
+        bcc=bcc_t,
+        delivered_to=tuple(delivered_to),
+        date=date,
+        plain_text=text,
+        html=html,
+        attachments=tuple(attachments),
+        inline_images=tuple(inline_images),
+        size=len(text) + 500,
+    )
+
+
+def reply(
+    parent: ParsedMessage,
+    message_id: str,
+    *,
+    minutes: int,
+    sender: str = "Ann Example <ann@example.com>",
+    to: Iterable[str] = ("support@acme.test",),
+    cc: Iterable[str] = (),
+    text: str = "A reply",
+) -> ParsedMessage:
+    """A standards-following reply to ``parent``: In-Reply-To and the full References chain."""
+    assert parent.message_id is not None
+    return message(
+        message_id,
+        subject=f"Re: {parent.subject}",
+        sender=sender,
+        to=to,
+        cc=cc,
+        in_reply_to=(parent.message_id,),
+        references=(*parent.references, parent.message_id),
+        date=at(minutes),
+        text=text,
+    )

@@ -1,0 +1,740 @@
+"""Contract tests of the Repository protocol, run against every backend.
+
+The ``make_repo`` fixture is parametrised over backends (SQLite today); a PostgreSQL backend
+joins by adding a parameter. Tests that check SQLite specifics (file permissions, locking, the
+raw rows) say so in their names and use :class:`SqliteRepository` directly.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import itertools
+import sqlite3
+import stat
+import tempfile
+import threading
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from mailbridge.core.html import rewrite_inline_images
+from mailbridge.core.model import ParsedMessage
+from mailbridge.errors import StoreError
+from mailbridge.store import sqlite as sqlite_backend
+from mailbridge.store.base import (
+    AccountState,
+    ConversationDetail,
+    FailureInfo,
+    ImportItem,
+    ImportResult,
+    Outcome,
+    Repository,
+)
+from mailbridge.store.schema import MIGRATIONS, SCHEMA_VERSION, TABLES
+from mailbridge.store.sqlite import AsyncRepository, SqliteRepository
+from tests.unit.factories import at, attachment, inline_image, message, reply
+
+ACCOUNT = "support"
+# Mixed case on purpose: the account's identity must not depend on how the config spells it.
+OWN = frozenset({"Support@Acme.test", "help@acme.test"})
+
+MakeRepo = Callable[[Path], Repository]
+
+
+def _make_sqlite(directory: Path) -> Repository:
+    repo = SqliteRepository(directory / "data" / "mailbridge.db")
+    repo.migrate()
+    return repo
+
+
+BACKENDS: dict[str, MakeRepo] = {"sqlite": _make_sqlite}
+
+
+@pytest.fixture(scope="session", params=sorted(BACKENDS))
+def make_repo(request: pytest.FixtureRequest) -> MakeRepo:
+    """A factory of fresh, migrated repositories in a given directory (session-scoped so that
+    hypothesis tests can use it)."""
+    return BACKENDS[str(request.param)]
+
+
+@pytest.fixture
+def repo(make_repo: MakeRepo, tmp_path: Path) -> Iterator[Repository]:
+    repository = make_repo(tmp_path)
+    yield repository
+    repository.close()
+
+
+@pytest.fixture
+def sqlite_path(tmp_path: Path) -> Path:
+    return tmp_path / "data" / "mailbridge.db"
+
+
+def run(repo: Repository, *messages: ParsedMessage, first_uid: int = 1) -> list[ImportResult]:
+    items = [ImportItem(uid=first_uid + i, message=m) for i, m in enumerate(messages)]
+    return repo.import_batch(ACCOUNT, OWN, items)
+
+
+def detail(repo: Repository, conversation_id: int | None) -> ConversationDetail:
+    assert conversation_id is not None
+    found = repo.conversation(conversation_id)
+    assert found is not None
+    return found
+
+
+def active_followers(found: ConversationDetail) -> set[str]:
+    return {email for email, _name, active in found.followers if active}
+
+
+def raw(path: Path, sql: str, params: tuple[object, ...] = ()) -> list[tuple[object, ...]]:
+    """Read the SQLite file with a separate connection, as an integrator would."""
+    conn = sqlite3.connect(path)
+    try:
+        return list(conn.execute(sql, params))
+    finally:
+        conn.close()
+
+
+# -- schema -----------------------------------------------------------------------------------
+
+
+def test_migrations_are_consecutive_and_migrate_is_idempotent(sqlite_path: Path) -> None:
+    assert [m.version for m in MIGRATIONS] == list(range(1, SCHEMA_VERSION + 1))
+    repo = SqliteRepository(sqlite_path)
+    try:
+        assert repo.schema_version() == 0
+        repo.migrate()
+        repo.migrate()
+        assert repo.schema_version() == SCHEMA_VERSION
+    finally:
+        repo.close()
+    names = {
+        row[0] for row in raw(sqlite_path, "SELECT name FROM sqlite_master WHERE type='table'")
+    }
+    assert set(TABLES) <= names
+    assert raw(sqlite_path, "PRAGMA journal_mode") == [("wal",)]
+
+
+def test_sqlite_refuses_a_newer_schema(sqlite_path: Path) -> None:
+    repo = SqliteRepository(sqlite_path)
+    repo.close()
+    conn = sqlite3.connect(sqlite_path)
+    conn.execute(f"PRAGMA user_version = {SCHEMA_VERSION + 1}")
+    conn.close()
+    repo = SqliteRepository(sqlite_path)
+    try:
+        with pytest.raises(StoreError) as info:
+            repo.migrate()
+        assert info.value.code == "database_error"
+    finally:
+        repo.close()
+
+
+# -- threading --------------------------------------------------------------------------------
+
+
+def test_three_message_thread_is_one_conversation_with_the_right_followers(
+    repo: Repository,
+) -> None:
+    m1 = message(
+        "m1@example.com",
+        subject="Printer on fire",
+        sender="Ann Example <ann@example.com>",
+        to=["support@acme.test"],
+        cc=["bob@example.com"],
+        date=at(0),
+    )
+    m2 = reply(
+        m1,
+        "m2@acme.test",
+        minutes=10,
+        sender="support@acme.test",
+        to=["ann@example.com"],
+        cc=["bob@example.com"],
+    )
+    m3 = reply(
+        m2,
+        "m3@example.com",
+        minutes=20,
+        sender="Bob B <bob@example.com>",
+        to=["support@acme.test", "ann@example.com"],
+    )
+    # Given out of order: the repository imports in UID order, so m1 starts the conversation.
+    items = [ImportItem(3, m3), ImportItem(1, m1), ImportItem(2, m2)]
+    results = repo.import_batch(ACCOUNT, OWN, items)
+
+    assert [r.uid for r in results] == [3, 1, 2]  # one result per item, in the items' order
+    assert all(r.outcome is Outcome.IMPORTED for r in results)
+    assert len({r.conversation_id for r in results}) == 1
+    assert [r.new_conversation for r in results] == [False, True, False]
+
+    found = detail(repo, results[0].conversation_id)
+    assert found.summary.subject == "Printer on fire"
+    assert found.summary.messages == 3
+    assert found.summary.followers == 2
+    assert found.summary.first_message == at(0)
+    assert found.summary.last_message == at(20)
+    assert sorted(found.followers) == [
+        ("ann@example.com", "Ann Example", True),
+        ("bob@example.com", "Bob B", True),
+    ]
+    first, second, third = found.messages
+    assert [m.message_id for m in found.messages] == [
+        "m1@example.com",
+        "m2@acme.test",
+        "m3@example.com",
+    ]
+    assert set(first.followers) == {("ann@example.com", "from"), ("bob@example.com", "cc")}
+    assert set(second.followers) == {("ann@example.com", "to"), ("bob@example.com", "cc")}
+    assert set(third.followers) == {("bob@example.com", "from"), ("ann@example.com", "to")}
+    assert first.uid == 1
+    assert first.plain_text == "Hello there"
+    assert "Hello there" in first.html  # text-only mail gets an HTML rendering
+
+
+def test_reply_arriving_before_its_parent_joins_the_parents_conversation(
+    repo: Repository,
+) -> None:
+    parent = message("p@example.com", subject="Invoice 42", date=at(0))
+    child = reply(parent, "c@example.com", minutes=5)
+    [first] = run(repo, child, first_uid=7)
+    [second] = run(repo, parent, first_uid=8)
+    assert first.new_conversation
+    assert not second.new_conversation
+    assert second.conversation_id == first.conversation_id
+    found = detail(repo, first.conversation_id)
+    # The real start of the thread names the conversation once it arrives.
+    assert found.summary.subject == "Invoice 42"
+    assert found.summary.first_message == at(0)
+    assert [m.message_id for m in found.messages] == ["p@example.com", "c@example.com"]
+
+
+def test_siblings_whose_parent_never_arrived_share_a_conversation(repo: Repository) -> None:
+    parent = message("root@example.com", date=at(0))
+    a = reply(parent, "a@example.com", minutes=1)
+    b = reply(parent, "b@example.com", minutes=2)
+    [ra] = run(repo, a)
+    [rb] = run(repo, b, first_uid=2)
+    [rp] = run(repo, parent, first_uid=3)
+    assert ra.conversation_id == rb.conversation_id == rp.conversation_id
+
+
+def test_threading_stays_within_the_account(repo: Repository) -> None:
+    parent = message("p@example.com")
+    child = reply(parent, "c@example.com", minutes=1)
+    [rp] = repo.import_batch("other", frozenset({"other@acme.test"}), [ImportItem(1, parent)])
+    [rc] = run(repo, child)
+    assert rc.new_conversation
+    assert rc.conversation_id != rp.conversation_id
+
+
+# -- de-duplication ---------------------------------------------------------------------------
+
+
+def test_duplicate_message_key_is_reported_and_writes_nothing(repo: Repository) -> None:
+    m = message("dup@example.com", cc=["bob@example.com"])
+    [first] = run(repo, m)
+    [again] = run(repo, m, first_uid=2)
+    assert again.outcome is Outcome.DUPLICATE
+    assert again.conversation_id == first.conversation_id
+    assert again.message_row_id == first.message_row_id
+    assert not again.new_conversation
+    assert len(repo.conversations()) == 1
+    found = detail(repo, first.conversation_id)
+    assert found.summary.messages == 1
+    assert len(found.messages[0].followers) == 2
+
+
+def test_duplicate_within_one_batch(repo: Repository) -> None:
+    m = message("twice@example.com")
+    first, second = run(repo, m, m)
+    assert first.outcome is Outcome.IMPORTED
+    assert second.outcome is Outcome.DUPLICATE
+    assert second.message_row_id == first.message_row_id
+
+
+def test_outgoing_copy_coming_back_is_a_duplicate(repo: Repository) -> None:
+    sent = message("sent@acme.test", sender="support@acme.test", to=["ann@example.com"])
+    [stored] = run(repo, sent)
+    [back] = run(repo, sent, first_uid=2)
+    assert stored.outcome is Outcome.IMPORTED
+    assert back.outcome is Outcome.DUPLICATE
+
+
+def test_message_without_message_id_is_deduplicated_by_its_hash(repo: Repository) -> None:
+    m = message(None, raw=b"From: ann@example.com\r\n\r\nno id here")
+    assert m.message_key.startswith("sha256:")
+    other = message(None, raw=b"From: ann@example.com\r\n\r\nanother one")
+    first, second = run(repo, m, other)
+    [third] = run(repo, m, first_uid=3)
+    assert first.outcome is Outcome.IMPORTED
+    assert second.outcome is Outcome.IMPORTED
+    assert second.conversation_id != first.conversation_id  # no id, nothing to thread on
+    assert third.outcome is Outcome.DUPLICATE
+    found = detail(repo, first.conversation_id)
+    assert found.messages[0].message_id is None
+
+
+# -- files ------------------------------------------------------------------------------------
+
+
+def test_attachments_and_inline_images_are_stored_and_cid_rewritten(
+    repo: Repository, tmp_path: Path
+) -> None:
+    pdf = attachment("report.pdf", b"%PDF-1.4 \x00\x01\x02 bytes")
+    logo = inline_image("logo@acme.test", b"\x89PNG logo")
+    m = message(
+        "files@example.com",
+        html='<p>Hi</p><img src="cid:logo@acme.test" alt="logo"><img src="cid:unknown@x">',
+        attachments=[pdf],
+        inline_images=[logo],
+    )
+    [result] = run(repo, m)
+    stored = detail(repo, result.conversation_id).messages[0]
+    assert stored.documents == (("report.pdf", "application/pdf", pdf.size),)
+    assert stored.embedded_files == (("logo@acme.test", "image/png", logo.size),)
+    assert "cid:logo@acme.test" not in stored.html
+    assert "embeddedfile:" in stored.html
+    assert "cid:unknown@x" in stored.html  # an image we do not have stays as it was
+
+    if isinstance(repo, SqliteRepository):
+        path = tmp_path / "data" / "mailbridge.db"
+        [(doc,)] = raw(path, "SELECT document FROM document")
+        assert doc == pdf.data
+        [(fid, blob)] = raw(path, "SELECT id, document FROM embeddedfile")
+        assert blob == logo.data
+        assert f'src="embeddedfile:{fid}"' in stored.html
+
+
+# -- followers --------------------------------------------------------------------------------
+
+
+def test_own_address_and_aliases_are_never_followers(repo: Repository) -> None:
+    incoming = message(
+        "in@example.com",
+        sender="ann@example.com",
+        to=["support@acme.test"],
+        cc=["help@acme.test", "bob@example.com"],
+        bcc=["SUPPORT@ACME.TEST"],
+        delivered_to=["help@acme.test"],
+    )
+    outgoing = reply(
+        incoming,
+        "out@acme.test",
+        minutes=1,
+        sender="help@acme.test",
+        to=["ann@example.com", "support@acme.test"],
+    )
+    results = run(repo, incoming, outgoing)
+    found = detail(repo, results[0].conversation_id)
+    assert {email for email, _n, _a in found.followers} == {"ann@example.com", "bob@example.com"}
+    for stored in found.messages:
+        assert not {email for email, _level in stored.followers} & {
+            "support@acme.test",
+            "help@acme.test",
+        }
+
+
+def test_follower_goes_inactive_when_left_out_and_active_again_when_back(
+    repo: Repository,
+) -> None:
+    m1 = message("f1@example.com", cc=["bob@example.com", "carol@example.com"], date=at(0))
+    m2 = reply(m1, "f2@example.com", minutes=1, cc=["Bob Builder <bob@example.com>"])
+    m3 = reply(m2, "f3@example.com", minutes=2, cc=["carol@example.com"])
+    [r1] = run(repo, m1)
+    assert active_followers(detail(repo, r1.conversation_id)) == {
+        "ann@example.com",
+        "bob@example.com",
+        "carol@example.com",
+    }
+    run(repo, m2, first_uid=2)
+    found = detail(repo, r1.conversation_id)
+    assert active_followers(found) == {"ann@example.com", "bob@example.com"}
+    assert ("bob@example.com", "Bob Builder", True) in found.followers  # name learnt
+    run(repo, m3, first_uid=3)
+    found = detail(repo, r1.conversation_id)
+    assert active_followers(found) == {"ann@example.com", "carol@example.com"}
+    # A message without a name does not erase the one we know.
+    assert ("bob@example.com", "Bob Builder", False) in found.followers
+
+
+def test_a_late_older_message_deactivates_no_one(repo: Repository) -> None:
+    m1 = message("o1@example.com", cc=["dave@example.com"], date=at(0))
+    m2 = reply(m1, "o2@example.com", minutes=5, cc=["bob@example.com"])
+    [r2] = run(repo, m2)
+    run(repo, m1, first_uid=2)
+    found = detail(repo, r2.conversation_id)
+    # The newest message decides: dave was left out by it.
+    assert active_followers(found) == {"ann@example.com", "bob@example.com"}
+    assert ("dave@example.com", "", False) in found.followers
+
+
+# -- failures inside a batch ------------------------------------------------------------------
+
+
+def test_one_bad_item_fails_alone_and_the_rest_commit(repo: Repository) -> None:
+    good1 = message("g1@example.com", date=at(0))
+    bad = message("bad@example.com", cc=["bob@example.com"], date=at(1))
+    # A size no database integer holds: the message's own row cannot be written.
+    bad = dataclasses.replace(bad, size=2**70)
+    good2 = reply(good1, "g2@example.com", minutes=2)
+    results = run(repo, good1, bad, good2)
+    assert [r.outcome for r in results] == [Outcome.IMPORTED, Outcome.FAILED, Outcome.IMPORTED]
+    assert results[1].error_code == "import_failed"
+    assert results[1].error_reason
+    assert results[1].conversation_id is None
+    # The failed message left nothing behind: no conversation, no follower.
+    summaries = repo.conversations()
+    assert len(summaries) == 1
+    assert summaries[0].messages == 2
+    assert repo.conversations(search="bob@example.com") == []
+    # Its key is free: a fixed copy imports.
+    [retry] = run(repo, message("bad@example.com", date=at(1)), first_uid=4)
+    assert retry.outcome is Outcome.IMPORTED
+
+
+def test_sqlite_constraint_error_in_one_message_rolls_back_only_its_rows(
+    repo: Repository, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    if not isinstance(repo, SqliteRepository):
+        pytest.skip("SQLite specifics")
+    real = rewrite_inline_images
+
+    def explode(html: str, mapping: dict[str, str]) -> str:
+        if "boom" in html:
+            raise sqlite3.IntegrityError("CHECK constraint failed: forced by the test")
+        return real(html, mapping)
+
+    monkeypatch.setattr(sqlite_backend, "rewrite_inline_images", explode)
+    ok = message("ok@example.com", html='<img src="cid:a@x">', inline_images=[inline_image("a@x")])
+    boom = message(
+        "boom@example.com",
+        html='<p>boom</p><img src="cid:b@x">',
+        cc=["zed@example.com"],
+        inline_images=[inline_image("b@x")],
+        attachments=[attachment()],
+    )
+    results = run(repo, ok, boom)
+    assert [r.outcome for r in results] == [Outcome.IMPORTED, Outcome.FAILED]
+    assert "forced by the test" in (results[1].error_reason or "")
+    path = tmp_path / "data" / "mailbridge.db"
+    for table, expected in (
+        ("conversation", 1),
+        ("conversationmessage", 1),
+        ("embeddedfile", 1),
+        ("document", 0),
+        ("follower", 1),
+        ("messagefollower", 1),
+    ):
+        assert raw(path, f"SELECT COUNT(*) FROM {table}") == [(expected,)], table
+
+
+def test_sqlite_batch_level_error_raises_and_commits_nothing(
+    repo: Repository, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    if not isinstance(repo, SqliteRepository):
+        pytest.skip("SQLite specifics")
+    real = rewrite_inline_images
+
+    def disk_full(html: str, mapping: dict[str, str]) -> str:
+        if "second" in html:
+            raise sqlite3.OperationalError("database or disk is full")
+        return real(html, mapping)
+
+    monkeypatch.setattr(sqlite_backend, "rewrite_inline_images", disk_full)
+    first = message("one@example.com", html="<p>first</p>", inline_images=[inline_image("a@x")])
+    second = message("two@example.com", html="<p>second</p>", inline_images=[inline_image("b@x")])
+    repo.record_failures(
+        ACCOUNT,
+        [FailureInfo(uid=9, message_key="one@example.com", code="import_failed", reason="earlier")],
+    )
+    with pytest.raises(StoreError) as info:
+        run(repo, first, second)
+    assert info.value.code == "disk_full"
+    assert isinstance(info.value.__cause__, sqlite3.OperationalError)
+    assert repo.conversations() == []
+    assert raw(tmp_path / "data" / "mailbridge.db", "SELECT COUNT(*) FROM embeddedfile") == [(0,)]
+    assert len(repo.failures(ACCOUNT)) == 1  # not resolved either
+    # The connection is usable afterwards.
+    monkeypatch.setattr(sqlite_backend, "rewrite_inline_images", real)
+    assert [r.outcome for r in run(repo, first, second)] == [Outcome.IMPORTED] * 2
+
+
+# -- import failures and account state --------------------------------------------------------
+
+
+def test_failures_upsert_and_are_resolved_by_a_later_import(repo: Repository) -> None:
+    info = FailureInfo(
+        uid=5,
+        message_key="late@example.com",
+        code="import_failed",
+        reason="first reason",
+        message_id="late@example.com",
+        subject="Broken",
+        from_address="Ann@Example.com",
+        date=at(0),
+        size=1234,
+    )
+    repo.record_failures(ACCOUNT, [info])
+    repo.record_failures(ACCOUNT, [dataclasses.replace(info, uid=6, reason="again")])
+    repo.set_failure_folder_uids(ACCOUNT, {"late@example.com": 77})
+    [record] = repo.failures(ACCOUNT)
+    assert record.attempts == 2
+    assert record.reason == "again"
+    assert record.uid == 6
+    assert record.folder_uid == 77
+    assert record.from_address == "ann@example.com"
+    assert record.date == at(0)
+    assert record.resolved is None
+    assert record.first_failed <= record.last_failed
+    assert repo.failures("someone-else") == []
+
+    [result] = run(repo, message("late@example.com"))
+    assert result.outcome is Outcome.IMPORTED
+    assert repo.failures(ACCOUNT) == []
+    [resolved] = repo.failures(ACCOUNT, include_resolved=True)
+    assert resolved.resolved is not None
+
+    # Failing again re-opens it.
+    repo.record_failures(ACCOUNT, [info])
+    [reopened] = repo.failures()
+    assert reopened.attempts == 3
+    assert reopened.resolved is None
+    assert reopened.folder_uid is None
+
+
+def test_failures_are_listed_newest_first(repo: Repository) -> None:
+    for n in range(3):
+        repo.record_failures(
+            ACCOUNT, [FailureInfo(uid=n, message_key=f"k{n}", code="unparseable", reason="x")]
+        )
+    assert [f.message_key for f in repo.failures()] == ["k2", "k1", "k0"]
+
+
+def test_account_state_adds_imported_and_counts_failures(repo: Repository) -> None:
+    repo.set_account_state(
+        AccountState(account=ACCOUNT, state="importing", imported=5, last_import=at(1))
+    )
+    repo.set_account_state(
+        AccountState(account=ACCOUNT, state="idle", imported=3, detail="waiting", since=at(2))
+    )
+    repo.record_failures(
+        ACCOUNT, [FailureInfo(uid=1, message_key="a", code="too_large", reason="big")]
+    )
+    repo.record_failures(
+        "orphan",
+        [
+            FailureInfo(uid=1, message_key="b", code="unparseable", reason="bad"),
+            FailureInfo(uid=2, message_key="c", code="unparseable", reason="bad"),
+        ],
+    )
+    states = {s.account: s for s in repo.account_states()}
+    assert set(states) == {ACCOUNT, "orphan"}
+    mine = states[ACCOUNT]
+    assert mine.imported == 8
+    assert mine.state == "idle"
+    assert mine.detail == "waiting"
+    assert mine.since == at(2)
+    assert mine.last_import == at(1)  # an update without an import keeps the last one
+    assert mine.failed == 1
+    assert mine.updated is not None
+    assert states["orphan"].failed == 2
+    assert states["orphan"].imported == 0
+
+
+def test_conversations_search_and_limit(repo: Repository) -> None:
+    run(repo, message("s1@example.com", subject="Broken printer", date=at(0)))
+    run(
+        repo,
+        message(
+            "s2@example.com",
+            subject="Other",
+            text="the 100% question",
+            date=at(1),
+            cc=["Zoe Zed <zoe@example.com>"],
+        ),
+        first_uid=2,
+    )
+    run(repo, message("s3@example.com", subject="Third", date=at(2)), first_uid=3)
+    assert [c.subject for c in repo.conversations()] == ["Third", "Other", "Broken printer"]
+    assert [c.subject for c in repo.conversations(limit=1)] == ["Third"]
+    assert [c.subject for c in repo.conversations(search="PRINTER")] == ["Broken printer"]
+    assert [c.subject for c in repo.conversations(search="100%")] == ["Other"]
+    assert [c.subject for c in repo.conversations(search="zoe@")] == ["Other"]
+    assert repo.conversations(search="_") == []  # wildcards are literal
+    assert repo.conversations(account="nobody") == []
+    assert repo.conversation(10_000) is None
+
+
+# -- SQLite specifics -------------------------------------------------------------------------
+
+
+def test_sqlite_files_are_owner_only(sqlite_path: Path) -> None:
+    repo = SqliteRepository(sqlite_path)
+    try:
+        repo.migrate()
+        repo.import_batch(ACCOUNT, OWN, [ImportItem(1, message())])
+        assert stat.S_IMODE(sqlite_path.parent.stat().st_mode) == 0o700
+        for suffix in ("", "-wal", "-shm"):
+            path = sqlite_path.with_name(sqlite_path.name + suffix)
+            assert stat.S_IMODE(path.stat().st_mode) == 0o600, path
+    finally:
+        repo.close()
+
+
+def test_sqlite_locked_database_raises_and_writes_nothing(sqlite_path: Path) -> None:
+    SqliteRepository(sqlite_path).close()
+    repo = SqliteRepository(sqlite_path, busy_timeout=0.05)
+    repo.migrate()
+    other = sqlite3.connect(sqlite_path, isolation_level=None, timeout=0.05)
+    try:
+        other.execute("BEGIN IMMEDIATE")  # an integrator holding a write transaction
+        with pytest.raises(StoreError) as info:
+            repo.import_batch(
+                ACCOUNT, OWN, [ImportItem(1, message()), ImportItem(2, message("x@y"))]
+            )
+        assert info.value.code == "database_locked"
+        assert info.value.transient
+        assert isinstance(info.value.__cause__, sqlite3.OperationalError)
+        with pytest.raises(StoreError) as info2:
+            repo.record_failures(
+                ACCOUNT, [FailureInfo(uid=1, message_key="k", code="unparseable", reason="r")]
+            )
+        assert info2.value.code == "database_locked"
+        other.execute("ROLLBACK")
+        assert repo.conversations() == []
+        assert repo.failures() == []
+        # Once the integrator is done, the same batch goes through.
+        results = repo.import_batch(ACCOUNT, OWN, [ImportItem(1, message())])
+        assert results[0].outcome is Outcome.IMPORTED
+    finally:
+        other.close()
+        repo.close()
+
+
+def test_sqlite_error_codes_are_mapped() -> None:
+    def code(exc: BaseException) -> str:
+        return sqlite_backend.error_code(exc)
+
+    assert code(sqlite3.OperationalError("database is locked")) == "database_locked"
+    assert code(sqlite3.OperationalError("database table is locked")) == "database_locked"
+    assert code(sqlite3.OperationalError("database or disk is full")) == "disk_full"
+    assert code(OSError(28, "No space left on device")) == "disk_full"
+    assert code(sqlite3.DatabaseError("file is not a database")) == "database_error"
+
+
+def test_sqlite_unopenable_path_is_a_store_error(tmp_path: Path) -> None:
+    blocker = tmp_path / "file"
+    blocker.write_text("not a directory")
+    with pytest.raises(StoreError) as info:
+        SqliteRepository(blocker / "mailbridge.db")
+    assert info.value.code == "database_error"
+
+
+# -- the async wrapper ------------------------------------------------------------------------
+
+
+async def test_async_repository_round_trip(make_repo: MakeRepo, tmp_path: Path) -> None:
+    threads: list[int] = []
+
+    def factory() -> Repository:
+        threads.append(threading.get_ident())
+        return make_repo(tmp_path)
+
+    repo = AsyncRepository(factory)
+    try:
+        await repo.migrate()
+        parent = message("a1@example.com")
+        results = await repo.import_batch(
+            ACCOUNT, OWN, [ImportItem(1, parent), ImportItem(2, reply(parent, "a2@x", minutes=1))]
+        )
+        assert [r.outcome for r in results] == [Outcome.IMPORTED, Outcome.IMPORTED]
+        found = await repo.conversation(results[0].conversation_id or 0)
+        assert found is not None
+        assert found.summary.messages == 2
+        assert len(await repo.conversations(ACCOUNT)) == 1
+        await repo.record_failures(
+            ACCOUNT, [FailureInfo(uid=3, message_key="k", code="too_large", reason="big")]
+        )
+        await repo.set_failure_folder_uids(ACCOUNT, {"k": 12})
+        assert [f.folder_uid for f in await repo.failures(ACCOUNT)] == [12]
+        await repo.set_account_state(AccountState(account=ACCOUNT, state="idle", imported=2))
+        [state] = await repo.account_states()
+        assert (state.imported, state.failed) == (2, 1)
+        # Calls run concurrently from the loop's point of view, one at a time on the thread.
+        counts = await asyncio.gather(*(repo.conversations() for _ in range(5)))
+        assert [len(c) for c in counts] == [1] * 5
+    finally:
+        await repo.aclose()
+        await repo.aclose()  # idempotent
+    assert threads
+    assert threads[0] != threading.get_ident()
+    with pytest.raises(StoreError):
+        await repo.conversations()
+
+
+async def test_async_repository_reports_a_factory_failure(tmp_path: Path) -> None:
+    blocker = tmp_path / "file"
+    blocker.write_text("x")
+    repo = AsyncRepository.sqlite(blocker / "db.sqlite")
+    try:
+        with pytest.raises(StoreError):
+            await repo.migrate()
+    finally:
+        await repo.aclose()
+
+
+# -- properties -------------------------------------------------------------------------------
+
+PEOPLE = ("p0@example.com", "p1@example.com", "p2@example.com", "p3@example.com")
+
+
+@st.composite
+def threads(draw: st.DrawFn) -> tuple[list[ParsedMessage], list[int], list[int]]:
+    """A reply tree of 2-7 messages (full References chains), an arrival order, batch cuts."""
+    size = draw(st.integers(min_value=2, max_value=7))
+    messages: list[ParsedMessage] = []
+    for i in range(size):
+        cc = draw(st.lists(st.sampled_from(PEOPLE), unique=True, max_size=3))
+        sender = draw(st.sampled_from((*PEOPLE, "support@acme.test")))
+        if i == 0:
+            messages.append(message(f"t{i}@example.com", sender=sender, cc=cc, date=at(0)))
+        else:
+            parent = messages[draw(st.integers(min_value=0, max_value=i - 1))]
+            messages.append(reply(parent, f"t{i}@example.com", minutes=i, sender=sender, cc=cc))
+    order = draw(st.permutations(range(size)))
+    cuts = sorted(draw(st.sets(st.integers(min_value=1, max_value=size - 1), max_size=size)))
+    return messages, list(order), cuts
+
+
+@settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(threads())
+def test_any_arrival_order_of_a_thread_ends_in_one_conversation(
+    make_repo: MakeRepo, case: tuple[list[ParsedMessage], list[int], list[int]]
+) -> None:
+    messages, order, cuts = case
+    with tempfile.TemporaryDirectory() as directory:
+        repo = make_repo(Path(directory))
+        try:
+            arrivals = [messages[i] for i in order]
+            bounds = [0, *cuts, len(arrivals)]
+            uid = 1
+            for start, end in itertools.pairwise(bounds):
+                batch = [ImportItem(uid + k, m) for k, m in enumerate(arrivals[start:end])]
+                uid += len(batch)
+                results = repo.import_batch(ACCOUNT, OWN, batch)
+                assert all(r.outcome is Outcome.IMPORTED for r in results)
+            [summary] = repo.conversations()
+            assert summary.messages == len(messages)
+            found = detail(repo, summary.id)
+            # The newest message decides who is active, whatever order they came in.
+            newest = messages[-1]
+            expected = {a.email for a, _level in newest.participants()} - {"support@acme.test"}
+            assert active_followers(found) == expected
+            assert found.summary.first_message == at(0)
+            assert found.summary.last_message == newest.date
+        finally:
+            repo.close()
