@@ -9,7 +9,8 @@ never edited, because installs already ran it; a change is a new migration.
 Table and column names follow the reference product's defaults (lower case, no underscores), so
 integrators can point existing tooling at the file. Integrators read and write these tables
 directly; README.md ("The database schema") documents every table and column for them.
-Timestamps are ISO-8601 UTC text of one shape (``YYYY-MM-DDTHH:MM:SSZ``) so that text order is time order.
+Timestamps are ISO-8601 UTC text of one shape (``YYYY-MM-DDTHH:MM:SSZ``) so that text order
+is time order.
 """
 
 from __future__ import annotations
