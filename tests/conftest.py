@@ -1,0 +1,78 @@
+"""Shared fixtures: one real Dovecot per test session, a fresh IMAP user per test.
+
+Starting and stopping Dovecot costs seconds, so ``dovecot`` (plain + STARTTLS-less) and
+``tls_dovecot`` (STARTTLS and implicit TLS with a throwaway CA) are session-scoped; tests are
+isolated by ``imap_user``, which creates a new user (with its own empty mailbox) every time.
+A missing Dovecot is a failure with instructions, never a silent skip.
+"""
+
+from __future__ import annotations
+
+import itertools
+import secrets
+from collections.abc import Iterator
+from dataclasses import dataclass
+
+import pytest
+
+from mailbridge.testing.dovecot import Dovecot, DovecotNotInstalledError, find_binaries
+
+_user_numbers = itertools.count(1)
+
+
+@dataclass(frozen=True, slots=True)
+class ImapUser:
+    """A Dovecot test user: log in with ``login``/``password``; mail goes to ``address``."""
+
+    login: str
+    password: str
+    address: str
+
+
+def _require_dovecot() -> None:
+    try:
+        find_binaries()
+    except DovecotNotInstalledError as exc:
+        pytest.fail(f"{exc} (tests marked 'dovecot' need it)", pytrace=False)
+
+
+def _start(factory: pytest.TempPathFactory, name: str, *, tls: bool) -> Iterator[Dovecot]:
+    _require_dovecot()
+    server = Dovecot(factory.mktemp(name), tls=tls)
+    server.start()
+    try:
+        yield server
+    finally:
+        # Don't wait the ~2.5 s Dovecot takes to exit: the processes finish on their own.
+        server.stop(wait=False)
+
+
+@pytest.fixture(scope="session")
+def dovecot(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Dovecot]:
+    """A plain-IMAP Dovecot shared by the whole session (``ssl = no``)."""
+    yield from _start(tmp_path_factory, "dovecot", tls=False)
+
+
+@pytest.fixture(scope="session")
+def tls_dovecot(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Dovecot]:
+    """A Dovecot with STARTTLS on ``port`` and implicit TLS on ``tls_port``; CA in ``ca_file``."""
+    yield from _start(tmp_path_factory, "dovecot-tls", tls=True)
+
+
+def _new_user(server: Dovecot) -> ImapUser:
+    login = f"user{next(_user_numbers)}-{secrets.token_hex(3)}"
+    password = secrets.token_urlsafe(12)
+    server.add_user(login, password)
+    return ImapUser(login=login, password=password, address=f"{login}@example.test")
+
+
+@pytest.fixture
+def imap_user(dovecot: Dovecot) -> ImapUser:
+    """A fresh user on ``dovecot`` with an empty INBOX."""
+    return _new_user(dovecot)
+
+
+@pytest.fixture
+def tls_imap_user(tls_dovecot: Dovecot) -> ImapUser:
+    """A fresh user on ``tls_dovecot``."""
+    return _new_user(tls_dovecot)
