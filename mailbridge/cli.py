@@ -1,0 +1,345 @@
+"""The ``mailbridge`` command line: run, check-config, status, conversations, failed.
+
+Exit codes follow sysexits.h so systemd units and scripts can act on them: 0 fine, 64 usage,
+69 a mail server unavailable (``run --once``), 70 internal error, 75 temporary failure (database),
+78 configuration error.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import sys
+from collections.abc import Sequence
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+import structlog
+from rich.console import Console
+from rich.table import Table
+
+from mailbridge import __version__
+from mailbridge.config import CONFIG_ENV, DEFAULT_CONFIG_PATH, Settings, load_config, world_readable
+from mailbridge.errors import ConfigError, StoreError, describe
+from mailbridge.log import configure_logging
+from mailbridge.store.base import AccountState
+from mailbridge.store.sqlite import SqliteRepository
+
+EX_USAGE = 64
+EX_TEMPFAIL = 75
+EX_CONFIG = 78
+
+log = structlog.get_logger("mailbridge.cli")
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="mailbridge",
+        description="Turn shared IMAP mailboxes into a conversation database.",
+    )
+    parser.add_argument(
+        "-c",
+        "--config",
+        type=Path,
+        default=None,
+        help=f"config file (default: ${CONFIG_ENV}, else {DEFAULT_CONFIG_PATH})",
+    )
+    parser.add_argument("--log-level", choices=["debug", "info", "warning", "error"])
+    parser.add_argument("--log-format", choices=["auto", "json", "console"])
+    parser.add_argument("--version", action="version", version=f"mailbridge {__version__}")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    run = sub.add_parser("run", help="run the daemon in the foreground (systemd: Type=notify)")
+    run.add_argument("--once", action="store_true", help="one pass over every account, then exit")
+    run.add_argument("--account", action="append", help="only this account (repeatable)")
+
+    sub.add_parser("check-config", help="validate the config and the secrets it names")
+
+    status = sub.add_parser("status", help="one row per account: state, last import, counts")
+    status.add_argument("--json", action="store_true", help="machine-readable output")
+
+    convs = sub.add_parser("conversations", help="list stored conversations")
+    convs.add_argument("--account")
+    convs.add_argument("--search", help="text to find in subjects, bodies and addresses")
+    convs.add_argument("--limit", type=int, default=50)
+
+    conv = sub.add_parser("conversation", help="one conversation")
+    conv_sub = conv.add_subparsers(dest="conversation_command", required=True, metavar="ACTION")
+    show = conv_sub.add_parser("show", help="show a conversation with its messages")
+    show.add_argument("id", type=int)
+
+    failed = sub.add_parser("failed", help="messages that could not be imported, and why")
+    failed.add_argument("account", nargs="?")
+    failed.add_argument("--all", action="store_true", help="include resolved failures")
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    try:
+        settings = load_config(args.config)
+    except ConfigError as exc:
+        configure_logging(args.log_level or "info", args.log_format or "auto", stream=sys.stderr)
+        print(f"mailbridge: config error: {exc}", file=sys.stderr)
+        print(f"  fix: {exc.remedy}", file=sys.stderr)
+        return EX_CONFIG
+    configure_logging(
+        args.log_level or settings.log.level,
+        args.log_format or settings.log.format,
+        stream=sys.stderr,
+    )
+    try:
+        return _dispatch(args, settings)
+    except ConfigError as exc:
+        print(f"mailbridge: config error: {exc}\n  fix: {exc.remedy}", file=sys.stderr)
+        return EX_CONFIG
+    except StoreError as exc:
+        print(f"mailbridge: {exc.info.title}: {exc}\n  fix: {exc.remedy}", file=sys.stderr)
+        return EX_TEMPFAIL
+    except KeyboardInterrupt:
+        return 130
+
+
+def _dispatch(args: argparse.Namespace, settings: Settings) -> int:
+    command: str = args.command
+    if command == "run":
+        return _run(settings, once=args.once, accounts=args.account)
+    if command == "check-config":
+        return _check_config(settings)
+    if command == "status":
+        return _status(settings, as_json=args.json)
+    if command == "conversations":
+        return _conversations(settings, args.account, args.search, args.limit)
+    if command == "conversation":
+        return _conversation_show(settings, args.id)
+    if command == "failed":
+        return _failed(settings, args.account, include_resolved=args.all)
+    return EX_USAGE  # pragma: no cover - argparse rejects unknown commands first
+
+
+def _run(settings: Settings, *, once: bool, accounts: list[str] | None) -> int:
+    from mailbridge.daemon.supervisor import Supervisor, once_exit_code, run_once
+
+    for name in accounts or []:
+        settings.account(name)  # raises ConfigError naming the configured accounts
+    if once:
+        results = asyncio.run(run_once(settings, accounts))
+        console = Console(stderr=False)
+        for result in results:
+            if result.error is not None:
+                console.print(
+                    f"[red]{result.account}: {result.error.code}[/red] {result.error} "
+                    f"— {result.error.remedy}",
+                    highlight=False,
+                )
+            elif result.summary is not None:
+                s = result.summary
+                console.print(
+                    f"{result.account}: imported {s.imported}, duplicates {s.duplicates}, "
+                    f"failed {s.failed}",
+                    highlight=False,
+                )
+        return once_exit_code(results)
+    if accounts:
+        settings = settings.model_copy(
+            update={"accounts": tuple(a for a in settings.accounts if a.name in accounts)}
+        )
+    return asyncio.run(Supervisor(settings).run())
+
+
+def _check_config(settings: Settings) -> int:
+    problems: list[str] = []
+    for account in settings.accounts:
+        where = f"accounts[{account.name}].auth"
+        try:
+            account.auth.secret()
+        except ConfigError as exc:
+            problems.append(f"{where}: {exc}")
+        path = account.auth.password_file
+        if path is not None and world_readable(path):
+            print(
+                f"warning: {path} is readable by every user; run: chmod 600 {path}",
+                file=sys.stderr,
+            )
+        for kind, server in (("imap", account.imap), ("smtp", account.smtp)):
+            if server is not None and not server.verify_certificate:
+                print(
+                    f"warning: accounts[{account.name}].{kind}.verify_certificate is false: "
+                    "the connection can be intercepted; prefer ca_file",
+                    file=sys.stderr,
+                )
+    if problems:
+        for problem in problems:
+            print(f"mailbridge: config error: {problem}", file=sys.stderr)
+        print(f"  fix: {describe('secret_missing').remedy}", file=sys.stderr)
+        return EX_CONFIG
+    names = ", ".join(a.name for a in settings.accounts)
+    print(f"config OK: {settings.source}")
+    print(f"  database: {settings.database}")
+    print(f"  accounts: {len(settings.accounts)} ({names})")
+    return 0
+
+
+def _open_store(settings: Settings) -> SqliteRepository | None:
+    if not settings.database.exists():
+        return None
+    repo = SqliteRepository(settings.database)
+    repo.migrate()
+    return repo
+
+
+def _iso(value: datetime | None) -> str:
+    return value.astimezone(UTC).isoformat(timespec="seconds") if value else ""
+
+
+def _ago(value: datetime | None) -> str:
+    if value is None:
+        return "never"
+    seconds = int((datetime.now(UTC) - value).total_seconds())
+    for unit, size in (("d", 86400), ("h", 3600), ("m", 60)):
+        if seconds >= size:
+            return f"{seconds // size}{unit} ago"
+    return f"{max(seconds, 0)}s ago"
+
+
+def _status(settings: Settings, *, as_json: bool) -> int:
+    repo = _open_store(settings)
+    stored: dict[str, AccountState] = {}
+    if repo is not None:
+        try:
+            stored = {s.account: s for s in repo.account_states()}
+        finally:
+            repo.close()
+    rows: list[dict[str, Any]] = []
+    for account in settings.accounts:
+        state = stored.get(account.name)
+        info = describe(state.code) if state and state.code else None
+        rows.append(
+            {
+                "account": account.name,
+                "address": account.address,
+                "enabled": account.enabled,
+                "state": (state.state if state else "never run") if account.enabled else "disabled",
+                "code": state.code if state else None,
+                "remedy": info.remedy if info else None,
+                "detail": state.detail if state else "",
+                "since": _iso(state.since) if state else None,
+                "last_import": _iso(state.last_import) if state else None,
+                "imported": state.imported if state else 0,
+                "failed": state.failed if state else 0,
+                "updated": _iso(state.updated) if state else None,
+            }
+        )
+    if as_json:
+        print(json.dumps({"database": str(settings.database), "accounts": rows}, indent=2))
+        return 0
+    table = Table(title=f"mailbridge status — {settings.database}")
+    for column in ("account", "state", "last import", "imported", "failed", "problem"):
+        table.add_column(column, justify="right" if column in {"imported", "failed"} else "left")
+    for row, account in zip(rows, settings.accounts, strict=True):
+        state = stored.get(account.name)
+        problem = f"{row['code']}: {row['remedy']}" if row["code"] else ""
+        table.add_row(
+            row["account"],
+            row["state"],
+            _ago(state.last_import) if state else "never",
+            str(row["imported"]),
+            str(row["failed"]),
+            problem,
+        )
+    Console().print(table)
+    return 0
+
+
+def _conversations(settings: Settings, account: str | None, search: str | None, limit: int) -> int:
+    repo = _open_store(settings)
+    if repo is None:
+        print(f"no database yet at {settings.database}: run the daemon first", file=sys.stderr)
+        return 0
+    try:
+        found = repo.conversations(account=account, search=search, limit=limit)
+    finally:
+        repo.close()
+    table = Table(title=f"{len(found)} conversation(s)")
+    for column in ("id", "account", "subject", "messages", "followers", "last message", "key"):
+        table.add_column(column)
+    for conv in found:
+        table.add_row(
+            str(conv.id),
+            conv.account,
+            conv.subject,
+            str(conv.messages),
+            str(conv.followers),
+            _iso(conv.last_message),
+            conv.uniqueid,
+        )
+    Console().print(table)
+    return 0
+
+
+def _conversation_show(settings: Settings, conversation_id: int) -> int:
+    repo = _open_store(settings)
+    detail = None
+    if repo is not None:
+        try:
+            detail = repo.conversation(conversation_id)
+        finally:
+            repo.close()
+    if detail is None:
+        print(f"mailbridge: no conversation {conversation_id}", file=sys.stderr)
+        return 1
+    console = Console(highlight=False)
+    s = detail.summary
+    console.print(f"[bold]Conversation {s.id}[/bold]  {s.subject}")
+    console.print(f"account {s.account}, key {s.uniqueid}, {s.messages} message(s)")
+    followers = ", ".join(
+        f"{name} <{email}>" if name else email + ("" if active else " (inactive)")
+        for email, name, active in detail.followers
+    )
+    console.print(f"followers: {followers}")
+    for message in detail.messages:
+        console.rule(f"#{message.id}  {_iso(message.date)}")
+        sender = (
+            f"{message.from_name} <{message.from_address}>"
+            if message.from_name
+            else message.from_address
+        )
+        console.print(
+            f"From: {sender}\nSubject: {message.subject}\nMessage-ID: {message.message_id}"
+        )
+        for filename, ctype, size in message.documents:
+            console.print(f"  attachment: {filename} ({ctype}, {size} bytes)")
+        for cid, ctype, size in message.embedded_files:
+            console.print(f"  inline image: cid:{cid} ({ctype}, {size} bytes)")
+        console.print(message.plain_text.strip()[:2000])
+    return 0
+
+
+def _failed(settings: Settings, account: str | None, *, include_resolved: bool) -> int:
+    if account is not None:
+        settings.account(account)
+    repo = _open_store(settings)
+    records = []
+    if repo is not None:
+        try:
+            records = repo.failures(account, include_resolved=include_resolved)
+        finally:
+            repo.close()
+    table = Table(title=f"{len(records)} failed message(s)")
+    for column in ("account", "uid", "date", "from", "subject", "size", "reason", "attempts"):
+        table.add_column(column)
+    for rec in records:
+        table.add_row(
+            rec.account,
+            str(rec.folder_uid or rec.uid),
+            _iso(rec.date),
+            rec.from_address,
+            rec.subject,
+            str(rec.size),
+            f"{rec.code}: {rec.reason}",
+            str(rec.attempts),
+        )
+    Console().print(table)
+    return 0

@@ -1,0 +1,381 @@
+"""One account's loop: connect, import every unseen Inbox message, wait (IDLE or poll), repeat.
+
+The order of operations is what keeps mail from being lost or duplicated:
+
+1. ``UID SEARCH UNSEEN`` in the Inbox, then per batch one ``UID FETCH ... BODY.PEEK[]`` (PEEK so a
+   crash leaves the message unseen and it is fetched again).
+2. Parse every message (off the event loop). A message that cannot be parsed becomes a failure.
+3. One repository call writes the whole batch in one committed transaction (each message
+   all-or-nothing). Messages already stored (same Message-ID or content hash) are duplicates.
+4. Failures are recorded (committed) with their reason.
+5. Only then are messages marked ``\\Seen`` and moved: imported and duplicates to Processed,
+   failures to Failed.
+
+A crash between 3 and 5 leaves the message in the Inbox, still unseen: the next pass fetches it
+again, the repository recognises it as a duplicate, and it is moved without a second import.
+
+Connection trouble is retried with exponential backoff and jitter (tenacity); the wait depends on
+the error's catalogue entry: transient faults retry within seconds to a minute, problems an
+operator must fix (a wrong password) back off to many minutes so the server is not hammered.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import email.parser
+import email.policy
+import hashlib
+import time
+from collections.abc import Awaitable, Callable, Sequence
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+
+import structlog
+from tenacity import RetryCallState, wait_random_exponential
+
+from mailbridge.config import AccountSettings, Settings
+from mailbridge.core.parse import parse_message
+from mailbridge.errors import MailbridgeError, MessageError, StoreError
+from mailbridge.mail.imap import FetchedMessage, ImapSession
+from mailbridge.store.base import AccountState, FailureInfo, ImportItem, ImportResult, Outcome
+from mailbridge.store.sqlite import AsyncRepository
+
+log = structlog.get_logger("mailbridge.account")
+
+# Transient faults: 1 s growing to 60 s, with full jitter so a fleet of accounts that lost the
+# same server does not reconnect in lock-step. Faults an operator must fix: 5 to 30 minutes.
+_TRANSIENT_WAIT = wait_random_exponential(multiplier=1, max=60)
+_PERMANENT_WAIT = wait_random_exponential(multiplier=300, min=300, max=1800)
+
+
+def backoff_seconds(error: MailbridgeError, failures: int) -> float:
+    """How long to wait before reconnecting after ``failures`` consecutive failures."""
+    wait = _TRANSIENT_WAIT if error.transient else _PERMANENT_WAIT
+    state = RetryCallState(retry_object=None, fn=None, args=(), kwargs={})  # type: ignore[arg-type]
+    state.attempt_number = max(1, failures)
+    return float(wait(state))
+
+
+@dataclass
+class PassSummary:
+    """What one import pass did."""
+
+    imported: int = 0
+    duplicates: int = 0
+    failed: int = 0
+    failures: list[FailureInfo] = field(default_factory=list)
+
+    def add(self, other: PassSummary) -> None:
+        self.imported += other.imported
+        self.duplicates += other.duplicates
+        self.failed += other.failed
+        self.failures.extend(other.failures)
+
+
+def _parse_batch(
+    fetched: Sequence[FetchedMessage], max_attachment_bytes: int
+) -> tuple[list[ImportItem], list[FailureInfo]]:
+    """Parse a fetched batch; runs on a worker thread, never on the event loop."""
+    items: list[ImportItem] = []
+    failures: list[FailureInfo] = []
+    for message in fetched:
+        try:
+            parsed = parse_message(message.raw, max_attachment_bytes=max_attachment_bytes)
+        except MessageError as exc:
+            failures.append(_failure_from_raw(message, exc.code, str(exc)))
+        except Exception as exc:  # the parser promises MessageError; a bug must not stop the batch
+            failures.append(_failure_from_raw(message, "unparseable", f"parser bug: {exc!r}"))
+        else:
+            items.append(ImportItem(uid=message.uid, message=parsed))
+    return items, failures
+
+
+def _failure_from_raw(message: FetchedMessage, code: str, reason: str) -> FailureInfo:
+    """Describe a message we could not parse, from what little its headers still tell."""
+    subject = sender = ""
+    message_id: str | None = None
+    try:
+        headers = email.parser.BytesHeaderParser(policy=email.policy.compat32).parsebytes(
+            message.raw
+        )
+        subject = str(headers.get("Subject", ""))[:500]
+        sender = str(headers.get("From", ""))[:500]
+        raw_id = str(headers.get("Message-ID", "")).strip().strip("<>").strip()
+        message_id = raw_id or None
+    except Exception:  # noqa: S110 - best effort: the failure row still gets the key and reason
+        pass
+    key = message_id or "sha256:" + hashlib.sha256(message.raw).hexdigest()
+    return FailureInfo(
+        uid=message.uid,
+        message_key=key,
+        code=code,
+        reason=reason,
+        message_id=message_id,
+        subject=subject,
+        from_address=sender,
+        date=message.internaldate,
+        size=len(message.raw),
+    )
+
+
+def _failure_from_result(item: ImportItem, result: ImportResult) -> FailureInfo:
+    msg = item.message
+    return FailureInfo(
+        uid=item.uid,
+        message_key=msg.message_key,
+        code=result.error_code or "import_failed",
+        reason=result.error_reason or "the database refused the message",
+        message_id=msg.message_id,
+        subject=msg.subject,
+        from_address=msg.from_address.email if msg.from_address else "",
+        date=msg.date,
+        size=msg.size,
+    )
+
+
+class AccountWorker:
+    """Runs one account: ``run()`` forever (the daemon) or ``run_once()`` (one pass)."""
+
+    def __init__(
+        self,
+        settings: Settings,
+        account: AccountSettings,
+        repo: AsyncRepository,
+        *,
+        stopping: asyncio.Event | None = None,
+        on_state: Callable[[AccountState], None] | None = None,
+    ) -> None:
+        self.settings = settings
+        self.account = account
+        self.repo = repo
+        self.stopping = stopping or asyncio.Event()
+        self.on_state = on_state
+        self.state = AccountState(account=account.name, state="starting")
+        self.log = log.bind(account=account.name)
+        self._failures = 0  # consecutive connection failures, reset by a good login
+        self.busy = False  # True while a batch is between fetch and move: the drain waits for it
+
+    # -- state -------------------------------------------------------------------------------
+
+    async def _set_state(
+        self,
+        state: str,
+        *,
+        code: str | None = None,
+        detail: str = "",
+        imported: int = 0,
+        last_import: datetime | None = None,
+    ) -> None:
+        now = datetime.now(UTC)
+        since = self.state.since if state == self.state.state and self.state.since else now
+        self.state = AccountState(
+            account=self.account.name,
+            state=state,
+            code=code,
+            detail=detail,
+            since=since,
+            last_import=last_import or self.state.last_import,
+            imported=imported,
+            updated=now,
+        )
+        if self.on_state is not None:
+            self.on_state(self.state)
+        try:
+            await self.repo.set_account_state(self.state)
+        except StoreError as exc:  # status is advisory; never let it stop the import loop
+            self.log.warning("account_state_not_saved", code=exc.code, error=str(exc))
+
+    # -- the daemon loop -----------------------------------------------------------------------
+
+    async def run(self) -> None:
+        """Import forever: reconnect with backoff on any error, until ``stopping`` is set."""
+        while not self.stopping.is_set():
+            try:
+                await self._connected_loop()
+            except asyncio.CancelledError:
+                raise
+            except MailbridgeError as exc:
+                await self._backoff(exc)
+            except Exception as exc:  # a bug in one account must not stop the others
+                self.log.exception("account_loop_crashed")
+                await self._backoff(MailbridgeError(f"unexpected error: {exc!r}"))
+        await self._set_state("stopped")
+
+    async def _backoff(self, exc: MailbridgeError) -> None:
+        self._failures += 1
+        delay = backoff_seconds(exc, self._failures)
+        level = "warning" if exc.transient else "error"
+        getattr(self.log, level)(
+            "account_backoff",
+            code=exc.code,
+            error=str(exc),
+            remedy=exc.remedy,
+            retry_in_seconds=round(delay, 1),
+            consecutive_failures=self._failures,
+        )
+        # A fault that needs the operator shows as its own code (auth_failed, tls_untrusted ...)
+        # so `status` says what to fix; a transient one is just "backoff".
+        state = "backoff" if exc.transient else exc.code
+        await self._set_state(state, code=exc.code, detail=f"{exc} | {exc.remedy}")
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(self.stopping.wait(), timeout=delay)
+
+    async def _connected_loop(self) -> None:
+        await self._set_state("connecting")
+        session = await ImapSession.open(self.account)
+        try:
+            self._failures = 0
+            await self._prepare(session)
+            idle = self.account.mode == "idle" and session.has_idle
+            if self.account.mode == "idle" and not session.has_idle:
+                self.log.warning(
+                    "imap_idle_unsupported_polling", interval=self.account.poll_interval_seconds
+                )
+            while not self.stopping.is_set():
+                await self._import_pending(session)
+                if self.stopping.is_set():
+                    break
+                if idle:
+                    await self._set_state("idle")
+                    await self._wait_or_stop(
+                        session.wait_for_mail(self.account.idle_timeout_seconds)
+                    )
+                else:
+                    await self._set_state("polling")
+                    await self._wait_or_stop(asyncio.sleep(self.account.poll_interval_seconds))
+        finally:
+            await session.close()
+
+    async def _wait_or_stop(self, waiter: Awaitable[object]) -> None:
+        """Wait for new mail (or the poll interval) unless the daemon is asked to stop first."""
+        task = asyncio.ensure_future(waiter)
+        stop = asyncio.ensure_future(self.stopping.wait())
+        try:
+            done, _ = await asyncio.wait({task, stop}, return_when=asyncio.FIRST_COMPLETED)
+            if task in done:
+                task.result()  # re-raise a connection error from IDLE
+        finally:
+            for pending in (task, stop):
+                if not pending.done():
+                    pending.cancel()
+                    with contextlib.suppress(asyncio.CancelledError, MailbridgeError):
+                        await pending
+
+    async def _prepare(self, session: ImapSession) -> None:
+        folders = self.account.folders
+        await session.ensure_folders([folders.processed, folders.failed])
+        await session.select(folders.inbox)
+
+    # -- one pass ----------------------------------------------------------------------------
+
+    async def run_once(self) -> PassSummary:
+        """Connect, import everything unseen, disconnect. Raises ServerError if it cannot."""
+        await self._set_state("connecting")
+        try:
+            session = await ImapSession.open(self.account)
+        except MailbridgeError as exc:
+            await self._set_state("error", code=exc.code, detail=f"{exc} | {exc.remedy}")
+            raise
+        try:
+            await self._prepare(session)
+            summary = await self._import_pending(session)
+        except MailbridgeError as exc:
+            await self._set_state("error", code=exc.code, detail=f"{exc} | {exc.remedy}")
+            raise
+        finally:
+            await session.close()
+        await self._set_state("stopped")
+        return summary
+
+    async def _import_pending(self, session: ImapSession) -> PassSummary:
+        """Import every unseen Inbox message, batch by batch."""
+        summary = PassSummary()
+        uids = await session.unseen_uids()
+        if not uids:
+            return summary
+        self.log.info("import_pending", unseen=len(uids))
+        batch_size = self.settings.limits.fetch_batch_size
+        for start in range(0, len(uids), batch_size):
+            if self.stopping.is_set():
+                break  # the drain: finish the batch in hand, start no new one
+            batch = await self._import_batch(session, uids[start : start + batch_size])
+            summary.add(batch)
+        return summary
+
+    async def _import_batch(self, session: ImapSession, uids: Sequence[int]) -> PassSummary:
+        self.busy = True
+        try:
+            return await self._import_batch_inner(session, uids)
+        finally:
+            self.busy = False
+
+    async def _import_batch_inner(self, session: ImapSession, uids: Sequence[int]) -> PassSummary:
+        started = time.monotonic()
+        await self._set_state("importing")
+        fetched = await session.fetch(uids)
+        items, failures = await asyncio.to_thread(
+            _parse_batch, fetched, self.settings.limits.max_message_bytes
+        )
+        own = self.account.own_addresses()
+        results = await self.repo.import_batch(self.account.name, own, items) if items else []
+
+        summary = PassSummary()
+        done_uids: list[int] = []
+        by_uid = {item.uid: item for item in items}
+        for result in results:
+            if result.outcome is Outcome.FAILED:
+                failures.append(_failure_from_result(by_uid[result.uid], result))
+                continue
+            done_uids.append(result.uid)
+            if result.outcome is Outcome.IMPORTED:
+                summary.imported += 1
+                self.log.info(
+                    "message_imported",
+                    uid=result.uid,
+                    message_id=by_uid[result.uid].message.message_id,
+                    conversation=result.conversation_id,
+                    new_conversation=result.new_conversation,
+                )
+            else:
+                summary.duplicates += 1
+                self.log.info("message_duplicate", uid=result.uid, message_key=result.message_key)
+        if failures:
+            # Committed before the move: a message never reaches Failed without its reason.
+            await self.repo.record_failures(self.account.name, failures)
+            for failure in failures:
+                self.log.warning(
+                    "message_failed",
+                    uid=failure.uid,
+                    message_id=failure.message_id,
+                    code=failure.code,
+                    reason=failure.reason,
+                )
+        summary.failed = len(failures)
+        summary.failures = failures
+
+        # Only now, with everything committed, does mail leave the Inbox.
+        folders = self.account.folders
+        if done_uids:
+            await session.move(done_uids, folders.processed)
+        if failures:
+            moved = await session.move([f.uid for f in failures], folders.failed)
+            keyed = {f.message_key: moved[f.uid] for f in failures if f.uid in moved}
+            if keyed:
+                await self.repo.set_failure_folder_uids(self.account.name, keyed)
+
+        now = datetime.now(UTC)
+        await self._set_state(
+            "importing",
+            imported=summary.imported,
+            last_import=now if summary.imported else None,
+        )
+        self.log.info(
+            "batch_done",
+            messages=len(uids),
+            imported=summary.imported,
+            duplicates=summary.duplicates,
+            failed=summary.failed,
+            seconds=round(time.monotonic() - started, 3),
+        )
+        return summary
