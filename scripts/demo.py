@@ -8,6 +8,7 @@ not import (too large) to the Failed folder with the reason recorded.
 from __future__ import annotations
 
 import argparse
+import os
 import subprocess
 import sys
 import tempfile
@@ -118,7 +119,9 @@ def mailbridge(config: Path, *args: str) -> None:
         *args,
     ]
     print(f"\n$ mailbridge -c {config.name} {' '.join(args)}", flush=True)
-    subprocess.run(command, check=False)
+    # A wide table even when the output is piped (rich falls back to 80 columns).
+    env = {**os.environ, "COLUMNS": os.environ.get("COLUMNS", "140")}
+    subprocess.run(command, check=False, env=env)
 
 
 def main() -> int:
@@ -159,7 +162,8 @@ def main() -> int:
 
         mailbridge(config, "run", "--once")
         mailbridge(config, "conversations")
-        mailbridge(config, "conversation", "show", "1")
+        for conversation in ("1", "3"):
+            mailbridge(config, "conversation", "show", conversation)
         mailbridge(config, "failed")
         mailbridge(config, "status")
 
