@@ -19,6 +19,7 @@ from typing import Annotated, Any, Literal
 
 import yaml
 from pydantic import (
+    AfterValidator,
     BaseModel,
     ConfigDict,
     Field,
@@ -31,6 +32,7 @@ from pydantic import (
 
 from mailbridge.errors import ConfigError
 from mailbridge.log import register_secret
+from mailbridge.store.schema import CONVERSATION_COLUMNS, FOLLOWER_COLUMNS, TABLES
 
 DEFAULT_CONFIG_PATH = Path("/etc/mailbridge/config.yaml")
 CONFIG_ENV = "MAILBRIDGE_CONFIG"
@@ -229,10 +231,156 @@ class LogSettings(_Model):
     format: Literal["auto", "json", "console"] = "auto"  # auto: console on a TTY, else JSON
 
 
+def _cron(value: str) -> str:
+    from croniter import croniter  # only needed when the key is given or the sweep is scheduled
+
+    if not croniter.is_valid(value):
+        raise ValueError(
+            f"{value!r} is not a cron expression (five fields: minute hour day month weekday, "
+            "e.g. '*/20 * * * *')"
+        )
+    return value
+
+
+class RecoverySettings(_Model):
+    """The recovery sweep: retry the Failed folder and import Inbox mail the live loop missed."""
+
+    enabled: bool = True
+    # Five-field cron, in the host's local time zone (like crontab).
+    schedule: Annotated[str, AfterValidator(_cron)] = "*/20 * * * *"
+    # Failed mail older than this is left alone: an operator handles it with 'failed retry'.
+    max_failed_age_days: Annotated[float, Field(gt=0, le=3650)] = 1.0
+    # Unseen Inbox mail younger than this belongs to the live loop; fractions are allowed.
+    grace_period_minutes: Annotated[float, Field(ge=0, le=1440)] = 2.0
+
+
+# SQLite's keywords (https://sqlite.org/lang_keywords.html). A table or column named after one
+# would need quoting in every integrator's query, so configured identifiers may not use them.
+_SQL_KEYWORDS_TEXT = """
+    abort action add after all alter always analyze and as asc attach autoincrement before
+    begin between by cascade case cast check collate column commit conflict constraint create
+    cross current current_date current_time current_timestamp database default deferrable
+    deferred delete desc detach distinct do drop each else end escape except exclude exclusive
+    exists explain fail filter first following for foreign from full generated glob group groups
+    having if ignore immediate in index indexed initially inner insert instead intersect into is
+    isnull join key last left like limit match materialized natural no not nothing notnull null
+    nulls of offset on or order others outer over partition plan pragma preceding primary query
+    raise range recursive references regexp reindex release rename replace restrict returning
+    right rollback row rows savepoint select set table temp temporary then ties to transaction
+    trigger unbounded union unique update using vacuum values view virtual when where window with
+    without"""
+SQL_KEYWORDS: frozenset[str] = frozenset(_SQL_KEYWORDS_TEXT.split())
+
+
+def _not_keyword(value: str) -> str:
+    if value in SQL_KEYWORDS:
+        raise ValueError(f"{value!r} is an SQL keyword; choose another name")
+    return value
+
+
+# Table and column names from the config end up in SQL (quoted, but still): only plain
+# lower-case identifiers are accepted, so no quoting trick or keyword can reach a statement.
+Identifier = Annotated[
+    str,
+    StringConstraints(strip_whitespace=True, pattern=r"^[a-z_][a-z0-9_]*$", max_length=63),
+    AfterValidator(_not_keyword),
+]
+Identification = Literal["message_id", "plus_address", "subject"]
+MessageProperty = Literal[
+    "subject",
+    "plain_text",
+    "html",
+    "from_address",
+    "from_name",
+    "date",
+    "account",
+    "message_id",
+    "to_addresses",
+]
+
+
+def _search_path(value: str) -> str:
+    table, dot, column = value.partition(".")
+    if not dot:
+        raise ValueError(f"expected table.column, got {value!r}")
+    for part in (table, column):
+        _not_keyword(part)
+    return value
+
+
+SearchPath = Annotated[
+    str,
+    StringConstraints(
+        strip_whitespace=True, pattern=r"^[a-z_][a-z0-9_]*\.[a-z_][a-z0-9_]*$", max_length=127
+    ),
+    AfterValidator(_search_path),
+]
+
+
+class FollowerParentSettings(_Model):
+    """A table the integrator fills (``person``, ``coworker``); followers link to its rows."""
+
+    table: Identifier
+    address_column: Identifier = "email"
+    name_column: Identifier | None = "name"
+
+
+class ParentPropertySettings(_Model):
+    """One column of a conversation parent's new record and where its value comes from."""
+
+    column: Identifier
+    message_property: MessageProperty | None = None
+    search_path: SearchPath | None = None
+    default: str | int | float | bool | None = None
+
+    @model_validator(mode="after")
+    def _has_source(self) -> ParentPropertySettings:
+        if self.message_property is None and self.search_path is None and self.default is None:
+            raise ValueError("give message_property, search_path or default (or a combination)")
+        if self.column == "id":
+            raise ValueError("column 'id' is the record's own id; it cannot be set")
+        return self
+
+    @property
+    def search_table(self) -> str | None:
+        return self.search_path.partition(".")[0] if self.search_path else None
+
+    @property
+    def search_column(self) -> str | None:
+        return self.search_path.partition(".")[2] if self.search_path else None
+
+
+class ConversationParentSettings(_Model):
+    """A table that gets a new record for every new conversation (``ticket``, ``deal``)."""
+
+    table: Identifier
+    accounts: tuple[AccountName, ...] | None = None  # None: every account
+    properties: tuple[ParentPropertySettings, ...] = ()
+
+    @field_validator("properties")
+    @classmethod
+    def _unique_columns(
+        cls, properties: tuple[ParentPropertySettings, ...]
+    ) -> tuple[ParentPropertySettings, ...]:
+        seen: set[str] = set()
+        for prop in properties:
+            if prop.column in seen:
+                raise ValueError(f"column {prop.column!r} is set twice")
+            seen.add(prop.column)
+        return properties
+
+    def applies_to(self, account: str) -> bool:
+        return self.accounts is None or account in self.accounts
+
+
 class Settings(_Model):
     database: Path = Path("/var/lib/mailbridge/mailbridge.db")
     limits: LimitSettings = LimitSettings()
     log: LogSettings = LogSettings()
+    recovery: RecoverySettings = RecoverySettings()
+    identification: Identification = "message_id"
+    follower_parents: tuple[FollowerParentSettings, ...] = ()
+    conversation_parents: tuple[ConversationParentSettings, ...] = ()
     accounts: tuple[AccountSettings, ...]
     source: Path | None = Field(default=None, exclude=True)  # the file it came from
 
@@ -312,8 +460,67 @@ def parse_config(data: object, *, source: Path | None = None) -> Settings:
         first_path = problems[0][0] if problems else ""
         text = "; ".join(f"{path}: {why}" for path, why in problems)
         raise ConfigError(text, path=first_path) from exc
+    check_model(settings)
     # Set after validation so the file cannot set it (model_copy does not re-validate).
     return settings.model_copy(update={"source": source})
+
+
+def check_model(settings: Settings) -> None:
+    """Cross-checks of the conversation model that no single key can make; ConfigError names
+    the key path. What depends on the database (an existing table's columns) is checked when
+    the repository prepares it at start-up."""
+    own_tables = set(TABLES)
+    follower_tables: set[str] = set()
+    for i, fp in enumerate(settings.follower_parents):
+        path = f"follower_parents[{i}].table"
+        if fp.table in own_tables:
+            raise ConfigError(f"{path}: {fp.table!r} is one of mailbridge's tables", path=path)
+        if fp.table in FOLLOWER_COLUMNS:
+            raise ConfigError(
+                f"{path}: {fp.table!r} collides with the column follower.{fp.table}", path=path
+            )
+        if fp.table in follower_tables:
+            raise ConfigError(f"{path}: {fp.table!r} is listed twice", path=path)
+        if fp.address_column == "id" or fp.name_column == "id":
+            key = "address_column" if fp.address_column == "id" else "name_column"
+            where = f"follower_parents[{i}].{key}"
+            raise ConfigError(f"{where}: 'id' is the record's own id", path=where)
+        follower_tables.add(fp.table)
+    names = {a.name for a in settings.accounts}
+    parent_tables: set[str] = set()
+    for i, cp in enumerate(settings.conversation_parents):
+        path = f"conversation_parents[{i}].table"
+        if cp.table in own_tables or cp.table in follower_tables:
+            kind = "mailbridge's tables" if cp.table in own_tables else "the follower_parents"
+            raise ConfigError(f"{path}: {cp.table!r} is one of {kind}", path=path)
+        if cp.table in CONVERSATION_COLUMNS:
+            raise ConfigError(
+                f"{path}: {cp.table!r} collides with the column conversation.{cp.table}",
+                path=path,
+            )
+        if cp.table in parent_tables:
+            raise ConfigError(f"{path}: {cp.table!r} is listed twice", path=path)
+        parent_tables.add(cp.table)
+        for j, name in enumerate(cp.accounts or ()):
+            if name not in names:
+                where = f"conversation_parents[{i}].accounts[{j}]"
+                configured = ", ".join(sorted(names))
+                raise ConfigError(
+                    f"{where}: no account named {name!r} (configured: {configured})", path=where
+                )
+        for j, prop in enumerate(cp.properties):
+            where = f"conversation_parents[{i}].properties[{j}].search_path"
+            table = prop.search_table
+            if table is None:
+                continue
+            if table in own_tables:
+                raise ConfigError(f"{where}: {table!r} is one of mailbridge's tables", path=where)
+            if prop.message_property is None and table not in follower_tables:
+                raise ConfigError(
+                    f"{where}: without message_property, {table!r} must be one of the "
+                    "follower_parents tables (its row is found by the sender's address)",
+                    path=where,
+                )
 
 
 def load_config(path: Path | str | None = None) -> Settings:

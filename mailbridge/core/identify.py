@@ -3,6 +3,12 @@
 Pure functions, shared by the parser (which normalises every id it reads) and the store (which
 looks candidates up). Every id that enters the database passes :func:`normalize_message_id`, so
 comparisons between a message's own id and the ids other messages cite are exact string matches.
+
+The other two ways to recognise a reply carry the conversation key in the mail itself: in a
+plus-address of one of the account's own addresses (``support+KEY@example.com``, see
+:func:`plus_address` and :func:`plus_keys`) or in a subject tag (``Subject [ID-KEY]``, see
+:func:`tag_subject` and :func:`subject_key`). Extracting a key proves nothing by itself: the
+store only lets it join a conversation of the same account that exists.
 """
 
 from __future__ import annotations
@@ -10,6 +16,7 @@ from __future__ import annotations
 import base64
 import re
 import secrets
+from collections.abc import Iterable
 from typing import TYPE_CHECKING, Final
 
 if TYPE_CHECKING:
@@ -126,3 +133,139 @@ def new_conversation_key() -> str:
     plus-addressing (``support+KEY@``) and subject tags (``[#KEY]``) unchanged.
     """
     return base64.b32encode(secrets.token_bytes(10)).decode("ascii").lower()
+
+
+# What new_conversation_key() produces; anything else in a tag or plus-address is not a key.
+KEY_PATTERN: Final = r"[a-z2-7]{16}"
+_KEY = re.compile(rf"^{KEY_PATTERN}$")
+_SUBJECT_TAG = re.compile(rf"\[ID-({KEY_PATTERN})\]", re.IGNORECASE)
+# The reference product cuts outgoing subjects to 128 characters so that servers which shorten
+# long subjects cannot cut the tag off.
+SUBJECT_LIMIT: Final = 128
+
+# Reply and forward prefixes as mail clients write them in many languages: English Re/Fwd/Fw,
+# German AW/WG, Nordic SV/VS/VB, Dutch Antw/Doorst, French Réf/TR, Italian R/RIF, Polish Odp/PD,
+# Greek ΑΠ/ΣΧΕΤ/ΠΡΘ, Chinese 回复/转发 (and traditional 回覆/轉寄/轉發), with Outlook's counters
+# (Re[2]:, Re(2):), any case, and the full-width colon East Asian clients use.
+_PREFIX_WORDS: Final = (
+    "re",
+    "fwd",
+    "fw",
+    "aw",
+    "wg",
+    "sv",
+    "vs",
+    "vb",
+    "antw",
+    "doorst",
+    "réf",
+    "ref",
+    "tr",
+    "rif",
+    "r",
+    "odp",
+    "pd",
+    "απ",
+    "σχετ",
+    "πρθ",
+    "回复",
+    "回覆",
+    "转发",
+    "轉寄",
+    "轉發",
+)
+_PREFIXES = re.compile(
+    r"^(?:\s*(?:"
+    + "|".join(sorted((re.escape(w) for w in _PREFIX_WORDS), key=len, reverse=True))
+    + r")\s*(?:\[\d+\]|\(\d+\))?\s*[:：])+\s*",
+    re.IGNORECASE,
+)
+
+
+def is_key(value: str) -> bool:
+    """Whether ``value`` has the shape of a conversation key (it may still be unknown)."""
+    return _KEY.fullmatch(value) is not None
+
+
+def strip_reply_prefixes(subject: str) -> str:
+    """``"Re: AW: Fwd[2]: Order"`` -> ``"Order"``: every leading reply/forward prefix removed."""
+    return _PREFIXES.sub("", subject, count=1).strip()
+
+
+def subject_key(subject: str) -> str | None:
+    """The key of the last ``[ID-KEY]`` tag in ``subject``, lower-cased; None without one.
+
+    The last tag wins: a client that quotes a forwarded subject puts the older tag first and our
+    own tag is always appended at the end.
+    """
+    found = _SUBJECT_TAG.findall(subject)
+    return found[-1].lower() if found else None
+
+
+def tag_subject(subject: str, key: str, limit: int = SUBJECT_LIMIT) -> str:
+    """``"<subject> [ID-<key>]"``, the subject cut so that the whole is at most ``limit`` chars.
+
+    Tags already in the subject (ours from an earlier reply, or any other) are removed first so
+    a long thread does not accumulate them.
+    """
+    if not is_key(key):
+        raise ValueError(f"not a conversation key: {key!r}")
+    tag = f"[ID-{key}]"
+    if limit < len(tag):
+        raise ValueError(f"limit {limit} is shorter than the tag {tag!r}")
+    text = " ".join(_SUBJECT_TAG.sub(" ", subject).split())
+    room = limit - len(tag) - 1  # one space between subject and tag
+    text = text[: max(room, 0)].rstrip()
+    return f"{text} {tag}" if text else tag
+
+
+def _split(address: str) -> tuple[str, str]:
+    local, _, domain = address.strip().lower().rpartition("@")
+    return local, domain
+
+
+def plus_address(address: str, key: str) -> str:
+    """``support@example.com`` + key -> ``support+KEY@example.com`` (the outgoing Reply-To)."""
+    if not is_key(key):
+        raise ValueError(f"not a conversation key: {key!r}")
+    local, domain = _split(address)
+    if not local or not domain:
+        raise ValueError(f"not an address: {address!r}")
+    return f"{local}+{key}@{domain}"
+
+
+def _plus_match(address: str, own: Iterable[str]) -> tuple[str, str] | None:
+    """(own address, suffix) when ``address`` is ``local+suffix@domain`` of one of ``own``."""
+    local, domain = _split(address)
+    for mine in own:
+        own_local, own_domain = _split(mine)
+        if domain == own_domain and own_local and local.startswith(own_local + "+"):
+            return mine.strip().lower(), local[len(own_local) + 1 :]
+    return None
+
+
+def is_own_address(address: str, own: frozenset[str]) -> bool:
+    """Whether ``address`` is one of ``own`` (lower-case) or a plus-variant of one of them."""
+    email = address.strip().lower()
+    return email in own or _plus_match(email, own) is not None
+
+
+def base_address(address: str, own: frozenset[str]) -> str:
+    """The own address behind a plus-variant (``support+x@a`` -> ``support@a``), else as is."""
+    email = address.strip().lower()
+    match = None if email in own else _plus_match(email, own)
+    return email if match is None else match[0]
+
+
+def plus_keys(addresses: Iterable[str], own: frozenset[str]) -> tuple[str, ...]:
+    """Conversation keys carried by plus-variants of the account's own addresses, in order.
+
+    Only the account's own addresses count: ``someone+KEY@elsewhere`` is someone else's
+    business, and a suffix that is not shaped like a key (``support+sales@``) is no key.
+    """
+    out: list[str] = []
+    for address in addresses:
+        match = _plus_match(address, own)
+        if match is not None and is_key(match[1]) and match[1] not in out:
+            out.append(match[1])
+    return tuple(out)

@@ -13,6 +13,12 @@ Guarantees every backend must give:
   delivery is reported ``duplicate`` and writes nothing.
 * When the call returns, the transaction is committed (durable): only then may the caller move
   the messages out of the Inbox.
+* A message in which only the account's own identity takes part (From and every recipient are
+  its addresses or aliases) and that continues no conversation is reported ``ignored`` and
+  writes nothing: the account alone never starts a conversation (that is how mail loops
+  between an account and itself begin).
+* A conversation key (plus-address or subject tag) only joins a conversation of the same
+  account that exists; any other key is ignored and Message-ID threading decides.
 """
 
 from __future__ import annotations
@@ -21,15 +27,59 @@ import enum
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from datetime import datetime
-from typing import Protocol
+from typing import TYPE_CHECKING, Protocol
 
 from mailbridge.core.model import ParsedMessage
+
+if TYPE_CHECKING:
+    from mailbridge.config import (
+        AccountSettings,
+        ConversationParentSettings,
+        FollowerParentSettings,
+        Identification,
+        Settings,
+    )
 
 
 class Outcome(enum.StrEnum):
     IMPORTED = "imported"
     DUPLICATE = "duplicate"
     FAILED = "failed"
+    IGNORED = "ignored"  # only the account's own identity, continuing nothing: not stored
+
+
+@dataclass(frozen=True, slots=True)
+class ImportContext:
+    """Everything about an account that importing its mail depends on, built from the config.
+
+    ``own_addresses`` (the address and its aliases) are one identity: never a follower, never
+    the start of a conversation. ``conversation_parents`` are those that apply to this account.
+    """
+
+    account: str
+    address: str = ""
+    own_addresses: frozenset[str] = frozenset()
+    identification: Identification = "message_id"
+    conversation_parents: tuple[ConversationParentSettings, ...] = ()
+    follower_parents: tuple[FollowerParentSettings, ...] = ()
+
+    def __post_init__(self) -> None:
+        # Config lower-cases addresses already; contexts built by hand (tests, tools) may not.
+        own = frozenset(a.strip().lower() for a in (*self.own_addresses, self.address) if a)
+        object.__setattr__(self, "own_addresses", own)
+
+    @classmethod
+    def for_account(cls, settings: Settings, account: AccountSettings) -> ImportContext:
+        return cls(
+            account=account.name,
+            address=account.address,
+            own_addresses=account.own_addresses(),
+            identification=settings.identification,
+            conversation_parents=tuple(
+                p for p in settings.conversation_parents if p.applies_to(account.name)
+            ),
+            follower_parents=settings.follower_parents,
+        )
 
 
 @dataclass(frozen=True, slots=True)
@@ -102,6 +152,8 @@ class AccountState:
     imported: int = 0  # messages imported, all time
     failed: int = 0  # unresolved entries in the import-failure table (read side only)
     updated: datetime | None = None
+    last_sweep: datetime | None = None  # when the recovery sweep last finished (read side only)
+    sweep_summary: str = ""  # what it did, one line (read side only)
 
 
 @dataclass(frozen=True, slots=True)
@@ -114,6 +166,7 @@ class ConversationSummary:
     last_message: datetime | None
     messages: int
     followers: int
+    earliest_unread: datetime | None = None  # oldest unread incoming message; None: all read
 
 
 @dataclass(frozen=True, slots=True)
@@ -130,6 +183,7 @@ class StoredMessage:
     followers: tuple[tuple[str, str], ...]  # (email, participation level)
     documents: tuple[tuple[str, str, int], ...]  # (filename, content type, size)
     embedded_files: tuple[tuple[str, str, int], ...]  # (content id, content type, size)
+    threaded_by: str | None = None  # new, message_id, plus_address or subject
 
 
 @dataclass(frozen=True, slots=True)
@@ -137,6 +191,8 @@ class ConversationDetail:
     summary: ConversationSummary
     followers: tuple[tuple[str, str, bool], ...]  # (email, name, active)
     messages: tuple[StoredMessage, ...] = field(default_factory=tuple)
+    parents: tuple[tuple[str, int], ...] = ()  # (parent table, record id) of the prepared tables
+    follower_parents: tuple[tuple[str, str, int], ...] = ()  # (follower email, table, record id)
 
 
 class Repository(Protocol):
@@ -145,10 +201,24 @@ class Repository(Protocol):
     def migrate(self) -> None:
         """Create or upgrade the schema. Idempotent."""
 
+    def prepare(
+        self,
+        follower_parents: Sequence[FollowerParentSettings],
+        conversation_parents: Sequence[ConversationParentSettings],
+    ) -> None:
+        """Create the configured parent tables and link columns that are missing, and check
+        those that exist; raises ConfigError naming the key path. Idempotent."""
+
     def import_batch(
-        self, account: str, own_addresses: frozenset[str], items: Sequence[ImportItem]
+        self, context: ImportContext, items: Sequence[ImportItem]
     ) -> list[ImportResult]:
-        """Import items in UID order in one committed transaction; one result per item."""
+        """Import items in UID order in one committed transaction; one result per item.
+
+        Prepares ``context``'s parent tables first when :meth:`prepare` has not.
+        """
+
+    def mark_read(self, conversation_id: int) -> bool:
+        """Clear the conversation's ``earliestunread``; False when there is no such row."""
 
     def record_failures(self, account: str, failures: Sequence[FailureInfo]) -> None:
         """Insert or update (attempts + 1, new reason) import-failure rows, committed."""
@@ -166,6 +236,11 @@ class Repository(Protocol):
 
     def account_states(self) -> list[AccountState]:
         """Every account's stored state, with ``failed`` counted from unresolved failures."""
+
+    def record_sweep(self, account: str, finished: datetime, summary: str, imported: int) -> None:
+        """Remember a recovery sweep of ``account``: when it finished and what it did (one
+        line); ``imported`` is added to the account's count (and sets its last import when
+        positive). Leaves the account's state as the import loop wrote it."""
 
     def conversations(
         self, account: str | None = None, search: str | None = None, limit: int = 100

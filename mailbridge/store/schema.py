@@ -190,8 +190,28 @@ _V1: Final[tuple[str, ...]] = (
     """,
 )
 
+# Version 2: how each message was threaded (so an operator can see why it landed where it did),
+# replies to per-recipient Message-IDs (messagefollower.messageid) found by index, and unread
+# conversations listed without a scan.
+_V2: Final[tuple[str, ...]] = (
+    "ALTER TABLE conversationmessage ADD COLUMN threadedby TEXT",
+    "CREATE INDEX messagefollower_messageid ON messagefollower (messageid)"
+    " WHERE messageid IS NOT NULL",
+    "CREATE INDEX conversation_earliestunread ON conversation (earliestunread)"
+    " WHERE earliestunread IS NOT NULL",
+)
+
+# Version 3: when the recovery sweep last ran for an account and what it did, for
+# ``mailbridge status`` (a separate process that can only learn it from the database).
+_V3: Final[tuple[str, ...]] = (
+    "ALTER TABLE accountstate ADD COLUMN lastsweep TEXT",
+    "ALTER TABLE accountstate ADD COLUMN sweepsummary TEXT NOT NULL DEFAULT ''",
+)
+
 MIGRATIONS: Final[tuple[Migration, ...]] = (
     Migration(1, "conversations, messages, followers, files, import failures", _V1),
+    Migration(2, "threadedby, per-recipient Message-ID and unread indexes", _V2),
+    Migration(3, "the recovery sweep's last run and summary per account", _V3),
 )
 
 # The version a fully migrated database reports in PRAGMA user_version.
@@ -207,4 +227,28 @@ TABLES: Final[tuple[str, ...]] = (
     "embeddedfile",
     "importfailure",
     "accountstate",
+)
+
+# Columns of the two tables that config-named link columns are added to (``follower.<table>``,
+# ``conversation.<table>``): a configured table name must not collide with them.
+CONVERSATION_COLUMNS: Final[frozenset[str]] = frozenset(
+    {
+        "id",
+        "uniqueid",
+        "account",
+        "email",
+        "subject",
+        "threadid",
+        "replytoid",
+        "earliestunread",
+        "firstmessagedate",
+        "lastmessagedate",
+        "language",
+        "source",
+        "createdtime",
+        "updatedtime",
+    }
+)
+FOLLOWER_COLUMNS: Final[frozenset[str]] = frozenset(
+    {"id", "conversation", "email", "name", "active", "subscribed", "createdtime", "updatedtime"}
 )

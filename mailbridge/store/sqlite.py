@@ -20,7 +20,18 @@ Threading rules (see "The database schema" in README.md for the integrator's vie
   References newest first) stored for the same account; failing that, the conversation of a
   stored message that cites it (its reply arrived first); failing that, of a stored message
   citing one of the same ancestors (a sibling). Otherwise it starts a new conversation.
-* Followers: every participant (From, To, Cc and Bcc) other than the account's own addresses.
+* Before that, with ``identification: plus_address`` or ``subject``, a conversation key found in
+  the message (a plus-variant of an own address in To/Cc/Bcc/Delivered-To, or an ``[ID-KEY]``
+  subject tag) joins that conversation, but only if it exists and belongs to the same account.
+  Message-IDs cited are matched against every stored Message-ID, including the per-recipient
+  ids of sent copies (``messagefollower.messageid``).
+* A message in which only the account's own identity takes part (From and every recipient one of
+  its addresses or aliases) and that continues nothing is not stored (``ignored``): that is how
+  loops start. Mail from the account to an outside person may start a conversation.
+* A new conversation gets one new record in each configured conversation parent table, with
+  the configured properties; followers link to the follower parent rows with their address.
+* Followers: every participant (From, To, Cc and Bcc) other than the account's own addresses
+  (and their plus-variants).
   After the newest message of a conversation, the active followers are exactly that message's
   participants: someone it leaves out becomes inactive, someone it names is active again. Bcc
   counts as present, because the person received the message. A message older than the newest
@@ -43,20 +54,28 @@ from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any, Final, TypeVar
+from typing import TYPE_CHECKING, Any, Final, TypeVar
 
 from sqlite_utils import Database
 
 from mailbridge.core.html import rewrite_inline_images, text_to_html
-from mailbridge.core.identify import new_conversation_key, thread_candidates
+from mailbridge.core.identify import (
+    base_address,
+    is_own_address,
+    new_conversation_key,
+    plus_keys,
+    subject_key,
+    thread_candidates,
+)
 from mailbridge.core.model import ParsedMessage
-from mailbridge.errors import StoreError
+from mailbridge.errors import ConfigError, StoreError
 from mailbridge.store.base import (
     AccountState,
     ConversationDetail,
     ConversationSummary,
     FailureInfo,
     FailureRecord,
+    ImportContext,
     ImportItem,
     ImportResult,
     Outcome,
@@ -64,6 +83,14 @@ from mailbridge.store.base import (
     StoredMessage,
 )
 from mailbridge.store.schema import MIGRATIONS, SCHEMA_VERSION
+
+if TYPE_CHECKING:
+    from mailbridge.config import (
+        ConversationParentSettings,
+        FollowerParentSettings,
+        ParentPropertySettings,
+        Settings,
+    )
 
 T = TypeVar("T")
 
@@ -153,6 +180,17 @@ def _marks(count: int) -> str:
     return ", ".join("?" * count)
 
 
+def _q(identifier: str) -> str:
+    """An identifier quoted for SQL. Config admits only ``[a-z_][a-z0-9_]*`` non-keywords, so
+    the quotes are belt and braces, never an escape."""
+    return '"' + identifier.replace('"', '""') + '"'
+
+
+def _columns(conn: sqlite3.Connection, table: str) -> set[str]:
+    """The column names of ``table`` (empty when it does not exist)."""
+    return {row[1] for row in conn.execute(f"PRAGMA table_info({_q(table)})")}
+
+
 def _like_pattern(search: str) -> str:
     escaped = search.replace("\\", "\\\\").replace("%", "\\%").replace("_", "\\_")
     return f"%{escaped}%"
@@ -211,6 +249,11 @@ class SqliteRepository:
         # integrator's choice, not ours.
         self._db = Database(self._conn, recursive_triggers=False, execute_plugins=False)
         self._closed = False
+        # Parent specs already prepared on this connection, and the tables known by name for
+        # reading conversations back (``conversation()`` shows their links).
+        self._ready: set[object] = set()
+        self._follower_parents: dict[str, FollowerParentSettings] = {}
+        self._conversation_parents: dict[str, ConversationParentSettings] = {}
 
     # -- transactions -------------------------------------------------------------------------
 
@@ -238,9 +281,11 @@ class SqliteRepository:
             self._conn.execute("COMMIT")
         except (sqlite3.Error, OSError) as exc:
             self._rollback()
+            self._ready.clear()  # DDL of a prepare in this transaction was rolled back too
             raise _store_error(exc, action) from exc
         except BaseException:
             self._rollback()
+            self._ready.clear()
             raise
 
     # -- schema -------------------------------------------------------------------------------
@@ -270,16 +315,125 @@ class SqliteRepository:
                 # An int from our own table, not user input; PRAGMA takes no parameters.
                 conn.execute(f"PRAGMA user_version = {int(migration.version)}")
 
+    # -- configured tables --------------------------------------------------------------------
+
+    def prepare(
+        self,
+        follower_parents: Sequence[FollowerParentSettings],
+        conversation_parents: Sequence[ConversationParentSettings],
+    ) -> None:
+        with self._transaction("prepare the configured parent tables", write=True) as conn:
+            self._prepare(conn, follower_parents, conversation_parents)
+
+    def _prepare(
+        self,
+        conn: sqlite3.Connection,
+        follower_parents: Sequence[FollowerParentSettings],
+        conversation_parents: Sequence[ConversationParentSettings],
+    ) -> None:
+        """Create what is missing, check what exists (ConfigError naming the key path)."""
+        if all(spec in self._ready for spec in (*follower_parents, *conversation_parents)):
+            return
+        # Columns that search paths read from a follower parent table (``person.company``):
+        # a table mailbridge creates gets them, an existing one must have them.
+        wanted: dict[str, set[str]] = {}
+        for cp in conversation_parents:
+            for prop in cp.properties:
+                if prop.search_table and prop.search_column:
+                    wanted.setdefault(prop.search_table, set()).add(prop.search_column)
+        follower_columns = _columns(conn, "follower")
+        for i, fp in enumerate(follower_parents):
+            path = f"follower_parents[{i}]"
+            extra = sorted(wanted.get(fp.table, set()) - {"id", fp.address_column, fp.name_column})
+            existing = _columns(conn, fp.table)
+            if not existing:
+                definitions = [
+                    "id INTEGER PRIMARY KEY",
+                    f"{_q(fp.address_column)} TEXT NOT NULL DEFAULT ''",
+                ]
+                if fp.name_column is not None:
+                    definitions.append(f"{_q(fp.name_column)} TEXT NOT NULL DEFAULT ''")
+                definitions.extend(_q(column) for column in extra)
+                conn.execute(f"CREATE TABLE {_q(fp.table)} ({', '.join(definitions)})")
+                # Followers are matched by address, case-insensitively.
+                conn.execute(
+                    f"CREATE INDEX {_q(fp.table + '_' + fp.address_column)}"
+                    f" ON {_q(fp.table)} ({_q(fp.address_column)} COLLATE NOCASE)"
+                )
+            else:
+                for key, column in (
+                    ("table", "id"),
+                    ("address_column", fp.address_column),
+                    ("name_column", fp.name_column),
+                ):
+                    if column is not None and column not in existing:
+                        raise ConfigError(
+                            f"{path}.{key}: the existing table {fp.table!r} has no column "
+                            f"{column!r}",
+                            path=f"{path}.{key}",
+                        )
+            if fp.table not in follower_columns:
+                conn.execute(f"ALTER TABLE follower ADD COLUMN {_q(fp.table)} INTEGER")
+                conn.execute(
+                    f"CREATE INDEX IF NOT EXISTS {_q('follower_' + fp.table)}"
+                    f" ON follower ({_q(fp.table)})"
+                )
+            self._follower_parents[fp.table] = fp
+        conversation_columns = _columns(conn, "conversation")
+        for i, cp in enumerate(conversation_parents):
+            path = f"conversation_parents[{i}]"
+            existing = _columns(conn, cp.table)
+            if not existing:
+                definitions = ["id INTEGER PRIMARY KEY"]
+                # No declared type: a property may hold text (subject) or an id (person).
+                definitions.extend(_q(prop.column) for prop in cp.properties)
+                conn.execute(f"CREATE TABLE {_q(cp.table)} ({', '.join(definitions)})")
+            elif "id" not in existing:
+                raise ConfigError(
+                    f"{path}.table: the existing table {cp.table!r} has no column 'id'",
+                    path=f"{path}.table",
+                )
+            for j, prop in enumerate(cp.properties):
+                where = f"{path}.properties[{j}]"
+                if existing and prop.column not in existing:
+                    raise ConfigError(
+                        f"{where}.column: the existing table {cp.table!r} has no column "
+                        f"{prop.column!r}",
+                        path=f"{where}.column",
+                    )
+                if prop.search_table and prop.search_column:
+                    found = _columns(conn, prop.search_table)
+                    if not found or prop.search_column not in found or "id" not in found:
+                        what = (
+                            f"no table {prop.search_table!r}"
+                            if not found
+                            else f"{prop.search_table!r} has no column "
+                            f"{'id' if 'id' not in found else prop.search_column!r}"
+                        )
+                        raise ConfigError(
+                            f"{where}.search_path: {what} in the database",
+                            path=f"{where}.search_path",
+                        )
+            if cp.table not in conversation_columns:
+                conn.execute(f"ALTER TABLE conversation ADD COLUMN {_q(cp.table)} INTEGER")
+                conn.execute(
+                    f"CREATE INDEX IF NOT EXISTS {_q('conversation_' + cp.table)}"
+                    f" ON conversation ({_q(cp.table)})"
+                )
+            self._conversation_parents[cp.table] = cp
+        self._ready.update((*follower_parents, *conversation_parents))
+
     # -- import -------------------------------------------------------------------------------
 
     def import_batch(
-        self, account: str, own_addresses: frozenset[str], items: Sequence[ImportItem]
+        self, context: ImportContext, items: Sequence[ImportItem]
     ) -> list[ImportResult]:
-        own = frozenset(address.strip().lower() for address in own_addresses)
+        account = context.account
         results: list[ImportResult | None] = [None] * len(items)
         if not items:
             return []
         with self._transaction(f"import {len(items)} message(s) for {account}", write=True) as conn:
+            self._prepare(conn, context.follower_parents, context.conversation_parents)
             now = _now()
             stored = self._stored_keys(conn, account, [item.message.message_key for item in items])
             settled: list[str] = []  # keys now in the database: their failures are resolved
@@ -298,7 +452,7 @@ class SqliteRepository:
                     )
                     settled.append(key)
                     continue
-                result, written = self._import_in_savepoint(conn, account, own, item, now)
+                result, written = self._import_in_savepoint(conn, context, item, now)
                 results[index] = result
                 if written is not None:
                     # A second copy later in the same batch is a duplicate of this one.
@@ -310,15 +464,14 @@ class SqliteRepository:
     def _import_in_savepoint(
         self,
         conn: sqlite3.Connection,
-        account: str,
-        own: frozenset[str],
+        context: ImportContext,
         item: ImportItem,
         now: str,
     ) -> tuple[ImportResult, tuple[int, int] | None]:
         """Import one message all-or-nothing; the result, and (conversation, row) if written."""
         conn.execute("SAVEPOINT message")
         try:
-            conversation_id, row_id, new = self._import_one(conn, account, own, item, now)
+            written = self._import_one(conn, context, item, now)
         except Exception as exc:
             if _is_batch_error(exc) or not conn.in_transaction:
                 # The database itself failed (or SQLite already rolled everything back): the
@@ -336,6 +489,16 @@ class SqliteRepository:
             )
             return failed, None
         conn.execute("RELEASE SAVEPOINT message")
+        if written is None:
+            ignored = ImportResult(
+                uid=item.uid,
+                message_key=item.message.message_key,
+                outcome=Outcome.IGNORED,
+                error_reason="only the account's own addresses take part and it continues no"
+                " conversation",
+            )
+            return ignored, None
+        conversation_id, row_id, new = written
         imported = ImportResult(
             uid=item.uid,
             message_key=item.message.message_key,
@@ -375,6 +538,33 @@ class SqliteRepository:
             )
 
     @staticmethod
+    def _find_by_key(
+        conn: sqlite3.Connection, context: ImportContext, message: ParsedMessage
+    ) -> int | None:
+        """The conversation named by the configured marker (plus-address or subject tag)."""
+        if context.identification == "plus_address":
+            addresses = (
+                *message.delivered_to,
+                *(a.email for a in (*message.to, *message.cc, *message.bcc)),
+            )
+            keys: tuple[str, ...] = plus_keys(addresses, context.own_addresses)
+        elif context.identification == "subject":
+            key = subject_key(message.subject)
+            keys = (key,) if key else ()
+        else:
+            return None
+        for key in keys:
+            # The account check is what makes a forged or foreign key harmless: a key only
+            # ever reaches a conversation this account already holds.
+            row = conn.execute(
+                "SELECT id FROM conversation WHERE uniqueid = ? AND account = ?",
+                (key, context.account),
+            ).fetchone()
+            if row is not None:
+                return int(row[0])
+        return None
+
+    @staticmethod
     def _find_conversation(
         conn: sqlite3.Connection, account: str, message_id: str | None, candidates: Sequence[str]
     ) -> int | None:
@@ -387,6 +577,17 @@ class SqliteRepository:
                     f" WHERE account = ? AND messageid IN ({_marks(len(chunk))})"
                     " ORDER BY id",
                     (account, *chunk),
+                )
+                for mid, conversation_id in rows:
+                    parents.setdefault(mid, conversation_id)
+                # Personalised sending gives each recipient a copy with its own Message-ID,
+                # kept on the messagefollower row; a reply cites that one.
+                rows = conn.execute(
+                    "SELECT mf.messageid, m.conversation FROM messagefollower AS mf"
+                    " JOIN conversationmessage AS m ON m.id = mf.conversationmessage"
+                    f" WHERE mf.messageid IN ({_marks(len(chunk))}) AND m.account = ?"
+                    " ORDER BY mf.id",
+                    (*chunk, account),
                 )
                 for mid, conversation_id in rows:
                     parents.setdefault(mid, conversation_id)
@@ -414,23 +615,35 @@ class SqliteRepository:
     def _import_one(
         self,
         conn: sqlite3.Connection,
-        account: str,
-        own: frozenset[str],
+        context: ImportContext,
         item: ImportItem,
         now: str,
-    ) -> tuple[int, int, bool]:
-        """Write one message; returns (conversation id, message row id, new conversation)."""
+    ) -> tuple[int, int, bool] | None:
+        """Write one message; (conversation id, message row id, new conversation), or None
+        when the message is the account's own and continues nothing (not written)."""
+        account = context.account
+        own = context.own_addresses
         message = item.message
         date = iso(message.date)
         sender = message.from_address
         # Mail from the account's own address (sent by another client, Bcc to self) is ours.
-        outgoing = sender is not None and sender.email.strip().lower() in own
+        outgoing = sender is not None and is_own_address(sender.email, own)
         candidates = tuple(c for c in thread_candidates(message) if c and c != message.message_id)
         own_email = _own_address(message, own)
 
-        conversation_id = self._find_conversation(conn, account, message.message_id, candidates)
+        threaded_by: str = context.identification
+        conversation_id = self._find_by_key(conn, context, message)
+        if conversation_id is None:
+            threaded_by = "message_id"
+            conversation_id = self._find_conversation(conn, account, message.message_id, candidates)
         new = conversation_id is None
         if conversation_id is None:
+            if outgoing and not any(
+                not is_own_address(a.email, own) for a, _level in message.participants()
+            ):
+                # Only the account's own identity takes part: a loop, or mail to itself.
+                return None
+            threaded_by = "new"
             conversation_id = self._new_conversation(
                 conn, account, own_email, message, date, outgoing=outgoing, now=now
             )
@@ -444,8 +657,8 @@ class SqliteRepository:
         cursor = conn.execute(
             "INSERT INTO conversationmessage (conversation, account, uid, messageid, messagekey,"
             " uniqueid, direction, subject, fromaddress, fromname, date, message, plaintext,"
-            ' inreplyto, "references", size, createdtime)'
-            " VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+            ' inreplyto, "references", size, createdtime, threadedby)'
+            " VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
             (
                 conversation_id,
                 account,
@@ -464,6 +677,7 @@ class SqliteRepository:
                 " ".join(message.references) or None,
                 message.size,
                 now,
+                threaded_by,
             ),
         )
         row_id = int(cursor.lastrowid or 0)
@@ -473,11 +687,134 @@ class SqliteRepository:
                 " VALUES (?, ?)",
                 [(candidate, row_id) for candidate in candidates],
             )
-        self._write_followers(
+        follower_ids = self._write_followers(
             conn, conversation_id, row_id, message, own, latest=latest, new=new, now=now
         )
+        self._link_follower_parents(conn, context.follower_parents, follower_ids)
         self._write_files(conn, row_id, message, html, now)
+        if new:
+            self._create_parents(conn, context, conversation_id, message, html, date)
         return conversation_id, row_id, new
+
+    @staticmethod
+    def _link_follower_parents(
+        conn: sqlite3.Connection,
+        follower_parents: Sequence[FollowerParentSettings],
+        follower_ids: Sequence[int],
+    ) -> None:
+        """Point each follower at the row of every follower parent table with its address.
+
+        A link the integrator set by hand (to a row with another address) is kept when no row
+        matches; a follower without a display name takes the parent's name.
+        """
+        if not follower_parents or not follower_ids:
+            return
+        for chunk in _chunks(follower_ids):
+            marks = _marks(len(chunk))
+            for fp in follower_parents:
+                table, address = _q(fp.table), _q(fp.address_column)
+                match = (
+                    f"SELECT p.id FROM {table} AS p WHERE p.{address} = follower.email"
+                    " COLLATE NOCASE ORDER BY p.id LIMIT 1"
+                )
+                conn.execute(
+                    f"UPDATE follower SET {table} = COALESCE(({match}), {table})"
+                    f" WHERE id IN ({marks})",
+                    tuple(chunk),
+                )
+                if fp.name_column is not None:
+                    name = _q(fp.name_column)
+                    conn.execute(
+                        f"UPDATE follower SET name = COALESCE((SELECT p.{name} FROM {table} AS p"
+                        f" WHERE p.id = follower.{table}), '')"
+                        f" WHERE id IN ({marks}) AND name = '' AND {table} IS NOT NULL",
+                        tuple(chunk),
+                    )
+
+    def _create_parents(
+        self,
+        conn: sqlite3.Connection,
+        context: ImportContext,
+        conversation_id: int,
+        message: ParsedMessage,
+        html: str,
+        date: str,
+    ) -> None:
+        """One new record per conversation parent table; conversation.<table> points to it."""
+        for cp in context.conversation_parents:
+            columns: list[str] = []
+            values: list[object] = []
+            for prop in cp.properties:
+                columns.append(_q(prop.column))
+                values.append(self._property_value(conn, context, prop, message, html, date))
+            if columns:
+                cursor = conn.execute(
+                    f"INSERT INTO {_q(cp.table)} ({', '.join(columns)})"
+                    f" VALUES ({_marks(len(values))})",
+                    values,
+                )
+            else:
+                cursor = conn.execute(f"INSERT INTO {_q(cp.table)} DEFAULT VALUES")
+            conn.execute(
+                f"UPDATE conversation SET {_q(cp.table)} = ? WHERE id = ?",
+                (cursor.lastrowid, conversation_id),
+            )
+
+    @staticmethod
+    def _property_value(
+        conn: sqlite3.Connection,
+        context: ImportContext,
+        prop: ParentPropertySettings,
+        message: ParsedMessage,
+        html: str,
+        date: str,
+    ) -> object:
+        """The value of one parent property: the message's, looked up, or the default."""
+        sender = message.from_address
+        from_address = sender.email.strip().lower() if sender is not None else ""
+        value: object = None
+        if prop.message_property is not None:
+            value = {
+                "subject": message.subject,
+                "plain_text": message.plain_text,
+                "html": html,
+                "from_address": from_address,
+                "from_name": sender.name if sender is not None else "",
+                "date": date,
+                "account": context.account,
+                "message_id": message.message_id,
+                "to_addresses": ", ".join(a.email for a in message.to),
+            }[prop.message_property]
+        table, column = prop.search_table, prop.search_column
+        if table is not None and column is not None:
+            if prop.message_property is not None:
+                # The record whose column holds the message's value: person.email -> person id.
+                row = (
+                    conn.execute(
+                        f"SELECT id FROM {_q(table)} WHERE {_q(column)} = ? COLLATE NOCASE"
+                        " ORDER BY id LIMIT 1",
+                        (value,),
+                    ).fetchone()
+                    if value not in (None, "")
+                    else None
+                )
+            else:
+                # A column of the sender's follower parent record: person.company.
+                parent = next((fp for fp in context.follower_parents if fp.table == table), None)
+                row = (
+                    conn.execute(
+                        f"SELECT {_q(column)} FROM {_q(table)}"
+                        f" WHERE {_q(parent.address_column)} = ? COLLATE NOCASE"
+                        " ORDER BY id LIMIT 1",
+                        (from_address,),
+                    ).fetchone()
+                    if from_address and parent is not None
+                    else None
+                )
+            value = row[0] if row is not None else None
+        if value in (None, "") and prop.default is not None:
+            return prop.default
+        return value
 
     @staticmethod
     def _new_conversation(
@@ -569,12 +906,14 @@ class SqliteRepository:
         latest: bool,
         new: bool,
         now: str,
-    ) -> None:
+    ) -> list[int]:
+        """Write the message's followers; returns the ids of its participants."""
         names: dict[str, str] = {}  # email -> first non-empty name, in order of appearance
         levels: list[tuple[str, str]] = []
         for address, level in message.participants():
             email = address.email.strip().lower()
-            if not email or email in own:
+            # support+KEY@ is the account itself, reached through a plus-address.
+            if not email or is_own_address(email, own):
                 continue
             if not names.get(email):
                 names[email] = address.name.strip()
@@ -620,6 +959,7 @@ class SqliteRepository:
                 " participationlevel) VALUES (?, ?, ?)",
                 [(row_id, ids[email], level) for email, level in levels],
             )
+        return list(ids.values())
 
     @staticmethod
     def _write_files(
@@ -757,10 +1097,10 @@ class SqliteRepository:
                 WHERE resolved IS NULL GROUP BY account
             )
             SELECT s.account, s.state, s.code, s.detail, s.since, s.lastimport, s.imported,
-                   s.updated, COALESCE(failed.n, 0) AS failed
+                   s.updated, COALESCE(failed.n, 0) AS failed, s.lastsweep, s.sweepsummary
             FROM accountstate AS s LEFT JOIN failed ON failed.account = s.account
             UNION ALL
-            SELECT failed.account, 'unknown', NULL, '', NULL, NULL, 0, NULL, failed.n
+            SELECT failed.account, 'unknown', NULL, '', NULL, NULL, 0, NULL, failed.n, NULL, ''
             FROM failed
             WHERE failed.account NOT IN (SELECT account FROM accountstate)
             ORDER BY 1
@@ -778,11 +1118,37 @@ class SqliteRepository:
                 imported=int(row["imported"] or 0),
                 failed=int(row["failed"] or 0),
                 updated=parse_time(row["updated"]),
+                last_sweep=parse_time(row["lastsweep"]),
+                sweep_summary=row["sweepsummary"] or "",
             )
             for row in rows
         ]
 
+    def record_sweep(self, account: str, finished: datetime, summary: str, imported: int) -> None:
+        with self._transaction(f"record the recovery sweep of {account}", write=True) as conn:
+            when = iso(finished)
+            # Only the sweep's own columns and the import count: the state belongs to the live
+            # loop, which runs beside the sweep. An account never seen before (a 'sync' before
+            # the first 'run') gets a row in state 'stopped'.
+            conn.execute(
+                "INSERT INTO accountstate (account, state, detail, lastimport, imported, updated,"
+                " lastsweep, sweepsummary) VALUES (?, 'stopped', '', ?, ?, ?, ?, ?)"
+                " ON CONFLICT (account) DO UPDATE SET"
+                " lastimport = COALESCE(excluded.lastimport, accountstate.lastimport),"
+                " imported = accountstate.imported + excluded.imported,"
+                " lastsweep = excluded.lastsweep, sweepsummary = excluded.sweepsummary",
+                (account, when if imported > 0 else None, imported, when, when, summary),
+            )
+
     # -- reading conversations ----------------------------------------------------------------
+
+    def mark_read(self, conversation_id: int) -> bool:
+        with self._transaction(f"mark conversation {conversation_id} read", write=True) as conn:
+            cursor = conn.execute(
+                "UPDATE conversation SET earliestunread = NULL, updatedtime = ? WHERE id = ?",
+                (_now(), conversation_id),
+            )
+        return cursor.rowcount > 0
 
     def conversations(
         self, account: str | None = None, search: str | None = None, limit: int = 100
@@ -822,10 +1188,31 @@ class SqliteRepository:
                     [conversation_id],
                 )
             )
+            parents: list[tuple[str, int]] = []
+            conversation_columns = _columns(self._conn, "conversation")
+            for table in self._conversation_parents:
+                if table in conversation_columns:
+                    [link] = self._conn.execute(
+                        f"SELECT {_q(table)} FROM conversation WHERE id = ?", (conversation_id,)
+                    ).fetchone()
+                    if link is not None:
+                        parents.append((table, int(link)))
+            follower_links: list[tuple[str, str, int]] = []
+            follower_columns = _columns(self._conn, "follower")
+            for table in self._follower_parents:
+                if table in follower_columns:
+                    follower_links.extend(
+                        (email, table, int(link))
+                        for email, link in self._conn.execute(
+                            f"SELECT email, {_q(table)} FROM follower WHERE conversation = ?"
+                            f" AND {_q(table)} IS NOT NULL ORDER BY id",
+                            (conversation_id,),
+                        )
+                    )
             messages = list(
                 self._db.query(
                     "SELECT id, messageid, uid, date, subject, fromaddress, fromname, plaintext,"
-                    " message FROM conversationmessage WHERE conversation = ?"
+                    " message, threadedby FROM conversationmessage WHERE conversation = ?"
                     " ORDER BY date, id",
                     [conversation_id],
                 )
@@ -877,9 +1264,12 @@ class SqliteRepository:
                     followers=tuple(participants.get(row["id"], ())),
                     documents=tuple(documents.get(row["id"], ())),
                     embedded_files=tuple(embedded.get(row["id"], ())),
+                    threaded_by=row["threadedby"],
                 )
                 for row in messages
             ),
+            parents=tuple(parents),
+            follower_parents=tuple(follower_links),
         )
 
     def close(self) -> None:
@@ -895,6 +1285,7 @@ class SqliteRepository:
 
 _SUMMARY_SELECT: Final = (
     "SELECT c.id, c.uniqueid, c.account, c.subject, c.firstmessagedate, c.lastmessagedate,"
+    " c.earliestunread,"
     " (SELECT COUNT(*) FROM conversationmessage AS m WHERE m.conversation = c.id) AS messages,"
     " (SELECT COUNT(*) FROM follower AS f WHERE f.conversation = c.id) AS followers"
     " FROM conversation AS c"
@@ -911,6 +1302,7 @@ def _summary(row: dict[str, Any]) -> ConversationSummary:
         last_message=parse_time(row["lastmessagedate"]),
         messages=int(row["messages"]),
         followers=int(row["followers"]),
+        earliest_unread=parse_time(row["earliestunread"]),
     )
 
 
@@ -944,9 +1336,8 @@ def _own_address(message: ParsedMessage, own: frozenset[str]) -> str | None:
         *((message.from_address.email,) if message.from_address is not None else ()),
     )
     for address in seen:
-        email = address.strip().lower()
-        if email in own:
-            return email
+        if is_own_address(address, own):
+            return base_address(address, own)
     return None
 
 
@@ -984,11 +1375,22 @@ class AsyncRepository:
     async def migrate(self) -> None:
         await self._run(lambda repo: repo.migrate())
 
+    async def prepare(
+        self,
+        follower_parents: Sequence[FollowerParentSettings],
+        conversation_parents: Sequence[ConversationParentSettings],
+    ) -> None:
+        fps, cps = tuple(follower_parents), tuple(conversation_parents)
+        await self._run(lambda repo: repo.prepare(fps, cps))
+
     async def import_batch(
-        self, account: str, own_addresses: frozenset[str], items: Sequence[ImportItem]
+        self, context: ImportContext, items: Sequence[ImportItem]
     ) -> list[ImportResult]:
         batch = tuple(items)  # the caller may reuse its list while the thread works
-        return await self._run(lambda repo: repo.import_batch(account, own_addresses, batch))
+        return await self._run(lambda repo: repo.import_batch(context, batch))
+
+    async def mark_read(self, conversation_id: int) -> bool:
+        return await self._run(lambda repo: repo.mark_read(conversation_id))
 
     async def record_failures(self, account: str, failures: Sequence[FailureInfo]) -> None:
         batch = tuple(failures)
@@ -1010,6 +1412,11 @@ class AsyncRepository:
 
     async def account_states(self) -> list[AccountState]:
         return await self._run(lambda repo: repo.account_states())
+
+    async def record_sweep(
+        self, account: str, finished: datetime, summary: str, imported: int
+    ) -> None:
+        await self._run(lambda repo: repo.record_sweep(account, finished, summary, imported))
 
     async def conversations(
         self, account: str | None = None, search: str | None = None, limit: int = 100
@@ -1036,11 +1443,17 @@ class AsyncRepository:
             self._opened.result().close()
 
 
-async def open_repository(path: str | os.PathLike[str]) -> AsyncRepository:
-    """Open (creating if needed) and migrate the SQLite database for the daemon."""
+async def open_repository(
+    path: str | os.PathLike[str], settings: Settings | None = None
+) -> AsyncRepository:
+    """Open (creating if needed) and migrate the SQLite database for the daemon; with
+    ``settings``, also prepare (create or check) the configured parent tables, so a config that
+    does not fit the database stops the start with a ConfigError."""
     repo = AsyncRepository.sqlite(path)
     try:
         await repo.migrate()
+        if settings is not None:
+            await repo.prepare(settings.follower_parents, settings.conversation_parents)
     except BaseException:
         await repo.aclose()
         raise

@@ -29,6 +29,7 @@ from mailbridge.store.base import (
     AccountState,
     ConversationDetail,
     FailureInfo,
+    ImportContext,
     ImportItem,
     ImportResult,
     Outcome,
@@ -41,6 +42,7 @@ from tests.unit.factories import at, attachment, inline_image, message, reply
 ACCOUNT = "support"
 # Mixed case on purpose: the account's identity must not depend on how the config spells it.
 OWN = frozenset({"Support@Acme.test", "help@acme.test"})
+CTX = ImportContext(ACCOUNT, own_addresses=OWN)
 
 MakeRepo = Callable[[Path], Repository]
 
@@ -75,7 +77,7 @@ def sqlite_path(tmp_path: Path) -> Path:
 
 def run(repo: Repository, *messages: ParsedMessage, first_uid: int = 1) -> list[ImportResult]:
     items = [ImportItem(uid=first_uid + i, message=m) for i, m in enumerate(messages)]
-    return repo.import_batch(ACCOUNT, OWN, items)
+    return repo.import_batch(CTX, items)
 
 
 def detail(repo: Repository, conversation_id: int | None) -> ConversationDetail:
@@ -164,7 +166,7 @@ def test_three_message_thread_is_one_conversation_with_the_right_followers(
     )
     # Given out of order: the repository imports in UID order, so m1 starts the conversation.
     items = [ImportItem(3, m3), ImportItem(1, m1), ImportItem(2, m2)]
-    results = repo.import_batch(ACCOUNT, OWN, items)
+    results = repo.import_batch(CTX, items)
 
     assert [r.uid for r in results] == [3, 1, 2]  # one result per item, in the items' order
     assert all(r.outcome is Outcome.IMPORTED for r in results)
@@ -225,7 +227,10 @@ def test_siblings_whose_parent_never_arrived_share_a_conversation(repo: Reposito
 def test_threading_stays_within_the_account(repo: Repository) -> None:
     parent = message("p@example.com")
     child = reply(parent, "c@example.com", minutes=1)
-    [rp] = repo.import_batch("other", frozenset({"other@acme.test"}), [ImportItem(1, parent)])
+    [rp] = repo.import_batch(
+        ImportContext("other", own_addresses=frozenset({"other@acme.test"})),
+        [ImportItem(1, parent)],
+    )
     [rc] = run(repo, child)
     assert rc.new_conversation
     assert rc.conversation_id != rp.conversation_id
@@ -257,11 +262,31 @@ def test_duplicate_within_one_batch(repo: Repository) -> None:
 
 
 def test_outgoing_copy_coming_back_is_a_duplicate(repo: Repository) -> None:
-    sent = message("sent@acme.test", sender="support@acme.test", to=["ann@example.com"])
-    [stored] = run(repo, sent)
-    [back] = run(repo, sent, first_uid=2)
+    incoming = message("in@example.com")
+    sent = reply(incoming, "sent@acme.test", minutes=1, sender="support@acme.test", to=["ann@x"])
+    first, stored = run(repo, incoming, sent)
+    [back] = run(repo, sent, first_uid=3)
     assert stored.outcome is Outcome.IMPORTED
+    assert stored.conversation_id == first.conversation_id
     assert back.outcome is Outcome.DUPLICATE
+
+
+def test_own_identity_alone_never_starts_a_conversation(repo: Repository) -> None:
+    # From an alias to the account and a plus-variant of it: a loop, not a conversation.
+    looped = message(
+        "loop@acme.test", sender="help@acme.test", to=["support@acme.test"], cc=["help+x@acme.test"]
+    )
+    # The account writing first to a customer does start one (sending starts a thread too).
+    outreach = message("out@acme.test", sender="Support <SUPPORT@acme.test>", to=["ann@x.com"])
+    ignored, started = run(repo, looped, outreach)
+    assert ignored.outcome is Outcome.IGNORED
+    assert ignored.conversation_id is None
+    assert started.outcome is Outcome.IMPORTED
+    [only] = repo.conversations()
+    assert only.id == started.conversation_id
+    assert only.earliest_unread is None  # outgoing mail is not unread
+    followers = detail(repo, only.id).followers
+    assert [email for email, _n, _a in followers] == ["ann@x.com"]
 
 
 def test_message_without_message_id_is_deduplicated_by_its_hash(repo: Repository) -> None:
@@ -576,7 +601,7 @@ def test_sqlite_files_are_owner_only(sqlite_path: Path) -> None:
     repo = SqliteRepository(sqlite_path)
     try:
         repo.migrate()
-        repo.import_batch(ACCOUNT, OWN, [ImportItem(1, message())])
+        repo.import_batch(CTX, [ImportItem(1, message())])
         assert stat.S_IMODE(sqlite_path.parent.stat().st_mode) == 0o700
         for suffix in ("", "-wal", "-shm"):
             path = sqlite_path.with_name(sqlite_path.name + suffix)
@@ -593,9 +618,7 @@ def test_sqlite_locked_database_raises_and_writes_nothing(sqlite_path: Path) -> 
     try:
         other.execute("BEGIN IMMEDIATE")  # an integrator holding a write transaction
         with pytest.raises(StoreError) as info:
-            repo.import_batch(
-                ACCOUNT, OWN, [ImportItem(1, message()), ImportItem(2, message("x@y"))]
-            )
+            repo.import_batch(CTX, [ImportItem(1, message()), ImportItem(2, message("x@y"))])
         assert info.value.code == "database_locked"
         assert info.value.transient
         assert isinstance(info.value.__cause__, sqlite3.OperationalError)
@@ -608,7 +631,7 @@ def test_sqlite_locked_database_raises_and_writes_nothing(sqlite_path: Path) -> 
         assert repo.conversations() == []
         assert repo.failures() == []
         # Once the integrator is done, the same batch goes through.
-        results = repo.import_batch(ACCOUNT, OWN, [ImportItem(1, message())])
+        results = repo.import_batch(CTX, [ImportItem(1, message())])
         assert results[0].outcome is Outcome.IMPORTED
     finally:
         other.close()
@@ -649,12 +672,18 @@ async def test_async_repository_round_trip(make_repo: MakeRepo, tmp_path: Path) 
         await repo.migrate()
         parent = message("a1@example.com")
         results = await repo.import_batch(
-            ACCOUNT, OWN, [ImportItem(1, parent), ImportItem(2, reply(parent, "a2@x", minutes=1))]
+            CTX, [ImportItem(1, parent), ImportItem(2, reply(parent, "a2@x", minutes=1))]
         )
         assert [r.outcome for r in results] == [Outcome.IMPORTED, Outcome.IMPORTED]
         found = await repo.conversation(results[0].conversation_id or 0)
         assert found is not None
         assert found.summary.messages == 2
+        assert found.summary.earliest_unread is not None
+        assert await repo.mark_read(found.summary.id)
+        assert not await repo.mark_read(999)
+        again = await repo.conversation(found.summary.id)
+        assert again is not None
+        assert again.summary.earliest_unread is None
         assert len(await repo.conversations(ACCOUNT)) == 1
         await repo.record_failures(
             ACCOUNT, [FailureInfo(uid=3, message_key="k", code="too_large", reason="big")]
@@ -700,6 +729,10 @@ def threads(draw: st.DrawFn) -> tuple[list[ParsedMessage], list[int], list[int]]
     for i in range(size):
         cc = draw(st.lists(st.sampled_from(PEOPLE), unique=True, max_size=3))
         sender = draw(st.sampled_from((*PEOPLE, "support@acme.test")))
+        if sender == "support@acme.test" and not cc:
+            # Mail in which only the account takes part is ignored when it threads nowhere;
+            # this property is about real threads, which always have someone outside.
+            cc = [PEOPLE[0]]
         if i == 0:
             messages.append(message(f"t{i}@example.com", sender=sender, cc=cc, date=at(0)))
         else:
@@ -725,7 +758,7 @@ def test_any_arrival_order_of_a_thread_ends_in_one_conversation(
             for start, end in itertools.pairwise(bounds):
                 batch = [ImportItem(uid + k, m) for k, m in enumerate(arrivals[start:end])]
                 uid += len(batch)
-                results = repo.import_batch(ACCOUNT, OWN, batch)
+                results = repo.import_batch(CTX, batch)
                 assert all(r.outcome is Outcome.IMPORTED for r in results)
             [summary] = repo.conversations()
             assert summary.messages == len(messages)
