@@ -1,8 +1,8 @@
-"""The ``mailbridge`` command line: run, check-config, status, conversations, failed.
+"""The ``mailbridge`` command line: run, check-config, status, conversations, failed, sync, doctor.
 
-Exit codes follow sysexits.h so systemd units and scripts can act on them: 0 fine, 64 usage,
-69 a mail server unavailable (``run --once``), 70 internal error, 75 temporary failure (database),
-78 configuration error.
+Exit codes follow sysexits.h so systemd units and scripts can act on them: 0 fine, 1 ``doctor``
+found a failing line, 64 usage, 69 a mail server unavailable (``run --once``, ``sync``,
+``failed retry``), 70 internal error, 75 temporary failure (database), 78 configuration error.
 """
 
 from __future__ import annotations
@@ -18,6 +18,7 @@ from typing import Any
 
 import structlog
 from rich.console import Console
+from rich.markup import escape
 from rich.table import Table
 
 from mailbridge import __version__
@@ -69,10 +70,30 @@ def _parser() -> argparse.ArgumentParser:
     conv_sub = conv.add_subparsers(dest="conversation_command", required=True, metavar="ACTION")
     show = conv_sub.add_parser("show", help="show a conversation with its messages")
     show.add_argument("id", type=int)
+    read = conv_sub.add_parser("read", help="mark a conversation read (earliestunread = NULL)")
+    read.add_argument("id", type=int)
 
-    failed = sub.add_parser("failed", help="messages that could not be imported, and why")
-    failed.add_argument("account", nargs="?")
-    failed.add_argument("--all", action="store_true", help="include resolved failures")
+    failed = sub.add_parser(
+        "failed",
+        help="messages that could not be imported, and why; show or retry them",
+        description="failed [ACCOUNT] [--all] lists them; failed show UID; "
+        "failed retry UID... | --all. UIDs are the messages' UIDs in the Failed folder.",
+    )
+    failed.add_argument("words", nargs="*", metavar="ACCOUNT | show UID | retry UID...")
+    failed.add_argument(
+        "--all", action="store_true", help="list: include resolved; retry: every message"
+    )
+    failed.add_argument("--account", help="the account of the UIDs (when several are configured)")
+
+    sync = sub.add_parser(
+        "sync", help="the recovery sweep now: retry the Failed folder, import missed Inbox mail"
+    )
+    sync.add_argument("account", nargs="?")
+
+    doctor = sub.add_parser(
+        "doctor", help="check config, secret, network, TLS, login, capabilities, folders, SMTP"
+    )
+    doctor.add_argument("account", nargs="?")
     return parser
 
 
@@ -112,10 +133,18 @@ def _dispatch(args: argparse.Namespace, settings: Settings) -> int:
         return _status(settings, as_json=args.json)
     if command == "conversations":
         return _conversations(settings, args.account, args.search, args.limit)
+    if command == "conversation" and args.conversation_command == "read":
+        return _conversation_read(settings, args.id)
     if command == "conversation":
         return _conversation_show(settings, args.id)
-    if command == "failed":
-        return _failed(settings, args.account, include_resolved=args.all)
+    if command in {"failed", "sync", "doctor"}:
+        from mailbridge import cli_ops  # the operator's tools pull in the IMAP/SMTP layers
+
+        if command == "failed":
+            return cli_ops.failed(settings, args.words, every=args.all, account=args.account)
+        if command == "sync":
+            return cli_ops.sync(settings, args.account)
+        return cli_ops.doctor(settings, args.account)
     return EX_USAGE  # pragma: no cover - argparse rejects unknown commands first
 
 
@@ -186,7 +215,13 @@ def _open_store(settings: Settings) -> SqliteRepository | None:
     if not settings.database.exists():
         return None
     repo = SqliteRepository(settings.database)
-    repo.migrate()
+    try:
+        repo.migrate()
+        # Also what lets `conversation show` name the parent tables it links to.
+        repo.prepare(settings.follower_parents, settings.conversation_parents)
+    except BaseException:
+        repo.close()
+        raise
     return repo
 
 
@@ -229,6 +264,8 @@ def _status(settings: Settings, *, as_json: bool) -> int:
                 "last_import": _iso(state.last_import) if state else None,
                 "imported": state.imported if state else 0,
                 "failed": state.failed if state else 0,
+                "last_sweep": _iso(state.last_sweep) if state and state.last_sweep else None,
+                "sweep": state.sweep_summary if state else "",
                 "updated": _iso(state.updated) if state else None,
             }
         )
@@ -292,13 +329,23 @@ def _conversation_show(settings: Settings, conversation_id: int) -> int:
         return 1
     console = Console(highlight=False)
     s = detail.summary
-    console.print(f"[bold]Conversation {s.id}[/bold]  {s.subject}")
+    # Mail text is not rich markup: a tagged subject "[ID-…]" would otherwise vanish.
+    console.print(f"[bold]Conversation {s.id}[/bold]  {escape(s.subject)}")
     console.print(f"account {s.account}, key {s.uniqueid}, {s.messages} message(s)")
+    unread = _iso(s.earliest_unread) if s.earliest_unread else "none (read)"
+    console.print(f"earliest unread: {unread}")
+    for table, record in detail.parents:
+        console.print(f"parent: {table} {record}")
+    links: dict[str, list[str]] = {}
+    for email, table, record in detail.follower_parents:
+        links.setdefault(email, []).append(f"{table} {record}")
     followers = ", ".join(
-        f"{name} <{email}>" if name else email + ("" if active else " (inactive)")
+        (f"{name} <{email}>" if name else email)
+        + ("" if active else " (inactive)")
+        + (f" [{', '.join(links[email])}]" if email in links else "")
         for email, name, active in detail.followers
     )
-    console.print(f"followers: {followers}")
+    console.print(f"followers: {escape(followers)}")
     for message in detail.messages:
         console.rule(f"#{message.id}  {_iso(message.date)}")
         sender = (
@@ -307,7 +354,10 @@ def _conversation_show(settings: Settings, conversation_id: int) -> int:
             else message.from_address
         )
         console.print(
-            f"From: {sender}\nSubject: {message.subject}\nMessage-ID: {message.message_id}"
+            escape(
+                f"From: {sender}\nSubject: {message.subject}\nMessage-ID: {message.message_id}"
+                f"\nThreaded by: {message.threaded_by or 'unknown'}"
+            )
         )
         for filename, ctype, size in message.documents:
             console.print(f"  attachment: {filename} ({ctype}, {size} bytes)")
@@ -317,29 +367,16 @@ def _conversation_show(settings: Settings, conversation_id: int) -> int:
     return 0
 
 
-def _failed(settings: Settings, account: str | None, *, include_resolved: bool) -> int:
-    if account is not None:
-        settings.account(account)
+def _conversation_read(settings: Settings, conversation_id: int) -> int:
     repo = _open_store(settings)
-    records = []
+    found = False
     if repo is not None:
         try:
-            records = repo.failures(account, include_resolved=include_resolved)
+            found = repo.mark_read(conversation_id)
         finally:
             repo.close()
-    table = Table(title=f"{len(records)} failed message(s)")
-    for column in ("account", "uid", "date", "from", "subject", "size", "reason", "attempts"):
-        table.add_column(column)
-    for rec in records:
-        table.add_row(
-            rec.account,
-            str(rec.folder_uid or rec.uid),
-            _iso(rec.date),
-            rec.from_address,
-            rec.subject,
-            str(rec.size),
-            f"{rec.code}: {rec.reason}",
-            str(rec.attempts),
-        )
-    Console().print(table)
+    if not found:
+        print(f"mailbridge: no conversation {conversation_id}", file=sys.stderr)
+        return 1
+    print(f"conversation {conversation_id} marked read")
     return 0

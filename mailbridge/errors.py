@@ -367,7 +367,18 @@ _RULES: Final[tuple[tuple[str, re.Pattern[str]], ...]] = tuple(
         (
             "folder_unavailable",
             r"mailbox doesn't exist|mailbox does not exist|no such (?:mailbox|folder)|"
-            r"unknown mailbox|folder not found",
+            r"unknown mailbox|folder not found|check the folder",
+        ),
+        # TLS by wording: SMTP servers and relaying services describe it instead of failing the
+        # handshake ("530 5.7.0 Must issue a STARTTLS command first": the tls mode is wrong).
+        (
+            "tls_untrusted",
+            r"certificate verify failed|SSL Exception|CA certificate|self[- ]signed certificate|"
+            r"unable to get local issuer certificate",
+        ),
+        (
+            "tls_failed",
+            r"must issue a STARTTLS|STARTTLS (?:is )?required|(?:TLS|encryption) (?:is )?required",
         ),
         # -- 4. generic authentication failure --------------------------------------------------
         (

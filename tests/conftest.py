@@ -9,6 +9,7 @@ A missing Dovecot is a failure with instructions, never a silent skip.
 from __future__ import annotations
 
 import itertools
+import logging
 import secrets
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -27,6 +28,22 @@ class ImapUser:
     login: str
     password: str
     address: str
+
+
+@pytest.fixture(autouse=True)
+def _detach_cli_log_handler() -> Iterator[None]:
+    """Undo what a CLI test's ``configure_logging(stream=sys.stderr)`` left on the root logger.
+
+    That handler holds the test's capture stream, closed once the test ends; later tests (and
+    threads such as aiosmtpd's) would log into it and print "--- Logging error ---" noise.
+    """
+    yield
+    from mailbridge import log as mailbridge_log
+
+    handler = mailbridge_log._handler
+    if handler is not None:
+        logging.getLogger().removeHandler(handler)
+        mailbridge_log._handler = None
 
 
 def _require_dovecot() -> None:

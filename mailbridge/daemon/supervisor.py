@@ -22,8 +22,9 @@ import structlog
 
 from mailbridge.config import AccountSettings, Settings, load_config
 from mailbridge.daemon.account import AccountWorker, PassSummary
+from mailbridge.daemon.sweep import run_schedule
 from mailbridge.daemon.systemd import Notifier
-from mailbridge.errors import ConfigError, MailbridgeError, ServerError
+from mailbridge.errors import ConfigError, MailbridgeError, ServerError, describe
 from mailbridge.store.base import AccountState
 from mailbridge.store.sqlite import AsyncRepository, open_repository
 
@@ -40,6 +41,7 @@ class _Running:
     worker: AccountWorker
     task: asyncio.Task[None]
     settings: AccountSettings
+    sweep: asyncio.Task[None] | None = None  # the recovery sweep's schedule, beside the loop
 
 
 class Supervisor:
@@ -70,7 +72,7 @@ class Supervisor:
         self._reload.set()
 
     async def run(self) -> int:
-        self.repo = await open_repository(self.settings.database)
+        self.repo = await open_repository(self.settings.database, self.settings)
         loop = asyncio.get_running_loop()
         for sig, handler in (
             (signal.SIGTERM, self.request_stop),
@@ -123,13 +125,27 @@ class Supervisor:
             if running.task.done() and not running.worker.stopping.is_set():
                 exc = running.task.exception() if not running.task.cancelled() else None
                 log.error("account_task_died", account=name, error=repr(exc))
+                running.worker.stopping.set()  # ends its sweep schedule; _start makes a new one
                 self._start(running.settings)
 
     def _start(self, account: AccountSettings) -> None:
         assert self.repo is not None
         worker = AccountWorker(self.settings, account, self.repo, on_state=self._on_state)
         task = asyncio.create_task(worker.run(), name=f"account:{account.name}")
-        self.running[account.name] = _Running(worker, task, account)
+        sweep_task = None
+        if self.settings.recovery.enabled:
+            # Its own task and IMAP connection; it stops with the worker (same event).
+            sweep_task = asyncio.create_task(
+                run_schedule(
+                    self.settings,
+                    account,
+                    self.repo,
+                    worker.stopping,
+                    skip=lambda: _needs_operator(worker),
+                ),
+                name=f"sweep:{account.name}",
+            )
+        self.running[account.name] = _Running(worker, task, account, sweep_task)
         if not account.imap.verify_certificate:
             log.warning(
                 "tls_verification_disabled",
@@ -145,6 +161,7 @@ class Supervisor:
         for entry in entries:
             entry.worker.stopping.set()
         tasks = [entry.task for entry in entries]
+        tasks += [entry.sweep for entry in entries if entry.sweep is not None]
         _, pending = await asyncio.wait(tasks, timeout=self.drain_seconds)
         for task in pending:
             log.warning("drain_timeout_cancelling", task=task.get_name())
@@ -173,6 +190,7 @@ class Supervisor:
             if name not in new_accounts
             or new_accounts[name] != old_accounts[name]
             or new.limits != self.settings.limits
+            or new.recovery != self.settings.recovery  # restarts the sweep schedules
         ]
         # database path changes need a restart; everything else applies now
         self.settings = new.model_copy(update={"database": self.settings.database})
@@ -182,6 +200,11 @@ class Supervisor:
         started = [name for name in new_accounts if name not in self.running]
         for name in started:
             self._start(new_accounts[name])
+        # An unchanged account may be backing off from a problem fixed outside the config (a
+        # password file, a server-side setting): secrets are read at connect, so try now.
+        for name, running in self.running.items():
+            if name not in started:
+                running.worker.wake()
         log.info(
             "config_reloaded",
             restarted=sorted(set(changed) & set(started)),
@@ -201,6 +224,14 @@ class Supervisor:
         self.notifier.status(summarise_states(self.states.values(), len(self.running)))
 
 
+def _needs_operator(worker: AccountWorker) -> str | None:
+    """Why a scheduled sweep should not log in now: the live loop's error needs the operator."""
+    code = worker.state.code
+    if code is not None and not describe(code).transient and worker.state.state == code:
+        return f"the account is in {code}; the sweep resumes when it recovers"
+    return None
+
+
 def summarise_states(states: object, total: int) -> str:
     """The systemd STATUS= line: '3 accounts: 2 idle, 1 auth_failed'."""
     counts = Counter(s.state for s in states)  # type: ignore[attr-defined]
@@ -217,7 +248,7 @@ class OnceResult:
 
 async def run_once(settings: Settings, accounts: list[str] | None = None) -> list[OnceResult]:
     """One pass over every (or the named) enabled account, concurrently."""
-    repo = await open_repository(settings.database)
+    repo = await open_repository(settings.database, settings)
     try:
         chosen = [
             a for a in settings.accounts if a.enabled and (accounts is None or a.name in accounts)

@@ -134,6 +134,25 @@ REAL_RESPONSES: list[tuple[str, str]] = [
     ("Multi-factor authentication required; Please use application password to login.",
      "app_password_required"),
     ("Token has been expired or revoked, please update the correct token", "token_expired"),
+    ("Mailbox error, please check the folder used", "folder_unavailable"),
+    ("SSL Exception, please use the correct CA certificate", "tls_untrusted"),
+    ("Server connection issue; Contact your mailbox provider or try again later",
+     "server_unavailable"),
+    # --- SMTP replies (Gmail, Exchange Online, Postfix, aiosmtpd) ---
+    ("530 5.7.0 Must issue a STARTTLS command first. d2-20020a05600c", "tls_failed"),
+    ("538 5.7.11 Encryption required for requested authentication mechanism", "tls_failed"),
+    ("535 5.7.8 Authentication credentials invalid", "auth_failed"),
+    ("535 5.7.8 Error: authentication failed: authentication failure", "auth_failed"),
+    ("552-5.2.2 The email account that you tried to reach is over quota.", "quota_exceeded"),
+    ("554 5.2.2 mailbox full; STOREDRV.Deliver.Exception:QuotaExceededException",
+     "quota_exceeded"),
+    ("451 4.7.0 Temporary server error. Please try again later. PRX5", "server_unavailable"),
+    ("421 4.3.2 Service not available, closing transmission channel", "server_unavailable"),
+    ("432 4.3.2 STOREDRV.ClientSubmit; sender thread limit exceeded", "server_unavailable"),
+    # --- TLS failures as some servers and relays word them ---
+    ("[SSL: CERTIFICATE_VERIFY_FAILED] certificate verify failed: unable to get local issuer "
+     "certificate (_ssl.c:1006)", "tls_untrusted"),
+    ("certificate verify failed: self-signed certificate in certificate chain", "tls_untrusted"),
 ]  # fmt: skip
 
 

@@ -1,0 +1,404 @@
+"""The operator's commands: ``sync``, ``failed`` (list, show, retry) and ``doctor``.
+
+They answer "what failed, why, and is it fixed now?" without SQL. Failed messages are named by
+their UID in the account's *Failed folder* (``importfailure.folderuid``): the number an
+operator also sees in a mail client and the one ``failed show``/``failed retry`` take.
+Exit codes as in :mod:`mailbridge.cli`: 0 fine, 1 ``doctor`` found a failing line, 64 usage,
+69 an account could not connect or log in.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import email.parser
+import email.policy
+import sys
+from collections.abc import Sequence
+from datetime import UTC, datetime
+
+from rich.console import Console
+from rich.markup import escape
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn
+from rich.table import Table
+
+from mailbridge.config import AccountSettings, Settings
+from mailbridge.daemon.doctor import Check, check_database, diagnose, failing
+from mailbridge.daemon.sweep import SweepSummary, fetch_failed, retry_failed, sweep_and_record
+from mailbridge.errors import MailbridgeError, ServerError, describe
+from mailbridge.store.base import FailureRecord
+from mailbridge.store.sqlite import SqliteRepository, open_repository
+
+EX_USAGE = 64
+EX_UNAVAILABLE = 69
+
+_MARKS = {"ok": "✓", "warn": "!", "fail": "✗", "skip": "-"}
+
+
+def console() -> Console:
+    # Piped output (scripts, tests, journald) gets wide lines instead of wrapped table cells.
+    return Console(highlight=False, width=None if sys.stdout.isatty() else 240)
+
+
+def _iso(value: datetime | None) -> str:
+    return value.astimezone(UTC).isoformat(timespec="seconds") if value else ""
+
+
+def _chosen(settings: Settings, name: str | None) -> list[AccountSettings]:
+    if name is not None:
+        return [settings.account(name)]  # ConfigError naming the configured accounts
+    return [a for a in settings.accounts if a.enabled]
+
+
+# -- sync -------------------------------------------------------------------------------------
+
+
+def sync(settings: Settings, account: str | None) -> int:
+    """``mailbridge sync [ACCOUNT]``: the recovery sweep now, with a summary per account."""
+    accounts = _chosen(settings, account)
+    out = console()
+    results = asyncio.run(_sync(settings, accounts, out))
+    table = Table(title="recovery sweep")
+    for column in ("account", "retried", "recovered", "still failing", "inbox imported",
+                   "new failures", "skipped (grace)", "why"):  # fmt: skip
+        table.add_column(column)
+    errors: list[tuple[str, MailbridgeError]] = []
+    for name, outcome in results:
+        if isinstance(outcome, MailbridgeError):
+            errors.append((name, outcome))
+            table.add_row(name, "-", "-", "-", "-", "-", "-", f"{outcome.code}: {outcome}")
+            continue
+        why = ", ".join(f"{code} ×{n}" for code, n in sorted(outcome.reasons().items()))
+        table.add_row(
+            name,
+            str(outcome.retried),
+            str(outcome.recovered + outcome.already_imported),
+            str(len(outcome.still_failing)),
+            str(outcome.inbox_imported),
+            str(len(outcome.new_failures)),
+            str(outcome.skipped_young),
+            why,
+        )
+    out.print(table)
+    for name, outcome in results:
+        if isinstance(outcome, SweepSummary):
+            _print_failures(out, name, outcome)
+            if outcome.left_old:
+                out.print(
+                    f"{name}: {outcome.left_old} older message(s) in the Failed folder were not "
+                    f"retried (over recovery.max_failed_age_days); 'mailbridge failed retry "
+                    f"--all --account {name}' retries them"
+                )
+    for name, exc in errors:
+        _print_error(out, name, exc)
+    return _exit_code([exc for _, exc in errors])
+
+
+async def _sync(
+    settings: Settings, accounts: Sequence[AccountSettings], out: Console
+) -> list[tuple[str, SweepSummary | MailbridgeError]]:
+    repo = await open_repository(settings.database, settings)
+    progress = Progress(
+        TextColumn("{task.description}"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        console=out,
+        transient=True,
+        disable=not out.is_terminal,  # a bar in a pipe or a log is noise
+    )
+    try:
+        with progress:
+
+            async def one(account: AccountSettings) -> tuple[str, SweepSummary | MailbridgeError]:
+                tasks: dict[str, object] = {}
+
+                def report(phase: str, done: int, total: int) -> None:
+                    if phase not in tasks:
+                        label = "Failed folder" if phase == "failed" else "Inbox"
+                        tasks[phase] = progress.add_task(f"{account.name}: {label}", total=total)
+                    progress.update(tasks[phase], completed=done, total=total)  # type: ignore[arg-type]
+
+                try:
+                    return account.name, await sweep_and_record(
+                        settings, account, repo, progress=report
+                    )
+                except MailbridgeError as exc:
+                    return account.name, exc
+
+            return list(await asyncio.gather(*(one(a) for a in accounts)))
+    finally:
+        await repo.aclose()
+
+
+def _print_failures(out: Console, name: str, summary: SweepSummary) -> None:
+    for failure in summary.still_failing:
+        out.print(
+            f"{name}: still failing, Failed-folder UID {failure.uid}: {failure.subject!r} — "
+            f"{failure.code}: {failure.reason}\n  fix: {describe(failure.code).remedy}",
+            markup=False,
+        )
+    for failure in summary.new_failures:
+        out.print(
+            f"{name}: new failure (moved to the Failed folder): {failure.subject!r} — "
+            f"{failure.code}: {failure.reason}",
+            markup=False,
+        )
+
+
+def _exit_code(errors: Sequence[MailbridgeError]) -> int:
+    if any(isinstance(e, ServerError) for e in errors):
+        return EX_UNAVAILABLE
+    return 75 if errors else 0  # a database problem: temporary
+
+
+def _print_error(out: Console, name: str, exc: MailbridgeError) -> None:
+    out.print(f"[red]{escape(name)}: {exc.code}[/red] {escape(str(exc))}")
+    out.print(f"  fix: {exc.remedy}", markup=False)
+
+
+# -- failed -----------------------------------------------------------------------------------
+
+
+def failed(settings: Settings, words: Sequence[str], *, every: bool, account: str | None) -> int:
+    """``failed [ACCOUNT] [--all]``, ``failed show UID``, ``failed retry UID...|--all``."""
+    if words and words[0] == "show":
+        if len(words) != 2 or not words[1].isdigit():
+            print("usage: mailbridge failed show UID [--account A]", file=sys.stderr)
+            return EX_USAGE
+        return _show(settings, int(words[1]), account)
+    if words and words[0] == "retry":
+        uids = words[1:]
+        if (not uids and not every) or (uids and every) or not all(u.isdigit() for u in uids):
+            print("usage: mailbridge failed retry UID... | --all [--account A]", file=sys.stderr)
+            return EX_USAGE
+        return _retry(settings, [int(u) for u in uids] if uids else None, account)
+    if len(words) > 1:
+        print("usage: mailbridge failed [ACCOUNT] [--all]", file=sys.stderr)
+        return EX_USAGE
+    return _list(settings, words[0] if words else account, include_resolved=every)
+
+
+def _records(
+    settings: Settings, account: str | None, *, include_resolved: bool
+) -> list[FailureRecord]:
+    if not settings.database.exists():
+        return []
+    repo = SqliteRepository(settings.database)
+    try:
+        repo.migrate()
+        return repo.failures(account, include_resolved=include_resolved)
+    finally:
+        repo.close()
+
+
+def _list(settings: Settings, account: str | None, *, include_resolved: bool) -> int:
+    if account is not None:
+        settings.account(account)
+    records = _records(settings, account, include_resolved=include_resolved)
+    table = Table(
+        title=f"{len(records)} failed message(s)",
+        caption="UID: the message's UID in the account's Failed folder "
+        "(for 'failed show UID' and 'failed retry UID')",
+    )
+    columns = ["account", "UID", "date", "from", "subject", "size", "last reason", "attempts"]
+    if include_resolved:
+        columns.append("resolved")
+    for column in columns:
+        table.add_column(
+            column, justify="right" if column in {"UID", "size", "attempts"} else "left"
+        )
+    for rec in records:
+        row = [
+            rec.account,
+            str(rec.folder_uid) if rec.folder_uid is not None else "?",
+            _iso(rec.date),
+            rec.from_address,
+            rec.subject,
+            _size(rec.size),
+            f"{rec.code}: {rec.reason}",
+            str(rec.attempts),
+        ]
+        if include_resolved:
+            row.append(_iso(rec.resolved))
+        table.add_row(*row)
+    out = console()
+    out.print(table)
+    if records:
+        out.print("Failed-folder UID = the message's UID in the Failed folder; '?' means the "
+                  "server did not report it (no UIDPLUS).")  # fmt: skip
+    return 0
+
+
+def _size(size: int) -> str:
+    for unit, scale in (("MB", 1024 * 1024), ("kB", 1024)):
+        if size >= scale:
+            return f"{size / scale:.1f} {unit}"
+    return f"{size} B"
+
+
+def _find(
+    settings: Settings, uid: int, account: str | None
+) -> tuple[AccountSettings | None, FailureRecord | None, str]:
+    """The account and stored failure of Failed-folder UID ``uid``; the str explains a miss."""
+    records = [r for r in _records(settings, account, include_resolved=True) if r.folder_uid == uid]
+    unresolved = [r for r in records if r.resolved is None] or records
+    if account is not None:
+        return settings.account(account), (unresolved[0] if unresolved else None), ""
+    owners = {r.account for r in unresolved}
+    if len(owners) > 1:
+        return (
+            None,
+            None,
+            f"UID {uid} is in the Failed folder of {', '.join(sorted(owners))}: add --account",
+        )
+    if owners:
+        name = owners.pop()
+        return settings.account(name), unresolved[0], ""
+    enabled = [a for a in settings.accounts if a.enabled]
+    if len(enabled) == 1:
+        return enabled[0], None, ""
+    return (
+        None,
+        None,
+        f"no stored failure has Failed-folder UID {uid}: add --account to look on the server",
+    )
+
+
+def _show(settings: Settings, uid: int, account_name: str | None) -> int:
+    account, record, problem = _find(settings, uid, account_name)
+    if account is None:
+        print(f"mailbridge: {problem}", file=sys.stderr)
+        return EX_USAGE
+    out = console()
+    out.print(f"[bold]{account.name}[/bold]: Failed-folder UID {uid} ({account.folders.failed!r})")
+    if record is not None:
+        info = describe(record.code)
+        for label, value in (
+            ("reason", f"{record.code}: {record.reason}"),
+            ("fix", info.remedy),
+            ("attempts", str(record.attempts)),
+            ("first failed", _iso(record.first_failed)),
+            ("last failed", _iso(record.last_failed)),
+            ("resolved", _iso(record.resolved) or "no"),
+            ("Inbox UID", str(record.uid)),
+            ("Message-ID", record.message_id or ""),
+            ("message key", record.message_key),
+            ("from", record.from_address),
+            ("subject", record.subject),
+            ("date", _iso(record.date)),
+            ("size", f"{record.size} bytes"),
+        ):
+            out.print(f"  {label:<13} {value}", markup=False)
+    else:
+        out.print("  no failure is stored for this UID (moved to the Failed folder by hand?)")
+    try:
+        fetched = asyncio.run(fetch_failed(account, [uid]))
+    except MailbridgeError as exc:
+        out.print(f"on the server: not reachable — {exc.code}: {exc}", markup=False)
+        out.print(f"  fix: {exc.remedy}", markup=False)
+        return 0
+    if not fetched:
+        out.print(f"on the server: no message with UID {uid} in {account.folders.failed!r} "
+                  "(imported, moved or deleted since)")  # fmt: skip
+        return 0 if record is not None else 1
+    message = fetched[0]
+    headers = email.parser.BytesHeaderParser(policy=email.policy.default).parsebytes(message.raw)
+    out.print(f"on the server: {len(message.raw)} bytes, received {_iso(message.internaldate)}")
+    for header in ("From", "To", "Cc", "Subject", "Date", "Message-ID", "Content-Type"):
+        found = headers.get(header)
+        if found is not None:
+            out.print(f"  {header}: {found}", markup=False)
+    return 0
+
+
+def _retry(settings: Settings, uids: list[int] | None, account_name: str | None) -> int:
+    plan: dict[str, tuple[AccountSettings, list[int] | None]] = {}
+    if uids is None:
+        for chosen in _chosen(settings, account_name):
+            plan[chosen.name] = (chosen, None)
+    else:
+        for uid in uids:
+            account, _record, problem = _find(settings, uid, account_name)
+            if account is None:
+                print(f"mailbridge: {problem}", file=sys.stderr)
+                return EX_USAGE
+            entry = plan.setdefault(account.name, (account, []))
+            assert entry[1] is not None
+            entry[1].append(uid)
+    out = console()
+    results = asyncio.run(_retry_all(settings, list(plan.values())))
+    errors: list[MailbridgeError] = []
+    for name, outcome in results:
+        if isinstance(outcome, MailbridgeError):
+            errors.append(outcome)
+            _print_error(out, name, outcome)
+            continue
+        out.print(f"{name}: {outcome.line()}", markup=False)
+        _print_failures(out, name, outcome)
+        asked = len(plan[name][1] or ())
+        if asked > outcome.retried:
+            out.print(f"{name}: {asked - outcome.retried} UID(s) not in the Failed folder")
+    return _exit_code(errors)
+
+
+async def _retry_all(
+    settings: Settings, plan: list[tuple[AccountSettings, list[int] | None]]
+) -> list[tuple[str, SweepSummary | MailbridgeError]]:
+    repo = await open_repository(settings.database, settings)
+    try:
+
+        async def one(
+            account: AccountSettings, uids: list[int] | None
+        ) -> tuple[str, SweepSummary | MailbridgeError]:
+            try:
+                summary = await retry_failed(settings, account, repo, uids)
+            except MailbridgeError as exc:
+                return account.name, exc
+            await repo.record_sweep(
+                account.name,
+                summary.finished or datetime.now(UTC),
+                f"failed retry: {summary.line()}",
+                summary.imported,
+            )
+            return account.name, summary
+
+        return list(await asyncio.gather(*(one(a, u) for a, u in plan)))
+    finally:
+        await repo.aclose()
+
+
+# -- doctor -----------------------------------------------------------------------------------
+
+
+def doctor(settings: Settings, account: str | None) -> int:
+    """``mailbridge doctor [ACCOUNT]``: the checklist; exit 1 when any line fails."""
+    accounts = _chosen(settings, account)
+    out = console()
+    general = [Check("config valid", "ok", str(settings.source or "")), check_database(settings)]
+    per_account = asyncio.run(_diagnose_all(accounts))
+    _print_checks(out, general, indent="")
+    for acc, checks in zip(accounts, per_account, strict=True):
+        out.print(f"[bold]{acc.name}[/bold] ({acc.address})")
+        _print_checks(out, checks, indent="  ")
+    bad = failing(general) or any(failing(c) for c in per_account)
+    out.print(
+        "[red]some checks failed: fix the first ✗ line first[/red]" if bad else "all checks passed"
+    )
+    return 1 if bad else 0
+
+
+async def _diagnose_all(accounts: Sequence[AccountSettings]) -> list[list[Check]]:
+    return list(await asyncio.gather(*(diagnose(a) for a in accounts)))
+
+
+def _print_checks(out: Console, checks: Sequence[Check], *, indent: str) -> None:
+    colours = {"ok": "green", "warn": "yellow", "fail": "red", "skip": "dim"}
+    for check in checks:
+        mark = f"[{colours[check.status]}]{_MARKS[check.status]}[/{colours[check.status]}]"
+        line = f"{indent}{mark} {escape(check.name)}"
+        if check.code:
+            line += f": {check.code}"
+        if check.detail:
+            line += f" — {escape(check.detail)}"
+        out.print(line)
+        if check.remedy:
+            out.print(f"{indent}    fix: {check.remedy}")

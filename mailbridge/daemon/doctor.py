@@ -1,0 +1,252 @@
+"""``mailbridge doctor``: check an account end to end and say what to fix, line by line.
+
+:func:`diagnose` returns a checklist; each line is ``ok``, ``warn`` (works, but worse than it
+could: no IDLE, an unverified certificate), ``fail`` (with the catalogue code and its remedy) or
+``skip`` (an earlier line failed, so this one could not be checked). The order follows a
+connection's life, so the first failing line is the one to fix first: secret, DNS/TCP, TLS,
+login, capabilities, folders, SMTP. The database check is shared by every account.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import os
+import socket
+import sqlite3
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Literal
+
+from mailbridge.config import AccountSettings, Settings
+from mailbridge.errors import MailbridgeError, describe
+from mailbridge.mail.imap import ImapSession
+from mailbridge.mail.smtp import check_smtp
+
+Status = Literal["ok", "warn", "fail", "skip"]
+
+_TLS_CODES = frozenset({"tls_untrusted", "tls_failed"})
+_CONNECT_CODES = frozenset({"unreachable", "timeout", "connection_lost"})
+
+
+@dataclass(frozen=True, slots=True)
+class Check:
+    """One line of the checklist."""
+
+    name: str
+    status: Status
+    detail: str = ""
+    code: str | None = None
+
+    @property
+    def remedy(self) -> str | None:
+        return describe(self.code).remedy if self.code else None
+
+    @classmethod
+    def failed(cls, name: str, exc: MailbridgeError) -> Check:
+        return cls(name, "fail", str(exc), exc.code)
+
+
+def failing(checks: list[Check]) -> bool:
+    return any(c.status == "fail" for c in checks)
+
+
+def check_database(settings: Settings) -> Check:
+    """The database file can be written (or created), without changing it."""
+    path = settings.database
+    name = "database writable"
+    if not path.exists():
+        parent = _existing_parent(path)
+        if os.access(parent, os.W_OK | os.X_OK):
+            return Check(name, "ok", f"{path} (will be created)")
+        return Check(
+            name, "fail", f"cannot create {path}: {parent} is not writable", "database_error"
+        )
+    try:
+        conn = sqlite3.connect(path, timeout=2)
+        try:
+            conn.execute("BEGIN IMMEDIATE")  # takes the write lock, writes nothing
+            conn.execute("ROLLBACK")
+        finally:
+            conn.close()
+    except sqlite3.OperationalError as exc:
+        code = "database_locked" if "locked" in str(exc) else "database_error"
+        return Check(name, "fail", f"{path}: {exc}", code)
+    except sqlite3.Error as exc:
+        return Check(name, "fail", f"{path}: {exc}", "database_error")
+    return Check(name, "ok", str(path))
+
+
+async def diagnose(account: AccountSettings) -> list[Check]:
+    """Every check of one account, in connection order (see the module docstring)."""
+    try:
+        account.auth.secret()
+    except MailbridgeError as exc:
+        skipped = ["login", "capabilities", "folders"] + (["smtp"] if account.smtp else [])
+        return [Check.failed("secret readable", exc), *_skipped(*skipped, account=account)]
+    checks = [Check("secret readable", "ok", account.auth.secret_source())]
+    checks.extend(await _imap(account))
+    if account.smtp is not None:  # independent of IMAP: checked whatever IMAP said
+        checks.append(await _smtp(account))
+    return checks
+
+
+async def _imap(account: AccountSettings) -> list[Check]:
+    imap = account.imap
+    where = f"{imap.host}:{imap.port}"
+    reach = await _reachable(imap.host, imap.port or 0, imap.timeout_seconds)
+    if reach.status == "fail":
+        return [reach, *_skipped("tls", "login", "capabilities", "folders", account=account)]
+    checks = [reach]
+    try:
+        session = await ImapSession.open(account)
+    except MailbridgeError as exc:
+        if exc.code in _TLS_CODES:
+            checks.append(Check.failed("TLS verified", exc))
+            return [*checks, *_skipped("login", "capabilities", "folders", account=account)]
+        checks.append(_tls_line(account))
+        if exc.code in _CONNECT_CODES:
+            checks.append(Check.failed(f"IMAP greeting from {where}", exc))
+        else:
+            checks.append(Check.failed(f"login as {account.auth.username}", exc))
+        return [*checks, *_skipped("capabilities", "folders", account=account)]
+    try:
+        checks.append(_tls_line(account))
+        checks.append(Check(f"login as {account.auth.username}", "ok"))
+        checks.extend(_capabilities(session.capabilities, account))
+        checks.extend(await _folders(session, account))
+    finally:
+        await session.close()
+    return checks
+
+
+# -- the lines --------------------------------------------------------------------------------
+
+
+async def _reachable(host: str, port: int, timeout: float) -> Check:  # noqa: ASYNC109
+    name = f"reachable {host}:{port}"
+    loop = asyncio.get_running_loop()
+    try:
+        async with asyncio.timeout(timeout):
+            await loop.getaddrinfo(host, port, type=socket.SOCK_STREAM)
+    except socket.gaierror as exc:
+        return Check(name, "fail", f"host name lookup failed ({exc.strerror})", "unreachable")
+    except TimeoutError:
+        return Check(name, "fail", f"host name lookup took over {timeout:g}s", "timeout")
+    try:
+        async with asyncio.timeout(timeout):
+            _, writer = await asyncio.open_connection(host, port)
+    except TimeoutError:
+        return Check(name, "fail", f"no TCP answer within {timeout:g}s", "timeout")
+    except OSError as exc:
+        return Check(name, "fail", f"TCP connect failed ({exc.strerror or exc})", "unreachable")
+    writer.close()
+    # Closed from the other end first is fine: the port answered, which is what was checked.
+    with contextlib.suppress(OSError):
+        await writer.wait_closed()
+    return Check(name, "ok", "DNS and TCP")
+
+
+def _tls_line(account: AccountSettings) -> Check:
+    imap = account.imap
+    if imap.tls == "none":
+        return Check(
+            "TLS", "warn", "imap.tls is none: the password and mail cross the network in clear"
+        )
+    if not imap.verify_certificate:
+        return Check(
+            "TLS verified",
+            "warn",
+            f"{imap.tls} TLS, but verify_certificate is false: the server's identity is not "
+            "checked; set imap.ca_file to its CA instead",
+        )
+    return Check(
+        "TLS verified", "ok", f"{imap.tls}" + (f", CA {imap.ca_file}" if imap.ca_file else "")
+    )
+
+
+def _capabilities(caps: frozenset[str], account: AccountSettings) -> list[Check]:
+    lines: list[Check] = []
+    if "IDLE" in caps:
+        lines.append(Check("capability IDLE", "ok", "new mail is pushed"))
+    else:
+        lines.append(
+            Check(
+                "capability IDLE",
+                "warn",
+                f"missing: mailbridge polls every {account.poll_interval_seconds:g}s instead",
+            )
+        )
+    if "MOVE" in caps:
+        lines.append(Check("capability MOVE", "ok"))
+    else:
+        lines.append(
+            Check(
+                "capability MOVE",
+                "warn",
+                "missing: mailbridge copies, flags \\Deleted and expunges",
+            )
+        )
+    if "UIDPLUS" in caps:
+        lines.append(Check("capability UIDPLUS", "ok"))
+    else:
+        lines.append(
+            Check(
+                "capability UIDPLUS",
+                "warn",
+                "missing: Failed-folder UIDs are not recorded, and without MOVE an expunge waits "
+                "until no other message is flagged \\Deleted",
+            )
+        )
+    return lines
+
+
+async def _folders(session: ImapSession, account: AccountSettings) -> list[Check]:
+    folders = account.folders
+    lines: list[Check] = []
+    try:
+        await session.select(folders.inbox)
+    except MailbridgeError as exc:
+        lines.append(Check.failed(f"folder {folders.inbox!r} selectable", exc))
+    else:
+        lines.append(Check(f"folder {folders.inbox!r} selectable", "ok"))
+    name = f"folders {folders.processed!r} and {folders.failed!r}"
+    try:
+        await session.ensure_folders([folders.processed, folders.failed])
+        await session.select(folders.failed)
+    except MailbridgeError as exc:
+        lines.append(Check.failed(name, exc))
+    else:
+        lines.append(Check(name, "ok", "exist (created if they were missing)"))
+    return lines
+
+
+async def _smtp(account: AccountSettings) -> Check:
+    smtp = account.smtp
+    assert smtp is not None
+    name = f"SMTP {smtp.host}:{smtp.port} login"
+    try:
+        await check_smtp(account)
+    except MailbridgeError as exc:
+        return Check.failed(name, exc)
+    if smtp.tls != "none" and not smtp.verify_certificate:
+        return Check(name, "warn", "logged in, but smtp.verify_certificate is false")
+    return Check(name, "ok", f"{smtp.tls} TLS" if smtp.tls != "none" else "no TLS")
+
+
+def _skipped(*what: str, account: AccountSettings) -> list[Check]:
+    names = {
+        "tls": "TLS verified",
+        "login": f"login as {account.auth.username}",
+        "capabilities": "capabilities",
+        "folders": "folders",
+        "smtp": "SMTP login",
+    }
+    return [Check(names[w], "skip", "not checked: an earlier line failed") for w in what]
+
+
+def _existing_parent(path: Path) -> Path:
+    parent = path.parent
+    while not parent.exists() and parent != parent.parent:
+        parent = parent.parent
+    return parent

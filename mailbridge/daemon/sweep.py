@@ -1,0 +1,339 @@
+"""The recovery sweep: retry the Failed folder and import Inbox mail the live loop missed.
+
+One sweep of an account, on its own IMAP connection (the live loop keeps its IDLE):
+
+1. **Failed folder.** Messages that arrived less than ``recovery.max_failed_age_days`` ago are
+   fetched and imported again, with the same code as the live loop
+   (:meth:`AccountWorker.process_fetched`). Imported ones (and ones found already imported) move
+   to Processed; ones that fail again stay in Failed, their ``importfailure`` row updated with
+   the new reason and one more attempt. ``UID SEARCH SINCE`` only knows whole days, so the
+   INTERNALDATE of each fetched message decides. Older failures are left for the operator
+   (``mailbridge failed retry``), which retries the messages it names regardless of age.
+2. **Inbox.** Unseen mail older than ``recovery.grace_period_minutes`` (by INTERNALDATE) is
+   imported as the live loop would. Younger mail is the live loop's: racing it would only cost
+   work (the database recognises the second copy), but the grace period avoids even that.
+
+:func:`run_schedule` runs sweeps on the ``recovery.schedule`` cron expression beside an
+account's live loop in the daemon; ``mailbridge sync`` runs :func:`sweep_and_record` on demand.
+Each sweep is logged as one ``sweep_done`` event and its one-line summary is stored for
+``mailbridge status``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from datetime import UTC, datetime, timedelta
+
+import structlog
+
+from mailbridge.config import AccountSettings, Settings
+from mailbridge.daemon.account import AccountWorker
+from mailbridge.errors import MailbridgeError
+from mailbridge.mail.imap import FetchedMessage, ImapSession
+from mailbridge.store.base import FailureInfo
+from mailbridge.store.sqlite import AsyncRepository
+
+log = structlog.get_logger("mailbridge.sweep")
+
+# (phase, done, total): phase is "failed" or "inbox"; called after every batch and once with
+# done=0 when the phase's total is known. The CLI draws its progress bar from it.
+Progress = Callable[[str, int, int], None]
+
+_MONTHS = ("Jan", "Feb", "Mar", "Apr", "May", "Jun", "Jul", "Aug", "Sep", "Oct", "Nov", "Dec")
+
+
+@dataclass
+class SweepSummary:
+    """What one sweep (or one ``failed retry``) did for one account."""
+
+    account: str
+    started: datetime
+    finished: datetime | None = None
+    retried: int = 0  # Failed-folder messages tried again
+    recovered: int = 0  # of those, imported now
+    already_imported: int = 0  # of those, found in the database already (moved to Processed)
+    left_old: int = 0  # Failed-folder messages older than max_failed_age_days, not retried
+    inbox_imported: int = 0  # missed Inbox mail imported
+    inbox_duplicates: int = 0  # missed Inbox mail that was already stored
+    skipped_young: int = 0  # unseen Inbox mail within the grace period, left to the live loop
+    still_failing: list[FailureInfo] = field(default_factory=list)  # retried, failed again
+    new_failures: list[FailureInfo] = field(default_factory=list)  # Inbox mail moved to Failed
+
+    @property
+    def imported(self) -> int:
+        return self.recovered + self.inbox_imported
+
+    def line(self) -> str:
+        """One line for logs, ``status`` and the daemon's record."""
+        parts = [
+            f"retried {self.retried}",
+            f"recovered {self.recovered + self.already_imported}",
+            f"still failing {len(self.still_failing)}",
+            f"inbox imported {self.inbox_imported}",
+            f"new failures {len(self.new_failures)}",
+        ]
+        if self.skipped_young:
+            parts.append(f"skipped (grace period) {self.skipped_young}")
+        if self.left_old:
+            parts.append(f"older failures left {self.left_old}")
+        return ", ".join(parts)
+
+    def reasons(self) -> dict[str, int]:
+        """Failure code -> how many messages of this sweep failed with it."""
+        counts: dict[str, int] = {}
+        for failure in (*self.still_failing, *self.new_failures):
+            counts[failure.code] = counts.get(failure.code, 0) + 1
+        return counts
+
+
+def imap_date(when: datetime) -> str:
+    """An RFC 3501 ``date`` (``1-Feb-2026``) whatever the process locale (strftime's %b is not)."""
+    return f"{when.day}-{_MONTHS[when.month - 1]}-{when.year}"
+
+
+async def sweep(
+    settings: Settings,
+    account: AccountSettings,
+    repo: AsyncRepository,
+    *,
+    progress: Progress | None = None,
+    now: datetime | None = None,
+    stopping: asyncio.Event | None = None,
+) -> SweepSummary:
+    """One recovery sweep of ``account`` (see the module docstring). Raises ServerError when it
+    cannot connect or a command fails; what it did before that is committed."""
+    now = now or datetime.now(UTC)
+    recovery = settings.recovery
+    summary = SweepSummary(account=account.name, started=datetime.now(UTC))
+    worker = _worker(settings, account, repo, stopping)
+    session = await ImapSession.open(account)
+    try:
+        folders = account.folders
+        await session.ensure_folders([folders.processed, folders.failed])
+        await _retry_failed(
+            worker,
+            session,
+            summary,
+            since=now - timedelta(days=recovery.max_failed_age_days),
+            progress=progress,
+        )
+        await _import_missed(
+            worker,
+            session,
+            summary,
+            before=now - timedelta(minutes=recovery.grace_period_minutes),
+            progress=progress,
+        )
+    finally:
+        await session.close()
+    summary.finished = datetime.now(UTC)
+    return summary
+
+
+async def retry_failed(
+    settings: Settings,
+    account: AccountSettings,
+    repo: AsyncRepository,
+    uids: Sequence[int] | None = None,
+    *,
+    progress: Progress | None = None,
+) -> SweepSummary:
+    """``mailbridge failed retry``: retry the named Failed-folder UIDs (None: all), any age."""
+    summary = SweepSummary(account=account.name, started=datetime.now(UTC))
+    worker = _worker(settings, account, repo, None)
+    session = await ImapSession.open(account)
+    try:
+        folders = account.folders
+        await session.ensure_folders([folders.processed, folders.failed])
+        await _retry_failed(worker, session, summary, since=None, uids=uids, progress=progress)
+    finally:
+        await session.close()
+    summary.finished = datetime.now(UTC)
+    return summary
+
+
+async def fetch_failed(account: AccountSettings, uids: Sequence[int]) -> list[FetchedMessage]:
+    """The messages with these UIDs in the Failed folder, as stored on the server (unchanged)."""
+    session = await ImapSession.open(account)
+    try:
+        await session.select(account.folders.failed)
+        return await session.fetch(uids)
+    finally:
+        await session.close()
+
+
+async def sweep_and_record(
+    settings: Settings,
+    account: AccountSettings,
+    repo: AsyncRepository,
+    *,
+    progress: Progress | None = None,
+    stopping: asyncio.Event | None = None,
+) -> SweepSummary:
+    """Run :func:`sweep`, log it as ``sweep_done`` and store its summary for ``status``.
+
+    A sweep that cannot run is logged as ``sweep_failed`` with code and remedy, stored as such,
+    and re-raised.
+    """
+    bound = log.bind(account=account.name)
+    try:
+        summary = await sweep(settings, account, repo, progress=progress, stopping=stopping)
+    except MailbridgeError as exc:
+        bound.warning("sweep_failed", code=exc.code, error=str(exc), remedy=exc.remedy)
+        with contextlib.suppress(MailbridgeError):  # the sweep's own error is the news
+            await repo.record_sweep(account.name, datetime.now(UTC), f"failed: {exc.code}", 0)
+        raise
+    bound.info(
+        "sweep_done",
+        retried=summary.retried,
+        recovered=summary.recovered + summary.already_imported,
+        still_failing=len(summary.still_failing),
+        inbox_imported=summary.inbox_imported,
+        new_failures=len(summary.new_failures),
+        skipped_young=summary.skipped_young,
+        older_failures_left=summary.left_old,
+        reasons=summary.reasons(),
+        seconds=round(((summary.finished or summary.started) - summary.started).total_seconds(), 3),
+    )
+    assert summary.finished is not None  # set by sweep()
+    await repo.record_sweep(account.name, summary.finished, summary.line(), summary.imported)
+    return summary
+
+
+async def run_schedule(
+    settings: Settings,
+    account: AccountSettings,
+    repo: AsyncRepository,
+    stopping: asyncio.Event,
+    *,
+    skip: Callable[[], str | None] | None = None,
+) -> None:
+    """Sweep ``account`` on ``recovery.schedule`` until ``stopping`` is set (the daemon's task).
+
+    ``skip`` may return a reason to let a scheduled run pass (the live loop is in an error that
+    needs the operator, e.g. a wrong password: a second login attempt would only add to the
+    server's failed-login count). A failed sweep is logged and the schedule goes on.
+    """
+    from croniter import croniter
+
+    bound = log.bind(account=account.name)
+    schedule = settings.recovery.schedule
+    while not stopping.is_set():
+        # From "now" every time: a sweep that overran its slot is not followed by a burst.
+        local_now = datetime.now().astimezone()
+        next_run: datetime = croniter(schedule, local_now).get_next(datetime)
+        delay = max(0.0, (next_run - datetime.now().astimezone()).total_seconds())
+        bound.debug("sweep_scheduled", at=next_run.isoformat(), in_seconds=round(delay, 1))
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(stopping.wait(), timeout=delay)
+        if stopping.is_set():
+            break
+        reason = skip() if skip is not None else None
+        if reason:
+            bound.info("sweep_skipped", reason=reason)
+            continue
+        try:
+            await sweep_and_record(settings, account, repo, stopping=stopping)
+        except asyncio.CancelledError:
+            raise
+        except MailbridgeError:
+            pass  # logged by sweep_and_record; the next slot tries again
+        except Exception:  # a bug in the sweep must not end the schedule (or the daemon)
+            bound.exception("sweep_crashed")
+
+
+# -- internals ---------------------------------------------------------------------------------
+
+
+def _worker(
+    settings: Settings,
+    account: AccountSettings,
+    repo: AsyncRepository,
+    stopping: asyncio.Event | None,
+) -> AccountWorker:
+    # Only for its import step: this worker never runs a loop, so it never writes the account's
+    # state (that is the live loop's); the sweep's own summary is recorded separately.
+    worker = AccountWorker(settings, account, repo, stopping=stopping)
+    worker.log = worker.log.bind(sweep=True)
+    return worker
+
+
+def _batches(uids: Sequence[int], size: int) -> list[Sequence[int]]:
+    return [uids[i : i + size] for i in range(0, len(uids), size)]
+
+
+async def _retry_failed(
+    worker: AccountWorker,
+    session: ImapSession,
+    summary: SweepSummary,
+    *,
+    since: datetime | None,
+    uids: Sequence[int] | None = None,
+    progress: Progress | None,
+) -> None:
+    """Retry Failed-folder messages: those named, or those newer than ``since`` (None: all)."""
+    await session.select(worker.account.folders.failed)
+    present = await session.search("UNDELETED")
+    if uids is not None:
+        wanted = set(uids)
+        candidates = [uid for uid in present if uid in wanted]
+    elif since is not None:
+        # SINCE compares dates only (RFC 3501 6.4.4); the INTERNALDATE check below is exact.
+        candidates = await session.search("SINCE", imap_date(since), "UNDELETED")
+    else:
+        candidates = present
+    summary.left_old += len(present) - len(candidates) if uids is None else 0
+    if progress is not None:
+        progress("failed", 0, len(candidates))
+    done = 0
+    for batch in _batches(candidates, worker.settings.limits.fetch_batch_size):
+        if worker.stopping.is_set():
+            break
+        fetched = await session.fetch(batch)
+        if since is not None:
+            recent = [m for m in fetched if m.internaldate is None or m.internaldate >= since]
+            summary.left_old += len(fetched) - len(recent)
+            fetched = recent
+        if fetched:
+            result = await worker.process_fetched(session, fetched, in_failed=True)
+            summary.retried += len(fetched)
+            summary.recovered += result.imported
+            summary.already_imported += result.duplicates
+            summary.still_failing.extend(result.failures)
+        done += len(batch)
+        if progress is not None:
+            progress("failed", done, len(candidates))
+
+
+async def _import_missed(
+    worker: AccountWorker,
+    session: ImapSession,
+    summary: SweepSummary,
+    *,
+    before: datetime,
+    progress: Progress | None,
+) -> None:
+    """Import unseen Inbox mail that arrived before ``before`` (the grace period's start)."""
+    await session.select(worker.account.folders.inbox)
+    candidates = await session.unseen_uids()
+    if progress is not None:
+        progress("inbox", 0, len(candidates))
+    done = 0
+    for batch in _batches(candidates, worker.settings.limits.fetch_batch_size):
+        if worker.stopping.is_set():
+            break
+        # BODY.PEEK: fetching the young ones does not mark them seen; the live loop takes them.
+        fetched = await session.fetch(batch)
+        old = [m for m in fetched if m.internaldate is None or m.internaldate <= before]
+        summary.skipped_young += len(fetched) - len(old)
+        if old:
+            result = await worker.process_fetched(session, old)
+            summary.inbox_imported += result.imported
+            summary.inbox_duplicates += result.duplicates
+            summary.new_failures.extend(result.failures)
+        done += len(batch)
+        if progress is not None:
+            progress("inbox", done, len(candidates))

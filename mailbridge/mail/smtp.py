@@ -1,0 +1,144 @@
+"""SMTP over aiosmtplib: for now only :func:`check_smtp`, the connect-and-log-in check of
+``mailbridge doctor`` (sending arrives with outgoing mail).
+
+Like :mod:`mailbridge.mail.imap`, this is a boundary: every aiosmtplib/ssl/socket exception is
+mapped into :mod:`mailbridge.errors` here, SMTP replies are classified by their code and words
+(:func:`~mailbridge.errors.classify_server_text`), and the password never appears in a message.
+"""
+
+from __future__ import annotations
+
+import socket
+import ssl
+from typing import Final
+
+import aiosmtplib
+import structlog
+
+from mailbridge.config import AccountSettings
+from mailbridge.errors import AuthError, ServerError, classify_server_text
+
+log = structlog.get_logger("mailbridge.smtp")
+
+# Classified SMTP refusals that mean "this login cannot work" (raised as AuthError).
+_AUTH_CODES: Final = frozenset(
+    {
+        "auth_failed",
+        "account_disabled",
+        "app_password_required",
+        "token_expired",
+        "consent_missing",
+        "protocol_disabled",
+    }
+)
+
+
+async def check_smtp(account: AccountSettings) -> None:
+    """Connect per ``account.smtp`` (implicit TLS, STARTTLS or plain), EHLO, log in, QUIT.
+
+    Raises :class:`AuthError` when the login is refused and :class:`ServerError` for anything
+    else (unreachable, timeout, TLS, a refusal before login). ``account.smtp`` must be set.
+    """
+    smtp = account.smtp
+    if smtp is None:
+        raise ValueError(f"account {account.name} has no smtp settings")
+    password = account.auth.secret()
+    where = f"{smtp.host}:{smtp.port}"
+    context: ssl.SSLContext | None = None
+    if smtp.tls != "none":
+        try:
+            context = ssl.create_default_context(
+                cafile=str(smtp.ca_file) if smtp.ca_file is not None else None
+            )
+        except (OSError, ssl.SSLError) as exc:
+            raise ServerError(
+                f"cannot load smtp.ca_file {smtp.ca_file}: {exc}", code="tls_untrusted"
+            ) from exc
+        if not smtp.verify_certificate:
+            context.check_hostname = False
+            context.verify_mode = ssl.CERT_NONE
+    client = aiosmtplib.SMTP(
+        hostname=smtp.host,
+        port=smtp.port,
+        timeout=smtp.timeout_seconds,
+        use_tls=smtp.tls == "implicit",
+        # True: STARTTLS required (never a plaintext fallback); False, not None: no guessing.
+        start_tls=smtp.tls == "starttls",
+        tls_context=context,
+        # EHLO names this host; socket.getfqdn() (aiosmtplib's default) may wait on DNS.
+        local_hostname=socket.gethostname() or "mailbridge",
+    )
+    try:
+        await client.connect()
+        if client.last_ehlo_response is None:  # STARTTLS/implicit TLS already sent EHLO
+            await client.ehlo()
+        if not client.supports_extension("auth"):
+            raise ServerError(
+                f"{where} offers no SMTP AUTH on this connection (tls: {smtp.tls}); "
+                "authenticated SMTP may be off for the account, or need TLS",
+                code="protocol_disabled",
+            )
+        try:
+            await client.login(account.auth.username, password)
+        except aiosmtplib.SMTPResponseException as exc:
+            text = _scrub(f"{exc.code} {exc.message}", password)
+            code = classify_server_text(text, default="auth_failed")
+            message = f"SMTP login as {account.auth.username} at {where} refused: {text}"
+            raise (AuthError if code in _AUTH_CODES else ServerError)(message, code=code) from exc
+        log.info("smtp_login_ok", account=account.name, host=smtp.host, port=smtp.port)
+    except ServerError:
+        raise
+    except Exception as exc:
+        raise map_smtp_error(exc, where, smtp.timeout_seconds, password) from exc
+    finally:
+        if client.is_connected:
+            try:
+                await client.quit()
+            except Exception:  # best effort: the check's result is already decided
+                client.close()
+
+
+def map_smtp_error(exc: BaseException, where: str, timeout: float, secret: str = "") -> ServerError:
+    """An aiosmtplib/ssl/socket exception as a :class:`ServerError` with a catalogue code."""
+    # aiosmtplib wraps the socket/TLS cause (SMTPConnectError from OSError): look at the chain.
+    for cause in _chain(exc):
+        if isinstance(cause, ssl.SSLCertVerificationError):
+            reason = cause.verify_message or cause.reason or "certificate verify failed"
+            return ServerError(
+                f"{where}: TLS certificate not trusted ({reason})", code="tls_untrusted"
+            )
+        if isinstance(cause, ssl.SSLError):
+            return ServerError(f"{where}: TLS failed ({cause.reason or cause})", code="tls_failed")
+        if isinstance(cause, socket.gaierror):
+            return ServerError(
+                f"{where}: host name lookup failed ({cause.strerror})", code="unreachable"
+            )
+        if isinstance(cause, ConnectionRefusedError):
+            return ServerError(f"{where}: connection refused", code="unreachable")
+    if isinstance(exc, aiosmtplib.SMTPTimeoutError | TimeoutError):
+        return ServerError(f"{where}: no answer within {timeout:g}s", code="timeout")
+    if isinstance(exc, aiosmtplib.SMTPResponseException):
+        text = _scrub(f"{exc.code} {exc.message}", secret)
+        return ServerError(f"{where} refused: {text}", code=classify_server_text(text))
+    if isinstance(exc, aiosmtplib.SMTPServerDisconnected | ConnectionError):
+        return ServerError(f"{where}: connection lost", code="connection_lost")
+    if isinstance(exc, aiosmtplib.SMTPException):
+        text = _scrub(str(exc), secret)
+        code = "tls_failed" if "STARTTLS" in text.upper() else classify_server_text(text)
+        return ServerError(f"{where}: {text}", code=code)
+    if isinstance(exc, OSError):
+        return ServerError(f"{where}: {exc.strerror or type(exc).__name__}", code="unreachable")
+    return ServerError(f"{where}: unexpected {type(exc).__name__}", code="internal")
+
+
+def _chain(exc: BaseException) -> list[BaseException]:
+    seen: list[BaseException] = []
+    current: BaseException | None = exc
+    while current is not None and current not in seen:
+        seen.append(current)
+        current = current.__cause__ or current.__context__
+    return seen
+
+
+def _scrub(text: str, secret: str) -> str:
+    return text.replace(secret, "***") if secret and len(secret) >= 3 else text

@@ -1,0 +1,190 @@
+"""``mailbridge doctor`` against a real Dovecot and a real SMTP server (aiosmtpd on loopback).
+
+A good account passes every line (exit 0); a wrong password fails the login line with
+``auth_failed`` and its remedy (exit 1); SMTP login is checked with good and bad credentials.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+import yaml
+from aiosmtpd.controller import Controller
+from aiosmtpd.smtp import AuthResult, LoginPassword
+
+from mailbridge.cli import main as cli_main
+from mailbridge.config import AccountSettings
+from mailbridge.daemon.doctor import diagnose, failing
+from mailbridge.errors import AuthError, ServerError, describe
+from mailbridge.mail.smtp import check_smtp
+from mailbridge.testing.dovecot import free_port
+from tests.integration.test_import_loop import config_data
+
+pytestmark = pytest.mark.dovecot
+
+SMTP_USER = "smtp-user"
+SMTP_PASSWORD = "smtp-secret-42"
+
+
+class _Sink:
+    async def handle_DATA(self, server: Any, session: Any, envelope: Any) -> str:  # noqa: N802
+        return "250 OK"
+
+
+class _Authenticator:
+    """aiosmtpd authenticator: accepts the logins in ``accepted`` (login -> password)."""
+
+    def __init__(self) -> None:
+        self.accepted = {SMTP_USER: SMTP_PASSWORD}
+
+    def __call__(
+        self, server: Any, session: Any, envelope: Any, mechanism: str, auth_data: Any
+    ) -> AuthResult:
+        ok = (
+            isinstance(auth_data, LoginPassword)
+            and self.accepted.get(auth_data.login.decode()) == auth_data.password.decode()
+        )
+        return AuthResult(success=ok, handled=False)
+
+
+@pytest.fixture
+def smtp_server(monkeypatch: pytest.MonkeyPatch) -> Iterator[Controller]:
+    """An SMTP server with AUTH on loopback (plain text: the test is about the login)."""
+    # aiosmtpd logs every connection from its own thread; keep that out of the root logger,
+    # whose handler an earlier CLI test may have bound to a capture stream closed since.
+    monkeypatch.setattr(logging.getLogger("mail.log"), "propagate", False)
+    controller = Controller(
+        _Sink(),
+        hostname="127.0.0.1",
+        port=free_port(),
+        authenticator=_Authenticator(),
+        auth_require_tls=False,
+    )
+    controller.start()
+    try:
+        yield controller
+    finally:
+        controller.stop()
+
+
+def smtp_account(controller: Controller, password: str) -> AccountSettings:
+    return AccountSettings.model_validate(
+        {
+            "name": "support",
+            "address": "support@example.test",
+            "imap": {"host": "127.0.0.1", "tls": "none"},
+            "smtp": {
+                "host": controller.hostname,
+                "port": controller.port,
+                "tls": "none",
+                "timeout_seconds": 10,
+            },
+            "auth": {"username": SMTP_USER, "password": password},
+        }
+    )
+
+
+def write(tmp_path: Path, data: dict[str, Any]) -> Path:
+    path = tmp_path / "config.yaml"
+    path.write_text(yaml.safe_dump(data))
+    return path
+
+
+def test_doctor_passes_a_good_account(
+    tmp_path: Path, dovecot: Any, imap_user: Any, capsys: pytest.CaptureFixture[str]
+) -> None:
+    path = write(tmp_path, config_data(tmp_path, dovecot, imap_user))
+    assert cli_main(["-c", str(path), "doctor"]) == 0
+    out = capsys.readouterr().out
+    for line in (
+        "✓ config valid",
+        "✓ database writable",
+        "✓ secret readable",
+        f"✓ reachable {dovecot.host}:{dovecot.port}",
+        f"✓ login as {imap_user.login}",
+        "✓ capability IDLE",
+        "✓ capability MOVE",
+        "✓ capability UIDPLUS",
+        "✓ folder 'INBOX' selectable",
+        "✓ folders 'Mailbridge Processed' and 'Mailbridge Failed'",
+    ):
+        assert line in out, line
+    assert "! TLS" in out  # tls: none is a warning, not a failure
+    assert "all checks passed" in out
+    # The folders it checked are really there now.
+    assert "Mailbridge Failed" in dovecot.folders(imap_user.login, imap_user.password)
+
+
+def test_doctor_wrong_password_fails_with_code_and_remedy(
+    tmp_path: Path, dovecot: Any, imap_user: Any, capsys: pytest.CaptureFixture[str]
+) -> None:
+    data = config_data(tmp_path, dovecot, imap_user)
+    data["accounts"][0]["auth"]["password"] = "wrong-password"
+    path = write(tmp_path, data)
+    assert cli_main(["-c", str(path), "doctor", "support"]) == 1
+    out = capsys.readouterr().out
+    assert f"✗ login as {imap_user.login}: auth_failed" in out
+    assert describe("auth_failed").remedy in out
+    assert "- capabilities" in out  # not checked after a failed login
+    assert "wrong-password" not in out
+
+
+def test_doctor_names_an_unreachable_server(
+    tmp_path: Path, dovecot: Any, imap_user: Any, capsys: pytest.CaptureFixture[str]
+) -> None:
+    data = config_data(tmp_path, dovecot, imap_user)
+    data["accounts"][0]["imap"]["port"] = free_port()  # nothing listens there
+    path = write(tmp_path, data)
+    assert cli_main(["-c", str(path), "doctor"]) == 1
+    out = capsys.readouterr().out
+    assert "✗ reachable" in out
+    assert "unreachable" in out
+    assert describe("unreachable").remedy in out
+
+
+async def test_smtp_login_good_and_bad(smtp_server: Controller) -> None:
+    await check_smtp(smtp_account(smtp_server, SMTP_PASSWORD))
+    with pytest.raises(AuthError) as caught:
+        await check_smtp(smtp_account(smtp_server, "wrong-smtp"))
+    assert caught.value.code == "auth_failed"
+    assert "wrong-smtp" not in str(caught.value)
+
+
+async def test_smtp_unreachable_is_classified() -> None:
+    account = AccountSettings.model_validate(
+        {
+            "name": "support",
+            "address": "support@example.test",
+            "imap": {"host": "127.0.0.1", "tls": "none"},
+            "smtp": {"host": "127.0.0.1", "port": free_port(), "tls": "none"},
+            "auth": {"username": "u", "password": "p"},
+        }
+    )
+    with pytest.raises(ServerError) as caught:
+        await check_smtp(account)
+    assert caught.value.code == "unreachable"
+
+
+async def test_doctor_checks_smtp_with_the_account(
+    dovecot: Any, imap_user: Any, smtp_server: Controller
+) -> None:
+    # One auth block serves IMAP and SMTP, as with a real provider.
+    account = dovecot.account(imap_user.login, imap_user.password, name="support").model_copy(
+        update={"smtp": smtp_account(smtp_server, "unused").smtp}
+    )
+
+    checks = await diagnose(account)  # the SMTP server does not know this user yet
+    assert checks[-1].name.startswith("SMTP ")
+    assert (checks[-1].status, checks[-1].code) == ("fail", "auth_failed")
+    assert checks[-1].remedy == describe("auth_failed").remedy
+    assert all(c.status in {"ok", "warn"} for c in checks[:-1])  # IMAP is fine
+    assert failing(checks)
+
+    smtp_server.SMTP_kwargs["authenticator"].accepted[imap_user.login] = imap_user.password
+    checks = await diagnose(account)
+    assert checks[-1].status == "ok"
+    assert not failing(checks)

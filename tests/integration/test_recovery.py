@@ -1,0 +1,419 @@
+"""The recovery sweep, ``sync``, ``failed`` and the cause-aware backoff against a real Dovecot.
+
+A message fails (the attachment limit is lowered), the operator raises the limit, and the
+sweep - scheduled in the daemon or run by ``mailbridge sync`` / ``failed retry`` - imports it.
+The grace period is shown with INTERNALDATEs set at APPEND time, so no test waits for it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import queue
+import signal
+import subprocess
+import sys
+import threading
+import time
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+from typing import Any
+
+import pytest
+import structlog
+import yaml
+
+from mailbridge.cli import main as cli_main
+from mailbridge.config import Settings, parse_config
+from mailbridge.daemon.supervisor import Supervisor, run_once
+from mailbridge.daemon.sweep import retry_failed, sweep, sweep_and_record
+from mailbridge.store.sqlite import open_repository
+from tests.integration.test_import_loop import (
+    FAILED,
+    PROCESSED,
+    config_data,
+    db,
+    eventually,
+    mail,
+)
+
+pytestmark = pytest.mark.dovecot
+
+
+def big_mail(subject: str, to: str) -> bytes:
+    """A message over a 1 MB attachment limit and under a 5 MB one."""
+    msg = mail(subject, to=to)
+    msg.add_attachment(
+        bytes(2 * 1024 * 1024), maintype="application", subtype="octet-stream", filename="scan.pdf"
+    )
+    return msg.as_bytes()
+
+
+def settings_with(
+    tmp_path: Path, dovecot: Any, user: Any, *, limit_mb: float = 1, **top: Any
+) -> Settings:
+    data = config_data(tmp_path, dovecot, user)
+    data["limits"] = {"attachment_max_size_mb": limit_mb}
+    data.update(top)
+    return parse_config(data)
+
+
+def write_config(tmp_path: Path, data: dict[str, Any]) -> Path:
+    path = tmp_path / "config.yaml"
+    path.write_text(yaml.safe_dump(data))
+    return path
+
+
+def failure_rows(settings: Settings) -> list[dict[str, Any]]:
+    with db(settings) as conn:
+        return [dict(r) for r in conn.execute("SELECT * FROM importfailure ORDER BY id")]
+
+
+async def fail_one(tmp_path: Path, dovecot: Any, user: Any, subject: str = "Huge scan") -> None:
+    """Deliver a too-large message and let the live loop's pass put it in Failed."""
+    dovecot.append(user.login, user.password, big_mail(subject, user.address))
+    results = await run_once(settings_with(tmp_path, dovecot, user, limit_mb=1))
+    assert results[0].summary is not None
+    assert results[0].summary.failed == 1
+    assert len(dovecot.folder_uids(user.login, user.password, FAILED)) == 1
+
+
+async def test_sweep_imports_a_failed_message_once_the_limit_is_raised(
+    tmp_path: Path, dovecot: Any, imap_user: Any
+) -> None:
+    await fail_one(tmp_path, dovecot, imap_user)
+    raised = settings_with(tmp_path, dovecot, imap_user, limit_mb=5)
+    repo = await open_repository(raised.database)
+    try:
+        with structlog.testing.capture_logs() as logs:
+            summary = await sweep_and_record(raised, raised.accounts[0], repo)
+    finally:
+        await repo.aclose()
+
+    assert (summary.retried, summary.recovered, summary.still_failing) == (1, 1, [])
+    assert dovecot.folder_uids(imap_user.login, imap_user.password, FAILED) == []
+    processed = dovecot.folder_messages(imap_user.login, imap_user.password, PROCESSED)
+    assert len(processed) == 1
+    assert b"Huge scan" in processed[0]
+    (row,) = failure_rows(raised)
+    assert row["resolved"] is not None
+    with db(raised) as conn:
+        stored = conn.execute("SELECT subject FROM conversationmessage").fetchall()
+        assert [r["subject"] for r in stored] == ["Huge scan"]
+        assert conn.execute("SELECT count(*) FROM document").fetchone()[0] == 1
+        state = conn.execute(
+            "SELECT imported, lastsweep, sweepsummary FROM accountstate"
+        ).fetchone()
+        assert state["imported"] == 1
+        assert state["lastsweep"]
+        assert "retried 1" in state["sweepsummary"]
+    done = [e for e in logs if e["event"] == "sweep_done"]
+    assert done
+    assert done[0]["account"] == "support"
+    assert done[0]["recovered"] == 1
+
+
+async def test_a_message_that_fails_again_stays_with_the_new_attempt(
+    tmp_path: Path, dovecot: Any, imap_user: Any
+) -> None:
+    await fail_one(tmp_path, dovecot, imap_user)
+    (before,) = failure_rows(settings_with(tmp_path, dovecot, imap_user))
+    folder_uid = dovecot.folder_uids(imap_user.login, imap_user.password, FAILED)[0]
+    assert before["folderuid"] == folder_uid
+
+    still = settings_with(tmp_path, dovecot, imap_user, limit_mb=1.5)  # still too small
+    repo = await open_repository(still.database)
+    try:
+        summary = await sweep(still, still.accounts[0], repo)
+    finally:
+        await repo.aclose()
+
+    assert summary.retried == 1
+    assert summary.recovered == 0
+    assert [f.code for f in summary.still_failing] == ["too_large"]
+    # Still in Failed, same UID, not moved, not marked anything new.
+    assert dovecot.folder_uids(imap_user.login, imap_user.password, FAILED) == [folder_uid]
+    (after,) = failure_rows(still)
+    assert after["attempts"] == 2
+    assert after["code"] == "too_large"
+    assert "1.5" in after["reason"] or "1572864" in after["reason"] or "limit" in after["reason"]
+    assert after["folderuid"] == folder_uid  # still findable by 'failed show UID'
+    assert after["uid"] == before["uid"]  # the Inbox UID of the first failure is kept
+    assert after["resolved"] is None
+
+
+async def test_grace_period_leaves_young_inbox_mail_to_the_live_loop(
+    tmp_path: Path, dovecot: Any, imap_user: Any
+) -> None:
+    now = datetime.now(UTC)
+    login, password = imap_user.login, imap_user.password
+    dovecot.append(
+        login, password, mail("Old one", to=imap_user.address).as_bytes(),
+        date=now - timedelta(minutes=10),
+    )  # fmt: skip
+    dovecot.append(
+        login, password, mail("Young one", to=imap_user.address).as_bytes(),
+        date=now - timedelta(seconds=30),
+    )  # fmt: skip
+    settings = settings_with(tmp_path, dovecot, imap_user, recovery={"grace_period_minutes": 2})
+    repo = await open_repository(settings.database)
+    try:
+        summary = await sweep(settings, settings.accounts[0], repo, now=now)
+    finally:
+        await repo.aclose()
+
+    assert summary.inbox_imported == 1
+    assert summary.skipped_young == 1
+    inbox = dovecot.folder_messages(login, password, "INBOX")
+    assert len(inbox) == 1
+    assert b"Young one" in inbox[0]
+    assert len(dovecot.unseen(login, password)) == 1  # fetched with PEEK: still unseen
+    assert b"Old one" in dovecot.folder_messages(login, password, PROCESSED)[0]
+    with db(settings) as conn:
+        subjects = [r[0] for r in conn.execute("SELECT subject FROM conversationmessage")]
+    assert subjects == ["Old one"]
+
+
+async def test_old_failures_are_left_to_the_operator_and_failed_retry_takes_them(
+    tmp_path: Path, dovecot: Any, imap_user: Any
+) -> None:
+    now = datetime.now(UTC)
+    login, password = imap_user.login, imap_user.password
+    # Moved to Failed by hand (no importfailure row): the sweep retries whatever is there.
+    dovecot.append(
+        login, password, mail("Three days old", to=imap_user.address).as_bytes(),
+        folder=FAILED, flags=["\\Seen"], date=now - timedelta(days=3),
+    )  # fmt: skip
+    dovecot.append(
+        login, password, mail("Two hours old", to=imap_user.address).as_bytes(),
+        folder=FAILED, flags=["\\Seen"], date=now - timedelta(hours=2),
+    )  # fmt: skip
+    settings = settings_with(tmp_path, dovecot, imap_user)
+    account = settings.accounts[0]
+    repo = await open_repository(settings.database)
+    try:
+        summary = await sweep(settings, account, repo, now=now)
+        assert (summary.retried, summary.recovered, summary.left_old) == (1, 1, 1)
+        (old_uid,) = dovecot.folder_uids(login, password, FAILED)
+        assert b"Three days old" in dovecot.folder_messages(login, password, FAILED)[0]
+
+        again = await retry_failed(settings, account, repo, [old_uid])
+    finally:
+        await repo.aclose()
+    assert (again.retried, again.recovered) == (1, 1)
+    assert dovecot.folder_uids(login, password, FAILED) == []
+    assert len(dovecot.folder_uids(login, password, PROCESSED)) == 2
+
+
+def test_cli_failed_list_show_retry_and_sync(
+    tmp_path: Path, dovecot: Any, imap_user: Any, capsys: pytest.CaptureFixture[str]
+) -> None:
+    login, password = imap_user.login, imap_user.password
+    data = config_data(tmp_path, dovecot, imap_user)
+    data["limits"] = {"attachment_max_size_mb": 1}
+    path = write_config(tmp_path, data)
+    dovecot.append(login, password, big_mail("Huge scan", imap_user.address))
+    dovecot.append(login, password, big_mail("Second scan", imap_user.address))
+    assert cli_main(["-c", str(path), "run", "--once"]) == 0
+    uids = dovecot.folder_uids(login, password, FAILED)
+    assert len(uids) == 2
+    capsys.readouterr()
+
+    assert cli_main(["-c", str(path), "failed"]) == 0
+    out = capsys.readouterr().out
+    assert "Huge scan" in out
+    assert "Second scan" in out
+    assert "too_large" in out
+    assert "Failed-folder UID" in out
+
+    assert cli_main(["-c", str(path), "failed", "show", str(uids[0])]) == 0
+    out = capsys.readouterr().out
+    assert "too_large" in out
+    assert "Huge scan" in out
+    assert "attempts" in out
+    assert "on the server" in out  # headers fetched from Dovecot
+
+    # The operator raises the limit: one message by UID, the rest by sync.
+    data["limits"] = {"attachment_max_size_mb": 5}
+    write_config(tmp_path, data)
+    assert cli_main(["-c", str(path), "failed", "retry", str(uids[0])]) == 0
+    out = capsys.readouterr().out
+    assert "recovered 1" in out
+    assert dovecot.folder_uids(login, password, FAILED) == [uids[1]]
+
+    assert cli_main(["-c", str(path), "sync"]) == 0
+    out = capsys.readouterr().out
+    assert "support" in out
+    assert "retried" in out
+    assert dovecot.folder_uids(login, password, FAILED) == []
+    assert cli_main(["-c", str(path), "failed"]) == 0
+    assert "0 failed message" in capsys.readouterr().out
+
+    assert cli_main(["-c", str(path), "status", "--json"]) == 0
+    status = json.loads(capsys.readouterr().out)
+    row = status["accounts"][0]
+    assert row["failed"] == 0
+    assert row["imported"] == 2
+    assert row["last_sweep"]
+    assert "retried 1" in row["sweep"]
+
+
+def test_cli_sync_reports_still_failing_and_why(
+    tmp_path: Path, dovecot: Any, imap_user: Any, capsys: pytest.CaptureFixture[str]
+) -> None:
+    data = config_data(tmp_path, dovecot, imap_user)
+    data["limits"] = {"attachment_max_size_mb": 1}
+    path = write_config(tmp_path, data)
+    dovecot.append(imap_user.login, imap_user.password, big_mail("Huge scan", imap_user.address))
+    assert cli_main(["-c", str(path), "run", "--once"]) == 0
+    capsys.readouterr()
+
+    assert cli_main(["-c", str(path), "sync", "support"]) == 0
+    out = capsys.readouterr().out
+    assert "still failing" in out
+    assert "too_large" in out
+    assert "Huge scan" in out
+    (row,) = failure_rows(parse_config(data))
+    assert row["attempts"] == 2
+
+
+def test_cli_sync_exits_69_when_the_account_cannot_log_in(
+    tmp_path: Path, dovecot: Any, imap_user: Any, capsys: pytest.CaptureFixture[str]
+) -> None:
+    data = config_data(tmp_path, dovecot, imap_user)
+    data["accounts"][0]["auth"]["password"] = "wrong"
+    path = write_config(tmp_path, data)
+    assert cli_main(["-c", str(path), "sync"]) == 69
+    out = capsys.readouterr()
+    assert "auth_failed" in out.out + out.err
+    assert "auth.username" in out.out + out.err  # the remedy
+
+
+async def test_daemon_runs_the_sweep_on_its_schedule(
+    tmp_path: Path, dovecot: Any, imap_user: Any
+) -> None:
+    await fail_one(tmp_path, dovecot, imap_user)
+    # croniter's sixth field is seconds: every second, so the test need not wait a minute.
+    settings = settings_with(
+        tmp_path, dovecot, imap_user, limit_mb=5, recovery={"schedule": "* * * * * *"}
+    )
+    supervisor = Supervisor(settings, drain_seconds=5)
+    task = asyncio.ensure_future(supervisor.run())
+    try:
+        await eventually(
+            lambda: dovecot.folder_uids(imap_user.login, imap_user.password, FAILED) == []
+        )
+        await eventually(lambda: failure_rows(settings)[0]["resolved"] is not None)
+    finally:
+        supervisor.request_stop()
+        assert await task == 0
+    assert len(dovecot.folder_uids(imap_user.login, imap_user.password, PROCESSED)) == 1
+
+
+async def test_recovery_disabled_runs_no_sweep(
+    tmp_path: Path, dovecot: Any, imap_user: Any
+) -> None:
+    settings = settings_with(
+        tmp_path, dovecot, imap_user, recovery={"enabled": False, "schedule": "* * * * * *"}
+    )
+    supervisor = Supervisor(settings, drain_seconds=5)
+    task = asyncio.ensure_future(supervisor.run())
+    try:
+        await eventually(lambda: "support" in supervisor.running)
+        assert supervisor.running["support"].sweep is None
+    finally:
+        supervisor.request_stop()
+        assert await task == 0
+
+
+class _Lines:
+    """The JSON log lines of a subprocess's stderr, read on a thread as they come."""
+
+    def __init__(self, stream: Any) -> None:
+        self.events: queue.Queue[dict[str, Any]] = queue.Queue()
+        self.raw: list[bytes] = []
+        self._thread = threading.Thread(target=self._read, args=(stream,), daemon=True)
+        self._thread.start()
+
+    def _read(self, stream: Any) -> None:
+        for line in stream:
+            self.raw.append(line)
+            try:
+                self.events.put(json.loads(line))
+            except ValueError:
+                continue
+
+    def close(self) -> None:
+        """Wait for the reader to see the end of the stream (the process has exited)."""
+        self._thread.join(timeout=10)
+
+    def wait_for(self, event: str, within: float = 30.0, **fields: Any) -> dict[str, Any]:
+        deadline = time.monotonic() + within
+        while True:
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                raise AssertionError(f"no {event} {fields} within {within}s")
+            try:
+                entry = self.events.get(timeout=remaining)
+            except queue.Empty:
+                continue
+            if entry.get("event") == event and all(entry.get(k) == v for k, v in fields.items()):
+                return entry
+
+
+def test_wrong_password_backs_off_long_and_recovers_on_sighup(
+    tmp_path: Path, dovecot: Any, imap_user: Any, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """`mailbridge run` with a wrong password file: auth_failed, a long backoff (no hammering),
+    status says what to fix; the operator fixes the file and reloads; it imports at once."""
+    secret = tmp_path / "support.pw"
+    secret.write_text("not-the-password\n")
+    secret.chmod(0o600)
+    data = config_data(tmp_path, dovecot, imap_user)
+    data["accounts"][0]["auth"] = {"username": imap_user.login, "password_file": str(secret)}
+    path = write_config(tmp_path, data)
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "mailbridge", "-c", str(path), "--log-format", "json", "run"],
+        env={k: v for k, v in os.environ.items() if k != "NOTIFY_SOCKET"},
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+    )
+    lines = _Lines(proc.stderr)
+    try:
+        backoff = lines.wait_for("account_backoff", code="auth_failed")
+        assert backoff["retry_in_seconds"] >= 300  # an operator's problem: no hammering
+        assert "password" in backoff["remedy"]
+
+        assert cli_main(["-c", str(path), "status", "--json"]) == 0
+        row = json.loads(capsys.readouterr().out)["accounts"][0]
+        assert row["state"] == "auth_failed"
+        assert row["code"] == "auth_failed"
+        assert "SIGHUP" in row["remedy"]
+        assert "refused" in row["detail"]
+
+        # The fix: only the file's content changes, so the config is equal and no account is
+        # restarted; SIGHUP must still end the backoff.
+        secret.write_text(imap_user.password + "\n")
+        dovecot.append(
+            imap_user.login,
+            imap_user.password,
+            mail("After the fix", to=imap_user.address).as_bytes(),
+        )
+        proc.send_signal(signal.SIGHUP)
+        lines.wait_for("config_reloaded", within=10)
+        lines.wait_for("account_backoff_ended", within=10)
+        lines.wait_for("message_imported", within=20)
+        assert len(dovecot.folder_uids(imap_user.login, imap_user.password, PROCESSED)) == 1
+
+        proc.send_signal(signal.SIGTERM)
+        proc.wait(timeout=30)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+        lines.close()
+        assert proc.stderr is not None
+        proc.stderr.close()
+    assert proc.returncode == 0
+    assert imap_user.password.encode() not in b"".join(lines.raw)

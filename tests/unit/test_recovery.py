@@ -1,0 +1,149 @@
+"""Unit tests of the recovery pieces that need no server: config, dates, summaries, backoff."""
+
+from __future__ import annotations
+
+import asyncio
+import locale
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from mailbridge.cli import main as cli_main
+from mailbridge.config import parse_config
+from mailbridge.daemon.account import AccountWorker, backoff_seconds
+from mailbridge.daemon.supervisor import _needs_operator
+from mailbridge.daemon.sweep import SweepSummary, imap_date
+from mailbridge.errors import AuthError, ConfigError, ServerError
+from mailbridge.store.base import AccountState, FailureInfo
+
+BASE: dict[str, Any] = {
+    "accounts": [
+        {
+            "name": "support",
+            "address": "support@example.com",
+            "imap": {"host": "imap.example.com"},
+            "auth": {"username": "u", "password": "p"},
+        }
+    ]
+}
+
+
+def test_recovery_defaults_follow_the_reference() -> None:
+    recovery = parse_config(BASE).recovery
+    assert recovery.enabled is True
+    assert recovery.schedule == "*/20 * * * *"
+    assert recovery.max_failed_age_days == 1
+    assert recovery.grace_period_minutes == 2
+
+
+def test_recovery_accepts_fractions_and_seconds_field() -> None:
+    settings = parse_config(
+        {**BASE, "recovery": {"schedule": "* * * * * */30", "grace_period_minutes": 0.5}}
+    )
+    assert settings.recovery.grace_period_minutes == 0.5
+
+
+@pytest.mark.parametrize(
+    ("recovery", "path"),
+    [
+        ({"schedule": "every 20 minutes"}, "recovery.schedule"),
+        ({"schedule": "61 * * * *"}, "recovery.schedule"),
+        ({"max_failed_age_days": 0}, "recovery.max_failed_age_days"),
+        ({"grace_period_minutes": -1}, "recovery.grace_period_minutes"),
+        ({"enable": False}, "recovery.enable"),
+    ],
+)
+def test_bad_recovery_config_names_the_key(recovery: dict[str, Any], path: str) -> None:
+    with pytest.raises(ConfigError) as caught:
+        parse_config({**BASE, "recovery": recovery})
+    assert caught.value.path == path
+
+
+def test_bad_cron_exits_78(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    config = tmp_path / "config.yaml"
+    config.write_text(
+        "accounts:\n"
+        "  - {name: support, address: s@example.com, imap: {host: h},"
+        " auth: {username: u, password: p}}\n"
+        "recovery: {schedule: 'often'}\n"
+    )
+    assert cli_main(["-c", str(config), "check-config"]) == 78
+    assert "recovery.schedule" in capsys.readouterr().err
+
+
+def test_imap_date_ignores_the_locale() -> None:
+    when = datetime(2026, 2, 1, 23, 59, tzinfo=UTC)
+    before = locale.setlocale(locale.LC_TIME)
+    try:
+        for name in ("de_DE.UTF-8", "fr_FR.UTF-8"):
+            try:
+                locale.setlocale(locale.LC_TIME, name)
+            except locale.Error:
+                continue
+            assert imap_date(when) == "1-Feb-2026"
+    finally:
+        locale.setlocale(locale.LC_TIME, before)
+    assert imap_date(when) == "1-Feb-2026"
+
+
+def _failure(code: str) -> FailureInfo:
+    return FailureInfo(uid=7, message_key=f"<{code}@x>", code=code, reason="r", subject="s")
+
+
+def test_sweep_summary_line_and_reasons() -> None:
+    summary = SweepSummary(account="support", started=datetime.now(UTC))
+    summary.retried, summary.recovered, summary.already_imported = 3, 1, 1
+    summary.still_failing = [_failure("too_large")]
+    summary.inbox_imported = 2
+    summary.new_failures = [_failure("unparseable"), _failure("too_large")]
+    summary.skipped_young = 4
+    assert summary.imported == 3
+    assert summary.line() == (
+        "retried 3, recovered 2, still failing 1, inbox imported 2, new failures 2, "
+        "skipped (grace period) 4"
+    )
+    assert summary.reasons() == {"too_large": 2, "unparseable": 1}
+
+
+def test_backoff_respects_the_cause() -> None:
+    wrong_password = AuthError("login refused", code="auth_failed")
+    refused = ServerError("connection refused", code="unreachable")
+    for failures in (1, 2, 5, 20):
+        assert 300 <= backoff_seconds(wrong_password, failures) <= 1800
+        assert 0 <= backoff_seconds(refused, failures) <= 60
+
+
+class _StateSink:
+    """Just enough repository for a worker's state writes."""
+
+    def __init__(self) -> None:
+        self.states: list[AccountState] = []
+
+    async def set_account_state(self, state: AccountState) -> None:
+        self.states.append(state)
+
+
+async def test_wake_ends_a_long_backoff_at_once() -> None:
+    settings = parse_config(BASE)
+    sink = _StateSink()
+    worker = AccountWorker(settings, settings.accounts[0], sink)  # type: ignore[arg-type]
+    worker.wake()  # a wake before the backoff must not cut it short
+    backoff = asyncio.ensure_future(worker._backoff(AuthError("refused", code="auth_failed")))
+    await asyncio.sleep(0.05)
+    assert not backoff.done()
+    assert sink.states[-1].state == "auth_failed"
+    assert _needs_operator(worker) is not None  # the scheduled sweep stays away meanwhile
+    worker.wake()
+    await asyncio.wait_for(backoff, timeout=1)
+
+
+async def test_stop_ends_a_backoff_too() -> None:
+    settings = parse_config(BASE)
+    worker = AccountWorker(settings, settings.accounts[0], _StateSink())  # type: ignore[arg-type]
+    backoff = asyncio.ensure_future(worker._backoff(ServerError("gone", code="unreachable")))
+    await asyncio.sleep(0.01)
+    worker.stopping.set()
+    await asyncio.wait_for(backoff, timeout=1)
+    assert _needs_operator(worker) is None  # transient: sweeps go on
