@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import email.parser
 import email.policy
 import hashlib
@@ -36,9 +37,17 @@ from tenacity import RetryCallState, wait_random_exponential
 
 from mailbridge.config import AccountSettings, Settings
 from mailbridge.core.parse import parse_message
+from mailbridge.daemon.parsing import parse_off_loop
 from mailbridge.errors import MailbridgeError, MessageError, StoreError
 from mailbridge.mail.imap import FetchedMessage, ImapSession
-from mailbridge.store.base import AccountState, FailureInfo, ImportItem, ImportResult, Outcome
+from mailbridge.store.base import (
+    AccountState,
+    FailureInfo,
+    ImportContext,
+    ImportItem,
+    ImportResult,
+    Outcome,
+)
 from mailbridge.store.sqlite import AsyncRepository
 
 log = structlog.get_logger("mailbridge.account")
@@ -154,6 +163,9 @@ class AccountWorker:
         self.state = AccountState(account=account.name, state="starting")
         self.log = log.bind(account=account.name)
         self._failures = 0  # consecutive connection failures, reset by a good login
+        # Set by wake() (the supervisor, on SIGHUP): ends a backoff so a fixed password file is
+        # tried at once instead of after up to 30 minutes.
+        self._wake = asyncio.Event()
         self.busy = False  # True while a batch is between fetch and move: the drain waits for it
 
     # -- state -------------------------------------------------------------------------------
@@ -218,8 +230,15 @@ class AccountWorker:
         # so `status` says what to fix; a transient one is just "backoff".
         state = "backoff" if exc.transient else exc.code
         await self._set_state(state, code=exc.code, detail=f"{exc} | {exc.remedy}")
+        self._wake.clear()  # a wake() before this backoff began is not a reason to end it
         with contextlib.suppress(TimeoutError):
-            await asyncio.wait_for(self.stopping.wait(), timeout=delay)
+            await self._wait_or_stop(asyncio.wait_for(self._wake.wait(), timeout=delay))
+        if self._wake.is_set() and not self.stopping.is_set():
+            self.log.info("account_backoff_ended", reason="reload", code=exc.code)
+
+    def wake(self) -> None:
+        """End a backoff now (SIGHUP): the operator may have fixed what the last attempt hit."""
+        self._wake.set()
 
     async def _connected_loop(self) -> None:
         await self._set_state("connecting")
@@ -295,30 +314,102 @@ class AccountWorker:
         if not uids:
             return summary
         self.log.info("import_pending", unseen=len(uids))
-        batch_size = self.settings.limits.fetch_batch_size
-        for start in range(0, len(uids), batch_size):
-            if self.stopping.is_set():
-                break  # the drain: finish the batch in hand, start no new one
-            batch = await self._import_batch(session, uids[start : start + batch_size])
-            summary.add(batch)
+        size = self.settings.limits.fetch_batch_size
+        batches = [uids[start : start + size] for start in range(0, len(uids), size)]
+        # Pipelined: the next batch is fetched and parsed while this one is written and moved,
+        # so IMAP, parsing and SQLite overlap. Reading ahead risks nothing (BODY.PEEK[]: nothing
+        # is committed or moved), the session lock keeps IMAP commands in order, and each batch
+        # is still committed before it is moved.
+        ahead = asyncio.ensure_future(self._fetch_and_parse(session, batches[0]))
+        try:
+            for index, batch_uids in enumerate(batches):
+                if self.stopping.is_set():
+                    break  # the drain: finish the batch in hand, start no new one
+                prefetched = await ahead
+                if index + 1 < len(batches):
+                    ahead = asyncio.ensure_future(
+                        self._fetch_and_parse(session, batches[index + 1])
+                    )
+                summary.add(await self._import_batch(session, batch_uids, prefetched))
+        finally:
+            if not ahead.done():
+                ahead.cancel()  # drops the connection if mid-FETCH; nothing was committed
+            with contextlib.suppress(asyncio.CancelledError, Exception):
+                await ahead  # retrieve its outcome; an error was raised above already
         return summary
 
-    async def _import_batch(self, session: ImapSession, uids: Sequence[int]) -> PassSummary:
+    async def _fetch_and_parse(
+        self, session: ImapSession, uids: Sequence[int]
+    ) -> tuple[list[FetchedMessage], tuple[list[ImportItem], list[FailureInfo]]]:
+        fetched = await session.fetch(uids)
+        # A thread for a few messages, worker processes for a backlog (see daemon/parsing.py).
+        parsed = await parse_off_loop(_parse_batch, fetched, self.settings.limits.max_message_bytes)
+        return fetched, parsed
+
+    async def _import_batch(
+        self,
+        session: ImapSession,
+        uids: Sequence[int],
+        prefetched: tuple[list[FetchedMessage], tuple[list[ImportItem], list[FailureInfo]]],
+    ) -> PassSummary:
         self.busy = True
         try:
-            return await self._import_batch_inner(session, uids)
+            return await self._import_batch_inner(session, uids, prefetched)
         finally:
             self.busy = False
 
-    async def _import_batch_inner(self, session: ImapSession, uids: Sequence[int]) -> PassSummary:
+    async def _import_batch_inner(
+        self,
+        session: ImapSession,
+        uids: Sequence[int],
+        prefetched: tuple[list[FetchedMessage], tuple[list[ImportItem], list[FailureInfo]]],
+    ) -> PassSummary:
         started = time.monotonic()
         await self._set_state("importing")
-        fetched = await session.fetch(uids)
-        items, failures = await asyncio.to_thread(
-            _parse_batch, fetched, self.settings.limits.max_message_bytes
+        fetched, parsed = prefetched
+        summary = await self.process_fetched(session, fetched, parsed=parsed)
+
+        now = datetime.now(UTC)
+        await self._set_state(
+            "importing",
+            imported=summary.imported,
+            last_import=now if summary.imported else None,
         )
-        own = self.account.own_addresses()
-        results = await self.repo.import_batch(self.account.name, own, items) if items else []
+        self.log.info(
+            "batch_done",
+            messages=len(uids),
+            imported=summary.imported,
+            duplicates=summary.duplicates,
+            failed=summary.failed,
+            seconds=round(time.monotonic() - started, 3),
+        )
+        return summary
+
+    async def process_fetched(
+        self,
+        session: ImapSession,
+        fetched: Sequence[FetchedMessage],
+        *,
+        in_failed: bool = False,
+        parsed: tuple[list[ImportItem], list[FailureInfo]] | None = None,
+    ) -> PassSummary:
+        """Parse, import in one transaction, record the failures, then move: the one import step.
+
+        The live loop calls it for Inbox mail; the recovery sweep (:mod:`mailbridge.daemon.sweep`)
+        for Inbox mail the loop missed and, with ``in_failed``, for messages retried where they
+        are, in the (selected) Failed folder. Imported mail and duplicates go to Processed. A
+        failing Inbox message goes to Failed; a failing retried one stays in Failed, its row in
+        ``importfailure`` updated (attempts + 1, the new reason) and keeping its Failed-folder UID.
+        ``parsed`` is ``_parse_batch(fetched)`` when the caller parsed ahead (the pipelined loop).
+        """
+        if parsed is None:
+            # A thread for a few messages, worker processes for a backlog (daemon/parsing.py).
+            parsed = await parse_off_loop(
+                _parse_batch, fetched, self.settings.limits.max_message_bytes
+            )
+        items, failures = parsed
+        context = ImportContext.for_account(self.settings, self.account)
+        results = await self.repo.import_batch(context, items) if items else []
 
         summary = PassSummary()
         done_uids: list[int] = []
@@ -337,16 +428,24 @@ class AccountWorker:
                     conversation=result.conversation_id,
                     new_conversation=result.new_conversation,
                 )
+            elif result.outcome is Outcome.IGNORED:
+                # The account's own mail continuing nothing: moved to Processed, not stored.
+                summary.duplicates += 1
+                self.log.info(
+                    "message_ignored", uid=result.uid, reason=result.error_reason or "own mail"
+                )
             else:
                 summary.duplicates += 1
                 self.log.info("message_duplicate", uid=result.uid, message_key=result.message_key)
         if failures:
             # Committed before the move: a message never reaches Failed without its reason.
-            await self.repo.record_failures(self.account.name, failures)
+            rows = await self._with_inbox_uids(failures) if in_failed else failures
+            await self.repo.record_failures(self.account.name, rows)
             for failure in failures:
                 self.log.warning(
                     "message_failed",
                     uid=failure.uid,
+                    folder=self.account.folders.failed if in_failed else self.account.folders.inbox,
                     message_id=failure.message_id,
                     code=failure.code,
                     reason=failure.reason,
@@ -356,26 +455,42 @@ class AccountWorker:
 
         # Only now, with everything committed, does mail leave the Inbox.
         folders = self.account.folders
+        # \Seen is set on the moved copies, after the MOVE (needs the COPYUID mapping, i.e.
+        # UIDPLUS): flagging first and then losing the connection before the MOVE would leave
+        # committed mail \Seen in the Inbox, where UNSEEN never finds it again (found by
+        # tests/integration/test_faults.py). Without UIDPLUS there is no mapping: flag first.
+        flag_first = not session.has_uidplus
+        seen: dict[str, list[int]] = {}
         if done_uids:
-            await session.move(done_uids, folders.processed)
-        if failures:
-            moved = await session.move([f.uid for f in failures], folders.failed)
+            moved = await session.move(done_uids, folders.processed, mark_seen=flag_first)
+            seen[folders.processed] = list(moved.values())
+        if failures and in_failed:
+            # Still where it was: recording the failure cleared its Failed-folder UID; restore it.
+            uids = {f.message_key: f.uid for f in failures}
+            await self.repo.set_failure_folder_uids(self.account.name, uids)
+        elif failures:
+            moved = await session.move(
+                [f.uid for f in failures], folders.failed, mark_seen=flag_first
+            )
+            seen[folders.failed] = list(moved.values())
             keyed = {f.message_key: moved[f.uid] for f in failures if f.uid in moved}
             if keyed:
                 await self.repo.set_failure_folder_uids(self.account.name, keyed)
-
-        now = datetime.now(UTC)
-        await self._set_state(
-            "importing",
-            imported=summary.imported,
-            last_import=now if summary.imported else None,
-        )
-        self.log.info(
-            "batch_done",
-            messages=len(uids),
-            imported=summary.imported,
-            duplicates=summary.duplicates,
-            failed=summary.failed,
-            seconds=round(time.monotonic() - started, 3),
-        )
+        for folder, moved_uids in seen.items():
+            await session.mark_seen_in(folder, moved_uids)
         return summary
+
+    async def _with_inbox_uids(self, failures: Sequence[FailureInfo]) -> list[FailureInfo]:
+        """Failures of retried messages, carrying the Inbox UID of their first failure.
+
+        ``importfailure.uid`` is the UID the message had in the Inbox; a retry only knows its
+        Failed-folder UID, which must not overwrite it.
+        """
+        known = {
+            r.message_key: r.uid
+            for r in await self.repo.failures(self.account.name, include_resolved=True)
+        }
+        return [
+            dataclasses.replace(f, uid=known[f.message_key]) if f.message_key in known else f
+            for f in failures
+        ]

@@ -703,6 +703,28 @@ class ImapSession:
             self._check(response, "EXPUNGE")
             return mapping
 
+    async def mark_seen_in(self, folder: str, uids: Iterable[int]) -> None:
+        """Set ``\\Seen`` on ``uids`` of ``folder``, which need not be the selected folder.
+
+        For mail just moved (with ``move(..., mark_seen=False)``, using the COPYUID mapping):
+        flagging *after* the move means a connection lost between the two commands leaves an
+        unread copy in Processed, whereas flagging first and losing the MOVE would leave mail
+        ``\\Seen`` in the Inbox, where ``UNSEEN`` never finds it again. SELECTs ``folder``, runs
+        ``UID STORE +FLAGS.SILENT (\\Seen)``, and SELECTs the previously selected folder again.
+        """
+        wanted = sorted(set(uids))
+        back = self.selected
+        if not wanted or back is None:
+            return
+        await self.select(folder)
+        async with self._lock:
+            response = await self._await(
+                self._protocol.store(uid_set(wanted), "+FLAGS.SILENT", "(\\Seen)", by_uid=True),
+                "UID STORE",
+            )
+            self._check(response, "UID STORE \\Seen")
+        await self.select(back)
+
     async def wait_for_mail(self, timeout: float) -> bool:  # noqa: ASYNC109 - the agreed API
         """IDLE (RFC 2177) until the server announces new mail or ``timeout`` passes.
 
