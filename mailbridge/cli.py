@@ -106,8 +106,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"mailbridge: config error: {exc}", file=sys.stderr)
         print(f"  fix: {exc.remedy}", file=sys.stderr)
         return EX_CONFIG
+    # The daemon logs at the configured level; the operator's commands print their own
+    # results, so their log lines are only warnings and errors unless asked for.
+    default_level = settings.log.level if args.command == "run" else "warning"
     configure_logging(
-        args.log_level or settings.log.level,
+        args.log_level or default_level,
         args.log_format or settings.log.format,
         stream=sys.stderr,
     )

@@ -197,7 +197,7 @@ def _list(settings: Settings, account: str | None, *, include_resolved: bool) ->
     table = Table(
         title=f"{len(records)} failed message(s)",
         caption="UID: the message's UID in the account's Failed folder "
-        "(for 'failed show UID' and 'failed retry UID')",
+        "(for 'failed show UID' and 'failed retry UID'); '?': the server did not report it",
     )
     columns = ["account", "UID", "date", "from", "subject", "size", "last reason", "attempts"]
     if include_resolved:
@@ -220,11 +220,7 @@ def _list(settings: Settings, account: str | None, *, include_resolved: bool) ->
         if include_resolved:
             row.append(_iso(rec.resolved))
         table.add_row(*row)
-    out = console()
-    out.print(table)
-    if records:
-        out.print("Failed-folder UID = the message's UID in the Failed folder; '?' means the "
-                  "server did not report it (no UIDPLUS).")  # fmt: skip
+    console().print(table)
     return 0
 
 

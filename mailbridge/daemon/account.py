@@ -288,19 +288,24 @@ class AccountWorker:
 
     # -- one pass ----------------------------------------------------------------------------
 
+    async def _set_failed_state(self, exc: MailbridgeError) -> None:
+        """Record a pass that failed: the code itself for faults an operator must fix."""
+        state = "error" if exc.transient else exc.code
+        await self._set_state(state, code=exc.code, detail=f"{exc} | {exc.remedy}")
+
     async def run_once(self) -> PassSummary:
         """Connect, import everything unseen, disconnect. Raises ServerError if it cannot."""
         await self._set_state("connecting")
         try:
             session = await ImapSession.open(self.account)
         except MailbridgeError as exc:
-            await self._set_state("error", code=exc.code, detail=f"{exc} | {exc.remedy}")
+            await self._set_failed_state(exc)
             raise
         try:
             await self._prepare(session)
             summary = await self._import_pending(session)
         except MailbridgeError as exc:
-            await self._set_state("error", code=exc.code, detail=f"{exc} | {exc.remedy}")
+            await self._set_failed_state(exc)
             raise
         finally:
             await session.close()

@@ -6,6 +6,7 @@ Each test gets a fresh Dovecot user (``imap_user``) so tests share one server bu
 from __future__ import annotations
 
 import asyncio
+import json
 import os
 import signal
 import socket
@@ -429,8 +430,6 @@ def test_cli_run_once_and_status(
     assert cli_main(["-c", str(path), "run", "--once"]) == 0
     assert cli_main(["-c", str(path), "status", "--json"]) == 0
 
-    import json
-
     out = capsys.readouterr().out
     status = json.loads(out[out.index("{") :])
     row = status["accounts"][0]
@@ -441,12 +440,19 @@ def test_cli_run_once_and_status(
 
 
 def test_cli_run_once_exits_69_when_login_fails(
-    tmp_path: Path, dovecot: Any, imap_user: Any
+    tmp_path: Path, dovecot: Any, imap_user: Any, capsys: pytest.CaptureFixture[str]
 ) -> None:
     data = config_data(tmp_path, dovecot, imap_user)
     data["accounts"][0]["auth"]["password"] = "wrong"
     path = write_config(tmp_path, data)
     assert cli_main(["-c", str(path), "run", "--once"]) == 69
+    capsys.readouterr()
+
+    assert cli_main(["-c", str(path), "status", "--json"]) == 0
+
+    row = json.loads(capsys.readouterr().out)["accounts"][0]
+    assert (row["state"], row["code"]) == ("auth_failed", "auth_failed")
+    assert "password" in row["remedy"]
 
 
 def test_daemon_notifies_systemd_and_drains_on_sigterm(

@@ -225,7 +225,7 @@ def test_cli_failed_list_show_retry_and_sync(
     assert "Huge scan" in out
     assert "Second scan" in out
     assert "too_large" in out
-    assert "Failed-folder UID" in out
+    assert "UID in the account's Failed folder" in out
 
     assert cli_main(["-c", str(path), "failed", "show", str(uids[0])]) == 0
     out = capsys.readouterr().out
