@@ -202,6 +202,13 @@ def _check_config(settings: Settings) -> int:
                     "the connection can be intercepted; prefer ca_file",
                     file=sys.stderr,
                 )
+    inline = [a.name for a in settings.accounts if a.auth.password is not None]
+    if inline and settings.source is not None and world_readable(settings.source):
+        print(
+            f"warning: {settings.source} holds passwords ({', '.join(inline)}) and is readable "
+            f"by every user; run: chmod 640 {settings.source}, or move them to password_file",
+            file=sys.stderr,
+        )
     if problems:
         for problem in problems:
             print(f"mailbridge: config error: {problem}", file=sys.stderr)

@@ -278,3 +278,29 @@ def test_example_config_loads() -> None:
         pytest.skip("config.example.yaml not present")
     settings = load_config(example)
     assert settings.accounts
+
+
+def test_check_config_warns_about_world_readable_inline_passwords(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from mailbridge.cli import main
+
+    path = tmp_path / "config.yaml"
+    path.write_text(
+        "database: /tmp/x.db\n"
+        "accounts:\n"
+        "  - name: support\n"
+        "    address: support@example.com\n"
+        "    imap: {host: imap.example.com}\n"
+        "    auth: {username: u, password: inline-secret}\n"
+    )
+    path.chmod(0o644)
+    assert main(["-c", str(path), "check-config"]) == 0
+    err = capsys.readouterr().err
+    assert "readable by every user" in err
+    assert "support" in err
+    assert "inline-secret" not in err
+
+    path.chmod(0o600)
+    assert main(["-c", str(path), "check-config"]) == 0
+    assert "readable by every user" not in capsys.readouterr().err
