@@ -340,6 +340,34 @@ async def test_poll_mode_imports_new_mail(tmp_path: Path, dovecot: Any, imap_use
         await stop_worker(worker, task, repo)
 
 
+async def test_idle_mode_polls_when_the_server_lacks_idle(
+    tmp_path: Path, dovecot: Any, imap_user: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """mode: idle on a server without IDLE (RFC 2177 is an extension): poll, and say so."""
+    original = ImapSession.open
+
+    async def open_without_idle(cls: type[ImapSession], *args: Any, **kwargs: Any) -> ImapSession:
+        session = await original(*args, **kwargs)
+        session.capabilities = session.capabilities - {"IDLE"}
+        return session
+
+    monkeypatch.setattr(ImapSession, "open", classmethod(open_without_idle))
+    settings = make_settings(tmp_path, dovecot, imap_user, poll_interval_seconds=1)
+    with structlog.testing.capture_logs() as logs:
+        worker, task, repo = await run_worker(settings)
+        try:
+            await eventually(lambda: worker.state.state == "polling")
+            dovecot.append(
+                imap_user.login,
+                imap_user.password,
+                mail("No IDLE", to=imap_user.address).as_bytes(),
+            )
+            await eventually(lambda: count_messages(settings) == 1)
+        finally:
+            await stop_worker(worker, task, repo)
+    assert any(e["event"] == "imap_idle_unsupported_polling" for e in logs)
+
+
 async def test_server_restart_mid_run_is_survived(
     tmp_path: Path, dovecot: Any, imap_user: Any
 ) -> None:
