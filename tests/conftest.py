@@ -11,8 +11,11 @@ from __future__ import annotations
 import itertools
 import logging
 import secrets
+import shutil
+import tempfile
 from collections.abc import Iterator
 from dataclasses import dataclass
+from pathlib import Path
 
 import pytest
 
@@ -55,13 +58,19 @@ def _require_dovecot() -> None:
 
 def _start(factory: pytest.TempPathFactory, name: str, *, tls: bool) -> Iterator[Dovecot]:
     _require_dovecot()
-    server = Dovecot(factory.mktemp(name), tls=tls)
+    # Not under pytest's basetemp: every pytest session that starts (another checkout, a
+    # colleague's run) resets /tmp/pytest-of-USER to mode 0700, which locks this session's
+    # Dovecot processes (users 'dovecot', 'mail') out of their passwd-files and mail store:
+    # "Temporary authentication failure" in the middle of a run.
+    workdir = Path(tempfile.mkdtemp(prefix=f"mailbridge-{name}-", dir="/tmp"))
+    server = Dovecot(workdir, tls=tls)
     server.start()
     try:
         yield server
     finally:
         # Don't wait the ~2.5 s Dovecot takes to exit: the processes finish on their own.
         server.stop(wait=False)
+        shutil.rmtree(workdir, ignore_errors=True)
 
 
 @pytest.fixture(scope="session")
