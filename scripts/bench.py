@@ -1,0 +1,810 @@
+"""The benchmark behind ``scripts/bench``: how fast mailbridge imports, how quickly IDLE mail lands,
+and what a fleet of idle accounts costs, each beside a baseline measured in the same run.
+
+A throwaway Dovecot on loopback (``mailbridge.testing.dovecot``) is loaded with a realistic
+mailbox (2 KB - 200 KB; plain, multipart HTML, attachments, inline images, reply threads), then:
+
+* raw: a minimal client (stdlib imaplib) doing ``UID FETCH BODY.PEEK[]`` in batches of 100;
+* naive floor: the raw fetch plus ``email`` with ``policy.default`` parsing and one SQLite insert
+  per message (a commit per batch) - what a straightforward Python importer costs;
+* import: ``mailbridge run --once`` from a full Inbox to an empty one (a fresh process, so start-up
+  is included), msgs/s, ratio to raw and to the floor, peak RSS;
+* IDLE: APPEND to committed row (the ``message_imported`` log line, written after the commit) for
+  the daemon, beside the server's own push latency (APPEND to ``* EXISTS`` on a bare IDLE session);
+* fleets: N idle accounts in one daemon: RSS, CPU while idle, IDLE latency with the fleet connected;
+* recovery sweep: 1,000 messages put in Failed by a too-low attachment limit, then retried by
+  ``mailbridge sync`` once the limit is back to its default;
+* sending: printed as "not built yet" until sending exists.
+
+Targets (reported, not asserted): import >= 1.0x the naive floor; IDLE p99 at most 20 ms above the
+server's push p99; 1,000 idle accounts <= 300 MB RSS and < 2 % of a core.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import email
+import email.policy
+import imaplib
+import json
+import os
+import platform
+import random
+import re
+import signal
+import socket
+import sqlite3
+import statistics
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from collections.abc import Iterator, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from datetime import UTC, datetime, timedelta
+from email.message import EmailMessage
+from email.utils import format_datetime
+from pathlib import Path
+from typing import Any
+
+import psutil
+import yaml
+from rich.console import Console
+from rich.table import Table
+
+from mailbridge.testing.dovecot import Dovecot
+
+PASSWORD = "bench-password"  # noqa: S105 - a throwaway local server's password
+BATCH = 100
+WORDS = (
+    "order invoice delivery shipment customer support ticket refund payment account please "
+    "thanks regards hello attached question problem update status urgent soon tomorrow today "
+    "price quote contract meeting schedule review approve confirm cancel return damaged replace"
+)
+VOCABULARY = WORDS.split()
+LATENCY_INTERVAL = 0.1  # seconds between APPENDs in the latency runs
+
+
+def say(text: str) -> None:
+    print(f"== {text}", file=sys.stderr, flush=True)
+
+
+# -- the mailbox --------------------------------------------------------------------------------
+
+
+def _text(rng: random.Random, size: int) -> str:
+    words = rng.choices(VOCABULARY, k=max(8, size // 7))
+    lines = [" ".join(words[i : i + 12]) for i in range(0, len(words), 12)]
+    return "\n".join(lines) + "\n"
+
+
+def make_corpus(count: int, address: str, seed: int = 7) -> list[bytes]:
+    """``count`` messages: ~55 % plain 2-10 KB, ~20 % multipart/alternative HTML 5-30 KB,
+    ~15 % with an attachment (20-200 KB), ~10 % HTML with an inline image; ~30 % are replies."""
+    rng = random.Random(seed)
+    start = datetime(2026, 11, 1, 8, 0, tzinfo=UTC)
+    sent: list[tuple[str, str]] = []  # (message-id, references) of earlier messages
+    out: list[bytes] = []
+    for n in range(count):
+        msg = EmailMessage()
+        sender = rng.randrange(400)
+        msg["From"] = f"Customer {sender} <customer{sender}@example.net>"
+        msg["To"] = address
+        if rng.random() < 0.2:
+            msg["Cc"] = f"Colleague {sender} <colleague{sender}@example.net>"
+        msg["Date"] = format_datetime(start + timedelta(minutes=n))
+        message_id = f"<bench-{seed}-{n}@example.net>"
+        msg["Message-ID"] = message_id
+        subject = f"Order {rng.randrange(100000)} {rng.choice(VOCABULARY)}"
+        if sent and rng.random() < 0.3:
+            parent, refs = rng.choice(sent[-200:])
+            msg["In-Reply-To"] = parent
+            msg["References"] = f"{refs} {parent}".strip()
+            subject = "Re: " + subject
+            sent.append((message_id, f"{refs} {parent}".strip()[-900:]))
+        else:
+            sent.append((message_id, ""))
+        msg["Subject"] = subject
+        kind = rng.random()
+        if kind < 0.55:
+            msg.set_content(_text(rng, rng.randrange(2000, 10000)))
+        elif kind < 0.75:
+            body = _text(rng, rng.randrange(2500, 15000))
+            msg.set_content(body)
+            html = "".join(f"<p>{line}</p>" for line in body.splitlines())
+            msg.add_alternative(f"<html><body>{html}</body></html>", subtype="html")
+        elif kind < 0.90:
+            msg.set_content(_text(rng, rng.randrange(1000, 4000)))
+            blob = rng.randbytes(rng.randrange(15000, 140000))
+            msg.add_attachment(blob, maintype="application", subtype="pdf", filename="doc.pdf")
+        else:
+            body = _text(rng, rng.randrange(1000, 5000))
+            msg.set_content(body)
+            msg.add_alternative(
+                f'<html><body><p>{body[:500]}</p><img src="cid:logo{n}@example.net"></body></html>',
+                subtype="html",
+            )
+            parts = msg.get_payload()
+            assert isinstance(parts, list)
+            html_part = parts[1]
+            assert isinstance(html_part, EmailMessage)
+            html_part.add_related(
+                rng.randbytes(rng.randrange(2000, 30000)),
+                maintype="image",
+                subtype="png",
+                cid=f"<logo{n}@example.net>",
+            )
+        out.append(msg.as_bytes())
+    return out
+
+
+def append_parallel(dovecot: Dovecot, user: str, raws: Sequence[bytes], workers: int = 4) -> None:
+    # The first one alone: it creates the mailbox, which parallel clients would race to do.
+    dovecot.append_many(user, PASSWORD, raws[:1])
+    chunks = [raws[1:][i::workers] for i in range(workers)]
+    with ThreadPoolExecutor(workers) as pool:
+        list(pool.map(lambda chunk: dovecot.append_many(user, PASSWORD, chunk), chunks))
+
+
+# -- raw baseline and the naive floor ---------------------------------------------------------
+
+
+def _fetch_batches(dovecot: Dovecot, user: str) -> Iterator[list[bytes]]:
+    with dovecot.client(user, PASSWORD) as conn:
+        conn.select("INBOX")
+        typ, data = conn.uid("SEARCH", "ALL")
+        uids = [int(x) for x in data[0].split()] if typ == "OK" and data[0] else []
+        for start in range(0, len(uids), BATCH):
+            chunk = uids[start : start + BATCH]
+            typ, data = conn.uid("FETCH", f"{chunk[0]}:{chunk[-1]}", "(BODY.PEEK[])")
+            yield [item[1] for item in data if isinstance(item, tuple)]
+
+
+def measure_raw(dovecot: Dovecot, user: str) -> dict[str, float]:
+    started = time.perf_counter()
+    count = size = 0
+    for batch in _fetch_batches(dovecot, user):
+        count += len(batch)
+        size += sum(len(raw) for raw in batch)
+    seconds = time.perf_counter() - started
+    return {
+        "messages": count,
+        "seconds": seconds,
+        "msgs_per_s": count / seconds,
+        "mb_per_s": size / seconds / 1e6,
+        "mb": size / 1e6,
+    }
+
+
+def measure_naive(dovecot: Dovecot, user: str, workdir: Path) -> dict[str, float]:
+    """Fetch + ``policy.default`` parse + one INSERT per message, committed per batch."""
+    db = sqlite3.connect(workdir / "naive.db")
+    db.execute("PRAGMA journal_mode=WAL")
+    db.execute(
+        "CREATE TABLE message (id INTEGER PRIMARY KEY, messageid TEXT, subject TEXT, sender TEXT,"
+        " recipients TEXT, date TEXT, inreplyto TEXT, body TEXT, attachments INTEGER)"
+    )
+    started = time.perf_counter()
+    count = 0
+    for batch in _fetch_batches(dovecot, user):
+        for raw in batch:
+            msg = email.message_from_bytes(raw, policy=email.policy.default)
+            body_part = msg.get_body(("plain", "html"))
+            body = body_part.get_content() if body_part is not None else ""
+            attachments = [
+                len(part.get_payload(decode=True) or b"") for part in msg.iter_attachments()
+            ]
+            db.execute(
+                "INSERT INTO message (messageid, subject, sender, recipients, date, inreplyto,"
+                " body, attachments) VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
+                (
+                    str(msg["Message-ID"] or ""),
+                    str(msg["Subject"] or ""),
+                    str(msg["From"] or ""),
+                    str(msg["To"] or ""),
+                    str(msg["Date"] or ""),
+                    str(msg["In-Reply-To"] or ""),
+                    body,
+                    len(attachments),
+                ),
+            )
+            count += 1
+        db.commit()
+    seconds = time.perf_counter() - started
+    db.close()
+    return {"messages": count, "seconds": seconds, "msgs_per_s": count / seconds}
+
+
+# -- mailbridge as a process -----------------------------------------------------------------
+
+
+def write_config(
+    workdir: Path,
+    dovecot: Dovecot,
+    users: Sequence[str],
+    *,
+    mode: str,
+    name: str,
+    attachment_max_size_mb: float = 25.0,
+) -> Path:
+    config = {
+        "database": str(workdir / f"{name}.db"),
+        "limits": {"fetch_batch_size": BATCH, "attachment_max_size_mb": attachment_max_size_mb},
+        "accounts": [
+            {
+                "name": user,
+                "address": f"{user}@example.test",
+                "imap": {"host": dovecot.host, "port": dovecot.port, "tls": "none"},
+                "auth": {"username": user, "password": PASSWORD},
+                "mode": mode,
+            }
+            for user in users
+        ],
+    }
+    path = workdir / f"{name}.yaml"
+    path.write_text(yaml.safe_dump(config), encoding="utf-8")
+    return path
+
+
+def mailbridge_command(config: Path, *args: str) -> list[str]:
+    return [sys.executable, "-m", "mailbridge", "-c", str(config), "--log-format", "json", *args]
+
+
+def measure_import(dovecot: Dovecot, user: str, workdir: Path, count: int) -> dict[str, float]:
+    config = write_config(workdir, dovecot, [user], mode="poll", name="import")
+    log_path = workdir / "import.log"
+    peak = peak_total = 0
+    cpu = 0.0
+    workers_cpu: dict[int, float] = {}
+    started = time.perf_counter()
+    with log_path.open("wb") as log:
+        proc = subprocess.Popen(
+            mailbridge_command(config, "run", "--once"), stdout=subprocess.DEVNULL, stderr=log
+        )
+        watched = psutil.Process(proc.pid)
+        while proc.poll() is None:
+            with contextlib.suppress(psutil.Error, OSError):
+                rss = watched.memory_info().rss
+                # VmHWM: the kernel's own high-water mark, so a spike between samples counts.
+                peak = max(peak, rss, _vm_hwm(proc.pid))
+                times = watched.cpu_times()
+                cpu = times.user + times.system
+                # With the parse workers (forkserver, pool processes) it starts for a backlog.
+                for child in watched.children(recursive=True):
+                    with contextlib.suppress(psutil.Error):
+                        rss += child.memory_info().rss
+                        child_times = child.cpu_times()
+                        workers_cpu[child.pid] = child_times.user + child_times.system
+                peak_total = max(peak_total, rss)
+            time.sleep(0.02)
+    seconds = time.perf_counter() - started
+    if proc.returncode != 0:
+        raise SystemExit(f"mailbridge run --once failed ({proc.returncode}): see {log_path}")
+    imported = sum(1 for event in read_events(log_path) if event["event"] == "message_imported")
+    left = len(dovecot.folder_uids(user, PASSWORD, "INBOX"))
+    return {
+        "messages": count,
+        "imported": imported,
+        "left_in_inbox": left,
+        "seconds": seconds,
+        "msgs_per_s": count / seconds,
+        "cpu_seconds": cpu,
+        "workers_cpu_seconds": sum(workers_cpu.values()),
+        "peak_rss_mb": peak / 1e6,
+        "peak_rss_with_workers_mb": peak_total / 1e6,
+    }
+
+
+def _vm_hwm(pid: int) -> int:
+    """Peak resident set size of a running process, in bytes (Linux /proc), else 0."""
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmHWM:"):
+            return int(line.split()[1]) * 1024
+    return 0
+
+
+def read_events(path: Path) -> list[dict[str, Any]]:
+    events = []
+    for line in path.read_text(encoding="utf-8", errors="replace").splitlines():
+        with contextlib.suppress(ValueError):
+            event = json.loads(line)
+            if isinstance(event, dict) and "event" in event:
+                events.append(event)
+    return events
+
+
+@dataclass
+class Daemon:
+    """``mailbridge run`` in the background, logging JSON to a file."""
+
+    config: Path
+    log_path: Path
+    proc: subprocess.Popen[bytes] | None = None
+    _log: Any = field(default=None, repr=False)
+
+    def start(self) -> None:
+        self._log = self.log_path.open("wb")
+        self.proc = subprocess.Popen(mailbridge_command(self.config, "run"), stderr=self._log)
+
+    def stop(self) -> None:
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+            try:
+                self.proc.wait(60)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+        if self._log is not None:
+            self._log.close()
+
+    def wait_idle(self, database: Path, accounts: int, timeout: float) -> float:
+        """Seconds until every account's state is ``idle`` (read from the database)."""
+        started = time.perf_counter()
+        while time.perf_counter() - started < timeout:
+            assert self.proc is not None
+            if self.proc.poll() is not None:
+                raise SystemExit(f"mailbridge run exited early: see {self.log_path}")
+            with contextlib.suppress(sqlite3.Error):
+                conn = sqlite3.connect(f"file:{database}?mode=ro", uri=True, timeout=1)
+                try:
+                    row = conn.execute(
+                        "SELECT count(*) FROM accountstate WHERE state = 'idle'"
+                    ).fetchone()
+                finally:
+                    conn.close()
+                if row[0] >= accounts:
+                    return time.perf_counter() - started
+            time.sleep(0.2)
+        raise SystemExit(f"not all {accounts} accounts idle within {timeout:.0f}s: {self.log_path}")
+
+
+def _simple_mail(user: str, number: int, tag: str) -> tuple[str, bytes]:
+    message_id = f"{tag}-{number}-{time.time_ns()}@example.net"
+    raw = (
+        f"From: Latency <latency@example.net>\r\nTo: {user}@example.test\r\n"
+        f"Subject: latency {number}\r\nMessage-ID: <{message_id}>\r\n"
+        f"Date: {format_datetime(datetime.now(UTC))}\r\n\r\nPing {number}.\r\n"
+    ).encode()
+    return message_id, raw
+
+
+class PushProbe:
+    """A bare IDLE session on its own mailbox: APPEND to ``* N EXISTS`` is the server's own push
+    latency, the floor for any client's IDLE latency. Every latency APPEND is repeated into this
+    mailbox at once, so both are measured in the same moments, under the same load."""
+
+    def __init__(self, dovecot: Dovecot, user: str) -> None:
+        self.seen: list[tuple[float, int]] = []
+        self._sock = socket.create_connection((dovecot.host, dovecot.port), timeout=30)
+        self._reader = self._sock.makefile("rb")
+        self._reader.readline()  # greeting
+        self._command(f"a LOGIN {user} {PASSWORD}", b"a ")
+        self._command("b SELECT INBOX", b"b ")
+        self._command("c IDLE", b"+")
+        self._thread = threading.Thread(target=self._listen, daemon=True)
+        self._thread.start()
+
+    def _command(self, line: str, until: bytes) -> None:
+        self._sock.sendall(line.encode() + b"\r\n")
+        while not self._reader.readline().startswith(until):
+            pass
+
+    def _listen(self) -> None:
+        with contextlib.suppress(OSError, ValueError):
+            for line in self._reader:
+                match = re.match(rb"\* (\d+) EXISTS", line)
+                if match:
+                    self.seen.append((time.time(), int(match.group(1))))
+
+    def latencies(self, appended: Sequence[float]) -> list[float]:
+        """Per APPEND (in order), seconds until an EXISTS counted it."""
+        out = []
+        for index, at in enumerate(sorted(appended)):
+            later = [when for when, exists in self.seen if exists >= index + 1]
+            if later:
+                out.append(min(later) - at)
+        return out
+
+    def close(self) -> None:
+        with contextlib.suppress(OSError):
+            self._sock.sendall(b"DONE\r\nd LOGOUT\r\n")
+            time.sleep(0.2)
+        self._sock.close()
+        self._thread.join(2)
+
+
+def append_timed(
+    dovecot: Dovecot, targets: Sequence[str], count: int, tag: str, probe_user: str
+) -> tuple[dict[str, float], list[float]]:
+    """APPEND ``count`` small messages, one every LATENCY_INTERVAL s, round-robin over
+    ``targets``, each followed at once by a copy into ``probe_user``'s mailbox. Returns
+    ({message-id: wall time its APPEND completed}, [wall times of the copies])."""
+    clients: dict[str, imaplib.IMAP4] = {}
+    sent: dict[str, float] = {}
+    copies: list[float] = []
+
+    def client(user: str) -> imaplib.IMAP4:
+        conn = clients.get(user)
+        if conn is None:
+            conn = imaplib.IMAP4(dovecot.host, dovecot.port, timeout=30)
+            conn.login(user, PASSWORD)
+            clients[user] = conn
+        return conn
+
+    try:
+        for number in range(count):
+            user = targets[number % len(targets)]
+            message_id, raw = _simple_mail(user, number, tag)
+            client(user).append("INBOX", None, None, raw)
+            sent[message_id] = time.time()
+            if len(targets) > 1:
+                # A fleet: don't hold one more server process per account for the whole run.
+                with contextlib.suppress(imaplib.IMAP4.error, OSError):
+                    clients.pop(user).logout()
+            client(probe_user).append("INBOX", None, None, raw)
+            copies.append(time.time())
+            time.sleep(LATENCY_INTERVAL)
+    finally:
+        for conn in clients.values():
+            with contextlib.suppress(imaplib.IMAP4.error, OSError):
+                conn.logout()
+    return sent, copies
+
+
+def percentiles(values: Sequence[float]) -> dict[str, float]:
+    ordered = sorted(values)
+    if not ordered:
+        return {"p50_ms": float("nan"), "p95_ms": float("nan"), "p99_ms": float("nan"), "n": 0}
+    cuts = statistics.quantiles(ordered, n=100, method="inclusive")
+    return {
+        "p50_ms": cuts[49] * 1000,
+        "p95_ms": cuts[94] * 1000,
+        "p99_ms": cuts[98] * 1000,
+        "n": len(ordered),
+    }
+
+
+def import_latencies(log_path: Path, sent: dict[str, float], timeout: float) -> list[float]:
+    deadline = time.monotonic() + timeout
+    committed: dict[str, float] = {}
+    while time.monotonic() < deadline:
+        for event in read_events(log_path):
+            if event["event"] == "message_imported" and event.get("message_id") in sent:
+                stamp = datetime.fromisoformat(str(event["timestamp"]).replace("Z", "+00:00"))
+                committed[str(event["message_id"])] = stamp.timestamp()
+        if len(committed) >= len(sent):
+            break
+        time.sleep(0.5)
+    missing = len(sent) - len(committed)
+    if missing:
+        say(f"warning: {missing} latency messages not imported within {timeout:.0f}s")
+    return [committed[mid] - sent[mid] for mid in committed]
+
+
+def measure_idle(
+    dovecot: Dovecot, users: Sequence[str], workdir: Path, count: int, name: str
+) -> dict[str, Any]:
+    """One daemon with ``users`` idle: RSS and CPU while idle, then the latency of ``count``
+    APPENDs beside the server's own push latency measured on the same APPENDs."""
+    config = write_config(workdir, dovecot, users, mode="idle", name=name)
+    daemon = Daemon(config, workdir / f"{name}.log")
+    result: dict[str, Any] = {"accounts": len(users)}
+    probe_user = dovecot.add_user(f"push-{name}", PASSWORD)
+    dovecot.create_folder(probe_user, PASSWORD, "INBOX")
+    daemon.start()
+    try:
+        result["connect_seconds"] = daemon.wait_idle(
+            workdir / f"{name}.db", len(users), timeout=60 + len(users) * 0.3
+        )
+        assert daemon.proc is not None
+        process = psutil.Process(daemon.proc.pid)
+        time.sleep(2)  # let start-up work settle
+        window = 10.0
+        before = process.cpu_times()
+        time.sleep(window)
+        after = process.cpu_times()
+        busy = (after.user - before.user) + (after.system - before.system)
+        result["idle_cpu_percent"] = busy / window * 100
+        result["rss_mb"] = process.memory_info().rss / 1e6
+        probe = PushProbe(dovecot, probe_user)
+        try:
+            sent, copies = append_timed(dovecot, users, count, name, probe_user)
+            time.sleep(1.5)  # the last pushes
+        finally:
+            probe.close()
+        result.update(percentiles(import_latencies(daemon.log_path, sent, timeout=60)))
+        result["push"] = percentiles(probe.latencies(copies))
+        result["p99_over_push_ms"] = result["p99_ms"] - result["push"]["p99_ms"]
+        result["rss_after_mb"] = process.memory_info().rss / 1e6
+    finally:
+        daemon.stop()
+    return result
+
+
+# -- the run ------------------------------------------------------------------------------------
+
+NOT_BUILT = "not built yet"
+
+
+def make_failing(count: int, address: str, seed: int = 11) -> list[bytes]:
+    """``count`` messages, each with a 20-80 KB attachment: over a 10 KB limit, under the
+    default one - what an operator's too-low ``attachment_max_size_mb`` leaves in Failed."""
+    rng = random.Random(seed)
+    out: list[bytes] = []
+    for n in range(count):
+        msg = EmailMessage()
+        msg["From"] = f"Customer {n} <customer{n}@example.net>"
+        msg["To"] = address
+        msg["Date"] = format_datetime(datetime.now(UTC))
+        msg["Message-ID"] = f"<sweep-{seed}-{n}@example.net>"
+        msg["Subject"] = f"Scan {n} {rng.choice(VOCABULARY)}"
+        msg.set_content(_text(rng, rng.randrange(1000, 4000)))
+        blob = rng.randbytes(rng.randrange(20_000, 80_000))
+        msg.add_attachment(blob, maintype="application", subtype="pdf", filename=f"scan{n}.pdf")
+        out.append(msg.as_bytes())
+    return out
+
+
+def measure_sweep(dovecot: Dovecot, workdir: Path, count: int) -> dict[str, Any]:
+    """Recovery sweep of ``count`` failed messages: ``run --once`` with a 10 KB attachment limit
+    puts them all in Failed; then, the limit back at its default, ``mailbridge sync`` (a fresh
+    process, start-up included) retries them all and moves them to Processed."""
+    user = dovecot.add_user("sweep", PASSWORD)
+    append_parallel(dovecot, user, make_failing(count, f"{user}@example.test"))
+    low = write_config(
+        workdir, dovecot, [user], mode="poll", name="sweep", attachment_max_size_mb=0.01
+    )
+    with (workdir / "sweep-fail.log").open("wb") as log:
+        subprocess.run(
+            mailbridge_command(low, "run", "--once"),
+            stdout=subprocess.DEVNULL,
+            stderr=log,
+            check=True,
+        )
+    failed_before = len(dovecot.folder_uids(user, PASSWORD, "Mailbridge Failed"))
+    config = write_config(workdir, dovecot, [user], mode="poll", name="sweep")
+    peak = 0
+    started = time.perf_counter()
+    with (workdir / "sweep.log").open("wb") as log:
+        proc = subprocess.Popen(
+            mailbridge_command(config, "sync"), stdout=subprocess.DEVNULL, stderr=log
+        )
+        while proc.poll() is None:
+            with contextlib.suppress(OSError):
+                peak = max(peak, _vm_hwm(proc.pid))
+            time.sleep(0.02)
+    seconds = time.perf_counter() - started
+    if proc.returncode != 0:
+        raise SystemExit(f"mailbridge sync failed ({proc.returncode}): see {workdir / 'sweep.log'}")
+    return {
+        "status": "measured",
+        "failed_before": failed_before,
+        "recovered": len(dovecot.folder_uids(user, PASSWORD, "Mailbridge Processed")),
+        "left_in_failed": len(dovecot.folder_uids(user, PASSWORD, "Mailbridge Failed")),
+        "seconds": seconds,
+        "msgs_per_s": failed_before / seconds if seconds else 0.0,
+        "peak_rss_mb": peak / 1e6,
+    }
+
+
+def measure_sending() -> dict[str, Any]:
+    """Outbox rows to an SMTP sink: slots in once sending exists."""
+    return {"status": NOT_BUILT}
+
+
+def machine() -> dict[str, Any]:
+    model = ""
+    with contextlib.suppress(OSError):
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                model = line.split(":", 1)[1].strip()
+                break
+    return {
+        "cpus": os.cpu_count(),
+        "cpu_model": model,
+        "memory_gb": round(psutil.virtual_memory().total / 2**30, 1),
+        "python": platform.python_version(),
+        "date": datetime.now(UTC).strftime("%Y-%m-%d"),
+    }
+
+
+@contextlib.contextmanager
+def inotify_instances(needed: int) -> Iterator[str]:
+    """Dovecot's IDLE needs one inotify instance per session, all under the user ``mail``;
+    Linux allows 128 per user by default, and beyond that Dovecot falls back to polling every
+    30 s. Raise the limit for this run (as root), put it back afterwards; yields the setting."""
+    path = Path("/proc/sys/fs/inotify/max_user_instances")
+    try:
+        current = int(path.read_text())
+    except (OSError, ValueError):
+        yield "unknown"
+        return
+    if current >= needed:
+        yield str(current)
+        return
+    try:
+        path.write_text(str(needed))
+    except OSError:
+        say(f"warning: fs.inotify.max_user_instances is {current}; fleets above it poll")
+        yield f"{current} (too low for the fleet: could not raise it)"
+        return
+    try:
+        yield f"{needed} (raised from {current} for this run)"
+    finally:
+        with contextlib.suppress(OSError):
+            path.write_text(str(current))
+
+
+def run(args: argparse.Namespace) -> dict[str, Any]:
+    results: dict[str, Any] = {"machine": machine(), "messages": args.messages}
+    fleets = [n for n in args.accounts if n > 0]
+    with contextlib.ExitStack() as stack:
+        results["machine"]["inotify_max_user_instances"] = stack.enter_context(
+            inotify_instances(max([*fleets, 0]) + 256)
+        )
+        if args.workdir is not None:
+            workdir = Path(args.workdir).resolve()
+            workdir.mkdir(parents=True)
+        else:
+            tmp = stack.enter_context(tempfile.TemporaryDirectory(prefix="mailbridge-bench-"))
+            workdir = Path(tmp)
+        os.chmod(workdir, 0o755)  # noqa: S103 - Dovecot's unprivileged processes traverse it
+        dovecot = Dovecot(
+            workdir / "dovecot",
+            process_limit=max([*fleets, 100]) + 300,
+            max_user_connections=20,
+        )
+        with dovecot:
+            say(f"building and loading {args.messages} messages")
+            dovecot.add_user("bulk", PASSWORD)
+            corpus = make_corpus(args.messages, "bulk@example.test")
+            sizes = sorted(len(raw) for raw in corpus)
+            results["corpus"] = {
+                "mb": sum(sizes) / 1e6,
+                "median_kb": sizes[len(sizes) // 2] / 1e3,
+                "max_kb": sizes[-1] / 1e3,
+            }
+            append_parallel(dovecot, "bulk", corpus)
+            del corpus
+            say("raw fetch baseline")
+            results["raw"] = measure_raw(dovecot, "bulk")
+            say("naive floor (fetch + email policy.default + one INSERT per message)")
+            results["naive"] = measure_naive(dovecot, "bulk", workdir)
+            say("mailbridge run --once")
+            imported = measure_import(dovecot, "bulk", workdir, args.messages)
+            imported["ratio_to_raw"] = imported["msgs_per_s"] / results["raw"]["msgs_per_s"]
+            imported["ratio_to_naive"] = imported["msgs_per_s"] / results["naive"]["msgs_per_s"]
+            results["import"] = imported
+            say(f"IDLE latency beside the server's push ({args.latency_messages} APPENDs)")
+            dovecot.add_user("idle", PASSWORD)
+            results["idle"] = measure_idle(
+                dovecot, ["idle"], workdir, args.latency_messages, "idle"
+            )
+            results["fleets"] = []
+            for size in fleets:
+                say(f"fleet of {size} idle accounts")
+                users = [dovecot.add_user(f"fleet{size}-{i}", PASSWORD) for i in range(size)]
+                results["fleets"].append(
+                    measure_idle(dovecot, users, workdir, args.latency_messages, f"fleet{size}")
+                )
+            if args.sweep_messages > 0:
+                say(f"recovery sweep of {args.sweep_messages} failed messages (mailbridge sync)")
+                results["sweep"] = measure_sweep(dovecot, workdir, args.sweep_messages)
+            else:
+                results["sweep"] = {"status": "skipped"}
+            results["sending"] = measure_sending()
+            dovecot.stop(wait=False)
+    return results
+
+
+def _f(value: Any, digits: int = 0) -> str:
+    if isinstance(value, int | float):
+        return f"{value:,.{digits}f}"
+    return str(value)
+
+
+def table(results: dict[str, Any]) -> Table:
+    raw, naive, imp = results["raw"], results["naive"], results["import"]
+    idle = results["idle"]
+    push = idle["push"]
+    m = results["machine"]
+    out = Table(
+        title=(
+            f"mailbridge bench - {results['messages']:,} messages "
+            f"({results['corpus']['mb']:.0f} MB) - {m['cpus']} x {m['cpu_model']}, "
+            f"Python {m['python']}, {m['date']}"
+        )
+    )
+    out.add_column("measurement")
+    out.add_column("result", justify="right")
+    out.add_column("beside", justify="right")
+    out.add_row(
+        "raw UID FETCH BODY.PEEK[] (imaplib)",
+        f"{_f(raw['msgs_per_s'])} msgs/s",
+        f"{_f(raw['mb_per_s'], 1)} MB/s",
+    )
+    naive_rate = f"{_f(naive['msgs_per_s'])} msgs/s"
+    out.add_row("naive floor: fetch + policy.default + INSERT", naive_rate, "")
+    out.add_row(
+        "mailbridge run --once (full Inbox -> empty)",
+        f"{_f(imp['msgs_per_s'])} msgs/s",
+        f"{imp['ratio_to_naive']:.2f}x floor, {imp['ratio_to_raw']:.2f}x raw",
+    )
+    peak = f"{_f(imp['peak_rss_mb'])} MB ({_f(imp['peak_rss_with_workers_mb'])} MB)"
+    cpu = f"{imp['cpu_seconds']:.1f} s (+{imp['workers_cpu_seconds']:.1f} s)"
+    out.add_row("  peak RSS / CPU time (with parse workers)", peak, cpu)
+    out.add_row("  imported / left in Inbox", f"{imp['imported']:,}", f"{imp['left_in_inbox']:,}")
+    out.add_row(
+        "server push APPEND -> * EXISTS p50/p95/p99",
+        f"{_f(push['p50_ms'])}/{_f(push['p95_ms'])}/{_f(push['p99_ms'])} ms",
+        f"n={push['n']}",
+    )
+    out.add_row(
+        "IDLE APPEND -> committed row p50/p95/p99",
+        f"{_f(idle['p50_ms'])}/{_f(idle['p95_ms'])}/{_f(idle['p99_ms'])} ms",
+        f"p99 {idle['p99_over_push_ms']:+.0f} ms vs server",
+    )
+    for fleet in results["fleets"]:
+        out.add_row(
+            f"{fleet['accounts']:,} idle accounts: RSS, CPU idle",
+            f"{_f(fleet['rss_mb'])} MB",
+            f"{fleet['idle_cpu_percent']:.2f} % of a core",
+        )
+        out.add_row(
+            "  IDLE p99 with the fleet connected (vs server push)",
+            f"{_f(fleet['p99_ms'])} ms",
+            f"{fleet['p99_over_push_ms']:+.0f} ms (server {_f(fleet['push']['p99_ms'])} ms)",
+        )
+        out.add_row("  time until every account is idle", f"{fleet['connect_seconds']:.1f} s", "")
+    sweep = results["sweep"]
+    if sweep["status"] == "measured":
+        out.add_row(
+            f"recovery sweep (mailbridge sync) of {sweep['failed_before']:,} failed messages",
+            f"{_f(sweep['msgs_per_s'])} msgs/s",
+            f"{sweep['seconds']:.1f} s, {_f(sweep['peak_rss_mb'])} MB peak RSS",
+        )
+        out.add_row(
+            "  recovered to Processed / left in Failed",
+            f"{sweep['recovered']:,}",
+            f"{sweep['left_in_failed']:,}",
+        )
+    else:
+        out.add_row("recovery sweep of failed messages", sweep["status"], "")
+    out.add_row("sending: outbox -> SMTP sink", results["sending"]["status"], "")
+    return out
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n", 1)[0] if __doc__ else None)
+    parser.add_argument("--messages", type=int, default=10_000, help="messages to import")
+    parser.add_argument(
+        "--accounts",
+        type=int,
+        action="append",
+        help="fleet size (repeatable; default 100 and 1000; 0 skips the fleets)",
+    )
+    parser.add_argument(
+        "--latency-messages", type=int, default=200, help="APPENDs per latency measurement"
+    )
+    parser.add_argument(
+        "--sweep-messages", type=int, default=1000, help="failed messages to sweep (0 skips)"
+    )
+    parser.add_argument("--json", action="store_true", help="print only the JSON line")
+    parser.add_argument(
+        "--workdir", help="a new directory to keep the server, databases and logs in (for study)"
+    )
+    args = parser.parse_args(argv)
+    if args.accounts is None:
+        args.accounts = [100, 1000]
+    results = run(args)
+    if not args.json:
+        Console(width=120).print(table(results))
+    print(json.dumps(results, default=str))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
