@@ -17,9 +17,8 @@ from pathlib import Path
 from typing import Any
 
 import structlog
-from rich.console import Console
-from rich.markup import escape
 from rich.table import Table
+from rich.text import Text
 
 from mailbridge import __version__
 from mailbridge.config import CONFIG_ENV, DEFAULT_CONFIG_PATH, Settings, load_config, world_readable
@@ -27,6 +26,7 @@ from mailbridge.errors import ConfigError, StoreError, describe
 from mailbridge.log import configure_logging
 from mailbridge.store.base import AccountState
 from mailbridge.store.sqlite import SqliteRepository
+from mailbridge.term import console
 
 EX_USAGE = 64
 EX_TEMPFAIL = 75
@@ -158,20 +158,20 @@ def _run(settings: Settings, *, once: bool, accounts: list[str] | None) -> int:
         settings.account(name)  # raises ConfigError naming the configured accounts
     if once:
         results = asyncio.run(run_once(settings, accounts))
-        console = Console(stderr=False)
+        out = console()
         for result in results:
             if result.error is not None:
-                console.print(
-                    f"[red]{result.account}: {result.error.code}[/red] {result.error} "
-                    f"— {result.error.remedy}",
-                    highlight=False,
+                out.print(
+                    Text.assemble(
+                        (f"{result.account}: {result.error.code}", "red"),
+                        f" {result.error} — {result.error.remedy}",
+                    )
                 )
             elif result.summary is not None:
                 s = result.summary
-                console.print(
+                out.print(
                     f"{result.account}: imported {s.imported}, duplicates {s.duplicates}, "
-                    f"failed {s.failed}",
-                    highlight=False,
+                    f"failed {s.failed}"
                 )
         return once_exit_code(results)
     if accounts:
@@ -296,7 +296,7 @@ def _status(settings: Settings, *, as_json: bool) -> int:
             str(row["failed"]),
             problem,
         )
-    Console().print(table)
+    console().print(table)
     return 0
 
 
@@ -322,7 +322,7 @@ def _conversations(settings: Settings, account: str | None, search: str | None, 
             _iso(conv.last_message),
             conv.uniqueid,
         )
-    Console().print(table)
+    console().print(table)
     return 0
 
 
@@ -337,15 +337,14 @@ def _conversation_show(settings: Settings, conversation_id: int) -> int:
     if detail is None:
         print(f"mailbridge: no conversation {conversation_id}", file=sys.stderr)
         return 1
-    console = Console(highlight=False)
+    out = console()
     s = detail.summary
-    # Mail text is not rich markup: a tagged subject "[ID-…]" would otherwise vanish.
-    console.print(f"[bold]Conversation {s.id}[/bold]  {escape(s.subject)}")
-    console.print(f"account {s.account}, key {s.uniqueid}, {s.messages} message(s)")
+    out.print(Text.assemble((f"Conversation {s.id}", "bold"), f"  {s.subject}"))
+    out.print(f"account {s.account}, key {s.uniqueid}, {s.messages} message(s)")
     unread = _iso(s.earliest_unread) if s.earliest_unread else "none (read)"
-    console.print(f"earliest unread: {unread}")
+    out.print(f"earliest unread: {unread}")
     for table, record in detail.parents:
-        console.print(f"parent: {table} {record}")
+        out.print(f"parent: {table} {record}")
     links: dict[str, list[str]] = {}
     for email, table, record in detail.follower_parents:
         links.setdefault(email, []).append(f"{table} {record}")
@@ -355,25 +354,23 @@ def _conversation_show(settings: Settings, conversation_id: int) -> int:
         + (f" [{', '.join(links[email])}]" if email in links else "")
         for email, name, active in detail.followers
     )
-    console.print(f"followers: {escape(followers)}")
+    out.print(f"followers: {followers}")
     for message in detail.messages:
-        console.rule(f"#{message.id}  {_iso(message.date)}")
+        out.rule(f"#{message.id}  {_iso(message.date)}")
         sender = (
             f"{message.from_name} <{message.from_address}>"
             if message.from_name
             else message.from_address
         )
-        console.print(
-            escape(
-                f"From: {sender}\nSubject: {message.subject}\nMessage-ID: {message.message_id}"
-                f"\nThreaded by: {message.threaded_by or 'unknown'}"
-            )
+        out.print(
+            f"From: {sender}\nSubject: {message.subject}\nMessage-ID: {message.message_id}"
+            f"\nThreaded by: {message.threaded_by or 'unknown'}"
         )
         for filename, ctype, size in message.documents:
-            console.print(f"  attachment: {filename} ({ctype}, {size} bytes)")
+            out.print(f"  attachment: {filename} ({ctype}, {size} bytes)")
         for cid, ctype, size in message.embedded_files:
-            console.print(f"  inline image: cid:{cid} ({ctype}, {size} bytes)")
-        console.print(message.plain_text.strip()[:2000])
+            out.print(f"  inline image: cid:{cid} ({ctype}, {size} bytes)")
+        out.print(message.plain_text.strip()[:2000])
     return 0
 
 

@@ -17,9 +17,9 @@ from collections.abc import Sequence
 from datetime import UTC, datetime
 
 from rich.console import Console
-from rich.markup import escape
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn
 from rich.table import Table
+from rich.text import Text
 
 from mailbridge.config import AccountSettings, Settings
 from mailbridge.daemon.doctor import Check, check_database, diagnose, failing
@@ -27,16 +27,12 @@ from mailbridge.daemon.sweep import SweepSummary, fetch_failed, retry_failed, sw
 from mailbridge.errors import MailbridgeError, ServerError, describe
 from mailbridge.store.base import FailureRecord
 from mailbridge.store.sqlite import SqliteRepository, open_repository
+from mailbridge.term import console
 
 EX_USAGE = 64
 EX_UNAVAILABLE = 69
 
 _MARKS = {"ok": "✓", "warn": "!", "fail": "✗", "skip": "-"}
-
-
-def console() -> Console:
-    # Piped output (scripts, tests, journald) gets wide lines instead of wrapped table cells.
-    return Console(highlight=False, width=None if sys.stdout.isatty() else 240)
 
 
 def _iso(value: datetime | None) -> str:
@@ -134,13 +130,11 @@ def _print_failures(out: Console, name: str, summary: SweepSummary) -> None:
         out.print(
             f"{name}: still failing, Failed-folder UID {failure.uid}: {failure.subject!r} — "
             f"{failure.code}: {failure.reason}\n  fix: {describe(failure.code).remedy}",
-            markup=False,
         )
     for failure in summary.new_failures:
         out.print(
             f"{name}: new failure (moved to the Failed folder): {failure.subject!r} — "
             f"{failure.code}: {failure.reason}",
-            markup=False,
         )
 
 
@@ -151,8 +145,8 @@ def _exit_code(errors: Sequence[MailbridgeError]) -> int:
 
 
 def _print_error(out: Console, name: str, exc: MailbridgeError) -> None:
-    out.print(f"[red]{escape(name)}: {exc.code}[/red] {escape(str(exc))}")
-    out.print(f"  fix: {exc.remedy}", markup=False)
+    out.print(Text.assemble((f"{name}: {exc.code}", "red"), f" {exc}"))
+    out.print(f"  fix: {exc.remedy}")
 
 
 # -- failed -----------------------------------------------------------------------------------
@@ -265,7 +259,11 @@ def _show(settings: Settings, uid: int, account_name: str | None) -> int:
         print(f"mailbridge: {problem}", file=sys.stderr)
         return EX_USAGE
     out = console()
-    out.print(f"[bold]{account.name}[/bold]: Failed-folder UID {uid} ({account.folders.failed!r})")
+    out.print(
+        Text.assemble(
+            (account.name, "bold"), f": Failed-folder UID {uid} ({account.folders.failed!r})"
+        )
+    )
     if record is not None:
         info = describe(record.code)
         for label, value in (
@@ -283,14 +281,14 @@ def _show(settings: Settings, uid: int, account_name: str | None) -> int:
             ("date", _iso(record.date)),
             ("size", f"{record.size} bytes"),
         ):
-            out.print(f"  {label:<13} {value}", markup=False)
+            out.print(f"  {label:<13} {value}")
     else:
         out.print("  no failure is stored for this UID (moved to the Failed folder by hand?)")
     try:
         fetched = asyncio.run(fetch_failed(account, [uid]))
     except MailbridgeError as exc:
-        out.print(f"on the server: not reachable — {exc.code}: {exc}", markup=False)
-        out.print(f"  fix: {exc.remedy}", markup=False)
+        out.print(f"on the server: not reachable — {exc.code}: {exc}")
+        out.print(f"  fix: {exc.remedy}")
         return 0
     if not fetched:
         out.print(f"on the server: no message with UID {uid} in {account.folders.failed!r} "
@@ -302,7 +300,7 @@ def _show(settings: Settings, uid: int, account_name: str | None) -> int:
     for header in ("From", "To", "Cc", "Subject", "Date", "Message-ID", "Content-Type"):
         found = headers.get(header)
         if found is not None:
-            out.print(f"  {header}: {found}", markup=False)
+            out.print(f"  {header}: {found}")
     return 0
 
 
@@ -328,7 +326,7 @@ def _retry(settings: Settings, uids: list[int] | None, account_name: str | None)
             errors.append(outcome)
             _print_error(out, name, outcome)
             continue
-        out.print(f"{name}: {outcome.line()}", markup=False)
+        out.print(f"{name}: {outcome.line()}")
         _print_failures(out, name, outcome)
         asked = len(plan[name][1] or ())
         if asked > outcome.retried:
@@ -373,12 +371,13 @@ def doctor(settings: Settings, account: str | None) -> int:
     per_account = asyncio.run(_diagnose_all(accounts))
     _print_checks(out, general, indent="")
     for acc, checks in zip(accounts, per_account, strict=True):
-        out.print(f"[bold]{acc.name}[/bold] ({acc.address})")
+        out.print(Text.assemble((acc.name, "bold"), f" ({acc.address})"))
         _print_checks(out, checks, indent="  ")
     bad = failing(general) or any(failing(c) for c in per_account)
-    out.print(
-        "[red]some checks failed: fix the first ✗ line first[/red]" if bad else "all checks passed"
-    )
+    if bad:
+        out.print("some checks failed: fix the first ✗ line first", style="red")
+    else:
+        out.print("all checks passed")
     return 1 if bad else 0
 
 
@@ -389,12 +388,12 @@ async def _diagnose_all(accounts: Sequence[AccountSettings]) -> list[list[Check]
 def _print_checks(out: Console, checks: Sequence[Check], *, indent: str) -> None:
     colours = {"ok": "green", "warn": "yellow", "fail": "red", "skip": "dim"}
     for check in checks:
-        mark = f"[{colours[check.status]}]{_MARKS[check.status]}[/{colours[check.status]}]"
-        line = f"{indent}{mark} {escape(check.name)}"
+        mark = (_MARKS[check.status], colours[check.status])
+        line = Text.assemble(indent, mark, f" {check.name}")
         if check.code:
-            line += f": {check.code}"
+            line.append(f": {check.code}")
         if check.detail:
-            line += f" — {escape(check.detail)}"
+            line.append(f" — {check.detail}")
         out.print(line)
         if check.remedy:
             out.print(f"{indent}    fix: {check.remedy}")
