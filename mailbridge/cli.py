@@ -26,7 +26,7 @@ from mailbridge.errors import ConfigError, StoreError, describe
 from mailbridge.log import configure_logging
 from mailbridge.store.base import AccountState
 from mailbridge.store.sqlite import SqliteRepository
-from mailbridge.term import console
+from mailbridge.term import console, mail_text
 
 EX_USAGE = 64
 EX_TEMPFAIL = 75
@@ -174,11 +174,8 @@ def _run(settings: Settings, *, once: bool, accounts: list[str] | None) -> int:
                     f"failed {s.failed}"
                 )
         return once_exit_code(results)
-    if accounts:
-        settings = settings.model_copy(
-            update={"accounts": tuple(a for a in settings.accounts if a.name in accounts)}
-        )
-    return asyncio.run(Supervisor(settings).run())
+    only = frozenset(accounts) if accounts else None
+    return asyncio.run(Supervisor(settings, only=only).run())
 
 
 def _check_config(settings: Settings) -> int:
@@ -316,7 +313,7 @@ def _conversations(settings: Settings, account: str | None, search: str | None, 
         table.add_row(
             str(conv.id),
             conv.account,
-            conv.subject,
+            mail_text(conv.subject),
             str(conv.messages),
             str(conv.followers),
             _iso(conv.last_message),
@@ -339,7 +336,7 @@ def _conversation_show(settings: Settings, conversation_id: int) -> int:
         return 1
     out = console()
     s = detail.summary
-    out.print(Text.assemble((f"Conversation {s.id}", "bold"), f"  {s.subject}"))
+    out.print(Text.assemble((f"Conversation {s.id}", "bold"), "  ", mail_text(s.subject)))
     out.print(f"account {s.account}, key {s.uniqueid}, {s.messages} message(s)")
     unread = _iso(s.earliest_unread) if s.earliest_unread else "none (read)"
     out.print(f"earliest unread: {unread}")
@@ -354,7 +351,7 @@ def _conversation_show(settings: Settings, conversation_id: int) -> int:
         + (f" [{', '.join(links[email])}]" if email in links else "")
         for email, name, active in detail.followers
     )
-    out.print(f"followers: {followers}")
+    out.print(mail_text(f"followers: {followers}"))
     for message in detail.messages:
         out.rule(f"#{message.id}  {_iso(message.date)}")
         sender = (
@@ -363,14 +360,16 @@ def _conversation_show(settings: Settings, conversation_id: int) -> int:
             else message.from_address
         )
         out.print(
-            f"From: {sender}\nSubject: {message.subject}\nMessage-ID: {message.message_id}"
-            f"\nThreaded by: {message.threaded_by or 'unknown'}"
+            mail_text(
+                f"From: {sender}\nSubject: {message.subject}\nMessage-ID: {message.message_id}"
+                f"\nThreaded by: {message.threaded_by or 'unknown'}"
+            )
         )
         for filename, ctype, size in message.documents:
-            out.print(f"  attachment: {filename} ({ctype}, {size} bytes)")
+            out.print(mail_text(f"  attachment: {filename} ({ctype}, {size} bytes)"))
         for cid, ctype, size in message.embedded_files:
-            out.print(f"  inline image: cid:{cid} ({ctype}, {size} bytes)")
-        out.print(message.plain_text.strip()[:2000])
+            out.print(mail_text(f"  inline image: cid:{cid} ({ctype}, {size} bytes)"))
+        out.print(mail_text(message.plain_text.strip()[:2000]))
     return 0
 
 

@@ -308,6 +308,24 @@ class _Headers:
 
 
 _EMAIL = re.compile(r"[^\s@<>()\[\],;:\"\\]+@[^\s@<>()\[\],;:\"\\]+")
+# A quoted local part is legal (RFC 5322 3.4.1) and mail systems use it for their senders:
+# Exchange bounces come from <"System Administrator"@example.com>.
+_QUOTED_EMAIL = re.compile(r"\"([^\"\\]+)\"(@[^\s@<>()\[\],;:\"\\]+)")
+
+
+def _email(addr: str, hint: str | None) -> str | None:
+    """The address as stored (lower-case), or None when it is not one."""
+    email = _fix_8bit(addr, hint).strip().strip("<>").lower()
+    if not email.isprintable():
+        return None
+    if _EMAIL.fullmatch(email):
+        return email
+    quoted = _QUOTED_EMAIL.fullmatch(email)
+    if quoted is None:
+        return None
+    # Quotes that protect nothing are dropped, so "ann"@x.org is ann@x.org.
+    bare = quoted.group(1) + quoted.group(2)
+    return bare if _EMAIL.fullmatch(bare) and ".." not in bare else email
 
 
 def _addresses(values: list[str], hint: str | None) -> tuple[Address, ...]:
@@ -317,8 +335,8 @@ def _addresses(values: list[str], hint: str | None) -> tuple[Address, ...]:
     seen: set[str] = set()
     out: list[Address] = []
     for name, addr in getaddresses([_FOLD.sub("", v) for v in values]):
-        email = _fix_8bit(addr, hint).strip().strip("<>").lower()
-        if not _EMAIL.fullmatch(email) or not email.isprintable() or email in seen:
+        email = _email(addr, hint)
+        if email is None or email in seen:
             continue
         seen.add(email)
         display = _one_line(decode_header_value(name, hint)).strip("\"' ")
@@ -393,6 +411,7 @@ _GENERATED_EXTENSIONS: Final = {
     "application/pdf": ".pdf",
     "application/zip": ".zip",
     "application/ms-tnef": ".dat",
+    "application/vnd.ms-tnef": ".dat",
     "application/pgp-signature": ".asc",
     "application/pgp-encrypted": ".asc",
     "application/pkcs7-signature": ".p7s",
@@ -413,7 +432,9 @@ _GENERATED_EXTENSIONS: Final = {
 }
 _FIXED_NAMES: Final = {
     "message/rfc822": "forwarded-message.eml",
+    # Outlook's rich-text wrapper; some gateways label it with the registered vnd. name.
     "application/ms-tnef": "winmail.dat",
+    "application/vnd.ms-tnef": "winmail.dat",
     "message/delivery-status": "delivery-status.txt",
     "message/disposition-notification": "disposition-notification.txt",
     "text/rfc822-headers": "rfc822-headers.txt",

@@ -37,7 +37,9 @@ Threading rules (see "The database schema" in README.md for the integrator's vie
   counts as present, because the person received the message. A message older than the newest
   one already stored (it arrived late) adds followers but deactivates no one, and a follower it
   introduces starts inactive, since the newer message did not name them; so the result does
-  not depend on the order messages arrive in.
+  not depend on the order messages arrive in. For the same reason a follower's display name is
+  the non-empty name of a message at least as new as every other message they took part in;
+  an older message only names a follower who has no name yet.
 """
 
 from __future__ import annotations
@@ -688,7 +690,7 @@ class SqliteRepository:
                 [(candidate, row_id) for candidate in candidates],
             )
         follower_ids = self._write_followers(
-            conn, conversation_id, row_id, message, own, latest=latest, new=new, now=now
+            conn, conversation_id, row_id, message, own, date, latest=latest, new=new, now=now
         )
         self._link_follower_parents(conn, context.follower_parents, follower_ids)
         self._write_files(conn, row_id, message, html, now)
@@ -902,12 +904,19 @@ class SqliteRepository:
         row_id: int,
         message: ParsedMessage,
         own: frozenset[str],
+        date: str,
         *,
         latest: bool,
         new: bool,
         now: str,
     ) -> list[int]:
-        """Write the message's followers; returns the ids of its participants."""
+        """Write the message's followers; returns the ids of its participants.
+
+        A name the message gives replaces the stored one only when the message is at least as
+        new as the newest message the follower took part in: a late-arriving older message
+        must not undo a newer name. (Per-message names are not stored for To/Cc, so "newest"
+        is judged by the follower's newest message, named or not.)
+        """
         names: dict[str, str] = {}  # email -> first non-empty name, in order of appearance
         levels: list[tuple[str, str]] = []
         for address, level in message.participants():
@@ -925,6 +934,24 @@ class SqliteRepository:
                 (conversation_id,),
             ):
                 existing[email] = _FollowerRow(fid, name, active)
+        # Only a late (older) message that brings a different name needs the followers'
+        # newest dates; the newest message of the conversation is newer than all of them.
+        renamed = [
+            existing[email].id
+            for email, name in names.items()
+            if name and email in existing and existing[email].name not in ("", name)
+        ]
+        newest: dict[int, str] = {}
+        if renamed and not latest:
+            for chunk in _chunks(renamed):
+                newest.update(
+                    conn.execute(
+                        "SELECT mf.follower, MAX(m.date) FROM messagefollower AS mf"
+                        " JOIN conversationmessage AS m ON m.id = mf.conversationmessage"
+                        f" WHERE mf.follower IN ({_marks(len(chunk))}) GROUP BY mf.follower",
+                        tuple(chunk),
+                    ).fetchall()
+                )
         ids: dict[str, int] = {}
         updates: list[tuple[str, int, str, int]] = []
         for email, name in names.items():
@@ -939,7 +966,11 @@ class SqliteRepository:
                 ids[email] = int(cursor.lastrowid or 0)
                 continue
             ids[email] = row.id
-            new_name = name or row.name
+            # A follower's dates come from their messages; one with none (a row an integrator
+            # wrote) takes any name. An empty stored name takes any name too.
+            follower_newest = newest.get(row.id)
+            newer = latest or follower_newest is None or date >= follower_newest
+            new_name = name if name and (newer or not row.name) else row.name
             new_active = 1 if latest else row.active
             if new_name != row.name or new_active != row.active:
                 updates.append((new_name, new_active, now, row.id))

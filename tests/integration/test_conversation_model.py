@@ -1,31 +1,59 @@
 """The conversation model end to end: real Dovecot, the daemon's one pass, the integrator's SQL.
 
 Followers and aliases, follower parents, conversation parents with every property source,
-reply identification by subject tag and plus-address, and a corpus of real-world mail that
-must import without a single Failed entry.
+reply identification by subject tag and plus-address, a corpus of real-world mail that must
+import without a single Failed entry, and the operator's view of it all: ``mailbridge
+conversations`` and ``conversation show``.
 """
 
 from __future__ import annotations
 
+import json
 import re
+import secrets
 import sqlite3
-from email.message import EmailMessage
+from dataclasses import dataclass
+from email.message import EmailMessage, Message
+from email.parser import BytesParser
+from email.policy import compat32
 from pathlib import Path
-from typing import Any
+from typing import Any, Final
 
 import pytest
 
+from mailbridge.cli import main as cli_main
 from mailbridge.config import Settings, parse_config
 from mailbridge.core.identify import plus_address, tag_subject
+from mailbridge.core.parse import parse_message
 from mailbridge.daemon.supervisor import run_once
 from mailbridge.store.sqlite import SqliteRepository
-from tests.integration.test_import_loop import FAILED, PROCESSED, config_data, db, mail
+from tests.integration.test_import_loop import (
+    FAILED,
+    PROCESSED,
+    config_data,
+    db,
+    mail,
+    write_config,
+)
 
 pytestmark = pytest.mark.dovecot
 
+# Beside the checkout, as in CI (see ../shared/corpora/README.md); the test is skipped without.
 CORPORA = Path(__file__).resolve().parents[2].parent / "shared" / "corpora"
-CORPUS_FOLDERS = ("stdlib-email", "mail-parser", "quoted-replies", "threads-notmuch/default")
+# Every folder: bounces (flufl), broken headers, threading oddities (ghost roots, In-Reply-To
+# loops) and duplicates (notmuch) are mail a shared mailbox receives too.
+CORPUS_FOLDERS = (
+    "stdlib-email",
+    "mail-parser",
+    "quoted-replies",
+    "threads-notmuch",
+    "bounces-flufl",
+)
 _NOT_MAIL = {".json", ".py", ".md", ".html", ".pyc"}
+# Corpus messages that cannot be imported, each with the reason: none today. An entry here
+# must say why the message is unimportable; a message is never left out of the test.
+UNIMPORTABLE: Final[dict[str, str]] = {}
+_TNEF_TYPES: Final = frozenset({"application/ms-tnef", "application/vnd.ms-tnef"})
 
 PARENTS: dict[str, Any] = {
     "follower_parents": [
@@ -103,12 +131,13 @@ async def test_follower_activity_and_aliases(tmp_path: Path, dovecot: Any, imap_
     assert email == imap_user.address
     followers = rows(
         settings,
-        "SELECT email, name, active FROM follower WHERE conversation = ? ORDER BY id",
+        "SELECT email, name, active, subscribed FROM follower WHERE conversation = ? ORDER BY id",
         conversation,
     )
+    # Subscribed is the integrator's (unsubscribe links): every follower starts subscribed.
     assert followers == [
-        ("john@customer.example", "John Doe", 1),
-        ("jane@customer.example", "Jane Doe", 0),
+        ("john@customer.example", "John Doe", 1, 1),
+        ("jane@customer.example", "Jane Doe", 0, 1),
     ]
     levels = rows(
         settings,
@@ -233,29 +262,143 @@ def _corpus_files() -> list[Path]:
     return files
 
 
+@dataclass(frozen=True, slots=True)
+class _Expected:
+    """What the standard library sees in a raw message, independently of our parser."""
+
+    html_only: bool  # a non-blank text/html body and no non-blank text/plain one
+    tnef: tuple[tuple[str, bytes], ...]  # (content type, decoded bytes) of winmail.dat parts
+
+
+def _expected(raw: bytes) -> _Expected:
+    plain = html = False
+    tnef: list[tuple[str, bytes]] = []
+    pending = [BytesParser(policy=compat32).parsebytes(raw)]
+    while pending:
+        part = pending.pop(0)
+        if part.get_content_maintype() == "message":
+            continue  # an attached message's parts are not this message's
+        if part.is_multipart():
+            pending.extend(p for p in part.get_payload() if isinstance(p, Message))
+            continue
+        ctype = part.get_content_type()
+        payload = part.get_payload(decode=True)
+        data = payload if isinstance(payload, bytes) else b""
+        if ctype in _TNEF_TYPES or (part.get_filename() or "").lower() == "winmail.dat":
+            tnef.append((ctype, data))
+        elif (
+            ctype in {"text/plain", "text/html"} and part.get_content_disposition() != "attachment"
+        ):
+            plain = plain or (ctype == "text/plain" and bool(data.strip()))
+            html = html or (ctype == "text/html" and bool(data.strip()))
+    return _Expected(html_only=html and not plain, tnef=tuple(tnef))
+
+
+def _outlook_message(to: str) -> bytes:
+    """An Outlook message in rich-text mode: the body again, as winmail.dat (TNEF). The corpora
+    hold no such part (their six Exchange bounces carry only an empty X-MS-TNEF-Correlator
+    header), so this one keeps the winmail.dat check from passing on nothing."""
+    msg = mail("Quarterly figures", sender="Olga <olga@outlook.example>", to=to, body="See TNEF.")
+    # A TNEF stream starts with the signature 0x223E9F78, little-endian.
+    msg.add_attachment(
+        b"\x78\x9f\x3e\x22\x01\x00" + bytes(range(256)) * 8,
+        maintype="application",
+        subtype="ms-tnef",
+        filename="winmail.dat",
+    )
+    return msg.as_bytes()
+
+
 @pytest.mark.corpus
 @pytest.mark.skipif(not CORPORA.is_dir(), reason=f"real-world mail corpora not found at {CORPORA}")
 async def test_real_world_corpus_imports_without_a_failed_entry(
     tmp_path: Path, dovecot: Any, imap_user: Any
 ) -> None:
     files = _corpus_files()
-    assert len(files) > 100
-    deliver(dovecot, imap_user, *(path.read_bytes() for path in files))
+    assert len(files) > 250
+    assert not set(UNIMPORTABLE) - {str(f.relative_to(CORPORA)) for f in files}
+    raws = [path.read_bytes() for path in files] + [_outlook_message(imap_user.address)]
+    names = [str(path.relative_to(CORPORA)) for path in files] + ["(constructed) Outlook TNEF"]
+    deliver(dovecot, imap_user, *raws)
+    # A fresh mailbox numbers the appended messages 1, 2, 3 ...: UID i is names[i - 1].
+    uids = dovecot.folder_uids(imap_user.login, imap_user.password)
+    assert len(uids) == len(raws)
     settings = settings_for(tmp_path, dovecot, imap_user)
     await import_all(settings)
 
+    # Nothing failed but what UNIMPORTABLE explains, and the Inbox is empty.
     failures = rows(settings, "SELECT uid, code, reason FROM importfailure")
-    assert failures == []
-    assert dovecot.folder_uids(imap_user.login, imap_user.password, FAILED) == []
+    by_uid = dict(zip(uids, names, strict=True))
+    assert {by_uid[uid] for uid, _code, _reason in failures} == set(UNIMPORTABLE), failures
+    failed_folder = dovecot.folder_uids(imap_user.login, imap_user.password, FAILED)
+    assert len(failed_folder) == len(UNIMPORTABLE)
     assert dovecot.folder_uids(imap_user.login, imap_user.password) == []
     processed = dovecot.folder_uids(imap_user.login, imap_user.password, PROCESSED)
-    assert len(processed) == len(files)
-    [(stored,)] = rows(settings, "SELECT COUNT(*) FROM conversationmessage")
-    assert stored > len(files) * 0.9  # the rest are the corpora's own duplicates
-    for html, text in rows(settings, "SELECT message, plaintext FROM conversationmessage"):
+    assert len(processed) == len(raws) - len(UNIMPORTABLE)
+
+    # Every other message is stored once: the first copy of each message key (the corpora's
+    # duplicates, threads-notmuch/duplicate among them, share a Message-ID).
+    first_of_key: dict[str, int] = {}
+    for uid, data in zip(uids, raws, strict=True):
+        first_of_key.setdefault(parse_message(data).message_key, uid)
+    stored = {
+        uid: (key, direction, html, text)
+        for uid, key, direction, html, text in rows(
+            settings,
+            "SELECT uid, messagekey, direction, message, plaintext FROM conversationmessage",
+        )
+    }
+    failed_uids = {uid for uid, _code, _reason in failures}
+    assert set(stored) == set(first_of_key.values()) - failed_uids
+    assert len(stored) < len(raws) - 10  # the duplicates were recognised, not stored again
+    for uid, (_key, direction, html, text) in stored.items():
+        assert direction == "incoming", by_uid[uid]
         assert "<script" not in html.lower()
         assert not re.search(r"<[^>]+\son[a-z]+\s*=", html, re.IGNORECASE)
         assert isinstance(text, str)
+    documents: dict[int, list[tuple[str, str, bytes]]] = {}
+    for uid, filename, ctype, blob in rows(
+        settings,
+        "SELECT m.uid, d.filename, d.contenttype, d.document FROM document AS d"
+        " JOIN conversationmessage AS m ON m.id = d.conversationmessage ORDER BY d.id",
+    ):
+        documents.setdefault(uid, []).append((filename, ctype, blob))
+
+    # HTML-only mail gets a plain text derived from its HTML; winmail.dat is a document.
+    html_only = tnef = 0
+    for uid in stored:
+        expected = _expected(raws[uids.index(uid)])
+        if expected.html_only:
+            html_only += 1
+            assert stored[uid][3].strip(), f"{by_uid[uid]}: HTML-only, but no plain text"
+            assert stored[uid][2].strip(), f"{by_uid[uid]}: HTML-only, but no HTML"
+        for ctype, data in expected.tnef:
+            tnef += 1
+            assert any(
+                (name.lower(), kind, blob) == ("winmail.dat", ctype, data)
+                for name, kind, blob in documents.get(uid, [])
+            ), by_uid[uid]
+    assert html_only >= 10
+    assert tnef >= 1
+
+    # Bounces are ordinary incoming mail: each one stored, its text or report parts naming
+    # the recipient that failed (flufl.bounce's expected answers; some name only the mailbox).
+    bounces = json.loads((CORPORA / "bounces-flufl" / "expected.json").read_text())
+    uid_of = {name: uid for uid, name in by_uid.items()}
+    for bounce in bounces:
+        uid = uid_of[f"bounces-flufl/{bounce['file']}"]
+        _key, _direction, html, text = stored[uid]
+        found = "\n".join(
+            [text, html, *(blob.decode("utf-8", "replace") for *_, blob in documents.get(uid, []))]
+        ).lower()
+        for address in bounce["failed"]:
+            assert address.lower().partition("@")[0] in found, (bounce["file"], address)
+    # Exchange's X-MS-TNEF-Correlator header alone (six bounces) makes no phantom attachment.
+    for name in ("simple_34", "simple_35", "simple_36", "simple_37", "qmail_06", "aol_01"):
+        uid = uid_of[f"bounces-flufl/{name}.txt"]
+        assert stored[uid][3].strip(), name
+        assert uid not in documents, name
+
     # Every inline image we stored is referenced as an embeddedfile, no longer by cid.
     for mid, cid in rows(
         settings,
@@ -265,3 +408,86 @@ async def test_real_world_corpus_imports_without_a_failed_entry(
     ):
         [(html,)] = rows(settings, "SELECT message FROM conversationmessage WHERE id = ?", mid)
         assert f"cid:{cid}" not in html
+
+
+def _table_rows(out: str) -> list[list[str]]:
+    """The body rows of the rich table in ``out``, as lists of cell texts."""
+    return [
+        [cell.strip() for cell in line.strip().strip("│").split("│")]
+        for line in out.splitlines()
+        if line.startswith("│")
+    ]
+
+
+def test_cli_conversations_lists_filters_and_prints_mail_text_as_written(
+    tmp_path: Path, dovecot: Any, imap_user: Any, capsys: pytest.CaptureFixture[str]
+) -> None:
+    sales_login = f"sales-{secrets.token_hex(3)}"
+    sales_password = secrets.token_urlsafe(12)
+    dovecot.add_user(sales_login, sales_password)
+    sales_address = f"{sales_login}@example.test"
+    data = config_data(tmp_path, dovecot, imap_user)
+    data["accounts"].append(
+        {
+            **data["accounts"][0],
+            "name": "sales",
+            "address": sales_address,
+            "auth": {"username": sales_login, "password": sales_password},
+        }
+    )
+    path = write_config(tmp_path, data)
+    settings = parse_config(data)
+
+    # Text that looks like console markup or emoji codes, and a terminal escape sequence.
+    invoice = mail(
+        "[external] Invoice [/quote]",
+        to=imap_user.address,
+        body="> [quote]Pay now[/quote]\n[/quote] :warning: [b]not bold[/b]\x1b[2J",
+    )
+    invoice.replace_header("Date", "Mon, 23 Nov 2026 09:00:00 +0000")
+    printer = mail(
+        "Printer on fire", sender="Jane Doe <jane@customer.example>", to=imap_user.address
+    )
+    printer.replace_header("Date", "Mon, 23 Nov 2026 10:00:00 +0000")
+    quote = mail("Quote for 100 chairs", sender="Zoe Zed <zoe@buyer.example>", to=sales_address)
+    quote.replace_header("Date", "Mon, 23 Nov 2026 11:00:00 +0000")
+    deliver(dovecot, imap_user, invoice, printer)
+    dovecot.append(sales_login, sales_password, quote.as_bytes())
+    assert cli_main(["-c", str(path), "run", "--once"]) == 0
+    capsys.readouterr()
+
+    conversations = {
+        subject: [str(cid), account, subject, "1", "1", f"2026-11-23T{hour}:00:00+00:00", key]
+        for cid, account, subject, key, hour in rows(
+            settings,
+            "SELECT id, account, subject, uniqueid, substr(lastmessagedate, 12, 2)"
+            " FROM conversation",
+        )
+    }
+    invoice_row = conversations["[external] Invoice [/quote]"]
+    printer_row = conversations["Printer on fire"]
+    quote_row = conversations["Quote for 100 chairs"]
+
+    def listed(*args: str) -> tuple[str, list[list[str]]]:
+        assert cli_main(["-c", str(path), "conversations", *args]) == 0
+        out = capsys.readouterr().out
+        return out.splitlines()[0].strip(), _table_rows(out)
+
+    # Newest first, every account.
+    assert listed() == ("3 conversation(s)", [quote_row, printer_row, invoice_row])
+    assert listed("--account", "support") == ("2 conversation(s)", [printer_row, invoice_row])
+    assert listed("--account", "sales") == ("1 conversation(s)", [quote_row])
+    assert listed("--search", "INVOICE") == ("1 conversation(s)", [invoice_row])
+    assert listed("--search", "[/quote]") == ("1 conversation(s)", [invoice_row])  # the body
+    assert listed("--search", "zoe@buyer") == ("1 conversation(s)", [quote_row])  # an address
+    assert listed("--account", "sales", "--search", "invoice") == ("0 conversation(s)", [])
+
+    assert cli_main(["-c", str(path), "conversation", "show", invoice_row[0]]) == 0
+    out = capsys.readouterr().out
+    lines = out.splitlines()
+    assert lines[0] == f"Conversation {invoice_row[0]}  [external] Invoice [/quote]"
+    assert "followers: John Doe <john@customer.example>" in lines
+    assert "Subject: [external] Invoice [/quote]" in lines
+    assert "> [quote]Pay now[/quote]" in lines
+    assert "[/quote] :warning: [b]not bold[/b][2J" in lines
+    assert "\x1b" not in out

@@ -193,6 +193,20 @@ Delivered-To: support@acme.test
     ]
 
 
+def test_quoted_local_parts_are_addresses() -> None:
+    raw = raw_message(
+        """
+From: <"System Administrator"@Example.com>
+To: "ann"@x.org, "bob..b"@x.org, "un"closed"@x.org, ""@x.org
+""",
+        b"x",
+    )
+    parsed = parse(raw)
+    assert parsed.from_address == Address('"system administrator"@example.com')
+    # Quotes that protect nothing go; quotes around what a bare address cannot hold stay.
+    assert [a.email for a in parsed.to] == ["ann@x.org", '"bob..b"@x.org']
+
+
 def test_missing_from_uses_sender_else_none() -> None:
     assert parse(raw_message("Sender: s@x.org", b"x")).from_address == Address("s@x.org")
     assert parse(raw_message("Subject: no sender", b"x")).from_address is None
@@ -484,6 +498,15 @@ def test_forwarded_message_and_tnef_kept_as_attachments() -> None:
     assert forwarded.message_id == "inner@x.org"
     assert forwarded.plain_text == "Hello there"
     assert parsed.attachments[1].data == b"\x78\x9f\x3e\x22tnef"
+
+
+def test_tnef_under_its_registered_type_is_winmail_dat() -> None:
+    msg = simple()
+    msg.add_attachment(b"\x78\x9f\x3e\x22tnef", maintype="application", subtype="vnd.ms-tnef")
+    parsed = parse(msg)
+    assert [(a.filename, a.content_type) for a in parsed.attachments] == [
+        ("winmail.dat", "application/vnd.ms-tnef")
+    ]
 
 
 def test_delivery_report_parts() -> None:

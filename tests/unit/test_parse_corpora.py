@@ -167,6 +167,20 @@ def test_bounce_keeps_report_parts_and_auto_headers() -> None:
     assert forwarded.subject
 
 
+def test_bounce_sender_with_a_quoted_local_part() -> None:
+    parsed = _parse("bounces-flufl/simple_36.txt")
+    assert parsed.from_address is not None
+    assert parsed.from_address.email == '"system administrator"@example.com'
+
+
+def test_exchange_tnef_correlator_header_alone_is_no_attachment() -> None:
+    # The six Exchange bounces carry X-MS-TNEF-Correlator but no winmail.dat part.
+    for name in ("simple_34", "simple_35", "simple_36", "simple_37", "qmail_06", "aol_01"):
+        parsed = _parse(f"bounces-flufl/{name}.txt")
+        assert parsed.attachments == (), name
+        assert parsed.plain_text.strip(), name
+
+
 def test_bounce_raw_gb2312_subject() -> None:
     assert _parse("bounces-flufl/sina_01.txt").subject == "邮件传输失败！"
 

@@ -397,6 +397,77 @@ def test_a_late_older_message_deactivates_no_one(repo: Repository) -> None:
     assert ("dave@example.com", "", False) in found.followers
 
 
+@pytest.mark.parametrize("order", list(itertools.permutations(range(3))))
+def test_a_follower_is_named_by_their_newest_message_whatever_the_arrival_order(
+    repo: Repository, order: tuple[int, ...]
+) -> None:
+    m1 = message("n1@example.com", cc=["Bob Old <bob@example.com>", "dave@example.com"], date=at(0))
+    m2 = reply(m1, "n2@example.com", minutes=5, cc=["Bob New <bob@example.com>"])
+    m3 = reply(m2, "n3@example.com", minutes=10, cc=["Carol <carol@example.com>"])
+    thread = [m1, m2, m3]
+    for uid, index in enumerate(order, start=1):
+        [result] = run(repo, thread[index], first_uid=uid)
+    found = detail(repo, result.conversation_id)
+    # m2 is older than the newest message (m3, which leaves Bob out) but it is Bob's newest:
+    # its name counts, and m1 arriving after it must not bring the old name back.
+    assert sorted(found.followers) == [
+        ("ann@example.com", "Ann Example", True),
+        ("bob@example.com", "Bob New", False),
+        ("carol@example.com", "Carol", True),
+        ("dave@example.com", "", False),
+    ]
+
+
+def test_a_late_older_message_names_only_followers_without_a_name(repo: Repository) -> None:
+    newer = message(
+        "n4@example.com", cc=["Eve New <eve@example.com>", "dave@example.com"], date=at(20)
+    )
+    older = message(
+        "n5@example.com",
+        cc=["Eve Old <eve@example.com>", "Dave D <dave@example.com>"],
+        references=["n4@example.com"],  # a sibling citing the same thread
+        date=at(15),
+    )
+    [r4] = run(repo, newer)
+    [r5] = run(repo, older, first_uid=2)
+    assert r5.conversation_id == r4.conversation_id
+    found = detail(repo, r4.conversation_id)
+    assert ("eve@example.com", "Eve New", True) in found.followers
+    assert ("dave@example.com", "Dave D", True) in found.followers
+
+
+def test_sqlite_followers_are_subscribed_and_only_the_integrator_changes_that(
+    sqlite_path: Path,
+) -> None:
+    repo = SqliteRepository(sqlite_path)
+    try:
+        repo.migrate()
+        m1 = message("s1@example.com", cc=["Bob <bob@example.com>"], date=at(0))
+        [r1] = run(repo, m1)
+        assert raw(sqlite_path, "SELECT email, subscribed FROM follower ORDER BY id") == [
+            ("ann@example.com", 1),
+            ("bob@example.com", 1),
+        ]
+        # Bob follows an unsubscribe link; then he is left out, then named again.
+        conn = sqlite3.connect(sqlite_path)
+        with conn:
+            conn.execute("UPDATE follower SET subscribed = 0 WHERE email = 'bob@example.com'")
+        conn.close()
+        m2 = reply(m1, "s2@example.com", minutes=1)
+        m3 = reply(m2, "s3@example.com", minutes=2, cc=["Bob B <bob@example.com>"])
+        run(repo, m2, m3, first_uid=2)
+        assert detail(repo, r1.conversation_id).followers == (
+            ("ann@example.com", "Ann Example", True),
+            ("bob@example.com", "Bob B", True),
+        )
+    finally:
+        repo.close()
+    assert raw(sqlite_path, "SELECT email, subscribed FROM follower ORDER BY id") == [
+        ("ann@example.com", 1),
+        ("bob@example.com", 0),
+    ]
+
+
 # -- failures inside a batch ------------------------------------------------------------------
 
 
