@@ -5,6 +5,11 @@ their UID in the account's *Failed folder* (``importfailure.folderuid``): the nu
 operator also sees in a mail client and the one ``failed show``/``failed retry`` take.
 Exit codes as in :mod:`mailbridge.cli`: 0 fine, 1 ``doctor`` found a failing line, 64 usage,
 69 an account could not connect or log in.
+
+Mail text (subjects, senders, headers, the reasons that quote them) is printed exactly as it is
+written, through :func:`mailbridge.term.mail_text`: "[external] Invoice [/b]" is not rich
+markup, ":warning:" is not an emoji code, and an escape sequence in a subject must not drive the
+operator's terminal.
 """
 
 from __future__ import annotations
@@ -27,7 +32,7 @@ from mailbridge.daemon.sweep import SweepSummary, fetch_failed, retry_failed, sw
 from mailbridge.errors import MailbridgeError, ServerError, describe
 from mailbridge.store.base import FailureRecord
 from mailbridge.store.sqlite import SqliteRepository, open_repository
-from mailbridge.term import console
+from mailbridge.term import console, mail_text
 
 EX_USAGE = 64
 EX_UNAVAILABLE = 69
@@ -61,7 +66,9 @@ def sync(settings: Settings, account: str | None) -> int:
     for name, outcome in results:
         if isinstance(outcome, MailbridgeError):
             errors.append((name, outcome))
-            table.add_row(name, "-", "-", "-", "-", "-", "-", f"{outcome.code}: {outcome}")
+            table.add_row(
+                name, "-", "-", "-", "-", "-", "-", mail_text(f"{outcome.code}: {outcome}")
+            )
             continue
         why = ", ".join(f"{code} ×{n}" for code, n in sorted(outcome.reasons().items()))
         table.add_row(
@@ -128,13 +135,18 @@ async def _sync(
 def _print_failures(out: Console, name: str, summary: SweepSummary) -> None:
     for failure in summary.still_failing:
         out.print(
-            f"{name}: still failing, Failed-folder UID {failure.uid}: {failure.subject!r} — "
-            f"{failure.code}: {failure.reason}\n  fix: {describe(failure.code).remedy}",
+            mail_text(
+                f"{name}: still failing, Failed-folder UID {failure.uid}: {failure.subject!r} — "
+                f"{failure.code}: {failure.reason}"
+            )
         )
+        out.print(f"  fix: {describe(failure.code).remedy}")
     for failure in summary.new_failures:
         out.print(
-            f"{name}: new failure (moved to the Failed folder): {failure.subject!r} — "
-            f"{failure.code}: {failure.reason}",
+            mail_text(
+                f"{name}: new failure (moved to the Failed folder): {failure.subject!r} — "
+                f"{failure.code}: {failure.reason}"
+            )
         )
 
 
@@ -145,7 +157,8 @@ def _exit_code(errors: Sequence[MailbridgeError]) -> int:
 
 
 def _print_error(out: Console, name: str, exc: MailbridgeError) -> None:
-    out.print(Text.assemble((f"{name}: {exc.code}", "red"), f" {exc}"))
+    # The detail can quote the server (or a folder name): literal as well.
+    out.print(Text.assemble((f"{name}: {exc.code}", "red"), " ", mail_text(str(exc))))
     out.print(f"  fix: {exc.remedy}")
 
 
@@ -201,14 +214,14 @@ def _list(settings: Settings, account: str | None, *, include_resolved: bool) ->
             column, justify="right" if column in {"UID", "size", "attempts"} else "left"
         )
     for rec in records:
-        row = [
+        row: list[str | Text] = [
             rec.account,
             str(rec.folder_uid) if rec.folder_uid is not None else "?",
             _iso(rec.date),
-            rec.from_address,
-            rec.subject,
+            mail_text(rec.from_address),
+            mail_text(rec.subject),
             _size(rec.size),
-            f"{rec.code}: {rec.reason}",
+            mail_text(f"{rec.code}: {rec.reason}"),
             str(rec.attempts),
         ]
         if include_resolved:
@@ -261,7 +274,8 @@ def _show(settings: Settings, uid: int, account_name: str | None) -> int:
     out = console()
     out.print(
         Text.assemble(
-            (account.name, "bold"), f": Failed-folder UID {uid} ({account.folders.failed!r})"
+            (account.name, "bold"),
+            mail_text(f": Failed-folder UID {uid} ({account.folders.failed!r})"),
         )
     )
     if record is not None:
@@ -281,13 +295,13 @@ def _show(settings: Settings, uid: int, account_name: str | None) -> int:
             ("date", _iso(record.date)),
             ("size", f"{record.size} bytes"),
         ):
-            out.print(f"  {label:<13} {value}")
+            out.print(mail_text(f"  {label:<13} {value}"))
     else:
         out.print("  no failure is stored for this UID (moved to the Failed folder by hand?)")
     try:
         fetched = asyncio.run(fetch_failed(account, [uid]))
     except MailbridgeError as exc:
-        out.print(f"on the server: not reachable — {exc.code}: {exc}")
+        out.print(mail_text(f"on the server: not reachable — {exc.code}: {exc}"))
         out.print(f"  fix: {exc.remedy}")
         return 0
     if not fetched:
@@ -300,7 +314,7 @@ def _show(settings: Settings, uid: int, account_name: str | None) -> int:
     for header in ("From", "To", "Cc", "Subject", "Date", "Message-ID", "Content-Type"):
         found = headers.get(header)
         if found is not None:
-            out.print(f"  {header}: {found}")
+            out.print(mail_text(f"  {header}: {found}"))
     return 0
 
 

@@ -19,6 +19,12 @@ exception.
 
 ``transient`` says whether retrying soon may help (a dropped connection, a locked database) or an
 operator must act first (a wrong password). The daemon's backoff follows it.
+
+A remedy names only what exists: ``mailbridge`` commands in quotes ('mailbridge doctor ACCOUNT')
+and config keys by their path below the account (``auth.password_file``, ``imap.tls``).
+Sign-in is by password only (``auth.method: password``): where a provider wants OAuth2, the
+remedy says what to ask of the provider instead. tests/unit/test_errors.py checks
+every command against the CLI's parser and every key against the config model.
 """
 
 from __future__ import annotations
@@ -53,53 +59,61 @@ CATALOGUE: Final[dict[str, ErrorInfo]] = dict(
         _info(
             "secret_missing",
             "A password or token could not be read",
-            "Check the password_file/password_env/credential named in the config exists and is "
-            "readable by the mailbridge user.",
+            "Check that the file, environment variable or systemd credential named by "
+            "auth.password_file, auth.password_env or auth.password_credential exists and is "
+            "readable by the user the daemon runs as, then run 'mailbridge check-config'.",
             transient=False,
         ),
         _info(
             "auth_failed",
             "The server rejected the username or password",
-            "Check auth.username and the password; if it was changed recently, update the "
-            "password file and send SIGHUP (systemctl reload mailbridge).",
+            "Check auth.username and the password; if it was changed or has expired, put the new "
+            "one where auth names it (e.g. auth.password_file) and send SIGHUP (systemctl reload "
+            "mailbridge).",
             transient=False,
         ),
         _info(
             "account_disabled",
             "The mailbox is disabled, locked or blocked",
-            "Ask the mail administrator to unlock or re-enable the mailbox.",
+            "Ask the mail administrator to unlock or re-enable the mailbox (or to say why the "
+            "server refuses it), then run 'mailbridge doctor ACCOUNT'.",
             transient=False,
         ),
         _info(
             "app_password_required",
             "The account uses multi-factor authentication",
-            "Create an application password for the account and use it as the password, or "
-            "switch auth.method to OAuth2.",
+            "Create an app password for the mailbox with the provider (its account security "
+            "settings) and put it in auth.password_file; OAuth2 sign-in is not supported yet.",
             transient=False,
         ),
         _info(
             "token_expired",
             "The OAuth2 token has expired or was revoked",
-            "Run 'mailbridge auth ACCOUNT' to sign in again and store a fresh token.",
+            "OAuth2 sign-in is not supported yet, only a password: create an app password with "
+            "the provider and put it in auth.password_file, or ask the administrator to allow "
+            "password sign-in for IMAP; then run 'mailbridge doctor ACCOUNT'.",
             transient=False,
         ),
         _info(
             "consent_missing",
             "The OAuth2 application lacks the permissions (consent) it needs",
-            "Grant admin consent for the IMAP/SMTP scopes in the identity provider, then retry.",
+            "OAuth2 sign-in is not supported yet: ask the provider's administrator to allow "
+            "password sign-in (or an app password, put in auth.password_file) for IMAP and SMTP "
+            "for this mailbox, then run 'mailbridge doctor ACCOUNT'.",
             transient=False,
         ),
         _info(
             "protocol_disabled",
             "IMAP or SMTP access is turned off for this account",
-            "Enable IMAP (and authenticated SMTP) for the mailbox in the provider's admin centre.",
+            "Enable IMAP (and authenticated SMTP) for the mailbox in the provider's admin centre, "
+            "then run 'mailbridge doctor ACCOUNT'.",
             transient=False,
         ),
         _info(
             "connection_limit",
             "Too many connections to the server from this user or address",
             "Close other IMAP clients of this mailbox or ask the administrator to raise the limit; "
-            "mailbridge retries by itself.",
+            "it is retried by itself.",
             transient=True,
         ),
         _info(
@@ -111,46 +125,49 @@ CATALOGUE: Final[dict[str, ErrorInfo]] = dict(
         _info(
             "folder_unavailable",
             "A configured folder does not exist or cannot be opened",
-            "Check folders.* in the config against the server's folder names and permissions.",
+            "Check folders.inbox, folders.processed and folders.failed against the server's "
+            "folder names and permissions; 'mailbridge doctor ACCOUNT' checks each.",
             transient=False,
         ),
         _info(
             "tls_untrusted",
             "The server's TLS certificate could not be verified",
-            "Install the server's CA and set imap.ca_file (or smtp.ca_file) to it; only as a "
-            "last resort set verify_certificate: false.",
+            "Set imap.ca_file (or smtp.ca_file) to the PEM file of the CA that signed the "
+            "server's certificate; only as a last resort set imap.verify_certificate: false.",
             transient=False,
         ),
         _info(
             "tls_failed",
-            "The TLS handshake failed",
-            "Check the port matches the tls mode (993 implicit, 143/587 starttls) and the server "
-            "supports a modern TLS version.",
+            "The server requires TLS, or the TLS handshake failed",
+            "Set imap.tls (or smtp.tls) to starttls or implicit, with the matching imap.port "
+            "(IMAP: 993 implicit, 143 starttls; SMTP: 465 implicit, 587 starttls); if TLS is "
+            "already on, check the server supports TLS 1.2 or later.",
             transient=False,
         ),
         _info(
             "unreachable",
             "The server could not be reached (DNS failure or connection refused)",
-            "Check the host and port in the config and that the server is up; mailbridge retries "
-            "by itself.",
+            "Check imap.host and imap.port (or smtp.host and smtp.port) and that the server is "
+            "up; it is retried by itself.",
             transient=True,
         ),
         _info(
             "timeout",
             "The server did not answer in time",
-            "Check the network and the server's load; mailbridge retries by itself.",
+            "Check the network and the server's load (or raise imap.timeout_seconds); it is "
+            "retried by itself.",
             transient=True,
         ),
         _info(
             "connection_lost",
             "The connection to the server was lost",
-            "Nothing to do if it happens rarely; mailbridge reconnects by itself.",
+            "Nothing to do if it happens rarely; it reconnects by itself.",
             transient=True,
         ),
         _info(
             "server_unavailable",
             "The server is temporarily unavailable",
-            "Wait; mailbridge retries by itself. If it persists, contact the mail provider.",
+            "Wait; it is retried by itself. If it persists, contact the mail provider.",
             transient=True,
         ),
         _info(
@@ -162,8 +179,8 @@ CATALOGUE: Final[dict[str, ErrorInfo]] = dict(
         _info(
             "too_large",
             "The message is over limits.attachment_max_size_mb",
-            "Raise limits.attachment_max_size_mb and run 'mailbridge failed retry', or handle "
-            "the message by hand.",
+            "Raise limits.attachment_max_size_mb and run 'mailbridge failed retry UID', or "
+            "handle the message by hand.",
             transient=False,
         ),
         _info(
@@ -175,32 +192,33 @@ CATALOGUE: Final[dict[str, ErrorInfo]] = dict(
         _info(
             "import_failed",
             "The message could not be written to the database",
-            "Read the reason in 'mailbridge failed show UID'; fix the cause and retry.",
+            "Read the reason in 'mailbridge failed show UID'; fix the cause, then run "
+            "'mailbridge failed retry UID'.",
             transient=False,
         ),
         _info(
             "database_locked",
             "The database is locked by another writer",
-            "Keep integrators' write transactions short; mailbridge retries by itself.",
+            "Keep integrators' write transactions short; it is retried by itself.",
             transient=True,
         ),
         _info(
             "disk_full",
             "The disk holding the database is full",
-            "Free space on the data directory's file system; mailbridge retries by itself.",
+            "Free space on the file system that holds the database file; it is retried by itself.",
             transient=True,
         ),
         _info(
             "database_error",
             "The database could not be opened or is damaged",
-            "Check the database path, its permissions and "
+            "Check the database key's path, its permissions and "
             "'sqlite3 FILE \"PRAGMA integrity_check\"'.",
             transient=False,
         ),
         _info(
             "internal",
             "An unexpected internal error",
-            "Report it with the log lines around it; mailbridge goes on with the other accounts.",
+            "Report it with the log lines around it; the other accounts go on.",
             transient=True,
         ),
     ]
@@ -287,10 +305,15 @@ class StoreError(MailbridgeError):
 #
 # Precedence, top to bottom:
 # 1. Unambiguous RFC 5530 / RFC 3501 response codes that name the *condition* ([NONEXISTENT],
-#    [OVERQUOTA], [LIMIT], [UNAVAILABLE] ...). The free text after them can quote a folder name or
-#    server prose ("[UNAVAILABLE] Temporary authentication failure"), so the code must win.
-#    Exception first: Gmail sends "[OVERQUOTA] Account exceeded command or bandwidth limits" for
-#    a daily *throttle* that resets by itself - transient, not a full mailbox.
+#    [OVERQUOTA], [LIMIT], [UNAVAILABLE], [PRIVACYREQUIRED] ...). The free text after them can
+#    quote a folder name or server prose ("[UNAVAILABLE] Temporary authentication failure"), so
+#    the code must win. Exceptions first: Gmail sends "[OVERQUOTA] Account exceeded command or
+#    bandwidth limits" for a daily *throttle* that resets by itself - transient, not a full
+#    mailbox; and [LIMIT] about flags or keywords is an implementation limit (RFC 5530 section 3),
+#    not the connection limit it means at login.
+#    RFC 5530 codes that name no condition of their own are left to the wording: [CONTACTADMIN]
+#    ("ask the administrator") joins account_disabled in 2., [EXPIRED] (a password that is no
+#    longer valid) and [AUTHORIZATIONFAILED] join the generic auth failure in 4.
 # 2. Specific causes (MFA/app password, expired token, missing consent, protocol disabled,
 #    disabled account). They often arrive inside a generic failure ("535 5.7.139 Authentication
 #    unsuccessful, SmtpClientAuthentication is disabled for the Tenant", "[ALERT] Application-
@@ -311,8 +334,13 @@ _RULES: Final[tuple[tuple[str, re.Pattern[str]], ...]] = tuple(
         ("server_unavailable", r"command or bandwidth limits|bandwidth limits? exceeded"),
         ("folder_unavailable", r"\[(?:NONEXISTENT|NOPERM|TRYCREATE)\]"),
         ("quota_exceeded", r"\[OVERQUOTA\]"),
+        ("server_error", r"\[LIMIT\].{0,80}\b(?:flags?|keywords?)\b"),
         ("connection_limit", r"\[LIMIT\]"),
         ("server_unavailable", r"\[(?:UNAVAILABLE|INUSE)\]"),
+        # The connection is not encrypted and the server will not take a password over it
+        # (Dovecot: "[PRIVACYREQUIRED] Plaintext authentication disallowed on non-secure (SSL/TLS)
+        # connections."). Not a wrong password: the tls mode is what to change.
+        ("tls_failed", r"\[PRIVACYREQUIRED\]"),
         # -- 2. specific causes -----------------------------------------------------------------
         (
             "app_password_required",
@@ -349,7 +377,8 @@ _RULES: Final[tuple[tuple[str, re.Pattern[str]], ...]] = tuple(
             "account_disabled",
             r"account (?:is )?(?:disabled|locked|blocked|suspended)|"
             r"mailbox (?:is )?(?:disabled|blocked)|user is (?:disabled|blocked)|"
-            r"\[ACCOUNTDISABLED\]|AADSTS50057|AADSTS50053|access restricted|access denied",
+            r"\[ACCOUNTDISABLED\]|\[CONTACTADMIN\]|AADSTS50057|AADSTS50053|access restricted|"
+            r"access denied",
             # Not "mailbox unavailable": that is RFC 5321's stock 550 text for a rejected
             # *recipient*, which must not read as "our account is disabled".
         ),
@@ -378,7 +407,9 @@ _RULES: Final[tuple[tuple[str, re.Pattern[str]], ...]] = tuple(
         ),
         (
             "tls_failed",
-            r"must issue a STARTTLS|STARTTLS (?:is )?required|(?:TLS|encryption) (?:is )?required",
+            r"must issue a STARTTLS|STARTTLS (?:is )?required|(?:TLS|encryption) (?:is )?required|"
+            # Dovecot's untagged "* BAD [ALERT]" before its [PRIVACYREQUIRED] refusal.
+            r"plaintext authentication (?:is )?(?:disallowed|not allowed)",
         ),
         # -- 4. generic authentication failure --------------------------------------------------
         (

@@ -6,7 +6,8 @@ One sweep of an account, on its own IMAP connection (the live loop keeps its IDL
    fetched and imported again, with the same code as the live loop
    (:meth:`AccountWorker.process_fetched`). Imported ones (and ones found already imported) move
    to Processed; ones that fail again stay in Failed, their ``importfailure`` row updated with
-   the new reason and one more attempt. ``UID SEARCH SINCE`` only knows whole days, so the
+   the new reason and one more attempt. ``UID SEARCH SINCE`` only knows whole days of the
+   server's own time zone, so it is asked from a day early (:func:`since_date`) and the
    INTERNALDATE of each fetched message decides. Older failures are left for the operator
    (``mailbridge failed retry``), which retries the messages it names regardless of age.
 2. **Inbox.** Unseen mail older than ``recovery.grace_period_minutes`` (by INTERNALDATE) is
@@ -92,6 +93,19 @@ class SweepSummary:
 def imap_date(when: datetime) -> str:
     """An RFC 3501 ``date`` (``1-Feb-2026``) whatever the process locale (strftime's %b is not)."""
     return f"{when.day}-{_MONTHS[when.month - 1]}-{when.year}"
+
+
+def since_date(since: datetime) -> str:
+    """The ``UID SEARCH SINCE`` date that finds every message that arrived at or after ``since``.
+
+    SINCE compares the *date* of the internal date, "disregarding time and timezone" (RFC 3501
+    section 6.4.4): the server takes that date in its own time zone, which we do not know. A
+    message that arrived at 01:00 UTC on the 2nd is on the 1st for a server at UTC-5, and
+    ``SINCE 2-...`` would miss it. Time zones lie within a day of UTC, so asking from the day
+    before ``since``'s UTC date finds it wherever the server is; the exact age is then checked
+    on each fetched message's INTERNALDATE.
+    """
+    return imap_date(since.astimezone(UTC) - timedelta(days=1))
 
 
 async def sweep(
@@ -281,8 +295,9 @@ async def _retry_failed(
         wanted = set(uids)
         candidates = [uid for uid in present if uid in wanted]
     elif since is not None:
-        # SINCE compares dates only (RFC 3501 6.4.4); the INTERNALDATE check below is exact.
-        candidates = await session.search("SINCE", imap_date(since), "UNDELETED")
+        # SINCE compares dates only (RFC 3501 6.4.4), in the server's time zone: a day early
+        # (since_date); the INTERNALDATE check below is exact.
+        candidates = await session.search("SINCE", since_date(since), "UNDELETED")
     else:
         candidates = present
     summary.left_old += len(present) - len(candidates) if uids is None else 0

@@ -2,11 +2,16 @@
 
 A good account passes every line (exit 0); a wrong password fails the login line with
 ``auth_failed`` and its remedy (exit 1); SMTP login is checked with good and bad credentials.
+A Dovecot that refuses passwords over plaintext (``disable_plaintext_auth = yes``) is a TLS
+problem, not a wrong password: ``tls_failed``, whose remedy (tls: starttls) then works.
 """
 
 from __future__ import annotations
 
+import imaplib
 import logging
+import shutil
+import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -19,9 +24,10 @@ from aiosmtpd.smtp import AuthResult, LoginPassword
 from mailbridge.cli import main as cli_main
 from mailbridge.config import AccountSettings
 from mailbridge.daemon.doctor import diagnose, failing
-from mailbridge.errors import AuthError, ServerError, describe
+from mailbridge.errors import AuthError, ServerError, classify_server_text, describe
+from mailbridge.mail.imap import ImapSession
 from mailbridge.mail.smtp import check_smtp
-from mailbridge.testing.dovecot import free_port
+from mailbridge.testing.dovecot import Dovecot, free_port
 from tests.integration.test_import_loop import config_data
 
 pytestmark = pytest.mark.dovecot
@@ -188,3 +194,109 @@ async def test_doctor_checks_smtp_with_the_account(
     checks = await diagnose(account)
     assert checks[-1].status == "ok"
     assert not failing(checks)
+
+
+# -- a Dovecot that wants TLS before a password ------------------------------------------------
+
+# Dovecot counts a connection whose two ends have the same address as secure (nobody can overhear
+# it), so on 127.0.0.1 it always takes a plaintext password. A client that connects to 127.0.0.2
+# comes from 127.0.0.1: two addresses, an insecure connection, as from another host.
+INSECURE_HOST = "127.0.0.2"
+
+
+class _NoPlaintextDovecot(Dovecot):
+    """The test Dovecot with ``disable_plaintext_auth = yes``, listening on 127.0.0.2 as well.
+
+    Its helpers (add_user, append) keep using 127.0.0.1, where plaintext stays allowed.
+    """
+
+    def _configure(self) -> None:
+        super()._configure()
+        conf = self.config_path.read_text(encoding="utf-8")
+        conf = conf.replace("disable_plaintext_auth = no", "disable_plaintext_auth = yes")
+        conf = conf.replace(f"address = {self.host}\n", f"address = {self.host}, {INSECURE_HOST}\n")
+        self.config_path.write_text(conf, encoding="utf-8")
+
+
+@pytest.fixture(scope="module")
+def no_plaintext_dovecot() -> Iterator[Dovecot]:
+    workdir = Path(tempfile.mkdtemp(prefix="mailbridge-noplain-", dir="/tmp"))  # see conftest
+    server = _NoPlaintextDovecot(workdir, tls=True)
+    server.start()
+    try:
+        yield server
+    finally:
+        server.stop(wait=False)
+        shutil.rmtree(workdir, ignore_errors=True)
+
+
+def test_plaintext_login_refused_is_a_tls_problem(
+    tmp_path: Path, no_plaintext_dovecot: Dovecot, capsys: pytest.CaptureFixture[str]
+) -> None:
+    server = no_plaintext_dovecot
+    server.add_user("plain", "plain-secret-7")
+
+    # What Dovecot itself answers to a LOGIN sent anyway (as clients that ignore LOGINDISABLED
+    # do): read as tls_failed, not as a wrong password.
+    with imaplib.IMAP4(INSECURE_HOST, server.port, timeout=10) as conn:
+        assert "LOGINDISABLED" in conn.capabilities
+        with pytest.raises(imaplib.IMAP4.error) as refused:
+            conn.login("plain", "plain-secret-7")
+    words = refused.value.args[0]
+    words = words.decode() if isinstance(words, bytes) else str(words)
+    assert words.startswith("[PRIVACYREQUIRED] Plaintext authentication disallowed")
+    assert classify_server_text(words) == "tls_failed"
+
+    # mailbridge never sends that LOGIN (RFC 3501 section 6.2.3), and says the same.
+    data: dict[str, Any] = {
+        "database": str(tmp_path / "mailbridge.db"),
+        "accounts": [
+            {
+                "name": "support",
+                "address": "plain@example.test",
+                "imap": {
+                    "host": INSECURE_HOST,
+                    "port": server.port,
+                    "tls": "none",
+                    "timeout_seconds": 10,
+                },
+                "auth": {"username": "plain", "password": "plain-secret-7"},
+            }
+        ],
+    }
+    path = write(tmp_path, data)
+    assert cli_main(["-c", str(path), "doctor"]) == 1
+    out = capsys.readouterr().out
+    assert "tls_failed" in out
+    assert describe("tls_failed").remedy in out
+    assert "imap.tls (or smtp.tls) to starttls or implicit" in out
+    assert "plain-secret-7" not in out
+
+    # The remedy works: STARTTLS on the same port, and the password is taken. (The throwaway
+    # certificate names 127.0.0.1, not 127.0.0.2: verification is not what this is about.)
+    data["accounts"][0]["imap"].update(tls="starttls", verify_certificate=False)
+    path = write(tmp_path, data)
+    assert cli_main(["-c", str(path), "doctor"]) == 0
+    out = capsys.readouterr().out
+    assert "✓ login as plain" in out
+    assert "all checks passed" in out
+
+
+async def test_plaintext_refusal_reaches_the_daemon_as_tls_failed(
+    no_plaintext_dovecot: Dovecot,
+) -> None:
+    server = no_plaintext_dovecot
+    server.add_user("plain2", "plain-secret-8")
+    account = AccountSettings.model_validate(
+        {
+            "name": "support",
+            "address": "plain2@example.test",
+            "imap": {"host": INSECURE_HOST, "port": server.port, "tls": "none"},
+            "auth": {"username": "plain2", "password": "plain-secret-8"},
+        }
+    )
+    with pytest.raises(ServerError) as caught:
+        await ImapSession.open(account)
+    assert caught.value.code == "tls_failed"
+    assert not isinstance(caught.value, AuthError)  # not the credentials: no auth backoff
+    assert "starttls or implicit" in caught.value.remedy

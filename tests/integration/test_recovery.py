@@ -3,21 +3,31 @@
 A message fails (the attachment limit is lowered), the operator raises the limit, and the
 sweep - scheduled in the daemon or run by ``mailbridge sync`` / ``failed retry`` - imports it.
 The grace period is shown with INTERNALDATEs set at APPEND time, so no test waits for it.
+The CLI tests read what an operator reads: the table's columns, mail text printed literally
+(never as rich markup), and the progress bar, which only a terminal gets (a pseudo-terminal here).
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import fcntl
 import json
 import os
 import queue
+import re
+import secrets
+import select
 import signal
+import struct
 import subprocess
 import sys
+import termios
 import threading
 import time
-from datetime import UTC, datetime, timedelta
+from datetime import UTC, datetime, timedelta, timezone
 from pathlib import Path
+from types import SimpleNamespace
 from typing import Any
 
 import pytest
@@ -25,9 +35,11 @@ import structlog
 import yaml
 
 from mailbridge.cli import main as cli_main
+from mailbridge.cli_ops import _size
 from mailbridge.config import Settings, parse_config
 from mailbridge.daemon.supervisor import Supervisor, run_once
-from mailbridge.daemon.sweep import retry_failed, sweep, sweep_and_record
+from mailbridge.daemon.sweep import retry_failed, since_date, sweep, sweep_and_record
+from mailbridge.mail.imap import ImapSession
 from mailbridge.store.sqlite import open_repository
 from tests.integration.test_import_loop import (
     FAILED,
@@ -206,33 +218,129 @@ async def test_old_failures_are_left_to_the_operator_and_failed_retry_takes_them
     assert len(dovecot.folder_uids(login, password, PROCESSED)) == 2
 
 
-def test_cli_failed_list_show_retry_and_sync(
-    tmp_path: Path, dovecot: Any, imap_user: Any, capsys: pytest.CaptureFixture[str]
+def test_since_date_is_a_day_before_the_utc_date() -> None:
+    # The server compares SINCE in its own time zone (RFC 3501 section 6.4.4); a day early
+    # covers every zone (UTC-12 .. UTC+14), the INTERNALDATE check does the rest.
+    assert since_date(datetime(2026, 2, 2, 0, 30, tzinfo=UTC)) == "1-Feb-2026"
+    assert since_date(datetime(2026, 2, 2, 23, 59, tzinfo=UTC)) == "1-Feb-2026"
+    assert since_date(datetime(2026, 1, 1, 0, 0, tzinfo=UTC)) == "31-Dec-2025"
+    assert since_date(datetime(2024, 3, 1, 12, 0, tzinfo=UTC)) == "29-Feb-2024"
+    # 20:00 on 1 Feb at UTC-5 is 01:00 on 2 Feb UTC: the UTC date counts, not the local one.
+    local = datetime(2026, 2, 1, 20, 0, tzinfo=timezone(timedelta(hours=-5)))
+    assert since_date(local) == "1-Feb-2026"
+
+
+async def test_sweep_searches_from_a_day_early_and_checks_the_exact_age(
+    tmp_path: Path, dovecot: Any, imap_user: Any, monkeypatch: pytest.MonkeyPatch
 ) -> None:
+    """The Failed folder is searched from the day before the cut-off's UTC date; what that
+    wider search returns is decided by INTERNALDATE, to the minute."""
+    login, password = imap_user.login, imap_user.password
+    now = datetime(2026, 2, 2, 0, 30, tzinfo=UTC)  # max_failed_age_days 1: cut-off 1 Feb 00:30
+    for subject, arrived in (
+        # 19:45 on 31 Jan at UTC-5: the server's own date for it may be the 31st.
+        ("Within the day", datetime(2026, 1, 31, 19, 45, tzinfo=timezone(timedelta(hours=-5)))),
+        ("Just too old", datetime(2026, 2, 1, 0, 15, tzinfo=UTC)),
+        ("Two days old", datetime(2026, 1, 31, 0, 15, tzinfo=UTC)),
+    ):
+        dovecot.append(
+            login, password, mail(subject, to=imap_user.address).as_bytes(),
+            folder=FAILED, flags=["\\Seen"], date=arrived,
+        )  # fmt: skip
+    searched: list[tuple[str, ...]] = []
+    real_search = ImapSession.search
+
+    async def spy(self: ImapSession, *criteria: str) -> list[int]:
+        searched.append(criteria)
+        return await real_search(self, *criteria)
+
+    monkeypatch.setattr(ImapSession, "search", spy)
+    settings = settings_with(tmp_path, dovecot, imap_user, limit_mb=5)
+    repo = await open_repository(settings.database)
+    try:
+        summary = await sweep(settings, settings.accounts[0], repo, now=now)
+    finally:
+        await repo.aclose()
+
+    assert ("SINCE", "31-Jan-2026", "UNDELETED") in searched
+    assert (summary.retried, summary.recovered, summary.left_old) == (1, 1, 2)
+    left = b"".join(dovecot.folder_messages(login, password, FAILED))
+    assert b"Just too old" in left
+    assert b"Two days old" in left
+    assert b"Within the day" not in left
+    assert b"Within the day" in dovecot.folder_messages(login, password, PROCESSED)[0]
+
+
+def _cells(out: str, text: str) -> list[str]:
+    """The cells of the one table row of ``out`` that contains ``text``."""
+    (line,) = [line for line in out.splitlines() if text in line]
+    return [cell.strip() for cell in re.split(r"[│┃|]", line)[1:-1]]
+
+
+def test_cli_failed_list_show_retry_and_sync(
+    tmp_path: Path,
+    dovecot: Any,
+    imap_user: Any,
+    capsys: pytest.CaptureFixture[str],
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    # Whatever the CI sets: the point below is that a pipe gets no progress bar.
+    for name in ("FORCE_COLOR", "TTY_COMPATIBLE", "TTY_INTERACTIVE"):
+        monkeypatch.delenv(name, raising=False)
     login, password = imap_user.login, imap_user.password
     data = config_data(tmp_path, dovecot, imap_user)
     data["limits"] = {"attachment_max_size_mb": 1}
     path = write_config(tmp_path, data)
-    dovecot.append(login, password, big_mail("Huge scan", imap_user.address))
-    dovecot.append(login, password, big_mail("Second scan", imap_user.address))
+    # Mail text that is also rich markup (and an emoji code): printed as is, never interpreted
+    # (nor a MarkupError).
+    tagged = "[external] Invoice [/b] :warning:"
+    # An arrival time to find in the date column (recent enough for the sweep to retry).
+    arrived = (datetime.now(UTC) - timedelta(hours=1)).replace(microsecond=0)
+    dovecot.append(login, password, big_mail("Huge scan", imap_user.address), date=arrived)
+    dovecot.append(login, password, big_mail(tagged, imap_user.address), date=arrived)
     assert cli_main(["-c", str(path), "run", "--once"]) == 0
     uids = dovecot.folder_uids(login, password, FAILED)
     assert len(uids) == 2
+    sizes = [len(raw) for raw in dovecot.folder_messages(login, password, FAILED)]
     capsys.readouterr()
 
     assert cli_main(["-c", str(path), "failed"]) == 0
     out = capsys.readouterr().out
-    assert "Huge scan" in out
-    assert "Second scan" in out
-    assert "too_large" in out
+    assert "2 failed message(s)" in out
     assert "UID in the account's Failed folder" in out
+    header = _cells(out, "attempts")
+    assert header == [
+        "account", "UID", "date", "from", "subject", "size", "last reason", "attempts"
+    ]  # fmt: skip
+    for uid, subject, size in zip(uids, ["Huge scan", tagged], sizes, strict=True):
+        row = dict(zip(header, _cells(out, subject), strict=True))
+        assert row["account"] == "support"
+        assert row["UID"] == str(uid)
+        assert row["date"] == arrived.isoformat()  # when it arrived (INTERNALDATE), in UTC
+        assert "john@customer.example" in row["from"]  # the sender of big_mail()
+        assert row["subject"] == subject
+        assert row["size"] == _size(size) == f"{size / 1024 / 1024:.1f} MB"
+        assert row["last reason"].startswith("too_large: attachments total")
+        assert row["attempts"] == "1"
 
-    assert cli_main(["-c", str(path), "failed", "show", str(uids[0])]) == 0
+    assert cli_main(["-c", str(path), "failed", "show", str(uids[1])]) == 0
     out = capsys.readouterr().out
     assert "too_large" in out
-    assert "Huge scan" in out
-    assert "attempts" in out
-    assert "on the server" in out  # headers fetched from Dovecot
+    assert f"  subject       {tagged}\n" in out  # what is stored
+    assert f"  Subject: {tagged}\n" in out  # the header as the server has it
+    assert "attempts      1" in out
+    assert f"on the server: {sizes[1]} bytes" in out  # fetched from Dovecot
+
+    # A sweep before the fix: both fail again, one attempt more each; no bar in a pipe.
+    assert cli_main(["-c", str(path), "sync"]) == 0
+    out = capsys.readouterr().out
+    assert f"{tagged!r}" in out  # "still failing ... '[external] Invoice [/b]' — too_large"
+    assert "support: Failed folder" not in out
+    assert "support: Inbox" not in out
+    assert cli_main(["-c", str(path), "failed"]) == 0
+    out = capsys.readouterr().out
+    assert dict(zip(header, _cells(out, tagged), strict=True))["attempts"] == "2"
+    assert dict(zip(header, _cells(out, "Huge scan"), strict=True))["attempts"] == "2"
 
     # The operator raises the limit: one message by UID, the rest by sync.
     data["limits"] = {"attachment_max_size_mb": 5}
@@ -249,6 +357,9 @@ def test_cli_failed_list_show_retry_and_sync(
     assert dovecot.folder_uids(login, password, FAILED) == []
     assert cli_main(["-c", str(path), "failed"]) == 0
     assert "0 failed message" in capsys.readouterr().out
+    assert cli_main(["-c", str(path), "failed", "--all"]) == 0
+    out = capsys.readouterr().out
+    assert dict(zip([*header, "resolved"], _cells(out, tagged), strict=True))["resolved"]
 
     assert cli_main(["-c", str(path), "status", "--json"]) == 0
     status = json.loads(capsys.readouterr().out)
@@ -257,6 +368,154 @@ def test_cli_failed_list_show_retry_and_sync(
     assert row["imported"] == 2
     assert row["last_sweep"]
     assert "retried 1" in row["sweep"]
+    with db(parse_config(data)) as conn:
+        stored = {r[0] for r in conn.execute("SELECT subject FROM conversationmessage")}
+    assert stored == {"Huge scan", tagged}
+
+
+def two_accounts(tmp_path: Path, dovecot: Any, imap_user: Any) -> tuple[dict[str, Any], Any]:
+    """Config data for 'support' (imap_user) and 'sales' (a second fresh user)."""
+    sales_login = f"sales-{secrets.token_hex(4)}"
+    sales_password = secrets.token_urlsafe(12)
+    dovecot.add_user(sales_login, sales_password)
+    sales = SimpleNamespace(
+        login=sales_login, password=sales_password, address=f"{sales_login}@example.test"
+    )
+    data = config_data(tmp_path, dovecot, imap_user)
+    (second,) = config_data(tmp_path, dovecot, sales)["accounts"]
+    data["accounts"].append({**second, "name": "sales"})
+    return data, sales
+
+
+def test_cli_failed_per_account_and_retry_all(
+    tmp_path: Path, dovecot: Any, imap_user: Any, capsys: pytest.CaptureFixture[str]
+) -> None:
+    data, sales = two_accounts(tmp_path, dovecot, imap_user)
+    data["limits"] = {"attachment_max_size_mb": 1}
+    path = write_config(tmp_path, data)
+    users = {"support": imap_user, "sales": sales}
+    subjects = {"support": ["Support scan 1", "Support scan 2"], "sales": ["Sales scan"]}
+    for name, user in users.items():
+        for subject in subjects[name]:
+            dovecot.append(user.login, user.password, big_mail(subject, user.address))
+    assert cli_main(["-c", str(path), "run", "--once"]) == 0
+    for name, user in users.items():
+        assert len(dovecot.folder_uids(user.login, user.password, FAILED)) == len(subjects[name])
+    capsys.readouterr()
+
+    assert cli_main(["-c", str(path), "failed"]) == 0
+    out = capsys.readouterr().out
+    assert "3 failed message(s)" in out
+    for name, own in subjects.items():
+        # The positional form: that account's rows and no other's.
+        assert cli_main(["-c", str(path), "failed", name]) == 0
+        out = capsys.readouterr().out
+        assert f"{len(own)} failed message(s)" in out
+        for subject in own:
+            assert _cells(out, subject)[0] == name
+        others = [s for other, subs in subjects.items() if other != name for s in subs]
+        assert not any(subject in out for subject in others)
+    assert cli_main(["-c", str(path), "failed", "nobody"]) == 78
+    assert "no account named 'nobody'" in capsys.readouterr().err
+
+    data["limits"] = {"attachment_max_size_mb": 5}
+    write_config(tmp_path, data)
+    assert cli_main(["-c", str(path), "failed", "retry", "--all"]) == 0
+    out = capsys.readouterr().out
+    assert "support: retried 2, recovered 2, still failing 0" in out
+    assert "sales: retried 1, recovered 1, still failing 0" in out
+    for name, user in users.items():
+        assert dovecot.folder_uids(user.login, user.password, FAILED) == []
+        processed = dovecot.folder_messages(user.login, user.password, PROCESSED)
+        assert len(processed) == len(subjects[name])
+    assert cli_main(["-c", str(path), "failed"]) == 0
+    assert "0 failed message(s)" in capsys.readouterr().out
+    settings = parse_config(data)
+    assert all(row["resolved"] for row in failure_rows(settings))
+    with db(settings) as conn:
+        stored = conn.execute("SELECT account, subject FROM conversationmessage").fetchall()
+    assert sorted((r[0], r[1]) for r in stored) == sorted(
+        (name, subject) for name, subs in subjects.items() for subject in subs
+    )
+
+
+_ANSI = re.compile(r"\x1b(?:\[[0-?]*[ -/]*[@-~]|\][^\x07]*\x07|[@-Z\\-_])")
+
+
+def _run_on_a_terminal(argv: list[str], within: float = 60.0) -> tuple[int, str]:
+    """Run ``argv`` with stdout on a pseudo-terminal (200x50); its exit code and what it drew.
+
+    stderr (the log) stays a pipe: only the operator's screen is a terminal here.
+    """
+    master, slave = os.openpty()
+    fcntl.ioctl(slave, termios.TIOCSWINSZ, struct.pack("HHHH", 50, 200, 0, 0))
+    env = {
+        k: v
+        for k, v in os.environ.items()
+        if k not in {"FORCE_COLOR", "NO_COLOR", "TTY_COMPATIBLE", "TTY_INTERACTIVE", "COLUMNS"}
+    }
+    env["TERM"] = "xterm-256color"
+    try:
+        proc = subprocess.Popen(
+            argv, stdin=subprocess.DEVNULL, stdout=slave, stderr=subprocess.PIPE, env=env
+        )
+    finally:
+        os.close(slave)  # the child holds it now: EOF on master once the child exits
+    chunks: list[bytes] = []
+    deadline = time.monotonic() + within
+    try:
+        while time.monotonic() < deadline:
+            ready, _, _ = select.select([master], [], [], 0.5)
+            if not ready:
+                continue
+            try:
+                chunk = os.read(master, 65536)
+            except OSError:  # EIO: the terminal's other end is closed
+                break
+            if not chunk:
+                break
+            chunks.append(chunk)
+        else:
+            raise AssertionError(f"{argv} did not finish within {within}s")
+        code = proc.wait(timeout=10)
+    finally:
+        os.close(master)
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+        assert proc.stderr is not None
+        with contextlib.suppress(OSError):
+            proc.stderr.close()
+    text = b"".join(chunks).decode("utf-8", "replace")
+    return code, _ANSI.sub("", text).replace("\r", "\n")
+
+
+def test_cli_sync_draws_a_progress_bar_on_a_terminal(
+    tmp_path: Path, dovecot: Any, imap_user: Any
+) -> None:
+    login, password = imap_user.login, imap_user.password
+    data = config_data(tmp_path, dovecot, imap_user)
+    data["limits"] = {"attachment_max_size_mb": 1}
+    path = write_config(tmp_path, data)
+    dovecot.append(login, password, big_mail("Huge scan", imap_user.address))
+    assert cli_main(["-c", str(path), "run", "--once"]) == 0
+    assert len(dovecot.folder_uids(login, password, FAILED)) == 1
+    data["limits"] = {"attachment_max_size_mb": 5}
+    write_config(tmp_path, data)
+
+    code, screen = _run_on_a_terminal([sys.executable, "-m", "mailbridge", "-c", str(path), "sync"])
+
+    assert code == 0, screen
+    # The bar: one line per phase, with done/total (drawn, then cleared: transient).
+    assert re.search(r"support: Failed folder\s+━+\s+1/1", screen), screen
+    assert re.search(r"support: Inbox\s+━+\s+0/0", screen), screen
+    # The summary table after it.
+    assert "recovery sweep" in screen
+    header = _cells(screen, "still failing")
+    row = dict(zip(header, _cells(screen, "│ support "), strict=True))
+    assert (row["retried"], row["recovered"], row["still failing"]) == ("1", "1", "0")
+    assert dovecot.folder_uids(login, password, FAILED) == []
+    assert len(dovecot.folder_uids(login, password, PROCESSED)) == 1
 
 
 def test_cli_sync_reports_still_failing_and_why(

@@ -2,9 +2,24 @@
 
 from __future__ import annotations
 
+import argparse
+import re
+import typing
+
 import pytest
+from pydantic import BaseModel
 
 from mailbridge import errors
+from mailbridge.cli import _parser
+from mailbridge.config import (
+    AuthSettings,
+    FolderSettings,
+    ImapSettings,
+    LimitSettings,
+    LogSettings,
+    RecoverySettings,
+    SmtpSettings,
+)
 from mailbridge.errors import (
     CATALOGUE,
     AuthError,
@@ -25,6 +40,87 @@ def test_every_catalogue_entry_has_title_and_remedy() -> None:
         assert info.title.strip(), code
         assert info.remedy.strip(), code
         assert isinstance(info.transient, bool)
+
+
+# The config sections a remedy may name a key of, as "section.key" (below the account for auth,
+# imap, smtp and folders; at the top level for the rest).
+_SECTIONS: dict[str, type[BaseModel]] = {
+    "auth": AuthSettings,
+    "imap": ImapSettings,
+    "smtp": SmtpSettings,
+    "folders": FolderSettings,
+    "limits": LimitSettings,
+    "recovery": RecoverySettings,
+    "log": LogSettings,
+}
+_KEY = re.compile(r"\b(" + "|".join(_SECTIONS) + r")\.([A-Za-z_]+)(?:(?: to|:) ([\w-]+))?")
+# What a remedy's command placeholders stand for when the command is parsed.
+_PLACEHOLDERS = {"ACCOUNT": "support", "UID": "7"}
+
+
+def _subcommands() -> dict[str, argparse.ArgumentParser]:
+    for action in _parser()._actions:
+        if isinstance(action, argparse._SubParsersAction):
+            return dict(action.choices)
+    raise AssertionError("the CLI has no subcommands")
+
+
+@pytest.mark.parametrize("code", sorted(CATALOGUE))
+def test_remedies_name_only_real_commands(code: str) -> None:
+    """'mailbridge auth ACCOUNT' once sent operators to a command that does not exist."""
+    remedy = CATALOGUE[code].remedy
+    commands = _subcommands()
+    for word in re.findall(r"\bmailbridge\s+([A-Za-z][\w-]*)", remedy):
+        assert word in commands, f"{code}: 'mailbridge {word}' is not a command"
+    # Every quoted command line must also parse, arguments and all.
+    for line in re.findall(r"'mailbridge ([^']+)'", remedy):
+        argv = [_PLACEHOLDERS.get(w, w) for w in line.split()]
+        try:
+            _parser().parse_args(argv)
+        except SystemExit:  # argparse's way of saying no
+            pytest.fail(f"{code}: 'mailbridge {line}' does not parse")
+
+
+@pytest.mark.parametrize("code", sorted(CATALOGUE))
+def test_remedies_name_only_real_config_keys_and_values(code: str) -> None:
+    """'switch auth.method to OAuth2' named a value config.py does not accept."""
+    remedy = CATALOGUE[code].remedy
+    for section, key, value in _KEY.findall(remedy):
+        fields = _SECTIONS[section].model_fields
+        assert key in fields, f"{code}: {section}.{key} is not a config key"
+        if not value:
+            continue
+        annotation = fields[key].annotation
+        if typing.get_origin(annotation) is typing.Literal:
+            allowed = {str(v) for v in typing.get_args(annotation)}
+        elif annotation is bool:
+            allowed = {"true", "false"}
+        else:
+            continue
+        assert value in allowed, f"{code}: {section}.{key} cannot be {value!r} ({allowed})"
+
+
+def test_the_key_check_catches_what_it_is_for() -> None:
+    # The checks above are only as good as their patterns: they must see the old mistakes.
+    assert _KEY.findall("switch auth.method to OAuth2.") == [("auth", "method", "OAuth2")]
+    assert "OAuth2" not in typing.get_args(AuthSettings.model_fields["method"].annotation)
+    assert re.findall(r"\bmailbridge\s+([A-Za-z][\w-]*)", "Run 'mailbridge auth ACCOUNT'") == [
+        "auth"
+    ]
+    assert "auth" not in _subcommands()
+    assert _KEY.findall("set imap.verify_certificate: false") == [
+        ("imap", "verify_certificate", "false")
+    ]
+
+
+def test_oauth2_remedies_say_it_is_not_supported() -> None:
+    # Only password sign-in exists; a remedy that needs OAuth2 must say so and offer the way
+    # that works (an app password in auth.password_file).
+    assert typing.get_args(AuthSettings.model_fields["method"].annotation) == ("password",)
+    for code in ("app_password_required", "token_expired", "consent_missing"):
+        remedy = CATALOGUE[code].remedy
+        assert "OAuth2 sign-in is not supported yet" in remedy, code
+        assert "auth.password_file" in remedy, code
 
 
 def test_every_code_used_by_the_rules_exists() -> None:
@@ -65,6 +161,19 @@ REAL_RESPONSES: list[tuple[str, str]] = [
     ("[OVERQUOTA] Quota exceeded (mailbox for user is full)", "quota_exceeded"),
     ("[INUSE] Mailbox is locked by another process", "server_unavailable"),
     ("[EXPIRED] Password expired", "auth_failed"),
+    # Plaintext LOGIN on a connection without TLS when disable_plaintext_auth = yes: not a wrong
+    # password, the tls mode is wrong. The untagged ALERT comes first, then the tagged NO.
+    ("[PRIVACYREQUIRED] Plaintext authentication disallowed on non-secure (SSL/TLS) "
+     "connections.", "tls_failed"),
+    ("[ALERT] Plaintext authentication not allowed without SSL/TLS, but your client did it "
+     "anyway. If anyone was listening, the password was exposed.", "tls_failed"),
+    # --- RFC 5530 section 3's own examples ---
+    ("[AUTHORIZATIONFAILED] No such authorization-ID", "auth_failed"),
+    ("[EXPIRED] That password isn't valid any more", "auth_failed"),
+    ("[PRIVACYREQUIRED] Connection offers no privacy", "tls_failed"),
+    ("[CONTACTADMIN] You may not login to this server", "account_disabled"),
+    # an implementation limit, not the connection limit [LIMIT] means at login
+    ("[LIMIT] At most 32 flags in one mailbox supported", "server_error"),
     # --- Exchange Online ---
     ("AUTHENTICATE failed.", "auth_failed"),
     ("LOGIN failed.", "auth_failed"),
@@ -159,6 +268,34 @@ REAL_RESPONSES: list[tuple[str, str]] = [
 @pytest.mark.parametrize(("text", "code"), REAL_RESPONSES)
 def test_real_server_responses(text: str, code: str) -> None:
     assert classify_server_text(text) == code
+
+
+# Every RFC 5530 response code a login or a folder command can meet, with what it must read as
+# whatever free text follows it (here: wording that would on its own suggest another code).
+RFC5530_CODES: list[tuple[str, str]] = [
+    ("UNAVAILABLE", "server_unavailable"),  # temporary: retry by itself
+    ("AUTHENTICATIONFAILED", "auth_failed"),
+    ("AUTHORIZATIONFAILED", "auth_failed"),
+    ("EXPIRED", "auth_failed"),  # the password is no longer valid: set a new one
+    ("PRIVACYREQUIRED", "tls_failed"),  # the connection needs TLS first
+    ("CONTACTADMIN", "account_disabled"),  # only the administrator can let it in
+    ("NOPERM", "folder_unavailable"),
+    ("INUSE", "server_unavailable"),
+    ("LIMIT", "connection_limit"),
+    ("OVERQUOTA", "quota_exceeded"),
+    ("NONEXISTENT", "folder_unavailable"),
+]
+
+
+@pytest.mark.parametrize(("response_code", "code"), RFC5530_CODES)
+def test_rfc5530_response_codes(response_code: str, code: str) -> None:
+    assert classify_server_text(f"[{response_code}] Failed.") == code
+    if code != "auth_failed":  # the code decides over a generic wording, never the reverse
+        assert classify_server_text(f"[{response_code}] Authentication failed.") == code
+    remedy = CATALOGUE[code].remedy
+    if response_code == "PRIVACYREQUIRED":
+        assert "starttls or implicit" in remedy
+        assert "imap.tls" in remedy
 
 
 @pytest.mark.parametrize(
