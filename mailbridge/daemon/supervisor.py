@@ -7,6 +7,19 @@ healthy, re-reads the config on SIGHUP (restarting only the accounts that change
 config is logged and the running one kept), and on SIGTERM/SIGINT lets every worker finish the
 batch in hand — never longer than ``drain_seconds`` — then exits 0.
 
+Reload: an account restarts when its own settings changed, starts when added (or enabled) and
+stops when removed (or disabled); the others keep their worker and IMAP session. A change to a
+global key that shapes importing (``identification``, the parents, ``limits``, ``recovery``)
+restarts every account, since each worker holds the Settings it was started with; before that
+the repository prepares the new parent tables against the database, as at start-up, and a
+config it refuses is rejected like one that does not parse.
+
+Watchdog: ``WATCHDOG=1`` is sent only when systemd asked for it (``$WATCHDOG_USEC``, and
+``$WATCHDOG_PID`` ours if set), every half of that interval, from the supervisor loop itself.
+A reload and the final drain may each wait ``drain_seconds`` for workers, so they run as a task
+beside the loop, which keeps pinging; one that overruns that bound by ``STUCK_GRACE_SECONDS``
+counts as a hung loop and the pings stop, so systemd restarts the service.
+
 ``run_once()`` is ``mailbridge run --once``: one pass over every account, concurrently.
 """
 
@@ -14,6 +27,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import math
 import signal
 from collections import Counter
 from dataclasses import dataclass
@@ -34,6 +48,18 @@ EX_OK = 0
 EX_UNAVAILABLE = 69  # sysexits.h: a service (the mail server) is unavailable
 EX_SOFTWARE = 70
 EX_TEMPFAIL = 75
+EX_CONFIG = 78  # an account's own settings are wrong (e.g. its password_file is missing)
+
+# How often the supervisor loop wakes to restart a crashed worker when no watchdog ping is due.
+HOUSEKEEPING_SECONDS = 10.0
+# A reload or the final drain is bounded by drain_seconds (then workers are cancelled); this much
+# longer (a config file, a prepare queued behind an import on the database thread) and it is
+# hung: the watchdog pings stop so that systemd restarts the service.
+STUCK_GRACE_SECONDS = 60.0
+# Keys of Settings that are not global import settings: accounts are compared one by one, a new
+# database path needs a service restart, and log is applied at start-up (where flags override
+# it). Every other key, including one added to Settings later, restarts every account on change.
+_NOT_IMPORT_GLOBALS = frozenset({"accounts", "database", "log", "source"})
 
 
 @dataclass
@@ -53,7 +79,12 @@ class Supervisor:
         *,
         notifier: Notifier | None = None,
         drain_seconds: float = 30.0,
+        only: frozenset[str] | None = None,
     ) -> None:
+        # `mailbridge run --account A`: these accounts only, at start and after every reload.
+        self.only = only
+        if only is not None:
+            settings = _only(settings, only)
         self.settings = settings
         self.notifier = notifier or Notifier()
         self.drain_seconds = drain_seconds
@@ -87,10 +118,7 @@ class Supervisor:
             log.info("daemon_started", accounts=len(self.running))
             self.notifier.ready()
             self._publish_status()
-            await self._supervise()
-            log.info("daemon_stopping", drain_seconds=self.drain_seconds)
-            self.notifier.stopping()
-            await self._stop_workers(list(self.running))
+            await self._supervise()  # returns once SIGTERM's drain is done
             log.info("daemon_stopped")
             return EX_OK
         finally:
@@ -101,24 +129,86 @@ class Supervisor:
     # -- internals -----------------------------------------------------------------------------
 
     async def _supervise(self) -> None:
-        """The supervisor's own loop: watchdog, reloads, restarting crashed workers."""
-        interval = self.notifier.watchdog_interval() or 10.0
-        while not self._stop.is_set():
-            stop = asyncio.ensure_future(self._stop.wait())
-            reload = asyncio.ensure_future(self._reload.wait())
-            done, pending = await asyncio.wait(
-                {stop, reload}, timeout=interval, return_when=asyncio.FIRST_COMPLETED
-            )
-            for task in pending:
-                task.cancel()
-            if self._reload.is_set() and not self._stop.is_set():
-                self._reload.clear()
-                await self.reload()
-            self._restart_dead_workers()
-            # Pinged from the supervisor loop itself: if it is blocked or dead, systemd notices.
-            self.notifier.watchdog()
-            self._publish_status()
-            del done
+        """The supervisor's own loop: watchdog, reloads, restarting crashed workers, the drain.
+
+        A reload and the drain after SIGTERM run as a task (one at a time) beside this loop, so a
+        worker that takes its ``drain_seconds`` to stop does not starve the watchdog. A SIGHUP
+        during a reload is served after it; SIGTERM during a reload waits for it (bounded too).
+        """
+        loop = asyncio.get_running_loop()
+        interval = self.notifier.watchdog_interval()  # None: systemd asked for no watchdog
+        next_ping = loop.time()
+        work: asyncio.Task[None] | None = None
+        started = deadline = math.inf  # when the running work began, and when it counts as hung
+        hung_logged = False
+        draining = False
+        try:
+            while True:
+                if work is not None and work.done():
+                    _log_task_failure(work)
+                    work = None
+                if work is None:
+                    if draining:
+                        return
+                    if self._stop.is_set():
+                        draining = True
+                        log.info("daemon_stopping", drain_seconds=self.drain_seconds)
+                        self.notifier.stopping()
+                        work = asyncio.create_task(
+                            self._stop_workers(list(self.running)), name="drain"
+                        )
+                    elif self._reload.is_set():
+                        self._reload.clear()
+                        work = asyncio.create_task(self.reload(), name="reload")
+                    else:
+                        self._restart_dead_workers()
+                    if work is not None:
+                        started = loop.time()
+                        deadline = started + self.drain_seconds + STUCK_GRACE_SECONDS
+                        hung_logged = False
+                now = loop.time()
+                healthy = work is None or now < deadline
+                if not healthy and not hung_logged:
+                    hung_logged = True
+                    assert work is not None
+                    log.error(
+                        "supervisor_hung",
+                        task=work.get_name(),
+                        seconds=round(now - started),
+                        watchdog=interval is not None,
+                        remedy="systemd's watchdog restarts the service; report the hang",
+                    )
+                if interval is not None and now >= next_ping:
+                    next_ping = now + interval
+                    if healthy:
+                        # Pinged from this loop itself: if it is blocked or dead, systemd notices.
+                        self.notifier.watchdog()
+                if not draining:
+                    self._publish_status()
+                timeout = HOUSEKEEPING_SECONDS
+                if interval is not None:
+                    timeout = min(timeout, max(0.0, next_ping - loop.time()))
+                await self._wait_for_news(work, timeout)
+        finally:
+            if work is not None and not work.done():  # the supervisor itself was cancelled
+                work.cancel()
+                with contextlib.suppress(asyncio.CancelledError, Exception):
+                    await work
+
+    async def _wait_for_news(self, work: asyncio.Task[None] | None, seconds: float) -> None:
+        """Sleep ``seconds``, or until the running work ends (with none: SIGTERM or SIGHUP)."""
+        if work is not None:
+            await asyncio.wait({work}, timeout=seconds)
+            return
+        waiters = {
+            asyncio.ensure_future(self._stop.wait()),
+            asyncio.ensure_future(self._reload.wait()),
+        }
+        _, pending = await asyncio.wait(
+            waiters, timeout=seconds, return_when=asyncio.FIRST_COMPLETED
+        )
+        for task in pending:
+            task.cancel()
 
     def _restart_dead_workers(self) -> None:
         for name, running in list(self.running.items()):
@@ -173,27 +263,45 @@ class Supervisor:
     async def reload(self) -> None:
         """Re-read the config; restart only what changed; keep running on a bad config."""
         self.notifier.reloading()
-        source = self.settings.source
         try:
-            new = load_config(source)
-        except ConfigError as exc:
-            log.error("reload_rejected", path=exc.path, error=str(exc), remedy=exc.remedy)
+            await self._reload_config()
+        finally:
+            # Type=notify-reload waits for READY=1 after RELOADING=1, whatever the outcome.
             self.notifier.ready()
+            self._publish_status()
+
+    async def _reload_config(self) -> None:
+        assert self.repo is not None
+        try:
+            new = load_config(self.settings.source)
+        except ConfigError as exc:
+            self._reject(exc)
             return
         if new.database != self.settings.database:
             log.warning("reload_database_change_ignored", remedy="restart the service to move it")
-        old_accounts = {a.name: a for a in self.settings.accounts if a.enabled}
+        if new.log != self.settings.log:
+            log.warning("reload_log_change_ignored", remedy="restart the service to apply it")
+        if self.only is not None:
+            new = _only(new, self.only)
+        # database path changes need a restart; everything else applies now
+        new = new.model_copy(update={"database": self.settings.database})
+        changed_globals = import_globals_changed(self.settings, new)
+        if changed_globals:
+            try:
+                # The start-up check: create new parent tables, check existing ones and the
+                # search paths against the database. One transaction: a refusal changes nothing.
+                await self.repo.prepare(new.follower_parents, new.conversation_parents)
+            except MailbridgeError as exc:
+                self._reject(exc)
+                return
         new_accounts = {a.name: a for a in new.accounts if a.enabled}
+        # Compared with what each worker runs, not with the old file: that is what must change.
         changed = [
             name
-            for name in old_accounts
-            if name not in new_accounts
-            or new_accounts[name] != old_accounts[name]
-            or new.limits != self.settings.limits
-            or new.recovery != self.settings.recovery  # restarts the sweep schedules
+            for name, running in self.running.items()
+            if changed_globals or new_accounts.get(name) != running.settings
         ]
-        # database path changes need a restart; everything else applies now
-        self.settings = new.model_copy(update={"database": self.settings.database})
+        self.settings = new
         await self._stop_workers(changed)
         for name in changed:
             self.states.pop(name, None)
@@ -210,9 +318,19 @@ class Supervisor:
             restarted=sorted(set(changed) & set(started)),
             stopped=sorted(set(changed) - set(started)),
             started=sorted(set(started) - set(changed)),
+            changed_globals=changed_globals,
         )
-        self.notifier.ready()
-        self._publish_status()
+
+    def _reject(self, exc: MailbridgeError) -> None:
+        """A reload that cannot apply: say why, and keep the running config and accounts."""
+        log.error(
+            "reload_rejected",
+            code=exc.code,
+            path=exc.path if isinstance(exc, ConfigError) else None,
+            error=str(exc),
+            remedy=exc.remedy,
+            kept="the running config",
+        )
 
     def _on_state(self, state: AccountState) -> None:
         previous = self.states.get(state.account)
@@ -222,6 +340,24 @@ class Supervisor:
 
     def _publish_status(self) -> None:
         self.notifier.status(summarise_states(self.states.values(), len(self.running)))
+
+
+def import_globals_changed(old: Settings, new: Settings) -> list[str]:
+    """The global keys (not ``accounts``, ``database``, ``log``) whose values differ."""
+    return sorted(
+        name
+        for name in Settings.model_fields
+        if name not in _NOT_IMPORT_GLOBALS and getattr(old, name) != getattr(new, name)
+    )
+
+
+def _log_task_failure(task: asyncio.Task[None]) -> None:
+    """Retrieve a finished reload's or drain's outcome; a bug in one must not stop the loop."""
+    if task.cancelled():
+        return
+    exc = task.exception()
+    if exc is not None:
+        log.error("supervisor_task_failed", task=task.get_name(), error=repr(exc))
 
 
 def _needs_operator(worker: AccountWorker) -> str | None:
@@ -273,8 +409,17 @@ async def run_once(settings: Settings, accounts: list[str] | None = None) -> lis
         await repo.aclose()
 
 
+def _only(settings: Settings, names: frozenset[str]) -> Settings:
+    return settings.model_copy(
+        update={"accounts": tuple(a for a in settings.accounts if a.name in names)}
+    )
+
+
 def once_exit_code(results: list[OnceResult]) -> int:
-    """0 when every account was served; 69 when one could not connect or log in."""
+    """0 when every account was served; 78 when an account's config (e.g. its secret) is
+    wrong; 69 when one could not connect or log in; 75 for anything temporary (the database)."""
+    if any(isinstance(r.error, ConfigError) for r in results):
+        return EX_CONFIG
     if any(isinstance(r.error, ServerError) for r in results):
         return EX_UNAVAILABLE
     if any(r.error is not None for r in results):

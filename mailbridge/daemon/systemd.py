@@ -13,7 +13,9 @@ Protocol, as documented in sd_notify(3) and systemd.service(5):
   this reload apart from an earlier one, and sends ``READY=1`` again once the reload is done.
 * ``WatchdogSec=``: the manager sets ``$WATCHDOG_USEC`` (and ``$WATCHDOG_PID``; if that is set
   and not our PID the watchdog is meant for another process). sd_watchdog_enabled(3) advises
-  sending ``WATCHDOG=1`` at about half the interval.
+  sending ``WATCHDOG=1`` at about half the interval; without ``$WATCHDOG_USEC`` (or with another
+  process's ``$WATCHDOG_PID``) none is sent at all. The supervisor sends them from its own loop,
+  so a loop that hangs stops them and systemd restarts the service.
 * With ``$NOTIFY_SOCKET`` unset (started by hand, in tests, under another supervisor) every call is
   a silent no-op.
 
@@ -128,7 +130,11 @@ class Notifier:
         return self.notify(_status(text))
 
     def watchdog(self) -> bool:
-        """Keep-alive ping: ``WATCHDOG=1``. Call every :meth:`watchdog_interval` seconds."""
+        """Keep-alive ping: ``WATCHDOG=1``. Call every :meth:`watchdog_interval` seconds.
+
+        Sent as asked, so call it only when :meth:`watchdog_interval` is not None: a ping
+        systemd did not ask for (``$WATCHDOG_PID`` another process's) is noise at best.
+        """
         return self.notify("WATCHDOG=1")
 
     def stopping(self) -> bool:
