@@ -8,7 +8,9 @@ not import (too large) to the Failed folder with the reason recorded.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
+import sqlite3
 import subprocess
 import sys
 import tempfile
@@ -104,7 +106,7 @@ def sample_mails(address: str) -> list[tuple[str, bytes]]:
     return mails
 
 
-def mailbridge(config: Path, *args: str) -> None:
+def mailbridge(config: Path, *args: str) -> int:
     """Run the real command line, as an operator would."""
     command = [
         sys.executable,
@@ -121,7 +123,21 @@ def mailbridge(config: Path, *args: str) -> None:
     print(f"\n$ mailbridge -c {config.name} {' '.join(args)}", flush=True)
     # A wide table even when the output is piped (rich falls back to 80 columns).
     env = {**os.environ, "COLUMNS": os.environ.get("COLUMNS", "140")}
-    subprocess.run(command, check=False, env=env)
+    return subprocess.run(command, check=False, env=env).returncode
+
+
+def conversations_to_show(database: Path) -> list[str]:
+    """The longest thread and the conversation with an inline image: the two worth reading."""
+    with contextlib.closing(sqlite3.connect(database)) as conn:
+        rows = conn.execute(
+            "SELECT conversation FROM conversationmessage GROUP BY conversation "
+            "ORDER BY count(*) DESC, conversation LIMIT 1"
+        ).fetchall()
+        rows += conn.execute(
+            "SELECT DISTINCT m.conversation FROM embeddedfile e "
+            "JOIN conversationmessage m ON m.id = e.conversationmessage LIMIT 1"
+        ).fetchall()
+    return list(dict.fromkeys(str(row[0]) for row in rows))
 
 
 def main() -> int:
@@ -160,9 +176,12 @@ def main() -> int:
         config.chmod(0o600)
         print(f"\nConfig written to {config} (plain IMAP: this Dovecot is on loopback only)")
 
-        mailbridge(config, "run", "--once")
+        status = mailbridge(config, "run", "--once")
+        if status != 0:
+            print(f"\nmailbridge run --once failed with exit status {status}", file=sys.stderr)
+            return status
         mailbridge(config, "conversations")
-        for conversation in ("1", "3"):
+        for conversation in conversations_to_show(workdir / "mailbridge.db"):
             mailbridge(config, "conversation", "show", conversation)
         mailbridge(config, "failed")
         mailbridge(config, "status")

@@ -39,7 +39,7 @@ from tenacity import RetryCallState, wait_random_exponential
 from mailbridge.config import AccountSettings, Settings
 from mailbridge.core.parse import parse_message
 from mailbridge.daemon.parsing import parse_off_loop
-from mailbridge.errors import MailbridgeError, MessageError, StoreError
+from mailbridge.errors import MailbridgeError, MessageError, StoreError, describe
 from mailbridge.mail.imap import FetchedMessage, ImapSession
 from mailbridge.store.base import (
     AccountState,
@@ -183,7 +183,7 @@ class AccountWorker:
         self.on_state = on_state
         self.state = AccountState(account=account.name, state="starting")
         self.log = log.bind(account=account.name)
-        self._failures = 0  # consecutive connection failures, reset by a good login
+        self._failures = 0  # consecutive failures, reset by a completed import pass
         # Set by wake() (the supervisor, on SIGHUP): ends a backoff so a fixed password file is
         # tried at once instead of after up to 30 minutes.
         self._wake = asyncio.Event()
@@ -265,7 +265,6 @@ class AccountWorker:
         await self._set_state("connecting")
         session = await open_session(self.account)
         try:
-            self._failures = 0
             await self._prepare(session)
             idle = self.account.mode == "idle" and session.has_idle
             if self.account.mode == "idle" and not session.has_idle:
@@ -274,6 +273,10 @@ class AccountWorker:
                 )
             while not self.stopping.is_set():
                 found = await self._import_pending(session)
+                # Only a completed pass proves the account healthy: a login alone does not (a
+                # missing folder or a fault on every FETCH would otherwise reset the backoff
+                # after each login and reconnect every second, forever).
+                self._failures = 0
                 if self.stopping.is_set():
                     break
                 if found.imported or found.duplicates or found.failed:
@@ -480,6 +483,7 @@ class AccountWorker:
                     message_id=failure.message_id,
                     code=failure.code,
                     reason=failure.reason,
+                    remedy=describe(failure.code).remedy,
                 )
         summary.failed = len(failures)
         summary.failures = failures

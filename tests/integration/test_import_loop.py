@@ -6,6 +6,7 @@ Each test gets a fresh Dovecot user (``imap_user``) so tests share one server bu
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import os
 import signal
@@ -163,7 +164,9 @@ async def test_thread_of_three_is_one_conversation(
         }
     # Mail left the Inbox only after the commit, and is \Seen in Processed.
     assert dovecot.folder_uids(imap_user.login, imap_user.password, "INBOX") == []
-    assert len(dovecot.folder_uids(imap_user.login, imap_user.password, PROCESSED)) == 3
+    processed = dovecot.folder_flags(imap_user.login, imap_user.password, PROCESSED)
+    assert len(processed) == 3
+    assert all("\\Seen" in flags for flags in processed.values())
 
 
 async def test_attachment_and_inline_image_are_stored(
@@ -211,6 +214,7 @@ async def test_over_limit_message_goes_to_failed_with_reason(
     small = mail("Small one", to=imap_user.address)
     dovecot.append(imap_user.login, imap_user.password, big.as_bytes())
     dovecot.append(imap_user.login, imap_user.password, small.as_bytes())
+    big_uid = dovecot.folder_uids(imap_user.login, imap_user.password, "INBOX")[0]
 
     with structlog.testing.capture_logs() as logs:
         results = await run_once(settings)
@@ -218,7 +222,9 @@ async def test_over_limit_message_goes_to_failed_with_reason(
     assert results[0].summary is not None
     assert (results[0].summary.imported, results[0].summary.failed) == (1, 1)
     assert dovecot.folder_uids(imap_user.login, imap_user.password, "INBOX") == []
-    assert len(dovecot.folder_uids(imap_user.login, imap_user.password, FAILED)) == 1
+    failed_flags = dovecot.folder_flags(imap_user.login, imap_user.password, FAILED)
+    assert len(failed_flags) == 1
+    assert all("\\Seen" in flags for flags in failed_flags.values())
     failed_raw = dovecot.folder_messages(imap_user.login, imap_user.password, FAILED)[0]
     assert b"Huge scan" in failed_raw
     with db(settings) as conn:
@@ -226,16 +232,20 @@ async def test_over_limit_message_goes_to_failed_with_reason(
             "SELECT account, uid, folderuid, messageid, code, reason, lastfailed FROM importfailure"
         ).fetchone()
         assert row["account"] == "support"
+        assert row["uid"] == big_uid  # its UID in the Inbox, where it was found
         assert row["code"] == "too_large"
         assert "limit" in row["reason"]
         assert row["messageid"] == big["Message-ID"][1:-1]
-        assert row["folderuid"] is not None  # Dovecot has UIDPLUS: COPYUID recorded
+        # Dovecot has UIDPLUS: the COPYUID of the move names it in the Failed folder.
+        assert row["folderuid"] == next(iter(failed_flags))
         assert row["lastfailed"]
         assert conn.execute("SELECT count(*) FROM conversationmessage").fetchone()[0] == 1
     failed_logs = [e for e in logs if e["event"] == "message_failed"]
     assert failed_logs
     assert failed_logs[0]["code"] == "too_large"
     assert failed_logs[0]["account"] == "support"
+    assert failed_logs[0]["uid"] == big_uid
+    assert "attachment_max_size_mb" in failed_logs[0]["remedy"]
 
 
 async def test_redelivered_message_is_not_imported_twice(
@@ -368,6 +378,30 @@ async def test_idle_mode_polls_when_the_server_lacks_idle(
     assert any(e["event"] == "imap_idle_unsupported_polling" for e in logs)
 
 
+async def test_idle_is_reissued_before_its_timeout_on_the_same_connection(
+    tmp_path: Path, dovecot: Any, imap_user: Any
+) -> None:
+    """RFC 2177 section 3: a client must end IDLE and issue it again before the server's
+    30-minute inactivity limit. With idle_timeout_seconds: 1 the worker does so every second,
+    on the same session (no reconnect), and mail still arrives through the renewed IDLE."""
+    settings = make_settings(tmp_path, dovecot, imap_user, idle_timeout_seconds=1)
+    states: list[str] = []
+    worker, task, repo = await run_worker(settings)
+    worker.on_state = lambda state: states.append(state.state)
+    try:
+        await eventually(lambda: states.count("idle") >= 4, within=15)
+        dovecot.append(
+            imap_user.login,
+            imap_user.password,
+            mail("After renewals", to=imap_user.address).as_bytes(),
+        )
+        await eventually(lambda: count_messages(settings) == 1)
+    finally:
+        await stop_worker(worker, task, repo)
+    assert states.count("connecting") == 1, "IDLE was renewed on the open session, no reconnect"
+    assert "backoff" not in states
+
+
 async def test_server_restart_mid_run_is_survived(
     tmp_path: Path, dovecot: Any, imap_user: Any
 ) -> None:
@@ -397,6 +431,27 @@ async def test_server_restart_mid_run_is_survived(
         e["code"] in {"connection_lost", "unreachable", "server_unavailable", "timeout"}
         for e in backoffs
     )
+
+
+async def test_backoff_grows_when_the_fault_comes_after_login(
+    tmp_path: Path, dovecot: Any, imap_user: Any
+) -> None:
+    """A login that succeeds is no proof of health: a missing Inbox fails every attempt after
+    login, and each attempt must count, so the backoff grows instead of restarting at 1 s."""
+    settings = make_settings(tmp_path, dovecot, imap_user, folders={"inbox": "No Such Folder"})
+    with structlog.testing.capture_logs() as logs:
+        worker, task, repo = await run_worker(settings)
+        try:
+            for expected in (1, 2, 3):
+                await eventually(
+                    lambda n=expected: sum(e["event"] == "account_backoff" for e in logs) >= n
+                )
+                worker.wake()  # end the (long) backoff now instead of after minutes
+        finally:
+            await stop_worker(worker, task, repo)
+    backoffs = [e for e in logs if e["event"] == "account_backoff"]
+    assert [e["consecutive_failures"] for e in backoffs[:3]] == [1, 2, 3]
+    assert {e["code"] for e in backoffs} == {"folder_unavailable"}
 
 
 async def test_one_broken_account_does_not_stop_another(
@@ -483,15 +538,29 @@ def test_cli_run_once_exits_69_when_login_fails(
     assert "password" in row["remedy"]
 
 
+def test_cli_run_once_exits_78_when_a_secret_file_is_missing(
+    tmp_path: Path, dovecot: Any, imap_user: Any, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """A missing password_file is the operator's config to fix (78), not a passing fault (75)."""
+    data = config_data(tmp_path, dovecot, imap_user)
+    data["accounts"][0]["auth"].pop("password", None)
+    data["accounts"][0]["auth"]["password_file"] = str(tmp_path / "missing.pw")
+    path = write_config(tmp_path, data)
+    assert cli_main(["-c", str(path), "run", "--once"]) == 78
+    assert "missing.pw" in capsys.readouterr().out
+
+
 def test_daemon_notifies_systemd_and_drains_on_sigterm(
     tmp_path: Path, dovecot: Any, imap_user: Any
 ) -> None:
-    """`mailbridge run` as systemd runs it: READY=1, STATUS=, then SIGTERM -> STOPPING=1, exit 0."""
+    """`mailbridge run` as systemd runs it: READY=1, the mail imported, STATUS= idle, then
+    SIGTERM -> STOPPING=1, exit 0."""
+    settings = make_settings(tmp_path, dovecot, imap_user)
     path = write_config(tmp_path, config_data(tmp_path, dovecot, imap_user))
     notify_path = tmp_path / "notify.sock"
     sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
     sock.bind(str(notify_path))
-    sock.settimeout(30)
+    sock.settimeout(0.2)
     env = {**os.environ, "NOTIFY_SOCKET": str(notify_path)}
     proc = subprocess.Popen(
         [sys.executable, "-m", "mailbridge", "-c", str(path), "--log-format", "json", "run"],
@@ -501,15 +570,21 @@ def test_daemon_notifies_systemd_and_drains_on_sigterm(
     )
     try:
         received: list[str] = []
+        sock.settimeout(30)
         while not any(m.startswith("READY=1") for m in received):
             received.extend(sock.recv(4096).decode().splitlines())
+        sock.settimeout(0.2)
         dovecot.append(
             imap_user.login, imap_user.password, mail("Hi", to=imap_user.address).as_bytes()
         )
-        while not any("idle" in m for m in received if m.startswith("STATUS=")):
-            received.extend(sock.recv(4096).decode().splitlines())
+        deadline = time.monotonic() + 30
+        while not (count_messages(settings) == 1 and "idle" in _last_status(received)):
+            assert time.monotonic() < deadline, received
+            with contextlib.suppress(TimeoutError):
+                received.extend(sock.recv(4096).decode().splitlines())
         proc.send_signal(signal.SIGTERM)
         _, stderr = proc.communicate(timeout=30)
+        sock.settimeout(30)
         while not any(m.startswith("STOPPING=1") for m in received):
             received.extend(sock.recv(4096).decode().splitlines())
     finally:
@@ -519,3 +594,61 @@ def test_daemon_notifies_systemd_and_drains_on_sigterm(
     assert proc.returncode == 0, stderr.decode()
     assert b'"event": "daemon_stopped"' in stderr or b'"event":"daemon_stopped"' in stderr
     assert imap_user.password.encode() not in stderr  # secrets never logged
+    assert len(dovecot.folder_uids(imap_user.login, imap_user.password, PROCESSED)) == 1
+
+
+def _last_status(received: list[str]) -> str:
+    statuses = [m for m in received if m.startswith("STATUS=")]
+    return statuses[-1] if statuses else ""
+
+
+def _imported_any(settings: Settings) -> bool:
+    """At least one message committed (the daemon may still be creating the schema)."""
+    try:
+        return settings.database.exists() and count_messages(settings) > 0
+    except sqlite3.OperationalError:
+        return False
+
+
+def test_sigterm_mid_batch_drains_the_batch_in_flight(
+    tmp_path: Path, dovecot: Any, imap_user: Any
+) -> None:
+    """SIGTERM while a backlog is being imported: the batch in flight is finished (committed
+    and moved), nothing else is started, the daemon exits 0 - every message is then either
+    imported and out of the Inbox, or untouched in the Inbox for the next start."""
+    data = config_data(tmp_path, dovecot, imap_user)
+    data["limits"]["fetch_batch_size"] = 20
+    settings = parse_config(data)
+    path = write_config(tmp_path, data)
+    dovecot.append_many(
+        imap_user.login,
+        imap_user.password,
+        [
+            mail(f"Backlog {n}", to=imap_user.address, body="x" * 20_000).as_bytes()
+            for n in range(300)
+        ],
+    )
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "mailbridge", "-c", str(path), "--log-format", "json", "run"],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+    )
+    try:
+        deadline = time.monotonic() + 30
+        while not _imported_any(settings):
+            assert time.monotonic() < deadline
+            assert proc.poll() is None
+            time.sleep(0.01)
+        proc.send_signal(signal.SIGTERM)
+        _, stderr = proc.communicate(timeout=40)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert proc.returncode == 0, stderr.decode()[-2000:]
+    imported = count_messages(settings)
+    inbox = dovecot.folder_uids(imap_user.login, imap_user.password, "INBOX")
+    processed = dovecot.folder_uids(imap_user.login, imap_user.password, PROCESSED)
+    assert 0 < imported < 300, "stopped mid-backlog, not before or after it"
+    assert len(processed) == imported  # every committed message was moved before exit
+    assert len(inbox) == 300 - imported  # the rest is untouched, to import on the next start
+    assert set(dovecot.unseen(imap_user.login, imap_user.password, "INBOX")) == set(inbox)
