@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import hashlib
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
@@ -31,7 +32,7 @@ from datetime import UTC, datetime, timedelta
 import structlog
 
 from mailbridge.config import AccountSettings, Settings
-from mailbridge.daemon.account import AccountWorker
+from mailbridge.daemon.account import AccountWorker, open_session
 from mailbridge.errors import MailbridgeError
 from mailbridge.mail.imap import FetchedMessage, ImapSession
 from mailbridge.store.base import FailureInfo
@@ -123,7 +124,7 @@ async def sweep(
     recovery = settings.recovery
     summary = SweepSummary(account=account.name, started=datetime.now(UTC))
     worker = _worker(settings, account, repo, stopping)
-    session = await ImapSession.open(account)
+    session = await open_session(account)
     try:
         folders = account.folders
         await session.ensure_folders([folders.processed, folders.failed])
@@ -158,7 +159,7 @@ async def retry_failed(
     """``mailbridge failed retry``: retry the named Failed-folder UIDs (None: all), any age."""
     summary = SweepSummary(account=account.name, started=datetime.now(UTC))
     worker = _worker(settings, account, repo, None)
-    session = await ImapSession.open(account)
+    session = await open_session(account)
     try:
         folders = account.folders
         await session.ensure_folders([folders.processed, folders.failed])
@@ -171,7 +172,7 @@ async def retry_failed(
 
 async def fetch_failed(account: AccountSettings, uids: Sequence[int]) -> list[FetchedMessage]:
     """The messages with these UIDs in the Failed folder, as stored on the server (unchanged)."""
-    session = await ImapSession.open(account)
+    session = await open_session(account)
     try:
         await session.select(account.folders.failed)
         return await session.fetch(uids)
@@ -238,7 +239,10 @@ async def run_schedule(
     while not stopping.is_set():
         # From "now" every time: a sweep that overran its slot is not followed by a burst.
         local_now = datetime.now().astimezone()
-        next_run: datetime = croniter(schedule, local_now).get_next(datetime)
+        slots = croniter(schedule, local_now)
+        slot: datetime = slots.get_next(datetime)
+        following: datetime = slots.get_next(datetime)
+        next_run = slot + timedelta(seconds=spread_offset(account.name, following - slot))
         delay = max(0.0, (next_run - datetime.now().astimezone()).total_seconds())
         bound.debug("sweep_scheduled", at=next_run.isoformat(), in_seconds=round(delay, 1))
         with contextlib.suppress(TimeoutError):
@@ -257,6 +261,23 @@ async def run_schedule(
             pass  # logged by sweep_and_record; the next slot tries again
         except Exception:  # a bug in the sweep must not end the schedule (or the daemon)
             bound.exception("sweep_crashed")
+
+
+# A fleet's sweeps are spread over at most this long after each slot of the schedule.
+SPREAD_MAX = timedelta(minutes=5)
+
+
+def spread_offset(account: str, gap: timedelta) -> float:
+    """Seconds after a schedule slot at which ``account`` sweeps: a stable share of
+    min(half the gap between slots, SPREAD_MAX), taken from a hash of the account's name.
+
+    1,000 accounts on "*/20 * * * *" would otherwise all log in a second time in the same
+    second (a connection storm for the server, and a CPU spike here, seen in scripts/bench);
+    spread, they sweep a few per second. Stable, so an operator can tell when an account
+    sweeps from its ``sweep_scheduled`` debug line, and the same after every restart."""
+    window = min(gap / 2, SPREAD_MAX).total_seconds()
+    share = int.from_bytes(hashlib.sha256(account.encode()).digest()[:8], "big") / 2**64
+    return share * max(0.0, window)
 
 
 # -- internals ---------------------------------------------------------------------------------

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import locale
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
@@ -14,7 +14,7 @@ from mailbridge.cli import main as cli_main
 from mailbridge.config import parse_config
 from mailbridge.daemon.account import AccountWorker, backoff_seconds
 from mailbridge.daemon.supervisor import _needs_operator
-from mailbridge.daemon.sweep import SweepSummary, imap_date
+from mailbridge.daemon.sweep import SPREAD_MAX, SweepSummary, imap_date, spread_offset
 from mailbridge.errors import AuthError, ConfigError, ServerError
 from mailbridge.store.base import AccountState, FailureInfo
 
@@ -147,3 +147,18 @@ async def test_stop_ends_a_backoff_too() -> None:
     worker.stopping.set()
     await asyncio.wait_for(backoff, timeout=1)
     assert _needs_operator(worker) is None  # transient: sweeps go on
+
+
+def test_sweeps_of_a_fleet_are_spread_after_each_slot() -> None:
+    """1,000 accounts on a 20-minute schedule sweep over 5 minutes after the slot, not in the
+    same second; each account at a stable offset; a tight schedule spreads over half its gap."""
+    gap = timedelta(minutes=20)
+    offsets = [spread_offset(f"account{n}", gap) for n in range(1000)]
+    assert all(0 <= o < SPREAD_MAX.total_seconds() for o in offsets)
+    assert spread_offset("account7", gap) == offsets[7]  # stable across calls (and restarts)
+    per_second = [0] * 300
+    for o in offsets:
+        per_second[int(o)] += 1
+    assert max(per_second) <= 15  # ~3.3 a second on average; never a storm
+    assert max(offsets) - min(offsets) > 0.95 * SPREAD_MAX.total_seconds()
+    assert all(0 <= spread_offset(f"a{n}", timedelta(seconds=2)) < 1 for n in range(100))
