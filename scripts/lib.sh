@@ -21,7 +21,16 @@ ensure_environment() {
         echo "== creating .venv"
         python3 -m venv .venv
     fi
+    # The install is editable: code changes need no reinstall, only a changed pyproject.toml
+    # does. The stamp records what was installed, so repeated runs skip pip (and its noise).
+    local stamp=".venv/.installed-pyproject.sha256"
+    local want
+    want=$(sha256sum pyproject.toml | cut -d' ' -f1)
+    if [ "$(cat "$stamp" 2>/dev/null)" = "$want" ] && .venv/bin/python -c 'import mailbridge' 2>/dev/null; then
+        return 0
+    fi
     echo "== installing Python packages into .venv"
     .venv/bin/python -m pip install -q --disable-pip-version-check --upgrade pip
     .venv/bin/python -m pip install -q --disable-pip-version-check -e '.[dev]'
+    echo "$want" > "$stamp"
 }
