@@ -751,6 +751,37 @@ def _charset_hint(message: Message) -> str | None:
 # Entry point
 
 
+@dataclass(frozen=True, slots=True)
+class HeaderSummary:
+    """What the top-level headers of a message say, for one that cannot be imported."""
+
+    message_id: str | None
+    subject: str
+    from_address: str
+
+
+def summarise_headers(raw: bytes) -> HeaderSummary:
+    """Message-ID, subject and sender, decoded as :func:`parse_message` decodes them,
+    from the headers alone. Never raises: a message that failed to import still deserves a
+    readable line in ``mailbridge failed`` (not "=?utf-8?b?...?=" and "John <JOHN@X>")."""
+    try:
+        message = BytesParser(policy=_POLICY).parsebytes(bytes(raw), headersonly=True)
+        hint = _charset_hint(message)
+        headers = _Headers(message, hint)
+        message_id_text = headers.text("message-id")
+        subject_raw = headers.raw("subject")
+        senders = _addresses(headers.values.get("from", []), hint) or _addresses(
+            headers.values.get("sender", []), hint
+        )
+        return HeaderSummary(
+            message_id=normalize_message_id(message_id_text) if message_id_text else None,
+            subject=_one_line(decode_header_value(subject_raw, hint))[:500] if subject_raw else "",
+            from_address=senders[0].email if senders else "",
+        )
+    except Exception:  # best effort by contract: the failure row still gets key and reason
+        return HeaderSummary(message_id=None, subject="", from_address="")
+
+
 def parse_message(
     raw: bytes, *, max_attachment_bytes: int | None = None, now: datetime | None = None
 ) -> ParsedMessage:

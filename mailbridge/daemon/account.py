@@ -24,8 +24,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import dataclasses
-import email.parser
-import email.policy
 import hashlib
 import time
 import weakref
@@ -37,7 +35,7 @@ import structlog
 from tenacity import RetryCallState, wait_random_exponential
 
 from mailbridge.config import AccountSettings, Settings
-from mailbridge.core.parse import parse_message
+from mailbridge.core.parse import parse_message, summarise_headers
 from mailbridge.daemon.parsing import parse_off_loop
 from mailbridge.errors import MailbridgeError, MessageError, StoreError, describe
 from mailbridge.mail.imap import FetchedMessage, ImapSession
@@ -122,34 +120,25 @@ def _parse_batch(
 
 
 def _failure_from_raw(message: FetchedMessage, code: str, reason: str) -> FailureInfo:
-    """Describe a message we could not parse, from what little its headers still tell."""
-    subject = sender = ""
-    message_id: str | None = None
-    try:
-        headers = email.parser.BytesHeaderParser(policy=email.policy.compat32).parsebytes(
-            message.raw
-        )
-        subject = str(headers.get("Subject", ""))[:500]
-        sender = str(headers.get("From", ""))[:500]
-        raw_id = str(headers.get("Message-ID", "")).strip().strip("<>").strip()
-        message_id = raw_id or None
-    except Exception:  # noqa: S110 - best effort: the failure row still gets the key and reason
-        pass
-    key = message_id or "sha256:" + hashlib.sha256(message.raw).hexdigest()
+    """Describe a message we could not parse, from what its headers still tell."""
+    headers = summarise_headers(message.raw)
     return FailureInfo(
         uid=message.uid,
-        message_key=key,
+        message_key=headers.message_id or "sha256:" + hashlib.sha256(message.raw).hexdigest(),
         code=code,
         reason=reason,
-        message_id=message_id,
-        subject=subject,
-        from_address=sender,
+        message_id=headers.message_id,
+        subject=headers.subject,
+        from_address=headers.from_address,
+        # When it arrived (INTERNALDATE), as the recovery sweep's age limit counts it.
         date=message.internaldate,
         size=len(message.raw),
     )
 
 
-def _failure_from_result(item: ImportItem, result: ImportResult) -> FailureInfo:
+def _failure_from_result(
+    item: ImportItem, result: ImportResult, arrived: datetime | None
+) -> FailureInfo:
     msg = item.message
     return FailureInfo(
         uid=item.uid,
@@ -159,7 +148,7 @@ def _failure_from_result(item: ImportItem, result: ImportResult) -> FailureInfo:
         message_id=msg.message_id,
         subject=msg.subject,
         from_address=msg.from_address.email if msg.from_address else "",
-        date=msg.date,
+        date=arrived or msg.date,  # INTERNALDATE, as for a message that failed to parse
         size=msg.size,
     )
 
@@ -448,9 +437,11 @@ class AccountWorker:
         summary = PassSummary()
         done_uids: list[int] = []
         by_uid = {item.uid: item for item in items}
+        arrived = {message.uid: message.internaldate for message in fetched}
         for result in results:
             if result.outcome is Outcome.FAILED:
-                failures.append(_failure_from_result(by_uid[result.uid], result))
+                item = by_uid[result.uid]
+                failures.append(_failure_from_result(item, result, arrived.get(result.uid)))
                 continue
             done_uids.append(result.uid)
             if result.outcome is Outcome.IMPORTED:

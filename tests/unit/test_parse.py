@@ -12,7 +12,12 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from mailbridge.core.model import Address, ParsedMessage
-from mailbridge.core.parse import decode_header_value, decode_text, parse_message
+from mailbridge.core.parse import (
+    decode_header_value,
+    decode_text,
+    parse_message,
+    summarise_headers,
+)
 from mailbridge.errors import MessageError
 
 NOW = datetime(2024, 5, 1, 12, 0, tzinfo=UTC)
@@ -695,3 +700,33 @@ def test_any_bytes_parse_or_message_error(raw: bytes) -> None:
 @given(mutated_messages())
 def test_mutated_messages_parse_or_message_error(raw: bytes) -> None:
     _parses_or_message_error(raw)
+
+
+def test_header_summary_of_an_unimportable_message_is_decoded_like_an_import() -> None:
+    """What `mailbridge failed` shows of a message that failed to parse: decoded like an
+    imported one, so the operator reads "Überweisung" and john@customer.example."""
+    raw = (
+        b"From: =?utf-8?q?J=C3=BCrgen_Doe?= <JOHN@Customer.Example>\r\n"
+        b"Subject: =?utf-8?b?w5xiZXJ3ZWlzdW5n?= 2026\r\n"
+        b"Message-ID: <Abc.1@Customer.Example>\r\n"
+        b"Date: Mon, 30 Nov 2026 10:00:00 +0100\r\n"
+        b"\r\nbody\r\n"
+    )
+    summary = summarise_headers(raw)
+    parsed = parse_message(raw)
+    assert summary.subject == parsed.subject == "\u00dcberweisung 2026"
+    assert summary.from_address == "john@customer.example"
+    assert summary.message_id == parsed.message_id
+
+
+def test_header_summary_without_headers_is_empty() -> None:
+    summary = summarise_headers(b"no headers at all")
+    assert (summary.message_id, summary.subject, summary.from_address) == (None, "", "")
+
+
+@settings(max_examples=200, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(st.binary(max_size=2000))
+def test_header_summary_never_raises(raw: bytes) -> None:
+    summary = summarise_headers(raw)
+    assert isinstance(summary.subject, str)
+    assert isinstance(summary.from_address, str)
