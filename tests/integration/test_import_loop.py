@@ -521,6 +521,15 @@ def test_cli_run_once_and_status(
     assert row["failed"] == 0
     assert row["last_import"]
 
+    # The table an operator reads: one row per account, state, imported and failed counts.
+    assert cli_main(["-c", str(path), "status"]) == 0
+    table = capsys.readouterr().out
+    line = next(line for line in table.splitlines() if "support" in line)
+    cells = [cell.strip() for cell in line.strip("│ ").split("│")]
+    assert cells[:2] == ["support", row["state"]]
+    assert cells[2].endswith("ago")  # last import
+    assert cells[3:5] == ["1", "0"]
+
 
 def test_cli_run_once_exits_69_when_login_fails(
     tmp_path: Path, dovecot: Any, imap_user: Any, capsys: pytest.CaptureFixture[str]
