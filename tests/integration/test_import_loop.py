@@ -27,7 +27,7 @@ import structlog
 from mailbridge.cli import main as cli_main
 from mailbridge.config import Settings, parse_config
 from mailbridge.daemon.account import AccountWorker
-from mailbridge.daemon.supervisor import once_exit_code, run_once
+from mailbridge.daemon.supervisor import Supervisor, once_exit_code, run_once
 from mailbridge.errors import ServerError
 from mailbridge.mail.imap import ImapSession
 from mailbridge.store.sqlite import open_repository
@@ -502,6 +502,44 @@ def test_cli_bad_port_exits_78_naming_port(
     assert cli_main(["-c", str(path), "run", "--once"]) == 78
     err = capsys.readouterr().err
     assert "accounts[0].imap.port" in err
+
+
+async def test_daemon_serves_a_good_account_beside_a_broken_one(
+    tmp_path: Path, dovecot: Any, imap_user: Any
+) -> None:
+    """The daemon, not one pass: an account whose password is wrong backs off (auth_failed),
+    and the other account of the same process keeps importing what arrives through IDLE."""
+    data = config_data(tmp_path, dovecot, imap_user)
+    broken = {
+        **data["accounts"][0],
+        "name": "broken",
+        "auth": {"username": imap_user.login, "password": "wrong"},
+    }
+    data["accounts"].append(broken)
+    settings = parse_config(data)
+    supervisor = Supervisor(settings, drain_seconds=5)
+    task = asyncio.ensure_future(supervisor.run())
+    try:
+        await eventually(
+            lambda: (
+                "broken" in supervisor.states
+                and supervisor.states["broken"].state == "auth_failed"
+                and supervisor.states.get("support") is not None
+                and supervisor.states["support"].state == "idle"
+            )
+        )
+        for n in range(3):
+            dovecot.append(
+                imap_user.login,
+                imap_user.password,
+                mail(f"While the other is broken {n}", to=imap_user.address).as_bytes(),
+            )
+            await eventually(lambda n=n: count_messages(settings) == n + 1)
+        assert supervisor.states["broken"].state == "auth_failed"
+        assert not supervisor.running["support"].task.done()
+    finally:
+        supervisor.request_stop()
+        assert await task == 0
 
 
 def test_cli_run_once_and_status(
