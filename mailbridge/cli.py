@@ -180,12 +180,12 @@ def _run(settings: Settings, *, once: bool, accounts: list[str] | None) -> int:
 
 def _check_config(settings: Settings) -> int:
     problems: list[str] = []
-    for account in settings.accounts:
-        where = f"accounts[{account.name}].auth"
+    for index, account in enumerate(settings.accounts):
         try:
             account.auth.secret()
         except ConfigError as exc:
-            problems.append(f"{where}: {exc}")
+            # The same key path as a validation error: accounts[0].auth.password_file.
+            problems.append(f"accounts[{index}].{exc.path or 'auth'} ({account.name}): {exc}")
         path = account.auth.password_file
         if path is not None and world_readable(path):
             print(

@@ -73,6 +73,21 @@ def test_bad_cron_exits_78(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -
     assert "recovery.schedule" in capsys.readouterr().err
 
 
+def test_check_config_names_the_secret_key_path(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    config = tmp_path / "config.yaml"
+    config.write_text(
+        "accounts:\n"
+        "  - {name: support, address: s@example.com, imap: {host: h},"
+        f" auth: {{username: u, password_file: {tmp_path / 'missing.pw'}}}}}\n"
+    )
+    assert cli_main(["-c", str(config), "check-config"]) == 78
+    err = capsys.readouterr().err
+    assert "accounts[0].auth.password_file (support):" in err
+    assert "missing.pw" in err
+
+
 def test_imap_date_ignores_the_locale() -> None:
     when = datetime(2026, 2, 1, 23, 59, tzinfo=UTC)
     before = locale.setlocale(locale.LC_TIME)
