@@ -1,0 +1,269 @@
+"""Outgoing replies: building the message that carries a conversation's markers.
+
+:func:`compose_reply` builds the :class:`~email.message.EmailMessage` an outbox worker hands to
+SMTP. It is pure (no clock unless none is given, no network, no database) so what the message
+carries can be tested byte for byte. Whatever the account's ``identification`` method, the
+message is built so that the customer's answer comes back to the same conversation:
+
+* ``plus_address`` — ``Reply-To: local+KEY@domain`` of the account address (read back by
+  :func:`~mailbridge.core.identify.plus_keys`);
+* ``subject`` — ``Subject: <subject> [ID-KEY]`` within 128 characters (read back by
+  :func:`~mailbridge.core.identify.subject_key`);
+* always — a fresh Message-ID on the account's domain, ``In-Reply-To`` the parent's id and
+  ``References`` the parent's chain plus the parent's id (RFC 5322 section 3.6.4), so a client
+  that drops the other markers still threads by Message-ID (the store matches In-Reply-To and
+  References against the ids of mail the account sent).
+
+Loop protection on the sending side: the account's own addresses (and aliases, and their
+plus-variants) are never recipients, and an automatic reply says so in ``Auto-Submitted``
+(RFC 3834) and Microsoft's ``X-Auto-Response-Suppress``, so other robots do not answer it.
+
+Serialise with ``message.as_bytes()``: the message's own policy (:data:`POLICY`) writes ids
+whole. aiosmtplib's ``send_message`` re-flattens with plain ``policy.SMTP``, which turns an id
+longer than a line into RFC 2047 encoded-words; hand the bytes to ``sendmail`` instead.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Iterable, Sequence
+from datetime import UTC, datetime
+from email.headerregistry import Address as HeaderAddress
+from email.message import EmailMessage
+from email.policy import EmailPolicy
+from email.utils import format_datetime, make_msgid, parseaddr
+from typing import Final, Literal
+
+from mailbridge.core.identify import (
+    is_key,
+    is_own_address,
+    normalize_message_id,
+    plus_address,
+    tag_subject,
+)
+from mailbridge.core.model import Address
+
+# The same values as mailbridge.config.Identification. Spelt out here because core may not
+# import the config module (it pulls in the store); a unit test keeps the two equal.
+Identification = Literal["message_id", "plus_address", "subject"]
+
+# RFC 5322 section 2.1.1: a line MUST NOT exceed 998 characters. The id headers are written
+# unfolded (see _Policy), so "References: " plus the id list must fit in one such line. RFC 5537
+# section 3.4.4 trims References the same way for Netnews: keep the first id and the newest.
+_LINE_LIMIT: Final = 998
+MAX_REFERENCES_LENGTH: Final = _LINE_LIMIT - len("References: ")
+# The longest id that In-Reply-To can carry on one line, angle brackets included.
+_MAX_ID_LENGTH: Final = _LINE_LIMIT - len("In-Reply-To: ") - 2
+
+# What an id must look like to be sent intact: RFC 5322 msg-id characters are printable ASCII;
+# anything else (non-ASCII, stray brackets, an encoded-word opener) would be RFC 2047-encoded
+# or misread by the header parser, and a mangled id threads nothing.
+_SENDABLE_ID = re.compile(r"[!-;=?-~]+")
+
+# Headers holding message ids. The stdlib folds long unstructured headers by turning words
+# into RFC 2047 encoded-words, which breaks an id longer than a line; these are never folded.
+_ID_HEADERS: Final = frozenset({"message-id", "in-reply-to", "references"})
+
+
+class _Policy(EmailPolicy):
+    """``policy.SMTP`` (CRLF line ends), except that id headers are written on one line.
+
+    Folding between ids would be legal too, but the stdlib's folder cannot be told to break
+    only at whitespace; writing them unfolded is safe because :func:`reference_chain` keeps
+    them within the 998-character line limit.
+    """
+
+    def fold(self, name: str, value: str) -> str:
+        if name.lower() in _ID_HEADERS and self.max_line_length is not None:
+            return str(self.clone(max_line_length=None).fold(name, value))
+        return str(super().fold(name, value))
+
+    def fold_binary(self, name: str, value: str) -> bytes:
+        if name.lower() in _ID_HEADERS and self.max_line_length is not None:
+            return self.clone(max_line_length=None).fold_binary(name, value)
+        return super().fold_binary(name, value)
+
+
+# policy.SMTP is policy.default with CRLF line ends; this is the same plus the id rule above.
+POLICY: Final = _Policy(linesep="\r\n")
+
+
+def _sendable_id(value: str) -> str | None:
+    """``value`` normalised (no angle brackets), or None when it cannot be sent intact."""
+    normalized = normalize_message_id(value)
+    if (
+        normalized is None
+        or len(normalized) > _MAX_ID_LENGTH
+        or "=?" in normalized
+        or not _SENDABLE_ID.fullmatch(normalized)
+    ):
+        return None
+    return normalized
+
+
+def _length(ids: Sequence[str]) -> int:
+    """Length of ``<a> <b> ...``: each id with its brackets, one space between them."""
+    return sum(len(i) + 2 for i in ids) + max(len(ids) - 1, 0)
+
+
+def reference_chain(
+    parent_message_id: str | None,
+    parent_references: Iterable[str] = (),
+    parent_in_reply_to: Iterable[str] = (),
+    *,
+    max_length: int = MAX_REFERENCES_LENGTH,
+) -> tuple[str, ...]:
+    """The reply's References ids (normalised, no angle brackets), oldest first.
+
+    RFC 5322 section 3.6.4: the parent's References followed by the parent's Message-ID; when
+    the parent has no References but its In-Reply-To holds exactly one id, that id stands in for
+    them. Ids are de-duplicated and ids that cannot be sent intact are dropped. When the chain is
+    longer than ``max_length`` characters the middle goes (as RFC 5537 section 3.4.4 does): the
+    first id (the thread's root, which threading clients key on) and the parent are kept, then
+    as many of the newest ids as fit. A root and parent that alone do not fit leave the parent.
+    """
+    references = [i for i in map(_sendable_id, parent_references) if i is not None]
+    if not references:
+        replied = [i for i in map(_sendable_id, parent_in_reply_to) if i is not None]
+        references = replied if len(replied) == 1 else []
+    parent = _sendable_id(parent_message_id) if parent_message_id else None
+    chain: list[str] = []
+    for ident in (*references, *([parent] if parent else [])):
+        if ident not in chain:
+            chain.append(ident)
+    if _length(chain) <= max_length:
+        return tuple(chain)
+    root, newest = chain[0], chain[-1]
+    kept = [newest]
+    for ident in reversed(chain[1:-1]):
+        if _length([root, ident, *kept]) > max_length:
+            break
+        kept.insert(0, ident)
+    if _length([root, *kept]) <= max_length:
+        kept.insert(0, root)
+    elif _length(kept) > max_length:  # max_length below one id: the parent is what matters
+        kept = [newest]
+    return tuple(kept)
+
+
+def _one_line(text: str) -> str:
+    # Header values may not contain line breaks (the stdlib refuses them); runs of whitespace
+    # collapse as a mail client would show them.
+    return " ".join(text.split())
+
+
+def _header_address(address: Address | str, name: str = "") -> HeaderAddress:
+    """A header address; raises ValueError for something that is not ``local@domain``."""
+    if isinstance(address, Address):
+        email, name = address.email, address.name or name
+    else:
+        parsed_name, email = parseaddr(address)
+        name = parsed_name or name
+    local, at, domain = email.strip().rpartition("@")
+    if not at or not local or not domain:
+        raise ValueError(f"not an address: {address!r}")
+    return HeaderAddress(display_name=_one_line(name), username=local, domain=domain.lower())
+
+
+def _recipients(
+    to: Iterable[Address | str], cc: Iterable[Address | str], own: frozenset[str]
+) -> tuple[list[HeaderAddress], list[HeaderAddress]]:
+    """To and Cc without the account's own identity, each address once (To wins over Cc).
+
+    Mail to an own address or alias would come straight back into the Inbox and be imported as
+    the account talking to itself: the cheapest loop is the one never sent.
+    """
+    seen: set[str] = set()
+    out: tuple[list[HeaderAddress], list[HeaderAddress]] = ([], [])
+    for bucket, addresses in zip(out, (to, cc), strict=True):
+        for address in addresses:
+            header = _header_address(address)
+            email = header.addr_spec.lower()
+            if email in seen or is_own_address(email, own):
+                continue
+            seen.add(email)
+            bucket.append(header)
+    return out
+
+
+def compose_reply(
+    *,
+    address: str,
+    display_name: str = "",
+    identification: Identification,
+    conversation_key: str,
+    subject: str,
+    parent_message_id: str | None = None,
+    parent_references: Sequence[str] = (),
+    parent_in_reply_to: Sequence[str] = (),
+    to: Iterable[Address | str],
+    cc: Iterable[Address | str] = (),
+    own_addresses: Iterable[str] = (),
+    text: str,
+    html: str | None = None,
+    automatic: bool = False,
+    now: datetime | None = None,
+) -> EmailMessage:
+    """The outgoing message of one conversation, carrying its markers.
+
+    ``address`` and ``display_name`` are the account's (From). ``subject`` is the conversation's
+    subject, used as given (with the ``[ID-KEY]`` tag for ``identification="subject"``): a
+    caller that wants ``Re:`` adds it. ``parent_*`` describe the message answered (ids with or
+    without angle brackets, as stored); leave them out for the first message of a new
+    conversation. Recipients are :class:`~mailbridge.core.model.Address` objects or strings
+    (``"Name <a@b>"`` or ``"a@b"``); the account address, ``own_addresses`` (its aliases) and
+    their plus-variants are dropped, case-insensitively. ``html`` adds a
+    ``multipart/alternative`` HTML part beside the plain text. ``automatic`` marks a reply no
+    person wrote. ``now`` (timezone-aware) fixes the Date for tests.
+
+    Raises ValueError for a malformed key or address, or when no recipient is left.
+    The Message-ID to record as sent is ``normalize_message_id(message["Message-ID"])``.
+    """
+    if not is_key(conversation_key):
+        raise ValueError(f"not a conversation key: {conversation_key!r}")
+    sender = _header_address(address, display_name)
+    own = frozenset(a.strip().lower() for a in (address, *own_addresses) if a.strip())
+    to_list, cc_list = _recipients(to, cc, own)
+    if not to_list and not cc_list:
+        raise ValueError("no recipient left once the account's own addresses are dropped")
+
+    message = EmailMessage(policy=POLICY)
+    message["From"] = sender
+    if to_list:
+        message["To"] = to_list
+    if cc_list:
+        message["Cc"] = cc_list
+    if identification == "plus_address":
+        # Answers go to support+KEY@domain, which the store reads from To/Cc/Delivered-To.
+        # The display name is kept so the customer's client shows the account as usual.
+        message["Reply-To"] = HeaderAddress(
+            display_name=sender.display_name,
+            addr_spec=plus_address(sender.addr_spec, conversation_key),
+        )
+    if identification == "subject":
+        # tag_subject cuts the subject so that the tag survives servers that shorten subjects.
+        message["Subject"] = tag_subject(subject, conversation_key)
+    else:
+        message["Subject"] = _one_line(subject)
+    # RFC 5322 section 3.6.1: Date is required; section 3.3 date-time via the stdlib.
+    message["Date"] = format_datetime(now if now is not None else datetime.now(UTC))
+    # RFC 5322 section 3.6.4: a fresh, globally unique id on our own domain. Passing the domain
+    # also keeps make_msgid from asking the resolver for this host's name (core does no I/O).
+    message["Message-ID"] = make_msgid(domain=sender.domain)
+    parent = _sendable_id(parent_message_id) if parent_message_id else None
+    if parent is not None:
+        message["In-Reply-To"] = f"<{parent}>"
+    chain = reference_chain(parent_message_id, parent_references, parent_in_reply_to)
+    if chain:
+        message["References"] = " ".join(f"<{i}>" for i in chain)
+    if automatic:
+        # RFC 3834 section 5: a responder must not answer mail whose Auto-Submitted is other than
+        # "no". Exchange/Outlook honour only their own header; "All" suppresses out-of-office
+        # replies, delivery and read receipts alike.
+        message["Auto-Submitted"] = "auto-replied"
+        message["X-Auto-Response-Suppress"] = "All"
+
+    message.set_content(text)
+    if html is not None:
+        message.add_alternative(html, subtype="html")
+    return message
