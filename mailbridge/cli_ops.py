@@ -85,6 +85,7 @@ def sync(settings: Settings, account: str | None) -> int:
     for name, outcome in results:
         if isinstance(outcome, SweepSummary):
             _print_failures(out, name, outcome)
+            _print_reconciled(out, name, outcome)
             if outcome.left_old:
                 out.print(
                     f"{name}: {outcome.left_old} older message(s) in the Failed folder were not "
@@ -150,6 +151,14 @@ def _print_failures(out: Console, name: str, summary: SweepSummary) -> None:
         )
 
 
+def _print_reconciled(out: Console, name: str, summary: SweepSummary) -> None:
+    if summary.reconciled:
+        out.print(
+            f"{name}: {summary.reconciled} failure(s) no longer in the Failed folder (deleted or "
+            "moved by hand) marked resolved; 'mailbridge failed --all' lists them"
+        )
+
+
 def _exit_code(errors: Sequence[MailbridgeError]) -> int:
     if any(isinstance(e, ServerError) for e in errors):
         return EX_UNAVAILABLE
@@ -208,7 +217,7 @@ def _list(settings: Settings, account: str | None, *, include_resolved: bool) ->
     )
     columns = ["account", "UID", "date", "from", "subject", "size", "last reason", "attempts"]
     if include_resolved:
-        columns.append("resolved")
+        columns += ["resolved", "resolution"]
     for column in columns:
         table.add_column(
             column, justify="right" if column in {"UID", "size", "attempts"} else "left"
@@ -225,10 +234,17 @@ def _list(settings: Settings, account: str | None, *, include_resolved: bool) ->
             str(rec.attempts),
         ]
         if include_resolved:
-            row.append(_iso(rec.resolved))
+            row += [_iso(rec.resolved), rec.resolution or ""]
         table.add_row(*row)
     console().print(table)
     return 0
+
+
+def _resolved(record: FailureRecord) -> str:
+    if record.resolved is None:
+        return "no"
+    how = f" ({record.resolution})" if record.resolution else ""
+    return f"{_iso(record.resolved)}{how}"
 
 
 def _size(size: int) -> str:
@@ -286,7 +302,7 @@ def _show(settings: Settings, uid: int, account_name: str | None) -> int:
             ("attempts", str(record.attempts)),
             ("first failed", _iso(record.first_failed)),
             ("last failed", _iso(record.last_failed)),
-            ("resolved", _iso(record.resolved) or "no"),
+            ("resolved", _resolved(record)),
             ("Inbox UID", str(record.uid)),
             ("Message-ID", record.message_id or ""),
             ("message key", record.message_key),
@@ -342,6 +358,7 @@ def _retry(settings: Settings, uids: list[int] | None, account_name: str | None)
             continue
         out.print(f"{name}: {outcome.line()}")
         _print_failures(out, name, outcome)
+        _print_reconciled(out, name, outcome)
         asked = len(plan[name][1] or ())
         if asked > outcome.retried:
             out.print(f"{name}: {asked - outcome.retried} UID(s) not in the Failed folder")

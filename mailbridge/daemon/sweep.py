@@ -10,6 +10,10 @@ One sweep of an account, on its own IMAP connection (the live loop keeps its IDL
    server's own time zone, so it is asked from a day early (:func:`since_date`) and the
    INTERNALDATE of each fetched message decides. Older failures are left for the operator
    (``mailbridge failed retry``), which retries the messages it names regardless of age.
+   First, the folder is reconciled with ``importfailure`` (:func:`_reconcile`): a failure whose
+   message is no longer in the folder (an operator deleted it, or moved it back to the Inbox,
+   by hand) is marked resolved, so ``mailbridge failed`` and the ``failed`` count of ``status``
+   show what *is* in the Failed folder. ``failed retry`` does the same.
 2. **Inbox.** Unseen mail older than ``recovery.grace_period_minutes`` (by INTERNALDATE) is
    imported as the live loop would. Younger mail is the live loop's: racing it would only cost
    work (the database recognises the second copy), but the grace period avoids even that.
@@ -35,7 +39,7 @@ from mailbridge.config import AccountSettings, Settings
 from mailbridge.daemon.account import AccountWorker, open_session
 from mailbridge.errors import MailbridgeError
 from mailbridge.mail.imap import FetchedMessage, ImapSession
-from mailbridge.store.base import FailureInfo
+from mailbridge.store.base import RESOLVED_REMOVED, FailureInfo, FailureRecord
 from mailbridge.store.sqlite import AsyncRepository
 
 log = structlog.get_logger("mailbridge.sweep")
@@ -61,6 +65,7 @@ class SweepSummary:
     inbox_imported: int = 0  # missed Inbox mail imported
     inbox_duplicates: int = 0  # missed Inbox mail that was already stored
     skipped_young: int = 0  # unseen Inbox mail within the grace period, left to the live loop
+    reconciled: int = 0  # failures resolved because their message left the Failed folder by hand
     still_failing: list[FailureInfo] = field(default_factory=list)  # retried, failed again
     new_failures: list[FailureInfo] = field(default_factory=list)  # Inbox mail moved to Failed
 
@@ -81,6 +86,8 @@ class SweepSummary:
             parts.append(f"skipped (grace period) {self.skipped_young}")
         if self.left_old:
             parts.append(f"older failures left {self.left_old}")
+        if self.reconciled:
+            parts.append(f"gone from the Failed folder {self.reconciled}")
         return ", ".join(parts)
 
     def reasons(self) -> dict[str, int]:
@@ -210,6 +217,7 @@ async def sweep_and_record(
         new_failures=len(summary.new_failures),
         skipped_young=summary.skipped_young,
         older_failures_left=summary.left_old,
+        reconciled=summary.reconciled,
         reasons=summary.reasons(),
         seconds=round(((summary.finished or summary.started) - summary.started).total_seconds(), 3),
     )
@@ -309,8 +317,16 @@ async def _retry_failed(
     uids: Sequence[int] | None = None,
     progress: Progress | None,
 ) -> None:
-    """Retry Failed-folder messages: those named, or those newer than ``since`` (None: all)."""
+    """Retry Failed-folder messages: those named, or those newer than ``since`` (None: all).
+
+    The folder is reconciled with ``importfailure`` first (:func:`_reconcile`)."""
+    # Read before the folder is listed: see Repository.reconcile_failures.
+    known = await worker.repo.failures(worker.account.name)
+    # select() sets uidvalidity only when the server sends it (RFC 3501 says it must): never
+    # let another folder's value stand in for the Failed folder's.
+    session.uidvalidity = None
     await session.select(worker.account.folders.failed)
+    await _reconcile(worker, session, summary, known)
     present = await session.search("UNDELETED")
     if uids is not None:
         wanted = set(uids)
@@ -342,6 +358,47 @@ async def _retry_failed(
         done += len(batch)
         if progress is not None:
             progress("failed", done, len(candidates))
+
+
+async def _reconcile(
+    worker: AccountWorker,
+    session: ImapSession,
+    summary: SweepSummary,
+    known: Sequence[FailureRecord],
+) -> None:
+    """Resolve the failures whose message is no longer in the (selected) Failed folder.
+
+    One ``UID SEARCH ALL`` (a message flagged ``\\Deleted`` but not expunged is still there),
+    skipped when no failure has a Failed-folder UID to look for. The repository also checks the
+    folder's UIDVALIDITY: after a change the stored UIDs mean nothing and nothing is resolved.
+    Failures without a Failed-folder UID (no UIDPLUS) cannot be matched and stay as they are.
+    Messages in the folder without a failure row (put there by hand) are simply retried.
+    """
+    bound = worker.log.bind(folder=worker.account.folders.failed)
+    validity = session.uidvalidity
+    if validity is None:
+        bound.warning(
+            "failures_not_reconciled",
+            reason="the server sent no UIDVALIDITY for the Failed folder",
+        )
+        return
+    wanted = any(r.folder_uid is not None for r in known)
+    present = await session.search("ALL") if wanted else []
+    result = await worker.repo.reconcile_failures(
+        worker.account.name, validity, present, known if wanted else ()
+    )
+    if result.uidvalidity_changed:
+        bound.warning(
+            "failed_folder_uidvalidity_changed",
+            previous=result.previous_uidvalidity,
+            current=validity,
+            uids_forgotten=result.forgotten,
+            detail="the Failed folder was recreated: its stored UIDs were cleared and no failure"
+            " was resolved",
+        )
+    if result.resolved:
+        summary.reconciled += result.resolved
+        bound.info("failures_reconciled", count=result.resolved, resolution=RESOLVED_REMOVED)
 
 
 async def _import_missed(

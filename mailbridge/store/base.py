@@ -24,7 +24,7 @@ Guarantees every backend must give:
 from __future__ import annotations
 
 import enum
-from collections.abc import Sequence
+from collections.abc import Collection, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime
 from typing import TYPE_CHECKING, Protocol
@@ -137,6 +137,29 @@ class FailureRecord:
     first_failed: datetime
     last_failed: datetime
     resolved: datetime | None
+    resolution: str | None = None  # how it was resolved: RESOLVED_IMPORTED, RESOLVED_REMOVED
+
+
+# ``importfailure.resolution``: the message was imported (or found already imported) ...
+RESOLVED_IMPORTED = "imported"
+# ... or the recovery sweep no longer found it in the Failed folder: an operator deleted it or
+# moved it elsewhere (back to the Inbox, say) by hand.
+RESOLVED_REMOVED = "no longer in the Failed folder (removed by hand)"
+
+
+@dataclass(frozen=True, slots=True)
+class Reconciliation:
+    """What :meth:`Repository.reconcile_failures` did for one account."""
+
+    resolved: int = 0  # unresolved failures whose message is gone from the Failed folder
+    # Set when the Failed folder's UIDVALIDITY differs from the one remembered: nothing was
+    # resolved, and ``forgotten`` stale Failed-folder UIDs were cleared.
+    previous_uidvalidity: int | None = None
+    forgotten: int = 0
+
+    @property
+    def uidvalidity_changed(self) -> bool:
+        return self.previous_uidvalidity is not None
 
 
 @dataclass(frozen=True, slots=True)
@@ -230,6 +253,30 @@ class Repository(Protocol):
         self, account: str | None = None, *, include_resolved: bool = False
     ) -> list[FailureRecord]:
         """Import failures, newest first."""
+
+    def reconcile_failures(
+        self,
+        account: str,
+        uidvalidity: int,
+        present: Collection[int],
+        known: Sequence[FailureRecord],
+    ) -> Reconciliation:
+        """Resolve ``account``'s failures whose message is no longer in its Failed folder.
+
+        ``present`` is every UID in the Failed folder (``UID SEARCH ALL``), whose UIDVALIDITY
+        is ``uidvalidity``; ``known`` is what :meth:`failures` returned *before* that listing.
+        Each unresolved failure of ``known`` whose Failed-folder UID is not in ``present``, and
+        whose row still has that UID, is resolved now with resolution :data:`RESOLVED_REMOVED`.
+        Only rows read before the listing are considered: a message moved to the Failed folder
+        after it (by the live loop, beside the sweep) has a UID the listing cannot show.
+
+        A failure without a Failed-folder UID (a server without UIDPLUS) cannot be matched and
+        is left alone. The folder's UIDVALIDITY is remembered per account, and the first call
+        trusts the UIDs it finds. When it differs from the remembered one, the folder's UIDs
+        name other messages now (RFC 3501 section 2.3.1.1): nothing is resolved, and the stale
+        Failed-folder UIDs of the account's unresolved failures are cleared (a later failure of
+        the message records its new UID). Committed.
+        """
 
     def set_account_state(self, state: AccountState) -> None:
         """Replace the stored state of ``state.account`` (``imported`` is added, not set)."""

@@ -208,10 +208,19 @@ _V3: Final[tuple[str, ...]] = (
     "ALTER TABLE accountstate ADD COLUMN sweepsummary TEXT NOT NULL DEFAULT ''",
 )
 
+# Version 4: how a failure was resolved (imported, or its message removed from the Failed folder
+# by hand, found by the recovery sweep), and the Failed folder's UIDVALIDITY as the sweep last saw
+# it, without which a Failed-folder UID cannot be trusted (RFC 3501 section 2.3.1.1).
+_V4: Final[tuple[str, ...]] = (
+    "ALTER TABLE importfailure ADD COLUMN resolution TEXT",
+    "ALTER TABLE accountstate ADD COLUMN faileduidvalidity INTEGER",
+)
+
 MIGRATIONS: Final[tuple[Migration, ...]] = (
     Migration(1, "conversations, messages, followers, files, import failures", _V1),
     Migration(2, "threadedby, per-recipient Message-ID and unread indexes", _V2),
     Migration(3, "the recovery sweep's last run and summary per account", _V3),
+    Migration(4, "how a failure was resolved; the Failed folder's UIDVALIDITY", _V4),
 )
 
 # The version a fully migrated database reports in PRAGMA user_version.

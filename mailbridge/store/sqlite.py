@@ -51,7 +51,7 @@ import errno
 import os
 import secrets
 import sqlite3
-from collections.abc import Callable, Iterable, Iterator, Sequence
+from collections.abc import Callable, Collection, Iterable, Iterator, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from datetime import UTC, datetime
@@ -72,6 +72,8 @@ from mailbridge.core.identify import (
 from mailbridge.core.model import ParsedMessage
 from mailbridge.errors import ConfigError, StoreError
 from mailbridge.store.base import (
+    RESOLVED_IMPORTED,
+    RESOLVED_REMOVED,
     AccountState,
     ConversationDetail,
     ConversationSummary,
@@ -81,6 +83,7 @@ from mailbridge.store.base import (
     ImportItem,
     ImportResult,
     Outcome,
+    Reconciliation,
     Repository,
     StoredMessage,
 )
@@ -534,9 +537,9 @@ class SqliteRepository:
     ) -> None:
         for chunk in _chunks(keys):
             conn.execute(
-                "UPDATE importfailure SET resolved = ?"
+                "UPDATE importfailure SET resolved = ?, resolution = ?"
                 f" WHERE account = ? AND resolved IS NULL AND messagekey IN ({_marks(len(chunk))})",
-                (now, account, *chunk),
+                (now, RESOLVED_IMPORTED, account, *chunk),
             )
 
     @staticmethod
@@ -1047,7 +1050,7 @@ class SqliteRepository:
                 " fromaddress = excluded.fromaddress, date = excluded.date, size = excluded.size,"
                 " code = excluded.code, reason = excluded.reason,"
                 " attempts = importfailure.attempts + 1, lastfailed = excluded.lastfailed,"
-                " resolved = NULL",
+                " resolved = NULL, resolution = NULL",
                 [
                     (
                         account,
@@ -1094,6 +1097,63 @@ class SqliteRepository:
                 )
             )
         return [_failure_record(row) for row in rows]
+
+    def reconcile_failures(
+        self,
+        account: str,
+        uidvalidity: int,
+        present: Collection[int],
+        known: Sequence[FailureRecord],
+    ) -> Reconciliation:
+        listed = set(present)
+        # Rows without a Failed-folder UID (no UIDPLUS, or cleared below) cannot be matched by
+        # UID: they are left alone. Only rows read before the listing count (see the protocol).
+        gone = [
+            (record.id, record.folder_uid)
+            for record in known
+            if record.account == account
+            and record.resolved is None
+            and record.folder_uid is not None
+            and record.folder_uid not in listed
+        ]
+        with self._transaction(f"reconcile the Failed folder of {account}", write=True) as conn:
+            row = conn.execute(
+                "SELECT faileduidvalidity FROM accountstate WHERE account = ?", (account,)
+            ).fetchone()
+            remembered = row[0] if row is not None else None
+            if remembered != uidvalidity:
+                # Remembered in the account's row; an account never seen before (a 'sync'
+                # before the first 'run') gets one in state 'stopped', as record_sweep does.
+                conn.execute(
+                    "INSERT INTO accountstate (account, state, detail, updated, faileduidvalidity)"
+                    " VALUES (?, 'stopped', '', ?, ?) ON CONFLICT (account) DO UPDATE SET"
+                    " faileduidvalidity = excluded.faileduidvalidity",
+                    (account, _now(), uidvalidity),
+                )
+            if remembered is not None and remembered != uidvalidity:
+                # The folder was recreated (or its UIDs reset): every stored Failed-folder UID
+                # names a message of its previous incarnation, or another message now. Resolve
+                # nothing; forget those UIDs rather than let them match (or miss) by accident.
+                cursor = conn.execute(
+                    "UPDATE importfailure SET folderuid = NULL"
+                    " WHERE account = ? AND resolved IS NULL AND folderuid IS NOT NULL",
+                    (account,),
+                )
+                return Reconciliation(
+                    previous_uidvalidity=int(remembered), forgotten=cursor.rowcount
+                )
+            now = _now()
+            resolved = 0
+            for record_id, folder_uid in gone:
+                # Unchanged since it was read: a new failure in between cleared or replaced
+                # its Failed-folder UID (record_failures), an import resolved it.
+                cursor = conn.execute(
+                    "UPDATE importfailure SET resolved = ?, resolution = ?"
+                    " WHERE id = ? AND account = ? AND resolved IS NULL AND folderuid = ?",
+                    (now, RESOLVED_REMOVED, record_id, account, folder_uid),
+                )
+                resolved += cursor.rowcount
+        return Reconciliation(resolved=resolved)
 
     # -- account state ------------------------------------------------------------------------
 
@@ -1356,6 +1416,7 @@ def _failure_record(row: dict[str, Any]) -> FailureRecord:
         first_failed=parse_time(row["firstfailed"]) or epoch,
         last_failed=parse_time(row["lastfailed"]) or epoch,
         resolved=parse_time(row["resolved"]),
+        resolution=row["resolution"],
     )
 
 
@@ -1436,6 +1497,18 @@ class AsyncRepository:
     ) -> list[FailureRecord]:
         return await self._run(
             lambda repo: repo.failures(account, include_resolved=include_resolved)
+        )
+
+    async def reconcile_failures(
+        self,
+        account: str,
+        uidvalidity: int,
+        present: Collection[int],
+        known: Sequence[FailureRecord],
+    ) -> Reconciliation:
+        listed, rows = frozenset(present), tuple(known)
+        return await self._run(
+            lambda repo: repo.reconcile_failures(account, uidvalidity, listed, rows)
         )
 
     async def set_account_state(self, state: AccountState) -> None:

@@ -40,6 +40,7 @@ from mailbridge.config import Settings, parse_config
 from mailbridge.daemon.supervisor import Supervisor, run_once
 from mailbridge.daemon.sweep import retry_failed, since_date, sweep, sweep_and_record
 from mailbridge.mail.imap import ImapSession
+from mailbridge.store.base import RESOLVED_IMPORTED, RESOLVED_REMOVED
 from mailbridge.store.sqlite import open_repository
 from tests.integration.test_import_loop import (
     FAILED,
@@ -359,7 +360,9 @@ def test_cli_failed_list_show_retry_and_sync(
     assert "0 failed message" in capsys.readouterr().out
     assert cli_main(["-c", str(path), "failed", "--all"]) == 0
     out = capsys.readouterr().out
-    assert dict(zip([*header, "resolved"], _cells(out, tagged), strict=True))["resolved"]
+    resolved = dict(zip([*header, "resolved", "resolution"], _cells(out, tagged), strict=True))
+    assert resolved["resolved"]
+    assert resolved["resolution"] == RESOLVED_IMPORTED
 
     assert cli_main(["-c", str(path), "status", "--json"]) == 0
     status = json.loads(capsys.readouterr().out)
@@ -371,6 +374,159 @@ def test_cli_failed_list_show_retry_and_sync(
     with db(parse_config(data)) as conn:
         stored = {r[0] for r in conn.execute("SELECT subject FROM conversationmessage")}
     assert stored == {"Huge scan", tagged}
+
+
+def _imap_name(folder: str) -> str:
+    return '"' + folder.replace("\\", "\\\\").replace('"', '\\"') + '"'
+
+
+def test_cli_sync_resolves_failures_removed_from_the_failed_folder_by_hand(
+    tmp_path: Path, dovecot: Any, imap_user: Any, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """The operator deletes one failed message and moves another back to the Inbox, by hand:
+    the next sweep ('sync') marks their failures resolved, so 'failed' and 'status' count what
+    is in the Failed folder; the one still there stays listed."""
+    login, password = imap_user.login, imap_user.password
+    data = config_data(tmp_path, dovecot, imap_user)
+    data["limits"] = {"attachment_max_size_mb": 1}
+    path = write_config(tmp_path, data)
+    subjects = ("Deleted by hand", "Moved back by hand", "Still failing")
+    for subject in subjects:
+        dovecot.append(login, password, big_mail(subject, imap_user.address))
+    assert cli_main(["-c", str(path), "run", "--once"]) == 0
+    folder_uid = {row["subject"]: row["folderuid"] for row in failure_rows(parse_config(data))}
+    assert sorted(folder_uid.values()) == dovecot.folder_uids(login, password, FAILED)
+    capsys.readouterr()
+
+    with dovecot.client(login, password) as conn:
+        assert conn.select(_imap_name(FAILED))[0] == "OK"
+        deleted = str(folder_uid["Deleted by hand"])
+        assert conn.uid("STORE", deleted, "+FLAGS.SILENT", "(\\Deleted)")[0] == "OK"
+        assert conn.expunge()[0] == "OK"
+        assert conn.uid("MOVE", str(folder_uid["Moved back by hand"]), "INBOX")[0] == "OK"
+    assert dovecot.folder_uids(login, password, FAILED) == [folder_uid["Still failing"]]
+
+    assert cli_main(["-c", str(path), "sync"]) == 0
+    out = capsys.readouterr().out
+    assert "support: 2 failure(s) no longer in the Failed folder" in out
+
+    assert cli_main(["-c", str(path), "failed"]) == 0
+    out = capsys.readouterr().out
+    assert "1 failed message(s)" in out
+    assert "Still failing" in out
+    assert "by hand" not in out
+    assert cli_main(["-c", str(path), "status", "--json"]) == 0
+    row = json.loads(capsys.readouterr().out)["accounts"][0]
+    assert row["failed"] == 1
+    assert "gone from the Failed folder 2" in row["sweep"]
+    rows = {r["subject"]: r for r in failure_rows(parse_config(data))}
+    for subject in ("Deleted by hand", "Moved back by hand"):
+        assert rows[subject]["resolved"] is not None
+        assert rows[subject]["resolution"] == RESOLVED_REMOVED
+    still = rows["Still failing"]
+    assert (still["resolved"], still["attempts"]) == (None, 2)  # retried by the sweep, in place
+    assert cli_main(["-c", str(path), "failed", "--all"]) == 0
+    out = capsys.readouterr().out
+    header = _cells(out, "attempts")
+    assert header[-2:] == ["resolved", "resolution"]
+    for subject in ("Deleted by hand", "Moved back by hand"):
+        cells = dict(zip(header, _cells(out, subject), strict=True))
+        assert cells["resolution"] == RESOLVED_REMOVED
+
+    # The last one goes too: 'failed' and 'status' show none.
+    with dovecot.client(login, password) as conn:
+        assert conn.select(_imap_name(FAILED))[0] == "OK"
+        still_uid = str(folder_uid["Still failing"])
+        assert conn.uid("STORE", still_uid, "+FLAGS.SILENT", "(\\Deleted)")[0] == "OK"
+        assert conn.expunge()[0] == "OK"
+    assert cli_main(["-c", str(path), "sync"]) == 0
+    assert cli_main(["-c", str(path), "failed"]) == 0
+    assert "0 failed message(s)" in capsys.readouterr().out
+    assert cli_main(["-c", str(path), "status", "--json"]) == 0
+    row = json.loads(capsys.readouterr().out)["accounts"][0]
+    assert row["failed"] == 0
+    assert "gone from the Failed folder 1" in row["sweep"]
+
+
+def _uidvalidity(dovecot: Any, user: Any, folder: str) -> int:
+    with dovecot.client(user.login, user.password) as conn:
+        assert conn.select(_imap_name(folder), readonly=True)[0] == "OK"
+        _typ, data = conn.response("UIDVALIDITY")
+    return int(data[0])
+
+
+async def test_a_recreated_failed_folder_resolves_nothing(
+    tmp_path: Path, dovecot: Any, imap_user: Any
+) -> None:
+    """The Failed folder is deleted and recreated (new UIDVALIDITY) with the failed message put
+    back under another UID: its stored UID means nothing now, so the sweep must not take its
+    absence for a removal. It forgets the UID; the retry in place records the new one."""
+    login, password = imap_user.login, imap_user.password
+    await fail_one(tmp_path, dovecot, imap_user)
+    settings = settings_with(tmp_path, dovecot, imap_user, limit_mb=1)
+    (before,) = failure_rows(settings)
+    raw = dovecot.folder_messages(login, password, FAILED)[0]
+    old_validity = _uidvalidity(dovecot, imap_user, FAILED)
+    repo = await open_repository(settings.database)
+    try:
+        first = await sweep(settings, settings.accounts[0], repo)  # remembers the UIDVALIDITY
+        assert (first.reconciled, len(first.still_failing)) == (0, 1)
+
+        with dovecot.client(login, password) as conn:
+            assert conn.delete(_imap_name(FAILED))[0] == "OK"
+            assert conn.create(_imap_name(FAILED))[0] == "OK"
+        dovecot.append(login, password, mail("Filler").as_bytes(), folder=FAILED)
+        dovecot.append(login, password, raw, folder=FAILED, flags=["\\Seen"])
+        with dovecot.client(login, password) as conn:
+            assert conn.select(_imap_name(FAILED))[0] == "OK"
+            assert conn.store("1", "+FLAGS.SILENT", "(\\Deleted)")[0] == "OK"
+            assert conn.expunge()[0] == "OK"
+        (new_uid,) = dovecot.folder_uids(login, password, FAILED)
+        assert new_uid != before["folderuid"]
+        assert _uidvalidity(dovecot, imap_user, FAILED) != old_validity
+
+        with structlog.testing.capture_logs() as logs:
+            summary = await sweep(settings, settings.accounts[0], repo)
+    finally:
+        await repo.aclose()
+
+    assert summary.reconciled == 0
+    (changed,) = [e for e in logs if e["event"] == "failed_folder_uidvalidity_changed"]
+    assert (changed["previous"], changed["uids_forgotten"]) == (old_validity, 1)
+    assert not [e for e in logs if e["event"] == "failures_reconciled"]
+    (after,) = failure_rows(settings)
+    assert after["resolved"] is None
+    assert after["attempts"] == 3
+    assert after["folderuid"] == new_uid  # recorded again by the retry in place
+    with db(settings) as conn:
+        (stored,) = conn.execute("SELECT faileduidvalidity FROM accountstate").fetchone()
+    assert stored == changed["current"] != old_validity
+
+
+async def test_sweep_logs_the_failures_it_reconciles(
+    tmp_path: Path, dovecot: Any, imap_user: Any
+) -> None:
+    login, password = imap_user.login, imap_user.password
+    await fail_one(tmp_path, dovecot, imap_user)
+    settings = settings_with(tmp_path, dovecot, imap_user, limit_mb=1)
+    with dovecot.client(login, password) as conn:
+        assert conn.select(_imap_name(FAILED))[0] == "OK"
+        assert conn.store("1:*", "+FLAGS.SILENT", "(\\Deleted)")[0] == "OK"
+        assert conn.expunge()[0] == "OK"
+    repo = await open_repository(settings.database)
+    try:
+        with structlog.testing.capture_logs() as logs:
+            summary = await sweep_and_record(settings, settings.accounts[0], repo)
+    finally:
+        await repo.aclose()
+    assert (summary.reconciled, summary.retried) == (1, 0)
+    assert "gone from the Failed folder 1" in summary.line()
+    (event,) = [e for e in logs if e["event"] == "failures_reconciled"]
+    assert (event["account"], event["count"], event["folder"]) == ("support", 1, FAILED)
+    (done,) = [e for e in logs if e["event"] == "sweep_done"]
+    assert done["reconciled"] == 1
+    (row,) = failure_rows(settings)
+    assert row["resolution"] == RESOLVED_REMOVED
 
 
 def two_accounts(tmp_path: Path, dovecot: Any, imap_user: Any) -> tuple[dict[str, Any], Any]:

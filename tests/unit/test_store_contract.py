@@ -26,6 +26,8 @@ from mailbridge.core.model import ParsedMessage
 from mailbridge.errors import StoreError
 from mailbridge.store import sqlite as sqlite_backend
 from mailbridge.store.base import (
+    RESOLVED_IMPORTED,
+    RESOLVED_REMOVED,
     AccountState,
     ConversationDetail,
     FailureInfo,
@@ -593,13 +595,95 @@ def test_failures_upsert_and_are_resolved_by_a_later_import(repo: Repository) ->
     assert repo.failures(ACCOUNT) == []
     [resolved] = repo.failures(ACCOUNT, include_resolved=True)
     assert resolved.resolved is not None
+    assert resolved.resolution == RESOLVED_IMPORTED
 
     # Failing again re-opens it.
     repo.record_failures(ACCOUNT, [info])
     [reopened] = repo.failures()
     assert reopened.attempts == 3
     assert reopened.resolved is None
+    assert reopened.resolution is None
     assert reopened.folder_uid is None
+
+
+def _failed_in_folder(repo: Repository, account: str, folder_uids: dict[str, int | None]) -> None:
+    """Record one too_large failure per key, in the Failed folder at that UID (None: unknown)."""
+    repo.record_failures(
+        account,
+        [FailureInfo(uid=n, message_key=key, code="too_large", reason="big")
+         for n, key in enumerate(folder_uids, start=1)],
+    )  # fmt: skip
+    repo.set_failure_folder_uids(
+        account, {key: uid for key, uid in folder_uids.items() if uid is not None}
+    )
+
+
+def test_failures_gone_from_the_failed_folder_are_resolved(repo: Repository) -> None:
+    _failed_in_folder(repo, ACCOUNT, {"deleted": 10, "still-there": 11, "no-uidplus": None})
+    _failed_in_folder(repo, "sales", {"other-account": 10})
+    known = repo.failures(ACCOUNT)
+
+    # The folder now holds 11 and a message put there by hand (12): 10 was deleted by hand.
+    done = repo.reconcile_failures(ACCOUNT, 7, [11, 12], known)
+
+    assert (done.resolved, done.uidvalidity_changed, done.forgotten) == (1, False, 0)
+    # Without a Failed-folder UID a row cannot be matched: left alone.
+    assert sorted(f.message_key for f in repo.failures(ACCOUNT)) == ["no-uidplus", "still-there"]
+    [gone] = [f for f in repo.failures(ACCOUNT, include_resolved=True) if f.resolved]
+    assert gone.message_key == "deleted"
+    assert gone.resolution == RESOLVED_REMOVED
+    assert gone.folder_uid == 10  # kept: where it was
+    assert [f.message_key for f in repo.failures("sales")] == ["other-account"]
+    states = {s.account: s.failed for s in repo.account_states()}
+    assert states == {ACCOUNT: 2, "sales": 1}
+    # Idempotent; an empty listing still leaves the UID-less row alone.
+    assert repo.reconcile_failures(ACCOUNT, 7, [11, 12], repo.failures(ACCOUNT)).resolved == 0
+    assert repo.reconcile_failures(ACCOUNT, 7, [], repo.failures(ACCOUNT)).resolved == 1
+    assert [f.message_key for f in repo.failures(ACCOUNT)] == ["no-uidplus"]
+
+    # Failing again re-opens it, without the resolution.
+    repo.record_failures(
+        ACCOUNT, [FailureInfo(uid=1, message_key="deleted", code="too_large", reason="big")]
+    )
+    [reopened] = [f for f in repo.failures(ACCOUNT) if f.message_key == "deleted"]
+    assert (reopened.resolved, reopened.resolution, reopened.attempts) == (None, None, 2)
+
+
+def test_reconcile_only_resolves_rows_unchanged_since_they_were_read(repo: Repository) -> None:
+    _failed_in_folder(repo, ACCOUNT, {"failed-again": 20, "imported": 21})
+    known = repo.failures(ACCOUNT)
+    # Between reading and listing: the live loop moves a new failure to the Failed folder
+    # (after the listing: not in it), one message fails again under a new UID, one is imported.
+    _failed_in_folder(repo, ACCOUNT, {"new": 22})
+    _failed_in_folder(repo, ACCOUNT, {"failed-again": 23})
+    [result] = run(repo, message("imported"))
+    assert result.outcome is Outcome.IMPORTED
+
+    assert repo.reconcile_failures(ACCOUNT, 7, [], known).resolved == 0
+    rows = {f.message_key: f for f in repo.failures(ACCOUNT, include_resolved=True)}
+    assert rows["new"].resolved is None
+    assert (rows["failed-again"].resolved, rows["failed-again"].folder_uid) == (None, 23)
+    assert rows["imported"].resolution == RESOLVED_IMPORTED
+
+
+def test_reconcile_resolves_nothing_when_the_uidvalidity_changed(repo: Repository) -> None:
+    _failed_in_folder(repo, ACCOUNT, {"a": 1, "b": 2, "no-uidplus": None})
+    assert repo.reconcile_failures(ACCOUNT, 100, [1, 2], repo.failures(ACCOUNT)).resolved == 0
+
+    # The folder was recreated: UID 1 is now another message, and 2 is gone; the stored UIDs
+    # mean nothing.
+    changed = repo.reconcile_failures(ACCOUNT, 200, [1], repo.failures(ACCOUNT))
+    assert changed.uidvalidity_changed
+    assert (changed.previous_uidvalidity, changed.forgotten, changed.resolved) == (100, 2, 0)
+    rows = repo.failures(ACCOUNT)
+    assert len(rows) == 3
+    assert [f.folder_uid for f in rows] == [None, None, None]
+
+    # A failure recorded under the new UIDVALIDITY is matched again.
+    _failed_in_folder(repo, ACCOUNT, {"c": 5})
+    again = repo.reconcile_failures(ACCOUNT, 200, [], repo.failures(ACCOUNT))
+    assert (again.resolved, again.uidvalidity_changed) == (1, False)
+    assert sorted(f.message_key for f in repo.failures(ACCOUNT)) == ["a", "b", "no-uidplus"]
 
 
 def test_failures_are_listed_newest_first(repo: Repository) -> None:
@@ -761,6 +845,8 @@ async def test_async_repository_round_trip(make_repo: MakeRepo, tmp_path: Path) 
         )
         await repo.set_failure_folder_uids(ACCOUNT, {"k": 12})
         assert [f.folder_uid for f in await repo.failures(ACCOUNT)] == [12]
+        done = await repo.reconcile_failures(ACCOUNT, 1, [12], await repo.failures(ACCOUNT))
+        assert done.resolved == 0
         await repo.set_account_state(AccountState(account=ACCOUNT, state="idle", imported=2))
         [state] = await repo.account_states()
         assert (state.imported, state.failed) == (2, 1)
