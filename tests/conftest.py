@@ -56,14 +56,15 @@ def _require_dovecot() -> None:
         pytest.fail(f"{exc} (tests marked 'dovecot' need it)", pytrace=False)
 
 
-def _start(factory: pytest.TempPathFactory, name: str, *, tls: bool) -> Iterator[Dovecot]:
+def running_dovecot(name: str, *, tls: bool, kind: type[Dovecot] = Dovecot) -> Iterator[Dovecot]:
+    """A throwaway Dovecot (``kind``, for a variant's config) for a fixture to yield."""
     _require_dovecot()
     # Not under pytest's basetemp: every pytest session that starts (another checkout, a
     # colleague's run) resets /tmp/pytest-of-USER to mode 0700, which locks this session's
     # Dovecot processes (users 'dovecot', 'mail') out of their passwd-files and mail store:
     # "Temporary authentication failure" in the middle of a run.
     workdir = Path(tempfile.mkdtemp(prefix=f"mailbridge-{name}-", dir="/tmp"))
-    server = Dovecot(workdir, tls=tls)
+    server = kind(workdir, tls=tls)
     server.start()
     try:
         yield server
@@ -74,15 +75,15 @@ def _start(factory: pytest.TempPathFactory, name: str, *, tls: bool) -> Iterator
 
 
 @pytest.fixture(scope="session")
-def dovecot(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Dovecot]:
+def dovecot() -> Iterator[Dovecot]:
     """A plain-IMAP Dovecot shared by the whole session (``ssl = no``)."""
-    yield from _start(tmp_path_factory, "dovecot", tls=False)
+    yield from running_dovecot("dovecot", tls=False)
 
 
 @pytest.fixture(scope="session")
-def tls_dovecot(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Dovecot]:
+def tls_dovecot() -> Iterator[Dovecot]:
     """A Dovecot with STARTTLS on ``port`` and implicit TLS on ``tls_port``; CA in ``ca_file``."""
-    yield from _start(tmp_path_factory, "dovecot-tls", tls=True)
+    yield from running_dovecot("dovecot-tls", tls=True)
 
 
 def _new_user(server: Dovecot) -> ImapUser:

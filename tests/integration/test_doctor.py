@@ -10,8 +10,6 @@ from __future__ import annotations
 
 import imaplib
 import logging
-import shutil
-import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -28,6 +26,7 @@ from mailbridge.errors import AuthError, ServerError, classify_server_text, desc
 from mailbridge.mail.imap import ImapSession
 from mailbridge.mail.smtp import check_smtp
 from mailbridge.testing.dovecot import Dovecot, free_port
+from tests.conftest import running_dovecot
 from tests.integration.test_import_loop import config_data
 
 pytestmark = pytest.mark.dovecot
@@ -220,14 +219,7 @@ class _NoPlaintextDovecot(Dovecot):
 
 @pytest.fixture(scope="module")
 def no_plaintext_dovecot() -> Iterator[Dovecot]:
-    workdir = Path(tempfile.mkdtemp(prefix="mailbridge-noplain-", dir="/tmp"))  # see conftest
-    server = _NoPlaintextDovecot(workdir, tls=True)
-    server.start()
-    try:
-        yield server
-    finally:
-        server.stop(wait=False)
-        shutil.rmtree(workdir, ignore_errors=True)
+    yield from running_dovecot("noplain", tls=True, kind=_NoPlaintextDovecot)
 
 
 def test_plaintext_login_refused_is_a_tls_problem(

@@ -17,14 +17,14 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import errno
+import functools
 import os
 import re
 import secrets
 import sqlite3
 import subprocess
-import time
 from collections import Counter
-from collections.abc import AsyncIterator, Callable, Iterator
+from collections.abc import AsyncIterator, Iterator
 from email.message import EmailMessage
 from email.utils import make_msgid
 from pathlib import Path
@@ -38,6 +38,10 @@ from mailbridge.daemon.account import AccountWorker
 from mailbridge.store.sqlite import AsyncRepository, SqliteRepository
 from mailbridge.testing.dovecot import Dovecot
 from mailbridge.testing.faultproxy import Fault, FaultProxy
+from tests.integration.test_import_loop import eventually as _eventually
+
+# Recovering from a fault includes a backoff: a longer bound than the import tests use.
+eventually = functools.partial(_eventually, within=30.0)
 
 pytestmark = pytest.mark.dovecot
 
@@ -96,17 +100,6 @@ def settings_for(
             ],
         }
     )
-
-
-async def eventually(check: Callable[[], Any], within: float = 30.0, what: str = "") -> Any:
-    deadline = time.monotonic() + within
-    while True:
-        value = check()
-        if value:
-            return value
-        if time.monotonic() > deadline:
-            raise AssertionError(f"not within {within} s: {what or check}")
-        await asyncio.sleep(0.05)
 
 
 def db_ids(settings: Settings) -> list[str]:

@@ -95,7 +95,7 @@ def db(settings: Settings) -> sqlite3.Connection:
     return conn
 
 
-async def eventually(check: Callable[[], Any], within: float = 20.0) -> Any:
+async def eventually(check: Callable[[], Any], within: float = 20.0, what: str = "") -> Any:
     """Poll until check() is truthy (generous bound: correctness, not speed, is tested here)."""
     deadline = time.monotonic() + within
     while True:
@@ -103,7 +103,7 @@ async def eventually(check: Callable[[], Any], within: float = 20.0) -> Any:
         if value:
             return value
         if time.monotonic() > deadline:
-            raise AssertionError(f"condition not met within {within} s")
+            raise AssertionError(f"not within {within} s: {what or 'the condition'}")
         await asyncio.sleep(0.05)
 
 
