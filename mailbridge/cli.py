@@ -21,7 +21,14 @@ from rich.table import Table
 from rich.text import Text
 
 from mailbridge import __version__
-from mailbridge.config import CONFIG_ENV, DEFAULT_CONFIG_PATH, Settings, load_config, world_readable
+from mailbridge.config import (
+    CONFIG_ENV,
+    DEFAULT_CONFIG_PATH,
+    LogSettings,
+    Settings,
+    load_config,
+    world_readable,
+)
 from mailbridge.errors import ConfigError, StoreError, describe
 from mailbridge.log import configure_logging
 from mailbridge.store.base import AccountState
@@ -129,7 +136,13 @@ def main(argv: Sequence[str] | None = None) -> int:
 def _dispatch(args: argparse.Namespace, settings: Settings) -> int:
     command: str = args.command
     if command == "run":
-        return _run(settings, once=args.once, accounts=args.account)
+        return _run(
+            settings,
+            once=args.once,
+            accounts=args.account,
+            log_level=args.log_level,
+            log_format=args.log_format,
+        )
     if command == "check-config":
         return _check_config(settings)
     if command == "status":
@@ -151,7 +164,14 @@ def _dispatch(args: argparse.Namespace, settings: Settings) -> int:
     return EX_USAGE  # pragma: no cover - argparse rejects unknown commands first
 
 
-def _run(settings: Settings, *, once: bool, accounts: list[str] | None) -> int:
+def _run(
+    settings: Settings,
+    *,
+    once: bool,
+    accounts: list[str] | None,
+    log_level: str | None = None,
+    log_format: str | None = None,
+) -> int:
     from mailbridge.daemon.supervisor import Supervisor, once_exit_code, run_once
 
     for name in accounts or []:
@@ -175,7 +195,13 @@ def _run(settings: Settings, *, once: bool, accounts: list[str] | None) -> int:
                 )
         return once_exit_code(results)
     only = frozenset(accounts) if accounts else None
-    return asyncio.run(Supervisor(settings, only=only).run())
+
+    def reconfigure_log(new: LogSettings) -> None:
+        # What the command line says wins over the file, on a reload as at start-up.
+        configure_logging(log_level or new.level, log_format or new.format, stream=sys.stderr)
+
+    supervisor = Supervisor(settings, only=only, reconfigure_log=reconfigure_log)
+    return asyncio.run(supervisor.run())
 
 
 def _check_config(settings: Settings) -> int:

@@ -30,11 +30,12 @@ import contextlib
 import math
 import signal
 from collections import Counter
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import structlog
 
-from mailbridge.config import AccountSettings, Settings, load_config
+from mailbridge.config import AccountSettings, LogSettings, Settings, load_config
 from mailbridge.daemon.account import AccountWorker, PassSummary
 from mailbridge.daemon.sweep import run_schedule
 from mailbridge.daemon.systemd import Notifier
@@ -80,7 +81,11 @@ class Supervisor:
         notifier: Notifier | None = None,
         drain_seconds: float = 30.0,
         only: frozenset[str] | None = None,
+        reconfigure_log: Callable[[LogSettings], None] | None = None,
     ) -> None:
+        # Applies a reload's new `log:` settings (the CLI passes one that keeps --log-level /
+        # --log-format given on the command line); without it a change needs a restart.
+        self.reconfigure_log = reconfigure_log
         # `mailbridge run --account A`: these accounts only, at start and after every reload.
         self.only = only
         if only is not None:
@@ -280,7 +285,11 @@ class Supervisor:
         if new.database != self.settings.database:
             log.warning("reload_database_change_ignored", remedy="restart the service to move it")
         if new.log != self.settings.log:
-            log.warning("reload_log_change_ignored", remedy="restart the service to apply it")
+            if self.reconfigure_log is None:
+                log.warning("reload_log_change_ignored", remedy="restart the service to apply it")
+            else:
+                self.reconfigure_log(new.log)
+                log.info("log_reconfigured", level=new.log.level, format=new.log.format)
         if self.only is not None:
             new = _only(new, self.only)
         # database path changes need a restart; everything else applies now

@@ -12,12 +12,16 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import itertools
+import json
 import os
 import secrets
 import signal
 import socket
 import sqlite3
+import subprocess
+import sys
 import tempfile
+import time
 from collections.abc import AsyncIterator, Iterator, MutableMapping
 from pathlib import Path
 from typing import Any
@@ -490,3 +494,96 @@ async def test_run_for_chosen_accounts_stays_with_them_after_a_reload(
             )
             assert sorted(supervisor.running) == ["alpha"]
     assert not events(logs, "imap_connected", account="beta")
+
+
+async def test_a_log_change_is_applied_by_the_callback_or_logged_as_ignored(
+    tmp_path: Path, dovecot: Any, users: list[ImapUser]
+) -> None:
+    alpha = users[0]
+    path = write(tmp_path / "config.yaml", config(tmp_path, account("alpha", dovecot, alpha)))
+    applied: list[Any] = []
+    with structlog.testing.capture_logs() as logs:
+        async with running(path, reconfigure_log=applied.append) as supervisor:
+            await idle(supervisor, "alpha")
+            write(path, config(tmp_path, account("alpha", dovecot, alpha), log={"level": "debug"}))
+            outcome = await reload(supervisor, logs)
+            assert outcome["restarted"] == []  # logging alone restarts no account
+    assert [(s.level, s.format) for s in applied] == [("debug", "auto")]
+    assert events(logs, "log_reconfigured", level="debug")
+    with structlog.testing.capture_logs() as logs:
+        async with running(path) as supervisor:  # no callback: a restart is needed
+            await idle(supervisor, "alpha")
+            write(path, config(tmp_path, account("alpha", dovecot, alpha), log={"level": "error"}))
+            await reload(supervisor, logs)
+    assert events(logs, "reload_log_change_ignored")
+
+
+def _daemon_log(tmp_path: Path, path: Path, *cli: str) -> tuple[subprocess.Popen[bytes], Path]:
+    log_path = tmp_path / "daemon.log"
+    with log_path.open("wb") as out:
+        proc = subprocess.Popen(
+            [
+                sys.executable,
+                "-m",
+                "mailbridge",
+                "-c",
+                str(path),
+                "--log-format",
+                "json",
+                *cli,
+                "run",
+            ],
+            stdout=subprocess.DEVNULL,
+            stderr=out,
+        )
+    return proc, log_path
+
+
+def _events_in(log_path: Path) -> list[str]:
+    out = []
+    for line in log_path.read_text().splitlines():
+        with contextlib.suppress(ValueError):
+            out.append(json.loads(line)["event"])
+    return out
+
+
+def _wait_for(check: Any, within: float = 20.0) -> None:
+    deadline = time.monotonic() + within
+    while not check():
+        assert time.monotonic() < deadline
+        time.sleep(0.05)
+
+
+@pytest.mark.parametrize("cli_level", [None, "error"])
+def test_sighup_applies_the_files_log_level_unless_the_command_line_set_one(
+    tmp_path: Path, dovecot: Any, users: list[ImapUser], cli_level: str | None
+) -> None:
+    """`mailbridge run` under `log.level: error`, then the file says `info` and SIGHUP: the
+    daemon's info lines appear - unless --log-level error was given, which stays in force."""
+    alpha, beta, _ = users
+    path = write(
+        tmp_path / "config.yaml",
+        config(tmp_path, account("alpha", dovecot, alpha), log={"level": "error"}),
+    )
+    proc, log_path = _daemon_log(tmp_path, path, *(["--log-level", cli_level] if cli_level else []))
+    try:
+        _wait_for(lambda: (tmp_path / "mailbridge.db").exists())
+        time.sleep(1)
+        assert "daemon_started" not in _events_in(log_path)  # info, under level error
+        # info from now on, and a new account whose wrong password is an error either way
+        broken = account("beta", dovecot, beta, auth={"username": beta.login, "password": "no"})
+        write(
+            path,
+            config(tmp_path, account("alpha", dovecot, alpha), broken, log={"level": "info"}),
+        )
+        proc.send_signal(signal.SIGHUP)
+        _wait_for(lambda: "account_backoff" in _events_in(log_path))
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        proc.wait(timeout=30)
+    seen = _events_in(log_path)
+    if cli_level is None:
+        assert "config_reloaded" in seen
+    else:
+        assert "config_reloaded" not in seen
+    assert proc.returncode == 0
