@@ -12,6 +12,7 @@ import itertools
 import logging
 import secrets
 import shutil
+import socket
 import tempfile
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -103,3 +104,15 @@ def imap_user(dovecot: Dovecot) -> ImapUser:
 def tls_imap_user(tls_dovecot: Dovecot) -> ImapUser:
     """A fresh user on ``tls_dovecot``."""
     return _new_user(tls_dovecot)
+
+
+@pytest.fixture
+def path_socket() -> Iterator[tuple[socket.socket, str]]:
+    """A datagram socket to pass as $NOTIFY_SOCKET, with a 2 s receive timeout. In a short
+    directory: AF_UNIX paths are limited to 108 bytes and pytest's tmp_path can be longer."""
+    with tempfile.TemporaryDirectory(prefix="mb-") as directory:
+        address = str(Path(directory) / "notify")
+        with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM) as sock:
+            sock.bind(address)
+            sock.settimeout(2)
+            yield sock, address

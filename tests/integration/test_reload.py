@@ -20,7 +20,6 @@ import socket
 import sqlite3
 import subprocess
 import sys
-import tempfile
 import time
 from collections.abc import AsyncIterator, Iterator, MutableMapping
 from pathlib import Path
@@ -401,16 +400,6 @@ async def test_a_config_the_database_refuses_is_rejected_on_reload(
             assert "ticket" not in columns
 
 
-@pytest.fixture
-def notify_socket() -> Iterator[tuple[socket.socket, str]]:
-    """A datagram socket to pass as $NOTIFY_SOCKET (short path: AF_UNIX allows 108 bytes)."""
-    with tempfile.TemporaryDirectory(prefix="mb-") as directory:
-        address = str(Path(directory) / "notify")
-        with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM) as sock:
-            sock.bind(address)
-            yield sock, address
-
-
 @contextlib.contextmanager
 def silent_server() -> Iterator[int]:
     """A port that accepts TCP connections and never says a word: a hung IMAP server."""
@@ -421,11 +410,11 @@ def silent_server() -> Iterator[int]:
 
 
 async def test_a_slow_drain_during_reload_does_not_starve_the_watchdog(
-    tmp_path: Path, dovecot: Any, users: list[ImapUser], notify_socket: tuple[socket.socket, str]
+    tmp_path: Path, dovecot: Any, users: list[ImapUser], path_socket: tuple[socket.socket, str]
 ) -> None:
     """The reload waits drain_seconds for an account stuck in its connect; meanwhile the
     supervisor loop keeps sending WATCHDOG=1 every half WatchdogSec."""
-    sock, address = notify_socket
+    sock, address = path_socket
     alpha = users[0]
     with silent_server() as port:
         slow = account(

@@ -29,17 +29,6 @@ from mailbridge.daemon.systemd import Notifier, watchdog_interval
 
 
 @pytest.fixture
-def path_socket() -> Iterator[tuple[socket.socket, str]]:
-    # A short directory: AF_UNIX paths are limited to 108 bytes and pytest's tmp_path can be long.
-    with tempfile.TemporaryDirectory(prefix="mb-") as directory:
-        address = str(Path(directory) / "notify")
-        with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM) as sock:
-            sock.bind(address)
-            sock.settimeout(2)
-            yield sock, address
-
-
-@pytest.fixture
 def abstract_socket() -> Iterator[tuple[socket.socket, str]]:
     name = f"mailbridge-test-{uuid.uuid4().hex}"
     with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM) as sock:
