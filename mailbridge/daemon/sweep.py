@@ -322,9 +322,6 @@ async def _retry_failed(
     The folder is reconciled with ``importfailure`` first (:func:`_reconcile`)."""
     # Read before the folder is listed: see Repository.reconcile_failures.
     known = await worker.repo.failures(worker.account.name)
-    # select() sets uidvalidity only when the server sends it (RFC 3501 says it must): never
-    # let another folder's value stand in for the Failed folder's.
-    session.uidvalidity = None
     await session.select(worker.account.folders.failed)
     await _reconcile(worker, session, summary, known)
     present = await session.search("UNDELETED")

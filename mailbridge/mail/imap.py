@@ -564,8 +564,11 @@ class ImapSession:
                 )
 
     async def select(self, folder: str) -> int:
-        """SELECT ``folder`` (read-write); returns its EXISTS count. Sets ``uidvalidity``."""
+        """SELECT ``folder`` (read-write); returns its EXISTS count. Sets ``uidvalidity``: the
+        folder's, or None if the server left it out (RFC 3501 6.3.1 requires it), never the
+        value of the folder selected before."""
         async with self._lock:
+            self.uidvalidity = None
             response = await self._await(
                 self._protocol.select(_mailbox_arg(folder)), f"SELECT {folder}"
             )
