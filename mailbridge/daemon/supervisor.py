@@ -58,8 +58,8 @@ HOUSEKEEPING_SECONDS = 10.0
 # hung: the watchdog pings stop so that systemd restarts the service.
 STUCK_GRACE_SECONDS = 60.0
 # Keys of Settings that are not global import settings: accounts are compared one by one, a new
-# database path needs a service restart, and log is applied at start-up (where flags override
-# it). Every other key, including one added to Settings later, restarts every account on change.
+# database path needs a service restart, and log is applied on its own (reconfigure_log, where
+# flags override it). Every other key, including one added later, restarts every account.
 _NOT_IMPORT_GLOBALS = frozenset({"accounts", "database", "log", "source"})
 
 
