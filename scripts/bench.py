@@ -253,16 +253,26 @@ def mailbridge_command(config: Path, *args: str) -> list[str]:
     return [sys.executable, "-m", "mailbridge", "-c", str(config), "--log-format", "json", *args]
 
 
-def measure_import(dovecot: Dovecot, user: str, workdir: Path, count: int) -> dict[str, float]:
-    config = write_config(workdir, dovecot, [user], mode="poll", name="import")
-    log_path = workdir / "import.log"
+@dataclass
+class Watched:
+    """One mailbridge command run to its end, sampled every 20 ms."""
+
+    seconds: float
+    peak: int  # bytes, the process's own high-water mark
+    peak_total: int  # bytes, with its children (the parse workers) at the same moment
+    cpu: float  # seconds, the process's own
+    workers_cpu: float  # seconds, its children's
+
+
+def run_watched(config: Path, log_path: Path, *args: str) -> Watched:
+    """Run ``mailbridge ARGS`` with its log in ``log_path``; SystemExit if it fails."""
     peak = peak_total = 0
     cpu = 0.0
     workers_cpu: dict[int, float] = {}
     started = time.perf_counter()
     with log_path.open("wb") as log:
         proc = subprocess.Popen(
-            mailbridge_command(config, "run", "--once"), stdout=subprocess.DEVNULL, stderr=log
+            mailbridge_command(config, *args), stdout=subprocess.DEVNULL, stderr=log
         )
         watched = psutil.Process(proc.pid)
         while proc.poll() is None:
@@ -282,19 +292,27 @@ def measure_import(dovecot: Dovecot, user: str, workdir: Path, count: int) -> di
             time.sleep(0.02)
     seconds = time.perf_counter() - started
     if proc.returncode != 0:
-        raise SystemExit(f"mailbridge run --once failed ({proc.returncode}): see {log_path}")
+        command = " ".join(args)
+        raise SystemExit(f"mailbridge {command} failed ({proc.returncode}): see {log_path}")
+    return Watched(seconds, peak, peak_total, cpu, sum(workers_cpu.values()))
+
+
+def measure_import(dovecot: Dovecot, user: str, workdir: Path, count: int) -> dict[str, float]:
+    config = write_config(workdir, dovecot, [user], mode="poll", name="import")
+    log_path = workdir / "import.log"
+    run = run_watched(config, log_path, "run", "--once")
     imported = sum(1 for event in read_events(log_path) if event["event"] == "message_imported")
     left = len(dovecot.folder_uids(user, PASSWORD, "INBOX"))
     return {
         "messages": count,
         "imported": imported,
         "left_in_inbox": left,
-        "seconds": seconds,
-        "msgs_per_s": count / seconds,
-        "cpu_seconds": cpu,
-        "workers_cpu_seconds": sum(workers_cpu.values()),
-        "peak_rss_mb": peak / 1e6,
-        "peak_rss_with_workers_mb": peak_total / 1e6,
+        "seconds": run.seconds,
+        "msgs_per_s": count / run.seconds,
+        "cpu_seconds": run.cpu,
+        "workers_cpu_seconds": run.workers_cpu,
+        "peak_rss_mb": run.peak / 1e6,
+        "peak_rss_with_workers_mb": run.peak_total / 1e6,
     }
 
 
@@ -566,27 +584,15 @@ def measure_sweep(dovecot: Dovecot, workdir: Path, count: int) -> dict[str, Any]
         )
     failed_before = len(dovecot.folder_uids(user, PASSWORD, "Mailbridge Failed"))
     config = write_config(workdir, dovecot, [user], mode="poll", name="sweep")
-    peak = 0
-    started = time.perf_counter()
-    with (workdir / "sweep.log").open("wb") as log:
-        proc = subprocess.Popen(
-            mailbridge_command(config, "sync"), stdout=subprocess.DEVNULL, stderr=log
-        )
-        while proc.poll() is None:
-            with contextlib.suppress(OSError):
-                peak = max(peak, _vm_hwm(proc.pid))
-            time.sleep(0.02)
-    seconds = time.perf_counter() - started
-    if proc.returncode != 0:
-        raise SystemExit(f"mailbridge sync failed ({proc.returncode}): see {workdir / 'sweep.log'}")
+    run = run_watched(config, workdir / "sweep.log", "sync")
     return {
         "status": "measured",
         "failed_before": failed_before,
         "recovered": len(dovecot.folder_uids(user, PASSWORD, "Mailbridge Processed")),
         "left_in_failed": len(dovecot.folder_uids(user, PASSWORD, "Mailbridge Failed")),
-        "seconds": seconds,
-        "msgs_per_s": failed_before / seconds if seconds else 0.0,
-        "peak_rss_mb": peak / 1e6,
+        "seconds": run.seconds,
+        "msgs_per_s": failed_before / run.seconds if run.seconds else 0.0,
+        "peak_rss_mb": run.peak / 1e6,
     }
 
 
