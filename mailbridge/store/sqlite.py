@@ -16,6 +16,14 @@ Every ``sqlite3``/``OSError`` leaving this module is mapped to
 
 Threading rules (see "The database schema" in README.md for the integrator's view):
 
+* Whether a message is already stored, and under which ``messagekey``, is decided by
+  :func:`mailbridge.core.messagekey.decide_message_key` from its content fingerprint: the same
+  message fetched again is a duplicate; a different one reusing a stored Message-ID is stored
+  under a derived key and, since the id names another message, replies citing that id do not
+  pull it in.
+* When the id a reply cites names several stored messages (a reused id), the reply joins the
+  conversation of the newest one dated no later than the reply
+  (:func:`mailbridge.core.messagekey.choose_parent`).
 * A message joins the conversation of the first of its thread candidates (In-Reply-To, then
   References newest first) stored for the same account; failing that, the conversation of a
   stored message that cites it (its reply arrived first); failing that, of a stored message
@@ -25,13 +33,15 @@ Threading rules (see "The database schema" in README.md for the integrator's vie
   subject tag) joins that conversation, but only if it exists and belongs to the same account.
   Message-IDs cited are matched against every stored Message-ID, including the per-recipient
   ids of sent copies (``messagefollower.messageid``).
-* A message in which only the account's own identity takes part (From and every recipient one of
-  its addresses or aliases) and that continues nothing is not stored (``ignored``): that is how
-  loops start. Mail from the account to an outside person may start a conversation.
+* A message in which only the account's own identity takes part (From, every recipient and every
+  Reply-To address one of its addresses or aliases) and that continues nothing is not stored
+  (``ignored``): that is how loops start. Mail from the account to an outside person may start a
+  conversation. A message from an own address is ``outgoing`` unless its Reply-To names someone
+  else (a web form writing for a customer): see :mod:`mailbridge.core.participants`.
 * A new conversation gets one new record in each configured conversation parent table, with
   the configured properties; followers link to the follower parent rows with their address.
-* Followers: every participant (From, To, Cc and Bcc) other than the account's own addresses
-  (and their plus-variants).
+* Followers: every participant (From, To, Cc, Bcc and Reply-To, the last at participation
+  level ``replyto``) other than the account's own addresses (and their plus-variants).
   After the newest message of a conversation, the active followers are exactly that message's
   participants: someone it leaves out becomes inactive, someone it names is active again. Bcc
   counts as present, because the person received the message. A message older than the newest
