@@ -12,6 +12,7 @@ they are marked xfail (strict: a pass is reported, so the marker cannot outlive 
 
 from __future__ import annotations
 
+from email.message import EmailMessage
 from pathlib import Path
 from typing import Any, Final
 
@@ -249,3 +250,25 @@ async def test_defects_are_stored_logged_after_the_commit_and_shown(
     out = capsys.readouterr().out
     assert "  defect: no Date header" in out
     assert f"#{row_id}" in out
+
+
+def test_failed_show_lists_what_the_parser_notes(
+    tmp_path: Path, dovecot: Any, imap_user: Any, capsys: pytest.CaptureFixture[str]
+) -> None:
+    data = config_data(tmp_path, dovecot, imap_user)  # attachments up to 1 MB
+    path = write_config(tmp_path, data)
+    big = EmailMessage()
+    big["From"] = "Ann <ann@customer.example>"
+    big["To"] = imap_user.address
+    big["Subject"] = "Scans, undated"
+    big["Message-ID"] = "<big-undated@customer.example>"
+    big.set_content("Scans attached.")
+    big.add_attachment(b"\0" * 1_200_000, maintype="application", subtype="octet-stream")
+    deliver(dovecot, imap_user, big.as_bytes())
+    assert cli_main(["-c", str(path), "run", "--once"]) == 0
+    [uid] = dovecot.folder_uids(imap_user.login, imap_user.password, FAILED)
+    capsys.readouterr()
+    assert cli_main(["-c", str(path), "failed", "show", str(uid)]) == 0
+    out = capsys.readouterr().out
+    assert "too_large" in out
+    assert "  defect: no Date header; the time of parsing is used" in out
