@@ -219,17 +219,16 @@ _V4: Final[tuple[str, ...]] = (
 # Version 5 (issue 9): what makes a message "the same message" and what the parser repaired.
 # ``fingerprint`` is the content fingerprint (mailbridge.core.messagekey): a sender that reuses a
 # Message-ID for different messages gets each stored (the later ones under a derived messagekey),
-# while the same message fetched again is still recognised. ``defects`` lists, one per line, what
-# the parser repaired or could not read. Reply-To addresses become message followers with their
-# own level, ``replyto``: SQLite cannot change a CHECK constraint in place, so messagefollower is
-# rebuilt (same columns, ids and indexes). legacy_alter_table keeps the RENAME from rewriting or
-# checking views and triggers an integrator may have on other tables; triggers on messagefollower
-# itself go with the old table and must be re-created.
+# while the same message fetched again is still recognised (candidates are found by messageid
+# or messagekey, both indexed, so the fingerprint needs no index). ``defects`` lists, one per
+# line, what the parser repaired or could not read. Reply-To addresses become message
+# followers with their own level, ``replyto``: SQLite cannot change a CHECK constraint in place,
+# so messagefollower is rebuilt (same columns, ids and indexes). legacy_alter_table keeps the
+# RENAME from rewriting or checking views and triggers an integrator may have on other tables;
+# triggers on messagefollower itself go with the old table and must be re-created.
 _V5: Final[tuple[str, ...]] = (
     "ALTER TABLE conversationmessage ADD COLUMN fingerprint TEXT",
     "ALTER TABLE conversationmessage ADD COLUMN defects TEXT",
-    "CREATE INDEX conversationmessage_account_fingerprint"
-    " ON conversationmessage (account, fingerprint) WHERE fingerprint IS NOT NULL",
     """
     CREATE TABLE messagefollower_v5 (
         id                  INTEGER PRIMARY KEY,

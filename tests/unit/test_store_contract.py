@@ -510,6 +510,11 @@ def test_sqlite_migration_5_keeps_message_followers(sqlite_path: Path) -> None:
         "INSERT INTO messagefollower (id, conversationmessage, follower, participationlevel,"
         " messageid) VALUES (5, 7, 3, 'cc', 'per-recipient@x')"
     )
+    # An integrator's view over the table survives its rebuild.
+    conn.execute(
+        "CREATE VIEW who AS SELECT f.email, mf.participationlevel AS level"
+        " FROM messagefollower AS mf JOIN follower AS f ON f.id = mf.follower"
+    )
     conn.commit()
     conn.close()
     repo = SqliteRepository(sqlite_path)
@@ -521,6 +526,7 @@ def test_sqlite_migration_5_keeps_message_followers(sqlite_path: Path) -> None:
     assert raw(sqlite_path, "SELECT * FROM messagefollower") == [
         (5, 7, 3, "cc", "per-recipient@x", None)
     ]
+    assert raw(sqlite_path, "SELECT * FROM who") == [("ann@x", "cc")]
     indexes = {row[1] for row in raw(sqlite_path, "PRAGMA index_list(messagefollower)")}
     assert {"messagefollower_follower", "messagefollower_messageid"} <= indexes
     conn = sqlite3.connect(sqlite_path)
