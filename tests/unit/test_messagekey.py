@@ -233,3 +233,30 @@ def test_a_reply_joins_the_newest_message_not_after_it() -> None:
     assert choose_parent(candidates, "2025-01-01T00:00:00Z") == 10
     assert choose_parent(list(reversed(candidates)), "2025-07-04T08:00:00Z") == 20
     assert choose_parent([], "2025-07-04T08:00:00Z") is None
+
+
+@given(
+    arrivals=st.lists(
+        st.tuples(st.sampled_from(["a@x", "b@x", None]), st.sampled_from([FP_A, FP_B, FP_C])),
+        max_size=12,
+    )
+)
+def test_any_arrival_order_stores_each_message_once_under_a_unique_key(
+    arrivals: list[tuple[str | None, str]],
+) -> None:
+    stored: list[tuple[str | None, StoredIdentity]] = []
+    for message_id, fingerprint in arrivals:
+        plain = message_key(message_id, fingerprint)
+        candidates = [row for mid, row in stored if (mid == message_id and mid) or row.key == plain]
+        decision = decide_message_key(plain, message_id, fingerprint, candidates)
+        seen = any(mid == message_id and row.fingerprint == fingerprint for mid, row in stored)
+        assert decision.duplicate is seen
+        if not decision.duplicate:
+            stored.append((message_id, StoredIdentity(decision.key, fingerprint)))
+    keys = [row.key for _mid, row in stored]
+    assert len(keys) == len(set(keys))  # messagekey stays unique per account
+    assert len(stored) == len(set(arrivals))  # every different message stored, once
+    for message_id in {mid for mid, _fp in arrivals if mid}:
+        # The first message with an id keeps the bare id.
+        first = next(row for mid, row in stored if mid == message_id)
+        assert first.key == message_id
