@@ -7,8 +7,9 @@ addresses (its address and aliases, lower-case; plus-variants of them count as t
 ``Reply-To`` (RFC 5322 section 3.6.2) names where the author wants answers: a web form that
 sends From = To = the mailbox with the customer in Reply-To is the *customer's* message, and an
 answer goes to the customer. So Reply-To addresses are participants (participation level
-``replyto``), they count when deciding whether only the account itself takes part, an own From
-with an outside Reply-To is incoming mail written on someone's behalf, and a reply goes to them.
+``replyto``), they count when deciding whether only the account itself takes part, a message
+from an own address to the account alone with an outside Reply-To is incoming mail written on
+that person's behalf, and a reply goes to them.
 """
 
 from __future__ import annotations
@@ -27,13 +28,16 @@ def is_outgoing(message: ParsedMessage, own: frozenset[str]) -> bool:
     """Whether the account itself wrote ``message`` (``conversationmessage.direction``).
 
     True when From is one of the account's addresses (a copy of mail sent by another client,
-    Bcc to self) and Reply-To names no one outside the account: an own From with an outside
-    Reply-To is a form or a system writing on that person's behalf, i.e. incoming mail.
+    Bcc to self). Except a message that only the account receives (To, Cc and Bcc are its
+    addresses) while Reply-To names someone outside: that is a web form or a system writing to
+    the mailbox on that person's behalf, i.e. incoming mail. Mail the account sends to someone
+    stays outgoing whatever its Reply-To (an agent may direct answers elsewhere).
     """
     sender = message.from_address
     if sender is None or not is_own_address(sender.email, own):
         return False
-    return not _outside(message.reply_to, own)
+    to_others = _outside((*message.to, *message.cc, *message.bcc), own)
+    return bool(to_others) or not _outside(message.reply_to, own)
 
 
 def only_own_identity(message: ParsedMessage, own: frozenset[str]) -> bool:

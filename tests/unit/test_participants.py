@@ -58,6 +58,10 @@ def test_form_mailer_sender_with_customer_in_reply_to() -> None:
         ("support@example.com", ["support@example.com"], ["support+x@example.com"], True, True),
         # A web form (From = To = mailbox) with the customer and a colleague in Reply-To.
         ("support@example.com", ["support@example.com"], ["a@c.test", "b@c.test"], False, False),
+        # The account writing to a customer, answers directed to a colleague: still ours.
+        ("support@example.com", ["ann@customer.test"], ["boss@partner.test"], True, False),
+        # A form mailing an alias of the mailbox (Cc the mailbox), the customer in Reply-To.
+        ("help@example.com", ["support+f@example.com"], ["ann@c.test"], False, False),
         # A customer with Reply-To to themselves (same as From): plain incoming mail.
         ("ann@customer.test", ["support@example.com"], ["ann@customer.test"], False, False),
         # A mailing list's Reply-To: incoming, the list is where answers go.
