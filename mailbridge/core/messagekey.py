@@ -53,7 +53,6 @@ KEY_PREFIX_NO_ID: Final = "sha256:"
 
 _HEADER_END = re.compile(rb"\r?\n\r?\n")
 _WHITESPACE = re.compile(rb"[ \t\r\n]+")
-_TRAILING_SPACE = re.compile(rb"[ \t]+$", re.MULTILINE)
 
 
 def _identity_headers(block: bytes) -> list[tuple[bytes, bytes]]:
@@ -86,25 +85,33 @@ def content_fingerprint(raw: bytes) -> str:
 
     Covers the identity headers (:data:`IDENTITY_HEADERS`, each occurrence, names
     case-insensitive, folding and runs of white space ignored) and the body. The body is
-    compared with line endings made LF and trailing white space of each line and trailing empty
-    lines removed, since transports differ in exactly those (RFC 5321 section 4.5.2 lets
-    servers add or remove nothing else). Trace and delivery headers (``Received``,
-    ``Delivered-To``, ``Return-Path``, ``X-Original-To``, anything a relay or the IMAP server
-    adds) do not count. Never raises; any bytes have a fingerprint.
+    compared with CRLF line ends (a message stored with bare LF, as in a Maildir, counts as its
+    CRLF form, RFC 5322 section 2.1) and without trailing empty lines (SMTP ends DATA with a line
+    break a sender may not have written, RFC 5321 section 4.1.1.4); transports change nothing
+    else. Trace and delivery headers (``Received``, ``Delivered-To``, ``Return-Path``,
+    ``X-Original-To``, anything a relay or the IMAP server adds) do not count. Never raises;
+    any bytes have a fingerprint. Costs about one SHA-256 pass over the message: the body, as
+    IMAP serves it (CRLF), is hashed without a copy.
     """
     match = _HEADER_END.search(raw)
     if match is None:
         # Only headers (or only a body: a first line without a colon is not a header).
         first = raw.split(b"\n", 1)[0]
-        block, body = (raw, b"") if b":" in first else (b"", raw)
+        block, start = (raw, len(raw)) if b":" in first else (b"", 0)
     else:
-        block, body = raw[: match.start()], raw[match.end() :]
+        block, start = raw[: match.start()], match.end()
     digest = hashlib.sha256()
     for name, value in sorted(_identity_headers(block)):
         digest.update(name + b"\0" + value + b"\n")
     digest.update(b"\0\0")
-    body = _TRAILING_SPACE.sub(b"", body.replace(b"\r\n", b"\n")).rstrip(b"\n")
-    digest.update(body)
+    end = len(raw)
+    while end > start and raw[end - 1] in b"\r\n":
+        end -= 1
+    if raw.count(b"\n", start, end) == raw.count(b"\r\n", start, end):
+        digest.update(memoryview(raw)[start:end])  # CRLF throughout (or one line)
+    else:
+        body = raw[start:end].replace(b"\r\n", b"\n").replace(b"\n", b"\r\n")
+        digest.update(body)
     return digest.hexdigest()
 
 

@@ -67,13 +67,17 @@ def test_transport_headers_do_not_change_the_fingerprint() -> None:
     assert content_fingerprint(first) == content_fingerprint(raw())
 
 
-def test_line_endings_folding_and_trailing_space_do_not_change_it() -> None:
+def test_line_endings_folding_and_final_line_breaks_do_not_change_it() -> None:
     crlf = raw(body="line one  \r\nline two\r\n\r\n")
-    lf = crlf.replace(b"\r\n", b"\n").replace(b"line one  ", b"line one")
+    lf = crlf.replace(b"\r\n", b"\n")
+    unterminated = crlf.rstrip(b"\r\n")
     folded = crlf.replace(b"Subject: Your parcel", b"Subject: Your\r\n  parcel")
     lower = crlf.replace(b"Subject:", b"SUBJECT:").replace(b"Message-ID:", b"Message-Id:")
     expected = content_fingerprint(crlf)
     assert content_fingerprint(lf) == expected
+    assert content_fingerprint(unterminated) == expected
+    # Trailing spaces are content (format=flowed, RFC 3676): another text, another message.
+    assert content_fingerprint(crlf.replace(b"one  ", b"one")) != expected
     assert content_fingerprint(folded) == expected
     assert content_fingerprint(lower) == expected
 
