@@ -86,7 +86,9 @@ async def test_03_iso_2022_jp_bodies(tmp_path: Path, dovecot: Any, imap_user: An
     assert "\ufffd" not in plaintext
 
 
-async def test_04_reused_message_id(tmp_path: Path, dovecot: Any, imap_user: Any) -> None:
+async def test_04_reused_message_id(
+    tmp_path: Path, dovecot: Any, imap_user: Any, capsys: pytest.CaptureFixture[str]
+) -> None:
     message_id = "q8XvT2pLm0NwYr4Kd7@mailer.parcels.example"
     with capture_logs() as logs:
         settings = await import_case(tmp_path, dovecot, imap_user, "04-reused-message-id")
@@ -107,6 +109,12 @@ async def test_04_reused_message_id(tmp_path: Path, dovecot: Any, imap_user: Any
     [warning] = [e for e in logs if e["event"] == "message_id_reused"]
     assert warning["log_level"] == "warning"
     assert (warning["message_key"], warning["stored_message_key"]) == (second_key, first_key)
+
+    path = write_config(tmp_path, config_data(tmp_path, dovecot, imap_user, aliases=[MAILBOX]))
+    assert cli_main(["-c", str(path), "conversation", "show", str(stored[1][4])]) == 0
+    out = capsys.readouterr().out
+    assert f"Message-ID: {message_id}\n" in out
+    assert f"Message key: {second_key}\n" in out
 
     # The same message fetched again (a crash before the move) and re-delivered through
     # another relay to an alias (other transport headers): still stored once.

@@ -483,14 +483,21 @@ def test_reply_to_equal_to_from_is_one_follower_with_both_levels(repo: Repositor
 
 def test_defects_are_stored_on_the_message(repo: Repository, tmp_path: Path) -> None:
     noted = ("unparseable Date 'Tue, 18 Sep 101'; the time of parsing is used", "base64 padding")
-    [with_defects, clean] = run(
-        repo, message("d1@example.com", defects=noted), message("d2@example.com")
+    [with_defects, clean, folded] = run(
+        repo,
+        message("d1@example.com", defects=noted),
+        message("d2@example.com"),
+        message("d3@example.com", defects=["two\nlines", "", " spaced \t out "]),
     )
     assert detail(repo, with_defects.conversation_id).messages[0].defects == noted
+    # One defect per line: a defect is made one line, an empty one dropped.
+    assert detail(repo, folded.conversation_id).messages[0].defects == ("two lines", "spaced out")
     assert detail(repo, clean.conversation_id).messages[0].defects == ()
     if isinstance(repo, SqliteRepository):
         rows = raw(tmp_path / "data" / "mailbridge.db", "SELECT defects FROM conversationmessage")
-        assert sorted(rows, key=str) == sorted([("\n".join(noted),), (None,)], key=str)
+        assert sorted(rows, key=str) == sorted(
+            [("\n".join(noted),), (None,), ("two lines\nspaced out",)], key=str
+        )
 
 
 def test_sqlite_migration_5_keeps_message_followers(sqlite_path: Path) -> None:
