@@ -391,6 +391,11 @@ def _conversation_show(settings: Settings, conversation_id: int) -> int:
                 f"\nThreaded by: {message.threaded_by or 'unknown'}"
             )
         )
+        if message.message_key and message.message_key != message.message_id:
+            # A derived key: the sender reused this Message-ID for another message.
+            out.print(mail_text(f"Message key: {message.message_key}"))
+        for defect in message.defects:
+            out.print(mail_text(f"  defect: {defect}"))
         for filename, ctype, size in message.documents:
             out.print(mail_text(f"  attachment: {filename} ({ctype}, {size} bytes)"))
         for cid, ctype, size in message.embedded_files:

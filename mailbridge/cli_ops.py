@@ -29,7 +29,7 @@ from rich.text import Text
 from mailbridge.config import AccountSettings, Settings
 from mailbridge.daemon.doctor import Check, check_database, diagnose, failing
 from mailbridge.daemon.sweep import SweepSummary, fetch_failed, retry_failed, sweep_and_record
-from mailbridge.errors import MailbridgeError, ServerError, describe
+from mailbridge.errors import MailbridgeError, MessageError, ServerError, describe
 from mailbridge.store.base import FailureRecord
 from mailbridge.store.sqlite import SqliteRepository, open_repository
 from mailbridge.term import console, mail_text
@@ -331,6 +331,17 @@ def _show(settings: Settings, uid: int, account_name: str | None) -> int:
         found = headers.get(header)
         if found is not None:
             out.print(mail_text(f"  {header}: {found}"))
+    # What the parser repairs or cannot read in it (an imported message keeps these in
+    # conversationmessage.defects; this one is read again from the server).
+    from mailbridge.core.parse import parse_message  # only here: keeps start-up light
+
+    try:
+        defects = parse_message(message.raw).defects
+    except MessageError as exc:
+        out.print(mail_text(f"  parser: {exc.code}: {exc}"))
+    else:
+        for defect in defects:
+            out.print(mail_text(f"  defect: {defect}"))
     return 0
 
 

@@ -42,6 +42,7 @@ from mailbridge.core.identify import (
     tag_subject,
 )
 from mailbridge.core.model import Address
+from mailbridge.core.participants import reply_addresses
 
 # The same values as mailbridge.config.Identification. Spelt out here because core may not
 # import the config module (it pulls in the store); a unit test keeps the two equal.
@@ -186,6 +187,13 @@ def _recipients(
     return out
 
 
+def _as_address(address: Address | str) -> Address:
+    if isinstance(address, Address):
+        return address
+    name, email = parseaddr(address)
+    return Address(email=email.strip().lower(), name=name)
+
+
 def compose_reply(
     *,
     address: str,
@@ -196,7 +204,9 @@ def compose_reply(
     parent_message_id: str | None = None,
     parent_references: Sequence[str] = (),
     parent_in_reply_to: Sequence[str] = (),
-    to: Iterable[Address | str],
+    parent_from: Address | str | None = None,
+    parent_reply_to: Sequence[Address | str] = (),
+    to: Iterable[Address | str] = (),
     cc: Iterable[Address | str] = (),
     own_addresses: Iterable[str] = (),
     text: str,
@@ -210,9 +220,12 @@ def compose_reply(
     subject, used as given (with the ``[ID-KEY]`` tag for ``identification="subject"``): a
     caller that wants ``Re:`` adds it. ``parent_*`` describe the message answered (ids with or
     without angle brackets, as stored); leave them out for the first message of a new
-    conversation. Recipients are :class:`~mailbridge.core.model.Address` objects or strings
-    (``"Name <a@b>"`` or ``"a@b"``); the account address, ``own_addresses`` (its aliases) and
-    their plus-variants are dropped, case-insensitively. ``html`` adds a
+    conversation. The answer goes (To) to the parent's Reply-To addresses when it has any,
+    else to its From (``parent_from``, ``parent_reply_to``; RFC 5322 section 3.6.2; a Reply-To
+    that names only the account falls back to From), then to ``to``. Recipients are
+    :class:`~mailbridge.core.model.Address` objects or strings (``"Name <a@b>"`` or
+    ``"a@b"``); the account address, ``own_addresses`` (its aliases) and their plus-variants
+    are dropped, case-insensitively. ``html`` adds a
     ``multipart/alternative`` HTML part beside the plain text. ``automatic`` marks a reply no
     person wrote. ``now`` (timezone-aware) fixes the Date for tests.
 
@@ -223,7 +236,12 @@ def compose_reply(
         raise ValueError(f"not a conversation key: {conversation_key!r}")
     sender = _header_address(address, display_name)
     own = frozenset(a.strip().lower() for a in (address, *own_addresses) if a.strip())
-    to_list, cc_list = _recipients(to, cc, own)
+    answered = reply_addresses(
+        _as_address(parent_from) if parent_from is not None else None,
+        [_as_address(a) for a in parent_reply_to],
+        own,
+    )
+    to_list, cc_list = _recipients((*answered, *to), cc, own)
     if not to_list and not cc_list:
         raise ValueError("no recipient left once the account's own addresses are dropped")
 

@@ -19,6 +19,8 @@ class Participation(enum.StrEnum):
     TO = "to"
     CC = "cc"
     BCC = "bcc"
+    # RFC 5322 section 3.6.2: where the author asked for answers to go.
+    REPLYTO = "replyto"
 
 
 @dataclass(frozen=True, slots=True)
@@ -48,9 +50,13 @@ class Attachment:
 class ParsedMessage:
     """Everything mailbridge keeps of one incoming message.
 
-    ``message_key`` is the per-account de-duplication key: the Message-ID (without angle
-    brackets) when there is one, else ``sha256:<hex>`` of the raw bytes, so the same mail
-    delivered twice is recognised either way.
+    ``message_key`` is the key the message is looked up by: the Message-ID (without angle
+    brackets) when there is one, else ``sha256:<fingerprint>``. ``fingerprint`` is the
+    :func:`~mailbridge.core.messagekey.content_fingerprint` of the raw bytes (transport
+    headers excluded), so the same mail fetched or delivered twice is recognised and a
+    different message reusing a Message-ID is not taken for it; the store derives the final
+    key (:func:`~mailbridge.core.messagekey.decide_message_key`). "" when unknown (built by
+    hand): then the key alone decides.
     """
 
     message_key: str
@@ -73,9 +79,13 @@ class ParsedMessage:
     # Headers that automatic-reply and bounce detection read (lower-cased names).
     auto_headers: dict[str, str] = field(default_factory=dict)
     defects: tuple[str, ...] = ()  # parser defects worth keeping for an operator
+    fingerprint: str = ""  # 64 hex digits; see the class docstring
 
     def participants(self) -> list[tuple[Address, Participation]]:
-        """Every address with its participation, From first, each address once per level."""
+        """Every address with its participation, From first, each address once per level.
+
+        Reply-To addresses come last, at level ``replyto`` (RFC 5322 section 3.6.2).
+        """
         out: list[tuple[Address, Participation]] = []
         if self.from_address is not None:
             out.append((self.from_address, Participation.FROM))
@@ -83,6 +93,7 @@ class ParsedMessage:
             (Participation.TO, self.to),
             (Participation.CC, self.cc),
             (Participation.BCC, self.bcc),
+            (Participation.REPLYTO, self.reply_to),
         ):
             out.extend((a, level) for a in addrs)
         return out

@@ -14,7 +14,6 @@ from __future__ import annotations
 import binascii
 import codecs
 import functools
-import hashlib
 import io
 import re
 from dataclasses import dataclass, field
@@ -28,6 +27,8 @@ from typing import Final
 
 from mailbridge.core.html import html_to_text, sanitize_html
 from mailbridge.core.identify import normalize_message_id, parse_id_list
+from mailbridge.core.messagekey import content_fingerprint
+from mailbridge.core.messagekey import message_key as message_key_for
 from mailbridge.core.model import Address, Attachment, ParsedMessage
 from mailbridge.errors import MessageError
 
@@ -821,7 +822,8 @@ def _parse(raw: bytes, max_attachment_bytes: int | None, now: datetime | None) -
     message_id = normalize_message_id(message_id_text) if message_id_text else None
     if message_id_text and message_id is None:
         defects.append(f"unusable Message-ID {message_id_text[:60]!r}")
-    message_key = message_id or "sha256:" + hashlib.sha256(raw).hexdigest()
+    fingerprint = content_fingerprint(raw)
+    message_key = message_key_for(message_id, fingerprint)
 
     in_reply_to = parse_id_list(" ".join(headers.all_text("in-reply-to")))
     references = parse_id_list(" ".join(headers.all_text("references")))
@@ -885,4 +887,5 @@ def _parse(raw: bytes, max_attachment_bytes: int | None, now: datetime | None) -
         size=len(raw),
         auto_headers=auto_headers,
         defects=tuple(defects),
+        fingerprint=fingerprint,
     )

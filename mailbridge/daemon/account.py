@@ -24,7 +24,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import dataclasses
-import hashlib
 import time
 import weakref
 from collections.abc import Awaitable, Callable, Sequence
@@ -35,6 +34,7 @@ import structlog
 from tenacity import RetryCallState, wait_random_exponential
 
 from mailbridge.config import AccountSettings, Settings
+from mailbridge.core.messagekey import content_fingerprint, message_key
 from mailbridge.core.parse import parse_message, summarise_headers
 from mailbridge.daemon.parsing import parse_off_loop
 from mailbridge.errors import MailbridgeError, MessageError, StoreError, describe
@@ -124,7 +124,8 @@ def _failure_from_raw(message: FetchedMessage, code: str, reason: str) -> Failur
     headers = summarise_headers(message.raw)
     return FailureInfo(
         uid=message.uid,
-        message_key=headers.message_id or "sha256:" + hashlib.sha256(message.raw).hexdigest(),
+        # The parser's key, so that a later successful import resolves this failure.
+        message_key=message_key(headers.message_id, content_fingerprint(message.raw)),
         code=code,
         reason=reason,
         message_id=headers.message_id,
@@ -142,7 +143,7 @@ def _failure_from_result(
     msg = item.message
     return FailureInfo(
         uid=item.uid,
-        message_key=msg.message_key,
+        message_key=result.message_key,  # derived when the message reuses a stored id
         code=result.error_code or "import_failed",
         reason=result.error_reason or "the database refused the message",
         message_id=msg.message_id,
@@ -446,13 +447,32 @@ class AccountWorker:
             done_uids.append(result.uid)
             if result.outcome is Outcome.IMPORTED:
                 summary.imported += 1
+                parsed_message = by_uid[result.uid].message
                 self.log.info(
                     "message_imported",
                     uid=result.uid,
-                    message_id=by_uid[result.uid].message.message_id,
+                    message_id=parsed_message.message_id,
+                    message_key=result.message_key,
                     conversation=result.conversation_id,
                     new_conversation=result.new_conversation,
                 )
+                if result.reused_key is not None:
+                    # Stored already (committed above); the sender reuses its Message-IDs.
+                    self.log.warning(
+                        "message_id_reused",
+                        uid=result.uid,
+                        message_id=parsed_message.message_id,
+                        message_key=result.message_key,
+                        stored_message_key=result.reused_key,
+                    )
+                if parsed_message.defects:
+                    # Stored on the message (conversationmessage.defects) before this line.
+                    self.log.info(
+                        "message_defects",  # the account is bound to self.log
+                        uid=result.uid,
+                        message_key=result.message_key,
+                        defects=list(parsed_message.defects),
+                    )
             elif result.outcome is Outcome.IGNORED:
                 # The account's own mail continuing nothing: moved to Processed, not stored.
                 summary.duplicates += 1

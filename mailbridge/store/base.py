@@ -9,14 +9,16 @@ Guarantees every backend must give:
 
 * ``import_batch`` writes the whole batch in one transaction and each message all-or-nothing
   (a savepoint per message): a message whose rows fail is reported ``failed`` and leaves no row.
-* A message is stored at most once per account, keyed by ``ParsedMessage.message_key``; a second
-  delivery is reported ``duplicate`` and writes nothing.
+* A message is stored at most once per account: a second delivery (same content fingerprint,
+  whatever its transport headers) is reported ``duplicate`` and writes nothing. A *different*
+  message that reuses a stored Message-ID is stored too, under a derived key, with
+  ``ImportResult.reused_key`` naming the stored one (``mailbridge.core.messagekey``).
 * When the call returns, the transaction is committed (durable): only then may the caller move
   the messages out of the Inbox.
-* A message in which only the account's own identity takes part (From and every recipient are
-  its addresses or aliases) and that continues no conversation is reported ``ignored`` and
-  writes nothing: the account alone never starts a conversation (that is how mail loops
-  between an account and itself begin).
+* A message in which only the account's own identity takes part (From, every recipient and
+  every Reply-To address are its addresses or aliases) and that continues no conversation is
+  reported ``ignored`` and writes nothing: the account alone never starts a conversation (that
+  is how mail loops between an account and itself begin).
 * A conversation key (plus-address or subject tag) only joins a conversation of the same
   account that exists; any other key is ignored and Message-ID threading decides.
 """
@@ -100,6 +102,9 @@ class ImportResult:
     new_conversation: bool = False
     error_code: str | None = None  # set when outcome is FAILED (a catalogue code)
     error_reason: str | None = None
+    # IMPORTED only: the key of the stored, different message whose Message-ID this one reuses
+    # (``message_key`` is then the derived ``<message-id>#<fingerprint prefix>``).
+    reused_key: str | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -207,6 +212,8 @@ class StoredMessage:
     documents: tuple[tuple[str, str, int], ...]  # (filename, content type, size)
     embedded_files: tuple[tuple[str, str, int], ...]  # (content id, content type, size)
     threaded_by: str | None = None  # new, message_id, plus_address or subject
+    message_key: str = ""  # conversationmessage.messagekey
+    defects: tuple[str, ...] = ()  # what the parser repaired or could not read
 
 
 @dataclass(frozen=True, slots=True)

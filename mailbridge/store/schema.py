@@ -216,11 +216,50 @@ _V4: Final[tuple[str, ...]] = (
     "ALTER TABLE accountstate ADD COLUMN faileduidvalidity INTEGER",
 )
 
+# Version 5 (issue 9): what makes a message "the same message" and what the parser repaired.
+# ``fingerprint`` is the content fingerprint (mailbridge.core.messagekey): a sender that reuses a
+# Message-ID for different messages gets each stored (the later ones under a derived messagekey),
+# while the same message fetched again is still recognised (candidates are found by messageid
+# or messagekey, both indexed, so the fingerprint needs no index). ``defects`` lists, one per
+# line, what the parser repaired or could not read. Reply-To addresses become message
+# followers with their own level, ``replyto``: SQLite cannot change a CHECK constraint in place,
+# so messagefollower is rebuilt (same columns, ids and indexes). legacy_alter_table keeps the
+# RENAME from rewriting or checking views and triggers an integrator may have on other tables;
+# triggers on messagefollower itself go with the old table and must be re-created.
+_V5: Final[tuple[str, ...]] = (
+    "ALTER TABLE conversationmessage ADD COLUMN fingerprint TEXT",
+    "ALTER TABLE conversationmessage ADD COLUMN defects TEXT",
+    """
+    CREATE TABLE messagefollower_v5 (
+        id                  INTEGER PRIMARY KEY,
+        conversationmessage INTEGER NOT NULL
+                            REFERENCES conversationmessage (id) ON DELETE CASCADE,
+        follower            INTEGER NOT NULL REFERENCES follower (id) ON DELETE CASCADE,
+        participationlevel  TEXT NOT NULL
+                            CHECK (participationlevel IN ('from', 'to', 'cc', 'bcc', 'replyto')),
+        messageid           TEXT,
+        queueid             TEXT,
+        UNIQUE (conversationmessage, follower, participationlevel)
+    )
+    """,
+    "INSERT INTO messagefollower_v5 (id, conversationmessage, follower, participationlevel,"
+    " messageid, queueid) SELECT id, conversationmessage, follower, participationlevel,"
+    " messageid, queueid FROM messagefollower",
+    "DROP TABLE messagefollower",
+    "PRAGMA legacy_alter_table = ON",
+    "ALTER TABLE messagefollower_v5 RENAME TO messagefollower",
+    "PRAGMA legacy_alter_table = OFF",
+    "CREATE INDEX messagefollower_follower ON messagefollower (follower)",
+    "CREATE INDEX messagefollower_messageid ON messagefollower (messageid)"
+    " WHERE messageid IS NOT NULL",
+)
+
 MIGRATIONS: Final[tuple[Migration, ...]] = (
     Migration(1, "conversations, messages, followers, files, import failures", _V1),
     Migration(2, "threadedby, per-recipient Message-ID and unread indexes", _V2),
     Migration(3, "the recovery sweep's last run and summary per account", _V3),
     Migration(4, "how a failure was resolved; the Failed folder's UIDVALIDITY", _V4),
+    Migration(5, "content fingerprint, parser defects, the replyto participation level", _V5),
 )
 
 # The version a fully migrated database reports in PRAGMA user_version.

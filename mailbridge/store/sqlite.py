@@ -16,6 +16,14 @@ Every ``sqlite3``/``OSError`` leaving this module is mapped to
 
 Threading rules (see "The database schema" in README.md for the integrator's view):
 
+* Whether a message is already stored, and under which ``messagekey``, is decided by
+  :func:`mailbridge.core.messagekey.decide_message_key` from its content fingerprint: the same
+  message fetched again is a duplicate; a different one reusing a stored Message-ID is stored
+  under a derived key and, since the id names another message, replies citing that id do not
+  pull it in.
+* When the id a reply cites names several stored messages (a reused id), the reply joins the
+  conversation of the newest one dated no later than the reply
+  (:func:`mailbridge.core.messagekey.choose_parent`).
 * A message joins the conversation of the first of its thread candidates (In-Reply-To, then
   References newest first) stored for the same account; failing that, the conversation of a
   stored message that cites it (its reply arrived first); failing that, of a stored message
@@ -25,13 +33,15 @@ Threading rules (see "The database schema" in README.md for the integrator's vie
   subject tag) joins that conversation, but only if it exists and belongs to the same account.
   Message-IDs cited are matched against every stored Message-ID, including the per-recipient
   ids of sent copies (``messagefollower.messageid``).
-* A message in which only the account's own identity takes part (From and every recipient one of
-  its addresses or aliases) and that continues nothing is not stored (``ignored``): that is how
-  loops start. Mail from the account to an outside person may start a conversation.
+* A message in which only the account's own identity takes part (From, every recipient and every
+  Reply-To address one of its addresses or aliases) and that continues nothing is not stored
+  (``ignored``): that is how loops start. Mail from the account to an outside person may start a
+  conversation. A message from an own address is ``outgoing`` unless its Reply-To names someone
+  else (a web form writing for a customer): see :mod:`mailbridge.core.participants`.
 * A new conversation gets one new record in each configured conversation parent table, with
   the configured properties; followers link to the follower parent rows with their address.
-* Followers: every participant (From, To, Cc and Bcc) other than the account's own addresses
-  (and their plus-variants).
+* Followers: every participant (From, To, Cc, Bcc and Reply-To, the last at participation
+  level ``replyto``) other than the account's own addresses (and their plus-variants).
   After the newest message of a conversation, the active followers are exactly that message's
   participants: someone it leaves out becomes inactive, someone it names is active again. Bcc
   counts as present, because the person received the message. A message older than the newest
@@ -51,7 +61,7 @@ import errno
 import os
 import secrets
 import sqlite3
-from collections.abc import Callable, Collection, Iterable, Iterator, Sequence
+from collections.abc import Callable, Collection, Iterator, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from datetime import UTC, datetime
@@ -62,14 +72,21 @@ from sqlite_utils import Database
 
 from mailbridge.core.html import rewrite_inline_images, text_to_html
 from mailbridge.core.identify import (
-    base_address,
     is_own_address,
     new_conversation_key,
     plus_keys,
     subject_key,
     thread_candidates,
 )
+from mailbridge.core.messagekey import (
+    KeyDecision,
+    ParentCandidate,
+    StoredIdentity,
+    choose_parent,
+    decide_message_key,
+)
 from mailbridge.core.model import ParsedMessage
+from mailbridge.core.participants import is_outgoing, only_own_identity, reached_address
 from mailbridge.errors import ConfigError, StoreError
 from mailbridge.store.base import (
     RESOLVED_IMPORTED,
@@ -226,6 +243,27 @@ def _connect(path: Path, busy_timeout: float) -> sqlite3.Connection:
     finally:
         os.umask(old_umask)
     return conn
+
+
+@dataclass(frozen=True, slots=True)
+class _StoredRow:
+    """A stored message a batch's message may be: key, fingerprint, conversation, row."""
+
+    key: str
+    fingerprint: str | None
+    conversation_id: int
+    row_id: int
+
+
+def join_defects(defects: Sequence[str]) -> str | None:
+    """``conversationmessage.defects``: one defect per line (each made one line); None for none."""
+    lines = [" ".join(d.split()) for d in defects]
+    return "\n".join(line for line in lines if line) or None
+
+
+def split_defects(value: object) -> tuple[str, ...]:
+    """The defects column back as a tuple (an integrator may have written NULL or '')."""
+    return tuple(line for line in value.splitlines() if line) if isinstance(value, str) else ()
 
 
 @dataclass(slots=True)
@@ -440,29 +478,37 @@ class SqliteRepository:
         with self._transaction(f"import {len(items)} message(s) for {account}", write=True) as conn:
             self._prepare(conn, context.follower_parents, context.conversation_parents)
             now = _now()
-            stored = self._stored_keys(conn, account, [item.message.message_key for item in items])
+            stored = self._stored_identities(conn, account, [item.message for item in items])
             settled: list[str] = []  # keys now in the database: their failures are resolved
             # UID order, so that a reply in the same batch finds its parent already stored.
             for index in sorted(range(len(items)), key=lambda i: items[i].uid):
                 item = items[index]
-                key = item.message.message_key
-                known = stored.get(key)
-                if known is not None:
+                message = item.message
+                same_id = stored.setdefault(message.message_id or message.message_key, [])
+                # The rule (same message or a reused Message-ID) is core's.
+                decision = decide_message_key(
+                    message.message_key,
+                    message.message_id,
+                    message.fingerprint,
+                    [StoredIdentity(row.key, row.fingerprint) for row in same_id],
+                )
+                if decision.duplicate:
+                    known = next(row for row in same_id if row.key == decision.key)
                     results[index] = ImportResult(
                         uid=item.uid,
-                        message_key=key,
+                        message_key=decision.key,
                         outcome=Outcome.DUPLICATE,
-                        conversation_id=known[0],
-                        message_row_id=known[1],
+                        conversation_id=known.conversation_id,
+                        message_row_id=known.row_id,
                     )
-                    settled.append(key)
+                    settled.append(decision.key)
                     continue
-                result, written = self._import_in_savepoint(conn, context, item, now)
+                result, written = self._import_in_savepoint(conn, context, item, now, decision)
                 results[index] = result
                 if written is not None:
                     # A second copy later in the same batch is a duplicate of this one.
-                    stored[key] = written
-                    settled.append(key)
+                    same_id.append(_StoredRow(decision.key, message.fingerprint or None, *written))
+                    settled.append(decision.key)
             self._resolve_failures(conn, account, settled, now)
         return [result for result in results if result is not None]
 
@@ -472,11 +518,13 @@ class SqliteRepository:
         context: ImportContext,
         item: ImportItem,
         now: str,
+        decision: KeyDecision,
     ) -> tuple[ImportResult, tuple[int, int] | None]:
-        """Import one message all-or-nothing; the result, and (conversation, row) if written."""
+        """Import one message all-or-nothing under ``decision.key``; the result, and
+        (conversation, row) if written."""
         conn.execute("SAVEPOINT message")
         try:
-            written = self._import_one(conn, context, item, now)
+            written = self._import_one(conn, context, item, now, decision)
         except Exception as exc:
             if _is_batch_error(exc) or not conn.in_transaction:
                 # The database itself failed (or SQLite already rolled everything back): the
@@ -487,7 +535,7 @@ class SqliteRepository:
             reason = f"{type(exc).__name__}: {exc}"[:_MAX_REASON]
             failed = ImportResult(
                 uid=item.uid,
-                message_key=item.message.message_key,
+                message_key=decision.key,
                 outcome=Outcome.FAILED,
                 error_code="import_failed",
                 error_reason=reason,
@@ -497,7 +545,7 @@ class SqliteRepository:
         if written is None:
             ignored = ImportResult(
                 uid=item.uid,
-                message_key=item.message.message_key,
+                message_key=decision.key,
                 outcome=Outcome.IGNORED,
                 error_reason="only the account's own addresses take part and it continues no"
                 " conversation",
@@ -506,30 +554,37 @@ class SqliteRepository:
         conversation_id, row_id, new = written
         imported = ImportResult(
             uid=item.uid,
-            message_key=item.message.message_key,
+            message_key=decision.key,
             outcome=Outcome.IMPORTED,
             conversation_id=conversation_id,
             message_row_id=row_id,
             new_conversation=new,
+            reused_key=decision.reused,
         )
         return imported, (conversation_id, row_id)
 
     @staticmethod
-    def _stored_keys(
-        conn: sqlite3.Connection, account: str, keys: Sequence[str]
-    ) -> dict[str, tuple[int, int]]:
-        """message key -> (conversation id, message row id) for the keys already stored."""
-        unique = list(dict.fromkeys(keys))
-        found: dict[str, tuple[int, int]] = {}
-        for chunk in _chunks(unique):
-            rows = conn.execute(
-                "SELECT messagekey, conversation, id FROM conversationmessage"
-                f" WHERE account = ? AND messagekey IN ({_marks(len(chunk))})",
-                (account, *chunk),
-            )
-            for key, conversation_id, row_id in rows:
-                found[key] = (conversation_id, row_id)
-        return found
+    def _stored_identities(
+        conn: sqlite3.Connection, account: str, messages: Sequence[ParsedMessage]
+    ) -> dict[str, list[_StoredRow]]:
+        """The stored messages the batch's messages may be, oldest first, grouped by the
+        Message-ID (or, without one, the key) they share with a message of the batch."""
+        ids = list(dict.fromkeys(m.message_id for m in messages if m.message_id))
+        keys = list(dict.fromkeys(m.message_key for m in messages))
+        found: dict[str, dict[int, _StoredRow]] = {}
+        for column, values in (("messageid", ids), ("messagekey", keys)):
+            for chunk in _chunks(values):
+                rows = conn.execute(
+                    f"SELECT {column}, messagekey, fingerprint, conversation, id"
+                    f" FROM conversationmessage WHERE account = ? AND {column} IN"
+                    f" ({_marks(len(chunk))})",
+                    (account, *chunk),
+                )
+                for group, key, fingerprint, conversation_id, row_id in rows:
+                    found.setdefault(group, {})[row_id] = _StoredRow(
+                        key, fingerprint, conversation_id, row_id
+                    )
+        return {group: [rows[i] for i in sorted(rows)] for group, rows in found.items()}
 
     @staticmethod
     def _resolve_failures(
@@ -571,20 +626,37 @@ class SqliteRepository:
 
     @staticmethod
     def _find_conversation(
-        conn: sqlite3.Connection, account: str, message_id: str | None, candidates: Sequence[str]
+        conn: sqlite3.Connection,
+        account: str,
+        message_id: str | None,
+        candidates: Sequence[str],
+        date: str,
+        *,
+        reused: bool = False,
     ) -> int | None:
-        """The conversation ``message`` continues, by the rules in the module docstring."""
+        """The conversation ``message`` continues, by the rules in the module docstring.
+
+        ``reused``: the message's id already names another stored message, so messages citing
+        that id answer the other one and do not pull this one in.
+        """
         if candidates:
             parents: dict[str, int] = {}
+            carrying: dict[str, list[ParentCandidate]] = {}
             for chunk in _chunks(candidates):
                 rows = conn.execute(
-                    "SELECT messageid, conversation FROM conversationmessage"
-                    f" WHERE account = ? AND messageid IN ({_marks(len(chunk))})"
-                    " ORDER BY id",
+                    "SELECT messageid, date, id, conversation FROM conversationmessage"
+                    f" WHERE account = ? AND messageid IN ({_marks(len(chunk))})",
                     (account, *chunk),
                 )
-                for mid, conversation_id in rows:
-                    parents.setdefault(mid, conversation_id)
+                for mid, stored_date, row_id, conversation_id in rows:
+                    carrying.setdefault(mid, []).append(
+                        ParentCandidate(stored_date, row_id, conversation_id)
+                    )
+                for mid, found in carrying.items():
+                    # Several only when a sender reuses its Message-IDs (core decides).
+                    chosen = choose_parent(found, date)
+                    if chosen is not None:
+                        parents.setdefault(mid, chosen)
                 # Personalised sending gives each recipient a copy with its own Message-ID,
                 # kept on the messagefollower row; a reply cites that one.
                 rows = conn.execute(
@@ -600,7 +672,7 @@ class SqliteRepository:
                 if candidate in parents:
                     return parents[candidate]
         # Messages citing this one (its reply came first) or citing one of its ancestors.
-        cited = ([message_id] if message_id else []) + list(candidates)
+        cited = ([message_id] if message_id and not reused else []) + list(candidates)
         citing: dict[str, int] = {}
         for chunk in _chunks(cited):
             rows = conn.execute(
@@ -623,29 +695,37 @@ class SqliteRepository:
         context: ImportContext,
         item: ImportItem,
         now: str,
+        decision: KeyDecision,
     ) -> tuple[int, int, bool] | None:
-        """Write one message; (conversation id, message row id, new conversation), or None
-        when the message is the account's own and continues nothing (not written)."""
+        """Write one message under ``decision.key``; (conversation id, message row id, new
+        conversation), or None when the message is the account's own and continues nothing
+        (not written)."""
         account = context.account
         own = context.own_addresses
         message = item.message
         date = iso(message.date)
         sender = message.from_address
-        # Mail from the account's own address (sent by another client, Bcc to self) is ours.
-        outgoing = sender is not None and is_own_address(sender.email, own)
+        # Mail from the account's own address (sent by another client, Bcc to self) is ours,
+        # unless its Reply-To names someone else (a web form writing for a customer).
+        outgoing = is_outgoing(message, own)
         candidates = tuple(c for c in thread_candidates(message) if c and c != message.message_id)
-        own_email = _own_address(message, own)
+        own_email = reached_address(message, own)
 
         threaded_by: str = context.identification
         conversation_id = self._find_by_key(conn, context, message)
         if conversation_id is None:
             threaded_by = "message_id"
-            conversation_id = self._find_conversation(conn, account, message.message_id, candidates)
+            conversation_id = self._find_conversation(
+                conn,
+                account,
+                message.message_id,
+                candidates,
+                date,
+                reused=decision.reused is not None,
+            )
         new = conversation_id is None
         if conversation_id is None:
-            if outgoing and not any(
-                not is_own_address(a.email, own) for a, _level in message.participants()
-            ):
+            if outgoing and only_own_identity(message, own):
                 # Only the account's own identity takes part: a loop, or mail to itself.
                 return None
             threaded_by = "new"
@@ -662,14 +742,14 @@ class SqliteRepository:
         cursor = conn.execute(
             "INSERT INTO conversationmessage (conversation, account, uid, messageid, messagekey,"
             " uniqueid, direction, subject, fromaddress, fromname, date, message, plaintext,"
-            ' inreplyto, "references", size, createdtime, threadedby)'
-            " VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+            ' inreplyto, "references", size, createdtime, threadedby, fingerprint, defects)'
+            " VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
             (
                 conversation_id,
                 account,
                 item.uid,
                 message.message_id,
-                message.message_key,
+                decision.key,
                 _message_uniqueid(),
                 "outgoing" if outgoing else "incoming",
                 message.subject,
@@ -683,6 +763,8 @@ class SqliteRepository:
                 message.size,
                 now,
                 threaded_by,
+                message.fingerprint or None,
+                join_defects(message.defects),
             ),
         )
         row_id = int(cursor.lastrowid or 0)
@@ -1303,7 +1385,8 @@ class SqliteRepository:
             messages = list(
                 self._db.query(
                     "SELECT id, messageid, uid, date, subject, fromaddress, fromname, plaintext,"
-                    " message, threadedby FROM conversationmessage WHERE conversation = ?"
+                    " message, threadedby, messagekey, defects FROM conversationmessage"
+                    " WHERE conversation = ?"
                     " ORDER BY date, id",
                     [conversation_id],
                 )
@@ -1356,6 +1439,8 @@ class SqliteRepository:
                     documents=tuple(documents.get(row["id"], ())),
                     embedded_files=tuple(embedded.get(row["id"], ())),
                     threaded_by=row["threadedby"],
+                    message_key=row["messagekey"],
+                    defects=split_defects(row["defects"]),
                 )
                 for row in messages
             ),
@@ -1418,19 +1503,6 @@ def _failure_record(row: dict[str, Any]) -> FailureRecord:
         resolved=parse_time(row["resolved"]),
         resolution=row["resolution"],
     )
-
-
-def _own_address(message: ParsedMessage, own: frozenset[str]) -> str | None:
-    """Which of the account's addresses the message reached (None when it names none)."""
-    seen: Iterable[str] = (
-        *message.delivered_to,
-        *(a.email for a in (*message.to, *message.cc, *message.bcc)),
-        *((message.from_address.email,) if message.from_address is not None else ()),
-    )
-    for address in seen:
-        if is_own_address(address, own):
-            return base_address(address, own)
-    return None
 
 
 class AsyncRepository:

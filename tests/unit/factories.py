@@ -1,8 +1,10 @@
 """Builders of ParsedMessage objects for tests, so a test states only what it is about.
 
 Addresses are written ``"Name <email>"`` or ``"email"``; ids without angle brackets, as the
-parser stores them. A message without a Message-ID gets the parser's ``sha256:`` key of its
-"raw bytes" (here: ``raw``, or a rendering of the headers given).
+parser stores them. Every message gets a content fingerprint, as the parser gives: the SHA-256
+of ``raw`` when given, else of what the message says (id, date, sender, subject, Reply-To, text,
+HTML, files), so the same call twice is the same message and a different one is not. A message
+without a Message-ID gets the parser's ``sha256:<fingerprint>`` key.
 """
 
 from __future__ import annotations
@@ -64,15 +66,26 @@ def message(
     attachments: Iterable[Attachment] = (),
     inline_images: Iterable[Attachment] = (),
     delivered_to: Iterable[str] = (),
+    reply_to: Iterable[str] = (),
     raw: bytes | None = None,
+    fingerprint: str | None = None,
+    defects: Iterable[str] = (),
 ) -> ParsedMessage:
-    """A ParsedMessage with sensible defaults; ``message_key`` is derived as the parser does."""
+    """A ParsedMessage with sensible defaults; ``message_key`` is derived as the parser does.
+
+    ``fingerprint=""`` builds a message without one (as code that builds messages by hand).
+    """
     to_t, cc_t, bcc_t = addrs(to), addrs(cc), addrs(bcc)
-    if message_id is not None:
-        key = message_id
-    else:
-        body = raw if raw is not None else f"{subject}|{sender}|{date.isoformat()}|{text}".encode()
-        key = "sha256:" + hashlib.sha256(body).hexdigest()
+    attachments, inline_images, reply_to = tuple(attachments), tuple(inline_images), tuple(reply_to)
+    if fingerprint is None:
+        content = raw
+        if content is None:
+            files = [(a.filename, a.content_type, a.data) for a in (*attachments, *inline_images)]
+            content = repr(
+                (message_id, subject, sender, date.isoformat(), reply_to, text, html, files)
+            ).encode()
+        fingerprint = hashlib.sha256(content).hexdigest()
+    key = message_id if message_id is not None else "sha256:" + fingerprint
     return ParsedMessage(
         message_key=key,
         message_id=message_id,
@@ -80,7 +93,7 @@ def message(
         references=tuple(references),
         subject=subject,
         from_address=addr(sender) if sender is not None else None,
-        reply_to=(),
+        reply_to=addrs(reply_to),
         to=to_t,
         cc=cc_t,
         bcc=bcc_t,
@@ -88,9 +101,11 @@ def message(
         date=date,
         plain_text=text,
         html=html,
-        attachments=tuple(attachments),
-        inline_images=tuple(inline_images),
+        attachments=attachments,
+        inline_images=inline_images,
         size=len(text) + 500,
+        defects=tuple(defects),
+        fingerprint=fingerprint,
     )
 
 

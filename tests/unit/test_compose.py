@@ -268,6 +268,42 @@ def test_own_addresses_and_aliases_are_never_recipients() -> None:
     assert str(ours["Cc"]) == "Jane <jane@x.test>"
 
 
+@pytest.mark.parametrize(
+    ("parent_from", "parent_reply_to", "to", "expected"),
+    [
+        # RFC 5322 section 3.6.2: the answer goes to Reply-To, not to From.
+        ("noreply@forms.test", ["Rita <rita@mail.test>"], [], "Rita <rita@mail.test>"),
+        # A web form sent as the mailbox itself (field report 20a): the customer, not us.
+        ("support@acme.test", ["rita@mail.test"], [], "rita@mail.test"),
+        # Several Reply-To addresses: all of them.
+        ("x@forms.test", ["a@c.test", "B <b@c.test>"], [], "a@c.test, B <b@c.test>"),
+        # No Reply-To: From.
+        (CUSTOMER, [], [], "Ann Example <ann@customer.test>"),
+        # Reply-To naming only the mailbox: From (we never answer ourselves).
+        (CUSTOMER, ["help@acme.test"], [], "Ann Example <ann@customer.test>"),
+        # Reply-To equal to From, plus an explicit recipient: each once, Reply-To first.
+        (
+            CUSTOMER,
+            [CUSTOMER],
+            ["bob@x.test", CUSTOMER],
+            "Ann Example <ann@customer.test>, bob@x.test",
+        ),
+        # A list's Reply-To: the list.
+        (CUSTOMER, ["Dev list <dev@lists.test>"], [], "Dev list <dev@lists.test>"),
+    ],
+)
+def test_reply_goes_to_the_parents_reply_to(
+    parent_from: str, parent_reply_to: list[str], to: list[str], expected: str
+) -> None:
+    ours = compose(parent_from=parent_from, parent_reply_to=parent_reply_to, to=to)
+    assert str(ours["To"]) == expected
+
+
+def test_reply_to_an_own_message_with_nobody_outside_is_refused() -> None:
+    with pytest.raises(ValueError, match="no recipient"):
+        compose(parent_from="support@acme.test", parent_reply_to=["help@acme.test"], to=[])
+
+
 @given(
     data=st.data(),
     customers=st.lists(

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import hashlib
 from datetime import UTC, datetime, timedelta, timezone
 from email.message import EmailMessage
 from email.policy import SMTP
@@ -11,6 +10,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from mailbridge.core.messagekey import content_fingerprint
 from mailbridge.core.model import Address, ParsedMessage
 from mailbridge.core.parse import (
     decode_header_value,
@@ -68,13 +68,17 @@ def test_basic_fields() -> None:
     assert parsed.size > 100
 
 
-def test_message_key_without_message_id_is_sha256_of_raw() -> None:
+def test_message_key_without_message_id_is_its_content_fingerprint() -> None:
     msg = simple()
     del msg["Message-ID"]
     raw = msg.as_bytes(policy=SMTP)
     parsed = parse_message(raw, now=NOW)
     assert parsed.message_id is None
-    assert parsed.message_key == "sha256:" + hashlib.sha256(raw).hexdigest()
+    assert parsed.fingerprint == content_fingerprint(raw)
+    assert parsed.message_key == "sha256:" + parsed.fingerprint
+    # Delivered again through another relay: the same message, the same key.
+    relayed = parse_message(b"Received: from relay2 by mx2\r\n" + raw, now=NOW)
+    assert relayed.message_key == parsed.message_key
 
 
 def test_unusable_message_id_falls_back_to_hash_with_defect() -> None:

@@ -305,6 +305,252 @@ def test_message_without_message_id_is_deduplicated_by_its_hash(repo: Repository
     assert found.messages[0].message_id is None
 
 
+# -- reused Message-IDs (content fingerprints) ------------------------------------------------
+
+PARCEL_ID = "q8XvT2pLm0NwYr4Kd7@mailer.parcels.example"
+
+
+def parcel(number: int, minutes: int) -> ParsedMessage:
+    return message(
+        PARCEL_ID,
+        sender="Parcel Notifications <noreply@parcels.example>",
+        subject=f"Your parcel {number} is on its way",
+        text=f"Parcel {number} has left our depot.",
+        date=at(minutes),
+    )
+
+
+def test_a_reused_message_id_stores_every_different_message(repo: Repository) -> None:
+    first, second, third = parcel(1111, 0), parcel(2222, 60), parcel(3333, 120)
+    # Two in one batch (as one IMAP fetch brings them), the third later.
+    a, b = run(repo, first, second)
+    [c] = run(repo, third, first_uid=3)
+    assert [r.outcome for r in (a, b, c)] == [Outcome.IMPORTED] * 3
+    assert a.message_key == PARCEL_ID  # the first keeps the bare id: integrators' look-ups
+    assert b.message_key == f"{PARCEL_ID}#{second.fingerprint[:16]}"
+    assert c.message_key == f"{PARCEL_ID}#{third.fingerprint[:16]}"
+    assert (a.reused_key, b.reused_key, c.reused_key) == (None, PARCEL_ID, PARCEL_ID)
+    # Different parcels are different conversations, each with its own subject.
+    assert len({a.conversation_id, b.conversation_id, c.conversation_id}) == 3
+    stored = detail(repo, b.conversation_id).messages[0]
+    assert stored.message_id == PARCEL_ID
+    assert stored.message_key == b.message_key
+    assert stored.subject == "Your parcel 2222 is on its way"
+
+
+def test_each_reused_id_message_fetched_again_is_a_duplicate(repo: Repository) -> None:
+    first, second = parcel(1111, 0), parcel(2222, 60)
+    a, b = run(repo, first, second)
+    # A crash before the move: both fetched again, in the other order, in one batch with a
+    # second copy of one of them (the same mail delivered to an alias).
+    again = run(repo, second, first, second, first_uid=3)
+    assert [r.outcome for r in again] == [Outcome.DUPLICATE] * 3
+    assert [r.message_row_id for r in again] == [
+        b.message_row_id,
+        a.message_row_id,
+        b.message_row_id,
+    ]
+    assert [r.message_key for r in again] == [b.message_key, a.message_key, b.message_key]
+    assert sum(s.messages for s in repo.conversations()) == 2
+
+
+def test_a_reply_citing_a_reused_id_joins_the_newest_message_before_it(repo: Repository) -> None:
+    a, b = run(repo, parcel(1111, 0), parcel(2222, 60))
+    answer = message(
+        "answer@customer.test",
+        sender="Ann <ann@customer.test>",
+        subject="Re: Your parcel 2222 is on its way",
+        in_reply_to=[PARCEL_ID],
+        references=[PARCEL_ID],
+        date=at(90),
+    )
+    early = message(
+        "early@customer.test",
+        subject="Re: Your parcel 1111 is on its way",
+        in_reply_to=[PARCEL_ID],
+        date=at(30),
+    )
+    late, old = run(repo, answer, early, first_uid=3)
+    assert late.conversation_id == b.conversation_id
+    assert old.conversation_id == a.conversation_id
+
+
+def test_a_later_reused_id_message_is_not_pulled_into_a_reply_of_the_first(
+    repo: Repository,
+) -> None:
+    a, reply_to_first = run(
+        repo,
+        parcel(1111, 0),
+        message("r@customer.test", in_reply_to=[PARCEL_ID], date=at(10)),
+    )
+    assert reply_to_first.conversation_id == a.conversation_id
+    [b] = run(repo, parcel(2222, 60), first_uid=3)
+    assert b.new_conversation
+    assert b.conversation_id != a.conversation_id
+
+
+def test_the_same_message_with_other_transport_headers_is_one_message(repo: Repository) -> None:
+    # Same content fingerprint, other uid (the parser leaves Received/Delivered-To out).
+    m = message("alias@example.com", delivered_to=["support@acme.test"])
+    copy = dataclasses.replace(m, delivered_to=("help@acme.test",), size=m.size + 120)
+    first, second = run(repo, m, copy)
+    assert (first.outcome, second.outcome) == (Outcome.IMPORTED, Outcome.DUPLICATE)
+
+
+def test_sqlite_rows_without_a_fingerprint_keep_the_old_rule(
+    repo: Repository, tmp_path: Path
+) -> None:
+    if not isinstance(repo, SqliteRepository):
+        pytest.skip("SQLite-specific: rows written before schema version 5")
+    [a] = run(repo, parcel(1111, 0))
+    conn = sqlite3.connect(tmp_path / "data" / "mailbridge.db")
+    conn.execute("UPDATE conversationmessage SET fingerprint = NULL")
+    conn.commit()
+    conn.close()
+    # Nothing shows that a message under the same bare key is another one: a duplicate.
+    [b] = run(repo, parcel(2222, 60), first_uid=2)
+    assert b.outcome is Outcome.DUPLICATE
+    assert b.message_row_id == a.message_row_id
+
+
+def test_a_failed_reused_id_message_is_failed_under_its_own_key(repo: Repository) -> None:
+    [a] = run(repo, parcel(1111, 0))
+    bad = dataclasses.replace(parcel(2222, 60), size=2**70)
+    [failed] = run(repo, bad, first_uid=2)
+    assert failed.outcome is Outcome.FAILED
+    assert failed.message_key == f"{PARCEL_ID}#{bad.fingerprint[:16]}" != a.message_key
+
+
+# -- Reply-To ---------------------------------------------------------------------------------
+
+
+def test_reply_to_addresses_are_followers_at_level_replyto(repo: Repository) -> None:
+    m = message(
+        "form@web.example",
+        sender="www-data@web.example",
+        to=["support@acme.test"],
+        reply_to=["Hannah <hannah@customer.example>", "Support <support@acme.test>"],
+    )
+    [result] = run(repo, m)
+    found = detail(repo, result.conversation_id)
+    assert set(found.messages[0].followers) == {
+        ("www-data@web.example", "from"),
+        ("hannah@customer.example", "replyto"),
+    }
+    assert ("hannah@customer.example", "Hannah", True) in found.followers
+
+
+def test_a_form_sent_as_the_mailbox_is_the_customers_incoming_message(repo: Repository) -> None:
+    form = message(
+        "form-20a@www.acme.test",
+        sender="support@acme.test",
+        to=["support@acme.test"],
+        reply_to=["Rita Client <rita@mail.example>"],
+    )
+    [result] = run(repo, form)
+    assert result.outcome is Outcome.IMPORTED
+    [summary] = repo.conversations()
+    assert summary.earliest_unread is not None  # incoming: waiting for an answer
+    found = detail(repo, result.conversation_id)
+    assert found.followers == (("rita@mail.example", "Rita Client", True),)
+    assert found.messages[0].followers == (("rita@mail.example", "replyto"),)
+
+
+def test_reply_to_the_mailbox_itself_does_not_make_own_mail_a_conversation(
+    repo: Repository,
+) -> None:
+    looped = message(
+        "loop@acme.test",
+        sender="support@acme.test",
+        to=["help@acme.test"],
+        reply_to=["Support <support+x@acme.test>"],
+    )
+    [result] = run(repo, looped)
+    assert result.outcome is Outcome.IGNORED
+    assert repo.conversations() == []
+
+
+def test_reply_to_equal_to_from_is_one_follower_with_both_levels(repo: Repository) -> None:
+    m = message("same@customer.test", sender="Ann <ann@x.test>", reply_to=["ann@x.test"])
+    [result] = run(repo, m)
+    found = detail(repo, result.conversation_id)
+    assert [email for email, _n, _a in found.followers] == ["ann@x.test"]
+    assert set(found.messages[0].followers) == {("ann@x.test", "from"), ("ann@x.test", "replyto")}
+
+
+# -- defects ----------------------------------------------------------------------------------
+
+
+def test_defects_are_stored_on_the_message(repo: Repository, tmp_path: Path) -> None:
+    noted = ("unparseable Date 'Tue, 18 Sep 101'; the time of parsing is used", "base64 padding")
+    [with_defects, clean, folded] = run(
+        repo,
+        message("d1@example.com", defects=noted),
+        message("d2@example.com"),
+        message("d3@example.com", defects=["two\nlines", "", " spaced \t out "]),
+    )
+    assert detail(repo, with_defects.conversation_id).messages[0].defects == noted
+    # One defect per line: a defect is made one line, an empty one dropped.
+    assert detail(repo, folded.conversation_id).messages[0].defects == ("two lines", "spaced out")
+    assert detail(repo, clean.conversation_id).messages[0].defects == ()
+    if isinstance(repo, SqliteRepository):
+        rows = raw(tmp_path / "data" / "mailbridge.db", "SELECT defects FROM conversationmessage")
+        assert sorted(rows, key=str) == sorted(
+            [("\n".join(noted),), (None,), ("two lines\nspaced out",)], key=str
+        )
+
+
+def test_sqlite_migration_5_keeps_message_followers(sqlite_path: Path) -> None:
+    sqlite_path.parent.mkdir(parents=True)
+    conn = sqlite3.connect(sqlite_path)
+    for migration in MIGRATIONS[:4]:
+        for statement in migration.statements:
+            conn.execute(statement)
+    conn.execute("PRAGMA user_version = 4")
+    conn.execute("INSERT INTO conversation (id, uniqueid) VALUES (1, 'c')")
+    conn.execute(
+        "INSERT INTO conversationmessage (id, conversation, account, messagekey, uniqueid, date)"
+        " VALUES (7, 1, 'support', 'old@x', 'u', '2024-01-01T00:00:00Z')"
+    )
+    conn.execute("INSERT INTO follower (id, conversation, email) VALUES (3, 1, 'ann@x')")
+    conn.execute(
+        "INSERT INTO messagefollower (id, conversationmessage, follower, participationlevel,"
+        " messageid) VALUES (5, 7, 3, 'cc', 'per-recipient@x')"
+    )
+    # An integrator's view over the table survives its rebuild.
+    conn.execute(
+        "CREATE VIEW who AS SELECT f.email, mf.participationlevel AS level"
+        " FROM messagefollower AS mf JOIN follower AS f ON f.id = mf.follower"
+    )
+    conn.commit()
+    conn.close()
+    repo = SqliteRepository(sqlite_path)
+    try:
+        repo.migrate()
+        assert repo.schema_version() == 5
+    finally:
+        repo.close()
+    assert raw(sqlite_path, "SELECT * FROM messagefollower") == [
+        (5, 7, 3, "cc", "per-recipient@x", None)
+    ]
+    assert raw(sqlite_path, "SELECT * FROM who") == [("ann@x", "cc")]
+    indexes = {row[1] for row in raw(sqlite_path, "PRAGMA index_list(messagefollower)")}
+    assert {"messagefollower_follower", "messagefollower_messageid"} <= indexes
+    conn = sqlite3.connect(sqlite_path)
+    try:
+        conn.execute(
+            "INSERT INTO messagefollower (conversationmessage, follower, participationlevel)"
+            " VALUES (7, 3, 'replyto')"
+        )
+        with pytest.raises(sqlite3.IntegrityError):
+            conn.execute(
+                "INSERT INTO messagefollower (conversationmessage, follower, participationlevel)"
+                " VALUES (7, 3, 'sender')"
+            )
+    finally:
+        conn.close()
+
+
 # -- files ------------------------------------------------------------------------------------
 
 
