@@ -147,6 +147,10 @@ _C1_SUPERSET: Final = {
     "iso8859-9": "cp1254",
     "cp1252": "cp1252",
 }
+# ISO-8859 parts whose Windows counterpart differs beyond 0x80-0x9F.
+_C1_WHOLE_TEXT: Final = frozenset(
+    {"iso8859-2", "iso8859-4", "iso8859-5", "iso8859-6", "iso8859-7", "iso8859-8", "iso8859-13"}
+)
 # Supersets tried when a codec fails, before any guessing.
 _FALLBACKS: Final = {
     "euc-jp": ("euc-jis-2004", "cp932"),
@@ -261,11 +265,20 @@ def codec_for(label: str) -> str | None:
     return _ALIASES.get(codec, codec)
 
 
-def _c1_superset(text: str, codec: str) -> str:
-    """Replace C1 controls that an ISO-8859-x reading produced by the Windows characters."""
+def _c1_superset(text: str, codec: str, data: bytes = b"") -> str:
+    """Replace C1 controls that an ISO-8859-x reading produced by the Windows characters.
+
+    Where the Windows code page moves letters too (Cyrillic, Arabic, Greek, Hebrew, Central
+    European), bytes 0x80-0x9F show that the sender wrote that code page, so the whole text is
+    read in it when it can be."""
     windows = _C1_SUPERSET.get(codec)
     if windows is None or not _C1.search(text):
         return text
+    if data and codec in _C1_WHOLE_TEXT:
+        try:
+            return data.decode(windows)
+        except UnicodeDecodeError:
+            pass
     return text.translate(_C1_TABLES[windows])
 
 
@@ -388,9 +401,18 @@ def _guess(data: bytes, fallback: str | None) -> str:
     detected = _detect(data)
     if detected is not None:
         return detected
-    if _UTF8_SEQUENCE.search(data):
+    if _UTF8_SEQUENCE.search(data) and _mostly_utf8(data):
         return data.decode("utf-8", "mailbridge-cp1252")
     return _c1_superset(data.decode("latin-1"), "latin-1")
+
+
+def _mostly_utf8(data: bytes) -> bool:
+    """Whether most non-ASCII characters in ``data`` are valid UTF-8 (legacy text has a
+    valid-looking pair now and then, never mostly)."""
+    text = data.decode("utf-8", "replace")
+    bad = text.count("\ufffd")
+    good = sum(1 for char in text if char > "\x7f") - bad
+    return good >= bad
 
 
 def _decode_strict(data: bytes, codec: str) -> str | None:
@@ -402,7 +424,7 @@ def _decode_strict(data: bytes, codec: str) -> str | None:
         return None
     for candidate in (codec, *_FALLBACKS.get(codec, ())):
         try:
-            return _c1_superset(data.decode(candidate), candidate)
+            return _c1_superset(data.decode(candidate), candidate, data)
         except UnicodeDecodeError:
             continue
         except Exception:  # noqa: S112 - a codec that fails otherwise on junk is no charset
@@ -462,7 +484,7 @@ def decode_text(
     if text is not None:
         return text, None
     if codec in _UTF8_CODECS:
-        if has_utf8:  # UTF-8 with some legacy bytes pasted in
+        if has_utf8 and _mostly_utf8(data):  # UTF-8 with some legacy bytes pasted in
             return data.decode("utf-8", "mailbridge-cp1252"), DEFECT_MISLABELLED
         return _guess(data, fallback), DEFECT_MISLABELLED  # legacy 8-bit text labelled UTF-8
     detected = _detect(data)

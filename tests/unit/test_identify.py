@@ -51,6 +51,22 @@ def test_normalize_message_id(value: str, expected: str | None) -> None:
         ("", ()),
         ("<> <  >", ()),
         ('"quoted (not a comment)" <a@x.org>', ("a@x.org",)),
+        # Bare and bracketed ids mixed (clients that drop the brackets): all kept, in order.
+        ("root@x.org <parent@y.org>", ("root@x.org", "parent@y.org")),
+        (
+            "<root@x.org> middle@x.org <parent@y.org>",
+            ("root@x.org", "middle@x.org", "parent@y.org"),
+        ),
+        ("<a@x.org>b@x.org", ("a@x.org", "b@x.org")),
+        ("a@x.org;<b@x.org>, c@x.org", ("a@x.org", "b@x.org", "c@x.org")),
+        # A missing '>' (cut by a client or a line limit), alone or before another id.
+        ("<a@x.org", ("a@x.org",)),
+        ("<a@x.org <b@x.org>", ("a@x.org", "b@x.org")),
+        # An id folded across lines inside its brackets.
+        ("<CAF1234@\r\n mail.gmail.com>", ("CAF1234@mail.gmail.com",)),
+        # Prose words and quoted phrases around bare ids are not ids.
+        ('"ann@x.org" wrote root@x.org', ("root@x.org",)),
+        ("In reply to root@x.org.", ("root@x.org",)),
     ],
 )
 def test_parse_id_list(value: str, expected: tuple[str, ...]) -> None:
