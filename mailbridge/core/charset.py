@@ -376,9 +376,15 @@ def _detect(data: bytes) -> str | None:
         return None
     from charset_normalizer import from_bytes  # imported when needed: rare, and slow to load
 
-    best = from_bytes(data, cp_isolation=list(_DETECT_CANDIDATES)).best()
+    results = from_bytes(data, cp_isolation=list(_DETECT_CANDIDATES))
+    best = results.best()
     if best is None:
         return None
+    # Ties (Western text with few accents reads as well in 1250 as in 1252) go to the
+    # candidate listed first: the charset more mail is written in.
+    rank = {name: index for index, name in enumerate(_DETECT_CANDIDATES)}
+    ties = [m for m in results if m.chaos <= best.chaos and m.coherence >= best.coherence]
+    best = min(ties or [best], key=lambda match: rank.get(match.encoding, len(rank)))
     encoding = codec_for(best.encoding) or "cp1252"
     try:
         return _c1_superset(data.decode(encoding), encoding)

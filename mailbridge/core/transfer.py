@@ -79,8 +79,8 @@ def _uu_line(line: bytes) -> bytes | None:
     if not _UU_LINE.match(line):
         return None
     count = (line[0] - 32) & 63
-    needed = (count * 4 + 5) // 3
-    body = line[: needed + 1] if len(line) > needed else line.ljust(needed + 1, b" ")
+    needed = (count * 4 + 5) // 3  # the length character and the characters of count bytes
+    body = line[:needed].ljust(needed, b" ")
     try:
         return binascii.a2b_uu(body)[:count]
     except binascii.Error:

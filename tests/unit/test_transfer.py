@@ -84,6 +84,16 @@ def test_two_uuencoded_blocks_and_a_truncated_one() -> None:
     assert defects == ["uuencode-truncated"]
 
 
+def test_uuencode_last_line_with_nonzero_padding() -> None:
+    # Encoders pad the last line with any character (here '_', and spaces inside): the length
+    # character says how many bytes are meant.
+    line = b'I455%4U0@1D]2(%%53U1%+F5X95!+!08      0 ! $,   "LU ,    _'
+    data, defects = decode_uuencode(b"begin 644 x.zip\n" + line + b"\n`\nend\n")
+    assert len(data) == 41
+    assert data.startswith(b"QUEST FOR QUOTE.exePK\x05\x06")
+    assert defects == []
+
+
 def test_prose_starting_with_begin_is_not_uuencode() -> None:
     text = b"begin 644 is how the file starts\nand here is more prose\nend\n"
     assert find_uuencoded(text) == (text, [], [])
