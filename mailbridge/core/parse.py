@@ -313,7 +313,6 @@ class _Resource:
     data: bytes
     content_id: str | None
     disposition: str | None
-    in_related: bool
     charset: str | None = None
 
 
@@ -571,7 +570,7 @@ class _Walker:
             return self._text(part, ctype)
         if maintype == "multipart":
             return self._salvage(part, ctype, depth)
-        self._add_resource(part, ctype, in_related=False)
+        self._add_resource(part, ctype)
         return _Body()
 
     def payload(self, part: Message) -> bytes:
@@ -676,7 +675,7 @@ class _Walker:
                 if isinstance(child, Message):
                     self._resources_of(child, depth + 1)
             return
-        self._add_resource(part, _content_type(part), in_related=True)
+        self._add_resource(part, _content_type(part))
 
     @staticmethod
     def _is_inline_text(part: Message) -> bool:
@@ -718,7 +717,6 @@ class _Walker:
                     data=block.data,
                     content_id=None,
                     disposition="attachment",
-                    in_related=False,
                 )
             )
         return rest
@@ -745,7 +743,7 @@ class _Walker:
             self.notes.append("filename-undecodable")
         return None
 
-    def _add_resource(self, part: Message, ctype: str, *, in_related: bool) -> None:
+    def _add_resource(self, part: Message, ctype: str) -> None:
         data = self.payload(part)
         filename = self._filename(part)
         self.resources.append(
@@ -755,7 +753,6 @@ class _Walker:
                 data=data,
                 content_id=_content_id(part.get("content-id")),
                 disposition=part.get_content_disposition(),
-                in_related=in_related,
                 charset=part.get_content_charset(),
             )
         )
@@ -785,16 +782,35 @@ class _Walker:
                     data=content,
                     content_id=None,
                     disposition="attachment",
-                    in_related=False,
                 )
             )
         if not self.tnef_body.plain and not self.tnef_body.html:
             html = _tnef_text(tnef.htmlbody, tnef.codepage)
             plain = _tnef_text(tnef.body, tnef.codepage)
+            if not html.strip() and not plain.strip():
+                plain = self._tnef_rtf(tnef)
             self.tnef_body = _Body(
                 plain=[plain.replace("\r\n", "\n").rstrip("\x00")] if plain.strip() else [],
                 html=[html.rstrip("\x00")] if html.strip() else [],
             )
+
+    def _tnef_rtf(self, tnef: Any) -> str:
+        """The text of a TNEF body that Outlook kept only as compressed RTF (MS-OXRTFCP),
+        decompressed with compressed-rtf and turned into text with striprtf."""
+        compressed = getattr(tnef, "_rtfbody", None)
+        if not isinstance(compressed, bytes) or not compressed:
+            return ""
+        try:
+            from compressed_rtf import decompress  # imported when needed, as tnefparse is
+            from striprtf.striprtf import rtf_to_text
+
+            rtf = decompress(compressed + b"\x00")  # tnefparse's own reading adds the NUL
+            # striprtf ships py.typed but leaves this function unannotated.
+            text = rtf_to_text(rtf.decode("latin-1"), errors="ignore")  # type: ignore[no-untyped-call]
+        except Exception:  # a foreign decoder on damaged data: the body is lost, not the mail
+            self.notes.append("tnef-unreadable")
+            return ""
+        return str(text).replace("\r\n", "\n").strip("\n")
 
     def _add_message(self, part: Message, depth: int) -> None:
         """message/* parts (forwards, delivery reports) are kept whole, as their bytes."""
@@ -824,7 +840,6 @@ class _Walker:
                 data=data,
                 content_id=_content_id(part.get("content-id")),
                 disposition=part.get_content_disposition(),
-                in_related=False,
             )
         )
 

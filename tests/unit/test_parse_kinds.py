@@ -322,6 +322,20 @@ def tnef(body: str | None, files: list[tuple[str, bytes]]) -> bytes:
     return out
 
 
+def tnef_rtf_only(rtf: bytes) -> bytes:
+    """A winmail.dat whose body is only compressed RTF (PR_RTF_COMPRESSED in attMAPIProps),
+    as Outlook sends rich-text mail."""
+    from compressed_rtf import compress
+
+    blob = compress(rtf, compressed=True)
+    padded = blob + bytes(-len(blob) % 4)
+    props = struct.pack("<IHHII", 1, 0x0102, 0x1009, 1, len(blob)) + padded
+    out = struct.pack("<IH", 0x223E9F78, 0x0101)
+    out += _tnef_attribute(1, 0x9006, 0x0008, struct.pack("<I", 0x00010000))
+    out += _tnef_attribute(1, 0x9003, 0x0006, props)
+    return out
+
+
 def _with_tnef(text_body: bytes, data: bytes, ctype: str = "application/ms-tnef") -> bytes:
     return multipart(
         ("Content-Type: text/plain", text_body),
@@ -350,6 +364,16 @@ def test_tnef_body_used_when_the_mail_has_no_other() -> None:
     parsed = parse(_with_tnef(b"", data, ctype="application/vnd.ms-tnef"))
     assert parsed.plain_text == "Grüße aus Outlook\nZeile 2"
     assert [a.filename for a in parsed.attachments] == ["winmail.dat", "a.txt"]
+
+
+def test_tnef_rich_text_body_used_when_the_mail_has_no_other() -> None:
+    rtf = (
+        rb"{\rtf1\ansi\ansicpg1252\deff0{\fonttbl{\f0 Calibri;}}"
+        rb"\f0\fs22 Gr\'fc\'dfe aus Outlook\par Zeile 2\par}"
+    )
+    parsed = parse(_with_tnef(b"", tnef_rtf_only(rtf)))
+    assert parsed.plain_text == "Grüße aus Outlook\nZeile 2"
+    assert [a.filename for a in parsed.attachments] == ["winmail.dat"]
 
 
 def test_octet_stream_winmail_dat_is_unpacked_and_junk_is_noted() -> None:
