@@ -21,6 +21,7 @@ from mailbridge.core.model import ParsedMessage
 from mailbridge.core.parse import parse_message
 from mailbridge.daemon.account import _parse_batch
 from mailbridge.mail.imap import FetchedMessage
+from tests.unit.test_charset import MISLABELLED_SUPERSETS
 from tests.unit.test_parse_corpora import DOCUMENTED_DEFECTS as DOCUMENTED
 
 ARRIVAL = datetime(2025, 6, 2, 12, 0, tzinfo=UTC)
@@ -207,18 +208,7 @@ def test_iso_2022_jp_windows_superset_in_body_and_subject() -> None:
     assert parsed.defects == ()
 
 
-@pytest.mark.parametrize(
-    ("text", "writer", "label"),
-    [
-        ("Preis: 5 € – „danke“", "cp1252", "iso-8859-1"),
-        ("Cena: 5 € – „dziękuję” Śląsk", "cp1250", "iso-8859-2"),
-        ("Цена: 5 € – «спасибо»", "cp1251", "iso-8859-5"),
-        ("你好，附件是报价单 𠀀", "gb18030", "gb2312"),
-        ("香港 𨋢 報價", "big5hkscs", "big5"),
-        ("똠방각하 견적서", "cp949", "euc-kr"),
-        ("①の件、髙橋です", "cp932", "shift_jis"),
-    ],
-)
+@pytest.mark.parametrize(("text", "writer", "label"), MISLABELLED_SUPERSETS)
 def test_mislabelled_body_charsets_read_as_mail_clients_do(
     text: str, writer: str, label: str
 ) -> None:
