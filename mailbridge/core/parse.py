@@ -207,7 +207,11 @@ def _addresses(values: list[str], hint: str | None) -> tuple[Address, ...]:
         return ()
     seen: set[str] = set()
     out: list[Address] = []
-    for name, addr in getaddresses([_FOLD.sub("", v) for v in values]):
+    # Raw ISO-2022-JP names (old Japanese mailers) are decoded first: "ESC ( B" would open a
+    # comment for the address parser and swallow the address.
+    unfolded = [_FOLD.sub("", v) for v in values]
+    unfolded = [_fix_8bit(v, hint) if "\x1b" in v else v for v in unfolded]
+    for name, addr in getaddresses(unfolded):
         email = _email(addr, hint)
         if email is None or email in seen:
             continue

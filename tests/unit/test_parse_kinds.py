@@ -221,9 +221,19 @@ def test_mislabelled_body_charsets_read_as_mail_clients_do(
     assert "\ufffd" not in parsed.plain_text
 
 
-def test_raw_jis_subject_without_encoded_words() -> None:
-    raw = mail("Subject: " + "見積".encode("iso2022_jp").decode("ascii"), b"x")
-    assert parse(raw).subject == "見積"
+def test_raw_jis_headers_without_encoded_words() -> None:
+    def jis(text: str) -> str:
+        return text.encode("iso2022_jp").decode("ascii")
+
+    raw = mail(
+        f"Subject: {jis('見積')}\nFrom: {jis('佐藤')} <sato@x.org>\n"
+        f"To: {jis('営業')} <sales@y.org>, b@y.org",
+        b"x",
+    )
+    parsed = parse(raw)
+    assert parsed.subject == "見積"
+    assert (parsed.from_address.email, parsed.from_address.name) == ("sato@x.org", "佐藤")
+    assert [(a.email, a.name) for a in parsed.to] == [("sales@y.org", "営業"), ("b@y.org", "")]
 
 
 # --- transfer encodings -------------------------------------------------------------------
