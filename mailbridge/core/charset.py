@@ -161,6 +161,17 @@ _FALLBACKS: Final = {
     "iso8859-7": ("cp1253",),
     "iso8859-3": ("cp1254",),
 }
+# 8-bit text under a 7-bit label: what the sender's client really wrote, in the order that
+# tells them apart (EUC-JP fails on Shift_JIS bytes, not the other way round).
+_MISLABELLED_AS: Final = {
+    **dict.fromkeys(
+        ("iso2022-jp", "iso2022-jp-1", "iso2022-jp-2", "iso2022-jp-2004", "iso2022-jp-3"),
+        ("euc-jp", "cp932"),
+    ),
+    "iso2022-jp-ext": ("euc-jp", "cp932"),
+    "iso2022-kr": ("cp949",),
+    "hz": ("gb18030",),
+}
 _JIS_CODECS: Final = frozenset(
     {"iso2022-jp", "iso2022-jp-1", "iso2022-jp-2", "iso2022-jp-2004", "iso2022-jp-3"}
     | {"iso2022-jp-ext"}
@@ -489,6 +500,10 @@ def decode_text(
     text = _decode_strict(data, codec)
     if text is not None:
         return text, None
+    for candidate in _MISLABELLED_AS.get(codec, ()):
+        text = _decode_strict(data, candidate)
+        if text is not None:
+            return text, DEFECT_MISLABELLED
     if codec in _UTF8_CODECS:
         if has_utf8 and _mostly_utf8(data):  # UTF-8 with some legacy bytes pasted in
             return data.decode("utf-8", "mailbridge-cp1252"), DEFECT_MISLABELLED

@@ -178,6 +178,12 @@ def test_unknown_and_wrong_labels(
     assert note == defect
 
 
+@pytest.mark.parametrize("writer", ["cp932", "euc-jp"])
+def test_8bit_japanese_labelled_iso_2022_jp(writer: str) -> None:
+    text = "お見積りの件、①と髙橋の分です。" if writer == "cp932" else "お見積りの件です。"
+    assert decode_text(text.encode(writer), "iso-2022-jp") == (text, "charset-mislabelled")
+
+
 def test_long_legacy_text_labelled_wrong_is_detected() -> None:
     text = (
         "Здравствуйте! Спасибо за ваш заказ номер 4512. Мы отправим посылку завтра утром, "
