@@ -7,6 +7,11 @@ That is about three times faster than ``policy.default`` (which builds a header 
 access) and lets every step degrade instead of failing: a bad charset, date or address costs
 that one value, never the message. :func:`parse_message` raises only
 :class:`~mailbridge.errors.MessageError`.
+
+Bytes become text only through :func:`mailbridge.core.charset.decode_text` (headers, file names
+and bodies alike); transfer encodings are undone by :mod:`mailbridge.core.transfer` (base64 in
+padded chunks, uuencode), Outlook's winmail.dat by tnefparse. Every repair is recorded as a
+stable code in ``ParsedMessage.defects`` (the list is in that class's docstring).
 """
 
 from __future__ import annotations
