@@ -17,6 +17,7 @@ stable code in ``ParsedMessage.defects`` (the list is in that class's docstring)
 from __future__ import annotations
 
 import binascii
+import functools
 import hashlib
 import io
 import mimetypes
@@ -400,8 +401,15 @@ _MAGIC: Final = (
     (b"%PDF-", "application/pdf"),
     (b"PK\x03\x04", "application/zip"),
 )
-# The standard library's own table, not the machine's /etc/mime.types: the same everywhere.
-_MIME_TYPES: Final = mimetypes.MimeTypes()
+
+
+@functools.cache
+def _mime_types() -> mimetypes.MimeTypes:
+    """The standard library's own extension table, not the machine's /etc/mime.types (the
+    same answer everywhere); built on first use, not at start-up."""
+    return mimetypes.MimeTypes()
+
+
 _TRANSFER_IDENTITY: Final = frozenset({"", "7bit", "8bit", "binary", "7-bit", "8-bit", "none"})
 _UUENCODE: Final = frozenset({"x-uuencode", "uuencode", "x-uue", "uue"})
 # RFC 2045 5.1 / RFC 2231 parameters: name, then a quoted string (its end may be missing) or a
@@ -440,7 +448,7 @@ def _real_type(declared: str, filename: str | None, data: bytes) -> str:
     if declared not in _GENERIC_TYPES:
         return declared
     if filename:
-        guessed, _ = _MIME_TYPES.guess_type(filename, strict=False)
+        guessed, _ = _mime_types().guess_type(filename, strict=False)
         if guessed:
             return guessed
     for magic, ctype in _MAGIC:
