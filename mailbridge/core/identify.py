@@ -85,9 +85,10 @@ def _strip_comments(value: str) -> str:
     return "".join(out)
 
 
-# One id-list item, left to right: a quoted phrase (skipped), a bracketed id, an id whose '>'
-# is missing (up to the next space or '<'), or a bare word (an id when it holds an '@').
-_ID_ITEM = re.compile(r'"(?:[^"\\]|\\.)*"?|<([^<>]*)>|<([^<>\s]*)|([^\s<>,;"]+)')
+# One id-list item, left to right: a quoted phrase (skipped; never across '<' or '>', so a
+# stray quote cannot hide the ids after it), a bracketed id, an id whose '>' is missing (up to
+# the next space or '<'), or a bare word (an id when it holds an '@').
+_ID_ITEM = re.compile(r'"(?:[^"\\<>]|\\.)*"|<([^<>]*)>|<([^<>\s]*)|([^\s<>,;"]+)')
 
 
 def parse_id_list(value: str) -> tuple[str, ...]:
