@@ -109,7 +109,12 @@ def _parse_batch(
     failures: list[FailureInfo] = []
     for message in fetched:
         try:
-            parsed = parse_message(message.raw, max_attachment_bytes=max_attachment_bytes)
+            parsed = parse_message(
+                message.raw,
+                max_attachment_bytes=max_attachment_bytes,
+                # A missing, broken or future Date falls back to when the message arrived.
+                arrival=message.internaldate,
+            )
         except MessageError as exc:
             failures.append(_failure_from_raw(message, exc.code, str(exc)))
         except Exception as exc:  # the parser promises MessageError; a bug must not stop the batch
