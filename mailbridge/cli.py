@@ -101,11 +101,24 @@ def _parser() -> argparse.ArgumentParser:
         "doctor", help="check config, secret, network, TLS, login, capabilities, folders, SMTP"
     )
     doctor.add_argument("account", nargs="?")
+
+    inspect = sub.add_parser(
+        "inspect",
+        help="what mailbridge makes of one message (addresses, threading keys, automatic "
+        "verdict, bounce) without importing it; needs no config unless --account is given",
+    )
+    inspect.add_argument("file", type=Path, help="an RFC 5322 message (.eml); - for stdin")
+    inspect.add_argument("--json", action="store_true", help="machine-readable output")
+    inspect.add_argument(
+        "--account", help="read plus-address keys against this configured account's addresses"
+    )
     return parser
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = _parser().parse_args(argv)
+    if args.command == "inspect" and args.account is None:
+        return _inspect(args.file, as_json=args.json, own=frozenset())
     try:
         settings = load_config(args.config)
     except ConfigError as exc:
@@ -153,6 +166,9 @@ def _dispatch(args: argparse.Namespace, settings: Settings) -> int:
         return _conversation_read(settings, args.id)
     if command == "conversation":
         return _conversation_show(settings, args.id)
+    if command == "inspect":
+        own = settings.account(args.account).own_addresses()
+        return _inspect(args.file, as_json=args.json, own=own)
     if command in {"failed", "sync", "doctor"}:
         from mailbridge import cli_ops  # the operator's tools pull in the IMAP/SMTP layers
 
@@ -411,4 +427,78 @@ def _conversation_read(settings: Settings, conversation_id: int) -> int:
         print(f"mailbridge: no conversation {conversation_id}", file=sys.stderr)
         return 1
     print(f"conversation {conversation_id} marked read")
+    return 0
+
+
+EX_DATAERR = 65
+EX_NOINPUT = 66
+
+
+def _inspect(path: Path, *, as_json: bool, own: frozenset[str]) -> int:
+    """``mailbridge inspect FILE``: exit 0, 65 (not a message), 66 (cannot read FILE)."""
+    from mailbridge.core.inspect import inspect_message
+    from mailbridge.errors import MessageError
+
+    try:
+        raw = sys.stdin.buffer.read() if str(path) == "-" else path.read_bytes()
+    except OSError as exc:
+        print(f"mailbridge: cannot read {path}: {exc.strerror or exc}", file=sys.stderr)
+        return EX_NOINPUT
+    try:
+        _, report = inspect_message(raw, own)
+    except MessageError as exc:
+        print(f"mailbridge: {path} is not a message mailbridge can read: {exc}", file=sys.stderr)
+        return EX_DATAERR
+    if as_json:
+        print(json.dumps(report, indent=2, ensure_ascii=False))
+        return 0
+    out = console()
+
+    def who(value: dict[str, str] | None) -> str:
+        if not value:
+            return "(none)"
+        return f"{value['name']} <{value['address']}>" if value["name"] else value["address"]
+
+    threading = report["threading"]
+    lines = [
+        f"Message-ID:   {report['message_id'] or '(none)'}",
+        f"Key:          {report['message_key']}",
+        f"Date:         {report['date']}",
+        f"Subject:      {report['subject']}",
+        f"From:         {who(report['from'])}",
+        f"Reply-To:     {', '.join(who(a) for a in report['reply_to']) or '(none)'}",
+        f"To:           {', '.join(who(a) for a in report['to']) or '(none)'}",
+        f"Cc:           {', '.join(who(a) for a in report['cc']) or '(none)'}",
+        f"Threading:    candidates {', '.join(threading['candidates']) or '(none)'}; "
+        f"subject key {threading['subject_key'] or '(none)'}; "
+        f"plus keys {', '.join(threading['plus_keys']) or '(none)'}",
+        "Automatic:    "
+        + (f"yes ({report['automatic_reason']})" if report["automatic"] else "no (a person)"),
+    ]
+    bounce = report["bounce"]
+    if bounce is None:
+        lines.append("Bounce:       no")
+    else:
+        lines.append(
+            f"Bounce:       {bounce['kind']}, original message "
+            f"{bounce['original_message_id'] or '(not found)'}"
+        )
+        for r in bounce["recipients"]:
+            kind = "permanent" if r["permanent"] else "temporary"
+            lines.append(f"  {r['address']}: {kind} {r['status'] or ''} {r['diagnostic'] or ''}")
+        if not bounce["recipients"]:
+            lines.append("  (no failed recipient could be read)")
+    if report["feedback_report"]:
+        fb = report["feedback_report"]
+        lines.append(f"Feedback:     {fb['feedback_type']} from {', '.join(fb['recipients'])}")
+    if report["challenge"]:
+        lines.append(f"Challenge:    {report['challenge']}")
+    for attachment in report["attachments"]:
+        lines.append(
+            f"Attachment:   {attachment['filename']} ({attachment['content_type']}, "
+            f"{attachment['size']} bytes)"
+        )
+    for defect in report["defects"]:
+        lines.append(f"Defect:       {defect}")
+    out.print(mail_text("\n".join(lines)))
     return 0

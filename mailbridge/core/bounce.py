@@ -498,6 +498,14 @@ def detect_feedback_report(msg: Message | bytes) -> FeedbackReport | None:
         msg = parse_raw(bytes(msg))
     if _report_type(msg) != "feedback-report":
         return None
+    try:
+        return _feedback_report(msg)
+    except Exception:  # hostile MIME: no answer rather than a failed import
+        log.debug("feedback report parsing failed", exc_info=True)
+        return None
+
+
+def _feedback_report(msg: Message) -> FeedbackReport:
     feedback_type = "abuse"
     user_agent: str | None = None
     recipients: list[str] = []
