@@ -40,11 +40,12 @@ __all__ = [
     "detect_bounce",
     "detect_challenge",
     "detect_feedback_report",
+    "feedback_as_bounce",
     "is_valid_address",
     "parse_raw",
 ]
 
-BounceKind = Literal["dsn", "non-standard"]
+BounceKind = Literal["dsn", "non-standard", "feedback"]
 
 
 @dataclass(frozen=True, slots=True)
@@ -536,6 +537,18 @@ def _feedback_report(msg: Message) -> FeedbackReport:
         recipients=tuple(dict.fromkeys(recipients or returned_to)),
         original_message_id=_original_message_id(msg),
         user_agent=user_agent,
+    )
+
+
+def feedback_as_bounce(report: FeedbackReport) -> Bounce:
+    """An ARF report as a delivery error of kind ``feedback``: the complaining recipients, each
+    permanent (mail the recipient calls spam is not to be sent again), status None, the
+    diagnostic naming the feedback type."""
+    diagnostic = f"feedback report (RFC 5965): {report.feedback_type}"
+    return Bounce(
+        kind="feedback",
+        recipients=tuple(BounceRecipient(r, True, None, diagnostic) for r in report.recipients),
+        original_message_id=report.original_message_id,
     )
 
 

@@ -28,8 +28,16 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Literal
 
-from mailbridge.core.automatic import AutomaticVerdict
-from mailbridge.core.bounce import Bounce
+from mailbridge.core.automatic import AutomaticVerdict, detect_automatic
+from mailbridge.core.bounce import (
+    Bounce,
+    detect_bounce,
+    detect_challenge,
+    detect_feedback_report,
+    feedback_as_bounce,
+    parse_raw,
+)
+from mailbridge.core.model import ParsedMessage
 
 __all__ = [
     "AutomaticEmails",
@@ -37,6 +45,7 @@ __all__ = [
     "BotLists",
     "Decision",
     "Disposition",
+    "analyse",
     "decide",
     "matching_pattern",
 ]
@@ -76,6 +85,28 @@ class Decision:
     @property
     def may_create_conversation(self) -> bool:
         return self.disposition is Disposition.IMPORT
+
+
+def analyse(raw: bytes, message: ParsedMessage) -> tuple[AutomaticVerdict, Bounce | None]:
+    """The automatic verdict and the delivery report (a bounce, or an ARF feedback report as a
+    bounce of kind ``feedback``) of one message: what :func:`decide` needs. A challenge from a
+    challenge-response filter is automatic whatever its headers say. Never raises."""
+    verdict = detect_automatic(message)
+    try:
+        view = parse_raw(raw)
+    except Exception:  # the stdlib parser copes with nearly anything; stay safe
+        return verdict, None
+    report = detect_bounce(view)
+    if report is None:
+        feedback = detect_feedback_report(view)
+        report = feedback_as_bounce(feedback) if feedback is not None else None
+    if not verdict.automatic:
+        challenge = detect_challenge(view)
+        if challenge is not None:
+            verdict = AutomaticVerdict(True, challenge)
+        elif report is not None:
+            verdict = AutomaticVerdict(True, f"delivery report ({report.kind})")
+    return verdict, report
 
 
 @functools.lru_cache(maxsize=1024)

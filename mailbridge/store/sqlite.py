@@ -60,6 +60,7 @@ from typing import TYPE_CHECKING, Any, Final, TypeVar
 
 from sqlite_utils import Database
 
+from mailbridge.core.automatic import AutomaticVerdict
 from mailbridge.core.html import rewrite_inline_images, text_to_html
 from mailbridge.core.identify import (
     base_address,
@@ -70,13 +71,16 @@ from mailbridge.core.identify import (
     thread_candidates,
 )
 from mailbridge.core.model import ParsedMessage
+from mailbridge.core.policy import Disposition, decide
 from mailbridge.errors import ConfigError, StoreError
+from mailbridge.store import delivery_errors as _delivery_errors
 from mailbridge.store.base import (
     RESOLVED_IMPORTED,
     RESOLVED_REMOVED,
     AccountState,
     ConversationDetail,
     ConversationSummary,
+    DeliveryErrorRecord,
     FailureInfo,
     FailureRecord,
     ImportContext,
@@ -98,6 +102,19 @@ if TYPE_CHECKING:
     )
 
 T = TypeVar("T")
+
+
+@dataclass(frozen=True, slots=True)
+class _NotStored:
+    """What _import_one answers for a message the policy keeps out of the conversations."""
+
+    outcome: Outcome  # DISCARDED or BOUNCE
+    reason: str | None
+    delivery_errors: int = 0
+    delivery_errors_matched: int = 0
+
+
+_PERSON: Final = AutomaticVerdict(automatic=False)
 
 DEFAULT_BUSY_TIMEOUT: Final = 10.0  # seconds a writer waits for an integrator's transaction
 
@@ -463,6 +480,8 @@ class SqliteRepository:
                     # A second copy later in the same batch is a duplicate of this one.
                     stored[key] = written
                     settled.append(key)
+                elif result.outcome in {Outcome.DISCARDED, Outcome.BOUNCE}:
+                    settled.append(key)  # dealt with for good: a failure of it is resolved
             self._resolve_failures(conn, account, settled, now)
         return [result for result in results if result is not None]
 
@@ -494,6 +513,16 @@ class SqliteRepository:
             )
             return failed, None
         conn.execute("RELEASE SAVEPOINT message")
+        if isinstance(written, _NotStored):
+            skipped = ImportResult(
+                uid=item.uid,
+                message_key=item.message.message_key,
+                outcome=written.outcome,
+                error_reason=written.reason,
+                delivery_errors=written.delivery_errors,
+                delivery_errors_matched=written.delivery_errors_matched,
+            )
+            return skipped, None
         if written is None:
             ignored = ImportResult(
                 uid=item.uid,
@@ -623,9 +652,10 @@ class SqliteRepository:
         context: ImportContext,
         item: ImportItem,
         now: str,
-    ) -> tuple[int, int, bool] | None:
+    ) -> tuple[int, int, bool] | _NotStored | None:
         """Write one message; (conversation id, message row id, new conversation), or None
-        when the message is the account's own and continues nothing (not written)."""
+        when the message is the account's own and continues nothing (not written), or
+        _NotStored when core/policy.py keeps it out (discarded; a bounce: errors written)."""
         account = context.account
         own = context.own_addresses
         message = item.message
@@ -641,6 +671,21 @@ class SqliteRepository:
         if conversation_id is None:
             threaded_by = "message_id"
             conversation_id = self._find_conversation(conn, account, message.message_id, candidates)
+        verdict = item.automatic or _PERSON
+        decision = decide(
+            verdict,
+            item.report,
+            conversation_found=conversation_id is not None,
+            sender=sender.email if sender is not None else None,
+            policy=context.automatic_policy,
+        )
+        if decision.disposition is Disposition.DISCARD:
+            return _NotStored(Outcome.DISCARDED, decision.reason)
+        if decision.disposition is Disposition.BOUNCE and item.report is not None:
+            written, matched = _delivery_errors.record_delivery_errors(
+                conn, account, message, item.report, now
+            )
+            return _NotStored(Outcome.BOUNCE, decision.reason, written, matched)
         new = conversation_id is None
         if conversation_id is None:
             if outgoing and not any(
@@ -686,6 +731,11 @@ class SqliteRepository:
             ),
         )
         row_id = int(cursor.lastrowid or 0)
+        if verdict.automatic:
+            conn.execute(
+                "UPDATE conversationmessage SET automatic = 1, automaticreason = ? WHERE id = ?",
+                (verdict.reason, row_id),
+            )
         if candidates:
             conn.executemany(
                 "INSERT OR IGNORE INTO messagereference (messageid, conversationmessage)"
@@ -1232,6 +1282,18 @@ class SqliteRepository:
             )
 
     # -- reading conversations ----------------------------------------------------------------
+
+    def delivery_errors(
+        self, *, unresolved: bool = False, conversation: int | None = None
+    ) -> list[DeliveryErrorRecord]:
+        with self._transaction("read delivery errors", write=False) as conn:
+            return _delivery_errors.list_delivery_errors(
+                conn, unresolved=unresolved, conversation=conversation
+            )
+
+    def resolve_delivery_error(self, error_id: int) -> bool:
+        with self._transaction(f"resolve delivery error {error_id}", write=True) as conn:
+            return _delivery_errors.resolve_delivery_error(conn, error_id, _now())
 
     def mark_read(self, conversation_id: int) -> bool:
         with self._transaction(f"mark conversation {conversation_id} read", write=True) as conn:
