@@ -1,4 +1,5 @@
-"""The ``mailbridge`` command line: run, check-config, status, conversations, failed, sync, doctor.
+"""The ``mailbridge`` command line: run, check-config, status, conversations, failed, sync, doctor,
+errors, inspect.
 
 Exit codes follow sysexits.h so systemd units and scripts can act on them: 0 fine, 1 ``doctor``
 found a failing line, 64 usage, 69 a mail server unavailable (``run --once``, ``sync``,
@@ -102,6 +103,19 @@ def _parser() -> argparse.ArgumentParser:
     )
     doctor.add_argument("account", nargs="?")
 
+    errors = sub.add_parser(
+        "errors",
+        help="delivery errors (bounces, spam complaints) per recipient; resolve one",
+        description="errors [--unresolved] [--conversation ID] lists them, newest first; "
+        "errors resolve ID marks one resolved.",
+    )
+    errors.add_argument("--unresolved", action="store_true", help="only unresolved errors")
+    errors.add_argument("--conversation", type=int, help="only this conversation's errors")
+    errors.add_argument("--json", action="store_true", help="machine-readable output")
+    errors_sub = errors.add_subparsers(dest="errors_command", metavar="ACTION")
+    resolve = errors_sub.add_parser("resolve", help="mark a delivery error resolved")
+    resolve.add_argument("id", type=int)
+
     inspect = sub.add_parser(
         "inspect",
         help="what mailbridge makes of one message (addresses, threading keys, automatic "
@@ -166,6 +180,12 @@ def _dispatch(args: argparse.Namespace, settings: Settings) -> int:
         return _conversation_read(settings, args.id)
     if command == "conversation":
         return _conversation_show(settings, args.id)
+    if command == "errors":
+        if args.errors_command == "resolve":
+            return _errors_resolve(settings, args.id)
+        return _errors(
+            settings, unresolved=args.unresolved, conversation=args.conversation, as_json=args.json
+        )
     if command == "inspect":
         own = settings.account(args.account).own_addresses()
         return _inspect(args.file, as_json=args.json, own=own)
@@ -501,4 +521,76 @@ def _inspect(path: Path, *, as_json: bool, own: frozenset[str]) -> int:
     for defect in report["defects"]:
         lines.append(f"Defect:       {defect}")
     out.print(mail_text("\n".join(lines)))
+    return 0
+
+
+def _errors(
+    settings: Settings, *, unresolved: bool, conversation: int | None, as_json: bool
+) -> int:
+    """``mailbridge errors``: one row per failed recipient of a bounce or complaint."""
+    repo = _open_store(settings)
+    found = []
+    if repo is not None:
+        try:
+            found = repo.delivery_errors(unresolved=unresolved, conversation=conversation)
+        finally:
+            repo.close()
+    if as_json:
+        rows = [
+            {
+                "id": e.id,
+                "account": e.account,
+                "conversation": e.conversation,
+                "conversationmessage": e.conversation_message,
+                "messagefollower": e.message_follower,
+                "recipient": e.recipient,
+                "type": e.type,
+                "status": e.status,
+                "diagnostic": e.diagnostic,
+                "original_message_id": e.original_message_id,
+                "matched_by": e.matched_by,
+                "report_kind": e.report_kind,
+                "report_message_id": e.report_message_id,
+                "report_subject": e.report_subject,
+                "report_from": e.report_from,
+                "date": _iso(e.date) or None,
+                "resolved": _iso(e.resolved) or None,
+            }
+            for e in found
+        ]
+        print(json.dumps({"errors": rows}, indent=2, ensure_ascii=False))
+        return 0
+    table = Table(title=f"{len(found)} delivery error(s)")
+    for column in ("id", "date", "account", "recipient", "type", "status", "conversation",
+                   "diagnostic", "resolved"):  # fmt: skip
+        table.add_column(column)
+    for e in found:
+        where = str(e.conversation) if e.conversation is not None else "(unmatched)"
+        table.add_row(
+            str(e.id),
+            _iso(e.date),
+            e.account,
+            mail_text(e.recipient or "(not given)"),
+            e.type,
+            e.status or "",
+            where,
+            mail_text(e.diagnostic[:120] or e.report_subject),
+            _iso(e.resolved) if e.resolved else "",
+        )
+    console().print(table)
+    return 0
+
+
+def _errors_resolve(settings: Settings, error_id: int) -> int:
+    repo = _open_store(settings)
+    done = False
+    if repo is not None:
+        try:
+            done = repo.resolve_delivery_error(error_id)
+        finally:
+            repo.close()
+    if not done:
+        print(f"mailbridge: no unresolved delivery error {error_id}", file=sys.stderr)
+        return 1
+    print(f"delivery error {error_id} resolved")
     return 0
