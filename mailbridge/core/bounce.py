@@ -32,6 +32,7 @@ from email.utils import getaddresses, parseaddr
 from typing import Final, Literal
 
 from mailbridge.core.identify import normalize_message_id, parse_id_list
+from mailbridge.core.model import ParsedMessage
 
 __all__ = [
     "Bounce",
@@ -42,6 +43,7 @@ __all__ = [
     "detect_feedback_report",
     "feedback_as_bounce",
     "is_valid_address",
+    "might_be_report",
     "parse_raw",
 ]
 
@@ -255,6 +257,35 @@ def _report_signals(msg: Message) -> tuple[bool, bool]:
     if bounce_words:
         return bounce_words and _null_return_path(msg), True
     return False, False
+
+
+def might_be_report(message: ParsedMessage) -> bool:
+    """A cheap test on the parsed headers: False when ``message`` can be neither a delivery
+    report, a feedback report nor a challenge, so the MIME tree need not be read again (most
+    mail is a person's). True for every message :func:`detect_bounce`,
+    :func:`detect_feedback_report` or :func:`detect_challenge` could answer, except a
+    ``multipart/mixed`` report from an ordinary-looking sender with an ordinary subject."""
+    headers = message.auto_headers
+    if (headers.get("content-type") or "").lower().lstrip().startswith("multipart/report"):
+        return True
+    if headers.get("x-failed-recipients") or headers.get("x-delivery-agent"):
+        return True
+    return_path = (headers.get("return-path") or "").strip()
+    if return_path and (
+        return_path.strip("<> ") == ""
+        or _DAEMON_LOCAL.match(return_path.strip("<> ").rsplit("@", 1)[0].strip('"'))
+    ):
+        return True
+    sender = message.from_address
+    if sender is not None:
+        if _DAEMON_LOCAL.match(sender.email.rsplit("@", 1)[0].strip('"')):
+            return True
+        if sender.name and _DAEMON_NAME.search(sender.name):
+            return True
+        domain = sender.email.rpartition("@")[2]
+        if any(domain == d or domain.endswith("." + d) for d in _CHALLENGE_DOMAINS):
+            return True
+    return bool(_BOUNCE_SUBJECT.search(message.subject))
 
 
 # ----------------------------------------------------------------------------------------------

@@ -35,6 +35,7 @@ from mailbridge.core.bounce import (
     detect_challenge,
     detect_feedback_report,
     feedback_as_bounce,
+    might_be_report,
     parse_raw,
 )
 from mailbridge.core.model import ParsedMessage
@@ -92,6 +93,8 @@ def analyse(raw: bytes, message: ParsedMessage) -> tuple[AutomaticVerdict, Bounc
     bounce of kind ``feedback``) of one message: what :func:`decide` needs. A challenge from a
     challenge-response filter is automatic whatever its headers say. Never raises."""
     verdict = detect_automatic(message)
+    if not might_be_report(message):
+        return verdict, None  # most mail: no second reading of the MIME tree
     try:
         view = parse_raw(raw)
     except Exception:  # the stdlib parser copes with nearly anything; stay safe

@@ -263,3 +263,33 @@ def test_never_raises_on_junk_reports(body: str) -> None:
         f"--B\nContent-Type: message/delivery-status\n\n{body}\n--B--\n"
     ).encode("utf-8", "surrogateescape")
     detect_bounce(raw)
+
+
+def _all_mail() -> list[Path]:
+    files = sorted(SAMPLES.glob("*.eml"))
+    if CORPORA.is_dir():
+        for folder in ("stdlib-email", "mail-parser", "quoted-replies", "bounces-flufl"):
+            files.extend(
+                p
+                for p in sorted((CORPORA / folder).rglob("*"))
+                if p.is_file() and p.suffix not in {".json", ".py", ".md", ".html"}
+            )
+    return files
+
+
+def test_the_cheap_pre_check_never_hides_a_report() -> None:
+    """core/policy.analyse reads the MIME tree again only when might_be_report says so."""
+    from mailbridge.core.bounce import might_be_report, parse_raw
+    from mailbridge.core.parse import parse_message
+
+    files = _all_mail()
+    assert len(files) > 60
+    skipped = 0
+    for path in files:
+        raw = path.read_bytes()
+        view = parse_raw(raw)
+        found = detect_bounce(view) or detect_feedback_report(view) or detect_challenge(view)
+        if not might_be_report(parse_message(raw)):
+            skipped += 1
+            assert found is None, path.name
+    assert skipped > 20  # and it does spare the people's mail
