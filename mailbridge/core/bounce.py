@@ -31,6 +31,7 @@ from email.policy import compat32
 from email.utils import getaddresses, parseaddr
 from typing import Final, Literal
 
+from mailbridge.core.automatic import REPLY_PREFIX
 from mailbridge.core.identify import normalize_message_id, parse_id_list
 from mailbridge.core.model import ParsedMessage
 
@@ -123,11 +124,6 @@ _BOUNCE_SUBJECT: Final = re.compile(
     r"kunde inte levereras|ej levererat|epäonnistui|niedostarczon|não entregue|"
     r"delivery warning|mail not delivered|processing error|permanent delivery failure|"
     r"mail system error",
-    re.IGNORECASE,
-)
-_REPLY_PREFIX: Final = re.compile(
-    r"^\s*(?:re|aw|sv|vs|ref|antw|odp|r|rif|res|fwd?|wg|tr|rv|enc|i|doorst|vl|trs)\s*"
-    r"(?:\[\d+\])?\s*:",
     re.IGNORECASE,
 )
 _FORWARD_PREFIX: Final = re.compile(
@@ -245,8 +241,8 @@ def _report_signals(msg: Message) -> tuple[bool, bool]:
     subject = _subject(msg)
     bounce_words = bool(_BOUNCE_SUBJECT.search(subject))
     forwarded = bool(_FORWARD_PREFIX.match(subject))
-    reply_to_bounce = bool(_REPLY_PREFIX.match(subject)) and bool(
-        _BOUNCE_SUBJECT.match(_REPLY_PREFIX.sub("", subject, count=1).strip())
+    reply_to_bounce = bool(REPLY_PREFIX.match(subject)) and bool(
+        _BOUNCE_SUBJECT.match(REPLY_PREFIX.sub("", subject, count=1).strip())
     )
     if top_dsn and not forwarded:
         return True, True
@@ -602,6 +598,6 @@ def detect_challenge(msg: Message | bytes) -> str | None:
     subject = _subject(msg)
     auto_submitted = _header(msg, "auto-submitted").lower()
     marked = (auto_submitted not in {"", "no"}) or _null_return_path(msg)
-    if marked and _CHALLENGE_SUBJECT.search(subject) and not _REPLY_PREFIX.match(subject):
+    if marked and _CHALLENGE_SUBJECT.search(subject) and not REPLY_PREFIX.match(subject):
         return "challenge-response: subject"
     return None

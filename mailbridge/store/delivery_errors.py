@@ -18,17 +18,16 @@ sees it in ``mailbridge errors``. Re-importing the same report writes nothing tw
 from __future__ import annotations
 
 import sqlite3
+from collections.abc import Callable
 from dataclasses import dataclass
-from datetime import UTC, datetime, timedelta
+from datetime import datetime, timedelta
 from typing import Any, Final
 
 from mailbridge.core.bounce import Bounce, BounceRecipient
 from mailbridge.core.model import ParsedMessage
-from mailbridge.store.base import DeliveryErrorRecord
 
 RECIPIENT_WINDOW: Final = timedelta(days=14)
 _SKEW: Final = timedelta(hours=1)  # a report dated a little before the mail (clock skew)
-_FORMAT: Final = "%Y-%m-%dT%H:%M:%SZ"
 
 
 @dataclass(frozen=True, slots=True)
@@ -38,10 +37,6 @@ class _Match:
     message_follower: int | None
     follower: int | None
     matched_by: str
-
-
-def _iso(value: datetime) -> str:
-    return value.astimezone(UTC).strftime(_FORMAT)
 
 
 def _follower_on(
@@ -70,7 +65,7 @@ def _find_original(
     account: str,
     original_id: str | None,
     recipient: str | None,
-    date: datetime,
+    window: tuple[str, str],
 ) -> _Match | None:
     if original_id:
         rows = conn.execute(
@@ -101,7 +96,7 @@ def _find_original(
         " WHERE f.email = ? AND m.account = ? AND m.direction = 'outgoing'"
         " AND mf.participationlevel IN ('to', 'cc', 'bcc') AND m.date BETWEEN ? AND ?"
         " ORDER BY m.date DESC, m.id DESC LIMIT 1",
-        (recipient, account, _iso(date - RECIPIENT_WINDOW), _iso(date + _SKEW)),
+        (recipient, account, *window),
     ).fetchone()
     if row is None:
         return None
@@ -109,16 +104,23 @@ def _find_original(
 
 
 def record_delivery_errors(
-    conn: sqlite3.Connection, account: str, message: ParsedMessage, report: Bounce, now: str
+    conn: sqlite3.Connection,
+    account: str,
+    message: ParsedMessage,
+    report: Bounce,
+    now: str,
+    iso: Callable[[datetime], str],
 ) -> tuple[int, int]:
     """Write one row per failed recipient of ``report`` (one row without a recipient when the
-    report names none) and mark each matched follower; (rows written, rows matched)."""
+    report names none) and mark each matched follower; (rows written, rows matched).
+    ``iso`` writes a time in the schema's one timestamp shape."""
+    window = (iso(message.date - RECIPIENT_WINDOW), iso(message.date + _SKEW))
     recipients: tuple[BounceRecipient | None, ...] = report.recipients or (None,)
     written = matched = 0
     sender = message.from_address.email if message.from_address is not None else ""
     for recipient in recipients:
         address = recipient.address if recipient is not None else None
-        found = _find_original(conn, account, report.original_message_id, address, message.date)
+        found = _find_original(conn, account, report.original_message_id, address, window)
         if report.kind == "feedback":
             kind = "complaint"
         elif recipient is None or recipient.permanent:
@@ -148,7 +150,7 @@ def record_delivery_errors(
                 message.message_key,
                 message.subject,
                 sender,
-                _iso(message.date),
+                iso(message.date),
                 now,
             ),
         )
@@ -168,41 +170,10 @@ def record_delivery_errors(
     return written, matched
 
 
-def _parse(value: object) -> datetime | None:
-    if not isinstance(value, str) or not value:
-        return None
-    try:
-        return datetime.strptime(value, _FORMAT).replace(tzinfo=UTC)
-    except ValueError:
-        return None
-
-
-def _record(row: sqlite3.Row | tuple[Any, ...], names: list[str]) -> DeliveryErrorRecord:
-    data = dict(zip(names, row, strict=True))
-    return DeliveryErrorRecord(
-        id=int(data["id"]),
-        account=data["account"],
-        conversation=data["conversation"],
-        conversation_message=data["conversationmessage"],
-        message_follower=data["messagefollower"],
-        recipient=data["recipient"] or "",
-        type=data["type"],
-        status=data["status"],
-        diagnostic=data["diagnostic"] or "",
-        original_message_id=data["originalmessageid"],
-        matched_by=data["matchedby"],
-        report_kind=data["reportkind"],
-        report_message_id=data["reportmessageid"],
-        report_subject=data["reportsubject"] or "",
-        report_from=data["reportfrom"] or "",
-        date=_parse(data["date"]),
-        resolved=_parse(data["resolved"]),
-    )
-
-
 def list_delivery_errors(
     conn: sqlite3.Connection, *, unresolved: bool, conversation: int | None
-) -> list[DeliveryErrorRecord]:
+) -> list[dict[str, Any]]:
+    """The rows, newest first, as column -> value."""
     clauses: list[str] = []
     params: list[Any] = []
     if unresolved:
@@ -215,7 +186,7 @@ def list_delivery_errors(
         f"SELECT * FROM conversationmessageerror{where} ORDER BY date DESC, id DESC", params
     )
     names = [d[0] for d in cursor.description]
-    return [_record(row, names) for row in cursor.fetchall()]
+    return [dict(zip(names, row, strict=True)) for row in cursor.fetchall()]
 
 
 def resolve_delivery_error(conn: sqlite3.Connection, error_id: int, now: str) -> bool:

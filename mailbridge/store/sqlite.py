@@ -683,7 +683,7 @@ class SqliteRepository:
             return _NotStored(Outcome.DISCARDED, decision.reason)
         if decision.disposition is Disposition.BOUNCE and item.report is not None:
             written, matched = _delivery_errors.record_delivery_errors(
-                conn, account, message, item.report, now
+                conn, account, message, item.report, now, iso
             )
             return _NotStored(Outcome.BOUNCE, decision.reason, written, matched)
         new = conversation_id is None
@@ -1287,9 +1287,10 @@ class SqliteRepository:
         self, *, unresolved: bool = False, conversation: int | None = None
     ) -> list[DeliveryErrorRecord]:
         with self._transaction("read delivery errors", write=False) as conn:
-            return _delivery_errors.list_delivery_errors(
+            rows = _delivery_errors.list_delivery_errors(
                 conn, unresolved=unresolved, conversation=conversation
             )
+        return [_delivery_error_record(row) for row in rows]
 
     def resolve_delivery_error(self, error_id: int) -> bool:
         with self._transaction(f"resolve delivery error {error_id}", write=True) as conn:
@@ -1479,6 +1480,28 @@ def _failure_record(row: dict[str, Any]) -> FailureRecord:
         last_failed=parse_time(row["lastfailed"]) or epoch,
         resolved=parse_time(row["resolved"]),
         resolution=row["resolution"],
+    )
+
+
+def _delivery_error_record(row: dict[str, Any]) -> DeliveryErrorRecord:
+    return DeliveryErrorRecord(
+        id=int(row["id"]),
+        account=row["account"],
+        conversation=row["conversation"],
+        conversation_message=row["conversationmessage"],
+        message_follower=row["messagefollower"],
+        recipient=row["recipient"] or "",
+        type=row["type"],
+        status=row["status"],
+        diagnostic=row["diagnostic"] or "",
+        original_message_id=row["originalmessageid"],
+        matched_by=row["matchedby"],
+        report_kind=row["reportkind"],
+        report_message_id=row["reportmessageid"],
+        report_subject=row["reportsubject"] or "",
+        report_from=row["reportfrom"] or "",
+        date=parse_time(row["date"]),
+        resolved=parse_time(row["resolved"]),
     )
 
 
