@@ -323,6 +323,16 @@ class _DsnField:
     diagnostic: str | None
 
 
+def _header_blocks(part: Message) -> list[Message]:
+    """The header blocks of a message/delivery-status (RFC 3464 2.1) or message/feedback-report
+    (RFC 5965 3.1) part: the stdlib parses them into sub-messages, or leaves the text."""
+    payload = part.get_payload()
+    if isinstance(payload, list):
+        return [b for b in payload if isinstance(b, Message)]
+    text = str(payload or "")
+    return [_TEXT_PARSER.parsestr(b) for b in re.split(r"\n\s*\n", text) if b.strip()]
+
+
 def _dsn_fields(msg: Message) -> tuple[list[_DsnField], str | None]:
     """Per-recipient blocks of every top-level message/delivery-status part (RFC 3464 2.3),
     and the Reporting-MTA (2.2.2)."""
@@ -331,14 +341,7 @@ def _dsn_fields(msg: Message) -> tuple[list[_DsnField], str | None]:
     for part in _top_parts(msg):
         if part.get_content_type() != "message/delivery-status":
             continue
-        payload = part.get_payload()
-        blocks: list[Message]
-        if isinstance(payload, list):
-            blocks = [b for b in payload if isinstance(b, Message)]
-        else:
-            text = str(payload or "")
-            blocks = [_TEXT_PARSER.parsestr(b) for b in re.split(r"\n\s*\n", text) if b.strip()]
-        for block in blocks:
+        for block in _header_blocks(part):
             if block.get("reporting-mta") and mta is None:
                 mta = _header(block, "reporting-mta").partition(";")[2].strip() or None
             # Original-Recipient (RFC 3464 2.3.1) is the address we sent to; Final-Recipient
@@ -541,13 +544,7 @@ def _feedback_report(msg: Message) -> FeedbackReport:
     for part in _top_parts(msg):
         kind = part.get_content_type()
         if kind == "message/feedback-report":
-            payload = part.get_payload()
-            blocks = (
-                [b for b in payload if isinstance(b, Message)]
-                if isinstance(payload, list)
-                else [_TEXT_PARSER.parsestr(str(payload or ""))]
-            )
-            for block in blocks:
+            for block in _header_blocks(part):
                 feedback_type = _header(block, "feedback-type").lower() or feedback_type
                 user_agent = _header(block, "user-agent") or user_agent
                 for value in block.get_all("original-rcpt-to") or []:
