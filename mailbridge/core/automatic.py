@@ -138,7 +138,7 @@ REPLY_PREFIX: Final = re.compile(
 # holiday does not start a subject like that.
 _OOO_SUBJECTS: Final[dict[str, str]] = {
     "en": r"out of (?:the )?office(?: auto[- ]?reply)?|automatic reply|auto[- ]?reply|"
-    r"auto[- ]?response|autoresponse|auto|away from (?:the )?office|"
+    r"auto[- ]?response|autoresponse|away from (?:the )?office|"
     r"vacation (?:reply|message|notice|auto[- ]?reply)|absence (?:notice|notification)",
     "de": r"abwesenheitsnotiz|automatische antwort|abwesend|automatische abwesenheitsnotiz|"
     r"nicht im b(?:ü|ue)ro|urlaubsabwesenheit|abwesenheitsmeldung",
@@ -167,13 +167,22 @@ _OOO_SUBJECTS: Final[dict[str, str]] = {
 # Latin-script phrases need a delimiter after them (":" or the end, or " - "); CJK ones don't.
 _OOO_PATTERNS: Final = {
     lang: re.compile(
-        r"^\s*[\[(]?\s*(?:" + pattern + r")\s*(?:[\])]\s*)?(?:[:：\-–—(]|$|\s+-)"
+        r"^\s*(?:[\[(]\s*(?:" + pattern + r")\s*[\])]|(?:" + pattern + r")\s*(?:[:：\-–—(]|$|\s+-))"
         if lang not in {"ja", "zh"}
         else r"^\s*[\[(【]?\s*(?:" + pattern + ")",
         re.IGNORECASE,
     )
     for lang, pattern in _OOO_SUBJECTS.items()
 }
+
+
+# Lotus Notes / Domino and Dovecot's sieve vacation write "AUTO: ...", "Auto: ..."; but "Auto"
+# is also a car in German and Dutch ("Auto: Kratzer nach der Reparatur"). So only the capitals
+# Notes writes, or "Auto:" followed by what an absence notice says.
+_LOTUS_AUTO: Final = re.compile(
+    r"^\s*(?:AUTO\s*:|(?i:auto\s*:.*\b(?:out of (?:the )?office|is away|vacation|"
+    r"abwesend|absent|afwezig|ausente|assente|fr[åa]nvarande|frav[æa]r)))"
+)
 
 
 def _local(address: Address | None) -> str:
@@ -190,6 +199,8 @@ def out_of_office_language(subject: str) -> str | None:
     A reply or forward prefix before it ("Re: Automatic reply: ...") is a person's."""
     if REPLY_PREFIX.match(subject):
         return None
+    if _LOTUS_AUTO.match(subject):
+        return "en"
     for lang, pattern in _OOO_PATTERNS.items():
         if pattern.match(subject):
             return lang
