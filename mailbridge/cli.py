@@ -30,6 +30,7 @@ from mailbridge.config import (
     load_config,
     world_readable,
 )
+from mailbridge.core.policy import AutomaticPolicy
 from mailbridge.errors import ConfigError, StoreError, describe
 from mailbridge.log import configure_logging
 from mailbridge.store.base import AccountState
@@ -132,7 +133,7 @@ def _parser() -> argparse.ArgumentParser:
 def main(argv: Sequence[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     if args.command == "inspect" and args.account is None:
-        return _inspect(args.file, as_json=args.json, own=frozenset())
+        return _inspect(args.file, as_json=args.json, own=frozenset(), policy=None)
     try:
         settings = load_config(args.config)
     except ConfigError as exc:
@@ -187,8 +188,13 @@ def _dispatch(args: argparse.Namespace, settings: Settings) -> int:
             settings, unresolved=args.unresolved, conversation=args.conversation, as_json=args.json
         )
     if command == "inspect":
-        own = settings.account(args.account).own_addresses()
-        return _inspect(args.file, as_json=args.json, own=own)
+        account = settings.account(args.account)
+        return _inspect(
+            args.file,
+            as_json=args.json,
+            own=account.own_addresses(),
+            policy=settings.automatic_policy(account),
+        )
     if command in {"failed", "sync", "doctor"}:
         from mailbridge import cli_ops  # the operator's tools pull in the IMAP/SMTP layers
 
@@ -454,7 +460,9 @@ EX_DATAERR = 65
 EX_NOINPUT = 66
 
 
-def _inspect(path: Path, *, as_json: bool, own: frozenset[str]) -> int:
+def _inspect(
+    path: Path, *, as_json: bool, own: frozenset[str], policy: AutomaticPolicy | None
+) -> int:
     """``mailbridge inspect FILE``: exit 0, 65 (not a message), 66 (cannot read FILE)."""
     from mailbridge.core.inspect import inspect_message
     from mailbridge.errors import MessageError
@@ -465,7 +473,7 @@ def _inspect(path: Path, *, as_json: bool, own: frozenset[str]) -> int:
         print(f"mailbridge: cannot read {path}: {exc.strerror or exc}", file=sys.stderr)
         return EX_NOINPUT
     try:
-        _, report = inspect_message(raw, own)
+        _, report = inspect_message(raw, own, policy)
     except MessageError as exc:
         print(f"mailbridge: {path} is not a message mailbridge can read: {exc}", file=sys.stderr)
         return EX_DATAERR
@@ -495,6 +503,10 @@ def _inspect(path: Path, *, as_json: bool, own: frozenset[str]) -> int:
         "Automatic:    "
         + (f"yes ({report['automatic_reason']})" if report["automatic"] else "no (a person)"),
     ]
+    for case, label in (("new", "If new:      "), ("reply", "If a reply:  ")):
+        outcome = report["disposition"][case]
+        reason = f" ({outcome['reason']})" if outcome["reason"] else ""
+        lines.append(f"{label} {outcome['action']}{reason}")
     bounce = report["bounce"]
     if bounce is None:
         lines.append("Bounce:       no")

@@ -8,24 +8,19 @@ A pure function from raw bytes to a JSON-ready dict; integrators and tests rely 
 ``subject``, ``date``, ``from``, ``reply_to``, ``to``, ``cc``, ``delivered_to``,
 ``threading`` ({``in_reply_to``, ``references``, ``candidates``, ``subject_key``,
 ``plus_keys``}), ``feedback_report``, ``challenge``, ``attachments``, ``inline_images``,
-``size``, ``defects``.
+``size``, ``defects``, ``disposition`` ({``new``, ``reply``}: {``action``: import | discard |
+bounce, ``reason``}).
 """
 
 from __future__ import annotations
 
 from typing import Any
 
-from mailbridge.core.automatic import detect_automatic
-from mailbridge.core.bounce import (
-    Bounce,
-    detect_bounce,
-    detect_challenge,
-    detect_feedback_report,
-    parse_raw,
-)
+from mailbridge.core.bounce import Bounce, detect_challenge, detect_feedback_report, parse_raw
 from mailbridge.core.identify import plus_keys, subject_key, thread_candidates
 from mailbridge.core.model import Address, ParsedMessage
 from mailbridge.core.parse import parse_message
+from mailbridge.core.policy import AutomaticPolicy, analyse, decide
 
 __all__ = ["bounce_json", "inspect_message"]
 
@@ -55,22 +50,39 @@ def bounce_json(bounce: Bounce | None) -> dict[str, Any] | None:
 
 
 def inspect_message(
-    raw: bytes, own_addresses: frozenset[str] = frozenset()
+    raw: bytes,
+    own_addresses: frozenset[str] = frozenset(),
+    policy: AutomaticPolicy | None = None,
 ) -> tuple[ParsedMessage, dict[str, Any]]:
-    """Parse ``raw`` and describe it. ``own_addresses`` (an account's address and aliases)
-    lets plus-address keys be read. Raises :class:`~mailbridge.errors.MessageError` when the
-    message cannot be parsed at all."""
+    """Parse ``raw`` and describe it as the import would see it (the same
+    :func:`~mailbridge.core.policy.analyse`). ``own_addresses`` (an account's address and
+    aliases) lets plus-address keys be read; ``policy`` (default: the default policy) gives
+    ``disposition``: what the import would do if the message started a conversation
+    (``new``) or answered a stored one (``reply``). Raises
+    :class:`~mailbridge.errors.MessageError` when the message cannot be parsed at all."""
     message = parse_message(raw)
-    verdict = detect_automatic(message)
+    verdict, report = analyse(raw, message)
+    bounce = report if report is not None and report.kind != "feedback" else None
     stdlib_view = parse_raw(raw)
-    bounce = detect_bounce(stdlib_view)
     feedback = detect_feedback_report(stdlib_view)
+    sender = message.from_address.email if message.from_address else None
+    disposition = {}
+    for case, found in (("new", False), ("reply", True)):
+        decision = decide(
+            verdict,
+            report,
+            conversation_found=found,
+            sender=sender,
+            policy=policy or AutomaticPolicy(),
+        )
+        disposition[case] = {"action": str(decision.disposition), "reason": decision.reason}
     recipients = [a.email for a in (*message.to, *message.cc, *message.bcc)]
     recipients.extend(message.delivered_to)
     out: dict[str, Any] = {
         "automatic": verdict.automatic,
         "automatic_reason": verdict.reason,
         "bounce": bounce_json(bounce),
+        "disposition": disposition,
         "feedback_report": None
         if feedback is None
         else {

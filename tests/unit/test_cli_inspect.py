@@ -115,3 +115,47 @@ def test_errors(tmp_path: Path, content: bytes | None, code: int) -> None:
     result = _run("inspect", str(path))
     assert result.returncode == code
     assert str(path) in result.stderr.decode()
+
+
+def test_disposition_under_the_default_policy() -> None:
+    data = _inspect_json(SAMPLES / "exchange_online_ooo.eml")
+    reason = "automatic: auto-submitted: auto-generated"
+    assert data["disposition"] == {
+        "new": {"action": "discard", "reason": reason},
+        "reply": {"action": "import", "reason": reason},
+    }
+    person = _inspect_json(SAMPLES / "person_contact_form.eml")["disposition"]
+    assert person["new"] == {"action": "import", "reason": None}
+    bounce = _inspect_json(SAMPLES / "o365_ndr.eml")["disposition"]
+    assert bounce["reply"] == {"action": "bounce", "reason": "bounce: dsn"}
+
+
+def test_inspect_sees_what_the_import_sees() -> None:
+    """A challenge and an ARF report are automatic even without an RFC 3834 header; the ARF
+    report is a feedback report, not a bounce."""
+    challenge = _inspect_json(SAMPLES / "tmda_challenge.eml")
+    assert challenge["automatic"] is True
+    assert challenge["challenge"] == "challenge-response: x-delivery-agent"
+    arf = _inspect_json(SAMPLES / "arf_report.eml")
+    assert arf["automatic"] is True
+    assert arf["bounce"] is None
+    assert arf["feedback_report"]["recipients"] == ["angry@isp.example"]
+    assert arf["disposition"]["new"]["action"] == "bounce"
+
+
+def test_account_policy_from_the_config(tmp_path: Path) -> None:
+    config = tmp_path / "mailbridge.yaml"
+    config.write_text(
+        f"database: {tmp_path / 'db.sqlite'}\n"
+        "automatic_emails: import\n"
+        "accounts:\n"
+        "  - name: support\n"
+        "    address: support@helpdesk.example\n"
+        "    imap: {host: 127.0.0.1}\n"
+        "    auth: {username: support, password: x}\n"
+    )
+    config.chmod(0o600)
+    sample = str(SAMPLES / "gmail_vacation.eml")
+    result = _run("-c", str(config), "inspect", sample, "--json", "--account", "support")
+    assert result.returncode == 0, result.stderr.decode()
+    assert json.loads(result.stdout)["disposition"]["new"]["action"] == "import"
