@@ -233,7 +233,7 @@ def _run(
                 s = result.summary
                 out.print(
                     f"{result.account}: imported {s.imported}, duplicates {s.duplicates}, "
-                    f"failed {s.failed}"
+                    f"discarded {s.discarded}, bounces {s.bounces}, failed {s.failed}"
                 )
         return once_exit_code(results)
     only = frozenset(accounts) if accounts else None

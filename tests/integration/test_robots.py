@@ -247,3 +247,37 @@ async def test_unmatched_bounce_is_kept_and_visible(
     out = capsys.readouterr().out
     assert "ghost@nowhere.example" in out
     assert "(unmatched)" in out
+
+
+async def test_the_recovery_sweep_applies_the_policy_and_counts_it(
+    tmp_path: Path, dovecot: Any, imap_user: Any
+) -> None:
+    from datetime import UTC, datetime, timedelta
+
+    from mailbridge.daemon.sweep import sweep
+    from mailbridge.store.sqlite import open_repository
+
+    now = datetime.now(UTC)
+    login, password = imap_user.login, imap_user.password
+    for message in (
+        _out_of_office(imap_user.address, "Hello"),
+        mail("A person's question", to=imap_user.address),
+    ):
+        dovecot.append(login, password, message.as_bytes(), date=now - timedelta(minutes=10))
+    dovecot.append(
+        login,
+        password,
+        _bounce(imap_user.address, "<never-sent-2@acme.example>", "ghost@nowhere.example"),
+        date=now - timedelta(minutes=10),
+    )
+    settings = settings_for(tmp_path, dovecot, imap_user)
+    repo = await open_repository(settings.database)
+    try:
+        summary = await sweep(settings, settings.accounts[0], repo, now=now)
+    finally:
+        await repo.aclose()
+    assert (summary.inbox_imported, summary.discarded) == (1, 2)
+    assert "discarded or bounces 2" in summary.line()
+    assert dovecot.folder_uids(login, password) == []
+    assert _processed(dovecot, imap_user) == 3
+    assert rows(settings, "SELECT subject FROM conversationmessage") == [("A person's question",)]
