@@ -112,6 +112,15 @@ _DAEMON_NAME: Final = re.compile(
     r"internet mail delivery|mail administrator|system administrator|microsoft outlook",
     re.IGNORECASE,
 )
+# Of those, the role mailboxes a person also writes from (RFC 2142): a report from one must show
+# it in its subject or its content, not in its sender alone.
+_ROLE_LOCAL: Final = re.compile(
+    r"^(?:postmaster|hostmaster|mailadm|mail[-_.]?administrator|system[-_.]?administrator)$",
+    re.IGNORECASE,
+)
+_ROLE_NAME: Final = re.compile(
+    r"^\W*(?:postmaster|mail administrator|system administrator)\W*$", re.IGNORECASE
+)
 # Subjects of non-delivery reports in the languages of the MTAs that write them.
 _BOUNCE_SUBJECT: Final = re.compile(
     r"undeliver(?:able|ed)|undelivered mail|non[- ]?deliver|not (?:be )?delivered|"
@@ -212,15 +221,22 @@ def _top_parts(msg: Message) -> list[Message]:
     return out
 
 
-def _sender_is_daemon(msg: Message) -> bool:
+def _sender_kind(msg: Message) -> Literal["daemon", "role"] | None:
+    """ "daemon" when a mail system sent ``msg`` (MAILER-DAEMON, "Mail Delivery System"),
+    "role" when only a role mailbox a person may write from did (postmaster@), else None."""
+    role = False
     for header in ("from", "sender", "return-path"):
         for name, addr in getaddresses([_header(msg, header)]):
             local = addr.rsplit("@", 1)[0].strip('"') if addr else ""
             if local and _DAEMON_LOCAL.match(local):
-                return True
+                if not _ROLE_LOCAL.match(local):
+                    return "daemon"
+                role = True
             if header == "from" and name and _DAEMON_NAME.search(name):
-                return True
-    return False
+                if not _ROLE_NAME.match(name):
+                    return "daemon"
+                role = True
+    return "role" if role else None
 
 
 def _null_return_path(msg: Message) -> bool:
@@ -237,7 +253,7 @@ def _report_signals(msg: Message) -> tuple[bool, bool]:
     if msg.get("x-failed-recipients"):
         return True, True
     top_dsn = any(p.get_content_type() == "message/delivery-status" for p in _top_parts(msg))
-    daemon = _sender_is_daemon(msg)
+    sender = _sender_kind(msg)
     subject = _subject(msg)
     bounce_words = bool(_BOUNCE_SUBJECT.search(subject))
     forwarded = bool(_FORWARD_PREFIX.match(subject))
@@ -246,10 +262,14 @@ def _report_signals(msg: Message) -> tuple[bool, bool]:
     )
     if top_dsn and not forwarded:
         return True, True
-    if daemon:
+    if sender == "daemon":
         return True, True
     if forwarded or reply_to_bounce:
         return False, False
+    if sender == "role":
+        # postmaster@ with a report's subject is a report; else its failed addresses must be
+        # read from its text (flufl.bounce), or it is a person writing from that mailbox.
+        return bounce_words, True
     if bounce_words:
         return bounce_words and _null_return_path(msg), True
     return False, False

@@ -293,3 +293,7 @@ def test_the_cheap_pre_check_never_hides_a_report() -> None:
             skipped += 1
             assert found is None, path.name
     assert skipped > 20  # and it does spare the people's mail
+
+
+def test_a_person_writing_from_postmaster_is_no_bounce() -> None:
+    assert detect_bounce((SAMPLES / "person_postmaster_writes.eml").read_bytes()) is None
