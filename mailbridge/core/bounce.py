@@ -487,6 +487,30 @@ def detect_bounce(msg: Message | bytes) -> Bounce | None:
         return None
 
 
+_PERSON_NAME: Final = re.compile(r"^[^\W\d_][\w'.-]*(?:,?\s+[^\W\d_][\w'.-]*)+$")
+
+
+def _person_sender(msg: Message) -> bool:
+    """From names someone the way mail clients show people ("Ann Smith <ann@x>", "Smith, Ann"):
+    MTAs sign reports with no name or with a system's; only a person's mail needs this to tell
+    a quoted report from a real one when neither structure nor sender says which."""
+    if _null_return_path(msg):
+        return False
+    name, addr = parseaddr(_header(msg, "from"))
+    name = name.strip().strip('"').strip()
+    if not name or not addr or _DAEMON_NAME.search(name):
+        return False
+    local = addr.rsplit("@", 1)[0]
+    if name.replace(" ", "").lower() == local.replace(".", "").lower():
+        return False  # "MAILER DAEMON", "Symantec AntiVirus" from the same local part
+    return _PERSON_NAME.match(name) is not None
+
+
+def _addressed_to(msg: Message) -> set[str]:
+    values = [_header(msg, h) for h in ("to", "cc") if msg.get(h)]
+    return {a.lower() for _, a in getaddresses(values) if a}
+
+
 def _detect_bounce(msg: Message) -> Bounce | None:
     if _report_type(msg) == "feedback-report":
         return None
@@ -509,10 +533,17 @@ def _detect_bounce(msg: Message) -> Bounce | None:
             field.address, permanent, field.status, field.diagnostic
         )
     if not fields:
+        if not strong and _person_sender(msg):
+            return None  # a person quoting a report, "Undeliverable mail from your system"
         temporary, permanent_set = _flufl_failures(msg)
         for header_value in msg.get_all("x-failed-recipients") or []:
             for _, addr in getaddresses([str(header_value)]):
                 permanent_set.add(addr.lower())
+        # A report goes back to the sender, never to the address that failed: an address the
+        # message is itself sent to is a quoted one (a person pasting what they got).
+        addressed = _addressed_to(msg)
+        temporary -= addressed
+        permanent_set -= addressed
         delay_report = bool(_DELAY_TEXT.search(_subject(msg))) or (
             bool(_DELAY_TEXT.search(text[:3000])) and not _HARD_TEXT.search(text[:3000])
         )

@@ -201,6 +201,9 @@ def test_ndr_answering_the_original_gives_its_message_id() -> None:
     [
         "person_forwards_bounce.eml",
         "person_reply_undeliverable.eml",
+        "person_pastes_bounce.eml",
+        "person_pastes_bounce_no_name.eml",
+        "person_postmaster_writes.eml",
         "person_forwards_automatic_reply.eml",
         "exchange_online_ooo.eml",
         "arf_report.eml",
@@ -293,7 +296,3 @@ def test_the_cheap_pre_check_never_hides_a_report() -> None:
             skipped += 1
             assert found is None, path.name
     assert skipped > 20  # and it does spare the people's mail
-
-
-def test_a_person_writing_from_postmaster_is_no_bounce() -> None:
-    assert detect_bounce((SAMPLES / "person_postmaster_writes.eml").read_bytes()) is None
