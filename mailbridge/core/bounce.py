@@ -130,7 +130,10 @@ _BOUNCE_SUBJECT: Final = re.compile(
     r"return(?:ed)? to sender|mail error|delayed mail|message delayed|warning: message|"
     r"could not be delivered|unzustellbar|nicht zustellbar|non remis|non distribuable|"
     r"no entregado|imposible entregar|non recapitabile|onbestelbaar|kan ikke leveres|"
-    r"kunde inte levereras|ej levererat|epäonnistui|niedostarczon|não entregue|"
+    r"kunde inte levereras|ej levererat|icke levererbart|epäonnistui|ei voida toimittaa|"
+    r"niedostarcz|não entregue|n[ãa]o [ée] poss[íi]vel entregar|no se puede entregar|"
+    r"[ée]chec de (?:la )?(?:remise|livraison)|zustellung fehlgeschlagen|配信不能|"
+    r"配信できません|无法投递|無法傳遞|退信|"
     r"delivery warning|mail not delivered|processing error|permanent delivery failure|"
     r"mail system error",
     re.IGNORECASE,
@@ -487,6 +490,30 @@ def detect_bounce(msg: Message | bytes) -> Bounce | None:
         return None
 
 
+_ADDR: Final = r"<?(?<![\w.+-])([A-Za-z0-9!#$%&'*+/=?^_`{|}~.-]+@[A-Za-z0-9.-]+\.[A-Za-z]{2,63})>?"
+# Report texts flufl.bounce does not read: Exchange 2007+ and Office 365 ("Delivery has failed
+# to these recipients or groups:", "Your message to X couldn't be delivered."), Gmail ("Your
+# message wasn't delivered to X"), and the generic "could not be delivered to X".
+_TEXT_FAILURES: Final = (
+    re.compile(
+        r"delivery has failed to these recipients or groups:\s*(?:[^\n@]*\n)*?[^\n@<]*?" + _ADDR,
+        re.IGNORECASE,
+    ),
+    re.compile(r"your message to " + _ADDR + r" couldn'?t be delivered", re.IGNORECASE),
+    re.compile(r"message (?:wasn'?t|was not) delivered to " + _ADDR, re.IGNORECASE),
+    re.compile(
+        r"(?:could not|couldn'?t|cannot|can'?t) be delivered to(?: the following"
+        r" (?:recipients?|address(?:es)?))?:?\s*" + _ADDR,
+        re.IGNORECASE,
+    ),
+)
+
+
+def _text_failures(text: str) -> set[str]:
+    head = text[:20_000]
+    return {m.group(1).lower() for pattern in _TEXT_FAILURES for m in pattern.finditer(head)}
+
+
 _PERSON_NAME: Final = re.compile(r"^[^\W\d_][\w'.-]*(?:,?\s+[^\W\d_][\w'.-]*)+$")
 
 
@@ -536,6 +563,8 @@ def _detect_bounce(msg: Message) -> Bounce | None:
         if not strong and _person_sender(msg):
             return None  # a person quoting a report, "Undeliverable mail from your system"
         temporary, permanent_set = _flufl_failures(msg)
+        if not temporary and not permanent_set:
+            permanent_set = _text_failures(text)
         for header_value in msg.get_all("x-failed-recipients") or []:
             for _, addr in getaddresses([str(header_value)]):
                 permanent_set.add(addr.lower())

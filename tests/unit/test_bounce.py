@@ -296,3 +296,35 @@ def test_the_cheap_pre_check_never_hides_a_report() -> None:
             skipped += 1
             assert found is None, path.name
     assert skipped > 20  # and it does spare the people's mail
+
+
+@pytest.mark.parametrize(
+    "subject",
+    [
+        "Unzustellbar: Rechnung",
+        "Non remis : Facture",
+        "No se puede entregar: Factura",
+        "Non recapitabile: Fattura",
+        "Onbestelbaar: Factuur",
+        "Icke levererbart: Faktura",
+        "Kan ikke leveres: Faktura",
+        "Ei voida toimittaa: Lasku",
+        "Niedostarczalne: Faktura",
+        "Não é possível entregar: Fatura",
+        "配信不能: 請求書",
+        "无法投递: 发票",
+    ],
+)
+def test_localised_ndr_subjects_from_an_unnamed_gateway(subject: str) -> None:
+    """Exchange's NDR subjects in its languages, from a sender that says nothing itself."""
+    from email.header import Header
+
+    raw = (
+        "From: gateway@mx.customer.example\nTo: support@helpdesk.example\n"
+        f"Subject: {Header(subject, 'utf-8').encode()}\nMessage-ID: <n1@mx.customer.example>\n\n"
+        "Delivery has failed to these recipients or groups:\n\n"
+        "gone@customer.example\nThe e-mail address you entered couldn't be found.\n"
+    ).encode()
+    bounce = detect_bounce(raw)
+    assert bounce is not None
+    assert [r.address for r in bounce.recipients] == ["gone@customer.example"]
