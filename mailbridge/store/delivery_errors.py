@@ -49,7 +49,7 @@ def _follower_on(
     row = conn.execute(
         "SELECT mf.id, f.id FROM messagefollower AS mf JOIN follower AS f ON f.id = mf.follower"
         " WHERE mf.conversationmessage = ? AND f.email = ?"
-        " ORDER BY mf.participationlevel = 'from', mf.id LIMIT 1",
+        " ORDER BY mf.participationlevel NOT IN ('to', 'cc', 'bcc'), mf.id LIMIT 1",
         (message_row, recipient),
     ).fetchone()
     if row is not None:
