@@ -30,6 +30,7 @@ from pydantic import (
     model_validator,
 )
 
+from mailbridge.core.policy import AutomaticEmails, AutomaticPolicy, BotLists
 from mailbridge.errors import ConfigError
 from mailbridge.log import register_secret
 from mailbridge.store.schema import CONVERSATION_COLUMNS, FOLLOWER_COLUMNS, TABLES
@@ -198,6 +199,36 @@ class FolderSettings(_Model):
         return self
 
 
+def _bot_pattern(value: str) -> str:
+    """An address (``alerts@monitor.example``), a domain (``monitor.example``, ``@monitor.example``,
+    ``*.monitor.example`` for its subdomains too) or an address with ``*`` wildcards
+    (``noreply*@*.example``). Stored lower-case."""
+    text = value.strip().lower()
+    body = text.lstrip("@")
+    if not body or any(c.isspace() for c in text) or body.count("@") > 1 or ".." in body:
+        raise ValueError(
+            f"{value!r} is not an address or domain pattern (e.g. alerts@monitor.example, "
+            "monitor.example, *.monitor.example, noreply*@*)"
+        )
+    local, at, domain = body.rpartition("@")
+    if at and not local:
+        raise ValueError(f"{value!r}: the part before @ is empty")
+    if domain != "*" and not re.fullmatch(r"(\*\.)?[a-z0-9*](?:[a-z0-9*.-]*[a-z0-9*])?", domain):
+        raise ValueError(f"{value!r}: {domain!r} is not a domain")
+    return text
+
+
+BotPattern = Annotated[str, AfterValidator(_bot_pattern)]
+
+
+class BotSettings(_Model):
+    """Senders whose mail the automatic-mail policy does not decide (``bots.allow``: always
+    imported, may start a conversation; ``bots.deny``: never imported)."""
+
+    allow: tuple[BotPattern, ...] = ()
+    deny: tuple[BotPattern, ...] = ()
+
+
 class AccountSettings(_Model):
     name: AccountName
     address: EmailAddress
@@ -211,6 +242,9 @@ class AccountSettings(_Model):
     # RFC 2177 section 3: a server may drop an IDLE after 30 minutes; re-issue well before.
     idle_timeout_seconds: Annotated[float, Field(ge=1, le=29 * 60)] = 25 * 60.0
     enabled: bool = True
+    # Per-account overrides of the global keys of the same names (None: the global value).
+    automatic_emails: AutomaticEmails | None = None
+    bots: BotSettings | None = None
 
     def own_addresses(self) -> frozenset[str]:
         """The account's address and its aliases: one identity."""
@@ -379,6 +413,10 @@ class Settings(_Model):
     log: LogSettings = LogSettings()
     recovery: RecoverySettings = RecoverySettings()
     identification: Identification = "message_id"
+    # What becomes of automatic mail (out-of-office, notifications, lists): the reference's
+    # "import automatic emails even if conversation not found" = false is the default.
+    automatic_emails: AutomaticEmails = "import_if_conversation_exists"
+    bots: BotSettings = BotSettings()
     follower_parents: tuple[FollowerParentSettings, ...] = ()
     conversation_parents: tuple[ConversationParentSettings, ...] = ()
     accounts: tuple[AccountSettings, ...]
@@ -396,6 +434,15 @@ class Settings(_Model):
                 raise ValueError(f"account name {account.name!r} is used twice")
             seen.add(account.name)
         return accounts
+
+    def automatic_policy(self, account: AccountSettings) -> AutomaticPolicy:
+        """The account's automatic-mail policy: its own ``automatic_emails`` else the global
+        one; its ``bots`` lists consulted before the global ones."""
+        levels = [b for b in (account.bots, self.bots) if b is not None]
+        return AutomaticPolicy(
+            automatic_emails=account.automatic_emails or self.automatic_emails,
+            bots=tuple(BotLists(allow=b.allow, deny=b.deny) for b in levels),
+        )
 
     def account(self, name: str) -> AccountSettings:
         for account in self.accounts:

@@ -31,6 +31,7 @@ from email.utils import getaddresses, parsedate_tz
 from typing import Any, Final
 from urllib.parse import unquote_to_bytes
 
+from mailbridge.core.automatic import HEADERS as AUTOMATIC_HEADERS
 from mailbridge.core.charset import decode_text
 from mailbridge.core.html import html_to_text, resolve_cid_sources, sanitize_html
 from mailbridge.core.identify import normalize_message_id, parse_id_list
@@ -55,6 +56,7 @@ _AUTO_HEADERS: Final = (
     "return-path",
     "content-type",
     "x-failed-recipients",
+    *AUTOMATIC_HEADERS,  # the list, bulk-sender and Exchange markers core/automatic.py reads
 )
 
 

@@ -31,7 +31,10 @@ from dataclasses import dataclass, field
 from datetime import datetime
 from typing import TYPE_CHECKING, Protocol
 
+from mailbridge.core.automatic import AutomaticVerdict
+from mailbridge.core.bounce import Bounce
 from mailbridge.core.model import ParsedMessage
+from mailbridge.core.policy import AutomaticPolicy
 
 if TYPE_CHECKING:
     from mailbridge.config import (
@@ -48,6 +51,8 @@ class Outcome(enum.StrEnum):
     DUPLICATE = "duplicate"
     FAILED = "failed"
     IGNORED = "ignored"  # only the account's own identity, continuing nothing: not stored
+    DISCARDED = "discarded"  # automatic mail the policy does not import (error_reason: why)
+    BOUNCE = "bounce"  # a delivery report: delivery errors recorded, no message stored
 
 
 @dataclass(frozen=True, slots=True)
@@ -64,6 +69,7 @@ class ImportContext:
     identification: Identification = "message_id"
     conversation_parents: tuple[ConversationParentSettings, ...] = ()
     follower_parents: tuple[FollowerParentSettings, ...] = ()
+    automatic_policy: AutomaticPolicy = field(default_factory=AutomaticPolicy)
 
     def __post_init__(self) -> None:
         # Config lower-cases addresses already; contexts built by hand (tests, tools) may not.
@@ -81,15 +87,22 @@ class ImportContext:
                 p for p in settings.conversation_parents if p.applies_to(account.name)
             ),
             follower_parents=settings.follower_parents,
+            automatic_policy=settings.automatic_policy(account),
         )
 
 
 @dataclass(frozen=True, slots=True)
 class ImportItem:
-    """One parsed message to import, with the IMAP UID it had in the Inbox."""
+    """One parsed message to import, with the IMAP UID it had in the Inbox.
+
+    ``automatic`` and ``report`` are :func:`mailbridge.core.policy.analyse`'s answers; None
+    (not analysed) imports the message as a person's.
+    """
 
     uid: int
     message: ParsedMessage
+    automatic: AutomaticVerdict | None = None
+    report: Bounce | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -101,10 +114,12 @@ class ImportResult:
     message_row_id: int | None = None
     new_conversation: bool = False
     error_code: str | None = None  # set when outcome is FAILED (a catalogue code)
-    error_reason: str | None = None
     # IMPORTED only: the key of the stored, different message whose Message-ID this one reuses
     # (``message_key`` is then the derived ``<message-id>#<fingerprint prefix>``).
     reused_key: str | None = None
+    error_reason: str | None = None  # FAILED, IGNORED, DISCARDED: why; BOUNCE: what was matched
+    delivery_errors: int = 0  # BOUNCE: rows written to conversationmessageerror
+    delivery_errors_matched: int = 0  # BOUNCE: of those, rows tied to a stored message
 
 
 @dataclass(frozen=True, slots=True)
@@ -225,6 +240,29 @@ class ConversationDetail:
     follower_parents: tuple[tuple[str, str, int], ...] = ()  # (follower email, table, record id)
 
 
+@dataclass(frozen=True, slots=True)
+class DeliveryErrorRecord:
+    """A row of ``conversationmessageerror``: one failed recipient of one delivery report."""
+
+    id: int
+    account: str
+    conversation: int | None  # None: the report matched no stored message
+    conversation_message: int | None
+    message_follower: int | None
+    recipient: str
+    type: str  # permanent, temporary, complaint
+    status: str | None  # RFC 3463 code
+    diagnostic: str
+    original_message_id: str | None
+    matched_by: str  # message_id, recipient, none
+    report_kind: str  # dsn, non-standard, feedback
+    report_message_id: str | None
+    report_subject: str
+    report_from: str
+    date: datetime | None
+    resolved: datetime | None
+
+
 class Repository(Protocol):
     """The database as mailbridge sees it. See the module docstring for the guarantees."""
 
@@ -303,6 +341,15 @@ class Repository(Protocol):
 
     def conversation(self, conversation_id: int) -> ConversationDetail | None:
         """One conversation with its followers and messages, or None."""
+
+    def delivery_errors(
+        self, *, unresolved: bool = False, conversation: int | None = None
+    ) -> list[DeliveryErrorRecord]:
+        """Delivery errors (bounces, complaints), newest first."""
+
+    def resolve_delivery_error(self, error_id: int) -> bool:
+        """Mark one resolved now (its follower's mark cleared when no other unresolved error
+        remains for it); False when there is no such unresolved row. Committed."""
 
     def close(self) -> None:
         """Release the connection."""

@@ -254,12 +254,57 @@ _V5: Final[tuple[str, ...]] = (
     " WHERE messageid IS NOT NULL",
 )
 
+# Version 6 (issue 13): automatic mail and delivery errors. Whether a stored message is
+# automatic and why (core/automatic.py); bounces and ARF complaints as rows on the message
+# follower they concern (RFC 3464 / RFC 5965), the follower marked with the type of its latest
+# unresolved error.
+_V6: Final[tuple[str, ...]] = (
+    "ALTER TABLE conversationmessage ADD COLUMN automatic INTEGER NOT NULL DEFAULT 0"
+    " CHECK (automatic IN (0, 1))",
+    "ALTER TABLE conversationmessage ADD COLUMN automaticreason TEXT",
+    "ALTER TABLE follower ADD COLUMN deliveryerror TEXT"
+    " CHECK (deliveryerror IN ('permanent', 'temporary', 'complaint'))",
+    f"""
+    CREATE TABLE conversationmessageerror (
+        id                  INTEGER PRIMARY KEY,
+        account             TEXT NOT NULL,
+        conversation        INTEGER REFERENCES conversation (id) ON DELETE CASCADE,
+        conversationmessage INTEGER REFERENCES conversationmessage (id) ON DELETE CASCADE,
+        messagefollower     INTEGER REFERENCES messagefollower (id) ON DELETE SET NULL,
+        follower            INTEGER REFERENCES follower (id) ON DELETE SET NULL,
+        recipient           TEXT NOT NULL DEFAULT '',
+        type                TEXT NOT NULL CHECK (type IN ('permanent', 'temporary', 'complaint')),
+        status              TEXT,
+        diagnostic          TEXT NOT NULL DEFAULT '',
+        originalmessageid   TEXT,
+        matchedby           TEXT NOT NULL DEFAULT 'none'
+                            CHECK (matchedby IN ('message_id', 'recipient', 'none')),
+        reportkind          TEXT NOT NULL DEFAULT 'dsn',
+        reportmessageid     TEXT,
+        reportkey           TEXT NOT NULL,
+        reportsubject       TEXT NOT NULL DEFAULT '',
+        reportfrom          TEXT NOT NULL DEFAULT '',
+        date                TEXT NOT NULL,
+        resolved            TEXT,
+        createdtime         TEXT NOT NULL DEFAULT {_NOW},
+        UNIQUE (account, reportkey, recipient)
+    )
+    """,
+    "CREATE INDEX conversationmessageerror_conversation ON conversationmessageerror (conversation)",
+    "CREATE INDEX conversationmessageerror_message"
+    " ON conversationmessageerror (conversationmessage)",
+    "CREATE INDEX conversationmessageerror_follower ON conversationmessageerror (follower)",
+    "CREATE INDEX conversationmessageerror_unresolved ON conversationmessageerror (date)"
+    " WHERE resolved IS NULL",
+)
+
 MIGRATIONS: Final[tuple[Migration, ...]] = (
     Migration(1, "conversations, messages, followers, files, import failures", _V1),
     Migration(2, "threadedby, per-recipient Message-ID and unread indexes", _V2),
     Migration(3, "the recovery sweep's last run and summary per account", _V3),
     Migration(4, "how a failure was resolved; the Failed folder's UIDVALIDITY", _V4),
     Migration(5, "content fingerprint, parser defects, the replyto participation level", _V5),
+    Migration(6, "automatic mail; delivery errors (bounces, complaints) per message follower", _V6),
 )
 
 # The version a fully migrated database reports in PRAGMA user_version.
@@ -275,6 +320,7 @@ TABLES: Final[tuple[str, ...]] = (
     "embeddedfile",
     "importfailure",
     "accountstate",
+    "conversationmessageerror",
 )
 
 # Columns of the two tables that config-named link columns are added to (``follower.<table>``,
@@ -298,5 +344,15 @@ CONVERSATION_COLUMNS: Final[frozenset[str]] = frozenset(
     }
 )
 FOLLOWER_COLUMNS: Final[frozenset[str]] = frozenset(
-    {"id", "conversation", "email", "name", "active", "subscribed", "createdtime", "updatedtime"}
+    {
+        "id",
+        "conversation",
+        "email",
+        "name",
+        "active",
+        "subscribed",
+        "createdtime",
+        "updatedtime",
+        "deliveryerror",
+    }
 )

@@ -70,6 +70,7 @@ from typing import TYPE_CHECKING, Any, Final, TypeVar
 
 from sqlite_utils import Database
 
+from mailbridge.core.automatic import AutomaticVerdict
 from mailbridge.core.html import rewrite_inline_images, text_to_html
 from mailbridge.core.identify import (
     is_own_address,
@@ -87,13 +88,16 @@ from mailbridge.core.messagekey import (
 )
 from mailbridge.core.model import ParsedMessage
 from mailbridge.core.participants import is_outgoing, only_own_identity, reached_address
+from mailbridge.core.policy import Disposition, decide
 from mailbridge.errors import ConfigError, StoreError
+from mailbridge.store import delivery_errors as _delivery_errors
 from mailbridge.store.base import (
     RESOLVED_IMPORTED,
     RESOLVED_REMOVED,
     AccountState,
     ConversationDetail,
     ConversationSummary,
+    DeliveryErrorRecord,
     FailureInfo,
     FailureRecord,
     ImportContext,
@@ -115,6 +119,19 @@ if TYPE_CHECKING:
     )
 
 T = TypeVar("T")
+
+
+@dataclass(frozen=True, slots=True)
+class _NotStored:
+    """What _import_one answers for a message the policy keeps out of the conversations."""
+
+    outcome: Outcome  # DISCARDED or BOUNCE
+    reason: str | None
+    delivery_errors: int = 0
+    delivery_errors_matched: int = 0
+
+
+_PERSON: Final = AutomaticVerdict(automatic=False)
 
 DEFAULT_BUSY_TIMEOUT: Final = 10.0  # seconds a writer waits for an integrator's transaction
 
@@ -509,6 +526,8 @@ class SqliteRepository:
                     # A second copy later in the same batch is a duplicate of this one.
                     same_id.append(_StoredRow(decision.key, message.fingerprint or None, *written))
                     settled.append(decision.key)
+                elif result.outcome in {Outcome.DISCARDED, Outcome.BOUNCE}:
+                    settled.append(decision.key)  # dealt with for good: a failure is resolved
             self._resolve_failures(conn, account, settled, now)
         return [result for result in results if result is not None]
 
@@ -542,6 +561,16 @@ class SqliteRepository:
             )
             return failed, None
         conn.execute("RELEASE SAVEPOINT message")
+        if isinstance(written, _NotStored):
+            skipped = ImportResult(
+                uid=item.uid,
+                message_key=decision.key,
+                outcome=written.outcome,
+                error_reason=written.reason,
+                delivery_errors=written.delivery_errors,
+                delivery_errors_matched=written.delivery_errors_matched,
+            )
+            return skipped, None
         if written is None:
             ignored = ImportResult(
                 uid=item.uid,
@@ -696,10 +725,11 @@ class SqliteRepository:
         item: ImportItem,
         now: str,
         decision: KeyDecision,
-    ) -> tuple[int, int, bool] | None:
+    ) -> tuple[int, int, bool] | _NotStored | None:
         """Write one message under ``decision.key``; (conversation id, message row id, new
         conversation), or None when the message is the account's own and continues nothing
-        (not written)."""
+        (not written), or _NotStored when core/policy.py keeps it out (discarded; a bounce:
+        errors written)."""
         account = context.account
         own = context.own_addresses
         message = item.message
@@ -723,6 +753,21 @@ class SqliteRepository:
                 date,
                 reused=decision.reused is not None,
             )
+        verdict = item.automatic or _PERSON
+        disposition = decide(
+            verdict,
+            item.report,
+            conversation_found=conversation_id is not None,
+            sender=sender.email if sender is not None else None,
+            policy=context.automatic_policy,
+        )
+        if disposition.disposition is Disposition.DISCARD:
+            return _NotStored(Outcome.DISCARDED, disposition.reason)
+        if disposition.disposition is Disposition.BOUNCE and item.report is not None:
+            written, matched = _delivery_errors.record_delivery_errors(
+                conn, account, message, item.report, now, iso
+            )
+            return _NotStored(Outcome.BOUNCE, disposition.reason, written, matched)
         new = conversation_id is None
         if conversation_id is None:
             if outgoing and only_own_identity(message, own):
@@ -768,6 +813,11 @@ class SqliteRepository:
             ),
         )
         row_id = int(cursor.lastrowid or 0)
+        if verdict.automatic:
+            conn.execute(
+                "UPDATE conversationmessage SET automatic = 1, automaticreason = ? WHERE id = ?",
+                (verdict.reason, row_id),
+            )
         if candidates:
             conn.executemany(
                 "INSERT OR IGNORE INTO messagereference (messageid, conversationmessage)"
@@ -1315,6 +1365,19 @@ class SqliteRepository:
 
     # -- reading conversations ----------------------------------------------------------------
 
+    def delivery_errors(
+        self, *, unresolved: bool = False, conversation: int | None = None
+    ) -> list[DeliveryErrorRecord]:
+        with self._transaction("read delivery errors", write=False) as conn:
+            rows = _delivery_errors.list_delivery_errors(
+                conn, unresolved=unresolved, conversation=conversation
+            )
+        return [_delivery_error_record(row) for row in rows]
+
+    def resolve_delivery_error(self, error_id: int) -> bool:
+        with self._transaction(f"resolve delivery error {error_id}", write=True) as conn:
+            return _delivery_errors.resolve_delivery_error(conn, error_id, _now())
+
     def mark_read(self, conversation_id: int) -> bool:
         with self._transaction(f"mark conversation {conversation_id} read", write=True) as conn:
             cursor = conn.execute(
@@ -1502,6 +1565,28 @@ def _failure_record(row: dict[str, Any]) -> FailureRecord:
         last_failed=parse_time(row["lastfailed"]) or epoch,
         resolved=parse_time(row["resolved"]),
         resolution=row["resolution"],
+    )
+
+
+def _delivery_error_record(row: dict[str, Any]) -> DeliveryErrorRecord:
+    return DeliveryErrorRecord(
+        id=int(row["id"]),
+        account=row["account"],
+        conversation=row["conversation"],
+        conversation_message=row["conversationmessage"],
+        message_follower=row["messagefollower"],
+        recipient=row["recipient"] or "",
+        type=row["type"],
+        status=row["status"],
+        diagnostic=row["diagnostic"] or "",
+        original_message_id=row["originalmessageid"],
+        matched_by=row["matchedby"],
+        report_kind=row["reportkind"],
+        report_message_id=row["reportmessageid"],
+        report_subject=row["reportsubject"] or "",
+        report_from=row["reportfrom"] or "",
+        date=parse_time(row["date"]),
+        resolved=parse_time(row["resolved"]),
     )
 
 

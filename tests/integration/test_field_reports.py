@@ -36,15 +36,20 @@ def case_files(case: str) -> list[Path]:
     return found
 
 
-def corpus_settings(tmp_path: Path, dovecot: Any, user: Any) -> Settings:
+def corpus_settings(
+    tmp_path: Path, dovecot: Any, user: Any, top: dict[str, Any] | None = None
+) -> Settings:
     data = config_data(tmp_path, dovecot, user, aliases=[MAILBOX])
     data["limits"] = {"attachment_max_size_mb": 25}
+    data.update(top or {})
     return parse_config(data)
 
 
-async def import_case(tmp_path: Path, dovecot: Any, user: Any, case: str) -> Settings:
+async def import_case(
+    tmp_path: Path, dovecot: Any, user: Any, case: str, top: dict[str, Any] | None = None
+) -> Settings:
     """APPEND the case's files in order, run one pass, check nothing failed or stayed."""
-    settings = corpus_settings(tmp_path, dovecot, user)
+    settings = corpus_settings(tmp_path, dovecot, user, top)
     deliver(dovecot, user, *(path.read_bytes() for path in case_files(case)))
     await import_all(settings)
     assert rows(settings, "SELECT code, reason FROM importfailure") == []
@@ -84,8 +89,11 @@ async def test_04_reused_message_id(
     tmp_path: Path, dovecot: Any, imap_user: Any, capsys: pytest.CaptureFixture[str]
 ) -> None:
     message_id = "q8XvT2pLm0NwYr4Kd7@mailer.parcels.example"
+    # A parcel tracker's notifications are automatic mail (a no-reply sender): an operator who
+    # wants them as conversations allow-lists the sender (issue 13's default would discard them).
+    allow = {"bots": {"allow": ["parcels.example"]}}
     with capture_logs() as logs:
-        settings = await import_case(tmp_path, dovecot, imap_user, "04-reused-message-id")
+        settings = await import_case(tmp_path, dovecot, imap_user, "04-reused-message-id", allow)
     stored = rows(
         settings,
         "SELECT messageid, messagekey, subject, date, conversation FROM conversationmessage"

@@ -527,7 +527,7 @@ def test_sqlite_migration_5_keeps_message_followers(sqlite_path: Path) -> None:
     repo = SqliteRepository(sqlite_path)
     try:
         repo.migrate()
-        assert repo.schema_version() == 5
+        assert repo.schema_version() == SCHEMA_VERSION
     finally:
         repo.close()
     assert raw(sqlite_path, "SELECT * FROM messagefollower") == [
