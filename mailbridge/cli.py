@@ -31,8 +31,8 @@ from mailbridge.config import (
 )
 from mailbridge.errors import ConfigError, StoreError, describe
 from mailbridge.log import configure_logging
-from mailbridge.store.base import AccountState
-from mailbridge.store.sqlite import SqliteRepository
+from mailbridge.store.base import AccountState, Repository
+from mailbridge.store.factory import open_store
 from mailbridge.term import console, mail_text
 
 EX_USAGE = 64
@@ -225,6 +225,10 @@ def _check_config(settings: Settings) -> int:
                     "the connection can be intercepted; prefer ca_file",
                     file=sys.stderr,
                 )
+    try:
+        settings.database_password()
+    except ConfigError as exc:
+        problems.append(f"{exc.path}: {exc}")
     inline = [a.name for a in settings.accounts if a.auth.password is not None]
     if inline and settings.source is not None and world_readable(settings.source):
         print(
@@ -244,18 +248,9 @@ def _check_config(settings: Settings) -> int:
     return 0
 
 
-def _open_store(settings: Settings) -> SqliteRepository | None:
-    if not settings.database.exists():
-        return None
-    repo = SqliteRepository(settings.database)
-    try:
-        repo.migrate()
-        # Also what lets `conversation show` name the parent tables it links to.
-        repo.prepare(settings.follower_parents, settings.conversation_parents)
-    except BaseException:
-        repo.close()
-        raise
-    return repo
+def _open_store(settings: Settings) -> Repository | None:
+    # No write transaction beside the daemon unless the command writes (store.factory).
+    return open_store(settings)
 
 
 def _iso(value: datetime | None) -> str:

@@ -39,6 +39,7 @@ from mailbridge.core.parse import parse_message, summarise_headers
 from mailbridge.daemon.parsing import parse_off_loop
 from mailbridge.errors import MailbridgeError, MessageError, StoreError, describe
 from mailbridge.mail.imap import FetchedMessage, ImapSession
+from mailbridge.store.asyncrepo import AsyncRepository
 from mailbridge.store.base import (
     AccountState,
     FailureInfo,
@@ -47,7 +48,6 @@ from mailbridge.store.base import (
     ImportResult,
     Outcome,
 )
-from mailbridge.store.sqlite import AsyncRepository
 
 log = structlog.get_logger("mailbridge.account")
 
