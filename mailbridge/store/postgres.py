@@ -7,7 +7,7 @@ never write by mistake and takes no write locks beside the daemons.
 
 Schema: the same tables and migrations as SQLite (:mod:`mailbridge.store.schema`, translated
 by :func:`~mailbridge.store.schema.for_postgres`), the version in the ``schemaversion`` table.
-Daemons starting together migrate one at a time (a transaction-level advisory lock). Every
+Daemons starting together migrate one at a time (an advisory lock). Every
 method outside the import path is shared with SQLite (:class:`~mailbridge.store.sql.SqlRepository`).
 
 Leases (several daemons, one database; see :mod:`mailbridge.daemon.leases`) live here too, on
@@ -49,7 +49,7 @@ if TYPE_CHECKING:
 
 DEFAULT_POOL_SIZE: Final = 4  # the import thread, the lease thread, a sweep, a spare
 DEFAULT_CONNECT_TIMEOUT: Final = 10.0  # seconds to connect, or to wait for a free connection
-# pg_advisory_xact_lock keys (one bigint namespace per database): migrations run one at a time.
+# pg_advisory_lock keys (one bigint namespace per database): migrations run one at a time.
 _MIGRATE_LOCK: Final = 0x6D62_0001
 
 # now() + the lease's seconds (a %s parameter) as timestamp text: the database's clock, so that
@@ -226,25 +226,38 @@ class PostgresRepository(SqlRepository):
     def migrate(self) -> None:
         if self.schema_version() == SCHEMA_VERSION:
             return  # a current schema costs one read, no lock
-        with self._transaction("migrate the database schema", write=True) as conn:
-            # Daemons starting together: one migrates, the others then find it done.
-            conn.execute("SELECT pg_advisory_xact_lock(%s)", (_MIGRATE_LOCK,))
-            current = self._version(conn)
-            if current > SCHEMA_VERSION:
-                raise StoreError(
-                    f"the database {self.url} has schema version {current}, newer than this "
-                    f"mailbridge understands ({SCHEMA_VERSION}); upgrade mailbridge",
-                    code="database_error",
-                )
-            if current == SCHEMA_VERSION:
-                return
-            conn.execute(POSTGRES_VERSION_TABLE.format(now=POSTGRES_NOW).encode())
-            for migration in MIGRATIONS:
-                if migration.version > current:
-                    for statement in migration.statements:
-                        conn.execute(for_postgres(statement).encode())
-            conn.execute("DELETE FROM schemaversion")
-            conn.execute("INSERT INTO schemaversion (version) VALUES (%s)", (SCHEMA_VERSION,))
+        action = "migrate the database schema"
+        try:
+            with self._pool.connection() as conn:
+                # Daemons starting together: one migrates, the others wait and then find it
+                # done. A session lock taken before the transaction begins: a transaction that
+                # began earlier would not see the tables the first one created.
+                conn.execute("SELECT pg_advisory_lock(%s)", (_MIGRATE_LOCK,))
+                try:
+                    with conn.transaction():
+                        self._migrate(conn)
+                finally:
+                    conn.execute("SELECT pg_advisory_unlock(%s)", (_MIGRATE_LOCK,))
+        except (psycopg.Error, PoolTimeout) as exc:
+            raise _store_error(exc, action) from exc
+
+    def _migrate(self, conn: psycopg.Connection[dict[str, Any]]) -> None:
+        current = self._version(conn)
+        if current > SCHEMA_VERSION:
+            raise StoreError(
+                f"the database {self.url} has schema version {current}, newer than this "
+                f"mailbridge understands ({SCHEMA_VERSION}); upgrade mailbridge",
+                code="database_error",
+            )
+        if current == SCHEMA_VERSION:
+            return
+        conn.execute(POSTGRES_VERSION_TABLE.format(now=POSTGRES_NOW).encode())
+        for migration in MIGRATIONS:
+            if migration.version > current:
+                for statement in migration.statements:
+                    conn.execute(for_postgres(statement).encode())
+        conn.execute("DELETE FROM schemaversion")
+        conn.execute("INSERT INTO schemaversion (version) VALUES (%s)", (SCHEMA_VERSION,))
 
     def check_writable(self) -> str:
         """Whether the daemon could write here, changing nothing: a line naming the database

@@ -1,8 +1,11 @@
 """Contract tests of the Repository protocol, run against every backend.
 
-The ``make_repo`` fixture is parametrised over backends (SQLite today); a PostgreSQL backend
-joins by adding a parameter. Tests that check SQLite specifics (file permissions, locking, the
-raw rows) say so in their names and use :class:`SqliteRepository` directly.
+Two fixtures: ``store`` runs on every backend (SQLite and a throwaway PostgreSQL) and serves
+the tests of everything outside the import path; ``repo`` (``make_repo``) serves the import
+tests and is SQLite only until PostgreSQL's import path is built (the import planner step of
+issue 12), when PostgreSQL joins ``BACKENDS``. Tests that check SQLite specifics (file
+permissions, locking, the raw rows) say so in their names and use :class:`SqliteRepository`
+directly.
 """
 
 from __future__ import annotations
@@ -15,6 +18,7 @@ import stat
 import tempfile
 import threading
 from collections.abc import Callable, Iterator
+from datetime import UTC, datetime
 from pathlib import Path
 
 import pytest
@@ -23,8 +27,9 @@ from hypothesis import strategies as st
 
 from mailbridge.core.html import rewrite_inline_images
 from mailbridge.core.model import ParsedMessage
-from mailbridge.errors import StoreError
+from mailbridge.errors import ConfigError, StoreError
 from mailbridge.store import sqlite as sqlite_backend
+from mailbridge.store.asyncrepo import AsyncRepository
 from mailbridge.store.base import (
     RESOLVED_IMPORTED,
     RESOLVED_REMOVED,
@@ -37,8 +42,11 @@ from mailbridge.store.base import (
     Outcome,
     Repository,
 )
+from mailbridge.store.postgres import PostgresRepository
 from mailbridge.store.schema import MIGRATIONS, SCHEMA_VERSION, TABLES
-from mailbridge.store.sqlite import AsyncRepository, SqliteRepository
+from mailbridge.store.sql import SqlRepository
+from mailbridge.store.sqlite import SqliteRepository
+from tests.conftest import PostgresDatabase
 from tests.unit.factories import at, attachment, inline_image, message, reply
 
 ACCOUNT = "support"
@@ -70,6 +78,22 @@ def repo(make_repo: MakeRepo, tmp_path: Path) -> Iterator[Repository]:
     repository = make_repo(tmp_path)
     yield repository
     repository.close()
+
+
+@pytest.fixture(params=["sqlite", "postgres"])
+def store(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[SqlRepository]:
+    """A fresh, migrated repository on each backend, for everything but importing."""
+    repository: SqlRepository
+    if request.param == "postgres":
+        database: PostgresDatabase = request.getfixturevalue("postgres_database")
+        repository = PostgresRepository(database.url, password=database.password)
+    else:
+        repository = SqliteRepository(tmp_path / "data" / "mailbridge.db")
+    try:
+        repository.migrate()
+        yield repository
+    finally:
+        repository.close()
 
 
 @pytest.fixture
@@ -135,6 +159,95 @@ def test_sqlite_refuses_a_newer_schema(sqlite_path: Path) -> None:
         assert info.value.code == "database_error"
     finally:
         repo.close()
+
+
+def test_postgres_migrates_into_a_version_table_once(postgres_database: PostgresDatabase) -> None:
+    repo = PostgresRepository(postgres_database.url, password=postgres_database.password)
+    try:
+        assert repo.schema_version() == 0
+        repo.migrate()
+        repo.migrate()
+        assert repo.schema_version() == SCHEMA_VERSION
+        with repo._sql("read", write=False) as sql:
+            tables = {
+                row["table_name"]
+                for row in sql.rows(
+                    "SELECT table_name FROM information_schema.tables"
+                    " WHERE table_schema = current_schema()"
+                )
+            }
+            versions = sql.rows("SELECT version FROM schemaversion")
+        assert set(TABLES) | {"schemaversion"} == tables
+        assert versions == [{"version": SCHEMA_VERSION}]
+        # A newer schema (a newer mailbridge migrated it) is refused, not downgraded.
+        with repo._sql("bump", write=True) as sql:
+            sql.execute("UPDATE schemaversion SET version = ?", (SCHEMA_VERSION + 1,))
+        with pytest.raises(StoreError, match="newer than this mailbridge") as info:
+            repo.migrate()
+        assert info.value.code == "database_error"
+    finally:
+        repo.close()
+
+
+def test_postgres_daemons_starting_together_migrate_once(
+    postgres_database: PostgresDatabase,
+) -> None:
+    repos = [
+        PostgresRepository(postgres_database.url, password=postgres_database.password)
+        for _ in range(3)
+    ]
+    errors: list[BaseException] = []
+
+    def migrate(repo: PostgresRepository) -> None:
+        try:
+            repo.migrate()
+        except BaseException as exc:  # reported below
+            errors.append(exc)
+
+    threads = [threading.Thread(target=migrate, args=(repo,)) for repo in repos]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    try:
+        assert errors == []
+        assert {repo.schema_version() for repo in repos} == {SCHEMA_VERSION}
+    finally:
+        for repo in repos:
+            repo.close()
+
+
+def test_postgres_reads_are_read_only(store: SqlRepository) -> None:
+    if not isinstance(store, PostgresRepository):
+        return  # SQLite's read transactions are plain BEGIN: a write there would succeed
+    with (
+        pytest.raises(StoreError, match="read-only transaction"),
+        store._sql("x", write=False) as sql,
+    ):
+        sql.execute("DELETE FROM accountstate")
+
+
+def test_postgres_wrong_password_is_named(postgres_database: PostgresDatabase) -> None:
+    with pytest.raises(StoreError, match="password authentication failed") as info:
+        PostgresRepository(postgres_database.url, password="wrong")
+    assert info.value.code == "database_auth_failed"
+    assert not info.value.transient
+
+
+def test_postgres_unreachable_server_is_transient(postgres_database: PostgresDatabase) -> None:
+    url = postgres_database.url.replace(
+        f":{postgres_database.cluster.port}/", f":{_closed_port()}/"
+    )
+    with pytest.raises(StoreError, match="cannot connect") as info:
+        PostgresRepository(url, password=postgres_database.password, connect_timeout=5)
+    assert info.value.code == "database_unavailable"
+    assert info.value.transient
+
+
+def _closed_port() -> int:
+    from mailbridge.testing.dovecot import free_port
+
+    return free_port()
 
 
 # -- threading --------------------------------------------------------------------------------
@@ -564,6 +677,37 @@ def test_sqlite_batch_level_error_raises_and_commits_nothing(
 # -- import failures and account state --------------------------------------------------------
 
 
+_LATE = FailureInfo(
+    uid=5,
+    message_key="late@example.com",
+    code="import_failed",
+    reason="first reason",
+    message_id="late@example.com",
+    subject="Broken",
+    from_address="Ann@Example.com",
+    date=at(0),
+    size=1234,
+)
+
+
+def test_failures_upsert_and_reopen(store: Repository) -> None:
+    info = _LATE
+    store.record_failures(ACCOUNT, [info])
+    store.record_failures(ACCOUNT, [dataclasses.replace(info, uid=6, reason="again")])
+    store.set_failure_folder_uids(ACCOUNT, {"late@example.com": 77})
+    [record] = store.failures(ACCOUNT)
+    assert (record.attempts, record.reason, record.uid, record.folder_uid) == (2, "again", 6, 77)
+    assert record.from_address == "ann@example.com"
+    assert record.date == at(0)
+    assert (record.subject, record.size, record.message_id) == ("Broken", 1234, "late@example.com")
+    assert record.resolved is None
+    assert record.first_failed <= record.last_failed
+    assert store.failures("someone-else") == []
+    store.record_failures(ACCOUNT, [info])
+    [again] = store.failures()
+    assert (again.attempts, again.folder_uid) == (3, None)  # a new failure: a new folder UID
+
+
 def test_failures_upsert_and_are_resolved_by_a_later_import(repo: Repository) -> None:
     info = FailureInfo(
         uid=5,
@@ -618,34 +762,34 @@ def _failed_in_folder(repo: Repository, account: str, folder_uids: dict[str, int
     )
 
 
-def test_failures_gone_from_the_failed_folder_are_resolved(repo: Repository) -> None:
-    _failed_in_folder(repo, ACCOUNT, {"deleted": 10, "still-there": 11, "no-uidplus": None})
-    _failed_in_folder(repo, "sales", {"other-account": 10})
-    known = repo.failures(ACCOUNT)
+def test_failures_gone_from_the_failed_folder_are_resolved(store: Repository) -> None:
+    _failed_in_folder(store, ACCOUNT, {"deleted": 10, "still-there": 11, "no-uidplus": None})
+    _failed_in_folder(store, "sales", {"other-account": 10})
+    known = store.failures(ACCOUNT)
 
     # The folder now holds 11 and a message put there by hand (12): 10 was deleted by hand.
-    done = repo.reconcile_failures(ACCOUNT, 7, [11, 12], known)
+    done = store.reconcile_failures(ACCOUNT, 7, [11, 12], known)
 
     assert (done.resolved, done.uidvalidity_changed, done.forgotten) == (1, False, 0)
     # Without a Failed-folder UID a row cannot be matched: left alone.
-    assert sorted(f.message_key for f in repo.failures(ACCOUNT)) == ["no-uidplus", "still-there"]
-    [gone] = [f for f in repo.failures(ACCOUNT, include_resolved=True) if f.resolved]
+    assert sorted(f.message_key for f in store.failures(ACCOUNT)) == ["no-uidplus", "still-there"]
+    [gone] = [f for f in store.failures(ACCOUNT, include_resolved=True) if f.resolved]
     assert gone.message_key == "deleted"
     assert gone.resolution == RESOLVED_REMOVED
     assert gone.folder_uid == 10  # kept: where it was
-    assert [f.message_key for f in repo.failures("sales")] == ["other-account"]
-    states = {s.account: s.failed for s in repo.account_states()}
+    assert [f.message_key for f in store.failures("sales")] == ["other-account"]
+    states = {s.account: s.failed for s in store.account_states()}
     assert states == {ACCOUNT: 2, "sales": 1}
     # Idempotent; an empty listing still leaves the UID-less row alone.
-    assert repo.reconcile_failures(ACCOUNT, 7, [11, 12], repo.failures(ACCOUNT)).resolved == 0
-    assert repo.reconcile_failures(ACCOUNT, 7, [], repo.failures(ACCOUNT)).resolved == 1
-    assert [f.message_key for f in repo.failures(ACCOUNT)] == ["no-uidplus"]
+    assert store.reconcile_failures(ACCOUNT, 7, [11, 12], store.failures(ACCOUNT)).resolved == 0
+    assert store.reconcile_failures(ACCOUNT, 7, [], store.failures(ACCOUNT)).resolved == 1
+    assert [f.message_key for f in store.failures(ACCOUNT)] == ["no-uidplus"]
 
     # Failing again re-opens it, without the resolution.
-    repo.record_failures(
+    store.record_failures(
         ACCOUNT, [FailureInfo(uid=1, message_key="deleted", code="too_large", reason="big")]
     )
-    [reopened] = [f for f in repo.failures(ACCOUNT) if f.message_key == "deleted"]
+    [reopened] = [f for f in store.failures(ACCOUNT) if f.message_key == "deleted"]
     assert (reopened.resolved, reopened.resolution, reopened.attempts) == (None, None, 2)
 
 
@@ -666,52 +810,52 @@ def test_reconcile_only_resolves_rows_unchanged_since_they_were_read(repo: Repos
     assert rows["imported"].resolution == RESOLVED_IMPORTED
 
 
-def test_reconcile_resolves_nothing_when_the_uidvalidity_changed(repo: Repository) -> None:
-    _failed_in_folder(repo, ACCOUNT, {"a": 1, "b": 2, "no-uidplus": None})
-    assert repo.reconcile_failures(ACCOUNT, 100, [1, 2], repo.failures(ACCOUNT)).resolved == 0
+def test_reconcile_resolves_nothing_when_the_uidvalidity_changed(store: Repository) -> None:
+    _failed_in_folder(store, ACCOUNT, {"a": 1, "b": 2, "no-uidplus": None})
+    assert store.reconcile_failures(ACCOUNT, 100, [1, 2], store.failures(ACCOUNT)).resolved == 0
 
     # The folder was recreated: UID 1 is now another message, and 2 is gone; the stored UIDs
     # mean nothing.
-    changed = repo.reconcile_failures(ACCOUNT, 200, [1], repo.failures(ACCOUNT))
+    changed = store.reconcile_failures(ACCOUNT, 200, [1], store.failures(ACCOUNT))
     assert changed.uidvalidity_changed
     assert (changed.previous_uidvalidity, changed.forgotten, changed.resolved) == (100, 2, 0)
-    rows = repo.failures(ACCOUNT)
+    rows = store.failures(ACCOUNT)
     assert len(rows) == 3
     assert [f.folder_uid for f in rows] == [None, None, None]
 
     # A failure recorded under the new UIDVALIDITY is matched again.
-    _failed_in_folder(repo, ACCOUNT, {"c": 5})
-    again = repo.reconcile_failures(ACCOUNT, 200, [], repo.failures(ACCOUNT))
+    _failed_in_folder(store, ACCOUNT, {"c": 5})
+    again = store.reconcile_failures(ACCOUNT, 200, [], store.failures(ACCOUNT))
     assert (again.resolved, again.uidvalidity_changed) == (1, False)
-    assert sorted(f.message_key for f in repo.failures(ACCOUNT)) == ["a", "b", "no-uidplus"]
+    assert sorted(f.message_key for f in store.failures(ACCOUNT)) == ["a", "b", "no-uidplus"]
 
 
-def test_failures_are_listed_newest_first(repo: Repository) -> None:
+def test_failures_are_listed_newest_first(store: Repository) -> None:
     for n in range(3):
-        repo.record_failures(
+        store.record_failures(
             ACCOUNT, [FailureInfo(uid=n, message_key=f"k{n}", code="unparseable", reason="x")]
         )
-    assert [f.message_key for f in repo.failures()] == ["k2", "k1", "k0"]
+    assert [f.message_key for f in store.failures()] == ["k2", "k1", "k0"]
 
 
-def test_account_state_adds_imported_and_counts_failures(repo: Repository) -> None:
-    repo.set_account_state(
+def test_account_state_adds_imported_and_counts_failures(store: Repository) -> None:
+    store.set_account_state(
         AccountState(account=ACCOUNT, state="importing", imported=5, last_import=at(1))
     )
-    repo.set_account_state(
+    store.set_account_state(
         AccountState(account=ACCOUNT, state="idle", imported=3, detail="waiting", since=at(2))
     )
-    repo.record_failures(
+    store.record_failures(
         ACCOUNT, [FailureInfo(uid=1, message_key="a", code="too_large", reason="big")]
     )
-    repo.record_failures(
+    store.record_failures(
         "orphan",
         [
             FailureInfo(uid=1, message_key="b", code="unparseable", reason="bad"),
             FailureInfo(uid=2, message_key="c", code="unparseable", reason="bad"),
         ],
     )
-    states = {s.account: s for s in repo.account_states()}
+    states = {s.account: s for s in store.account_states()}
     assert set(states) == {ACCOUNT, "orphan"}
     mine = states[ACCOUNT]
     assert mine.imported == 8
@@ -747,6 +891,152 @@ def test_conversations_search_and_limit(repo: Repository) -> None:
     assert repo.conversations(search="_") == []  # wildcards are literal
     assert repo.conversations(account="nobody") == []
     assert repo.conversation(10_000) is None
+
+
+def seed_conversation(
+    store: SqlRepository,
+    subject: str,
+    date: str,
+    *,
+    account: str = ACCOUNT,
+    text: str = "",
+    followers: tuple[tuple[str, str, int], ...] = (),
+) -> int:
+    """Write one conversation with one message (and its followers) as an integrator would,
+    without the import path: the reading methods are tested on every backend this way."""
+    key = f"k{next(_seeds)}"
+    with store._sql("seed", write=True) as sql:
+        sql.execute(
+            "INSERT INTO conversation (uniqueid, account, subject, earliestunread,"
+            " firstmessagedate, lastmessagedate) VALUES (?, ?, ?, ?, ?, ?)",
+            (key, account, subject, date, date, date),
+        )
+        [conv] = sql.rows("SELECT id FROM conversation WHERE uniqueid = ?", (key,))
+        sql.execute(
+            "INSERT INTO conversationmessage (conversation, account, uid, messageid, messagekey,"
+            " uniqueid, subject, fromaddress, fromname, date, message, plaintext, threadedby)"
+            " VALUES (?, ?, 1, ?, ?, ?, ?, 'ann@example.com', 'Ann', ?, '<p>x</p>', ?, 'new')",
+            (conv["id"], account, f"{key}@example.com", key, key, subject, date, text),
+        )
+        [msg] = sql.rows("SELECT id FROM conversationmessage WHERE uniqueid = ?", (key,))
+        sql.execute(
+            "INSERT INTO document (conversationmessage, filename, contenttype, size, document)"
+            " VALUES (?, 'a.pdf', 'application/pdf', 3, ?)",
+            (msg["id"], b"PDF"),
+        )
+        for email, name, active in followers:
+            sql.execute(
+                "INSERT INTO follower (conversation, email, name, active) VALUES (?, ?, ?, ?)",
+                (conv["id"], email, name, active),
+            )
+            [fid] = sql.rows(
+                "SELECT id FROM follower WHERE conversation = ? AND email = ?", (conv["id"], email)
+            )
+            sql.execute(
+                "INSERT INTO messagefollower (conversationmessage, follower, participationlevel)"
+                " VALUES (?, ?, 'to')",
+                (msg["id"], fid["id"]),
+            )
+    return int(conv["id"])
+
+
+_seeds = itertools.count(1)
+
+
+def test_conversations_are_listed_searched_and_read_back(store: SqlRepository) -> None:
+    first = seed_conversation(store, "Broken printer", "2024-01-01T10:00:00Z")
+    other = seed_conversation(
+        store,
+        "Other",
+        "2024-01-02T10:00:00Z",
+        text="the 100% question",
+        followers=(("zoe@example.com", "Zoe Zed", 1), ("old@example.com", "", 0)),
+    )
+    seed_conversation(store, "Third", "2024-01-03T10:00:00Z", account="sales")
+    assert [c.subject for c in store.conversations()] == ["Third", "Other", "Broken printer"]
+    assert [c.subject for c in store.conversations(limit=1)] == ["Third"]
+    assert [c.subject for c in store.conversations(account=ACCOUNT)] == ["Other", "Broken printer"]
+    assert [c.subject for c in store.conversations(search="PRINTER")] == ["Broken printer"]
+    assert [c.subject for c in store.conversations(search="100%")] == ["Other"]
+    assert [c.subject for c in store.conversations(search="ZOE@")] == ["Other"]
+    assert store.conversations(search="_") == []  # wildcards are literal
+    assert store.conversation(10_000) is None
+
+    found = detail(store, other)
+    assert (found.summary.subject, found.summary.messages, found.summary.followers) == (
+        "Other",
+        1,
+        2,
+    )
+    assert found.summary.earliest_unread == datetime(2024, 1, 2, 10, tzinfo=UTC)
+    assert found.followers == (("zoe@example.com", "Zoe Zed", True), ("old@example.com", "", False))
+    [stored] = found.messages
+    assert (stored.subject, stored.from_name, stored.plain_text) == (
+        "Other",
+        "Ann",
+        "the 100% question",
+    )
+    assert stored.followers == (("zoe@example.com", "to"), ("old@example.com", "to"))
+    assert stored.documents == (("a.pdf", "application/pdf", 3),)
+    assert stored.threaded_by == "new"
+
+    assert store.mark_read(first)
+    assert detail(store, first).summary.earliest_unread is None
+    assert not store.mark_read(10_000)
+
+
+def test_recovery_sweeps_are_recorded_beside_the_state(store: SqlRepository) -> None:
+    store.set_account_state(AccountState(account=ACCOUNT, state="idle", imported=2))
+    store.record_sweep(ACCOUNT, at(5), "retried 1, recovered 1", imported=1)
+    store.record_sweep("new-account", at(6), "nothing to do", imported=0)
+    states = {s.account: s for s in store.account_states()}
+    assert (states[ACCOUNT].state, states[ACCOUNT].imported) == ("idle", 3)
+    assert states[ACCOUNT].last_sweep == at(5)
+    assert states[ACCOUNT].last_import == at(5)
+    assert states[ACCOUNT].sweep_summary == "retried 1, recovered 1"
+    assert (states["new-account"].state, states["new-account"].last_import) == ("stopped", None)
+
+
+def test_parent_tables_are_created_and_read_back(store: SqlRepository) -> None:
+    from mailbridge.config import (
+        ConversationParentSettings,
+        FollowerParentSettings,
+        ParentPropertySettings,
+    )
+
+    person = FollowerParentSettings(table="person")
+    ticket = ConversationParentSettings(
+        table="ticket",
+        properties=(
+            ParentPropertySettings(column="title", message_property="subject"),
+            ParentPropertySettings(column="customer", search_path="person.id",
+                                   message_property="from_address"),
+        ),
+    )  # fmt: skip
+    # A read-only check creates nothing and accepts tables that do not exist yet.
+    store.use_parents([person], [ticket])
+    with store._sql("look", write=False) as sql:
+        assert sql.columns("person") == set()
+    store.prepare([person], [ticket])
+    store.prepare([person], [ticket])  # idempotent
+    conv = seed_conversation(store, "Hello", "2024-01-01T10:00:00Z",
+                             followers=(("ann@example.com", "", 1),))  # fmt: skip
+    with store._sql("link", write=True) as sql:
+        assert {"id", "email", "name"} <= sql.columns("person")
+        assert "ticket" in sql.columns("conversation")
+        sql.execute("INSERT INTO person (email, name) VALUES ('ann@example.com', 'Ann')")
+        sql.execute("INSERT INTO ticket (title) VALUES ('Hello')")
+        sql.execute("UPDATE conversation SET ticket = 1 WHERE id = ?", (conv,))
+        sql.execute("UPDATE follower SET person = 1 WHERE conversation = ?", (conv,))
+    found = detail(store, conv)
+    assert found.parents == (("ticket", 1),)
+    assert found.follower_parents == (("ann@example.com", "person", 1),)
+
+    # An existing table that lacks a configured column is refused, naming the key.
+    wrong = FollowerParentSettings(table="person", address_column="mail")
+    with pytest.raises(ConfigError) as info:
+        store.use_parents([wrong], [])
+    assert info.value.path == "follower_parents[0].address_column"
 
 
 # -- SQLite specifics -------------------------------------------------------------------------
