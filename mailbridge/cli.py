@@ -228,7 +228,7 @@ def _check_config(settings: Settings) -> int:
     try:
         settings.database_password()
     except ConfigError as exc:
-        problems.append(f"{exc.path}: {exc}")
+        problems.append(str(exc))
     inline = [a.name for a in settings.accounts if a.auth.password is not None]
     if inline and settings.source is not None and world_readable(settings.source):
         print(
@@ -270,9 +270,11 @@ def _ago(value: datetime | None) -> str:
 def _status(settings: Settings, *, as_json: bool) -> int:
     repo = _open_store(settings)
     stored: dict[str, AccountState] = {}
+    holders: dict[str, str] = {}  # several daemons (PostgreSQL): who serves each account
     if repo is not None:
         try:
             stored = {s.account: s for s in repo.account_states()}
+            holders = repo.lease_holders()
         finally:
             repo.close()
     rows: list[dict[str, Any]] = []
@@ -295,13 +297,17 @@ def _status(settings: Settings, *, as_json: bool) -> int:
                 "last_sweep": _iso(state.last_sweep) if state and state.last_sweep else None,
                 "sweep": state.sweep_summary if state else "",
                 "updated": _iso(state.updated) if state else None,
+                "holder": holders.get(account.name),
             }
         )
     if as_json:
         print(json.dumps({"database": str(settings.database), "accounts": rows}, indent=2))
         return 0
     table = Table(title=f"mailbridge status — {settings.database}")
-    for column in ("account", "state", "last import", "imported", "failed", "problem"):
+    columns = ["account", "state", "last import", "imported", "failed", "problem"]
+    if holders:
+        columns.insert(2, "holder")
+    for column in columns:
         table.add_column(column, justify="right" if column in {"imported", "failed"} else "left")
     for row, account in zip(rows, settings.accounts, strict=True):
         state = stored.get(account.name)
@@ -309,6 +315,7 @@ def _status(settings: Settings, *, as_json: bool) -> int:
         table.add_row(
             row["account"],
             row["state"],
+            *([row["holder"] or "-"] if holders else []),
             _ago(state.last_import) if state else "never",
             str(row["imported"]),
             str(row["failed"]),

@@ -570,12 +570,15 @@ class Settings(_Model):
         redactor, so it is masked in any log line."""
         if all(getattr(self, k) is None for k in _DATABASE_SECRETS):
             return None
-        value = read_secret(
-            file=self.database_password_file,
-            env=self.database_password_env,
-            credential=self.database_password_credential,
-            key="database_password",
-        )
+        try:
+            value = read_secret(
+                file=self.database_password_file,
+                env=self.database_password_env,
+                credential=self.database_password_credential,
+                key="database_password",
+            )
+        except ConfigError as exc:  # the message names the key: it is a top-level one
+            raise ConfigError(f"{exc.path}: {exc}", path=exc.path, code=exc.code) from exc
         register_secret(value)
         return value
 

@@ -300,6 +300,29 @@ class PostgresRepository(SqlRepository):
 
     # -- leases (several daemons) ---------------------------------------------------------------
 
+    def survey(self, holder: str, lease_seconds: float) -> tuple[list[LeaseRow], set[str]]:
+        """Say ``holder`` is alive for ``lease_seconds`` more, and read every unexpired lease
+        and the daemons alive (``holder`` among them). Daemons gone for long are forgotten."""
+        with self._transaction(f"survey the leases for {holder}", write=True) as conn:
+            conn.execute(
+                "INSERT INTO leaseholder (holder, expires, started)"
+                f" VALUES (%s, {_EXPIRES}, {POSTGRES_NOW})"
+                " ON CONFLICT (holder) DO UPDATE SET expires = excluded.expires",
+                (holder, float(lease_seconds)),
+            )
+            conn.execute(
+                "DELETE FROM leaseholder WHERE expires < to_char((now() - interval '1 day')"
+                " AT TIME ZONE 'UTC', 'YYYY-MM-DD\"T\"HH24:MI:SS\"Z\"')"
+            )
+            daemons = {
+                row["holder"]
+                for row in conn.execute(
+                    f"SELECT holder FROM leaseholder WHERE expires >= {POSTGRES_NOW}"
+                ).fetchall()
+            }
+            leases = self._leases(conn)
+        return leases, daemons
+
     def claim_leases(
         self, holder: str, accounts: Sequence[str], lease_seconds: float, limit: int
     ) -> dict[str, int]:
@@ -335,6 +358,10 @@ class PostgresRepository(SqlRepository):
         if not tokens:
             return {}
         with self._transaction(f"renew leases of {holder}", write=True) as conn:
+            conn.execute(
+                f"UPDATE leaseholder SET expires = {_EXPIRES} WHERE holder = %s",
+                (float(lease_seconds), holder),
+            )
             rows = conn.execute(
                 f"UPDATE lease SET expires = {_EXPIRES}"
                 " WHERE holder = %s AND account = ANY(%s) AND token = ANY(%s)"
@@ -356,6 +383,13 @@ class PostgresRepository(SqlRepository):
                 "UPDATE lease SET holder = NULL WHERE holder = %s AND account = ANY(%s)",
                 (holder, list(accounts)),
             )
+
+    def retire(self, holder: str) -> None:
+        """``holder`` stops (cleanly): release all its leases and forget it as a live daemon, so
+        that the others take its accounts, and its share, at once."""
+        with self._transaction(f"retire {holder}", write=True) as conn:
+            conn.execute("UPDATE lease SET holder = NULL WHERE holder = %s", (holder,))
+            conn.execute("DELETE FROM leaseholder WHERE holder = %s", (holder,))
 
     def holds_lease(self, account: str, holder: str, token: int) -> bool:
         """The fencing check: True while ``holder`` holds ``account`` with ``token`` and the
@@ -380,12 +414,16 @@ class PostgresRepository(SqlRepository):
     def leases(self) -> list[LeaseRow]:
         """Every unexpired lease: who holds which account, and for how much longer."""
         with self._transaction("read leases", write=False) as conn:
-            rows = conn.execute(
-                "SELECT account, holder, token, EXTRACT(EPOCH FROM"
-                " (NULLIF(expires, '')::timestamptz - now()))::float8 AS remaining"
-                f" FROM lease WHERE holder IS NOT NULL AND expires >= {POSTGRES_NOW}"
-                " ORDER BY account"
-            ).fetchall()
+            return self._leases(conn)
+
+    @staticmethod
+    def _leases(conn: psycopg.Connection[dict[str, Any]]) -> list[LeaseRow]:
+        rows = conn.execute(
+            "SELECT account, holder, token, EXTRACT(EPOCH FROM"
+            " (NULLIF(expires, '')::timestamptz - now()))::float8 AS remaining"
+            f" FROM lease WHERE holder IS NOT NULL AND expires >= {POSTGRES_NOW}"
+            " ORDER BY account"
+        ).fetchall()
         return [
             LeaseRow(row["account"], row["holder"], int(row["token"]), float(row["remaining"]))
             for row in rows

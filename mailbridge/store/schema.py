@@ -224,7 +224,7 @@ _V4: Final[tuple[str, ...]] = (
 # serves the account (NULL once released), ``expires`` when the lease lapses unless renewed (the
 # database's clock), ``token`` the fencing token: it grows every time the account changes
 # hands, so a write checked against (holder, token) from a daemon that lost its lease fails.
-# With SQLite there is one daemon, and the table stays empty.
+# ``leaseholder`` lists the daemons alive. With SQLite there is one daemon, and both stay empty.
 _V5: Final[tuple[str, ...]] = (
     """
     CREATE TABLE lease (
@@ -236,6 +236,15 @@ _V5: Final[tuple[str, ...]] = (
     )
     """,
     "CREATE INDEX lease_holder ON lease (holder)",
+    # The daemons alive now (each renews its row with its leases), so that a daemon that holds
+    # nothing yet still counts when the others work out their fair share.
+    """
+    CREATE TABLE leaseholder (
+        holder  TEXT PRIMARY KEY,
+        expires TEXT NOT NULL,
+        started TEXT NOT NULL
+    )
+    """,
 )
 
 MIGRATIONS: Final[tuple[Migration, ...]] = (
@@ -260,6 +269,7 @@ TABLES: Final[tuple[str, ...]] = (
     "importfailure",
     "accountstate",
     "lease",
+    "leaseholder",
 )
 
 # -- PostgreSQL -------------------------------------------------------------------------------
