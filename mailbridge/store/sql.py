@@ -177,6 +177,11 @@ class SqlRepository:
             if create:
                 sql.execute(statement)
 
+        def link(owner: str, table: str) -> None:
+            """The indexed column ``owner.<table>`` holding the id of a row of ``table``."""
+            ddl(f"ALTER TABLE {owner} ADD COLUMN {q(table)} {sql.link_type}")
+            ddl(f"CREATE INDEX IF NOT EXISTS {q(owner + '_' + table)} ON {owner} ({q(table)})")
+
         # Columns that search paths read from a follower parent table (``person.company``):
         # a table mailbridge creates gets them, an existing one must have them.
         wanted: dict[str, set[str]] = {}
@@ -216,11 +221,7 @@ class SqlRepository:
                             path=f"{path}.{key}",
                         )
             if fp.table not in follower_columns:
-                ddl(f"ALTER TABLE follower ADD COLUMN {q(fp.table)} {sql.link_type}")
-                ddl(
-                    f"CREATE INDEX IF NOT EXISTS {q('follower_' + fp.table)}"
-                    f" ON follower ({q(fp.table)})"
-                )
+                link("follower", fp.table)
             self._follower_parents[fp.table] = fp
         conversation_columns = sql.columns("conversation")
         for i, cp in enumerate(conversation_parents):
@@ -260,11 +261,7 @@ class SqlRepository:
                             path=f"{where}.search_path",
                         )
             if cp.table not in conversation_columns:
-                ddl(f"ALTER TABLE conversation ADD COLUMN {q(cp.table)} {sql.link_type}")
-                ddl(
-                    f"CREATE INDEX IF NOT EXISTS {q('conversation_' + cp.table)}"
-                    f" ON conversation ({q(cp.table)})"
-                )
+                link("conversation", cp.table)
             self._conversation_parents[cp.table] = cp
         if create:
             self._ready.update((*follower_parents, *conversation_parents))

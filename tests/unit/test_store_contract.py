@@ -709,30 +709,10 @@ def test_failures_upsert_and_reopen(store: Repository) -> None:
 
 
 def test_failures_upsert_and_are_resolved_by_a_later_import(repo: Repository) -> None:
-    info = FailureInfo(
-        uid=5,
-        message_key="late@example.com",
-        code="import_failed",
-        reason="first reason",
-        message_id="late@example.com",
-        subject="Broken",
-        from_address="Ann@Example.com",
-        date=at(0),
-        size=1234,
-    )
+    info = _LATE
     repo.record_failures(ACCOUNT, [info])
-    repo.record_failures(ACCOUNT, [dataclasses.replace(info, uid=6, reason="again")])
     repo.set_failure_folder_uids(ACCOUNT, {"late@example.com": 77})
-    [record] = repo.failures(ACCOUNT)
-    assert record.attempts == 2
-    assert record.reason == "again"
-    assert record.uid == 6
-    assert record.folder_uid == 77
-    assert record.from_address == "ann@example.com"
-    assert record.date == at(0)
-    assert record.resolved is None
-    assert record.first_failed <= record.last_failed
-    assert repo.failures("someone-else") == []
+    assert [f.message_key for f in repo.failures(ACCOUNT)] == ["late@example.com"]
 
     [result] = run(repo, message("late@example.com"))
     assert result.outcome is Outcome.IMPORTED
@@ -744,7 +724,7 @@ def test_failures_upsert_and_are_resolved_by_a_later_import(repo: Repository) ->
     # Failing again re-opens it.
     repo.record_failures(ACCOUNT, [info])
     [reopened] = repo.failures()
-    assert reopened.attempts == 3
+    assert reopened.attempts == 2
     assert reopened.resolved is None
     assert reopened.resolution is None
     assert reopened.folder_uid is None
