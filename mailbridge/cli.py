@@ -229,6 +229,13 @@ def _check_config(settings: Settings) -> int:
         settings.database_password()
     except ConfigError as exc:
         problems.append(str(exc))
+    if settings.postgres is not None and not settings.postgres.tls_verified:
+        print(
+            f"warning: database: sslmode={settings.postgres.connection_parameters()['sslmode']} "
+            "does not verify the server's certificate: the connection can be intercepted; "
+            "prefer sslmode=verify-full (with sslrootcert for a private CA)",
+            file=sys.stderr,
+        )
     inline = [a.name for a in settings.accounts if a.auth.password is not None]
     if inline and settings.source is not None and world_readable(settings.source):
         print(

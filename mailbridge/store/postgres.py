@@ -28,6 +28,7 @@ from collections.abc import Iterator, Sequence
 from typing import TYPE_CHECKING, Any, Final
 
 import psycopg
+import structlog
 from psycopg import errors as pg_errors
 from psycopg.rows import dict_row
 from psycopg_pool import ConnectionPool, PoolTimeout
@@ -46,6 +47,8 @@ from mailbridge.store.sql import Sql, SqlRepository
 
 if TYPE_CHECKING:
     from mailbridge.config import ConversationParentSettings, FollowerParentSettings
+
+log = structlog.get_logger("mailbridge.store")
 
 DEFAULT_POOL_SIZE: Final = 4  # the import thread, the lease thread, a sweep, a spare
 DEFAULT_CONNECT_TIMEOUT: Final = 10.0  # seconds to connect, or to wait for a free connection
@@ -155,6 +158,12 @@ class PostgresRepository(SqlRepository):
             params["password"] = password
         kwargs: dict[str, Any] = {"autocommit": True, "row_factory": dict_row, **params}
         where = str(self.url)
+        if not self.url.tls_verified:
+            log.warning(
+                "database_tls_unverified",
+                database=where,
+                remedy="use sslmode=verify-full (with sslrootcert for a private CA)",
+            )
         try:
             # One plain connection first: the pool would only say "timed out" for a refused
             # password or an unknown host, where libpq's own message says which.

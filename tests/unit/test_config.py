@@ -441,3 +441,23 @@ def test_cluster_lease_seconds_default_and_minimum() -> None:
     assert parse_config({"accounts": [_account()]}).cluster.lease_seconds == 30
     error = _error({"cluster": {"lease_seconds": 2}, "accounts": [_account()]})
     assert error.path == "cluster.lease_seconds"
+
+
+def test_check_config_warns_about_unverified_database_tls(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from mailbridge.cli import main
+
+    path = _write(
+        tmp_path,
+        """\
+        database: postgresql://mb@db.example.com/mb?sslmode=require
+        accounts:
+          - name: support
+            address: support@example.com
+            imap: {host: imap.example.com}
+            auth: {username: u, password_env: MAILBRIDGE_TEST_PW}
+        """,
+    )
+    main(["-c", str(path), "check-config"])
+    assert "sslmode=require does not verify the server's certificate" in capsys.readouterr().err
