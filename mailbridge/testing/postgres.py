@@ -118,8 +118,10 @@ class PostgresCluster:
         if not self._initialised:
             self._initdb()
         problem = ""
-        for _ in range(_START_ATTEMPTS):
-            self.port = free_port()
+        for attempt in range(_START_ATTEMPTS):
+            # A restart keeps its port (clients reconnect to the same URL) unless it is taken.
+            if not self.port or attempt:
+                self.port = free_port()
             result = self._tool(
                 "pg_ctl",
                 "-D",

@@ -2,9 +2,16 @@
 
 from __future__ import annotations
 
+import shutil
+import tempfile
+from pathlib import Path
+
 import psycopg
 import pytest
 
+from mailbridge.errors import StoreError
+from mailbridge.store.base import AccountState
+from mailbridge.store.postgres import PostgresRepository
 from mailbridge.testing.postgres import PostgresCluster, find_bindir
 from tests.conftest import PostgresDatabase
 
@@ -37,3 +44,30 @@ def test_the_cluster_is_not_the_system_one_and_needs_its_password(
     with psycopg.connect(postgres.url(), password=postgres.password) as conn:
         directory = conn.execute("SHOW data_directory").fetchone()
     assert directory == (str(postgres.data_dir),)
+
+
+def test_a_restarted_server_is_a_transient_error_then_works_again() -> None:
+    # A cluster of its own: the session's one must not go down under other tests.
+    workdir = Path(tempfile.mkdtemp(prefix="mailbridge-pg-restart-", dir="/tmp"))
+    cluster = PostgresCluster(workdir)
+    cluster.start()
+    try:
+        url = cluster.create_database("restart")
+        repo = PostgresRepository(url, password=cluster.password, connect_timeout=5)
+        try:
+            repo.migrate()
+            repo.set_account_state(AccountState(account="support", state="idle"))
+            cluster.stop(mode="immediate")  # a crash of the database server
+            with pytest.raises(StoreError) as info:
+                repo.account_states()
+            assert info.value.code == "database_unavailable"
+            assert info.value.transient
+            cluster.start()
+            # The pool replaces the dead connections: the next call just works.
+            [state] = repo.account_states()
+            assert state.state == "idle"
+        finally:
+            repo.close()
+    finally:
+        cluster.stop()
+        shutil.rmtree(workdir, ignore_errors=True)
