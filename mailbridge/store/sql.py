@@ -1,13 +1,15 @@
 """What the SQL backends share: timestamps as text, row mapping, and every Repository method
 outside the import path, written once in SQL both SQLite and PostgreSQL accept.
 
-:class:`SqlRepository` implements failures, reconciliation, account states, sweeps, marking
-read and reading conversations on top of two things a backend provides: ``_sql(action,
+:class:`SqlRepository` implements the configured parent tables (``prepare``, and the read-only
+check ``use_parents``), failures, reconciliation, account states, sweeps, marking read and
+reading conversations on top of two things a backend provides: ``_sql(action,
 write=...)``, a transaction (a read-only one for reads) that yields a :class:`Sql` cursor, and
 the parent tables it knows (``_follower_parents``, ``_conversation_parents``, filled by
 ``prepare`` or :meth:`SqlRepository.use_parents`). Statements use ``?`` placeholders; the
-PostgreSQL adapter turns them into ``%s``. The only dialect difference the methods here meet is
-case-insensitive matching (``Sql.like``: SQLite's LIKE is, PostgreSQL's ILIKE is).
+PostgreSQL adapter turns them into ``%s``. The dialect differences the methods here meet are
+named by the cursor: case-insensitive matching (``Sql.like``: SQLite's LIKE is, PostgreSQL's
+ILIKE is; ``Sql.nocase`` for an index) and the column types of created tables.
 """
 
 from __future__ import annotations
