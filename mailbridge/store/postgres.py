@@ -264,7 +264,9 @@ class PostgresRepository(SqlRepository):
         for migration in MIGRATIONS:
             if migration.version > current:
                 for statement in migration.statements:
-                    conn.execute(for_postgres(statement).encode())
+                    translated = for_postgres(statement)
+                    if translated is not None:
+                        conn.execute(translated.encode())
         conn.execute("DELETE FROM schemaversion")
         conn.execute("INSERT INTO schemaversion (version) VALUES (%s)", (SCHEMA_VERSION,))
 

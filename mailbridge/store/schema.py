@@ -294,10 +294,17 @@ _POSTGRES_TYPES: Final[tuple[tuple[str, str], ...]] = (
 )
 
 
-def for_postgres(statement: str) -> str:
+def for_postgres(statement: str) -> str | None:
     """``statement`` (SQLite dialect, from MIGRATIONS) in PostgreSQL's dialect: identity ids,
     BIGINT for INTEGER, BYTEA for BLOB, no WITHOUT ROWID, and the timestamp default from
-    ``now()``. Everything else the migrations use is common SQL."""
+    ``now()``; None for a statement that only concerns SQLite (``PRAGMA``). Everything else
+    the migrations use is common SQL.
+
+    A migration that copies rows with their ids into a new table (a rebuild) must also move
+    the new table's identity on PostgreSQL (``setval``); no shipped one needs it on a fresh
+    database, where the copied table is empty."""
+    if statement.lstrip().upper().startswith("PRAGMA"):
+        return None
     out = statement.replace(_NOW, f"({POSTGRES_NOW})")
     for pattern, replacement in _POSTGRES_TYPES:
         out = re.sub(pattern, replacement, out)
