@@ -33,8 +33,8 @@ from mailbridge.config import (
 from mailbridge.core.policy import AutomaticPolicy
 from mailbridge.errors import ConfigError, StoreError, describe
 from mailbridge.log import configure_logging
-from mailbridge.store.base import AccountState
-from mailbridge.store.sqlite import SqliteRepository
+from mailbridge.store.base import AccountState, Repository
+from mailbridge.store.factory import open_store
 from mailbridge.term import console, mail_text
 
 EX_USAGE = 64
@@ -267,6 +267,17 @@ def _check_config(settings: Settings) -> int:
                     "the connection can be intercepted; prefer ca_file",
                     file=sys.stderr,
                 )
+    try:
+        settings.database_password()
+    except ConfigError as exc:
+        problems.append(str(exc))
+    if settings.postgres is not None and not settings.postgres.tls_verified:
+        print(
+            f"warning: database: sslmode={settings.postgres.connection_parameters()['sslmode']} "
+            "does not verify the server's certificate: the connection can be intercepted; "
+            "prefer sslmode=verify-full (with sslrootcert for a private CA)",
+            file=sys.stderr,
+        )
     inline = [a.name for a in settings.accounts if a.auth.password is not None]
     if inline and settings.source is not None and world_readable(settings.source):
         print(
@@ -286,18 +297,9 @@ def _check_config(settings: Settings) -> int:
     return 0
 
 
-def _open_store(settings: Settings) -> SqliteRepository | None:
-    if not settings.database.exists():
-        return None
-    repo = SqliteRepository(settings.database)
-    try:
-        repo.migrate()
-        # Also what lets `conversation show` name the parent tables it links to.
-        repo.prepare(settings.follower_parents, settings.conversation_parents)
-    except BaseException:
-        repo.close()
-        raise
-    return repo
+def _open_store(settings: Settings) -> Repository | None:
+    # No write transaction beside the daemon unless the command writes (store.factory).
+    return open_store(settings)
 
 
 def _iso(value: datetime | None) -> str:
@@ -317,9 +319,11 @@ def _ago(value: datetime | None) -> str:
 def _status(settings: Settings, *, as_json: bool) -> int:
     repo = _open_store(settings)
     stored: dict[str, AccountState] = {}
+    holders: dict[str, str] = {}  # several daemons (PostgreSQL): who serves each account
     if repo is not None:
         try:
             stored = {s.account: s for s in repo.account_states()}
+            holders = repo.lease_holders()
         finally:
             repo.close()
     rows: list[dict[str, Any]] = []
@@ -342,13 +346,17 @@ def _status(settings: Settings, *, as_json: bool) -> int:
                 "last_sweep": _iso(state.last_sweep) if state and state.last_sweep else None,
                 "sweep": state.sweep_summary if state else "",
                 "updated": _iso(state.updated) if state else None,
+                "holder": holders.get(account.name),
             }
         )
     if as_json:
         print(json.dumps({"database": str(settings.database), "accounts": rows}, indent=2))
         return 0
     table = Table(title=f"mailbridge status — {settings.database}")
-    for column in ("account", "state", "last import", "imported", "failed", "problem"):
+    columns = ["account", "state", "last import", "imported", "failed", "problem"]
+    if holders:
+        columns.insert(2, "holder")
+    for column in columns:
         table.add_column(column, justify="right" if column in {"imported", "failed"} else "left")
     for row, account in zip(rows, settings.accounts, strict=True):
         state = stored.get(account.name)
@@ -356,6 +364,7 @@ def _status(settings: Settings, *, as_json: bool) -> int:
         table.add_row(
             row["account"],
             row["state"],
+            *([row["holder"] or "-"] if holders else []),
             _ago(state.last_import) if state else "never",
             str(row["imported"]),
             str(row["failed"]),

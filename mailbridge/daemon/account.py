@@ -40,6 +40,7 @@ from mailbridge.core.policy import analyse
 from mailbridge.daemon.parsing import parse_off_loop
 from mailbridge.errors import MailbridgeError, MessageError, StoreError, describe
 from mailbridge.mail.imap import FetchedMessage, ImapSession
+from mailbridge.store.asyncrepo import AsyncRepository
 from mailbridge.store.base import (
     AccountState,
     FailureInfo,
@@ -48,7 +49,6 @@ from mailbridge.store.base import (
     ImportResult,
     Outcome,
 )
-from mailbridge.store.sqlite import AsyncRepository
 
 log = structlog.get_logger("mailbridge.account")
 

@@ -39,8 +39,8 @@ from mailbridge.config import AccountSettings, Settings
 from mailbridge.daemon.account import AccountWorker, open_session
 from mailbridge.errors import MailbridgeError
 from mailbridge.mail.imap import FetchedMessage, ImapSession
+from mailbridge.store.asyncrepo import AsyncRepository
 from mailbridge.store.base import RESOLVED_REMOVED, FailureInfo, FailureRecord
-from mailbridge.store.sqlite import AsyncRepository
 
 log = structlog.get_logger("mailbridge.sweep")
 

@@ -3,7 +3,7 @@
 The repository is the only code that speaks SQL. The daemon and the CLI talk to this protocol,
 so another backend (PostgreSQL, for several daemons sharing one database) can pass the same
 contract tests (``tests/unit/test_store_contract.py``). Methods are synchronous; the daemon runs
-them on one writer thread through :class:`mailbridge.store.sqlite.AsyncRepository`.
+them on one writer thread through :class:`mailbridge.store.asyncrepo.AsyncRepository`.
 
 Guarantees every backend must give:
 
@@ -263,6 +263,16 @@ class DeliveryErrorRecord:
     resolved: datetime | None
 
 
+@dataclass(frozen=True, slots=True)
+class LeaseRow:
+    """An unexpired lease (PostgreSQL, several daemons): ``holder`` serves ``account``."""
+
+    account: str
+    holder: str  # host:pid:random of the daemon
+    token: int  # the fencing token: grows each time the account changes hands
+    remaining: float  # seconds until it expires unless renewed (the database's clock)
+
+
 class Repository(Protocol):
     """The database as mailbridge sees it. See the module docstring for the guarantees."""
 
@@ -350,6 +360,18 @@ class Repository(Protocol):
     def resolve_delivery_error(self, error_id: int) -> bool:
         """Mark one resolved now (its follower's mark cleared when no other unresolved error
         remains for it); False when there is no such unresolved row. Committed."""
+
+    def use_parents(
+        self,
+        follower_parents: Sequence[FollowerParentSettings],
+        conversation_parents: Sequence[ConversationParentSettings],
+    ) -> None:
+        """Know the configured parent tables by name for reading conversations back, without
+        creating or checking anything (read-only commands)."""
+
+    def lease_holders(self) -> dict[str, str]:
+        """account -> the daemon holding its lease now (several daemons on PostgreSQL); empty
+        with SQLite, whose one daemon needs no leases."""
 
     def close(self) -> None:
         """Release the connection."""

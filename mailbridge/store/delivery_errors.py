@@ -21,10 +21,13 @@ import sqlite3
 from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import datetime, timedelta
-from typing import Any, Final
+from typing import TYPE_CHECKING, Any, Final
 
 from mailbridge.core.bounce import Bounce, BounceRecipient
 from mailbridge.core.model import ParsedMessage
+
+if TYPE_CHECKING:
+    from mailbridge.store.sql import Sql
 
 RECIPIENT_WINDOW: Final = timedelta(days=14)
 _SKEW: Final = timedelta(hours=1)  # a report dated a little before the mail (clock skew)
@@ -171,9 +174,9 @@ def record_delivery_errors(
 
 
 def list_delivery_errors(
-    conn: sqlite3.Connection, *, unresolved: bool, conversation: int | None
+    sql: Sql, *, unresolved: bool, conversation: int | None
 ) -> list[dict[str, Any]]:
-    """The rows, newest first, as column -> value."""
+    """The rows, newest first, as column -> value (either backend)."""
     clauses: list[str] = []
     params: list[Any] = []
     if unresolved:
@@ -182,25 +185,24 @@ def list_delivery_errors(
         clauses.append("conversation = ?")
         params.append(conversation)
     where = f" WHERE {' AND '.join(clauses)}" if clauses else ""
-    cursor = conn.execute(
+    return sql.rows(
         f"SELECT * FROM conversationmessageerror{where} ORDER BY date DESC, id DESC", params
     )
-    names = [d[0] for d in cursor.description]
-    return [dict(zip(names, row, strict=True)) for row in cursor.fetchall()]
 
 
-def resolve_delivery_error(conn: sqlite3.Connection, error_id: int, now: str) -> bool:
-    row = conn.execute(
+def resolve_delivery_error(sql: Sql, error_id: int, now: str) -> bool:
+    """Mark one error resolved (either backend); False when it is unknown or resolved."""
+    rows = sql.rows(
         "SELECT follower FROM conversationmessageerror WHERE id = ? AND resolved IS NULL",
         (error_id,),
-    ).fetchone()
-    if row is None:
+    )
+    if not rows:
         return False
-    conn.execute("UPDATE conversationmessageerror SET resolved = ? WHERE id = ?", (now, error_id))
-    follower = row[0]
+    sql.execute("UPDATE conversationmessageerror SET resolved = ? WHERE id = ?", (now, error_id))
+    follower = rows[0]["follower"]
     if follower is not None:
         # The follower keeps the mark of its worst remaining unresolved error, or none.
-        conn.execute(
+        sql.execute(
             "UPDATE follower SET updatedtime = ?, deliveryerror = ("
             " SELECT type FROM conversationmessageerror WHERE follower = ? AND resolved IS NULL"
             " ORDER BY CASE type WHEN 'permanent' THEN 0 WHEN 'complaint' THEN 1 ELSE 2 END,"
