@@ -100,6 +100,7 @@ class ImportResult:
     new_conversation: bool = False
     error_code: str | None = None  # set when outcome is FAILED (a catalogue code)
     error_reason: str | None = None
+    traceback: str | None = None  # with error_code "internal": where the bug is, for the log
 
 
 @dataclass(frozen=True, slots=True)
@@ -115,6 +116,7 @@ class FailureInfo:
     from_address: str = ""
     date: datetime | None = None
     size: int = 0
+    traceback: str | None = None  # code "internal" only: logged, not stored
 
 
 @dataclass(frozen=True, slots=True)

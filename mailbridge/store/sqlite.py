@@ -51,6 +51,7 @@ import errno
 import os
 import secrets
 import sqlite3
+import traceback
 from collections.abc import Callable, Collection, Iterable, Iterator, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
@@ -484,13 +485,21 @@ class SqliteRepository:
                 raise
             conn.execute("ROLLBACK TO SAVEPOINT message")
             conn.execute("RELEASE SAVEPOINT message")
-            reason = f"{type(exc).__name__}: {exc}"[:_MAX_REASON]
+            # The database refusing this one message (a constraint) is import_failed; any other
+            # exception is a bug in mailbridge: internal, with its traceback for the log.
+            refused = isinstance(exc, sqlite3.Error)
+            reason = (
+                f"{type(exc).__name__}: {exc}"
+                if refused
+                else f"unexpected {type(exc).__name__} while importing: {exc}"
+            )[:_MAX_REASON]
             failed = ImportResult(
                 uid=item.uid,
                 message_key=item.message.message_key,
                 outcome=Outcome.FAILED,
-                error_code="import_failed",
+                error_code="import_failed" if refused else "internal",
                 error_reason=reason,
+                traceback=None if refused else traceback.format_exc(),
             )
             return failed, None
         conn.execute("RELEASE SAVEPOINT message")
