@@ -300,7 +300,7 @@ class AccountWorker:
             except MailbridgeError as exc:
                 await self._backoff(exc)
             except Exception as exc:  # a bug in one account must not stop the others
-                self.log.exception("account_loop_crashed")
+                self.log.exception("account_loop_crashed", code="internal")
                 await self._backoff(MailbridgeError(f"unexpected error: {exc!r}"))
         await self._set_state("stopped")
 

@@ -221,10 +221,13 @@ async def sweep_and_record(
     try:
         summary = await sweep(settings, account, repo, progress=progress, stopping=stopping)
     except MailbridgeError as exc:
-        bound.warning("sweep_failed", code=exc.code, error=str(exc), remedy=exc.remedy)
+        # Stored, then logged: `status` read on seeing the line shows what it reports.
         with contextlib.suppress(MailbridgeError):  # the sweep's own error is the news
             await repo.record_sweep(account.name, datetime.now(UTC), f"failed: {exc.code}", 0)
+        bound.warning("sweep_failed", code=exc.code, error=str(exc), remedy=exc.remedy)
         raise
+    assert summary.finished is not None  # set by sweep()
+    await repo.record_sweep(account.name, summary.finished, summary.line(), summary.imported)
     bound.info(
         "sweep_done",
         retried=summary.retried,
@@ -237,10 +240,8 @@ async def sweep_and_record(
         held_internal=summary.held_internal,
         reconciled=summary.reconciled,
         reasons=summary.reasons(),
-        seconds=round(((summary.finished or summary.started) - summary.started).total_seconds(), 3),
+        seconds=round((summary.finished - summary.started).total_seconds(), 3),
     )
-    assert summary.finished is not None  # set by sweep()
-    await repo.record_sweep(account.name, summary.finished, summary.line(), summary.imported)
     return summary
 
 

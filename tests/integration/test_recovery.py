@@ -816,9 +816,9 @@ def test_wrong_password_backs_off_long_and_recovers_on_sighup(
             mail("After the fix", to=imap_user.address).as_bytes(),
         )
         proc.send_signal(signal.SIGHUP)
-        lines.wait_for("config_reloaded", within=10)
-        lines.wait_for("account_backoff_ended", within=10)
-        lines.wait_for("message_imported", within=20)
+        lines.wait_for("config_reloaded", within=30)
+        lines.wait_for("account_backoff_ended", within=30)
+        lines.wait_for("message_imported", within=60)
         assert len(dovecot.folder_uids(imap_user.login, imap_user.password, PROCESSED)) == 1
 
         proc.send_signal(signal.SIGTERM)
