@@ -405,7 +405,7 @@ def doctor(settings: Settings, account: str | None) -> int:
     accounts = _chosen(settings, account)
     out = console()
     general = [Check("config valid", "ok", str(settings.source or "")), check_database(settings)]
-    per_account = asyncio.run(_diagnose_all(accounts))
+    per_account = asyncio.run(_diagnose_all(accounts, settings.limits.backlog_warning))
     _print_checks(out, general, indent="")
     for acc, checks in zip(accounts, per_account, strict=True):
         out.print(Text.assemble((acc.name, "bold"), f" ({acc.address})"))
@@ -421,8 +421,12 @@ def doctor(settings: Settings, account: str | None) -> int:
     return 1 if bad else 0
 
 
-async def _diagnose_all(accounts: Sequence[AccountSettings]) -> list[list[Check]]:
-    return list(await asyncio.gather(*(diagnose(a) for a in accounts)))
+async def _diagnose_all(
+    accounts: Sequence[AccountSettings], backlog_warning: int
+) -> list[list[Check]]:
+    return list(
+        await asyncio.gather(*(diagnose(a, backlog_warning=backlog_warning) for a in accounts))
+    )
 
 
 def _print_checks(out: Console, checks: Sequence[Check], *, indent: str) -> None:

@@ -374,3 +374,54 @@ def test_a_missing_secret_exits_78(
     assert cli.main(["-c", str(config), *command]) == 78
     printed = capsys.readouterr()
     assert "secret_missing" in printed.out + printed.err
+
+
+# -- a backlog of old mail -------------------------------------------------------------------
+
+
+async def test_a_backlog_of_old_mail_is_warned_about_by_doctor_and_the_first_start(
+    tmp_path: Path, dovecot: Any, imap_user: Any, capsys: pytest.CaptureFixture[str]
+) -> None:
+    login, password = imap_user.login, imap_user.password
+    long_ago = datetime.now(UTC) - timedelta(days=3)
+    dovecot.append_many(
+        login,
+        password,
+        [mail(f"Old {n}", to=imap_user.address).as_bytes() for n in range(3)],
+        date=long_ago,
+    )
+    dovecot.append(login, password, mail("New", to=imap_user.address).as_bytes())
+    data = config_data(tmp_path, dovecot, imap_user)
+    data["limits"]["backlog_warning"] = 2
+    config = tmp_path / "config.yaml"
+    config.write_text(yaml.safe_dump(data))
+
+    assert await asyncio.to_thread(cli.main, ["-c", str(config), "doctor"]) == 0
+    out = capsys.readouterr().out
+    assert "! 'INBOX' backlog — 3 message(s) older than a day" in out
+    assert "doveadm move" in out
+
+    with structlog.testing.capture_logs() as logs:
+        results = await run_once(parse_config(data))
+    assert once_exit_code(results) == 0
+    [warning] = [e for e in logs if e["event"] == "inbox_backlog"]
+    assert warning["older_than_a_day"] == 3
+    assert warning["threshold"] == 2
+    assert "move it to another folder first" in warning["remedy"]
+    # A warning, not a refusal: the backlog is imported (the operator chose to leave it).
+    assert count_messages(parse_config(data)) == 4
+
+
+async def test_no_backlog_warning_under_the_threshold(
+    tmp_path: Path, dovecot: Any, imap_user: Any
+) -> None:
+    dovecot.append(
+        imap_user.login,
+        imap_user.password,
+        mail("Old", to=imap_user.address).as_bytes(),
+        date=datetime.now(UTC) - timedelta(days=3),
+    )
+    settings = make_settings(tmp_path, dovecot, imap_user)
+    with structlog.testing.capture_logs() as logs:
+        await run_once(settings)
+    assert not [e for e in logs if e["event"] == "inbox_backlog"]
