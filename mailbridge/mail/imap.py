@@ -678,19 +678,9 @@ class ImapSession:
         metas: dict[int, MessageMeta] = {}
         for start in range(0, len(wanted), _META_CHUNK):
             chunk = wanted[start : start + _META_CHUNK]
-            async with self._lock:
-                self._require_selected("FETCH")
-                response = await self._await(
-                    self._protocol.fetch(
-                        uid_set(chunk), "(UID FLAGS INTERNALDATE RFC822.SIZE)", by_uid=True
-                    ),
-                    "UID FETCH",
-                )
-                self._check(response, "UID FETCH")
-            chunk_set = set(chunk)
-            metas.update(
-                (m.uid, m) for m in parse_meta_response(response.lines) if m.uid in chunk_set
-            )
+            lines = await self._uid_fetch(chunk, "(UID FLAGS INTERNALDATE RFC822.SIZE)")
+            asked = set(chunk)
+            metas.update((m.uid, m) for m in parse_meta_response(lines) if m.uid in asked)
         return [metas[uid] for uid in sorted(metas)]
 
     async def fetch_headers(
@@ -701,23 +691,10 @@ class ImapSession:
         """Some header fields (by default those a failure record shows), as
         ``FetchedMessage.raw``, without the body: ``BODY.PEEK[HEADER.FIELDS (...)]`` (RFC 3501
         section 6.4.5). For messages too large to download."""
-        if not uids:
-            return []
-        wanted = set(uids)
         names = " ".join(f.upper() for f in fields)
-        async with self._lock:
-            self._require_selected("FETCH")
-            response = await self._await(
-                self._protocol.fetch(
-                    uid_set(wanted),
-                    f"(UID FLAGS INTERNALDATE BODY.PEEK[HEADER.FIELDS ({names})])",
-                    by_uid=True,
-                ),
-                "UID FETCH",
-            )
-            self._check(response, "UID FETCH")
-        by_uid = {m.uid: m for m in parse_fetch_response(response.lines) if m.uid in wanted}
-        return [by_uid[uid] for uid in sorted(by_uid)]
+        return await self._fetch_messages(
+            uids, f"(UID FLAGS INTERNALDATE BODY.PEEK[HEADER.FIELDS ({names})])"
+        )
 
     async def fetch(self, uids: Sequence[int]) -> list[FetchedMessage]:
         """One ``UID FETCH set (UID FLAGS INTERNALDATE BODY.PEEK[])``; results in UID order.
@@ -726,20 +703,26 @@ class ImapSession:
         simply absent from the result (RFC 3501 section 6.4.8: a UID FETCH of a missing UID is
         not an error).
         """
+        return await self._fetch_messages(uids, "(UID FLAGS INTERNALDATE BODY.PEEK[])")
+
+    async def _fetch_messages(self, uids: Sequence[int], items: str) -> list[FetchedMessage]:
         if not uids:
             return []
         wanted = set(uids)
+        lines = await self._uid_fetch(sorted(wanted), items)
+        by_uid = {m.uid: m for m in parse_fetch_response(lines) if m.uid in wanted}
+        return [by_uid[uid] for uid in sorted(by_uid)]
+
+    async def _uid_fetch(self, uids: Sequence[int], items: str) -> Sequence[Any]:
+        """One ``UID FETCH`` of ``items`` for ``uids``; the response lines."""
         async with self._lock:
             self._require_selected("FETCH")
             response = await self._await(
-                self._protocol.fetch(
-                    uid_set(wanted), "(UID FLAGS INTERNALDATE BODY.PEEK[])", by_uid=True
-                ),
-                "UID FETCH",
+                self._protocol.fetch(uid_set(uids), items, by_uid=True), "UID FETCH"
             )
             self._check(response, "UID FETCH")
-        by_uid = {m.uid: m for m in parse_fetch_response(response.lines) if m.uid in wanted}
-        return [by_uid[uid] for uid in sorted(by_uid)]
+        lines: Sequence[Any] = response.lines
+        return lines
 
     async def move(
         self, uids: Sequence[int], folder: str, *, mark_seen: bool = True

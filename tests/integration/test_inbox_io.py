@@ -20,7 +20,7 @@ from mailbridge import cli
 from mailbridge.config import Settings, parse_config
 from mailbridge.daemon.account import AccountWorker
 from mailbridge.daemon.supervisor import once_exit_code, run_once
-from mailbridge.daemon.sweep import sweep_and_record
+from mailbridge.daemon.sweep import SweepSummary, sweep_and_record
 from mailbridge.mail import net
 from mailbridge.mail.imap import ImapSession
 from mailbridge.store.sqlite import SqliteRepository, open_repository
@@ -50,6 +50,15 @@ def subjects(settings: Settings) -> set[str]:
 def failures(settings: Settings) -> list[sqlite3.Row]:
     with db(settings) as conn:
         return list(conn.execute("SELECT * FROM importfailure ORDER BY id"))
+
+
+async def sweep_now(settings: Settings) -> SweepSummary:
+    """One recovery sweep of the first account, as the schedule runs it."""
+    repo = await open_repository(settings.database, settings)
+    try:
+        return await sweep_and_record(settings, settings.accounts[0], repo)
+    finally:
+        await repo.aclose()
 
 
 def with_limits(
@@ -121,11 +130,7 @@ async def test_sweep_and_sync_import_read_inbox_mail(
     dovecot.append(  # young: the live loop's, left alone by the sweep
         login, password, mail("Young", to=imap_user.address).as_bytes(), flags=["\\Seen"]
     )
-    repo = await open_repository(settings.database, settings)
-    try:
-        summary = await sweep_and_record(settings, settings.accounts[0], repo)
-    finally:
-        await repo.aclose()
+    summary = await sweep_now(settings)
     assert summary.inbox_imported == 1
     assert summary.skipped_young == 1
     assert subjects(settings) == {"Swept"}
@@ -341,11 +346,7 @@ async def test_a_bug_importing_one_message_is_logged_with_traceback_and_code_int
     assert len(dovecot.folder_uids(login, password, FAILED)) == 1
 
     # The scheduled sweep does not retry a bug every 20 minutes; `failed retry` does.
-    repo = await open_repository(settings.database, settings)
-    try:
-        summary = await sweep_and_record(settings, settings.accounts[0], repo)
-    finally:
-        await repo.aclose()
+    summary = await sweep_now(settings)
     assert summary.retried == 0
     assert summary.held_internal == 1
     assert "held (internal error) 1" in summary.line()
