@@ -47,7 +47,7 @@ from mailbridge.config import AccountSettings, Settings
 from mailbridge.core.parse import parse_message, summarise_headers
 from mailbridge.daemon.parsing import parse_off_loop
 from mailbridge.errors import MailbridgeError, MessageError, StoreError, describe
-from mailbridge.mail.imap import FetchedMessage, ImapSession, MessageMeta
+from mailbridge.mail.imap import FetchedMessage, ImapSession, MessageMeta, imap_date
 from mailbridge.store.base import (
     AccountState,
     FailureInfo,
@@ -211,14 +211,12 @@ def plan_batches(
 
 async def inbox_backlog(session: ImapSession) -> int:
     """How many messages of the selected folder (the Inbox) arrived over a day ago and are not
-    ``\\Deleted``: ``UID SEARCH UNDELETED OLDER 86400`` (RFC 5032 WITHIN), else ``BEFORE`` the
-    day before yesterday's date (dates only, in the server's time zone: RFC 3501 6.4.4)."""
+    ``\\Deleted``: ``UID SEARCH UNDELETED OLDER 86400`` (RFC 5032 WITHIN), else ``BEFORE``
+    yesterday's date (dates only, in the server's time zone: RFC 3501 6.4.4, so a day or two)."""
     if "WITHIN" in session.capabilities:
         return len(await session.search("UNDELETED", "OLDER", "86400"))
-    day = datetime.now(UTC) - timedelta(days=1)
-    months = ("Jan", "Feb", "Mar", "Apr", "May", "Jun", "Jul", "Aug", "Sep", "Oct", "Nov", "Dec")
-    date = f"{day.day}-{months[day.month - 1]}-{day.year}"
-    return len(await session.search("UNDELETED", "BEFORE", date))
+    yesterday = imap_date(datetime.now(UTC) - timedelta(days=1))
+    return len(await session.search("UNDELETED", "BEFORE", yesterday))
 
 
 def backlog_remedy(account: AccountSettings) -> str:

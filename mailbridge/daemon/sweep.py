@@ -47,7 +47,7 @@ import structlog
 from mailbridge.config import AccountSettings, Settings
 from mailbridge.daemon.account import AccountWorker, open_session
 from mailbridge.errors import MailbridgeError
-from mailbridge.mail.imap import FetchedMessage, ImapSession, MessageMeta
+from mailbridge.mail.imap import FetchedMessage, ImapSession, MessageMeta, imap_date
 from mailbridge.store.base import RESOLVED_REMOVED, FailureInfo, FailureRecord
 from mailbridge.store.sqlite import AsyncRepository
 
@@ -56,8 +56,6 @@ log = structlog.get_logger("mailbridge.sweep")
 # (phase, done, total): phase is "failed" or "inbox"; called after every batch and once with
 # done=0 when the phase's total is known. The CLI draws its progress bar from it.
 Progress = Callable[[str, int, int], None]
-
-_MONTHS = ("Jan", "Feb", "Mar", "Apr", "May", "Jun", "Jul", "Aug", "Sep", "Oct", "Nov", "Dec")
 
 
 @dataclass
@@ -108,11 +106,6 @@ class SweepSummary:
         for failure in (*self.still_failing, *self.new_failures):
             counts[failure.code] = counts.get(failure.code, 0) + 1
         return counts
-
-
-def imap_date(when: datetime) -> str:
-    """An RFC 3501 ``date`` (``1-Feb-2026``) whatever the process locale (strftime's %b is not)."""
-    return f"{when.day}-{_MONTHS[when.month - 1]}-{when.year}"
 
 
 def since_date(since: datetime) -> str:

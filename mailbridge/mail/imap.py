@@ -204,6 +204,12 @@ def _text(lines: Sequence[Any]) -> str:
     ).strip()
 
 
+def imap_date(when: datetime) -> str:
+    """An RFC 3501 ``date`` (``1-Feb-2026``) whatever the process locale (strftime's %b is not)."""
+    month = next(name for name, number in _MONTHS.items() if number == when.month)
+    return f"{when.day}-{month}-{when.year}"
+
+
 def _parse_internaldate(text: str) -> datetime | None:
     match = _INTERNALDATE_RE.search(text)
     if match is None:

@@ -18,7 +18,7 @@ import yaml
 
 from mailbridge import cli
 from mailbridge.config import Settings, parse_config
-from mailbridge.daemon.account import AccountWorker
+from mailbridge.daemon.account import AccountWorker, inbox_backlog
 from mailbridge.daemon.supervisor import once_exit_code, run_once
 from mailbridge.daemon.sweep import SweepSummary, sweep_and_record
 from mailbridge.mail import net
@@ -396,6 +396,16 @@ async def test_a_backlog_of_old_mail_is_warned_about_by_doctor_and_the_first_sta
     data["limits"]["backlog_warning"] = 2
     config = tmp_path / "config.yaml"
     config.write_text(yaml.safe_dump(data))
+
+    # Counted with RFC 5032 OLDER where the server has WITHIN, else with BEFORE a date.
+    session = await ImapSession.open(dovecot.account(login, password))
+    try:
+        await session.select("INBOX")
+        assert await inbox_backlog(session) == 3
+        session.capabilities -= {"WITHIN"}
+        assert await inbox_backlog(session) == 3
+    finally:
+        await session.close()
 
     assert await asyncio.to_thread(cli.main, ["-c", str(config), "doctor"]) == 0
     out = capsys.readouterr().out
