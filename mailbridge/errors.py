@@ -180,9 +180,9 @@ CATALOGUE: Final[dict[str, ErrorInfo]] = dict(
             "too_large",
             "The message is over limits.message_max_size_mb, or its attachments over "
             "limits.attachment_max_size_mb",
-            "Raise the limit the reason names (a message over limits.message_max_size_mb was "
-            "not downloaded), reload, and run 'mailbridge failed retry UID'; or handle the "
-            "message by hand.",
+            "Raise limits.attachment_max_size_mb or limits.message_max_size_mb, whichever the "
+            "reason names (a message over limits.message_max_size_mb was not downloaded), "
+            "reload, and run 'mailbridge failed retry UID'; or handle the message by hand.",
             transient=False,
         ),
         _info(

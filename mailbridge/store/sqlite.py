@@ -119,6 +119,9 @@ _MESSAGE_LEVEL_ERRORS: Final = (
 # SQLite allows 32766 host parameters since 3.32; stay far below for older system libraries.
 _CHUNK: Final = 500
 _MAX_REASON: Final = 1000
+# What the database raises when it refuses one message's rows: an SQL error, or a value sqlite3
+# cannot bind (an integer over 64 bits raises OverflowError before SQLite sees it).
+_REFUSALS: Final = (sqlite3.Error, OverflowError)
 
 
 def error_code(exc: BaseException) -> str:
@@ -485,9 +488,10 @@ class SqliteRepository:
                 raise
             conn.execute("ROLLBACK TO SAVEPOINT message")
             conn.execute("RELEASE SAVEPOINT message")
-            # The database refusing this one message (a constraint) is import_failed; any other
-            # exception is a bug in mailbridge: internal, with its traceback for the log.
-            refused = isinstance(exc, sqlite3.Error)
+            # The database refusing this one message (a constraint, a value it cannot store) is
+            # import_failed; any other exception is a bug in mailbridge: internal, with its
+            # traceback for the log.
+            refused = isinstance(exc, _REFUSALS)
             reason = (
                 f"{type(exc).__name__}: {exc}"
                 if refused
