@@ -819,7 +819,11 @@ def test_wrong_password_backs_off_long_and_recovers_on_sighup(
         lines.wait_for("config_reloaded", within=30)
         lines.wait_for("account_backoff_ended", within=30)
         lines.wait_for("message_imported", within=60)
-        assert len(dovecot.folder_uids(imap_user.login, imap_user.password, PROCESSED)) == 1
+        # Logged after the commit, before the MOVE: the server is polled.
+        deadline = time.monotonic() + 60
+        while len(dovecot.folder_uids(imap_user.login, imap_user.password, PROCESSED)) != 1:
+            assert time.monotonic() < deadline, "not moved to Processed within 60 s"
+            time.sleep(0.1)
 
         proc.send_signal(signal.SIGTERM)
         proc.wait(timeout=30)

@@ -178,7 +178,10 @@ async def test_reload_restarts_only_the_changed_account(
             await eventually(lambda: stored_subjects(tmp_path, "alpha") == ["For alpha"])
             await eventually(lambda: stored_subjects(tmp_path, "beta") == ["For beta"])
             await eventually(lambda: dovecot.folder_uids(beta.login, beta.password, "Beta Done"))
-            assert len(dovecot.folder_uids(alpha.login, alpha.password, PROCESSED)) == 1
+            # Moved after the commit: polled, as the row above may be seen before the MOVE.
+            await eventually(
+                lambda: len(dovecot.folder_uids(alpha.login, alpha.password, PROCESSED)) == 1
+            )
 
             # alpha removed, gamma added, beta as it is: beta's worker stays.
             beta_worker = supervisor.running["beta"].worker
