@@ -253,7 +253,9 @@ class AccountSettings(_Model):
     mode: Literal["idle", "poll"] = "idle"
     poll_interval_seconds: Annotated[float, Field(ge=1, le=86400)] = 60.0
     # RFC 2177 section 3: a server may drop an IDLE after 30 minutes; re-issue well before.
-    idle_timeout_seconds: Annotated[float, Field(ge=1, le=29 * 60)] = 25 * 60.0
+    # Re-issuing is also how a connection dropped silently (a NAT, a firewall) is noticed: the
+    # server must answer DONE within imap.timeout_seconds, so 10 minutes, as common clients do.
+    idle_timeout_seconds: Annotated[float, Field(ge=1, le=29 * 60)] = 10 * 60.0
     enabled: bool = True
     # Per-account overrides of the global keys of the same names (None: the global value).
     automatic_emails: AutomaticEmails | None = None
@@ -266,11 +268,29 @@ class AccountSettings(_Model):
 
 class LimitSettings(_Model):
     attachment_max_size_mb: Annotated[float, Field(gt=0, le=10_000)] = 25.0
+    # RFC822.SIZE, read before the download: a larger message goes to Failed without its bytes.
+    message_max_size_mb: Annotated[float, Field(gt=0, le=10_000)] = 50.0
     fetch_batch_size: Annotated[int, Field(ge=1, le=1000)] = 100
+    # Bytes per UID FETCH (and per transaction): with the batch read ahead, about twice this
+    # much raw mail is in memory at once, whatever the message count.
+    fetch_batch_max_mb: Annotated[float, Field(gt=0, le=10_000)] = 50.0
+    # Inbox mail older than a day above this count is a backlog worth a warning; 0: never warn.
+    backlog_warning: Annotated[int, Field(ge=0)] = 1000
 
     @property
     def max_message_bytes(self) -> int:
+        """The attachment limit in bytes (decoded attachments of one message, checked by the
+        parser)."""
         return int(self.attachment_max_size_mb * 1024 * 1024)
+
+    @property
+    def message_max_bytes(self) -> int:
+        """The raw message size limit in bytes (RFC822.SIZE, checked before fetching)."""
+        return int(self.message_max_size_mb * 1024 * 1024)
+
+    @property
+    def fetch_batch_max_bytes(self) -> int:
+        return int(self.fetch_batch_max_mb * 1024 * 1024)
 
 
 class LogSettings(_Model):

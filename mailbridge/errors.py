@@ -178,9 +178,11 @@ CATALOGUE: Final[dict[str, ErrorInfo]] = dict(
         ),
         _info(
             "too_large",
-            "The message is over limits.attachment_max_size_mb",
-            "Raise limits.attachment_max_size_mb and run 'mailbridge failed retry UID', or "
-            "handle the message by hand.",
+            "The message is over limits.message_max_size_mb, or its attachments over "
+            "limits.attachment_max_size_mb",
+            "Raise limits.attachment_max_size_mb or limits.message_max_size_mb, whichever the "
+            "reason names (a message over limits.message_max_size_mb was not downloaded), "
+            "reload, and run 'mailbridge failed retry UID'; or handle the message by hand.",
             transient=False,
         ),
         _info(
@@ -240,8 +242,10 @@ CATALOGUE: Final[dict[str, ErrorInfo]] = dict(
         ),
         _info(
             "internal",
-            "An unexpected internal error",
-            "Report it with the log lines around it; the other accounts go on.",
+            "An unexpected internal error (a bug in mailbridge)",
+            "Report it with the traceback logged with it; the other messages and accounts go "
+            "on. A message it hit waits in the Failed folder (the sweep does not retry it): "
+            "after an upgrade, run 'mailbridge failed retry UID'.",
             transient=True,
         ),
     ]

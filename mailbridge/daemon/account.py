@@ -1,18 +1,26 @@
-"""One account's loop: connect, import every unseen Inbox message, wait (IDLE or poll), repeat.
+"""One account's loop: connect, import every Inbox message, wait (IDLE or poll), repeat.
 
-The order of operations is what keeps mail from being lost or duplicated:
+The Inbox is the queue: mailbridge moves what it has processed, so every message in it that is
+not flagged ``\\Deleted`` is work, read or unread (people open shared mail in their own client
+before mailbridge sees it). The order of operations is what keeps mail from being lost or
+duplicated, and memory bounded:
 
-1. ``UID SEARCH UNSEEN`` in the Inbox, then per batch one ``UID FETCH ... BODY.PEEK[]`` (PEEK so a
-   crash leaves the message unseen and it is fetched again).
-2. Parse every message (off the event loop). A message that cannot be parsed becomes a failure.
+1. ``UID SEARCH UNDELETED`` in the Inbox, then ``UID FETCH (UID FLAGS INTERNALDATE RFC822.SIZE)``:
+   sizes and arrival times, no bodies. A message over ``limits.message_max_size_mb`` is recorded
+   as ``too_large`` and moved to Failed without being downloaded (only a few header fields are
+   fetched, for the record). The rest is cut into batches of at most ``limits.fetch_batch_size``
+   messages and ``limits.fetch_batch_max_mb`` bytes (:func:`plan_batches`).
+2. Per batch one ``UID FETCH ... BODY.PEEK[]``; every message is parsed off the event loop. A
+   message that cannot be parsed becomes a failure.
 3. One repository call writes the whole batch in one committed transaction (each message
    all-or-nothing). Messages already stored (same Message-ID or content hash) are duplicates.
 4. Failures are recorded (committed) with their reason.
 5. Only then are messages marked ``\\Seen`` and moved: imported and duplicates to Processed,
    failures to Failed.
 
-A crash between 3 and 5 leaves the message in the Inbox, still unseen: the next pass fetches it
-again, the repository recognises it as a duplicate, and it is moved without a second import.
+A crash (or a lost connection) anywhere between 3 and the end of 5 leaves the message in the
+Inbox, perhaps already ``\\Seen``: the next pass fetches it again, the repository recognises it
+as a duplicate, and it is moved without a second import.
 
 Connection trouble is retried with exponential backoff and jitter (tenacity); the wait depends on
 the error's catalogue entry: transient faults retry within seconds to a minute, problems an
@@ -24,11 +32,13 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import dataclasses
+import hashlib
 import time
+import traceback
 import weakref
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 
 import structlog
 from tenacity import RetryCallState, wait_random_exponential
@@ -39,7 +49,7 @@ from mailbridge.core.parse import parse_message, summarise_headers
 from mailbridge.core.policy import analyse
 from mailbridge.daemon.parsing import parse_off_loop
 from mailbridge.errors import MailbridgeError, MessageError, StoreError, describe
-from mailbridge.mail.imap import FetchedMessage, ImapSession
+from mailbridge.mail.imap import FetchedMessage, ImapSession, MessageMeta, imap_date
 from mailbridge.store.asyncrepo import AsyncRepository
 from mailbridge.store.base import (
     AccountState,
@@ -123,7 +133,10 @@ def _parse_batch(
         except MessageError as exc:
             failures.append(_failure_from_raw(message, exc.code, str(exc)))
         except Exception as exc:  # the parser promises MessageError; a bug must not stop the batch
-            failures.append(_failure_from_raw(message, "unparseable", f"parser bug: {exc!r}"))
+            failure = _failure_from_raw(
+                message, "internal", f"unexpected {type(exc).__name__} in the parser: {exc}"
+            )
+            failures.append(dataclasses.replace(failure, traceback=traceback.format_exc()))
         else:
             # What core/policy.py needs: the automatic verdict and any delivery report.
             automatic, report = analyse(message.raw, parsed)
@@ -165,6 +178,71 @@ def _failure_from_result(
         from_address=msg.from_address.email if msg.from_address else "",
         date=arrived or msg.date,  # INTERNALDATE, as for a message that failed to parse
         size=msg.size,
+        traceback=result.traceback,
+    )
+
+
+def _failure_too_large(meta: MessageMeta, headers: bytes | None, limit_bytes: int) -> FailureInfo:
+    """The failure of a message over ``limits.message_max_size_mb``, from its RFC822.SIZE and
+    the few header fields fetched instead of the body. Without a Message-ID its key is a hash of
+    those fields and the size (the whole message, which the usual key hashes, is not fetched)."""
+    summary = summarise_headers(headers or b"")
+    key = summary.message_id or (
+        "sha256:" + hashlib.sha256((headers or b"") + b"\0" + str(meta.size).encode()).hexdigest()
+    )
+    mib = 1024 * 1024
+    return FailureInfo(
+        uid=meta.uid,
+        message_key=key,
+        code="too_large",
+        reason=f"the message is {meta.size / mib:.1f} MB, over limits.message_max_size_mb "
+        f"({limit_bytes / mib:g} MB); it was not downloaded",
+        message_id=summary.message_id,
+        subject=summary.subject,
+        from_address=summary.from_address,
+        date=meta.internaldate,
+        size=meta.size,
+    )
+
+
+def plan_batches(
+    sizes: Sequence[tuple[int, int]], max_count: int, max_bytes: int
+) -> list[list[int]]:
+    """Cut ``(uid, size)`` pairs, in order, into UID batches of at most ``max_count`` messages
+    whose sizes add up to at most ``max_bytes``. A message larger than ``max_bytes`` on its own
+    (but within the message size limit, checked before) is a batch by itself."""
+    batches: list[list[int]] = []
+    current: list[int] = []
+    total = 0
+    for uid, size in sizes:
+        if current and (len(current) >= max_count or total + size > max_bytes):
+            batches.append(current)
+            current, total = [], 0
+        current.append(uid)
+        total += size
+    if current:
+        batches.append(current)
+    return batches
+
+
+async def inbox_backlog(session: ImapSession) -> int:
+    """How many messages of the selected folder (the Inbox) arrived over a day ago and are not
+    ``\\Deleted``: ``UID SEARCH UNDELETED OLDER 86400`` (RFC 5032 WITHIN), else ``BEFORE``
+    yesterday's date (dates only, in the server's time zone: RFC 3501 6.4.4, so a day or two)."""
+    if "WITHIN" in session.capabilities:
+        return len(await session.search("UNDELETED", "OLDER", "86400"))
+    yesterday = imap_date(datetime.now(UTC) - timedelta(days=1))
+    return len(await session.search("UNDELETED", "BEFORE", yesterday))
+
+
+def backlog_remedy(account: AccountSettings) -> str:
+    """What to do about an Inbox backlog an operator may not want imported."""
+    inbox = account.folders.inbox
+    return (
+        f"mailbridge imports every message in {inbox!r}, read or not; if old mail should not "
+        f"be imported, stop mailbridge and move it to another folder first, e.g. "
+        f"'doveadm move -u {account.auth.username} Archive mailbox {inbox} savedbefore 1d' "
+        f"or with a mail client; limits.backlog_warning sets this threshold"
     )
 
 
@@ -192,6 +270,7 @@ class AccountWorker:
         # tried at once instead of after up to 30 minutes.
         self._wake = asyncio.Event()
         self.busy = False  # True while a batch is between fetch and move: the drain waits for it
+        self._backlog_checked = False  # the Inbox backlog is looked at once per worker
 
     # -- state -------------------------------------------------------------------------------
 
@@ -235,13 +314,18 @@ class AccountWorker:
             except MailbridgeError as exc:
                 await self._backoff(exc)
             except Exception as exc:  # a bug in one account must not stop the others
-                self.log.exception("account_loop_crashed")
+                self.log.exception("account_loop_crashed", code="internal")
                 await self._backoff(MailbridgeError(f"unexpected error: {exc!r}"))
         await self._set_state("stopped")
 
     async def _backoff(self, exc: MailbridgeError) -> None:
         self._failures += 1
         delay = backoff_seconds(exc, self._failures)
+        # A fault that needs the operator shows as its own code (auth_failed, tls_untrusted ...)
+        # so `status` says what to fix; a transient one is just "backoff". Stored before it is
+        # logged: whoever reads `status` on seeing the line finds the state the line reports.
+        state = "backoff" if exc.transient else exc.code
+        await self._set_state(state, code=exc.code, detail=f"{exc} | {exc.remedy}")
         level = "warning" if exc.transient else "error"
         getattr(self.log, level)(
             "account_backoff",
@@ -251,10 +335,6 @@ class AccountWorker:
             retry_in_seconds=round(delay, 1),
             consecutive_failures=self._failures,
         )
-        # A fault that needs the operator shows as its own code (auth_failed, tls_untrusted ...)
-        # so `status` says what to fix; a transient one is just "backoff".
-        state = "backoff" if exc.transient else exc.code
-        await self._set_state(state, code=exc.code, detail=f"{exc} | {exc.remedy}")
         self._wake.clear()  # a wake() before this backoff began is not a reason to end it
         with contextlib.suppress(TimeoutError):
             await self._wait_or_stop(asyncio.wait_for(self._wake.wait(), timeout=delay))
@@ -318,6 +398,25 @@ class AccountWorker:
         folders = self.account.folders
         await session.ensure_folders([folders.processed, folders.failed])
         await session.select(folders.inbox)
+        if not self._backlog_checked:
+            self._backlog_checked = True
+            await self._warn_backlog(session)
+
+    async def _warn_backlog(self, session: ImapSession) -> None:
+        """At an account's first start: warn when the Inbox holds more old mail than
+        ``limits.backlog_warning`` (it is all imported, read or not)."""
+        threshold = self.settings.limits.backlog_warning
+        if threshold <= 0:
+            return
+        old = await inbox_backlog(session)
+        if old > threshold:
+            self.log.warning(
+                "inbox_backlog",
+                folder=self.account.folders.inbox,
+                older_than_a_day=old,
+                threshold=threshold,
+                remedy=backlog_remedy(self.account),
+            )
 
     # -- one pass ----------------------------------------------------------------------------
 
@@ -327,7 +426,7 @@ class AccountWorker:
         await self._set_state(state, code=exc.code, detail=f"{exc} | {exc.remedy}")
 
     async def run_once(self) -> PassSummary:
-        """Connect, import everything unseen, disconnect. Raises ServerError if it cannot."""
+        """Connect, import the whole Inbox, disconnect. Raises ServerError if it cannot."""
         await self._set_state("connecting")
         try:
             session = await open_session(self.account)
@@ -346,18 +445,20 @@ class AccountWorker:
         return summary
 
     async def _import_pending(self, session: ImapSession) -> PassSummary:
-        """Import every unseen Inbox message, batch by batch."""
-        summary = PassSummary()
-        uids = await session.unseen_uids()
+        """Import every Inbox message that is not \\Deleted, batch by batch."""
+        uids = await session.undeleted_uids()
         if not uids:
+            return PassSummary()
+        self.log.info("import_pending", messages=len(uids))
+        metas = await session.fetch_meta(uids)
+        summary, batches = await self.fail_too_large(session, metas)
+        if not batches:
             return summary
-        self.log.info("import_pending", unseen=len(uids))
-        size = self.settings.limits.fetch_batch_size
-        batches = [uids[start : start + size] for start in range(0, len(uids), size)]
         # Pipelined: the next batch is fetched and parsed while this one is written and moved,
-        # so IMAP, parsing and SQLite overlap. Reading ahead risks nothing (BODY.PEEK[]: nothing
-        # is committed or moved), the session lock keeps IMAP commands in order, and each batch
-        # is still committed before it is moved.
+        # so IMAP, parsing and SQLite overlap (at most two batches, i.e. twice
+        # limits.fetch_batch_max_mb of raw mail, are in memory). Reading ahead risks nothing
+        # (BODY.PEEK[]: nothing is committed or moved), the session lock keeps IMAP commands in
+        # order, and each batch is still committed before it is moved.
         ahead = asyncio.ensure_future(self._fetch_and_parse(session, batches[0]))
         try:
             for index, batch_uids in enumerate(batches):
@@ -375,6 +476,28 @@ class AccountWorker:
             with contextlib.suppress(asyncio.CancelledError, Exception):
                 await ahead  # retrieve its outcome; an error was raised above already
         return summary
+
+    async def fail_too_large(
+        self, session: ImapSession, metas: Sequence[MessageMeta], *, in_failed: bool = False
+    ) -> tuple[PassSummary, list[list[int]]]:
+        """Send the messages over ``limits.message_max_size_mb`` to Failed (``too_large``)
+        without downloading them; return that pass and the batches (UIDs) of the rest, bounded
+        by ``limits.fetch_batch_size`` and ``limits.fetch_batch_max_mb`` (:func:`plan_batches`).
+        With ``in_failed`` (the sweep, in the selected Failed folder) they stay where they are.
+        """
+        limits = self.settings.limits
+        limit = limits.message_max_bytes
+        too_large = [m for m in metas if m.size > limit]
+        summary = PassSummary()
+        for start in range(0, len(too_large), limits.fetch_batch_size):
+            chunk = too_large[start : start + limits.fetch_batch_size]
+            headers = {m.uid: m.raw for m in await session.fetch_headers([m.uid for m in chunk])}
+            failures = [_failure_too_large(m, headers.get(m.uid), limit) for m in chunk]
+            summary.add(
+                await self.process_fetched(session, [], in_failed=in_failed, parsed=([], failures))
+            )
+        fits = [(m.uid, m.size) for m in metas if m.size <= limit]
+        return summary, plan_batches(fits, limits.fetch_batch_size, limits.fetch_batch_max_bytes)
 
     async def _fetch_and_parse(
         self, session: ImapSession, uids: Sequence[int]
@@ -526,7 +649,10 @@ class AccountWorker:
             rows = await self._with_inbox_uids(failures) if in_failed else failures
             await self.repo.record_failures(self.account.name, rows)
             for failure in failures:
-                self.log.warning(
+                # A bug (code internal) is an error with its traceback, so it can be reported.
+                emit = self.log.error if failure.traceback else self.log.warning
+                extra = {"traceback": failure.traceback} if failure.traceback else {}
+                emit(
                     "message_failed",
                     uid=failure.uid,
                     folder=self.account.folders.failed if in_failed else self.account.folders.inbox,
@@ -534,35 +660,27 @@ class AccountWorker:
                     code=failure.code,
                     reason=failure.reason,
                     remedy=describe(failure.code).remedy,
+                    **extra,
                 )
         summary.failed = len(failures)
         summary.failures = failures
 
-        # Only now, with everything committed, does mail leave the Inbox.
+        # Only now, with everything committed, does mail leave the Inbox. \Seen is set just
+        # before the move, on the Inbox copies (no SELECT of the target folder): a connection
+        # lost between the two leaves committed mail \Seen in the Inbox, which the next pass
+        # finds all the same (the Inbox is the queue, not UNSEEN) and moves as a duplicate.
         folders = self.account.folders
-        # \Seen is set on the moved copies, after the MOVE (needs the COPYUID mapping, i.e.
-        # UIDPLUS): flagging first and then losing the connection before the MOVE would leave
-        # committed mail \Seen in the Inbox, where UNSEEN never finds it again (found by
-        # tests/integration/test_faults.py). Without UIDPLUS there is no mapping: flag first.
-        flag_first = not session.has_uidplus
-        seen: dict[str, list[int]] = {}
         if done_uids:
-            moved = await session.move(done_uids, folders.processed, mark_seen=flag_first)
-            seen[folders.processed] = list(moved.values())
+            await session.move(done_uids, folders.processed)
         if failures and in_failed:
             # Still where it was: recording the failure cleared its Failed-folder UID; restore it.
             uids = {f.message_key: f.uid for f in failures}
             await self.repo.set_failure_folder_uids(self.account.name, uids)
         elif failures:
-            moved = await session.move(
-                [f.uid for f in failures], folders.failed, mark_seen=flag_first
-            )
-            seen[folders.failed] = list(moved.values())
+            moved = await session.move([f.uid for f in failures], folders.failed)
             keyed = {f.message_key: moved[f.uid] for f in failures if f.uid in moved}
             if keyed:
                 await self.repo.set_failure_folder_uids(self.account.name, keyed)
-        for folder, moved_uids in seen.items():
-            await session.mark_seen_in(folder, moved_uids)
         return summary
 
     async def _with_inbox_uids(self, failures: Sequence[FailureInfo]) -> list[FailureInfo]:

@@ -16,6 +16,7 @@ from dataclasses import dataclass
 from typing import Literal
 
 from mailbridge.config import AccountSettings, Settings
+from mailbridge.daemon.account import backlog_remedy, inbox_backlog
 from mailbridge.errors import MailbridgeError, describe
 from mailbridge.mail.imap import ImapSession
 from mailbridge.mail.smtp import check_smtp
@@ -58,21 +59,24 @@ def check_database(settings: Settings) -> Check:
         return Check.failed(name, exc)
 
 
-async def diagnose(account: AccountSettings) -> list[Check]:
-    """Every check of one account, in connection order (see the module docstring)."""
+async def diagnose(account: AccountSettings, *, backlog_warning: int = 1000) -> list[Check]:
+    """Every check of one account, in connection order (see the module docstring).
+
+    ``backlog_warning`` is ``limits.backlog_warning``: more Inbox mail older than a day than
+    this is a warning (0: not checked)."""
     try:
         account.auth.secret()
     except MailbridgeError as exc:
         skipped = ["login", "capabilities", "folders"] + (["smtp"] if account.smtp else [])
         return [Check.failed("secret readable", exc), *_skipped(*skipped, account=account)]
     checks = [Check("secret readable", "ok", account.auth.secret_source())]
-    checks.extend(await _imap(account))
+    checks.extend(await _imap(account, backlog_warning))
     if account.smtp is not None:  # independent of IMAP: checked whatever IMAP said
         checks.append(await _smtp(account))
     return checks
 
 
-async def _imap(account: AccountSettings) -> list[Check]:
+async def _imap(account: AccountSettings, backlog_warning: int) -> list[Check]:
     imap = account.imap
     where = f"{imap.host}:{imap.port}"
     reach = await _reachable(imap.host, imap.port or 0, imap.timeout_seconds)
@@ -95,7 +99,7 @@ async def _imap(account: AccountSettings) -> list[Check]:
         checks.append(_tls_line(account))
         checks.append(Check(f"login as {account.auth.username}", "ok"))
         checks.extend(_capabilities(session.capabilities, account))
-        checks.extend(await _folders(session, account))
+        checks.extend(await _folders(session, account, backlog_warning))
     finally:
         await session.close()
     return checks
@@ -182,7 +186,9 @@ def _capabilities(caps: frozenset[str], account: AccountSettings) -> list[Check]
     return lines
 
 
-async def _folders(session: ImapSession, account: AccountSettings) -> list[Check]:
+async def _folders(
+    session: ImapSession, account: AccountSettings, backlog_warning: int
+) -> list[Check]:
     folders = account.folders
     lines: list[Check] = []
     try:
@@ -191,6 +197,8 @@ async def _folders(session: ImapSession, account: AccountSettings) -> list[Check
         lines.append(Check.failed(f"folder {folders.inbox!r} selectable", exc))
     else:
         lines.append(Check(f"folder {folders.inbox!r} selectable", "ok"))
+        if backlog_warning > 0:
+            lines.append(await _backlog(session, account, backlog_warning))
     name = f"folders {folders.processed!r} and {folders.failed!r}"
     try:
         await session.ensure_folders([folders.processed, folders.failed])
@@ -200,6 +208,19 @@ async def _folders(session: ImapSession, account: AccountSettings) -> list[Check
     else:
         lines.append(Check(name, "ok", "exist (created if they were missing)"))
     return lines
+
+
+async def _backlog(session: ImapSession, account: AccountSettings, threshold: int) -> Check:
+    """The Inbox is the queue: every message in it is imported, read or not."""
+    name = f"{account.folders.inbox!r} backlog"
+    try:
+        old = await inbox_backlog(session)
+    except MailbridgeError as exc:
+        return Check.failed(name, exc)
+    detail = f"{old} message(s) older than a day (limits.backlog_warning: {threshold})"
+    if old > threshold:
+        return Check(name, "warn", f"{detail}; all are imported. {backlog_remedy(account)}")
+    return Check(name, "ok", detail)
 
 
 async def _smtp(account: AccountSettings) -> Check:

@@ -263,8 +263,18 @@ class Supervisor:
             log.warning("drain_timeout_cancelling", task=task.get_name())
             task.cancel()
         for task in tasks:
-            with contextlib.suppress(asyncio.CancelledError, Exception):
+            try:
                 await task
+            except asyncio.CancelledError:
+                pass  # cancelled above, after its drain time: logged as drain_timeout_cancelling
+            except Exception as exc:  # a worker that failed is reported, never swallowed
+                log.error(
+                    "drain_task_failed",
+                    task=task.get_name(),
+                    code="internal",
+                    error=repr(exc),
+                    exc_info=exc,
+                )
 
     async def reload(self) -> None:
         """Re-read the config; restart only what changed; keep running on a bad config."""

@@ -38,6 +38,7 @@ import structlog
 
 from mailbridge.config import AccountSettings
 from mailbridge.errors import AuthError, FolderError, ServerError, classify_server_text
+from mailbridge.mail.net import enable_keepalive
 
 log = structlog.get_logger("mailbridge.imap")
 
@@ -58,6 +59,8 @@ _AUTH_CODES: Final = frozenset(
 )
 
 _LOGOUT_TIMEOUT: Final = 5.0
+# UIDs per metadata FETCH: bounds one response (~100 bytes a message) for a 40,000-mail Inbox.
+_META_CHUNK: Final = 5000
 _FEED_SLICE: Final = 1024
 
 _MONTHS: Final = {
@@ -78,6 +81,17 @@ _CAPABILITY_RE: Final = re.compile(r"\[CAPABILITY ([^\]]*)\]", re.IGNORECASE)
 _LIST_RE: Final = re.compile(
     r'^\((?P<flags>[^)]*)\) (?P<delim>"(?:[^"\\]|\\.)*"|NIL) (?P<name>.*)$', re.IGNORECASE
 )
+
+
+@dataclass(frozen=True, slots=True)
+class MessageMeta:
+    """What the server says of a message without sending it: UID, RFC822.SIZE (octets, RFC 3501
+    section 2.3.4), INTERNALDATE (when it arrived) and flags."""
+
+    uid: int
+    size: int
+    internaldate: datetime | None
+    flags: frozenset[str]
 
 
 @dataclass(frozen=True, slots=True)
@@ -190,6 +204,12 @@ def _text(lines: Sequence[Any]) -> str:
     ).strip()
 
 
+def imap_date(when: datetime) -> str:
+    """An RFC 3501 ``date`` (``1-Feb-2026``) whatever the process locale (strftime's %b is not)."""
+    month = next(name for name, number in _MONTHS.items() if number == when.month)
+    return f"{when.day}-{month}-{when.year}"
+
+
 def _parse_internaldate(text: str) -> datetime | None:
     match = _INTERNALDATE_RE.search(text)
     if match is None:
@@ -243,7 +263,9 @@ def parse_fetch_response(lines: Sequence[Any]) -> list[FetchedMessage]:
         if uid_match is None:
             continue
         body: bytes | None = None
-        body_match = re.search(r'BODY\[\] (?:\x00(\d+)\x00|"((?:[^"\\]|\\.)*)")', text)
+        body_match = re.search(
+            r'BODY\[(?:HEADER\.FIELDS \([^)]*\))?\] (?:\x00(\d+)\x00|"((?:[^"\\]|\\.)*)")', text
+        )
         if body_match is not None:
             if body_match.group(1) is not None:
                 body = literals[int(body_match.group(1))]
@@ -262,6 +284,32 @@ def parse_fetch_response(lines: Sequence[Any]) -> list[FetchedMessage]:
             )
         )
     return messages
+
+
+def parse_meta_response(lines: Sequence[Any]) -> list[MessageMeta]:
+    """Parse the lines of a ``UID FETCH ... (UID FLAGS INTERNALDATE RFC822.SIZE)`` (no literals).
+
+    Items without a UID or an RFC822.SIZE (unsolicited flag updates) are skipped.
+    """
+    metas: list[MessageMeta] = []
+    for line in lines:
+        if not isinstance(line, bytes) or not _FETCH_START_RE.match(line):
+            continue
+        text = line.decode("utf-8", "replace")
+        uid_match = re.search(r"\bUID (\d+)", text)
+        size_match = re.search(r"\bRFC822\.SIZE (\d+)", text)
+        if uid_match is None or size_match is None:
+            continue
+        flags_match = re.search(r"\bFLAGS \(([^)]*)\)", text)
+        metas.append(
+            MessageMeta(
+                uid=int(uid_match.group(1)),
+                size=int(size_match.group(1)),
+                internaldate=_parse_internaldate(text),
+                flags=frozenset(flags_match.group(1).split()) if flags_match else frozenset(),
+            )
+        )
+    return metas
 
 
 def _parse_list(lines: Sequence[Any]) -> list[str]:
@@ -399,6 +447,9 @@ class ImapSession:
             )
         except Exception as exc:
             raise _map_error(exc, f"connect to {host}:{port}", imap.timeout_seconds) from exc
+        # A connection a NAT or firewall drops silently is reported dead by the kernel within
+        # minutes instead of hours (mailbridge.mail.net).
+        enable_keepalive(transport.get_extra_info("socket"))
 
         session = cls(account, protocol, transport, lost, password)
         try:
@@ -616,9 +667,40 @@ class ImapSession:
                     uids.update(int(tok) for tok in line.split() if tok.isdigit())
             return sorted(uids)
 
-    async def unseen_uids(self) -> list[int]:
-        """UIDs without \\Seen that are not \\Deleted (see :meth:`move` without UIDPLUS)."""
-        return await self.search("UNSEEN", "UNDELETED")
+    async def undeleted_uids(self) -> list[int]:
+        """UIDs of every message not flagged \\Deleted: the Inbox is mailbridge's queue.
+
+        Read or unread does not matter (a person may open shared mail before mailbridge sees
+        it); \\Deleted mail is on its way out (another client's, or our own originals left by
+        :meth:`move` without UIDPLUS).
+        """
+        return await self.search("UNDELETED")
+
+    async def fetch_meta(self, uids: Sequence[int]) -> list[MessageMeta]:
+        """``UID FETCH set (UID FLAGS INTERNALDATE RFC822.SIZE)``: sizes and arrival times without
+        the bodies (a few dozen bytes per message), in UID order, in chunks of
+        ``_META_CHUNK`` UIDs. Missing UIDs are absent from the result."""
+        wanted = sorted(set(uids))
+        metas: dict[int, MessageMeta] = {}
+        for start in range(0, len(wanted), _META_CHUNK):
+            chunk = wanted[start : start + _META_CHUNK]
+            lines = await self._uid_fetch(chunk, "(UID FLAGS INTERNALDATE RFC822.SIZE)")
+            asked = set(chunk)
+            metas.update((m.uid, m) for m in parse_meta_response(lines) if m.uid in asked)
+        return [metas[uid] for uid in sorted(metas)]
+
+    async def fetch_headers(
+        self,
+        uids: Sequence[int],
+        fields: Sequence[str] = ("MESSAGE-ID", "SUBJECT", "FROM", "DATE"),
+    ) -> list[FetchedMessage]:
+        """Some header fields (by default those a failure record shows), as
+        ``FetchedMessage.raw``, without the body: ``BODY.PEEK[HEADER.FIELDS (...)]`` (RFC 3501
+        section 6.4.5). For messages too large to download."""
+        names = " ".join(f.upper() for f in fields)
+        return await self._fetch_messages(
+            uids, f"(UID FLAGS INTERNALDATE BODY.PEEK[HEADER.FIELDS ({names})])"
+        )
 
     async def fetch(self, uids: Sequence[int]) -> list[FetchedMessage]:
         """One ``UID FETCH set (UID FLAGS INTERNALDATE BODY.PEEK[])``; results in UID order.
@@ -627,20 +709,26 @@ class ImapSession:
         simply absent from the result (RFC 3501 section 6.4.8: a UID FETCH of a missing UID is
         not an error).
         """
+        return await self._fetch_messages(uids, "(UID FLAGS INTERNALDATE BODY.PEEK[])")
+
+    async def _fetch_messages(self, uids: Sequence[int], items: str) -> list[FetchedMessage]:
         if not uids:
             return []
         wanted = set(uids)
+        lines = await self._uid_fetch(sorted(wanted), items)
+        by_uid = {m.uid: m for m in parse_fetch_response(lines) if m.uid in wanted}
+        return [by_uid[uid] for uid in sorted(by_uid)]
+
+    async def _uid_fetch(self, uids: Sequence[int], items: str) -> Sequence[Any]:
+        """One ``UID FETCH`` of ``items`` for ``uids``; the response lines."""
         async with self._lock:
             self._require_selected("FETCH")
             response = await self._await(
-                self._protocol.fetch(
-                    uid_set(wanted), "(UID FLAGS INTERNALDATE BODY.PEEK[])", by_uid=True
-                ),
-                "UID FETCH",
+                self._protocol.fetch(uid_set(uids), items, by_uid=True), "UID FETCH"
             )
             self._check(response, "UID FETCH")
-        by_uid = {m.uid: m for m in parse_fetch_response(response.lines) if m.uid in wanted}
-        return [by_uid[uid] for uid in sorted(by_uid)]
+        lines: Sequence[Any] = response.lines
+        return lines
 
     async def move(
         self, uids: Sequence[int], folder: str, *, mark_seen: bool = True
@@ -653,7 +741,7 @@ class ImapSession:
         only our UIDs. Without UIDPLUS a plain EXPUNGE would also remove messages other clients
         marked \\Deleted, so it runs only when a ``UID SEARCH DELETED`` finds no \\Deleted mail
         besides ours; otherwise the originals stay behind flagged \\Deleted (and are skipped by
-        :meth:`unseen_uids`) until someone expunges, and a warning is logged. The mapping comes
+        :meth:`undeleted_uids`) until someone expunges, and a warning is logged. The mapping comes
         from COPYUID (RFC 4315 section 3), so it is ``{}`` without UIDPLUS.
         """
         if not uids:
@@ -705,28 +793,6 @@ class ImapSession:
             response = await self._await(protocol.expunge(), "EXPUNGE")
             self._check(response, "EXPUNGE")
             return mapping
-
-    async def mark_seen_in(self, folder: str, uids: Iterable[int]) -> None:
-        """Set ``\\Seen`` on ``uids`` of ``folder``, which need not be the selected folder.
-
-        For mail just moved (with ``move(..., mark_seen=False)``, using the COPYUID mapping):
-        flagging *after* the move means a connection lost between the two commands leaves an
-        unread copy in Processed, whereas flagging first and losing the MOVE would leave mail
-        ``\\Seen`` in the Inbox, where ``UNSEEN`` never finds it again. SELECTs ``folder``, runs
-        ``UID STORE +FLAGS.SILENT (\\Seen)``, and SELECTs the previously selected folder again.
-        """
-        wanted = sorted(set(uids))
-        back = self.selected
-        if not wanted or back is None:
-            return
-        await self.select(folder)
-        async with self._lock:
-            response = await self._await(
-                self._protocol.store(uid_set(wanted), "+FLAGS.SILENT", "(\\Seen)", by_uid=True),
-                "UID STORE",
-            )
-            self._check(response, "UID STORE \\Seen")
-        await self.select(back)
 
     async def wait_for_mail(self, timeout: float) -> bool:  # noqa: ASYNC109 - the agreed API
         """IDLE (RFC 2177) until the server announces new mail or ``timeout`` passes.

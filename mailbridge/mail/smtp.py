@@ -17,6 +17,7 @@ import structlog
 
 from mailbridge.config import AccountSettings
 from mailbridge.errors import AuthError, ServerError, classify_server_text
+from mailbridge.mail.net import enable_keepalive
 
 log = structlog.get_logger("mailbridge.smtp")
 
@@ -70,6 +71,8 @@ async def check_smtp(account: AccountSettings) -> None:
     )
     try:
         await client.connect()
+        if client.transport is not None:  # a silently dropped connection is noticed in minutes
+            enable_keepalive(client.transport.get_extra_info("socket"))
         if client.last_ehlo_response is None:  # STARTTLS/implicit TLS already sent EHLO
             await client.ehlo()
         if not client.supports_extension("auth"):

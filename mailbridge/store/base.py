@@ -120,6 +120,7 @@ class ImportResult:
     error_reason: str | None = None  # FAILED, IGNORED, DISCARDED: why; BOUNCE: what was matched
     delivery_errors: int = 0  # BOUNCE: rows written to conversationmessageerror
     delivery_errors_matched: int = 0  # BOUNCE: of those, rows tied to a stored message
+    traceback: str | None = None  # with error_code "internal": where the bug is, for the log
 
 
 @dataclass(frozen=True, slots=True)
@@ -135,6 +136,7 @@ class FailureInfo:
     from_address: str = ""
     date: datetime | None = None
     size: int = 0
+    traceback: str | None = None  # code "internal" only: logged, not stored
 
 
 @dataclass(frozen=True, slots=True)

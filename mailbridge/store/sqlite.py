@@ -62,6 +62,7 @@ import errno
 import os
 import secrets
 import sqlite3
+import traceback
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -154,6 +155,9 @@ _MESSAGE_LEVEL_ERRORS: Final = (
 # SQLite allows 32766 host parameters since 3.32; stay far below for older system libraries.
 _CHUNK: Final = 500
 _MAX_REASON: Final = 1000
+# What the database raises when it refuses one message's rows: an SQL error, or a value sqlite3
+# cannot bind (an integer over 64 bits raises OverflowError before SQLite sees it).
+_REFUSALS: Final = (sqlite3.Error, OverflowError)
 
 
 def error_code(exc: BaseException) -> str:
@@ -444,13 +448,22 @@ class SqliteRepository(SqlRepository):
                 raise
             conn.execute("ROLLBACK TO SAVEPOINT message")
             conn.execute("RELEASE SAVEPOINT message")
-            reason = f"{type(exc).__name__}: {exc}"[:_MAX_REASON]
+            # The database refusing this one message (a constraint, a value it cannot store) is
+            # import_failed; any other exception is a bug in mailbridge: internal, with its
+            # traceback for the log.
+            refused = isinstance(exc, _REFUSALS)
+            reason = (
+                f"{type(exc).__name__}: {exc}"
+                if refused
+                else f"unexpected {type(exc).__name__} while importing: {exc}"
+            )[:_MAX_REASON]
             failed = ImportResult(
                 uid=item.uid,
                 message_key=decision.key,
                 outcome=Outcome.FAILED,
-                error_code="import_failed",
+                error_code="import_failed" if refused else "internal",
                 error_reason=reason,
+                traceback=None if refused else traceback.format_exc(),
             )
             return failed, None
         conn.execute("RELEASE SAVEPOINT message")
