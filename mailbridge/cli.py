@@ -1,4 +1,5 @@
-"""The ``mailbridge`` command line: run, check-config, status, conversations, failed, sync, doctor.
+"""The ``mailbridge`` command line: run, check-config, status, conversations, failed, sync, doctor,
+auth.
 
 Exit codes follow sysexits.h so systemd units and scripts can act on them: 0 fine, 1 ``doctor``
 found a failing line, 64 usage, 69 a mail server unavailable (``run --once``, ``sync``,
@@ -101,6 +102,12 @@ def _parser() -> argparse.ArgumentParser:
         "doctor", help="check config, secret, network, TLS, login, capabilities, folders, SMTP"
     )
     doctor.add_argument("account", nargs="?")
+
+    auth = sub.add_parser(
+        "auth",
+        help="OAuth2 sign-in from a terminal (device code, pasted redirect) and token check",
+    )
+    auth.add_argument("account")
     return parser
 
 
@@ -153,6 +160,10 @@ def _dispatch(args: argparse.Namespace, settings: Settings) -> int:
         return _conversation_read(settings, args.id)
     if command == "conversation":
         return _conversation_show(settings, args.id)
+    if command == "auth":
+        from mailbridge import cli_auth  # msal/google-auth only when signing in
+
+        return cli_auth.auth(settings, args.account)
     if command in {"failed", "sync", "doctor"}:
         from mailbridge import cli_ops  # the operator's tools pull in the IMAP/SMTP layers
 

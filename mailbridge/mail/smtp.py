@@ -17,6 +17,12 @@ import structlog
 
 from mailbridge.config import AccountSettings
 from mailbridge.errors import AuthError, ServerError, classify_server_text
+from mailbridge.mail.auth.tokens import (
+    provider_for,
+    sasl_error_text,
+    sasl_oauthbearer,
+    sasl_xoauth2,
+)
 
 log = structlog.get_logger("mailbridge.smtp")
 
@@ -29,6 +35,13 @@ _AUTH_CODES: Final = frozenset(
         "token_expired",
         "consent_missing",
         "protocol_disabled",
+        "mailbox_not_connected",
+        "client_secret_invalid",
+        "client_secret_expired",
+        "sign_in_required",
+        "upn_mismatch",
+        "smtp_auth_disabled",
+        "send_as_denied",
     }
 )
 
@@ -38,11 +51,39 @@ async def check_smtp(account: AccountSettings) -> None:
 
     Raises :class:`AuthError` when the login is refused and :class:`ServerError` for anything
     else (unreachable, timeout, TLS, a refusal before login). ``account.smtp`` must be set.
+    OAuth2 accounts log in with OAUTHBEARER where offered, else XOAUTH2 (a refused token is
+    refreshed once and tried again on a new connection, as for IMAP).
     """
     smtp = account.smtp
     if smtp is None:
         raise ValueError(f"account {account.name} has no smtp settings")
-    password = account.auth.secret()
+    if not account.auth.is_oauth:
+        await _check_smtp(account, account.auth.secret())
+        return
+    provider = provider_for(account)
+    token = await provider.token()
+    try:
+        await _check_smtp(account, token.token)
+        return
+    except AuthError as exc:
+        if exc.code not in {"auth_failed", "token_expired"}:
+            raise
+        log.warning("smtp_token_refused_refreshing", account=account.name, error=str(exc))
+    token = await provider.token(force_refresh=True)
+    try:
+        await _check_smtp(account, token.token)
+    except AuthError as exc:
+        if exc.code != "auth_failed":
+            raise
+        raise AuthError(
+            f"{exc} (with a freshly issued token for {account.address})",
+            code="mailbox_not_connected",
+        ) from exc
+
+
+async def _check_smtp(account: AccountSettings, password: str) -> None:
+    smtp = account.smtp
+    assert smtp is not None
     where = f"{smtp.host}:{smtp.port}"
     context: ssl.SSLContext | None = None
     if smtp.tls != "none":
@@ -79,11 +120,14 @@ async def check_smtp(account: AccountSettings) -> None:
                 code="protocol_disabled",
             )
         try:
-            await client.login(account.auth.username, password)
+            if account.auth.is_oauth:
+                await _login_oauth(client, account, password)
+            else:
+                await client.login(account.login_name, password)
         except aiosmtplib.SMTPResponseException as exc:
             text = _scrub(f"{exc.code} {exc.message}", password)
             code = classify_server_text(text, default="auth_failed")
-            message = f"SMTP login as {account.auth.username} at {where} refused: {text}"
+            message = f"SMTP login as {account.login_name} at {where} refused: {text}"
             raise (AuthError if code in _AUTH_CODES else ServerError)(message, code=code) from exc
         log.info("smtp_login_ok", account=account.name, host=smtp.host, port=smtp.port)
     except ServerError:
@@ -96,6 +140,33 @@ async def check_smtp(account: AccountSettings) -> None:
                 await client.quit()
             except Exception:  # best effort: the check's result is already decided
                 client.close()
+
+
+async def _login_oauth(client: aiosmtplib.SMTP, account: AccountSettings, token: str) -> None:
+    """AUTH OAUTHBEARER (RFC 7628) where offered and wanted, else AUTH XOAUTH2, with the
+    initial response (RFC 4954 section 4). A 334 challenge is the server's JSON error: answer it
+    (%x01 for OAUTHBEARER, an empty line for XOAUTH2) to get the final reply."""
+    smtp = account.smtp
+    assert smtp is not None
+    assert smtp.port is not None
+    offered = {m.upper() for m in client.server_auth_methods}
+    wanted = account.auth.sasl
+    if wanted == "oauthbearer" or (wanted == "auto" and "OAUTHBEARER" in offered):
+        mechanism = b"OAUTHBEARER"
+        initial = sasl_oauthbearer(account.address, token, smtp.host, smtp.port)
+        answer = b"AQ=="
+    else:
+        mechanism = b"XOAUTH2"
+        initial = sasl_xoauth2(account.address, token)
+        answer = b""
+    response = await client.execute_command(b"AUTH", mechanism, initial.encode())
+    if response.code == 334:
+        detail = sasl_error_text(response.message)
+        response = await client.execute_command(answer)
+        if detail:
+            response = aiosmtplib.SMTPResponse(response.code, f"{response.message} ({detail})")
+    if response.code != 235:
+        raise aiosmtplib.SMTPAuthenticationError(response.code, response.message)
 
 
 def map_smtp_error(exc: BaseException, where: str, timeout: float, secret: str = "") -> ServerError:
