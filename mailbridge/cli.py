@@ -223,7 +223,7 @@ def _check_config(settings: Settings) -> int:
         except ConfigError as exc:
             # The same key path as a validation error: accounts[0].auth.password_file.
             problems.append(f"accounts[{index}].{exc.path or 'auth'} ({account.name}): {exc}")
-        path = account.auth.password_file
+        path = account.auth.password_file or account.auth.client_secret_file
         if path is not None and world_readable(path):
             print(
                 f"warning: {path} is readable by every user; run: chmod 600 {path}",
@@ -295,6 +295,7 @@ def _status(settings: Settings, *, as_json: bool) -> int:
     for account in settings.accounts:
         state = stored.get(account.name)
         info = describe(state.code) if state and state.code else None
+        expiry = account.auth.secret_expiry_warning()
         rows.append(
             {
                 "account": account.name,
@@ -311,6 +312,8 @@ def _status(settings: Settings, *, as_json: bool) -> int:
                 "last_sweep": _iso(state.last_sweep) if state and state.last_sweep else None,
                 "sweep": state.sweep_summary if state else "",
                 "updated": _iso(state.updated) if state else None,
+                # auth.client_secret_expires: from 14 days before, every day until renewed
+                "warnings": [f"client_secret_expires: {expiry}"] if expiry else [],
             }
         )
     if as_json:
@@ -321,7 +324,9 @@ def _status(settings: Settings, *, as_json: bool) -> int:
         table.add_column(column, justify="right" if column in {"imported", "failed"} else "left")
     for row, account in zip(rows, settings.accounts, strict=True):
         state = stored.get(account.name)
-        problem = f"{row['code']}: {row['remedy']}" if row["code"] else ""
+        problem = "\n".join(
+            ([f"{row['code']}: {row['remedy']}"] if row["code"] else []) + row["warnings"]
+        )
         table.add_row(
             row["account"],
             row["state"],

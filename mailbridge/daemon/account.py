@@ -29,7 +29,7 @@ import time
 import weakref
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
-from datetime import UTC, datetime
+from datetime import UTC, date, datetime
 
 import structlog
 from tenacity import RetryCallState, wait_random_exponential
@@ -38,6 +38,7 @@ from mailbridge.config import AccountSettings, Settings
 from mailbridge.core.parse import parse_message, summarise_headers
 from mailbridge.daemon.parsing import parse_off_loop
 from mailbridge.errors import MailbridgeError, MessageError, StoreError, describe
+from mailbridge.mail.auth.tokens import provider_for
 from mailbridge.mail.imap import FetchedMessage, ImapSession
 from mailbridge.store.base import (
     AccountState,
@@ -177,6 +178,7 @@ class AccountWorker:
         # tried at once instead of after up to 30 minutes.
         self._wake = asyncio.Event()
         self.busy = False  # True while a batch is between fetch and move: the drain waits for it
+        self._secret_warned_on: date | None = None  # client_secret_expires: one warning a day
 
     # -- state -------------------------------------------------------------------------------
 
@@ -251,6 +253,7 @@ class AccountWorker:
         self._wake.set()
 
     async def _connected_loop(self) -> None:
+        self.warn_secret_expiry()
         await self._set_state("connecting")
         session = await open_session(self.account)
         try:
@@ -273,16 +276,53 @@ class AccountWorker:
                     # rather than after the server's next IDLE push (Dovecot batches pushes for
                     # ~0.5 s): this kept IDLE latency p99 ~120 ms above the server's own.
                     continue
+                self.warn_secret_expiry()
                 if idle:
                     await self._set_state("idle")
                     await self._wait_or_stop(
-                        session.wait_for_mail(self.account.idle_timeout_seconds)
+                        session.wait_for_mail(self._wait_seconds(self.account.idle_timeout_seconds))
                     )
                 else:
                     await self._set_state("polling")
-                    await self._wait_or_stop(asyncio.sleep(self.account.poll_interval_seconds))
+                    await self._wait_or_stop(
+                        asyncio.sleep(self._wait_seconds(self.account.poll_interval_seconds))
+                    )
+                await self._refresh_token_if_due()
         finally:
             await session.close()
+
+    def _wait_seconds(self, seconds: float) -> float:
+        """The IDLE/poll wait, cut short when the OAuth2 token is due for a refresh."""
+        if not self.account.auth.is_oauth:
+            return seconds
+        due = provider_for(self.account).refresh_due_in()
+        return seconds if due is None else max(1.0, min(seconds, due))
+
+    async def _refresh_token_if_due(self) -> None:
+        """Renew the OAuth2 token before it expires, while the session is idle: the next login
+        (a reconnect, the sweep, SMTP) finds a valid token, and a rotated refresh token is
+        saved now. A refused refresh (revoked, expired secret) surfaces here, classified."""
+        if not self.account.auth.is_oauth:
+            return
+        provider = provider_for(self.account)
+        due = provider.refresh_due_in()
+        if due is not None and due <= 0:
+            await provider.token()
+
+    def warn_secret_expiry(self) -> None:
+        """Log auth.client_secret_expires from 14 days before, once a day."""
+        today = date.today()
+        if self._secret_warned_on == today:
+            return
+        warning = self.account.auth.secret_expiry_warning(today)
+        if warning is not None:
+            self._secret_warned_on = today
+            self.log.warning(
+                "client_secret_expiring",
+                expires=str(self.account.auth.client_secret_expires),
+                days_left=self.account.auth.secret_expiry_days(today),
+                detail=warning,
+            )
 
     async def _wait_or_stop(self, waiter: Awaitable[object]) -> None:
         """Wait for new mail (or the poll interval) unless the daemon is asked to stop first."""
@@ -313,6 +353,7 @@ class AccountWorker:
 
     async def run_once(self) -> PassSummary:
         """Connect, import everything unseen, disconnect. Raises ServerError if it cannot."""
+        self.warn_secret_expiry()
         await self._set_state("connecting")
         try:
             session = await open_session(self.account)

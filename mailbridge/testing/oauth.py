@@ -103,7 +103,10 @@ class OAuthTestServer:
         self.grants: Counter[str] = Counter()  # successful grants by grant_type
         self.access_token_lifetime = 3600
         self.fail_with: tuple[int, str, str] | None = None  # every token request fails so
-        self.delay_seconds = 0.0  # every token request waits this long (an IdP outage)
+        self.delays: dict[str, float] = {}  # client_id -> seconds its token requests hang
+        # user -> the mailbox they have Full Access to: their tokens open that mailbox (XOAUTH2
+        # user= is the mailbox), as Exchange lets a delegate open a shared mailbox.
+        self.full_access: dict[str, str] = {}
         self._https: ThreadingHTTPServer | None = None
         self._http: ThreadingHTTPServer | None = None
 
@@ -277,8 +280,9 @@ class OAuthTestServer:
         }
 
     def token(self, form: dict[str, str]) -> dict[str, Any]:
-        if self.delay_seconds:
-            time.sleep(self.delay_seconds)
+        delay = self.delays.get(form.get("client_id", ""), 0.0)
+        if delay:
+            time.sleep(delay)  # this client's identity provider hangs; others are served
         if self.fail_with is not None:
             raise OAuthError(*self.fail_with)
         grant_type = form.get("grant_type", "")
@@ -406,7 +410,8 @@ class OAuthTestServer:
             ),
         }
         with self.lock:
-            self.access_tokens[access] = (username, now + self.access_token_lifetime)
+            mailbox = self.full_access.get(username, username)
+            self.access_tokens[access] = (mailbox, now + self.access_token_lifetime)
             if refresh:
                 rt = "rt-" + secrets.token_urlsafe(32)
                 self.refresh_tokens[rt] = Grant(username, client_id, scope)
@@ -454,7 +459,9 @@ class OAuthTestServer:
             )
         except InvalidSignature as exc:
             raise OAuthError(400, "invalid_grant", "Invalid JWT Signature.") from exc
-        if claims.get("aud") != self.google_token_uri or claims.get("exp", 0) < time.time():
+        # google-auth always names Google's endpoint as the audience, whatever token_uri is.
+        audiences = {self.google_token_uri, "https://oauth2.googleapis.com/token"}
+        if claims.get("aud") not in audiences or claims.get("exp", 0) < time.time():
             raise OAuthError(400, "invalid_grant", "Invalid JWT: Token must be a short-lived token")
         subject = claims.get("sub") or account.client_email
         if subject not in account.subjects:
