@@ -37,7 +37,7 @@ from mailbridge.daemon.account import AccountWorker
 from mailbridge.daemon.doctor import diagnose
 from mailbridge.daemon.supervisor import once_exit_code, run_once
 from mailbridge.errors import AuthError, ServerError
-from mailbridge.mail.auth.tokens import provider_for
+from mailbridge.mail.auth.tokens import provider_for, sasl_oauthbearer, sasl_xoauth2
 from mailbridge.mail.imap import ImapSession
 from mailbridge.mail.smtp import check_smtp
 from mailbridge.store.sqlite import open_repository
@@ -662,3 +662,88 @@ def test_status_warns_about_an_expiring_client_secret(
     assert rows[0]["warnings"]
     assert "in 3 days" in rows[0]["warnings"][0]
     assert rows[1]["warnings"] == []
+
+
+def test_google_installed_app_consent_with_a_pasted_code_then_refresh(
+    tmp_path: Path, oauth_dovecot: Dovecot, idp: OAuthTestServer
+) -> None:
+    address, password = new_mailbox(oauth_dovecot)
+    client_id, secret = new_client(idp)
+    auth = {
+        "method": "google",
+        "client_id": client_id,
+        "client_secret": secret,
+        "token_uri": idp.google_token_uri,
+        "auth_uri": idp.google_auth_uri,
+    }
+    config = write_config(tmp_path, account_data(tmp_path, oauth_dovecot, idp, address, auth))
+    process = subprocess.Popen(
+        [sys.executable, "-m", "mailbridge", "-c", str(config), "auth", "support"],
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    assert process.stdout is not None
+    try:
+        url = next(line.strip() for line in process.stdout if line.startswith("https://"))
+        assert url.startswith(idp.google_auth_uri)
+        assert "access_type=offline" in url
+        assert "code_challenge_method=S256" in url
+        # Headless: the browser elsewhere cannot reach the loopback port; paste what it shows.
+        redirected = idp.authorize(url, address)
+        out, err = process.communicate(redirected + "\n", timeout=60)
+    finally:
+        if process.poll() is None:
+            process.kill()
+    assert process.returncode == 0, out + err
+    cache = tmp_path / "tokens" / "support.json"
+    assert stat.S_IMODE(cache.stat().st_mode) == 0o600
+    first = json.loads(cache.read_text())["refresh_token"]
+
+    oauth_dovecot.append(address, password, message("gmail-like"))
+    assert cli_main(["-c", str(config), "run", "--once"]) == 0
+    assert len(oauth_dovecot.folder_uids(address, password, PROCESSED)) == 1
+    # The test provider rotates refresh tokens: the new one was saved at once.
+    rotated = json.loads(cache.read_text())["refresh_token"]
+    assert rotated != first
+    with idp.lock:
+        assert rotated in idp.refresh_tokens
+        assert first not in idp.refresh_tokens
+
+
+async def test_no_token_or_secret_reaches_a_debug_log(
+    tmp_path: Path, oauth_dovecot: Dovecot, idp: OAuthTestServer, oauth_smtp: Controller
+) -> None:
+    import io
+
+    from mailbridge.log import configure_logging
+
+    address, _ = new_mailbox(oauth_dovecot)
+    client_id, secret = new_client(idp, mailboxes={address})
+    smtp = {"host": "127.0.0.1", "port": oauth_smtp.port, "tls": "none", "timeout_seconds": 10}
+    auth = microsoft(idp, client_id, flow="client_credentials", client_secret=secret)
+    data = account_data(tmp_path, oauth_dovecot, idp, address, auth, smtp=smtp)
+    account = settings_for(tmp_path, data).accounts[0]
+    out = io.StringIO()
+    configure_logging("debug", "json", stream=out)
+    try:
+        checks = await diagnose(account)
+    finally:
+        configure_logging("warning", "json", stream=io.StringIO())
+    assert not [c for c in checks if c.status == "fail"], checks
+    text = out.getvalue()
+    assert "AUTHENTICATE" in text  # aioimaplib's debug echo of the command is there ...
+    with idp.lock:
+        issued = [t for t, (user, _) in idp.access_tokens.items() if user == address]
+    assert issued
+    for value in [secret, *issued]:
+        assert value not in text  # ... but never the token or the secret
+    token = provider_for(account).current
+    assert token is not None
+    port = oauth_dovecot.port
+    for initial in (
+        sasl_xoauth2(address, token.token),
+        sasl_oauthbearer(address, token.token, "127.0.0.1", port),
+    ):
+        assert initial not in text  # the base64 SASL response carries the token too
