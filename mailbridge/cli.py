@@ -223,6 +223,14 @@ def _check_config(settings: Settings) -> int:
         except ConfigError as exc:
             # The same key path as a validation error: accounts[0].auth.password_file.
             problems.append(f"accounts[{index}].{exc.path or 'auth'} ({account.name}): {exc}")
+        if account.auth.flow in {"device_code", "authorization_code"}:
+            cache = account.token_cache_path(settings.database)
+            if not cache.exists():
+                print(
+                    f"warning: {account.name}: not signed in yet (no {cache}); run: "
+                    f"mailbridge auth {account.name}",
+                    file=sys.stderr,
+                )
         path = account.auth.password_file or account.auth.client_secret_file
         if path is not None and world_readable(path):
             print(

@@ -63,6 +63,8 @@ _PERMANENT_WAIT = wait_random_exponential(multiplier=300, min=300, max=1800)
 # client, waiting for the greeting, only notices at its timeout. With 1,000 accounts that cost
 # 60 s and 607 backoffs (found by scripts/bench); with the limit they connect in seconds.
 CONNECT_CONCURRENCY = 20
+# A token refresh that failed transiently (the identity provider is down) is retried after this.
+_REFRESH_RETRY_SECONDS = 60.0
 _connect_slots: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, asyncio.Semaphore] = (
     weakref.WeakKeyDictionary()
 )
@@ -179,6 +181,7 @@ class AccountWorker:
         self._wake = asyncio.Event()
         self.busy = False  # True while a batch is between fetch and move: the drain waits for it
         self._secret_warned_on: date | None = None  # client_secret_expires: one warning a day
+        self._refresh_retry_at = 0.0  # after a transient refresh failure: when to try again
 
     # -- state -------------------------------------------------------------------------------
 
@@ -296,7 +299,10 @@ class AccountWorker:
         if not self.account.auth.is_oauth:
             return seconds
         due = provider_for(self.account).refresh_due_in()
-        return seconds if due is None else max(1.0, min(seconds, due))
+        if due is None:
+            return seconds
+        retry = self._refresh_retry_at - time.monotonic()
+        return max(1.0, min(seconds, max(due, retry)))
 
     async def _refresh_token_if_due(self) -> None:
         """Renew the OAuth2 token before it expires, while the session is idle: the next login
@@ -306,8 +312,19 @@ class AccountWorker:
             return
         provider = provider_for(self.account)
         due = provider.refresh_due_in()
-        if due is not None and due <= 0:
+        if due is None or due > 0 or time.monotonic() < self._refresh_retry_at:
+            return
+        try:
             await provider.token()
+        except MailbridgeError as exc:
+            if not exc.transient:
+                raise  # revoked, secret expired...: the operator must act; status shows it
+            # The identity provider is down for now; the session stays up (it does not need a
+            # new token) and the refresh is tried again in a minute.
+            self._refresh_retry_at = time.monotonic() + _REFRESH_RETRY_SECONDS
+            self.log.warning(
+                "oauth_refresh_failed", code=exc.code, error=str(exc), remedy=exc.remedy
+            )
 
     def warn_secret_expiry(self) -> None:
         """Log auth.client_secret_expires from 14 days before, once a day."""

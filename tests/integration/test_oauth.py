@@ -747,3 +747,35 @@ async def test_no_token_or_secret_reaches_a_debug_log(
         sasl_oauthbearer(address, token.token, "127.0.0.1", port),
     ):
         assert initial not in text  # the base64 SASL response carries the token too
+
+
+async def test_identity_provider_down_at_refresh_time_keeps_the_idle_session(
+    tmp_path: Path, oauth_dovecot: Dovecot, idp: OAuthTestServer
+) -> None:
+    address, password = new_mailbox(oauth_dovecot)
+    client_id, secret = new_client(idp, mailboxes={address})
+    auth = microsoft(idp, client_id, flow="client_credentials", client_secret=secret)
+    data = account_data(tmp_path, oauth_dovecot, idp, address, auth, idle_timeout_seconds=600)
+    settings = settings_for(tmp_path, data)
+    idp.access_token_lifetime = 6  # due for refresh after 3 s
+    repo = await open_repository(settings.database, settings)
+    worker = AccountWorker(settings, settings.accounts[0], repo)
+    states: list[str] = []
+    worker.on_state = lambda state: states.append(state.state)
+    task = asyncio.create_task(worker.run())
+    try:
+        await eventually(lambda: worker.state.state == "idle")
+        idp.fail_with = (503, "temporarily_unavailable", "AADSTS90033: A transient error.")
+        # The refresh failed (transient) and is scheduled again later: logged, not fatal.
+        await eventually(lambda: worker._refresh_retry_at > 0)
+        # The session did not need a new token: it stays up and keeps importing.
+        oauth_dovecot.append(address, password, message("during the outage"))
+        await eventually(lambda: len(oauth_dovecot.folder_uids(address, password, PROCESSED)) == 1)
+        assert "backoff" not in states
+        assert states.count("connecting") == 1
+    finally:
+        idp.fail_with = None
+        idp.access_token_lifetime = 3600
+        worker.stopping.set()
+        await asyncio.wait_for(task, 30)
+        await repo.aclose()

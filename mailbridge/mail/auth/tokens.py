@@ -24,6 +24,8 @@ registered with the log redactor before anything can log them.
 from __future__ import annotations
 
 import asyncio
+import base64
+import binascii
 import json
 import os
 import stat
@@ -239,7 +241,7 @@ class TokenProvider:
                 unregister_secret(current.token)
             self._token = AccessToken(value, now + max(lifetime, 1.0), now)
             if current is not None and current.token != value:
-                self._log.info("oauth_token_refreshed", expires_in=round(lifetime))
+                self._log.debug("oauth_token_refreshed", expires_in=round(lifetime))
             elif current is None:
                 self._log.info("oauth_token_obtained", expires_in=round(lifetime))
             return self._token
@@ -321,15 +323,11 @@ def make_backend(account: AccountSettings) -> TokenBackend:
 
 def sasl_xoauth2(user: str, token: str) -> str:
     """The XOAUTH2 initial client response, base64 (Google's and Microsoft's XOAUTH2 spec)."""
-    import base64
-
     return base64.b64encode(f"user={user}\x01auth=Bearer {token}\x01\x01".encode()).decode()
 
 
 def sasl_oauthbearer(user: str, token: str, host: str, port: int) -> str:
     """The OAUTHBEARER initial client response, base64 (RFC 7628 section 3.1)."""
-    import base64
-
     authzid = user.replace("=", "=3D").replace(",", "=2C")  # RFC 5801 saslname
     text = f"n,a={authzid},\x01host={host}\x01port={port}\x01auth=Bearer {token}\x01\x01"
     return base64.b64encode(text.encode()).decode()
@@ -337,9 +335,6 @@ def sasl_oauthbearer(user: str, token: str, host: str, port: int) -> str:
 
 def sasl_error_text(challenge: bytes | str) -> str:
     """The server's base64 JSON error challenge (XOAUTH2/OAUTHBEARER failure), as text."""
-    import base64
-    import binascii
-
     raw = challenge.encode() if isinstance(challenge, str) else challenge
     try:
         data = json.loads(base64.b64decode(raw.strip(), validate=False))
