@@ -39,10 +39,10 @@ import structlog
 from mailbridge.config import AccountSettings
 from mailbridge.errors import AuthError, FolderError, ServerError, classify_server_text
 from mailbridge.mail.auth.tokens import (
-    provider_for,
     sasl_error_text,
     sasl_oauthbearer,
     sasl_xoauth2,
+    with_token_retry,
 )
 
 log = structlog.get_logger("mailbridge.imap")
@@ -397,24 +397,7 @@ class ImapSession:
         vouched for the user, so what is missing is on the mailbox's side.
         """
         if account.auth.is_oauth and secret is None:
-            provider = provider_for(account)
-            token = await provider.token()
-            try:
-                return await cls._open(account, token.token)
-            except AuthError as exc:
-                log.bind(account=account.name).warning(
-                    "imap_token_refused_refreshing", code=exc.code, error=str(exc)
-                )
-            token = await provider.token(force_refresh=True)
-            try:
-                return await cls._open(account, token.token)
-            except AuthError as exc:
-                if exc.code != "auth_failed":
-                    raise
-                raise AuthError(
-                    f"{exc} (with a freshly issued token for {account.address})",
-                    code="mailbox_not_connected",
-                ) from exc
+            return await with_token_retry(account, lambda token: cls._open(account, token), "imap")
         return await cls._open(account, secret)
 
     @classmethod

@@ -18,10 +18,11 @@ import structlog
 from mailbridge.config import AccountSettings
 from mailbridge.errors import AuthError, ServerError, classify_server_text
 from mailbridge.mail.auth.tokens import (
-    provider_for,
+    exception_chain,
     sasl_error_text,
     sasl_oauthbearer,
     sasl_xoauth2,
+    with_token_retry,
 )
 
 log = structlog.get_logger("mailbridge.smtp")
@@ -60,25 +61,7 @@ async def check_smtp(account: AccountSettings) -> None:
     if not account.auth.is_oauth:
         await _check_smtp(account, account.auth.secret())
         return
-    provider = provider_for(account)
-    token = await provider.token()
-    try:
-        await _check_smtp(account, token.token)
-        return
-    except AuthError as exc:
-        if exc.code not in {"auth_failed", "token_expired"}:
-            raise
-        log.warning("smtp_token_refused_refreshing", account=account.name, error=str(exc))
-    token = await provider.token(force_refresh=True)
-    try:
-        await _check_smtp(account, token.token)
-    except AuthError as exc:
-        if exc.code != "auth_failed":
-            raise
-        raise AuthError(
-            f"{exc} (with a freshly issued token for {account.address})",
-            code="mailbox_not_connected",
-        ) from exc
+    await with_token_retry(account, lambda token: _check_smtp(account, token), "smtp")
 
 
 async def _check_smtp(account: AccountSettings, password: str) -> None:
@@ -172,7 +155,7 @@ async def _login_oauth(client: aiosmtplib.SMTP, account: AccountSettings, token:
 def map_smtp_error(exc: BaseException, where: str, timeout: float, secret: str = "") -> ServerError:
     """An aiosmtplib/ssl/socket exception as a :class:`ServerError` with a catalogue code."""
     # aiosmtplib wraps the socket/TLS cause (SMTPConnectError from OSError): look at the chain.
-    for cause in _chain(exc):
+    for cause in exception_chain(exc):
         if isinstance(cause, ssl.SSLCertVerificationError):
             reason = cause.verify_message or cause.reason or "certificate verify failed"
             return ServerError(
@@ -200,15 +183,6 @@ def map_smtp_error(exc: BaseException, where: str, timeout: float, secret: str =
     if isinstance(exc, OSError):
         return ServerError(f"{where}: {exc.strerror or type(exc).__name__}", code="unreachable")
     return ServerError(f"{where}: unexpected {type(exc).__name__}", code="internal")
-
-
-def _chain(exc: BaseException) -> list[BaseException]:
-    seen: list[BaseException] = []
-    current: BaseException | None = exc
-    while current is not None and current not in seen:
-        seen.append(current)
-        current = current.__cause__ or current.__context__
-    return seen
 
 
 def _scrub(text: str, secret: str) -> str:

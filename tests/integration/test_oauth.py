@@ -22,7 +22,7 @@ import stat
 import subprocess
 import sys
 import tempfile
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -32,7 +32,7 @@ from aiosmtpd.controller import Controller
 from aiosmtpd.smtp import AuthResult
 
 from mailbridge.cli import main as cli_main
-from mailbridge.config import Settings, parse_config
+from mailbridge.config import AccountSettings, Settings, parse_config
 from mailbridge.daemon.account import AccountWorker
 from mailbridge.daemon.doctor import diagnose
 from mailbridge.daemon.supervisor import once_exit_code, run_once
@@ -127,30 +127,56 @@ def message(subject: str) -> bytes:
     ).encode()
 
 
-def sign_in_by_device_code(config: Path, account: str, idp: OAuthTestServer, user: str) -> str:
-    """Run 'mailbridge auth ACCOUNT' as an operator would; the test plays the user."""
+def run_auth(config: Path, account: str, act: Callable[[str], str | None]) -> str:
+    """Run 'mailbridge auth ACCOUNT' as an operator would; ``act`` plays the user: it sees each
+    line printed and returns what to paste (None: keep reading). Returns all that was shown."""
     process = subprocess.Popen(
         [sys.executable, "-m", "mailbridge", "-c", str(config), "auth", account],
+        stdin=subprocess.PIPE,
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
         text=True,
     )
     assert process.stdout is not None
     shown = []
+    answer: str | None = None
     try:
         for line in process.stdout:
             shown.append(line)
-            if "enter the code" in line:
-                code = line.rsplit(" ", 1)[1].strip().rstrip(".")
-                assert "/devicelogin" in line  # the verification URL is shown too
-                idp.approve_device_code(code, user)
+            answer = act(line)
+            if answer is not None:
                 break
-        out, err = process.communicate(timeout=60)
+        out, err = process.communicate(answer or "", timeout=60)
     finally:
         if process.poll() is None:
             process.kill()
     assert process.returncode == 0, "".join(shown) + out + err
     return "".join(shown) + out
+
+
+def sign_in_by_device_code(config: Path, account: str, idp: OAuthTestServer, user: str) -> str:
+    """'mailbridge auth' with the device code flow; the user enters the code it shows."""
+
+    def enter_code(line: str) -> str | None:
+        if "enter the code" not in line:
+            return None
+        assert "/devicelogin" in line  # the verification URL is shown too
+        idp.approve_device_code(line.rsplit(" ", 1)[1].strip().rstrip("."), user)
+        return ""
+
+    return run_auth(config, account, enter_code)
+
+
+def paste_redirect(idp: OAuthTestServer, user: str, seen: list[str]) -> Callable[[str], str | None]:
+    """The user opens the printed sign-in URL, consents, and pastes where the browser went."""
+
+    def act(line: str) -> str | None:
+        if not line.startswith("https://"):
+            return None
+        seen.append(line.strip())
+        return idp.authorize(line.strip(), user) + "\n"
+
+    return act
 
 
 # -- Microsoft -------------------------------------------------------------------------------
@@ -252,24 +278,9 @@ def test_authorization_code_sign_in_with_a_pasted_redirect(
         redirect_uri="https://localhost/mailbridge",
     )
     config = write_config(tmp_path, account_data(tmp_path, oauth_dovecot, idp, address, auth))
-    process = subprocess.Popen(
-        [sys.executable, "-m", "mailbridge", "-c", str(config), "auth", "support"],
-        stdin=subprocess.PIPE,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
-    )
-    assert process.stdout is not None
-    assert process.stdin is not None
-    try:
-        url = next(line.strip() for line in process.stdout if line.startswith("https://"))
-        assert "redirect_uri=https%3A%2F%2Flocalhost%2Fmailbridge" in url
-        redirected = idp.authorize(url, address)  # the user signs in; the browser is sent on
-        out, err = process.communicate(redirected + "\n", timeout=60)
-    finally:
-        if process.poll() is None:
-            process.kill()
-    assert process.returncode == 0, out + err
+    urls: list[str] = []
+    run_auth(config, "support", paste_redirect(idp, address, urls))
+    assert "redirect_uri=https%3A%2F%2Flocalhost%2Fmailbridge" in urls[0]
     oauth_dovecot.append(address, password, message("after authorization code"))
     assert cli_main(["-c", str(config), "run", "--once"]) == 0
     assert len(oauth_dovecot.folder_uids(address, password, PROCESSED)) == 1
@@ -583,15 +594,23 @@ def oauth_smtp(idp: OAuthTestServer, monkeypatch: pytest.MonkeyPatch) -> Iterato
         controller.stop()
 
 
+def app_account_with_smtp(
+    tmp_path: Path, dovecot: Dovecot, idp: OAuthTestServer, smtp: Controller, **auth: Any
+) -> tuple[AccountSettings, str, str]:
+    """An app-only account on ``dovecot`` with SMTP at ``smtp``: (account, client id, secret)."""
+    address, _ = new_mailbox(dovecot)
+    client_id, secret = new_client(idp, mailboxes={address})
+    server = {"host": "127.0.0.1", "port": smtp.port, "tls": "none", "timeout_seconds": 10}
+    settings = microsoft(idp, client_id, flow="client_credentials", client_secret=secret, **auth)
+    data = account_data(tmp_path, dovecot, idp, address, settings, smtp=server)
+    return settings_for(tmp_path, data).accounts[0], client_id, secret
+
+
 async def test_smtp_xoauth2_login_is_checked_by_the_server(
     tmp_path: Path, oauth_dovecot: Dovecot, idp: OAuthTestServer, oauth_smtp: Controller
 ) -> None:
-    address, _ = new_mailbox(oauth_dovecot)
-    client_id, secret = new_client(idp, mailboxes={address})
-    smtp = {"host": "127.0.0.1", "port": oauth_smtp.port, "tls": "none", "timeout_seconds": 10}
-    auth = microsoft(idp, client_id, flow="client_credentials", client_secret=secret)
-    data = account_data(tmp_path, oauth_dovecot, idp, address, auth, smtp=smtp)
-    account = settings_for(tmp_path, data).accounts[0]
+    account, client_id, _secret = app_account_with_smtp(tmp_path, oauth_dovecot, idp, oauth_smtp)
+    address = account.address
 
     await check_smtp(account)
 
@@ -612,16 +631,11 @@ async def test_doctor_checks_the_whole_chain(
 ) -> None:
     from datetime import date, timedelta
 
-    address, _ = new_mailbox(oauth_dovecot)
-    client_id, secret = new_client(idp, mailboxes={address})
-    smtp = {"host": "127.0.0.1", "port": oauth_smtp.port, "tls": "none", "timeout_seconds": 10}
     soon = (date.today() + timedelta(days=10)).isoformat()
-    auth = microsoft(
-        idp, client_id, flow="client_credentials", client_secret=secret,
-        client_secret_expires=soon,
-    )  # fmt: skip
-    data = account_data(tmp_path, oauth_dovecot, idp, address, auth, smtp=smtp)
-    account = settings_for(tmp_path, data).accounts[0]
+    account, client_id, _ = app_account_with_smtp(
+        tmp_path, oauth_dovecot, idp, oauth_smtp, client_secret_expires=soon
+    )
+    address = account.address
 
     checks = {c.name: c for c in await diagnose(account)}
 
@@ -677,26 +691,12 @@ def test_google_installed_app_consent_with_a_pasted_code_then_refresh(
         "auth_uri": idp.google_auth_uri,
     }
     config = write_config(tmp_path, account_data(tmp_path, oauth_dovecot, idp, address, auth))
-    process = subprocess.Popen(
-        [sys.executable, "-m", "mailbridge", "-c", str(config), "auth", "support"],
-        stdin=subprocess.PIPE,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
-    )
-    assert process.stdout is not None
-    try:
-        url = next(line.strip() for line in process.stdout if line.startswith("https://"))
-        assert url.startswith(idp.google_auth_uri)
-        assert "access_type=offline" in url
-        assert "code_challenge_method=S256" in url
-        # Headless: the browser elsewhere cannot reach the loopback port; paste what it shows.
-        redirected = idp.authorize(url, address)
-        out, err = process.communicate(redirected + "\n", timeout=60)
-    finally:
-        if process.poll() is None:
-            process.kill()
-    assert process.returncode == 0, out + err
+    urls: list[str] = []
+    # Headless: the browser elsewhere cannot reach the loopback port; paste what it shows.
+    run_auth(config, "support", paste_redirect(idp, address, urls))
+    assert urls[0].startswith(idp.google_auth_uri)
+    assert "access_type=offline" in urls[0]
+    assert "code_challenge_method=S256" in urls[0]
     cache = tmp_path / "tokens" / "support.json"
     assert stat.S_IMODE(cache.stat().st_mode) == 0o600
     first = json.loads(cache.read_text())["refresh_token"]
@@ -719,12 +719,8 @@ async def test_no_token_or_secret_reaches_a_debug_log(
 
     from mailbridge.log import configure_logging
 
-    address, _ = new_mailbox(oauth_dovecot)
-    client_id, secret = new_client(idp, mailboxes={address})
-    smtp = {"host": "127.0.0.1", "port": oauth_smtp.port, "tls": "none", "timeout_seconds": 10}
-    auth = microsoft(idp, client_id, flow="client_credentials", client_secret=secret)
-    data = account_data(tmp_path, oauth_dovecot, idp, address, auth, smtp=smtp)
-    account = settings_for(tmp_path, data).accounts[0]
+    account, _client_id, secret = app_account_with_smtp(tmp_path, oauth_dovecot, idp, oauth_smtp)
+    address = account.address
     out = io.StringIO()
     configure_logging("debug", "json", stream=out)
     try:

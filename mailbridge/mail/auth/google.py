@@ -37,6 +37,7 @@ from mailbridge.mail.auth.tokens import (
     CaSession,
     http_error,
     oauth_error,
+    oauth_error_from,
     read_cache_file,
     write_cache_file,
 )
@@ -227,11 +228,7 @@ class GoogleBackend:
         except Exception as exc:
             raise http_error(exc, self.where, self.auth.token_timeout_seconds) from exc
         if "refresh_token" not in body:
-            raise oauth_error(
-                str(body.get("error", "no refresh token in the answer")),
-                str(body.get("error_description", "")),
-                where=self.where,
-            )
+            raise oauth_error_from(body, where=self.where, missing="no refresh token in the answer")
         register_secret(str(body["refresh_token"]))
         write_cache_file(
             self.cache_path,

@@ -30,7 +30,7 @@ from mailbridge.mail.auth.tokens import (
     CaSession,
     cache_mtime,
     http_error,
-    oauth_error,
+    oauth_error_from,
     read_cache_file,
     write_cache_file,
 )
@@ -100,11 +100,7 @@ class MicrosoftBackend:
 
     def _token_of(self, result: dict[str, Any]) -> tuple[str, float]:
         if "access_token" not in result:
-            raise oauth_error(
-                str(result.get("error", "")),
-                str(result.get("error_description", "")),
-                where=self.where,
-            )
+            raise oauth_error_from(result, where=self.where)
         token = str(result["access_token"])
         register_secret(token)
         return token, float(result.get("expires_in", 3600))
@@ -120,10 +116,8 @@ class MicrosoftBackend:
             except Exception as exc:
                 raise http_error(exc, self.where, self.auth.token_timeout_seconds) from exc
         if "user_code" not in flow:
-            raise oauth_error(
-                str(flow.get("error", "")),
-                str(flow.get("error_description", "")),
-                where=f"device code from {self.auth.microsoft_authority()}",
+            raise oauth_error_from(
+                flow, where=f"device code from {self.auth.microsoft_authority()}"
             )
         return flow
 

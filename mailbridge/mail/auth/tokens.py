@@ -33,7 +33,7 @@ import tempfile
 import threading
 import time
 import weakref
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Final, Protocol, TypeVar
@@ -100,9 +100,18 @@ def oauth_error(
     return AuthError(message, code=code)
 
 
+def oauth_error_from(
+    body: Mapping[str, Any], *, where: str, missing: str = "no token in the answer"
+) -> ServerError:
+    """:func:`oauth_error` for a token endpoint's JSON answer (or msal's result dict)."""
+    return oauth_error(
+        str(body.get("error") or missing), str(body.get("error_description", "")), where=where
+    )
+
+
 def http_error(exc: Exception, where: str, timeout: float) -> ServerError:
     """A requests/transport failure talking to the identity provider (transient)."""
-    for cause in _chain(exc):
+    for cause in exception_chain(exc):
         if isinstance(cause, requests.exceptions.SSLError):
             return ServerError(
                 f"{where}: TLS certificate of the identity provider not trusted ({cause}); "
@@ -118,7 +127,8 @@ def http_error(exc: Exception, where: str, timeout: float) -> ServerError:
     return ServerError(f"{where}: {type(exc).__name__}: {exc}", code="idp_unavailable")
 
 
-def _chain(exc: BaseException) -> list[BaseException]:
+def exception_chain(exc: BaseException) -> list[BaseException]:
+    """``exc`` and its causes/contexts, outermost first (libraries wrap socket and TLS errors)."""
     seen: list[BaseException] = []
     current: BaseException | None = exc
     while current is not None and current not in seen:
@@ -343,3 +353,33 @@ def sasl_error_text(challenge: bytes | str) -> str:
     if not isinstance(data, dict):
         return ""
     return " ".join(f"{k}={v}" for k, v in data.items() if k in {"status", "schemes", "scope"})
+
+
+async def with_token_retry(
+    account: AccountSettings, login: Callable[[str], Awaitable[T]], what: str
+) -> T:
+    """Log in with the account's token; refused, refresh it once and log in again.
+
+    A token may be refused although it looked valid (expired while a session idled, revoked):
+    one refresh and a new connection, never a loop. Refused again with a fresh token, the
+    identity provider vouched for the user, so what is missing is on the mailbox's side
+    (Full Access, IMAP/SMTP enabled, Conditional Access): ``mailbox_not_connected``.
+    """
+    provider = provider_for(account)
+    token = await provider.token()
+    try:
+        return await login(token.token)
+    except AuthError as exc:
+        if exc.code not in {"auth_failed", "token_expired"}:
+            raise
+        log.warning(f"{what}_token_refused_refreshing", account=account.name, error=str(exc))
+    token = await provider.token(force_refresh=True)
+    try:
+        return await login(token.token)
+    except AuthError as exc:
+        if exc.code != "auth_failed":
+            raise
+        raise AuthError(
+            f"{exc} (with a freshly issued token for {account.address})",
+            code="mailbox_not_connected",
+        ) from exc
