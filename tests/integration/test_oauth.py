@@ -413,13 +413,17 @@ async def test_silent_refresh_while_idling_saves_the_rotated_refresh_token(
         await eventually(lambda: worker.state.state == "idle")
         refreshes = idp.grants["refresh_token"]
         await eventually(lambda: idp.grants["refresh_token"] >= refreshes + 2)
+
         # Each refresh rotated the refresh token (the old one is refused by the server): the
-        # one in the cache file is the live one.
-        cached = json.loads(account.token_cache_path().read_text())
-        stored = {e["secret"] for e in cached["RefreshToken"].values()}
-        with idp.lock:
-            live = set(idp.refresh_tokens)
-        assert stored & live
+        # one in the cache file is the live one. Polled: a refresh may be between the server's
+        # rotation and the save at the moment of a single look.
+        def rotated_token_saved() -> bool:
+            cached = json.loads(account.token_cache_path().read_text())
+            stored = {e["secret"] for e in cached["RefreshToken"].values()}
+            with idp.lock:
+                return bool(stored & set(idp.refresh_tokens))
+
+        await eventually(rotated_token_saved)
         oauth_dovecot.append(address, password, message("after refreshes"))
         await eventually(lambda: len(oauth_dovecot.folder_uids(address, password, PROCESSED)) == 1)
         assert worker.state.code is None
@@ -552,7 +556,8 @@ async def test_one_accounts_hanging_identity_provider_never_delays_another(
 
 
 class _TokenCheckingSmtp:
-    """aiosmtpd handler with XOAUTH2 and OAUTHBEARER that asks the identity provider."""
+    """aiosmtpd handler with XOAUTH2 and OAUTHBEARER that asks the identity provider whose the
+    token is; a refused token gets the JSON error challenge (RFC 7628 3.2.2) before the 535."""
 
     def __init__(self, idp: OAuthTestServer) -> None:
         self.idp = idp
@@ -579,6 +584,9 @@ class _TokenCheckingSmtp:
 
     async def auth_XOAUTH2(self, server: Any, args: list[str]) -> AuthResult:  # noqa: N802
         return await self._check(server, args, "XOAUTH2")
+
+    async def auth_OAUTHBEARER(self, server: Any, args: list[str]) -> AuthResult:  # noqa: N802
+        return await self._check(server, args, "OAUTHBEARER")
 
 
 @pytest.fixture
@@ -612,10 +620,14 @@ async def test_smtp_xoauth2_login_is_checked_by_the_server(
     account, client_id, _secret = app_account_with_smtp(tmp_path, oauth_dovecot, idp, oauth_smtp)
     address = account.address
 
-    await check_smtp(account)
+    await check_smtp(account)  # auto: OAUTHBEARER, which the server offers
+    xoauth2 = account.model_copy(
+        update={"auth": account.auth.model_copy(update={"sasl": "xoauth2"})}
+    )
+    await check_smtp(xoauth2)
 
     handler: _TokenCheckingSmtp = oauth_smtp.handler
-    assert handler.logins == [("XOAUTH2", address)]
+    assert handler.logins == [("OAUTHBEARER", address), ("XOAUTH2", address)]
 
     # A token the server refuses is refreshed once; refused again, the cause is named.
     idp.full_access.clear()
@@ -741,6 +753,7 @@ async def test_no_token_or_secret_reaches_a_debug_log(
     for initial in (
         sasl_xoauth2(address, token.token),
         sasl_oauthbearer(address, token.token, "127.0.0.1", port),
+        sasl_oauthbearer(address, token.token, "127.0.0.1", oauth_smtp.port),  # SMTP's
     ):
         assert initial not in text  # the base64 SASL response carries the token too
 
@@ -775,3 +788,20 @@ async def test_identity_provider_down_at_refresh_time_keeps_the_idle_session(
         worker.stopping.set()
         await asyncio.wait_for(task, 30)
         await repo.aclose()
+
+
+def test_a_device_code_account_never_signed_in_says_so(
+    tmp_path: Path, oauth_dovecot: Dovecot, idp: OAuthTestServer, capsys: pytest.CaptureFixture[str]
+) -> None:
+    address, _ = new_mailbox(oauth_dovecot)
+    client_id, _ = new_client(idp, secret=False)
+    auth = microsoft(idp, client_id, username=address)
+    config = write_config(tmp_path, account_data(tmp_path, oauth_dovecot, idp, address, auth))
+    assert cli_main(["-c", str(config), "check-config"]) == 0
+    assert "not signed in yet" in capsys.readouterr().err
+    assert cli_main(["-c", str(config), "run", "--once"]) == 69
+    assert "support: sign_in_required" in capsys.readouterr().out
+    assert cli_main(["-c", str(config), "status", "--json"]) == 0
+    row = json.loads(capsys.readouterr().out)["accounts"][0]
+    assert row["code"] == "sign_in_required"
+    assert "'mailbridge auth ACCOUNT'" in row["remedy"]

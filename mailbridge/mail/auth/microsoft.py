@@ -161,6 +161,10 @@ class MicrosoftBackend:
         who = str(claims.get("preferred_username") or claims.get("upn") or "")
         wanted = self.auth.username
         if wanted is not None and who and who.casefold() != wanted.casefold():
+            with self._lock:  # forget the wrong user's tokens: nothing of them may be saved
+                self._cache = msal.SerializableTokenCache()
+                self._app = None
+                self._cache_mtime = None
             raise AuthError(
                 f"signed in as {who}, but auth.username is {wanted}: sign in as {wanted}, or "
                 "change auth.username (nothing was stored)",
