@@ -105,7 +105,14 @@ def _google_consent(account: AccountSettings, backend: Any) -> str:
         )
     else:
         print("Then paste the URL the browser was sent to (or its code):", flush=True)
-    threading.Thread(target=lambda: answers.put(sys.stdin.readline()), daemon=True).start()
+
+    def read_paste() -> None:
+        line = sys.stdin.readline()
+        # End of input (no terminal) leaves the loopback listener to answer, if there is one.
+        if line.strip() or server is None:
+            answers.put(line)
+
+    threading.Thread(target=read_paste, daemon=True).start()
     try:
         answer = answers.get().strip()
     finally:

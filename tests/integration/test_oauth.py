@@ -805,3 +805,35 @@ def test_a_device_code_account_never_signed_in_says_so(
     row = json.loads(capsys.readouterr().out)["accounts"][0]
     assert row["code"] == "sign_in_required"
     assert "'mailbridge auth ACCOUNT'" in row["remedy"]
+
+
+def test_google_installed_app_consent_caught_on_the_loopback_port(
+    tmp_path: Path, oauth_dovecot: Dovecot, idp: OAuthTestServer
+) -> None:
+    import urllib.request
+    from urllib.parse import parse_qsl, urlsplit
+
+    address, _ = new_mailbox(oauth_dovecot)
+    client_id, secret = new_client(idp)
+    auth = {
+        "method": "google",
+        "client_id": client_id,
+        "client_secret": secret,
+        "token_uri": idp.google_token_uri,
+        "auth_uri": idp.google_auth_uri,
+    }
+    config = write_config(tmp_path, account_data(tmp_path, oauth_dovecot, idp, address, auth))
+
+    def browser(line: str) -> str | None:
+        if not line.startswith("https://"):
+            return None
+        redirect_uri = dict(parse_qsl(urlsplit(line.strip()).query))["redirect_uri"]
+        assert redirect_uri.startswith("http://127.0.0.1:")  # RFC 8252 loopback redirect
+        redirected = idp.authorize(line.strip(), address)
+        with urllib.request.urlopen(redirected, timeout=30) as page:  # noqa: S310 - loopback
+            assert b"signed in" in page.read()
+        return ""  # nothing pasted
+
+    shown = run_auth(config, "support", browser)
+    assert "signed in" in shown
+    assert (tmp_path / "tokens" / "support.json").exists()

@@ -233,3 +233,32 @@ def test_account_settings_stay_hashable_for_the_provider_registry() -> None:
         {"name": "a", "address": "a@b.c", "imap": {"host": "h"}, "auth": dict(MS)}
     )
     assert hash((account.name, account.auth)) == hash((account.name, account.auth))
+
+
+def test_the_daemon_logs_an_expiring_secret_once_a_day(monkeypatch: pytest.MonkeyPatch) -> None:
+    import structlog
+
+    from mailbridge.daemon import account as account_module
+    from mailbridge.daemon.account import AccountWorker
+
+    settings = parse_config(config({**MS, "client_secret_expires": "2026-03-10"}))
+    worker = AccountWorker(settings, settings.accounts[0], repo=None)  # type: ignore[arg-type]
+
+    class Today(date):
+        value = date(2026, 3, 1)
+
+        @classmethod
+        def today(cls) -> date:
+            return cls.value
+
+    monkeypatch.setattr(account_module, "date", Today)
+    with structlog.testing.capture_logs() as logs:
+        worker.warn_secret_expiry()
+        worker.warn_secret_expiry()  # the same day: no second line
+        Today.value = date(2026, 3, 2)
+        worker.warn_secret_expiry()  # the next day: again
+        Today.value = date(2026, 2, 1)  # more than 14 days before: nothing
+        worker.warn_secret_expiry()
+    events = [e for e in logs if e["event"] == "client_secret_expiring"]
+    assert [e["days_left"] for e in events] == [9, 8]
+    assert all(e["log_level"] == "warning" for e in events)
