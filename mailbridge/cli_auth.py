@@ -56,8 +56,8 @@ def auth(settings: Settings, name: str) -> int:
         print(f"mailbridge: {name}: {exc.code}: {exc}\n  fix: {exc.remedy}", file=sys.stderr)
         return EX_UNAVAILABLE
     lifetime = max(0, round(token.expires_at - time.time()))
-    print(f"{name}: signed in{f' as {who}' if who else ''}; a token for {account.address} was ")
-    print(f"  issued (valid {lifetime}s; renewed by itself before it expires).")
+    print(f"{name}: signed in{f' as {who}' if who else ''}")
+    print(f"  token for {account.address}: valid {lifetime}s, renewed before it expires")
     if account.auth.flow in {"device_code", "authorization_code"}:
         print(f"  token cache: {account.token_cache_path()} (mode 0600)")
     print(f"  next: mailbridge doctor {name}; then systemctl reload mailbridge")
