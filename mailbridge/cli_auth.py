@@ -32,7 +32,6 @@ from mailbridge.mail.auth.tokens import provider_for
 
 EX_USAGE = 64
 EX_UNAVAILABLE = 69
-EX_CONFIG = 78
 
 
 def auth(settings: Settings, name: str) -> int:
@@ -49,9 +48,8 @@ def auth(settings: Settings, name: str) -> int:
         provider = provider_for(account)
         provider.invalidate()
         token = asyncio.run(provider.token())
-    except ConfigError as exc:
-        print(f"mailbridge: config error: {exc}\n  fix: {exc.remedy}", file=sys.stderr)
-        return EX_CONFIG
+    except ConfigError:
+        raise  # printed by the command line's handler, exit 78
     except MailbridgeError as exc:
         print(f"mailbridge: {name}: {exc.code}: {exc}\n  fix: {exc.remedy}", file=sys.stderr)
         return EX_UNAVAILABLE

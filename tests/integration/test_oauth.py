@@ -216,13 +216,18 @@ async def test_oauthbearer_is_used_where_offered_and_xoauth2_on_request(
         account = settings_for(tmp_path, data).accounts[0]
         session = await ImapSession.open(account)
         await session.close()
-    mechanisms = [
-        line.split("method=")[1].split(",")[0]
-        for line in oauth_dovecot.log_text().splitlines()
-        if f"user=<{address}>" in line and "method=" in line
-    ]
+
+    def mechanisms() -> list[str]:
+        return [
+            line.split("method=")[1].split(",")[0]
+            for line in oauth_dovecot.log_text().splitlines()
+            if f"Login: user=<{address}>" in line and "method=" in line
+        ]
+
+    # Dovecot writes its log lines a moment after answering: poll for all three logins.
+    await eventually(lambda: len(mechanisms()) >= 3, what="three logins in Dovecot's log")
     # auto picks OAUTHBEARER (Dovecot offers it); the others as configured
-    assert mechanisms[-3:] == ["OAUTHBEARER", "XOAUTH2", "OAUTHBEARER"]
+    assert mechanisms() == ["OAUTHBEARER", "XOAUTH2", "OAUTHBEARER"]
 
 
 def test_device_code_sign_in_opens_a_shared_mailbox_as_its_delegate(
@@ -690,10 +695,8 @@ def test_status_warns_about_an_expiring_client_secret(
     assert rows[1]["warnings"] == []
 
 
-def test_google_installed_app_consent_with_a_pasted_code_then_refresh(
-    tmp_path: Path, oauth_dovecot: Dovecot, idp: OAuthTestServer
-) -> None:
-    address, password = new_mailbox(oauth_dovecot)
+def google_app_config(tmp_path: Path, dovecot: Dovecot, idp: OAuthTestServer, address: str) -> Path:
+    """A config with one Google installed-app account ("Desktop app" OAuth client)."""
     client_id, secret = new_client(idp)
     auth = {
         "method": "google",
@@ -702,7 +705,14 @@ def test_google_installed_app_consent_with_a_pasted_code_then_refresh(
         "token_uri": idp.google_token_uri,
         "auth_uri": idp.google_auth_uri,
     }
-    config = write_config(tmp_path, account_data(tmp_path, oauth_dovecot, idp, address, auth))
+    return write_config(tmp_path, account_data(tmp_path, dovecot, idp, address, auth))
+
+
+def test_google_installed_app_consent_with_a_pasted_code_then_refresh(
+    tmp_path: Path, oauth_dovecot: Dovecot, idp: OAuthTestServer
+) -> None:
+    address, password = new_mailbox(oauth_dovecot)
+    config = google_app_config(tmp_path, oauth_dovecot, idp, address)
     urls: list[str] = []
     # Headless: the browser elsewhere cannot reach the loopback port; paste what it shows.
     run_auth(config, "support", paste_redirect(idp, address, urls))
@@ -814,15 +824,7 @@ def test_google_installed_app_consent_caught_on_the_loopback_port(
     from urllib.parse import parse_qsl, urlsplit
 
     address, _ = new_mailbox(oauth_dovecot)
-    client_id, secret = new_client(idp)
-    auth = {
-        "method": "google",
-        "client_id": client_id,
-        "client_secret": secret,
-        "token_uri": idp.google_token_uri,
-        "auth_uri": idp.google_auth_uri,
-    }
-    config = write_config(tmp_path, account_data(tmp_path, oauth_dovecot, idp, address, auth))
+    config = google_app_config(tmp_path, oauth_dovecot, idp, address)
 
     def browser(line: str) -> str | None:
         if not line.startswith("https://"):
