@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import contextlib
 import itertools
 import json
 import logging
@@ -527,13 +528,13 @@ async def test_one_accounts_hanging_identity_provider_never_delays_another(
     fast, fast_password = new_mailbox(oauth_dovecot)
     slow_id, slow_secret = new_client(idp, mailboxes={slow})
     fast_id, fast_secret = new_client(idp, mailboxes={fast})
-    idp.delays[slow_id] = 20.0  # its token endpoint hangs (longer than its timeout)
+    idp.delays[slow_id] = 60.0  # its token endpoint hangs
     settings = settings_for(
         tmp_path,
         account_data(
             tmp_path, oauth_dovecot, idp, slow,
             microsoft(idp, slow_id, flow="client_credentials", client_secret=slow_secret,
-                      token_timeout_seconds=3),
+                      token_timeout_seconds=50),
         ),
         account_data(
             tmp_path, oauth_dovecot, idp, fast,
@@ -543,18 +544,34 @@ async def test_one_accounts_hanging_identity_provider_never_delays_another(
     )  # fmt: skip
     oauth_dovecot.append(fast, fast_password, message("not held up"))
     repo = await open_repository(settings.database, settings)
+    stuck = asyncio.create_task(AccountWorker(settings, settings.accounts[0], repo).run_once())
     try:
-        stuck = asyncio.create_task(AccountWorker(settings, settings.accounts[0], repo).run_once())
         summary = await AccountWorker(settings, settings.accounts[1], repo).run_once()
         assert summary.imported == 1
-        assert not stuck.done()  # still waiting for its identity provider
-        with pytest.raises(ServerError) as caught:
-            await stuck
-        assert caught.value.code == "idp_unavailable"
-        assert caught.value.transient
+        assert not stuck.done()  # still waiting for its identity provider, alone
     finally:
-        idp.delays.clear()
+        stuck.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await stuck
         await repo.aclose()
+
+
+async def test_a_token_request_that_hangs_times_out_as_idp_unavailable(
+    tmp_path: Path, oauth_dovecot: Dovecot, idp: OAuthTestServer
+) -> None:
+    address, _ = new_mailbox(oauth_dovecot)
+    client_id, secret = new_client(idp, mailboxes={address})
+    idp.delays[client_id] = 30.0  # far beyond the 1 s timeout below
+    auth = microsoft(
+        idp, client_id, flow="client_credentials", client_secret=secret, token_timeout_seconds=1
+    )
+    account = settings_for(
+        tmp_path, account_data(tmp_path, oauth_dovecot, idp, address, auth)
+    ).accounts[0]
+    with pytest.raises(ServerError) as caught:
+        await ImapSession.open(account)
+    assert caught.value.code == "idp_unavailable"
+    assert caught.value.transient  # retried by the account's backoff, within a minute
 
 
 # -- SMTP and doctor -------------------------------------------------------------------------
