@@ -1,5 +1,5 @@
 """The ``mailbridge`` command line: run, check-config, status, conversations, failed, sync, doctor,
-errors, inspect.
+errors, inspect, auth.
 
 Exit codes follow sysexits.h so systemd units and scripts can act on them: 0 fine, 1 ``doctor``
 found a failing line, 64 usage, 69 a mail server unavailable (``run --once``, ``sync``,
@@ -127,6 +127,11 @@ def _parser() -> argparse.ArgumentParser:
     inspect.add_argument(
         "--account", help="read plus-address keys against this configured account's addresses"
     )
+    auth = sub.add_parser(
+        "auth",
+        help="OAuth2 sign-in from a terminal (device code, pasted redirect) and token check",
+    )
+    auth.add_argument("account")
     return parser
 
 
@@ -195,6 +200,10 @@ def _dispatch(args: argparse.Namespace, settings: Settings) -> int:
             own=account.own_addresses(),
             policy=settings.automatic_policy(account),
         )
+    if command == "auth":
+        from mailbridge import cli_auth  # msal/google-auth only when signing in
+
+        return cli_auth.auth(settings, args.account)
     if command in {"failed", "sync", "doctor"}:
         from mailbridge import cli_ops  # the operator's tools pull in the IMAP/SMTP layers
 
@@ -254,7 +263,15 @@ def _check_config(settings: Settings) -> int:
         except ConfigError as exc:
             # The same key path as a validation error: accounts[0].auth.password_file.
             problems.append(f"accounts[{index}].{exc.path or 'auth'} ({account.name}): {exc}")
-        path = account.auth.password_file
+        if account.auth.flow in {"device_code", "authorization_code"}:
+            cache = account.token_cache_path(settings.sqlite_path)
+            if not cache.exists():
+                print(
+                    f"warning: {account.name}: not signed in yet (no {cache}); run: "
+                    f"mailbridge auth {account.name}",
+                    file=sys.stderr,
+                )
+        path = account.auth.password_file or account.auth.client_secret_file
         if path is not None and world_readable(path):
             print(
                 f"warning: {path} is readable by every user; run: chmod 600 {path}",
@@ -330,6 +347,7 @@ def _status(settings: Settings, *, as_json: bool) -> int:
     for account in settings.accounts:
         state = stored.get(account.name)
         info = describe(state.code) if state and state.code else None
+        expiry = account.auth.secret_expiry_warning()
         rows.append(
             {
                 "account": account.name,
@@ -347,6 +365,8 @@ def _status(settings: Settings, *, as_json: bool) -> int:
                 "sweep": state.sweep_summary if state else "",
                 "updated": _iso(state.updated) if state else None,
                 "holder": holders.get(account.name),
+                # auth.client_secret_expires: from 14 days before, every day until renewed
+                "warnings": [f"client_secret_expires: {expiry}"] if expiry else [],
             }
         )
     if as_json:
@@ -360,7 +380,9 @@ def _status(settings: Settings, *, as_json: bool) -> int:
         table.add_column(column, justify="right" if column in {"imported", "failed"} else "left")
     for row, account in zip(rows, settings.accounts, strict=True):
         state = stored.get(account.name)
-        problem = f"{row['code']}: {row['remedy']}" if row["code"] else ""
+        problem = "\n".join(
+            ([f"{row['code']}: {row['remedy']}"] if row["code"] else []) + row["warnings"]
+        )
         table.add_row(
             row["account"],
             row["state"],

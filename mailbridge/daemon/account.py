@@ -38,7 +38,7 @@ import traceback
 import weakref
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
-from datetime import UTC, datetime, timedelta
+from datetime import UTC, date, datetime, timedelta
 
 import structlog
 from tenacity import RetryCallState, wait_random_exponential
@@ -49,6 +49,7 @@ from mailbridge.core.parse import parse_message, summarise_headers
 from mailbridge.core.policy import analyse
 from mailbridge.daemon.parsing import parse_off_loop
 from mailbridge.errors import MailbridgeError, MessageError, StoreError, describe
+from mailbridge.mail.auth.tokens import provider_for
 from mailbridge.mail.imap import FetchedMessage, ImapSession, MessageMeta, imap_date
 from mailbridge.store.asyncrepo import AsyncRepository
 from mailbridge.store.base import (
@@ -73,6 +74,8 @@ _PERMANENT_WAIT = wait_random_exponential(multiplier=300, min=300, max=1800)
 # client, waiting for the greeting, only notices at its timeout. With 1,000 accounts that cost
 # 60 s and 607 backoffs (found by scripts/bench); with the limit they connect in seconds.
 CONNECT_CONCURRENCY = 20
+# A token refresh that failed transiently (the identity provider is down) is retried after this.
+_REFRESH_RETRY_SECONDS = 60.0
 _connect_slots: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, asyncio.Semaphore] = (
     weakref.WeakKeyDictionary()
 )
@@ -271,6 +274,8 @@ class AccountWorker:
         self._wake = asyncio.Event()
         self.busy = False  # True while a batch is between fetch and move: the drain waits for it
         self._backlog_checked = False  # the Inbox backlog is looked at once per worker
+        self._secret_warned_on: date | None = None  # client_secret_expires: one warning a day
+        self._refresh_retry_at = 0.0  # after a transient refresh failure: when to try again
 
     # -- state -------------------------------------------------------------------------------
 
@@ -346,6 +351,7 @@ class AccountWorker:
         self._wake.set()
 
     async def _connected_loop(self) -> None:
+        self.warn_secret_expiry()
         await self._set_state("connecting")
         session = await open_session(self.account)
         try:
@@ -368,16 +374,67 @@ class AccountWorker:
                     # rather than after the server's next IDLE push (Dovecot batches pushes for
                     # ~0.5 s): this kept IDLE latency p99 ~120 ms above the server's own.
                     continue
+                self.warn_secret_expiry()
                 if idle:
                     await self._set_state("idle")
                     await self._wait_or_stop(
-                        session.wait_for_mail(self.account.idle_timeout_seconds)
+                        session.wait_for_mail(self._wait_seconds(self.account.idle_timeout_seconds))
                     )
                 else:
                     await self._set_state("polling")
-                    await self._wait_or_stop(asyncio.sleep(self.account.poll_interval_seconds))
+                    await self._wait_or_stop(
+                        asyncio.sleep(self._wait_seconds(self.account.poll_interval_seconds))
+                    )
+                await self._refresh_token_if_due()
         finally:
             await session.close()
+
+    def _wait_seconds(self, seconds: float) -> float:
+        """The IDLE/poll wait, cut short when the OAuth2 token is due for a refresh."""
+        if not self.account.auth.is_oauth:
+            return seconds
+        due = provider_for(self.account).refresh_due_in()
+        if due is None:
+            return seconds
+        retry = self._refresh_retry_at - time.monotonic()
+        return max(1.0, min(seconds, max(due, retry)))
+
+    async def _refresh_token_if_due(self) -> None:
+        """Renew the OAuth2 token before it expires, while the session is idle: the next login
+        (a reconnect, the sweep, SMTP) finds a valid token, and a rotated refresh token is
+        saved now. A refused refresh (revoked, expired secret) surfaces here, classified."""
+        if not self.account.auth.is_oauth:
+            return
+        provider = provider_for(self.account)
+        due = provider.refresh_due_in()
+        if due is None or due > 0 or time.monotonic() < self._refresh_retry_at:
+            return
+        try:
+            await provider.token()
+        except MailbridgeError as exc:
+            if not exc.transient:
+                raise  # revoked, secret expired...: the operator must act; status shows it
+            # The identity provider is down for now; the session stays up (it does not need a
+            # new token) and the refresh is tried again in a minute.
+            self._refresh_retry_at = time.monotonic() + _REFRESH_RETRY_SECONDS
+            self.log.warning(
+                "oauth_refresh_failed", code=exc.code, error=str(exc), remedy=exc.remedy
+            )
+
+    def warn_secret_expiry(self) -> None:
+        """Log auth.client_secret_expires from 14 days before, once a day."""
+        today = date.today()
+        if self._secret_warned_on == today:
+            return
+        warning = self.account.auth.secret_expiry_warning(today)
+        if warning is not None:
+            self._secret_warned_on = today
+            self.log.warning(
+                "client_secret_expiring",
+                expires=str(self.account.auth.client_secret_expires),
+                days_left=self.account.auth.secret_expiry_days(today),
+                detail=warning,
+            )
 
     async def _wait_or_stop(self, waiter: Awaitable[object]) -> None:
         """Wait for new mail (or the poll interval) unless the daemon is asked to stop first."""
@@ -427,6 +484,7 @@ class AccountWorker:
 
     async def run_once(self) -> PassSummary:
         """Connect, import the whole Inbox, disconnect. Raises ServerError if it cannot."""
+        self.warn_secret_expiry()
         await self._set_state("connecting")
         try:
             session = await open_session(self.account)

@@ -70,6 +70,12 @@ async def diagnose(account: AccountSettings, *, backlog_warning: int = 1000) -> 
         skipped = ["login", "capabilities", "folders"] + (["smtp"] if account.smtp else [])
         return [Check.failed("secret readable", exc), *_skipped(*skipped, account=account)]
     checks = [Check("secret readable", "ok", account.auth.secret_source())]
+    if account.auth.is_oauth:
+        oauth = await _oauth(account)
+        checks.extend(oauth)
+        if failing(oauth):
+            skipped = ["login", "capabilities", "folders"] + (["smtp"] if account.smtp else [])
+            return [*checks, *_skipped(*skipped, account=account)]
     checks.extend(await _imap(account, backlog_warning))
     if account.smtp is not None:  # independent of IMAP: checked whatever IMAP said
         checks.append(await _smtp(account))
@@ -93,11 +99,11 @@ async def _imap(account: AccountSettings, backlog_warning: int) -> list[Check]:
         if exc.code in _CONNECT_CODES:
             checks.append(Check.failed(f"IMAP greeting from {where}", exc))
         else:
-            checks.append(Check.failed(f"login as {account.auth.username}", exc))
+            checks.append(Check.failed(f"login as {account.login_name}", exc))
         return [*checks, *_skipped("capabilities", "folders", account=account)]
     try:
         checks.append(_tls_line(account))
-        checks.append(Check(f"login as {account.auth.username}", "ok"))
+        checks.append(Check(f"login as {account.login_name}", "ok"))
         checks.extend(_capabilities(session.capabilities, account))
         checks.extend(await _folders(session, account, backlog_warning))
     finally:
@@ -106,6 +112,36 @@ async def _imap(account: AccountSettings, backlog_warning: int) -> list[Check]:
 
 
 # -- the lines --------------------------------------------------------------------------------
+
+
+async def _oauth(account: AccountSettings) -> list[Check]:
+    """The identity provider's part of the chain: the secret's expiry, then a fresh token."""
+    from mailbridge.mail.auth.tokens import provider_for
+
+    auth = account.auth
+    lines: list[Check] = []
+    days = auth.secret_expiry_days()
+    if days is not None:
+        name = "client secret expiry"
+        warning = auth.secret_expiry_warning()
+        if days < 0:
+            lines.append(Check(name, "fail", warning or "", "client_secret_expired"))
+        elif warning is not None:
+            lines.append(Check(name, "warn", warning))
+        else:
+            lines.append(Check(name, "ok", f"{auth.client_secret_expires} (in {days} days)"))
+    where = auth.microsoft_authority() if auth.method == "microsoft" else auth.token_uri
+    name = f"OAuth2 token ({auth.method} {auth.flow})"
+    try:
+        # force_refresh: prove the refresh token / secret / key works now, not a cached token.
+        token = await provider_for(account).token(force_refresh=True)
+    except MailbridgeError as exc:
+        lines.append(Check.failed(name, exc))
+        return lines
+    lifetime = max(0, round(token.expires_at - token.issued_at))
+    detail = f"issued by {where or 'Google'} for {account.address}, valid {lifetime}s"
+    lines.append(Check(name, "ok", detail))
+    return lines
 
 
 async def _reachable(host: str, port: int, timeout: float) -> Check:  # noqa: ASYNC109
@@ -239,7 +275,7 @@ async def _smtp(account: AccountSettings) -> Check:
 def _skipped(*what: str, account: AccountSettings) -> list[Check]:
     names = {
         "tls": "TLS verified",
-        "login": f"login as {account.auth.username}",
+        "login": f"login as {account.login_name}",
         "capabilities": "capabilities",
         "folders": "folders",
         "smtp": "SMTP login",

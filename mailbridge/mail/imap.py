@@ -38,6 +38,12 @@ import structlog
 
 from mailbridge.config import AccountSettings
 from mailbridge.errors import AuthError, FolderError, ServerError, classify_server_text
+from mailbridge.mail.auth.tokens import (
+    sasl_error_text,
+    sasl_oauthbearer,
+    sasl_xoauth2,
+    with_token_retry,
+)
 from mailbridge.mail.net import enable_keepalive
 
 log = structlog.get_logger("mailbridge.imap")
@@ -55,6 +61,11 @@ _AUTH_CODES: Final = frozenset(
         "token_expired",
         "consent_missing",
         "protocol_disabled",
+        "mailbox_not_connected",
+        "client_secret_invalid",
+        "client_secret_expired",
+        "sign_in_required",
+        "upn_mismatch",
     }
 )
 
@@ -346,6 +357,20 @@ class _Protocol(aioimaplib.IMAP4ClientProtocol):  # type: ignore[misc]
         self.greeting = b""
         self.welcome_error: Exception | None = None
         self.last_activity = loop.time()
+        # AUTHENTICATE (RFC 3501 section 6.2.2): the mechanism in progress and the server's
+        # challenge, which for XOAUTH2/OAUTHBEARER is a base64 JSON error (RFC 7628 3.2.2).
+        self.sasl_mechanism: str | None = None
+        self.sasl_challenge = b""
+
+    def _continuation(self, line: bytes) -> None:
+        command = self.pending_sync_command
+        if command is not None and command.name == "AUTHENTICATE":
+            # aioimaplib would wait here forever: answer the error challenge so the server
+            # sends its tagged NO - an empty line for XOAUTH2, %x01 for OAUTHBEARER (RFC 7628).
+            self.sasl_challenge = line.removeprefix(b"+").strip()
+            self.transport.write(b"AQ==\r\n" if self.sasl_mechanism == "OAUTHBEARER" else b"\r\n")
+            return
+        super()._continuation(line)
 
     def data_received(self, d: bytes) -> None:
         self.last_activity = self.loop.time()
@@ -412,7 +437,19 @@ class ImapSession:
         """Connect per ``account.imap`` (implicit TLS, STARTTLS or plain) and log in.
 
         ``secret`` overrides ``account.auth.secret()`` (e.g. a freshly read password).
+
+        OAuth2 accounts (``auth.method`` microsoft/google) sign in with OAUTHBEARER or XOAUTH2
+        and a token from the account's provider. A token the server refuses is refreshed once
+        and tried on a new connection (it may have expired or been revoked since it was
+        issued); refused again, it raises ``mailbox_not_connected`` - the identity provider
+        vouched for the user, so what is missing is on the mailbox's side.
         """
+        if account.auth.is_oauth and secret is None:
+            return await with_token_retry(account, lambda token: cls._open(account, token), "imap")
+        return await cls._open(account, secret)
+
+    @classmethod
+    async def _open(cls, account: AccountSettings, secret: str | None) -> ImapSession:
         imap = account.imap
         host, port = imap.host, imap.port
         assert port is not None  # ImapSettings fills it from tls
@@ -521,7 +558,60 @@ class ImapSession:
         await self._await(protocol.capability(), "CAPABILITY")
 
     async def _login(self) -> None:
-        username = self.account.auth.username
+        if self.account.auth.is_oauth:
+            response = await self._authenticate_oauth()
+        else:
+            response = await self._login_password()
+        self._protocol.state = aioimaplib.AUTH
+        # Dovecot and most servers put the new list in the tagged OK (RFC 3501 section 7.1);
+        # aioimaplib mis-parses that response code, so read it here or ask explicitly.
+        match = _CAPABILITY_RE.search(_text(response.lines[-1:]))
+        if match is not None:
+            self.capabilities = frozenset(c.upper() for c in match.group(1).split())
+        else:
+            await self._await(self._protocol.capability(), "CAPABILITY")
+            self.capabilities = frozenset(c.upper() for c in self._protocol.capabilities)
+        # aioimaplib checks its own set before IDLE/MOVE; keep it in step with ours.
+        self._protocol.capabilities = set(self.capabilities)
+
+    async def _authenticate_oauth(self) -> Any:
+        """AUTHENTICATE OAUTHBEARER (RFC 7628) where offered and wanted, else XOAUTH2, with
+        the initial response on the command line (SASL-IR, RFC 4959). The user is the mailbox
+        (the account's address): a shared mailbox is opened with its delegate's token."""
+        account = self.account
+        protocol = self._protocol
+        caps = {c.upper() for c in protocol.capabilities}
+        wanted = account.auth.sasl
+        if wanted == "oauthbearer" or (wanted == "auto" and "AUTH=OAUTHBEARER" in caps):
+            mechanism = "OAUTHBEARER"
+            imap = account.imap
+            assert imap.port is not None
+            initial = sasl_oauthbearer(account.address, self._secret, imap.host, imap.port)
+        else:
+            mechanism = "XOAUTH2"
+            initial = sasl_xoauth2(account.address, self._secret)
+        protocol.sasl_mechanism = mechanism
+        protocol.sasl_challenge = b""
+        command = aioimaplib.Command(
+            "AUTHENTICATE", protocol.new_tag(), mechanism, initial, loop=protocol.loop
+        )
+        response = await self._await(protocol.execute(command, scrub=initial), "AUTHENTICATE")
+        if response.result == "OK":
+            return response
+        text = self._scrub(_text(response.lines))
+        detail = sasl_error_text(protocol.sasl_challenge)
+        code = classify_server_text(text, default="auth_failed")
+        if code == "server_error":
+            code = "auth_failed"
+        message = f"{mechanism} login to {account.address} refused: {text}" + (
+            f" ({detail})" if detail else ""
+        )
+        if code in _AUTH_CODES:
+            raise AuthError(message, code=code)
+        raise ServerError(message, code=code)
+
+    async def _login_password(self) -> Any:
+        username = self.account.login_name
         protocol = self._protocol
         secret_arg = quote(self._secret)
         try:
@@ -545,17 +635,7 @@ class ImapSession:
             if code in _AUTH_CODES:
                 raise AuthError(message, code=code)
             raise ServerError(message, code=code)
-        protocol.state = aioimaplib.AUTH
-        # Dovecot and most servers put the new list in the tagged OK (RFC 3501 section 7.1);
-        # aioimaplib mis-parses that response code, so read it here or ask explicitly.
-        match = _CAPABILITY_RE.search(_text(response.lines[-1:]))
-        if match is not None:
-            self.capabilities = frozenset(c.upper() for c in match.group(1).split())
-        else:
-            await self._await(protocol.capability(), "CAPABILITY")
-            self.capabilities = frozenset(c.upper() for c in protocol.capabilities)
-        # aioimaplib checks its own set before IDLE/MOVE; keep it in step with ours.
-        protocol.capabilities = set(self.capabilities)
+        return response
 
     # -- properties -----------------------------------------------------------------------
 

@@ -17,6 +17,13 @@ import structlog
 
 from mailbridge.config import AccountSettings
 from mailbridge.errors import AuthError, ServerError, classify_server_text
+from mailbridge.mail.auth.tokens import (
+    exception_chain,
+    sasl_error_text,
+    sasl_oauthbearer,
+    sasl_xoauth2,
+    with_token_retry,
+)
 from mailbridge.mail.net import enable_keepalive
 
 log = structlog.get_logger("mailbridge.smtp")
@@ -30,6 +37,13 @@ _AUTH_CODES: Final = frozenset(
         "token_expired",
         "consent_missing",
         "protocol_disabled",
+        "mailbox_not_connected",
+        "client_secret_invalid",
+        "client_secret_expired",
+        "sign_in_required",
+        "upn_mismatch",
+        "smtp_auth_disabled",
+        "send_as_denied",
     }
 )
 
@@ -39,11 +53,21 @@ async def check_smtp(account: AccountSettings) -> None:
 
     Raises :class:`AuthError` when the login is refused and :class:`ServerError` for anything
     else (unreachable, timeout, TLS, a refusal before login). ``account.smtp`` must be set.
+    OAuth2 accounts log in with OAUTHBEARER where offered, else XOAUTH2 (a refused token is
+    refreshed once and tried again on a new connection, as for IMAP).
     """
     smtp = account.smtp
     if smtp is None:
         raise ValueError(f"account {account.name} has no smtp settings")
-    password = account.auth.secret()
+    if not account.auth.is_oauth:
+        await _check_smtp(account, account.auth.secret())
+        return
+    await with_token_retry(account, lambda token: _check_smtp(account, token), "smtp")
+
+
+async def _check_smtp(account: AccountSettings, password: str) -> None:
+    smtp = account.smtp
+    assert smtp is not None
     where = f"{smtp.host}:{smtp.port}"
     context: ssl.SSLContext | None = None
     if smtp.tls != "none":
@@ -82,11 +106,14 @@ async def check_smtp(account: AccountSettings) -> None:
                 code="protocol_disabled",
             )
         try:
-            await client.login(account.auth.username, password)
+            if account.auth.is_oauth:
+                await _login_oauth(client, account, password)
+            else:
+                await client.login(account.login_name, password)
         except aiosmtplib.SMTPResponseException as exc:
             text = _scrub(f"{exc.code} {exc.message}", password)
             code = classify_server_text(text, default="auth_failed")
-            message = f"SMTP login as {account.auth.username} at {where} refused: {text}"
+            message = f"SMTP login as {account.login_name} at {where} refused: {text}"
             raise (AuthError if code in _AUTH_CODES else ServerError)(message, code=code) from exc
         log.info("smtp_login_ok", account=account.name, host=smtp.host, port=smtp.port)
     except ServerError:
@@ -101,10 +128,37 @@ async def check_smtp(account: AccountSettings) -> None:
                 client.close()
 
 
+async def _login_oauth(client: aiosmtplib.SMTP, account: AccountSettings, token: str) -> None:
+    """AUTH OAUTHBEARER (RFC 7628) where offered and wanted, else AUTH XOAUTH2, with the
+    initial response (RFC 4954 section 4). A 334 challenge is the server's JSON error: answer it
+    (%x01 for OAUTHBEARER, an empty line for XOAUTH2) to get the final reply."""
+    smtp = account.smtp
+    assert smtp is not None
+    assert smtp.port is not None
+    offered = {m.upper() for m in client.server_auth_methods}
+    wanted = account.auth.sasl
+    if wanted == "oauthbearer" or (wanted == "auto" and "OAUTHBEARER" in offered):
+        mechanism = b"OAUTHBEARER"
+        initial = sasl_oauthbearer(account.address, token, smtp.host, smtp.port)
+        answer = b"AQ=="
+    else:
+        mechanism = b"XOAUTH2"
+        initial = sasl_xoauth2(account.address, token)
+        answer = b""
+    response = await client.execute_command(b"AUTH", mechanism, initial.encode())
+    if response.code == 334:
+        detail = sasl_error_text(response.message)
+        response = await client.execute_command(answer)
+        if detail:
+            response = aiosmtplib.SMTPResponse(response.code, f"{response.message} ({detail})")
+    if response.code != 235:
+        raise aiosmtplib.SMTPAuthenticationError(response.code, response.message)
+
+
 def map_smtp_error(exc: BaseException, where: str, timeout: float, secret: str = "") -> ServerError:
     """An aiosmtplib/ssl/socket exception as a :class:`ServerError` with a catalogue code."""
     # aiosmtplib wraps the socket/TLS cause (SMTPConnectError from OSError): look at the chain.
-    for cause in _chain(exc):
+    for cause in exception_chain(exc):
         if isinstance(cause, ssl.SSLCertVerificationError):
             reason = cause.verify_message or cause.reason or "certificate verify failed"
             return ServerError(
@@ -132,15 +186,6 @@ def map_smtp_error(exc: BaseException, where: str, timeout: float, secret: str =
     if isinstance(exc, OSError):
         return ServerError(f"{where}: {exc.strerror or type(exc).__name__}", code="unreachable")
     return ServerError(f"{where}: unexpected {type(exc).__name__}", code="internal")
-
-
-def _chain(exc: BaseException) -> list[BaseException]:
-    seen: list[BaseException] = []
-    current: BaseException | None = exc
-    while current is not None and current not in seen:
-        seen.append(current)
-        current = current.__cause__ or current.__context__
-    return seen
 
 
 def _scrub(text: str, secret: str) -> str:
