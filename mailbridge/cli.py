@@ -1,4 +1,5 @@
-"""The ``mailbridge`` command line: run, check-config, status, conversations, failed, sync, doctor.
+"""The ``mailbridge`` command line: run, check-config, status, conversations, failed, sync, doctor,
+reply, send, outbox, snippets.
 
 Exit codes follow sysexits.h so systemd units and scripts can act on them: 0 fine, 1 ``doctor``
 found a failing line, 64 usage, 69 a mail server unavailable (``run --once``, ``sync``,
@@ -101,7 +102,47 @@ def _parser() -> argparse.ArgumentParser:
         "doctor", help="check config, secret, network, TLS, login, capabilities, folders, SMTP"
     )
     doctor.add_argument("account", nargs="?")
+    _sending_parsers(sub)
     return parser
+
+
+def _sending_parsers(sub: Any) -> None:
+    """reply, send, outbox, snippets (mailbridge/cli_send.py)."""
+    reply = sub.add_parser(
+        "reply", help="queue an answer to a conversation (body from --body-file or stdin)"
+    )
+    reply.add_argument("conversation", type=int)
+    reply.add_argument("--body-file", type=Path, help="the body ('-': stdin)")
+    reply.add_argument("--snippet", help="add the text snippet of this name")
+    reply.add_argument("--html", action="store_true", help="the body is HTML")
+    reply.add_argument("--coworker", default="", help="the sending coworker's name")
+    reply.add_argument("--coworker-address", help="the coworker's address (a message follower)")
+    reply.add_argument("--actions", help='parent updates after sending, JSON: {"ticket": {...}}')
+
+    send = sub.add_parser("send", help="queue a message that starts a new conversation")
+    send.add_argument("account")
+    send.add_argument("--to", action="append", required=True, help="recipient (repeatable)")
+    send.add_argument("--cc", action="append", default=[])
+    send.add_argument("--bcc", action="append", default=[])
+    send.add_argument("--subject", required=True)
+    send.add_argument("--body-file", type=Path, help="the body ('-' or left out: stdin)")
+    send.add_argument("--html", action="store_true", help="the body is HTML")
+    send.add_argument("--coworker", default="", help="the sending coworker's name")
+    send.add_argument("--coworker-address", help="the coworker's address (a message follower)")
+
+    outbox = sub.add_parser(
+        "outbox",
+        help="queued, failed and sent mail; retry or cancel a row",
+        description="outbox [--failed | --all] lists rows (default: queued, sending, failed); "
+        "outbox retry ID; outbox cancel ID.",
+    )
+    outbox.add_argument("words", nargs="*", metavar="retry ID | cancel ID")
+    outbox.add_argument("--failed", action="store_true", help="only failed rows")
+    outbox.add_argument("--all", action="store_true", help="every row, sent and cancelled too")
+    outbox.add_argument("--account")
+
+    snippets = sub.add_parser("snippets", help="text snippets, pinned first")
+    snippets.add_argument("--search", help="text to find in name, description and text")
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -153,6 +194,38 @@ def _dispatch(args: argparse.Namespace, settings: Settings) -> int:
         return _conversation_read(settings, args.id)
     if command == "conversation":
         return _conversation_show(settings, args.id)
+    if command in {"reply", "send", "outbox", "snippets"}:
+        from mailbridge import cli_send
+
+        if command == "reply":
+            return cli_send.reply(
+                settings,
+                args.conversation,
+                body_file=args.body_file,
+                snippet=args.snippet,
+                html=args.html,
+                coworker=args.coworker,
+                coworker_address=args.coworker_address,
+                actions=args.actions,
+            )
+        if command == "send":
+            return cli_send.send(
+                settings,
+                args.account,
+                to=args.to,
+                cc=args.cc,
+                bcc=args.bcc,
+                subject=args.subject,
+                body_file=args.body_file,
+                html=args.html,
+                coworker=args.coworker,
+                coworker_address=args.coworker_address,
+            )
+        if command == "outbox":
+            return cli_send.outbox(
+                settings, args.words, failed=args.failed, every=args.all, account=args.account
+            )
+        return cli_send.snippets(settings, args.search)
     if command in {"failed", "sync", "doctor"}:
         from mailbridge import cli_ops  # the operator's tools pull in the IMAP/SMTP layers
 
@@ -187,6 +260,8 @@ def _run(
                         f" {result.error} — {result.error.remedy}",
                     )
                 )
+            elif result.outbox is not None:
+                out.print(result.outbox.line())
             elif result.summary is not None:
                 s = result.summary
                 out.print(

@@ -189,12 +189,20 @@ class FolderSettings(_Model):
     inbox: Annotated[str, StringConstraints(min_length=1)] = "INBOX"
     processed: Annotated[str, StringConstraints(min_length=1)] = "Mailbridge Processed"
     failed: Annotated[str, StringConstraints(min_length=1)] = "Mailbridge Failed"
+    # Where the account's sent mail is filed. Set, it is searched for a Message-ID after a crash
+    # in the middle of sending (to avoid a resend), and a copy of what mailbridge sends is
+    # APPENDed there unless append_sent is false (servers that file SMTP submissions
+    # themselves, such as Gmail and Exchange Online, need no copy).
+    sent: Annotated[str, StringConstraints(min_length=1)] | None = None
+    append_sent: bool = True
 
     @model_validator(mode="after")
     def _distinct(self) -> FolderSettings:
         names = [self.inbox, self.processed, self.failed]
         if len({n.casefold() for n in names}) != 3:
             raise ValueError("inbox, processed and failed must be three different folders")
+        if self.sent is not None and self.sent.casefold() in {n.casefold() for n in names}:
+            raise ValueError("sent must differ from inbox, processed and failed")
         return self
 
 
@@ -211,6 +219,11 @@ class AccountSettings(_Model):
     # RFC 2177 section 3: a server may drop an IDLE after 30 minutes; re-issue well before.
     idle_timeout_seconds: Annotated[float, Field(ge=1, le=29 * 60)] = 25 * 60.0
     enabled: bool = True
+    # The account's name in From of what it sends ("Support" <support@...>); with
+    # personalized_emails the sending coworker's name comes first ("Jane Doe - Support") and
+    # every recipient gets an own copy with its own Message-ID.
+    display_name: Annotated[str, StringConstraints(max_length=200)] = ""
+    personalized_emails: bool = False
 
     def own_addresses(self) -> frozenset[str]:
         """The account's address and its aliases: one identity."""
@@ -224,6 +237,24 @@ class LimitSettings(_Model):
     @property
     def max_message_bytes(self) -> int:
         return int(self.attachment_max_size_mb * 1024 * 1024)
+
+
+class OutboxSettings(_Model):
+    """Sending from the ``outbox`` table (see README "The outbox")."""
+
+    # A row still failing temporarily (4xx, connection lost) this long after it was queued
+    # fails for good (code send_expired); 72 hours as a mail server's queue lifetime.
+    max_age_hours: Annotated[float, Field(gt=0, le=24 * 30)] = 72.0
+    # Temporary failures are retried after first_retry_seconds, doubling up to
+    # max_retry_seconds (hourly).
+    first_retry_seconds: Annotated[float, Field(ge=1, le=3600)] = 30.0
+    max_retry_seconds: Annotated[float, Field(ge=1, le=86400)] = 3600.0
+    # An outgoing message (attachments included, as encoded) over this size fails before sending.
+    max_outgoing_size_mb: Annotated[float, Field(gt=0, le=1000)] = 25.0
+
+    @property
+    def max_outgoing_bytes(self) -> int:
+        return int(self.max_outgoing_size_mb * 1024 * 1024)
 
 
 class LogSettings(_Model):
@@ -378,6 +409,7 @@ class Settings(_Model):
     limits: LimitSettings = LimitSettings()
     log: LogSettings = LogSettings()
     recovery: RecoverySettings = RecoverySettings()
+    outbox: OutboxSettings = OutboxSettings()
     identification: Identification = "message_id"
     follower_parents: tuple[FollowerParentSettings, ...] = ()
     conversation_parents: tuple[ConversationParentSettings, ...] = ()

@@ -1,5 +1,5 @@
-"""SMTP over aiosmtplib: for now only :func:`check_smtp`, the connect-and-log-in check of
-``mailbridge doctor`` (sending arrives with outgoing mail).
+"""SMTP over aiosmtplib: :func:`check_smtp` (the connect-and-log-in check of ``mailbridge
+doctor``) and :class:`SmtpSender` (one connection sending the outbox's messages).
 
 Like :mod:`mailbridge.mail.imap`, this is a boundary: every aiosmtplib/ssl/socket exception is
 mapped into :mod:`mailbridge.errors` here, SMTP replies are classified by their code and words
@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import socket
 import ssl
+from collections.abc import Sequence
 from typing import Final
 
 import aiosmtplib
@@ -33,16 +34,11 @@ _AUTH_CODES: Final = frozenset(
 )
 
 
-async def check_smtp(account: AccountSettings) -> None:
-    """Connect per ``account.smtp`` (implicit TLS, STARTTLS or plain), EHLO, log in, QUIT.
-
-    Raises :class:`AuthError` when the login is refused and :class:`ServerError` for anything
-    else (unreachable, timeout, TLS, a refusal before login). ``account.smtp`` must be set.
-    """
+def _client(account: AccountSettings) -> tuple[aiosmtplib.SMTP, str]:
+    """An unconnected client per ``account.smtp``, and ``host:port`` for messages."""
     smtp = account.smtp
     if smtp is None:
         raise ValueError(f"account {account.name} has no smtp settings")
-    password = account.auth.secret()
     where = f"{smtp.host}:{smtp.port}"
     context: ssl.SSLContext | None = None
     if smtp.tls != "none":
@@ -68,34 +64,155 @@ async def check_smtp(account: AccountSettings) -> None:
         # EHLO names this host; socket.getfqdn() (aiosmtplib's default) may wait on DNS.
         local_hostname=socket.gethostname() or "mailbridge",
     )
+    return client, where
+
+
+async def _connect(client: aiosmtplib.SMTP, account: AccountSettings, where: str) -> None:
+    """Connect, EHLO, and check that AUTH is offered (RFC 4954)."""
+    await client.connect()
+    if client.last_ehlo_response is None:  # STARTTLS/implicit TLS already sent EHLO
+        await client.ehlo()
+    if not client.supports_extension("auth"):
+        assert account.smtp is not None
+        raise ServerError(
+            f"{where} offers no SMTP AUTH on this connection (tls: {account.smtp.tls}); "
+            "authenticated SMTP may be off for the account, or need TLS",
+            code="protocol_disabled",
+        )
+
+
+async def login(client: aiosmtplib.SMTP, account: AccountSettings, where: str) -> str:
+    """Authenticate ``client`` as the account (RFC 4954 AUTH); returns the secret used, so the
+    caller can scrub it from server words. The one place sign-in happens for SMTP: a new
+    ``auth.method`` (XOAUTH2) branches here.
+
+    Raises :class:`AuthError` for a refused login, :class:`ServerError` for other refusals.
+    """
+    password = account.auth.secret()
     try:
-        await client.connect()
-        if client.last_ehlo_response is None:  # STARTTLS/implicit TLS already sent EHLO
-            await client.ehlo()
-        if not client.supports_extension("auth"):
-            raise ServerError(
-                f"{where} offers no SMTP AUTH on this connection (tls: {smtp.tls}); "
-                "authenticated SMTP may be off for the account, or need TLS",
-                code="protocol_disabled",
-            )
-        try:
-            await client.login(account.auth.username, password)
-        except aiosmtplib.SMTPResponseException as exc:
-            text = _scrub(f"{exc.code} {exc.message}", password)
-            code = classify_server_text(text, default="auth_failed")
-            message = f"SMTP login as {account.auth.username} at {where} refused: {text}"
-            raise (AuthError if code in _AUTH_CODES else ServerError)(message, code=code) from exc
-        log.info("smtp_login_ok", account=account.name, host=smtp.host, port=smtp.port)
+        await client.login(account.auth.username, password)
+    except aiosmtplib.SMTPResponseException as exc:
+        text = _scrub(f"{exc.code} {exc.message}", password)
+        code = classify_server_text(text, default="auth_failed")
+        message = f"SMTP login as {account.auth.username} at {where} refused: {text}"
+        raise (AuthError if code in _AUTH_CODES else ServerError)(message, code=code) from exc
+    return password
+
+
+async def check_smtp(account: AccountSettings) -> None:
+    """Connect per ``account.smtp`` (implicit TLS, STARTTLS or plain), EHLO, log in, QUIT.
+
+    Raises :class:`AuthError` when the login is refused and :class:`ServerError` for anything
+    else (unreachable, timeout, TLS, a refusal before login). ``account.smtp`` must be set.
+    """
+    client, where = _client(account)
+    assert account.smtp is not None
+    secret = ""
+    try:
+        await _connect(client, account, where)
+        secret = await login(client, account, where)
+        log.info(
+            "smtp_login_ok", account=account.name, host=account.smtp.host, port=account.smtp.port
+        )
     except ServerError:
         raise
     except Exception as exc:
-        raise map_smtp_error(exc, where, smtp.timeout_seconds, password) from exc
+        raise map_smtp_error(exc, where, account.smtp.timeout_seconds, secret) from exc
     finally:
-        if client.is_connected:
-            try:
-                await client.quit()
-            except Exception:  # best effort: the check's result is already decided
-                client.close()
+        await _quit(client)
+
+
+async def _quit(client: aiosmtplib.SMTP) -> None:
+    if client.is_connected:
+        try:
+            await client.quit()
+        except Exception:  # best effort: what was to be done is decided already
+            client.close()
+
+
+class SendError(ServerError):
+    """The server answered MAIL FROM, RCPT TO or DATA with a refusal.
+
+    ``permanent`` is True for a 5xx reply (RFC 5321 section 4.2.1: do not repeat the same
+    request), False for 4xx. ``reply`` is the server's code and words, password scrubbed.
+    """
+
+    def __init__(self, message: str, *, reply: str, permanent: bool) -> None:
+        super().__init__(message, code="message_rejected" if permanent else "send_deferred")
+        self.reply = reply
+        self.permanent = permanent
+
+
+class SmtpSender:
+    """One logged-in SMTP connection of an account, reused for several messages.
+
+    ``await SmtpSender.open(account)``, then :meth:`send` per message, then :meth:`close`.
+    Errors are mapped at this boundary: :class:`SendError` for a refusal of the message,
+    :class:`ServerError` (``unreachable``, ``timeout``, ``connection_lost``, ``auth_failed`` ...)
+    for everything else. After any error the connection is closed; open a new one.
+    """
+
+    def __init__(self, account: AccountSettings, client: aiosmtplib.SMTP, where: str) -> None:
+        self.account = account
+        self._client = client
+        self._where = where
+        self._secret = ""
+
+    @classmethod
+    async def open(cls, account: AccountSettings) -> SmtpSender:
+        client, where = _client(account)
+        sender = cls(account, client, where)
+        assert account.smtp is not None
+        try:
+            await _connect(client, account, where)
+            sender._secret = await login(client, account, where)
+        except ServerError:
+            client.close()
+            raise
+        except Exception as exc:
+            client.close()
+            raise map_smtp_error(exc, where, account.smtp.timeout_seconds) from exc
+        return sender
+
+    @property
+    def usable(self) -> bool:
+        return self._client.is_connected
+
+    async def send(self, raw: bytes, sender: str, recipients: Sequence[str]) -> dict[str, str]:
+        """MAIL FROM ``sender``, RCPT TO each of ``recipients``, DATA ``raw`` (sent as is:
+        ``message.as_bytes()``, so ids stay unfolded). Returns the recipients the server
+        refused while accepting others (address -> reply); raises :class:`SendError` when the
+        message or every recipient is refused."""
+        assert self.account.smtp is not None
+        try:
+            errors, _response = await self._client.sendmail(sender, list(recipients), raw)
+        except aiosmtplib.SMTPRecipientsRefused as exc:
+            replies = "; ".join(f"{r.recipient}: {r.code} {r.message}" for r in exc.recipients)
+            permanent = all(r.code >= 500 for r in exc.recipients)
+            await self.close()
+            raise self._refusal(replies, permanent) from exc
+        except aiosmtplib.SMTPResponseException as exc:
+            await self.close()
+            if 400 <= exc.code < 600:
+                reply = f"{exc.code} {exc.message}"
+                raise self._refusal(reply, exc.code >= 500) from exc
+            raise map_smtp_error(
+                exc, self._where, self.account.smtp.timeout_seconds, self._secret
+            ) from exc
+        except Exception as exc:
+            self._client.close()
+            raise map_smtp_error(
+                exc, self._where, self.account.smtp.timeout_seconds, self._secret
+            ) from exc
+        return {address: f"{reply.code} {reply.message}" for address, reply in errors.items()}
+
+    def _refusal(self, reply: str, permanent: bool) -> SendError:
+        reply = _scrub(" ".join(reply.split()), self._secret)
+        return SendError(f"{self._where} refused: {reply}", reply=reply, permanent=permanent)
+
+    async def close(self) -> None:
+        """QUIT (best effort) and close. Never raises."""
+        await _quit(self._client)
 
 
 def map_smtp_error(exc: BaseException, where: str, timeout: float, secret: str = "") -> ServerError:

@@ -30,6 +30,7 @@ from datetime import datetime
 from typing import TYPE_CHECKING, Protocol
 
 from mailbridge.core.model import ParsedMessage
+from mailbridge.store.outbox import OutboxRepository
 
 if TYPE_CHECKING:
     from mailbridge.config import (
@@ -218,8 +219,9 @@ class ConversationDetail:
     follower_parents: tuple[tuple[str, str, int], ...] = ()  # (follower email, table, record id)
 
 
-class Repository(Protocol):
-    """The database as mailbridge sees it. See the module docstring for the guarantees."""
+class Repository(OutboxRepository, Protocol):
+    """The database as mailbridge sees it. See the module docstring for the guarantees (and
+    :mod:`mailbridge.store.outbox` for sending's)."""
 
     def migrate(self) -> None:
         """Create or upgrade the schema. Idempotent."""

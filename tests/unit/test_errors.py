@@ -17,6 +17,7 @@ from mailbridge.config import (
     ImapSettings,
     LimitSettings,
     LogSettings,
+    OutboxSettings,
     RecoverySettings,
     SmtpSettings,
 )
@@ -52,10 +53,11 @@ _SECTIONS: dict[str, type[BaseModel]] = {
     "limits": LimitSettings,
     "recovery": RecoverySettings,
     "log": LogSettings,
+    "outbox": OutboxSettings,
 }
 _KEY = re.compile(r"\b(" + "|".join(_SECTIONS) + r")\.([A-Za-z_]+)(?:(?: to|:) ([\w-]+))?")
 # What a remedy's command placeholders stand for when the command is parsed.
-_PLACEHOLDERS = {"ACCOUNT": "support", "UID": "7"}
+_PLACEHOLDERS = {"ACCOUNT": "support", "UID": "7", "ID": "3"}
 
 
 def _subcommands() -> dict[str, argparse.ArgumentParser]:

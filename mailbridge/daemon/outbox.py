@@ -1,0 +1,642 @@
+"""The outbox worker: sends the ``outbox`` table's due rows over each account's SMTP.
+
+One task in the daemon (beside the account loops) and one pass in ``run --once``. Per row:
+
+1. **Fix the message** (first attempt only): compose it (:mod:`mailbridge.core.outbox`) and
+   store its Message-ID, conversation key and bytes on the row, committed. Every later attempt
+   sends those very bytes, so a retry is never a different mail. A row that cannot be composed
+   (no recipient, unknown conversation, unreadable attachment, invalid message actions, over
+   ``outbox.max_outgoing_size_mb``) fails at once with the reason.
+2. **Begin**: ``queued`` -> ``sending`` (attempts + 1, attemptstarted), committed before MAIL FROM.
+3. **Send** on the account's SMTP connection (kept open for the rest of the batch).
+4. **Sent**: right after the 250 to DATA one short transaction marks the row ``sent`` and stores
+   the message in its conversation. Then, with ``folders.sent`` and ``append_sent``, a copy is
+   APPENDed to the Sent folder. A refusal: 5xx fails the row; 4xx, a lost connection or a
+   timeout puts it back to ``queued`` for a retry with backoff, until ``outbox.max_age_hours``.
+
+**After a crash** (kill -9, power cut) between the end of DATA and step 4 the server may have
+the message while the row says ``sending``. At start-up every such row is resolved first: with
+``folders.sent`` set, the Sent folder is searched for its Message-ID (``UID SEARCH HEADER
+Message-ID``); found, the row is recorded as sent. Otherwise it is sent again, with the same
+Message-ID and bytes: **at-least-once**. The recipient may get a second copy with the same
+Message-ID, which clients that de-duplicate by Message-ID (Gmail) show once.
+
+**Pick-up** without a felt delay: the worker sleeps until the next row is due, and wakes when
+the database changes (SQLite's ``PRAGMA data_version``, read every 0.1 s on its own
+connection: a read of shared memory, no disk I/O) or when a command that queued mail sends a
+datagram to the daemon's wake socket (:func:`notify_daemon`). A PostgreSQL backend would wait on
+``LISTEN`` instead; :class:`Watch` is the one place that knows.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import dataclasses
+import email.policy
+import hashlib
+import socket
+import sqlite3
+import time
+from collections import Counter
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from datetime import UTC, datetime, timedelta
+from email.message import EmailMessage
+from email.parser import BytesHeaderParser
+from pathlib import Path
+
+import structlog
+
+from mailbridge.config import AccountSettings, Settings
+from mailbridge.core.identify import new_conversation_key, normalize_message_id
+from mailbridge.core.model import Address
+from mailbridge.core.outbox import (
+    MessageAction,
+    OutgoingFile,
+    address_of,
+    after_failure,
+    build_message,
+    check_actions,
+    envelope_recipients,
+    parse_actions,
+    recovered_state,
+    reply_subject,
+    sender_display_name,
+    split_addresses,
+)
+from mailbridge.core.parse import parse_message
+from mailbridge.errors import MailbridgeError, ServerError, StoreError
+from mailbridge.mail.imap import ImapSession, quote
+from mailbridge.mail.smtp import SendError, SmtpSender
+from mailbridge.store.base import ImportContext
+from mailbridge.store.outbox import OutboxFile, OutboxRow, ReplyContext
+from mailbridge.store.sqlite import AsyncRepository
+
+log = structlog.get_logger("mailbridge.outbox")
+
+# How often the database's change counter is read while waiting.
+DATA_VERSION_SECONDS = 0.1
+# The longest sleep without looking at the table (a row whose next attempt an integrator
+# moved forward by hand is seen within this, or at once when the database changes).
+MAX_SLEEP_SECONDS = 60.0
+BATCH_SIZE = 50
+
+
+class InvalidRowError(Exception):
+    """The row cannot be sent as written; the message is the reason (code outbox_invalid)."""
+
+    def __init__(self, reason: str, code: str = "outbox_invalid") -> None:
+        super().__init__(reason)
+        self.code = code
+
+
+def wake_address(database: Path) -> str:
+    """The daemon's wake socket: an abstract Unix datagram address (Linux) named after the
+    database file, so a command finds the daemon serving the same database. Abstract names
+    need no file (no path-length limit, nothing left behind); a datagram only makes the worker
+    look at the table, so no permission is needed to send one."""
+    digest = hashlib.sha256(str(database.resolve()).encode()).hexdigest()[:32]
+    return f"\0mailbridge-outbox-{digest}"
+
+
+def notify_daemon(database: Path) -> bool:
+    """Tell a running daemon that mail was queued; False when none listens (it still finds
+    the row within DATA_VERSION_SECONDS)."""
+    try:
+        with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM) as sock:
+            sock.sendto(b"outbox", wake_address(database))
+    except OSError:
+        return False
+    return True
+
+
+class Watch:
+    """Waits for news of the outbox: a database change, a wake datagram, or :meth:`wake`."""
+
+    def __init__(self, database: Path) -> None:
+        self.database = database
+        self._event = asyncio.Event()
+        self._conn: sqlite3.Connection | None = None
+        self._version: int | None = None
+        self._socket: socket.socket | None = None
+
+    def open(self) -> None:
+        try:
+            self._conn = sqlite3.connect(self.database, isolation_level=None)
+            self._version = self._data_version()
+        except sqlite3.Error as exc:
+            log.warning("outbox_watch_unavailable", error=str(exc))
+            self._conn = None
+        sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+        try:
+            sock.bind(wake_address(self.database))
+        except OSError as exc:  # another daemon on this database holds it
+            sock.close()
+            log.info("outbox_wake_socket_unavailable", error=str(exc))
+            return
+        sock.setblocking(False)
+        asyncio.get_running_loop().add_reader(sock.fileno(), self._on_datagram)
+        self._socket = sock
+
+    def close(self) -> None:
+        if self._socket is not None:
+            with contextlib.suppress(Exception):
+                asyncio.get_running_loop().remove_reader(self._socket.fileno())
+            self._socket.close()
+            self._socket = None
+        if self._conn is not None:
+            self._conn.close()
+            self._conn = None
+
+    def wake(self) -> None:
+        self._event.set()
+
+    def _on_datagram(self) -> None:
+        assert self._socket is not None
+        with contextlib.suppress(OSError):
+            while self._socket.recv(64):
+                pass
+        self._event.set()
+
+    def _data_version(self) -> int | None:
+        if self._conn is None:
+            return None
+        # Changes whenever another connection commits (https://sqlite.org/pragma.html#pragma_data_version).
+        return int(self._conn.execute("PRAGMA data_version").fetchone()[0])
+
+    def _changed(self) -> bool:
+        try:
+            version = self._data_version()
+        except sqlite3.Error:
+            return False
+        changed = version != self._version
+        self._version = version
+        return changed
+
+    async def wait(self, seconds: float, stopping: asyncio.Event) -> None:
+        """Return after ``seconds``, on news, or when ``stopping`` is set."""
+        deadline = time.monotonic() + max(seconds, 0.0)
+        while not stopping.is_set():
+            if self._event.is_set():
+                self._event.clear()
+                return
+            if self._changed():
+                return
+            left = deadline - time.monotonic()
+            if left <= 0:
+                return
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._event.wait(), min(left, DATA_VERSION_SECONDS))
+
+
+@dataclass
+class OutboxSummary:
+    """What a pass of the worker did."""
+
+    sent: int = 0
+    retrying: int = 0
+    failed: int = 0
+    codes: Counter[str] = dataclasses.field(default_factory=Counter)
+
+    def line(self) -> str:
+        why = ", ".join(f"{code} ×{n}" for code, n in sorted(self.codes.items()))
+        return f"outbox: sent {self.sent}, retrying {self.retrying}, failed {self.failed}" + (
+            f" ({why})" if why else ""
+        )
+
+
+@dataclass(frozen=True, slots=True)
+class _Prepared:
+    raw: bytes
+    recipients: list[str]
+    actions: list[MessageAction]
+
+
+class OutboxWorker:
+    """Sends due outbox rows; ``run()`` in the daemon, ``run_once()`` for ``run --once``.
+
+    ``settings`` may be a callable returning the current settings (the supervisor's, which a
+    reload replaces); accounts without ``smtp`` are not served (their rows wait).
+    """
+
+    def __init__(
+        self,
+        settings: Settings | Callable[[], Settings],
+        repo: AsyncRepository,
+        *,
+        stopping: asyncio.Event | None = None,
+        only: frozenset[str] | None = None,
+    ) -> None:
+        self._settings = settings if callable(settings) else (lambda: settings)
+        self.repo = repo
+        self.stopping = stopping or asyncio.Event()
+        self.only = only
+        self.watch: Watch | None = None
+        # Account -> monotonic time before which it is not tried (after a connection failure).
+        self._paused: dict[str, float] = {}
+        self._failures: Counter[str] = Counter()
+
+    @property
+    def settings(self) -> Settings:
+        return self._settings()
+
+    def accounts(self) -> dict[str, AccountSettings]:
+        return {
+            a.name: a
+            for a in self.settings.accounts
+            if a.enabled and a.smtp is not None and (self.only is None or a.name in self.only)
+        }
+
+    def wake(self) -> None:
+        if self.watch is not None:
+            self.watch.wake()
+
+    # -- loops --------------------------------------------------------------------------------
+
+    async def run(self) -> None:
+        """Until ``stopping``: resolve rows left ``sending``, then send what is due, sleeping
+        until the next row is due or news arrives."""
+        self.watch = Watch(self.settings.database)
+        self.watch.open()
+        try:
+            await self._guarded(self.recover())
+            while not self.stopping.is_set():
+                await self._guarded(self.send_due())
+                await self.watch.wait(await self._sleep_seconds(), self.stopping)
+        finally:
+            self.watch.close()
+
+    async def run_once(self) -> OutboxSummary:
+        """Resolve rows left ``sending``, then send every row due now (``run --once``)."""
+        summary = OutboxSummary()
+        await self.recover(summary)
+        await self.send_due(summary)
+        return summary
+
+    async def _guarded(self, work: object) -> None:
+        try:
+            await work  # type: ignore[misc]
+        except asyncio.CancelledError:
+            raise
+        except StoreError as exc:
+            log.warning("outbox_store_error", code=exc.code, error=str(exc), remedy=exc.remedy)
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self.stopping.wait(), 5)
+        except Exception:  # a bug must not end sending for good; the daemon goes on
+            log.exception("outbox_worker_crashed")
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self.stopping.wait(), 5)
+
+    async def _sleep_seconds(self) -> float:
+        names = [n for n in self.accounts() if not self._is_paused(n)]
+        sleep = MAX_SLEEP_SECONDS
+        due = await self.repo.outbox_next_due(names)
+        if due is not None:
+            sleep = min(sleep, (due - datetime.now(UTC)).total_seconds())
+        now = time.monotonic()
+        for until in self._paused.values():
+            if until > now:
+                sleep = min(sleep, until - now)
+        return max(sleep, 0.0)
+
+    def _is_paused(self, account: str) -> bool:
+        return self._paused.get(account, 0.0) > time.monotonic()
+
+    # -- crash recovery -----------------------------------------------------------------------
+
+    async def recover(self, summary: OutboxSummary | None = None) -> None:
+        """Resolve rows a previous process left in ``sending`` (see the module docstring)."""
+        summary = summary if summary is not None else OutboxSummary()
+        accounts = self.accounts()
+        for row in await self.repo.outbox_in_flight(list(accounts)):
+            account = accounts[row.account]
+            found: bool | None = None
+            if account.folders.sent is not None and row.message_id and row.raw is not None:
+                found = await self._in_sent_folder(account, row.message_id)
+            outcome = recovered_state(found) if row.raw is not None else "queued"
+            log.warning(
+                "outbox_interrupted_attempt",
+                account=row.account,
+                outbox=row.id,
+                message_id=row.message_id,
+                found_in_sent=found,
+                outcome="recorded as sent" if outcome == "sent" else "sent again, same Message-ID",
+            )
+            if outcome == "sent" and row.raw is not None:
+                await self._record_sent(account, row, row.raw, summary, append=False)
+            else:
+                await self.repo.outbox_failed_attempt(
+                    row.id,
+                    state="queued",
+                    next_attempt=None,
+                    code="connection_lost",
+                    error="the daemon stopped during this attempt; sent again with the same "
+                    "Message-ID",
+                    now=datetime.now(UTC),
+                )
+
+    async def _in_sent_folder(self, account: AccountSettings, message_id: str) -> bool | None:
+        """Whether the Sent folder holds ``message_id``; None when it cannot be told."""
+        assert account.folders.sent is not None
+        try:
+            session = await ImapSession.open(account)
+        except MailbridgeError as exc:
+            log.warning("outbox_sent_folder_unreadable", account=account.name, code=exc.code)
+            return None
+        try:
+            await session.select(account.folders.sent)
+            uids = await session.search("HEADER", "Message-ID", quote(f"<{message_id}>"))
+            return bool(uids)
+        except MailbridgeError as exc:
+            log.warning("outbox_sent_folder_unreadable", account=account.name, code=exc.code)
+            return None
+        finally:
+            await session.close()
+
+    # -- sending ------------------------------------------------------------------------------
+
+    async def send_due(self, summary: OutboxSummary | None = None) -> OutboxSummary:
+        """Send every due row of the served accounts (batch by batch, until none is due)."""
+        summary = summary if summary is not None else OutboxSummary()
+        tried: set[int] = set()
+        while not self.stopping.is_set():
+            accounts = self.accounts()
+            names = [n for n in accounts if not self._is_paused(n)]
+            rows = [
+                r
+                for r in await self.repo.outbox_due(names, datetime.now(UTC), BATCH_SIZE)
+                if r.id not in tried
+            ]
+            if not rows:
+                return summary
+            tried.update(r.id for r in rows)
+            by_account: dict[str, list[OutboxRow]] = {}
+            for row in rows:
+                by_account.setdefault(row.account, []).append(row)
+            await asyncio.gather(
+                *(self._send_account(accounts[n], rs, summary) for n, rs in by_account.items())
+            )
+        return summary
+
+    async def _send_account(
+        self, account: AccountSettings, rows: Sequence[OutboxRow], summary: OutboxSummary
+    ) -> None:
+        sender: SmtpSender | None = None
+        try:
+            for row in rows:
+                if self.stopping.is_set() or self._is_paused(account.name):
+                    break
+                try:
+                    prepared = await self._prepare(account, row)
+                except InvalidRowError as exc:
+                    await self._failed(row, exc.code, str(exc), permanent=True, summary=summary)
+                    continue
+                if not await self.repo.outbox_begin(row.id, datetime.now(UTC)):
+                    continue  # cancelled meanwhile
+                try:
+                    if sender is None or not sender.usable:
+                        sender = await SmtpSender.open(account)
+                    refused = await sender.send(prepared.raw, account.address, prepared.recipients)
+                except SendError as exc:
+                    await self._failed(
+                        row, exc.code, exc.reply, permanent=exc.permanent, summary=summary
+                    )
+                    continue
+                except ServerError as exc:
+                    sender = None
+                    await self._failed(row, exc.code, str(exc), permanent=False, summary=summary)
+                    self._failures[account.name] += 1
+                    # The server is the problem, not the row: the account's other rows wait too.
+                    delay = min(
+                        self.settings.outbox.max_retry_seconds,
+                        self.settings.outbox.first_retry_seconds
+                        * 2 ** min(self._failures[account.name] - 1, 10),
+                    )
+                    self._paused[account.name] = time.monotonic() + delay
+                    break
+                self._failures.pop(account.name, None)
+                if refused:
+                    log.warning(
+                        "outbox_recipients_refused", account=account.name, outbox=row.id,
+                        refused=refused,
+                    )  # fmt: skip
+                await self._record_sent(
+                    account, row, prepared.raw, summary, actions=prepared.actions
+                )
+        finally:
+            if sender is not None:
+                await sender.close()
+
+    async def _failed(
+        self, row: OutboxRow, code: str, error: str, *, permanent: bool, summary: OutboxSummary
+    ) -> None:
+        now = datetime.now(UTC)
+        outbox = self.settings.outbox
+        decision = after_failure(
+            code=code,
+            permanent=permanent,
+            attempts=max(row.attempts + 1, 1),
+            created=row.created,
+            now=now,
+            max_age=timedelta(hours=outbox.max_age_hours),
+            first_retry=outbox.first_retry_seconds,
+            max_retry=outbox.max_retry_seconds,
+        )
+        await self.repo.outbox_failed_attempt(
+            row.id,
+            state=decision.state,
+            next_attempt=decision.next_attempt,
+            code=decision.code,
+            error=error,
+            now=now,
+        )
+        summary.codes[decision.code] += 1
+        if decision.state == "failed":
+            summary.failed += 1
+            log.error(
+                "outbox_failed", account=row.account, outbox=row.id, code=decision.code,
+                error=error,
+            )  # fmt: skip
+        else:
+            summary.retrying += 1
+            log.warning(
+                "outbox_retry_later", account=row.account, outbox=row.id, code=decision.code,
+                error=error, next_attempt=decision.next_attempt.isoformat()
+                if decision.next_attempt else None,
+            )  # fmt: skip
+
+    async def _prepare(self, account: AccountSettings, row: OutboxRow) -> _Prepared:
+        """The row's fixed bytes and envelope; composed and fixed on its first attempt."""
+        actions = self._actions(row)
+        context = None
+        if row.conversation_id is not None:
+            context = await self.repo.reply_context(row.conversation_id)
+            if context is None or context.account != row.account:
+                raise InvalidRowError(
+                    f"conversation {row.conversation_id} does not exist"
+                    if context is None
+                    else f"conversation {row.conversation_id} belongs to account "
+                    f"{context.account!r}, not {row.account!r}"
+                )
+            problem = check_actions(actions, context.parent_columns)
+            if problem:
+                raise InvalidRowError(problem)
+        elif actions:
+            raise InvalidRowError("actions need a conversation with parent records (conversation)")
+        raw = row.raw
+        if raw is None:
+            raw = await self._compose(account, row, context)
+        bcc = split_addresses(row.bcc)
+        message = parse_for_envelope(raw)
+        recipients = envelope_recipients(message, bcc)
+        if not recipients:
+            raise InvalidRowError(
+                "no recipient left (the account's own addresses are never sent to)"
+            )
+        return _Prepared(raw, recipients, actions)
+
+    @staticmethod
+    def _actions(row: OutboxRow) -> list[MessageAction]:
+        try:
+            return parse_actions(row.actions)
+        except ValueError as exc:
+            raise InvalidRowError(str(exc)) from exc
+
+    async def _compose(
+        self, account: AccountSettings, row: OutboxRow, context: ReplyContext | None
+    ) -> bytes:
+        settings = self.settings
+        own = account.own_addresses()
+        to, cc = split_addresses(row.to), split_addresses(row.cc)
+        address = account.address
+        parent: dict[str, object] = {}
+        if context is not None:
+            key = context.key
+            subject = row.subject or reply_subject(context.subject)
+            if not to and not cc:
+                to = list(context.reply_to)
+                cc = [f"{n} <{e}>" if n else e for e, n in context.followers]
+            if context.own_email and context.own_email in own:
+                address = context.own_email  # answer from the alias the customer wrote to
+            parent = {
+                "parent_message_id": context.parent_message_id,
+                "parent_references": context.parent_references,
+                "parent_in_reply_to": context.parent_in_reply_to,
+            }
+        else:
+            key = new_conversation_key()
+            subject = row.subject or ""
+        files = [await self._read_file(f) for f in await self.repo.outbox_files(row.id)]
+        try:
+            message = build_message(
+                address=address,
+                display_name=sender_display_name(
+                    account.display_name, row.coworker, personalized=account.personalized_emails
+                ),
+                identification=settings.identification,
+                conversation_key=key,
+                subject=subject,
+                to=to,
+                cc=cc,
+                own_addresses=own,
+                text=row.body_text,
+                html=row.body_html,
+                files=files,
+                automatic=row.automatic,
+                **parent,  # type: ignore[arg-type]
+            )
+        except ValueError as exc:
+            raise InvalidRowError(str(exc)) from exc
+        raw = message.as_bytes()
+        limit = settings.outbox.max_outgoing_bytes
+        if len(raw) > limit:
+            raise InvalidRowError(
+                f"the message is {len(raw)} bytes, over outbox.max_outgoing_size_mb "
+                f"({settings.outbox.max_outgoing_size_mb:g} MB)",
+                code="outgoing_too_large",
+            )
+        message_id = normalize_message_id(str(message["Message-ID"]))
+        assert message_id is not None
+        if not await self.repo.outbox_prepare(row.id, message_id, key, raw):
+            fixed = await self.repo.outbox_row(row.id)  # fixed by another attempt meanwhile
+            if fixed is None or fixed.raw is None:
+                raise InvalidRowError(f"outbox row {row.id} vanished")
+            return fixed.raw
+        return raw
+
+    @staticmethod
+    async def _read_file(file: OutboxFile) -> OutgoingFile:
+        data = file.data
+        if data is None and file.path is not None:
+            try:
+                data = await asyncio.to_thread(Path(file.path).read_bytes)
+            except OSError as exc:
+                raise InvalidRowError(
+                    f"cannot read the attachment {file.path}: {exc.strerror}"
+                ) from exc
+        name = file.filename or (Path(file.path).name if file.path else "attachment")
+        return OutgoingFile(name, file.content_type, data or b"")
+
+    async def _record_sent(
+        self,
+        account: AccountSettings,
+        row: OutboxRow,
+        raw: bytes,
+        summary: OutboxSummary,
+        *,
+        actions: Sequence[MessageAction] = (),
+        append: bool = True,
+    ) -> None:
+        parsed = await asyncio.to_thread(parse_message, raw)
+        bcc = tuple(Address(a) for a in map(address_of, split_addresses(row.bcc)))
+        if bcc:
+            parsed = dataclasses.replace(parsed, bcc=bcc)
+        if not actions:
+            with contextlib.suppress(InvalidRowError):
+                actions = self._actions(row)
+        context = ImportContext.for_account(self.settings, account)
+        now = datetime.now(UTC)
+        message_row = await self.repo.outbox_sent(
+            row.id,
+            context,
+            parsed,
+            now,
+            actions=[(a.table, a.column, a.value) for a in actions],
+        )
+        summary.sent += 1
+        log.info(
+            "message_sent",
+            account=account.name,
+            outbox=row.id,
+            message_id=parsed.message_id,
+            conversationmessage=message_row,
+            attempts=row.attempts + 1,
+            latency_ms=round((now - row.created).total_seconds() * 1000),
+        )
+        folders = account.folders
+        if append and folders.sent is not None and folders.append_sent:
+            await self._append_sent(account, raw)
+
+    async def _append_sent(self, account: AccountSettings, raw: bytes) -> None:
+        assert account.folders.sent is not None
+        try:
+            session = await ImapSession.open(account)
+            try:
+                await session.ensure_folders([account.folders.sent])
+                await session.append(account.folders.sent, raw, flags=("\\Seen",))
+            finally:
+                await session.close()
+        except MailbridgeError as exc:
+            # Sent already (and recorded): only the copy is missing. Said, not retried.
+            log.warning(
+                "outbox_sent_copy_failed", account=account.name, folder=account.folders.sent,
+                code=exc.code, error=str(exc), remedy=exc.remedy,
+            )  # fmt: skip
+
+
+def parse_for_envelope(raw: bytes) -> EmailMessage:
+    """The headers of ``raw`` (for its To and Cc)."""
+    parsed = BytesHeaderParser(policy=email.policy.default).parsebytes(raw)
+    assert isinstance(parsed, EmailMessage)  # policy.default's message factory
+    return parsed

@@ -1,0 +1,593 @@
+"""Sending from the outbox against a real SMTP server (aiosmtpd on loopback) and Dovecot.
+
+A reply deferred with 451 is retried and sent once, with one Message-ID; a 550 fails the row
+at once with the server's words; a new conversation gets its row; kill -9 between the end of
+DATA and the status update leads to the documented outcome (resent with the same Message-ID,
+or found in the Sent folder and not resent); the customer's answer to our reply threads back
+into the same conversation through Dovecot by each identification method; a row an integrator
+INSERTs is picked up by the running worker without a polling delay.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import email
+import email.policy
+import os
+import signal
+import sqlite3
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from email.message import EmailMessage
+from pathlib import Path
+from typing import Any
+
+import pytest
+import yaml
+
+from mailbridge.cli import main as cli_main
+from mailbridge.config import Settings, parse_config
+from mailbridge.core.identify import normalize_message_id
+from mailbridge.core.parse import parse_message
+from mailbridge.daemon.outbox import OutboxWorker
+from mailbridge.daemon.supervisor import run_once
+from mailbridge.store.base import ImportContext, ImportItem
+from mailbridge.store.outbox import OutgoingRequest
+from mailbridge.store.sqlite import SqliteRepository, open_repository
+from mailbridge.testing.dovecot import free_port
+from mailbridge.testing.smtpsink import SmtpSink
+from tests.integration.test_import_loop import config_data, eventually, mail
+
+CUSTOMER = "john@customer.example"
+
+
+@pytest.fixture
+def sink() -> Iterator[SmtpSink]:
+    server = SmtpSink().start()
+    try:
+        yield server
+    finally:
+        server.stop()
+
+
+def offline_config(tmp_path: Path, sink: SmtpSink, **account: Any) -> dict[str, Any]:
+    """An account whose IMAP server is not there (the outbox needs only SMTP)."""
+    return {
+        "database": str(tmp_path / "mailbridge.db"),
+        "outbox": {"first_retry_seconds": 1},
+        "recovery": {"enabled": False},
+        "accounts": [
+            {
+                "name": "support",
+                "address": "support@example.test",
+                "display_name": "Example Support",
+                "imap": {"host": "127.0.0.1", "port": free_port(), "tls": "none"},
+                "smtp": sink.smtp_settings(),
+                "auth": {"username": "support", "password": "secret-pw"},
+                **account,
+            }
+        ],
+    }
+
+
+def seed_conversation(settings: Settings, message: EmailMessage | None = None) -> int:
+    """Import one customer message the way the account loop does; its conversation id."""
+    message = message or mail("Order 1042", to="support@example.test", Cc="Jane <jane@x.example>")
+    repo = SqliteRepository(settings.database)
+    try:
+        repo.migrate()
+        context = ImportContext.for_account(settings, settings.accounts[0])
+        [result] = repo.import_batch(
+            context, [ImportItem(uid=1, message=parse_message(message.as_bytes()))]
+        )
+    finally:
+        repo.close()
+    assert result.conversation_id is not None
+    return result.conversation_id
+
+
+def queue(settings: Settings, request: OutgoingRequest) -> int:
+    repo = SqliteRepository(settings.database)
+    try:
+        repo.migrate()
+        return repo.queue_outgoing(request)
+    finally:
+        repo.close()
+
+
+def row(settings: Settings, outbox_id: int) -> sqlite3.Row:
+    conn = sqlite3.connect(settings.database)
+    conn.row_factory = sqlite3.Row
+    try:
+        found = conn.execute("SELECT * FROM outbox WHERE id = ?", (outbox_id,)).fetchone()
+    finally:
+        conn.close()
+    assert found is not None
+    return found
+
+
+def parsed(data: bytes) -> EmailMessage:
+    message = email.message_from_bytes(data, policy=email.policy.default)
+    assert isinstance(message, EmailMessage)
+    return message
+
+
+async def send_pass(settings: Settings) -> None:
+    repo = await open_repository(settings.database, settings)
+    try:
+        await OutboxWorker(settings, repo).run_once()
+    finally:
+        await repo.aclose()
+
+
+async def test_reply_deferred_with_451_is_retried_and_sent_once(
+    tmp_path: Path, sink: SmtpSink
+) -> None:
+    settings = parse_config(offline_config(tmp_path, sink))
+    original = mail("Order 1042", to="support@example.test", Cc="Jane <jane@x.example>")
+    conversation = seed_conversation(settings, original)
+    outbox_id = queue(
+        settings,
+        OutgoingRequest(
+            account="support",
+            conversation_id=conversation,
+            body_text="We are on it.",
+            coworker="Ann Agent",
+            coworker_address="ann@example.test",
+        ),
+    )
+    sink.replies.append("451 4.3.0 Temporary local problem, try again later")
+    await send_pass(settings)
+    first = row(settings, outbox_id)
+    assert first["state"] == "queued"
+    assert first["attempts"] == 1
+    assert first["lasterrorcode"] == "send_deferred"
+    assert "451 4.3.0 Temporary local problem" in first["lasterror"]
+    assert first["nextattempt"] is not None
+    assert first["messageid"]  # fixed before the first attempt
+    assert sink.received == []
+
+    async def sent() -> bool:
+        await send_pass(settings)
+        return bool(row(settings, outbox_id)["state"] == "sent")
+
+    deadline = time.monotonic() + 30
+    while not await sent():
+        assert time.monotonic() < deadline, "not sent after the retry"
+        await asyncio.sleep(0.2)
+    done = row(settings, outbox_id)
+    assert done["attempts"] == 2
+    assert len(sink.received) == 1
+    message = parsed(sink.received[0].data)
+    assert (
+        normalize_message_id(str(message["Message-ID"])) == first["messageid"] == done["messageid"]
+    )
+    assert sink.received[0].data == first["raw"]  # the very bytes fixed before the first try
+    assert message["In-Reply-To"] == original["Message-ID"]
+    assert message["Subject"] == "Re: Order 1042"
+    assert "Example Support" in str(message["From"])
+    assert set(sink.received[0].recipients) == {CUSTOMER, "jane@x.example"}
+    assert sink.received[0].sender == "support@example.test"
+
+    # Stored as an outgoing message of the conversation, with its followers and the coworker.
+    conn = sqlite3.connect(settings.database)
+    try:
+        stored = conn.execute(
+            "SELECT id, conversation, direction, messageid FROM conversationmessage WHERE id = ?",
+            (done["conversationmessage"],),
+        ).fetchone()
+        levels = dict(
+            conn.execute(
+                "SELECT f.email, mf.participationlevel FROM messagefollower AS mf"
+                " JOIN follower AS f ON f.id = mf.follower WHERE mf.conversationmessage = ?"
+                " AND mf.participationlevel != 'cc'",
+                (stored[0],),
+            ).fetchall()
+        )
+        unread = conn.execute(
+            "SELECT earliestunread FROM conversation WHERE id = ?", (conversation,)
+        ).fetchone()[0]
+    finally:
+        conn.close()
+    assert stored[1:] == (conversation, "outgoing", done["messageid"])
+    assert levels == {CUSTOMER: "to", "ann@example.test": "from"}
+    assert unread is not None  # our answer does not mark the customer's message read
+
+
+async def test_550_fails_the_row_at_once_with_the_servers_words(
+    tmp_path: Path, sink: SmtpSink
+) -> None:
+    settings = parse_config(offline_config(tmp_path, sink))
+    conversation = seed_conversation(settings)
+    outbox_id = queue(
+        settings,
+        OutgoingRequest(account="support", conversation_id=conversation, body_text="Hello"),
+    )
+    sink.replies.append("550 5.7.1 Message rejected as spam by content filter")
+    await send_pass(settings)
+    failed = row(settings, outbox_id)
+    assert failed["state"] == "failed"
+    assert failed["attempts"] == 1
+    assert failed["lasterrorcode"] == "message_rejected"
+    assert failed["lasterror"] == "550 5.7.1 Message rejected as spam by content filter"
+    assert failed["nextattempt"] is None
+    await send_pass(settings)  # never retried by itself
+    assert row(settings, outbox_id)["attempts"] == 1
+
+
+async def test_rows_that_cannot_be_sent_fail_with_a_reason(tmp_path: Path, sink: SmtpSink) -> None:
+    settings = parse_config(offline_config(tmp_path, sink))
+    conversation = seed_conversation(settings)
+    no_recipient = queue(
+        settings,
+        OutgoingRequest(
+            account="support", to="support@example.test", subject="x", body_text="loop"
+        ),
+    )
+    # Refused by the foreign key on mailbridge's connection; an integrator's may not check.
+    conn = sqlite3.connect(settings.database)
+    no_conversation = conn.execute(
+        "INSERT INTO outbox (account, conversation, bodytext) VALUES ('support', 999, 'x')"
+    ).lastrowid
+    conn.commit()
+    conn.close()
+    bad_action = queue(
+        settings,
+        OutgoingRequest(
+            account="support",
+            conversation_id=conversation,
+            body_text="x",
+            actions='{"ticket": {"status": "closed"}}',
+        ),
+    )
+    await send_pass(settings)
+    assert sink.received == []
+    for outbox_id, words in (
+        (no_recipient, "no recipient"),
+        (no_conversation, "conversation 999 does not exist"),
+        (bad_action, "'ticket'"),
+    ):
+        failed = row(settings, outbox_id)
+        assert failed["state"] == "failed", outbox_id
+        assert failed["lasterrorcode"] == "outbox_invalid"
+        assert words in failed["lasterror"]
+        assert failed["attempts"] == 0  # never reached the server
+
+
+async def test_message_actions_update_the_conversation_parent(
+    tmp_path: Path, sink: SmtpSink
+) -> None:
+    data = offline_config(tmp_path, sink)
+    data["conversation_parents"] = [
+        {
+            "table": "ticket",
+            "properties": [
+                {"column": "subject", "message_property": "subject"},
+                {"column": "status", "default": "new"},
+            ],
+        }
+    ]
+    settings = parse_config(data)
+    repo = SqliteRepository(settings.database)
+    repo.migrate()
+    repo.prepare(settings.follower_parents, settings.conversation_parents)
+    repo.close()
+    conversation = seed_conversation(settings)
+    outbox_id = queue(
+        settings,
+        OutgoingRequest(
+            account="support",
+            conversation_id=conversation,
+            body_text="Please send the invoice number.",
+            actions='{"ticket": {"status": "waiting_customer"}}',
+        ),
+    )
+    await send_pass(settings)
+    assert row(settings, outbox_id)["state"] == "sent"
+    conn = sqlite3.connect(settings.database)
+    try:
+        status = conn.execute(
+            "SELECT t.status FROM ticket AS t JOIN conversation AS c ON c.ticket = t.id"
+            " WHERE c.id = ?",
+            (conversation,),
+        ).fetchone()[0]
+    finally:
+        conn.close()
+    assert status == "waiting_customer"
+
+
+def write_config(tmp_path: Path, data: dict[str, Any]) -> Path:
+    path = tmp_path / "config.yaml"
+    path.write_text(yaml.safe_dump(data))
+    return path
+
+
+async def test_send_starts_a_new_conversation(
+    tmp_path: Path, sink: SmtpSink, capsys: pytest.CaptureFixture[str]
+) -> None:
+    data = offline_config(tmp_path, sink)
+    settings = parse_config(data)
+    path = write_config(tmp_path, data)
+    body = tmp_path / "body.html"
+    body.write_text("<p>Your <b>order</b> has shipped.</p>")
+    assert (
+        cli_main(
+            [
+                "-c",
+                str(path),
+                "send",
+                "support",
+                "--to",
+                "Jo <jo@customer.example>",
+                "--subject",
+                "Shipping news",
+                "--body-file",
+                str(body),
+                "--html",
+            ]
+        )
+        == 0
+    )
+    assert "queued a new conversation as outbox row 1" in capsys.readouterr().out
+    await send_pass(settings)
+    [received] = sink.received
+    message = parsed(received.data)
+    assert message["Subject"] == "Shipping news"
+    assert message["In-Reply-To"] is None
+    plain = message.get_body(("plain",))
+    assert plain is not None
+    assert "order" in plain.get_content()  # a text part generated from the HTML
+    done = row(settings, 1)
+    conn = sqlite3.connect(settings.database)
+    try:
+        conversation = conn.execute(
+            "SELECT uniqueid, account, subject FROM conversation WHERE id = ?",
+            (done["conversation"],),
+        ).fetchone()
+        followers = conn.execute(
+            "SELECT email FROM follower WHERE conversation = ?", (done["conversation"],)
+        ).fetchall()
+    finally:
+        conn.close()
+    assert conversation == (done["conversationkey"], "support", "Shipping news")
+    assert followers == [("jo@customer.example",)]
+    # The operator's view.
+    assert cli_main(["-c", str(path), "outbox", "--all"]) == 0
+    assert "sent" in capsys.readouterr().out
+
+
+def test_outbox_retry_and_cancel(tmp_path: Path, sink: SmtpSink, capsys: Any) -> None:
+    data = offline_config(tmp_path, sink)
+    settings = parse_config(data)
+    path = write_config(tmp_path, data)
+    conversation = seed_conversation(settings)
+    outbox_id = queue(
+        settings, OutgoingRequest(account="support", conversation_id=conversation, body_text="x")
+    )
+    sink.replies.append("550 5.1.1 <john@customer.example>: Recipient address rejected")
+    asyncio.run(send_pass(settings))
+    assert cli_main(["-c", str(path), "outbox", "--failed"]) == 0
+    out = capsys.readouterr().out
+    assert "message_rejected" in out
+    assert "Recipient address rejected" in out
+    assert cli_main(["-c", str(path), "outbox", "cancel", str(outbox_id)]) == 0
+    assert row(settings, outbox_id)["state"] == "cancelled"
+    assert cli_main(["-c", str(path), "outbox", "retry", str(outbox_id)]) == 0
+    assert row(settings, outbox_id)["state"] == "queued"
+    asyncio.run(send_pass(settings))
+    assert row(settings, outbox_id)["state"] == "sent"
+    assert cli_main(["-c", str(path), "outbox", "cancel", str(outbox_id)]) == 1  # sent: too late
+    assert "is sent" in capsys.readouterr().err
+
+
+async def test_the_running_worker_picks_up_an_integrators_insert_at_once(
+    tmp_path: Path, sink: SmtpSink
+) -> None:
+    settings = parse_config(offline_config(tmp_path, sink))
+    conversation = seed_conversation(settings)
+    repo = await open_repository(settings.database, settings)
+    worker = OutboxWorker(settings, repo)
+    task = asyncio.create_task(worker.run())
+    try:
+        await asyncio.sleep(0.3)  # the worker is asleep (nothing due: up to 60 s)
+        conn = sqlite3.connect(settings.database)
+        try:
+            conn.execute(
+                "INSERT INTO outbox (account, conversation, bodytext) VALUES (?, ?, ?)",
+                ("support", conversation, "Inserted by the CRM"),
+            )
+            conn.commit()
+        finally:
+            conn.close()
+        # Far below the worker's 60 s sleep: the database change woke it.
+        await eventually(lambda: len(sink.received) == 1, within=15, what="the row sent")
+    finally:
+        worker.stopping.set()
+        await asyncio.wait_for(task, 30)
+        await repo.aclose()
+
+
+# -- kill -9 between the end of DATA and the status update --------------------------------------
+
+
+def _daemon(path: Path) -> subprocess.Popen[bytes]:
+    return subprocess.Popen(
+        [sys.executable, "-m", "mailbridge", "-c", str(path), "--log-format", "json", "run"],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+    )
+
+
+def _killed_mid_send(path: Path, settings: Settings, sink: SmtpSink, outbox_id: int) -> bytes:
+    """Start the daemon, let the server take the message and hold its 250, kill -9 the daemon
+    then; returns the bytes the server got."""
+    sink.hold()
+    proc = _daemon(path)
+    try:
+        assert sink.holding.wait(60), "the daemon never reached DATA"
+        assert row(settings, outbox_id)["state"] == "sending"
+        proc.send_signal(signal.SIGKILL)
+        proc.communicate(timeout=30)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.communicate(timeout=30)
+        sink.release()
+    assert row(settings, outbox_id)["state"] == "sending"  # the status update never happened
+    [received] = sink.received
+    return received.data
+
+
+def test_kill_9_after_data_resends_with_the_same_message_id(tmp_path: Path, sink: SmtpSink) -> None:
+    """Without a Sent folder to look in: at-least-once, the second copy identical."""
+    data = offline_config(tmp_path, sink)
+    settings = parse_config(data)
+    path = write_config(tmp_path, data)
+    conversation = seed_conversation(settings)
+    outbox_id = queue(
+        settings, OutgoingRequest(account="support", conversation_id=conversation, body_text="x")
+    )
+    first = _killed_mid_send(path, settings, sink, outbox_id)
+    asyncio.run(send_pass(settings))  # the restart: `run --once` does the same recovery
+    done = row(settings, outbox_id)
+    assert done["state"] == "sent"
+    assert done["attempts"] == 2
+    assert [r.data for r in sink.received] == [first, first]  # same Message-ID, same bytes
+    conn = sqlite3.connect(settings.database)
+    try:
+        [count] = conn.execute(
+            "SELECT COUNT(*) FROM conversationmessage WHERE direction = 'outgoing'"
+        ).fetchone()
+    finally:
+        conn.close()
+    assert count == 1  # stored once
+
+
+@pytest.mark.dovecot
+def test_kill_9_after_data_then_found_in_sent_is_not_resent(
+    tmp_path: Path, sink: SmtpSink, dovecot: Any, imap_user: Any
+) -> None:
+    """A server that files submissions in Sent (append_sent: false): the restart finds the
+    Message-ID there and records the row as sent without sending it again."""
+    data = config_data(
+        tmp_path, dovecot, imap_user, smtp=sink.smtp_settings(),
+        folders={"sent": "Sent", "append_sent": False},
+    )  # fmt: skip
+    data["recovery"] = {"enabled": False}
+    settings = parse_config(data)
+    path = write_config(tmp_path, data)
+    conversation = seed_conversation(settings, mail("Order", to=imap_user.address))
+    outbox_id = queue(
+        settings, OutgoingRequest(account="support", conversation_id=conversation, body_text="x")
+    )
+    first = _killed_mid_send(path, settings, sink, outbox_id)
+    dovecot.append(imap_user.login, imap_user.password, first, folder="Sent")  # the server's copy
+    assert cli_main(["-c", str(path), "run", "--once"]) == 0
+    done = row(settings, outbox_id)
+    assert done["state"] == "sent"
+    assert done["attempts"] == 1
+    assert len(sink.received) == 1  # not sent again
+
+
+# -- the customer's answer threads back ---------------------------------------------------------
+
+
+@pytest.mark.dovecot
+@pytest.mark.parametrize("identification", ["message_id", "plus_address", "subject"])
+def test_the_customers_answer_to_our_reply_joins_the_conversation(
+    tmp_path: Path, sink: SmtpSink, dovecot: Any, imap_user: Any, identification: str
+) -> None:
+    data = config_data(
+        tmp_path, dovecot, imap_user, smtp=sink.smtp_settings(),
+        folders={"sent": "Sent"},
+    )  # fmt: skip
+    data["identification"] = identification
+    data["recovery"] = {"enabled": False}
+    settings = parse_config(data)
+    path = write_config(tmp_path, data)
+    question = mail("Where is my order?", to=imap_user.address)
+    dovecot.append(imap_user.login, imap_user.password, question.as_bytes())
+    asyncio.run(run_once(settings))
+    conn = sqlite3.connect(settings.database)
+    [(conversation,)] = conn.execute("SELECT id FROM conversation").fetchall()
+    conn.close()
+    body = tmp_path / "answer.txt"
+    body.write_text("It ships today.")
+    assert cli_main(["-c", str(path), "reply", str(conversation), "--body-file", str(body)]) == 0
+    asyncio.run(run_once(settings))
+    [ours] = sink.received
+    sent = parsed(ours.data)
+    # With folders.sent a copy of what was sent is in the Sent folder.
+    assert dovecot.folder_messages(imap_user.login, imap_user.password, "Sent") != []
+
+    # The customer answers with a client that keeps only what the method needs.
+    answer = EmailMessage()
+    answer["From"] = f"John Doe <{CUSTOMER}>"
+    reply_to = sent["Reply-To"]
+    answer["To"] = str(reply_to) if reply_to is not None else imap_user.address
+    answer["Subject"] = f"Re: {sent['Subject']}"
+    answer["Date"] = "Tue, 24 Nov 2026 09:00:00 +0000"
+    answer["Message-ID"] = f"<answer-{identification}@customer.example>"
+    if identification == "message_id":
+        answer["In-Reply-To"] = sent["Message-ID"]
+    answer.set_content("Thanks!")
+    dovecot.append(imap_user.login, imap_user.password, answer.as_bytes())
+    asyncio.run(run_once(settings))
+    conn = sqlite3.connect(settings.database)
+    try:
+        rows = conn.execute(
+            "SELECT conversation, direction, threadedby FROM conversationmessage ORDER BY id"
+        ).fetchall()
+    finally:
+        conn.close()
+    assert rows == [
+        (conversation, "incoming", "new"),
+        (conversation, "outgoing", "outbox"),
+        (conversation, "incoming", identification),
+    ]
+
+
+def test_the_daemon_notices_a_cli_reply_at_once(tmp_path: Path, sink: SmtpSink) -> None:
+    """`mailbridge reply` while `mailbridge run` is up: sent without waiting for a poll."""
+    data = offline_config(tmp_path, sink)
+    settings = parse_config(data)
+    path = write_config(tmp_path, data)
+    conversation = seed_conversation(settings)
+    proc = _daemon(path)
+    try:
+        deadline = time.monotonic() + 30
+        while b"daemon_started" not in _peek(proc):
+            assert time.monotonic() < deadline
+            assert proc.poll() is None
+            time.sleep(0.05)
+        body = tmp_path / "b.txt"
+        body.write_text("On its way.")
+        assert (
+            cli_main(["-c", str(path), "reply", str(conversation), "--body-file", str(body)]) == 0
+        )
+        deadline = time.monotonic() + 15
+        while not sink.received:
+            assert time.monotonic() < deadline, "the daemon did not send the reply"
+            time.sleep(0.05)
+        proc.send_signal(signal.SIGTERM)
+        os.set_blocking(proc.stderr.fileno(), True)  # type: ignore[union-attr]
+        proc.communicate(timeout=30)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.communicate(timeout=30)
+    assert proc.returncode == 0
+
+
+_peeked: dict[int, bytes] = {}
+
+
+def _peek(proc: subprocess.Popen[bytes]) -> bytes:
+    """What the daemon logged so far (non-blocking read of its stderr)."""
+    assert proc.stderr is not None
+    os.set_blocking(proc.stderr.fileno(), False)
+    chunk = proc.stderr.read() or b""
+    _peeked[proc.pid] = _peeked.get(proc.pid, b"") + chunk
+    return _peeked[proc.pid]
