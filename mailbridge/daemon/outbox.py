@@ -44,6 +44,7 @@ from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from email.message import EmailMessage
 from email.parser import BytesHeaderParser
+from email.utils import make_msgid
 from pathlib import Path
 
 import structlog
@@ -70,7 +71,7 @@ from mailbridge.errors import MailbridgeError, ServerError, StoreError
 from mailbridge.mail.imap import ImapSession, quote
 from mailbridge.mail.smtp import SendError, SmtpSender
 from mailbridge.store.base import ImportContext
-from mailbridge.store.outbox import OutboxFile, OutboxRow, ReplyContext
+from mailbridge.store.outbox import OutboxCopy, OutboxFile, OutboxRow, ReplyContext
 from mailbridge.store.sqlite import AsyncRepository
 
 log = structlog.get_logger("mailbridge.outbox")
@@ -211,6 +212,8 @@ class _Prepared:
     raw: bytes
     recipients: list[str]
     actions: list[MessageAction]
+    # Personalised sending: (recipient, bytes) of each copy the server has not accepted yet.
+    copies: list[tuple[str, bytes]]
 
 
 class OutboxWorker:
@@ -312,7 +315,14 @@ class OutboxWorker:
         for row in await self.repo.outbox_in_flight(list(accounts)):
             account = accounts[row.account]
             found: bool | None = None
-            if account.folders.sent is not None and row.message_id and row.raw is not None:
+            # Personalised copies are recorded one by one: the unsent ones are sent again.
+            personal = bool(await self.repo.outbox_copies(row.id))
+            if (
+                account.folders.sent is not None
+                and row.message_id
+                and row.raw is not None
+                and not personal
+            ):
                 found = await self._in_sent_folder(account, row.message_id)
             outcome = recovered_state(found) if row.raw is not None else "queued"
             log.warning(
@@ -397,7 +407,7 @@ class OutboxWorker:
                 try:
                     if sender is None or not sender.usable:
                         sender = await SmtpSender.open(account)
-                    refused = await sender.send(prepared.raw, account.address, prepared.recipients)
+                    refused = await self._send(sender, account, row, prepared)
                 except SendError as exc:
                     await self._failed(
                         row, exc.code, exc.reply, permanent=exc.permanent, summary=summary
@@ -494,7 +504,21 @@ class OutboxWorker:
             raise InvalidRowError(
                 "no recipient left (the account's own addresses are never sent to)"
             )
-        return _Prepared(raw, recipients, actions)
+        copies = [(c.recipient, c.raw) for c in await self.repo.outbox_copies(row.id) if not c.sent]
+        return _Prepared(raw, recipients, actions, copies)
+
+    async def _send(
+        self, sender: SmtpSender, account: AccountSettings, row: OutboxRow, prepared: _Prepared
+    ) -> dict[str, str]:
+        """One message for all recipients, or each personalised copy to its recipient (each
+        recorded as accepted at once, so a retry sends only the rest)."""
+        if not prepared.copies and not await self.repo.outbox_copies(row.id):
+            return await sender.send(prepared.raw, account.address, prepared.recipients)
+        refused: dict[str, str] = {}
+        for recipient, raw in prepared.copies:
+            refused.update(await sender.send(raw, account.address, [recipient]))
+            await self.repo.outbox_copy_sent(row.id, recipient, datetime.now(UTC))
+        return refused
 
     @staticmethod
     def _actions(row: OutboxRow) -> list[MessageAction]:
@@ -558,7 +582,13 @@ class OutboxWorker:
             )
         message_id = normalize_message_id(str(message["Message-ID"]))
         assert message_id is not None
-        if not await self.repo.outbox_prepare(row.id, message_id, key, raw):
+        copies: list[OutboxCopy] = []
+        if account.personalized_emails:
+            recipients = envelope_recipients(message, split_addresses(row.bcc))
+            if len(recipients) > 1:
+                copies = personal_copies(message, recipients)
+                raw = copies[0].raw
+        if not await self.repo.outbox_prepare(row.id, message_id, key, raw, copies):
             fixed = await self.repo.outbox_row(row.id)  # fixed by another attempt meanwhile
             if fixed is None or fixed.raw is None:
                 raise InvalidRowError(f"outbox row {row.id} vanished")
@@ -633,6 +663,23 @@ class OutboxWorker:
                 "outbox_sent_copy_failed", account=account.name, folder=account.folders.sent,
                 code=exc.code, error=str(exc), remedy=exc.remedy,
             )  # fmt: skip
+
+
+def personal_copies(message: EmailMessage, recipients: Sequence[str]) -> list[OutboxCopy]:
+    """One copy per recipient, each with its own Message-ID (the first keeps the message's):
+    the same headers and body otherwise, so every recipient sees everyone addressed, and an
+    answer from any of them cites an id that leads back to the conversation."""
+    first_id = normalize_message_id(str(message["Message-ID"])) or ""
+    domain = first_id.rpartition("@")[2] or "localhost"
+    copies: list[OutboxCopy] = []
+    for index, recipient in enumerate(recipients):
+        if index:
+            del message["Message-ID"]
+            # RFC 5322 section 3.6.4: globally unique; on our domain, no resolver asked.
+            message["Message-ID"] = make_msgid(domain=domain)
+        message_id = normalize_message_id(str(message["Message-ID"])) or ""
+        copies.append(OutboxCopy(recipient, message_id, message.as_bytes()))
+    return copies
 
 
 def parse_for_envelope(raw: bytes) -> EmailMessage:

@@ -87,6 +87,16 @@ class OutboxFile:
 
 
 @dataclass(frozen=True, slots=True)
+class OutboxCopy:
+    """An ``outboxcopy`` row: the copy of a personalised message for one recipient."""
+
+    recipient: str
+    message_id: str
+    raw: bytes
+    sent: datetime | None = None
+
+
+@dataclass(frozen=True, slots=True)
 class ReplyContext:
     """What answering a conversation needs: its key, subject, the message answered, who gets
     the answer, and the columns of its parent records (for message actions)."""
@@ -151,10 +161,21 @@ class OutboxRepository(Protocol):
         """What answering the conversation needs, or None when there is no such row."""
 
     def outbox_prepare(
-        self, outbox_id: int, message_id: str, conversation_key: str, raw: bytes
+        self,
+        outbox_id: int,
+        message_id: str,
+        conversation_key: str,
+        raw: bytes,
+        copies: Sequence[OutboxCopy] = (),
     ) -> bool:
-        """Fix the row's Message-ID, conversation key and bytes, unless already fixed. True
-        when this call fixed them."""
+        """Fix the row's Message-ID, conversation key and bytes (and its personalised copies),
+        unless already fixed. True when this call fixed them."""
+
+    def outbox_copies(self, outbox_id: int) -> list[OutboxCopy]:
+        """The row's personalised copies, in recipient order (empty: one message for all)."""
+
+    def outbox_copy_sent(self, outbox_id: int, recipient: str, now: datetime) -> None:
+        """Record that the server accepted ``recipient``'s copy."""
 
     def outbox_begin(self, outbox_id: int, now: datetime) -> bool:
         """``queued`` -> ``sending``, attempts + 1, attemptstarted = now. False when the row is
@@ -183,8 +204,9 @@ class OutboxRepository(Protocol):
     ) -> int:
         """Mark the row ``sent`` and store ``message`` as an outgoing message of its
         conversation (created with the row's conversation key for a new one), with the
-        row's coworker as a message follower, and set the ``(table, column, value)`` actions
-        on the conversation's parent records. One transaction; returns the message row id."""
+        row's coworker as a message follower and each personalised copy's Message-ID on its
+        recipient's message follower row, and set the ``(table, column, value)`` actions on
+        the conversation's parent records. One transaction; returns the message row id."""
 
     def outbox_retry(self, outbox_id: int) -> bool:
         """A failed or cancelled row back to ``queued``, due now. False for other states."""

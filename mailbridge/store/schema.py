@@ -269,6 +269,19 @@ _V5: Final[tuple[str, ...]] = (
     )
     """,
     "CREATE INDEX outboxattachment_outbox ON outboxattachment (outbox)",
+    # Personalised sending: one copy per recipient, each with its own Message-ID (kept on the
+    # recipient's messagefollower row once sent); senttime set as each copy is accepted.
+    """
+    CREATE TABLE outboxcopy (
+        id        INTEGER PRIMARY KEY,
+        outbox    INTEGER NOT NULL REFERENCES outbox (id) ON DELETE CASCADE,
+        recipient TEXT NOT NULL,
+        messageid TEXT NOT NULL,
+        raw       BLOB NOT NULL,
+        senttime  TEXT,
+        UNIQUE (outbox, recipient)
+    )
+    """,
     f"""
     CREATE TABLE textsnippet (
         id          INTEGER PRIMARY KEY,
@@ -291,7 +304,7 @@ MIGRATIONS: Final[tuple[Migration, ...]] = (
     Migration(2, "threadedby, per-recipient Message-ID and unread indexes", _V2),
     Migration(3, "the recovery sweep's last run and summary per account", _V3),
     Migration(4, "how a failure was resolved; the Failed folder's UIDVALIDITY", _V4),
-    Migration(5, "sending: outbox, outbox attachments, text snippets", _V5),
+    Migration(5, "sending: outbox, its attachments and copies, text snippets", _V5),
 )
 
 # The version a fully migrated database reports in PRAGMA user_version.
@@ -309,6 +322,7 @@ TABLES: Final[tuple[str, ...]] = (
     "accountstate",
     "outbox",
     "outboxattachment",
+    "outboxcopy",
     "textsnippet",
 )
 

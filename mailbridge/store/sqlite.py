@@ -88,6 +88,7 @@ from mailbridge.store.base import (
     StoredMessage,
 )
 from mailbridge.store.outbox import (
+    OutboxCopy,
     OutboxFile,
     OutboxRow,
     OutgoingRequest,
@@ -1543,7 +1544,12 @@ class SqliteRepository:
         )
 
     def outbox_prepare(
-        self, outbox_id: int, message_id: str, conversation_key: str, raw: bytes
+        self,
+        outbox_id: int,
+        message_id: str,
+        conversation_key: str,
+        raw: bytes,
+        copies: Sequence[OutboxCopy] = (),
     ) -> bool:
         with self._transaction(f"fix the message of outbox row {outbox_id}", write=True) as conn:
             cursor = conn.execute(
@@ -1551,7 +1557,30 @@ class SqliteRepository:
                 " WHERE id = ? AND raw IS NULL",
                 (message_id, conversation_key, raw, _now(), outbox_id),
             )
-        return cursor.rowcount > 0
+            fixed = cursor.rowcount > 0
+            if fixed and copies:
+                conn.executemany(
+                    "INSERT INTO outboxcopy (outbox, recipient, messageid, raw)"
+                    " VALUES (?, ?, ?, ?)",
+                    [(outbox_id, c.recipient, c.message_id, c.raw) for c in copies],
+                )
+        return fixed
+
+    def outbox_copies(self, outbox_id: int) -> list[OutboxCopy]:
+        with self._transaction(f"read the copies of outbox row {outbox_id}", write=False):
+            rows = self._conn.execute(
+                "SELECT recipient, messageid, raw, senttime FROM outboxcopy WHERE outbox = ?"
+                " ORDER BY id",
+                (outbox_id,),
+            ).fetchall()
+        return [OutboxCopy(r[0], r[1], r[2], parse_time(r[3])) for r in rows]
+
+    def outbox_copy_sent(self, outbox_id: int, recipient: str, now: datetime) -> None:
+        with self._transaction(f"record a sent copy of outbox row {outbox_id}", write=True):
+            self._conn.execute(
+                "UPDATE outboxcopy SET senttime = ? WHERE outbox = ? AND recipient = ?",
+                (iso(now), outbox_id, recipient),
+            )
 
     def outbox_begin(self, outbox_id: int, now: datetime) -> bool:
         with self._transaction(f"start sending outbox row {outbox_id}", write=True) as conn:
@@ -1624,6 +1653,14 @@ class SqliteRepository:
                     self._add_coworker(
                         conn, conversation, row_id, coworker_address, coworker, stamp
                     )
+                # Personalised copies: a reply cites its recipient's own Message-ID.
+                conn.execute(
+                    "UPDATE messagefollower SET messageid = (SELECT c.messageid FROM outboxcopy"
+                    " AS c JOIN follower AS f ON f.email = c.recipient WHERE c.outbox = ?"
+                    " AND f.id = messagefollower.follower) WHERE conversationmessage = ?"
+                    " AND participationlevel != 'from'",
+                    (outbox_id, row_id),
+                )
             for table, column, value in actions:
                 conn.execute(
                     f"UPDATE {_q(table)} SET {_q(column)} = ?"
@@ -1966,11 +2003,23 @@ class AsyncRepository:
         return await self._run(lambda repo: repo.reply_context(conversation_id))
 
     async def outbox_prepare(
-        self, outbox_id: int, message_id: str, conversation_key: str, raw: bytes
+        self,
+        outbox_id: int,
+        message_id: str,
+        conversation_key: str,
+        raw: bytes,
+        copies: Sequence[OutboxCopy] = (),
     ) -> bool:
+        items = tuple(copies)
         return await self._run(
-            lambda repo: repo.outbox_prepare(outbox_id, message_id, conversation_key, raw)
+            lambda repo: repo.outbox_prepare(outbox_id, message_id, conversation_key, raw, items)
         )
+
+    async def outbox_copies(self, outbox_id: int) -> list[OutboxCopy]:
+        return await self._run(lambda repo: repo.outbox_copies(outbox_id))
+
+    async def outbox_copy_sent(self, outbox_id: int, recipient: str, now: datetime) -> None:
+        await self._run(lambda repo: repo.outbox_copy_sent(outbox_id, recipient, now))
 
     async def outbox_begin(self, outbox_id: int, now: datetime) -> bool:
         return await self._run(lambda repo: repo.outbox_begin(outbox_id, now))

@@ -591,3 +591,61 @@ def _peek(proc: subprocess.Popen[bytes]) -> bytes:
     chunk = proc.stderr.read() or b""
     _peeked[proc.pid] = _peeked.get(proc.pid, b"") + chunk
     return _peeked[proc.pid]
+
+
+async def test_personalised_mail_sends_one_copy_per_recipient(
+    tmp_path: Path, sink: SmtpSink
+) -> None:
+    """personalized_emails: "Coworker - Account" as sender, each recipient an own copy with
+    an own Message-ID (kept on messagefollower), and an answer citing it threads back."""
+    settings = parse_config(offline_config(tmp_path, sink, personalized_emails=True))
+    conversation = seed_conversation(settings)
+    outbox_id = queue(
+        settings,
+        OutgoingRequest(
+            account="support", conversation_id=conversation, body_text="Hi both",
+            coworker="Ann Agent",
+        ),
+    )  # fmt: skip
+    sink.replies.extend(["250 OK", "451 4.3.0 try again"])  # the second copy deferred once
+    await send_pass(settings)
+    assert row(settings, outbox_id)["state"] == "queued"
+    sink.replies.clear()
+    deadline = time.monotonic() + 30
+    while row(settings, outbox_id)["state"] != "sent":
+        assert time.monotonic() < deadline
+        await asyncio.sleep(0.2)
+        await send_pass(settings)
+    assert [r.recipients for r in sink.received] == [(CUSTOMER,), ("jane@x.example",)]
+    copies = [parsed(r.data) for r in sink.received]
+    ids = [normalize_message_id(str(m["Message-ID"])) for m in copies]
+    assert len(set(ids)) == 2
+    assert ids[0] == row(settings, outbox_id)["messageid"]
+    assert all(
+        str(m["From"]) == "Ann Agent - Example Support <support@example.test>" for m in copies
+    )
+    conn = sqlite3.connect(settings.database)
+    try:
+        stored = dict(
+            conn.execute(
+                "SELECT f.email, mf.messageid FROM messagefollower AS mf"
+                " JOIN follower AS f ON f.id = mf.follower"
+                " WHERE mf.conversationmessage = ?",
+                (row(settings, outbox_id)["conversationmessage"],),
+            ).fetchall()
+        )
+    finally:
+        conn.close()
+    assert stored == {CUSTOMER: ids[0], "jane@x.example": ids[1]}
+    # Jane answers her copy: it threads into the conversation by that id.
+    answer = mail("Re: Order 1042", sender="Jane <jane@x.example>", to="support@example.test",
+                  In_Reply_To=f"<{ids[1]}>")  # fmt: skip
+    repo = SqliteRepository(settings.database)
+    try:
+        [result] = repo.import_batch(
+            ImportContext.for_account(settings, settings.accounts[0]),
+            [ImportItem(uid=2, message=parse_message(answer.as_bytes()))],
+        )
+    finally:
+        repo.close()
+    assert result.conversation_id == conversation
