@@ -206,6 +206,25 @@ class FolderSettings(_Model):
         return self
 
 
+class AutoReplySettings(_Model):
+    """An automatic answer to each message that starts a new conversation (README "Automatic
+    replies"); never to automatic mail, the account's own addresses, or a sender answered
+    automatically loop_protection.max_auto_replies times within its window."""
+
+    enabled: bool = False
+    subject: Annotated[str, StringConstraints(max_length=200)] | None = None  # default: Re: ...
+    body_text: str | None = None
+    body_html: str | None = None
+    # Older mail (recovered by the sweep after an outage, say) gets no automatic reply.
+    max_age_hours: Annotated[float, Field(gt=0, le=24 * 365)] = 24.0
+
+    @model_validator(mode="after")
+    def _has_body(self) -> AutoReplySettings:
+        if self.enabled and self.body_text is None and self.body_html is None:
+            raise ValueError("enabled: true needs body_text or body_html")
+        return self
+
+
 class AccountSettings(_Model):
     name: AccountName
     address: EmailAddress
@@ -224,6 +243,7 @@ class AccountSettings(_Model):
     # every recipient gets an own copy with its own Message-ID.
     display_name: Annotated[str, StringConstraints(max_length=200)] = ""
     personalized_emails: bool = False
+    auto_reply: AutoReplySettings = AutoReplySettings()
 
     def own_addresses(self) -> frozenset[str]:
         """The account's address and its aliases: one identity."""
@@ -255,6 +275,13 @@ class OutboxSettings(_Model):
     @property
     def max_outgoing_bytes(self) -> int:
         return int(self.max_outgoing_size_mb * 1024 * 1024)
+
+
+class LoopProtectionSettings(_Model):
+    """At most max_auto_replies automatic replies to one sender within window_hours."""
+
+    max_auto_replies: Annotated[int, Field(ge=0, le=1000)] = 3
+    window_hours: Annotated[float, Field(gt=0, le=24 * 365)] = 24.0
 
 
 class LogSettings(_Model):
@@ -410,6 +437,7 @@ class Settings(_Model):
     log: LogSettings = LogSettings()
     recovery: RecoverySettings = RecoverySettings()
     outbox: OutboxSettings = OutboxSettings()
+    loop_protection: LoopProtectionSettings = LoopProtectionSettings()
     identification: Identification = "message_id"
     follower_parents: tuple[FollowerParentSettings, ...] = ()
     conversation_parents: tuple[ConversationParentSettings, ...] = ()

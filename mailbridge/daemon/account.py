@@ -36,6 +36,7 @@ from tenacity import RetryCallState, wait_random_exponential
 
 from mailbridge.config import AccountSettings, Settings
 from mailbridge.core.parse import parse_message, summarise_headers
+from mailbridge.daemon.autoreply import queue_auto_replies
 from mailbridge.daemon.parsing import parse_off_loop
 from mailbridge.errors import MailbridgeError, MessageError, StoreError, describe
 from mailbridge.mail.imap import FetchedMessage, ImapSession
@@ -478,6 +479,8 @@ class AccountWorker:
                 )
         summary.failed = len(failures)
         summary.failures = failures
+        # Automatic replies to new conversations, queued in the outbox (daemon/autoreply.py).
+        await queue_auto_replies(self.settings, self.account, self.repo, items, results, arrived)
 
         # Only now, with everything committed, does mail leave the Inbox.
         folders = self.account.folders

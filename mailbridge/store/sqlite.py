@@ -1714,13 +1714,11 @@ class SqliteRepository:
         return cursor.rowcount > 0
 
     def automatic_replies_since(self, account: str, address: str, since: datetime) -> int:
-        pattern = _like_pattern(address.strip().lower())
         with self._transaction("count automatic replies", write=False) as conn:
             [count] = conn.execute(
                 "SELECT COUNT(*) FROM outbox WHERE account = ? AND automatic = 1"
-                " AND createdtime >= ? AND state != 'cancelled'"
-                " AND LOWER(toaddresses) LIKE ? ESCAPE '\\'",
-                (account, iso(since), pattern),
+                " AND createdtime >= ? AND state != 'cancelled' AND LOWER(toaddresses) = ?",
+                (account, iso(since), address.strip().lower()),
             ).fetchone()
         return int(count)
 

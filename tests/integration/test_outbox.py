@@ -649,3 +649,84 @@ async def test_personalised_mail_sends_one_copy_per_recipient(
     finally:
         repo.close()
     assert result.conversation_id == conversation
+
+
+# -- automatic replies --------------------------------------------------------------------------
+
+
+def _robot_answer(to_us: bytes, robot: str, number: int) -> bytes:
+    """An out-of-office robot that marks nothing (no RFC 3834 header) and threads nothing:
+    every answer of it starts a new conversation at our end."""
+    seen = parsed(to_us)
+    answer = EmailMessage()
+    answer["From"] = f"Robot <{robot}>"
+    answer["To"] = str(seen["From"])
+    answer["Subject"] = f"Out of office: {seen['Subject']}"
+    answer["Date"] = "Tue, 24 Nov 2026 09:00:00 +0000"
+    answer["Message-ID"] = f"<ooo-{number}@robot.example>"
+    answer.set_content("I am away.")
+    return answer.as_bytes()
+
+
+@pytest.mark.dovecot
+def test_two_auto_responders_facing_each_other_stop_within_the_limit(
+    tmp_path: Path, sink: SmtpSink, dovecot: Any, imap_user: Any
+) -> None:
+    robot = "robot@robot.example"
+    data = config_data(
+        tmp_path, dovecot, imap_user, smtp=sink.smtp_settings(),
+        auto_reply={"enabled": True, "body_text": "Thanks, we got your message."},
+    )  # fmt: skip
+    data["recovery"] = {"enabled": False}
+    data["loop_protection"] = {"max_auto_replies": 3, "window_hours": 24}
+    settings = parse_config(data)
+    first = EmailMessage()
+    first["From"] = f"Robot <{robot}>"
+    first["To"] = imap_user.address
+    first["Subject"] = "Hello"
+    first["Message-ID"] = "<ooo-0@robot.example>"
+    first.set_content("Hi")
+    dovecot.append(imap_user.login, imap_user.password, first.as_bytes())
+    answered = 0
+    for number in range(1, 10):
+        asyncio.run(run_once(settings))  # import, queue the automatic reply, send it
+        if len(sink.received) == answered:
+            break  # we did not answer: the loop is over
+        answered = len(sink.received)
+        ours = sink.received[-1]
+        assert ours.recipients == (robot,)
+        message = parsed(ours.data)
+        assert message["Auto-Submitted"] == "auto-replied"
+        assert message["X-Auto-Response-Suppress"] == "All"
+        assert message["Precedence"] == "auto_reply"
+        dovecot.append(imap_user.login, imap_user.password, _robot_answer(ours.data, robot, number))
+    assert len(sink.received) == 3  # loop_protection.max_auto_replies
+    conn = sqlite3.connect(settings.database)
+    try:
+        [(conversations,)] = conn.execute("SELECT COUNT(*) FROM conversation").fetchall()
+    finally:
+        conn.close()
+    assert conversations == 4  # every robot mail imported; only the first three answered
+
+
+@pytest.mark.dovecot
+def test_automatic_mail_and_own_mail_get_no_automatic_reply(
+    tmp_path: Path, sink: SmtpSink, dovecot: Any, imap_user: Any
+) -> None:
+    data = config_data(
+        tmp_path, dovecot, imap_user, smtp=sink.smtp_settings(),
+        aliases=["help@example.test"],
+        auto_reply={"enabled": True, "body_text": "Thanks."},
+    )  # fmt: skip
+    data["recovery"] = {"enabled": False}
+    settings = parse_config(data)
+    for message in (
+        mail("Vacation", Auto_Submitted="auto-replied", to=imap_user.address),
+        mail("Newsletter", Precedence="bulk", to=imap_user.address),
+        mail("From our alias", sender="help@example.test", to="john@customer.example"),
+        mail("A person", to=imap_user.address),
+    ):
+        dovecot.append(imap_user.login, imap_user.password, message.as_bytes())
+    asyncio.run(run_once(settings))
+    assert [r.recipients for r in sink.received] == [(CUSTOMER,)]
+    assert parsed(sink.received[0].data)["Subject"] == "Re: A person"
