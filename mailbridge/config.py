@@ -206,6 +206,18 @@ class FolderSettings(_Model):
         return self
 
 
+def _time_zone(value: str) -> str:
+    from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
+
+    try:
+        ZoneInfo(value)
+    except (ZoneInfoNotFoundError, ValueError) as exc:
+        raise ValueError(
+            f"{value!r} is not a time zone (an IANA name such as 'Europe/Stockholm' or 'UTC')"
+        ) from exc
+    return value
+
+
 class AutoReplySettings(_Model):
     """An automatic answer to each message that starts a new conversation (README "Automatic
     replies"); never to automatic mail, the account's own addresses, or a sender answered
@@ -244,6 +256,12 @@ class AccountSettings(_Model):
     display_name: Annotated[str, StringConstraints(max_length=200)] = ""
     personalized_emails: bool = False
     auto_reply: AutoReplySettings = AutoReplySettings()
+    # The HTML template every message of the account is sent in (README "Templates and merge
+    # codes"), its signature, the language of its fixed texts and the zone of its dates.
+    template_file: Path | None = None
+    signature: str = ""
+    language: Literal["en", "de", "sv", "fr", "es"] = "en"
+    time_zone: Annotated[str, AfterValidator(_time_zone)] = "UTC"
 
     def own_addresses(self) -> frozenset[str]:
         """The account's address and its aliases: one identity."""
@@ -521,6 +539,7 @@ def parse_config(data: object, *, source: Path | None = None) -> Settings:
         text = "; ".join(f"{path}: {why}" for path, why in problems)
         raise ConfigError(text, path=first_path) from exc
     check_model(settings)
+    check_templates(settings)
     # Set after validation so the file cannot set it (model_copy does not re-validate).
     return settings.model_copy(update={"source": source})
 
@@ -580,6 +599,48 @@ def check_model(settings: Settings) -> None:
                     f"{where}: without message_property, {table!r} must be one of the "
                     "follower_parents tables (its row is found by the sender's address)",
                     path=where,
+                )
+
+
+def check_templates(settings: Settings) -> None:
+    """Every account's template file readable and using only known merge codes (plus the
+    configured parent tables), and the same for its automatic reply's body; ConfigError
+    naming the key, the template and the code (exit 78)."""
+    from mailbridge.core.templates import unknown_codes  # jinja2 only when templates are used
+
+    tables = {p.table for p in settings.conversation_parents} | {
+        p.table for p in settings.follower_parents
+    }
+    for i, account in enumerate(settings.accounts):
+        sources: list[tuple[str, str, str]] = []
+        if account.template_file is not None:
+            key = f"accounts[{i}].template_file"
+            try:
+                text = account.template_file.read_text(encoding="utf-8")
+            except OSError as exc:
+                raise ConfigError(
+                    f"{key}: cannot read {account.template_file}: {exc.strerror}", path=key
+                ) from exc
+            sources.append((key, str(account.template_file), text))
+        for field in ("body_text", "body_html"):
+            body = getattr(account.auto_reply, field)
+            if body is not None:
+                key = f"accounts[{i}].auto_reply.{field}"
+                sources.append((key, key, body))
+        for key, name, text in sources:
+            try:
+                unknown = unknown_codes(text, tables)
+            except ValueError as exc:
+                raise ConfigError(
+                    f"{key}: template {name} does not parse: {exc}", path=key
+                ) from exc
+            if unknown:
+                codes = ", ".join(f"{{{{ {code} }}}}" for code in unknown)
+                raise ConfigError(
+                    f"{key}: template {name} uses unknown merge code {codes}; known: the merge "
+                    "codes listed in README 'Templates and merge codes', body, signature, "
+                    "subject and the configured parent tables",
+                    path=key,
                 )
 
 

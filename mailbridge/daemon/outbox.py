@@ -44,12 +44,13 @@ from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from email.message import EmailMessage
 from email.parser import BytesHeaderParser
-from email.utils import make_msgid
+from email.utils import getaddresses, make_msgid
 from pathlib import Path
 
 import structlog
 
 from mailbridge.config import AccountSettings, Settings
+from mailbridge.core.html import html_to_text, text_to_html
 from mailbridge.core.identify import new_conversation_key, normalize_message_id
 from mailbridge.core.model import Address
 from mailbridge.core.outbox import (
@@ -67,11 +68,18 @@ from mailbridge.core.outbox import (
     split_addresses,
 )
 from mailbridge.core.parse import parse_message
+from mailbridge.core.templates import HistoryMessage, MergeData, has_codes, render, render_text
 from mailbridge.errors import MailbridgeError, ServerError, StoreError
 from mailbridge.mail.imap import ImapSession, quote
 from mailbridge.mail.smtp import SendError, SmtpSender
 from mailbridge.store.base import ImportContext
-from mailbridge.store.outbox import OutboxCopy, OutboxFile, OutboxRow, ReplyContext
+from mailbridge.store.outbox import (
+    OutboxCopy,
+    OutboxFile,
+    OutboxRow,
+    ReplyContext,
+    TemplateRecords,
+)
 from mailbridge.store.sqlite import AsyncRepository
 
 log = structlog.get_logger("mailbridge.outbox")
@@ -552,20 +560,32 @@ class OutboxWorker:
             key = new_conversation_key()
             subject = row.subject or ""
         files = [await self._read_file(f) for f in await self.repo.outbox_files(row.id)]
+        display_name = sender_display_name(
+            account.display_name, row.coworker, personalized=account.personalized_emails
+        )
+        body_html, body_text = row.body_html, row.body_text
+        if (
+            account.template_file is not None
+            or account.signature
+            or has_codes(body_html)
+            or has_codes(body_text)
+        ):
+            data = await self._merge_data(
+                account, context, subject, display_name, address, [*to, *cc]
+            )
+            body_html, body_text = await self._apply_template(account, body_html, body_text, data)
         try:
             message = build_message(
                 address=address,
-                display_name=sender_display_name(
-                    account.display_name, row.coworker, personalized=account.personalized_emails
-                ),
+                display_name=display_name,
                 identification=settings.identification,
                 conversation_key=key,
                 subject=subject,
                 to=to,
                 cc=cc,
                 own_addresses=own,
-                text=row.body_text,
-                html=row.body_html,
+                text=body_text,
+                html=body_html,
                 files=files,
                 automatic=row.automatic,
                 **parent,  # type: ignore[arg-type]
@@ -594,6 +614,62 @@ class OutboxWorker:
                 raise InvalidRowError(f"outbox row {row.id} vanished")
             return fixed.raw
         return raw
+
+    async def _merge_data(
+        self,
+        account: AccountSettings,
+        context: ReplyContext | None,
+        subject: str,
+        sender_name: str,
+        sender_address: str,
+        recipients: Sequence[str],
+    ) -> MergeData:
+        """What the merge codes are filled from; the recipient is the first To (or Cc)."""
+        recipient = address_of(recipients[0]) if recipients else ""
+        if context is not None:
+            found = await self.repo.template_records(context.conversation_id, recipient)
+        else:
+            named = [(address_of(r), getaddresses([r])[0][0]) for r in recipients]
+            found = TemplateRecords(followers=tuple(named))
+        names = dict(found.followers)
+        return MergeData(
+            subject=subject,
+            sender_name=sender_name,
+            sender_address=sender_address,
+            recipient_name=names.get(recipient, ""),
+            recipient_address=recipient,
+            followers=found.followers,
+            history=[HistoryMessage(*m) for m in found.history],
+            records=found.records,
+            signature=account.signature,
+            language=account.language,
+            time_zone=account.time_zone,
+        )
+
+    @staticmethod
+    async def _apply_template(
+        account: AccountSettings, body_html: str | None, body_text: str | None, data: MergeData
+    ) -> tuple[str | None, str | None]:
+        """(html, text) with the account's template, signature and merge codes applied."""
+        try:
+            if account.template_file is not None:
+                try:
+                    source = await asyncio.to_thread(account.template_file.read_text, "utf-8")
+                except OSError as exc:
+                    raise InvalidRowError(
+                        f"cannot read template_file {account.template_file}: {exc.strerror}"
+                    ) from exc
+                body = body_html if body_html is not None else text_to_html(body_text or "")
+                return render(source, body, data), None
+            if body_html is not None:
+                return render("{{ body }}{{ signature }}", body_html, data), None
+            text = render_text(body_text or "", data)
+            if account.signature:
+                text = f"{text.rstrip()}\n\n-- \n{html_to_text(account.signature)}"
+            return None, text
+        except ValueError as exc:
+            where = account.template_file or "the body"
+            raise InvalidRowError(f"{where}: {exc}") from exc
 
     @staticmethod
     async def _read_file(file: OutboxFile) -> OutgoingFile:

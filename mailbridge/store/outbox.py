@@ -115,6 +115,18 @@ class ReplyContext:
 
 
 @dataclass(frozen=True, slots=True)
+class TemplateRecords:
+    """What a template's merge codes read from the database for one conversation."""
+
+    # Earlier messages, newest first: (date, sender name, sender address, plain text).
+    history: tuple[tuple[datetime | None, str, str, str], ...] = ()
+    followers: tuple[tuple[str, str], ...] = ()  # active followers (email, name)
+    # {table: record} for the conversation's parent records and the recipient's follower
+    # parent records; a column named after a table holds that table's record (one hop).
+    records: Mapping[str, Mapping[str, object]] = field(default_factory=dict)
+
+
+@dataclass(frozen=True, slots=True)
 class Snippet:
     """A ``textsnippet`` row."""
 
@@ -213,6 +225,11 @@ class OutboxRepository(Protocol):
 
     def outbox_cancel(self, outbox_id: int) -> bool:
         """A queued or failed row to ``cancelled``. False for other states (sending, sent)."""
+
+    def template_records(
+        self, conversation_id: int, recipient: str, history_limit: int = 20
+    ) -> TemplateRecords:
+        """The conversation's history, followers and records for merge codes."""
 
     def automatic_replies_since(self, account: str, address: str, since: datetime) -> int:
         """How many automatic replies of ``account`` to ``address`` were queued since."""

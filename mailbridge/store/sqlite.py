@@ -94,8 +94,14 @@ from mailbridge.store.outbox import (
     OutgoingRequest,
     ReplyContext,
     Snippet,
+    TemplateRecords,
 )
-from mailbridge.store.schema import CONVERSATION_COLUMNS, MIGRATIONS, SCHEMA_VERSION
+from mailbridge.store.schema import (
+    CONVERSATION_COLUMNS,
+    FOLLOWER_COLUMNS,
+    MIGRATIONS,
+    SCHEMA_VERSION,
+)
 
 if TYPE_CHECKING:
     from mailbridge.config import (
@@ -1713,6 +1719,64 @@ class SqliteRepository:
             )
         return cursor.rowcount > 0
 
+    def template_records(
+        self, conversation_id: int, recipient: str, history_limit: int = 20
+    ) -> TemplateRecords:
+        with self._transaction(f"read conversation {conversation_id} for a template", write=False):
+            conn = self._conn
+            history = tuple(
+                (parse_time(date), name or "", address or "", text or "")
+                for date, name, address, text in conn.execute(
+                    "SELECT date, fromname, fromaddress, plaintext FROM conversationmessage"
+                    " WHERE conversation = ? ORDER BY date DESC, id DESC LIMIT ?",
+                    (conversation_id, history_limit),
+                )
+            )
+            followers = tuple(
+                (email, name or "")
+                for email, name in conn.execute(
+                    "SELECT email, name FROM follower WHERE conversation = ? AND active = 1"
+                    " ORDER BY id",
+                    (conversation_id,),
+                )
+            )
+            records: dict[str, dict[str, object]] = {}
+            parents = sorted(_columns(conn, "conversation") - CONVERSATION_COLUMNS)
+            for table in parents:
+                [link] = conn.execute(
+                    f"SELECT {_q(table)} FROM conversation WHERE id = ?", (conversation_id,)
+                ).fetchone()
+                record = self._record(table, link, hops=1)
+                if record is not None:
+                    records[table] = record
+            follower_tables = sorted(_columns(conn, "follower") - FOLLOWER_COLUMNS)
+            for table in follower_tables:
+                row = conn.execute(
+                    f"SELECT {_q(table)} FROM follower WHERE conversation = ? AND email = ?",
+                    (conversation_id, recipient.strip().lower()),
+                ).fetchone()
+                record = self._record(table, row[0] if row else None, hops=1)
+                if record is not None:
+                    records[table] = record
+        return TemplateRecords(history, followers, records)
+
+    def _record(self, table: str, record_id: object, *, hops: int) -> dict[str, object] | None:
+        """Row ``record_id`` of ``table`` as a dict; a column named after a table with an
+        ``id`` holds that table's row instead of its id, ``hops`` levels deep."""
+        if record_id is None or not _columns(self._conn, table):
+            return None
+        rows = list(self._db.query(f"SELECT * FROM {_q(table)} WHERE id = ?", [record_id]))
+        if not rows:
+            return None
+        record: dict[str, object] = dict(rows[0])
+        if hops > 0:
+            for column, value in list(record.items()):
+                if column != "id" and value is not None and "id" in _columns(self._conn, column):
+                    linked = self._record(column, value, hops=hops - 1)
+                    if linked is not None:
+                        record[column] = linked
+        return record
+
     def automatic_replies_since(self, account: str, address: str, since: datetime) -> int:
         with self._transaction("count automatic replies", write=False) as conn:
             [count] = conn.execute(
@@ -2050,6 +2114,13 @@ class AsyncRepository:
         changes = tuple(actions)
         return await self._run(
             lambda repo: repo.outbox_sent(outbox_id, context, message, now, actions=changes)
+        )
+
+    async def template_records(
+        self, conversation_id: int, recipient: str, history_limit: int = 20
+    ) -> TemplateRecords:
+        return await self._run(
+            lambda repo: repo.template_records(conversation_id, recipient, history_limit)
         )
 
     async def automatic_replies_since(self, account: str, address: str, since: datetime) -> int:

@@ -730,3 +730,62 @@ def test_automatic_mail_and_own_mail_get_no_automatic_reply(
     asyncio.run(run_once(settings))
     assert [r.recipients for r in sink.received] == [(CUSTOMER,)]
     assert parsed(sink.received[0].data)["Subject"] == "Re: A person"
+
+
+# -- templates, snippets ------------------------------------------------------------------------
+
+
+async def test_template_wraps_the_reply_with_merge_codes_and_relations(
+    tmp_path: Path, sink: SmtpSink, capsys: pytest.CaptureFixture[str]
+) -> None:
+    template = tmp_path / "support.html"
+    template.write_text(
+        "<html><body>{{ body }}<p>Ticket {{ ticket.number }} for {{ ticket.company.name }},"
+        " dear {{ recipient_name }}.</p>{{ reply_info }}{{ conversation_messages }}"
+        "{{ signature }}</body></html>"
+    )
+    data = offline_config(
+        tmp_path, sink, template_file=str(template), signature="<p>-- Support team</p>",
+        language="de", time_zone="Europe/Berlin",
+    )  # fmt: skip
+    data["conversation_parents"] = [
+        {"table": "ticket", "properties": [{"column": "number", "default": "T-1"},
+                                            {"column": "company", "default": 1}]},
+    ]  # fmt: skip
+    settings = parse_config(data)
+    path = write_config(tmp_path, data)
+    repo = SqliteRepository(settings.database)
+    repo.migrate()
+    repo.prepare(settings.follower_parents, settings.conversation_parents)
+    repo._conn.execute("CREATE TABLE company (id INTEGER PRIMARY KEY, name TEXT)")
+    repo._conn.execute("INSERT INTO company (id, name) VALUES (1, 'ACME <GmbH>')")
+    repo._conn.execute(
+        "INSERT INTO textsnippet (name, text, pinned)"
+        " VALUES ('greet', 'Hallo {{ recipient_name }},', 1)"
+    )
+    repo.close()
+    conversation = seed_conversation(settings)
+    assert cli_main(["-c", str(path), "snippets"]) == 0
+    assert "greet" in capsys.readouterr().out
+    assert cli_main(["-c", str(path), "reply", str(conversation), "--snippet", "greet"]) == 0
+    await send_pass(settings)
+    [received] = sink.received
+    message = parsed(received.data)
+    html_part = message.get_body(("html",))
+    plain_part = message.get_body(("plain",))
+    assert html_part is not None
+    assert plain_part is not None
+    html = html_part.get_content()
+    assert "Hallo John Doe," in html  # the snippet's merge code, filled
+    assert "Ticket T-1 for ACME &lt;GmbH&gt;" in html
+    assert "antworten Sie auf diese E-Mail" in html
+    assert "Am 2026-11-23 10:00 CET schrieb John Doe" in html  # 09:00 UTC, shown in Berlin
+    assert "-- Support team" in html
+    assert "Ticket T-1 for ACME <GmbH>" in plain_part.get_content()
+    conn = sqlite3.connect(settings.database)
+    try:
+        uses = conn.execute("SELECT count, lastused FROM textsnippet").fetchone()
+    finally:
+        conn.close()
+    assert uses[0] == 1
+    assert uses[1] is not None
