@@ -6,12 +6,11 @@ send) are made in :mod:`mailbridge.core.outbox`; these methods only look up and 
 
 Guarantees every backend must give:
 
-* :meth:`OutboxRepository.outbox_prepare` fixes a row's Message-ID and bytes once: a second
-  call for the same row changes nothing, so a retry sends the very same message.
 * :meth:`OutboxRepository.outbox_begin` moves a row from ``queued`` to ``sending`` (attempts + 1)
-  and is committed before the first SMTP command of the attempt.
-* :meth:`OutboxRepository.outbox_sent` marks the row ``sent`` and stores the message in its
-  conversation (followers updated as for incoming mail, the parent's message actions applied)
+  and is committed before the first SMTP command of the attempt. On the first attempt it also
+  fixes the row's Message-ID and bytes, once: a retry sends the very same message.
+* :meth:`OutboxRepository.outbox_sent` marks rows ``sent`` and stores their messages in their
+  conversations (followers updated as for incoming mail, the parent's message actions applied)
   in one transaction.
 """
 
@@ -74,6 +73,8 @@ class OutboxRow:
     created: datetime
     sent: datetime | None
     raw: bytes | None = None
+    files: int = 0  # outboxattachment rows
+    copies: int = 0  # outboxcopy rows (personalised sending)
 
 
 @dataclass(frozen=True, slots=True)
@@ -94,6 +95,26 @@ class OutboxCopy:
     message_id: str
     raw: bytes
     sent: datetime | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class OutboxFix:
+    """A row's message as fixed before its first attempt: kept for every retry."""
+
+    message_id: str
+    conversation_key: str
+    raw: bytes
+    copies: tuple[OutboxCopy, ...] = ()
+
+
+@dataclass(frozen=True, slots=True)
+class SentRecord:
+    """One row the server accepted, to record as sent."""
+
+    outbox_id: int
+    message: ParsedMessage
+    sent: datetime
+    actions: tuple[tuple[str, str, object], ...] = ()
 
 
 @dataclass(frozen=True, slots=True)
@@ -172,26 +193,17 @@ class OutboxRepository(Protocol):
     def reply_context(self, conversation_id: int) -> ReplyContext | None:
         """What answering the conversation needs, or None when there is no such row."""
 
-    def outbox_prepare(
-        self,
-        outbox_id: int,
-        message_id: str,
-        conversation_key: str,
-        raw: bytes,
-        copies: Sequence[OutboxCopy] = (),
-    ) -> bool:
-        """Fix the row's Message-ID, conversation key and bytes (and its personalised copies),
-        unless already fixed. True when this call fixed them."""
-
     def outbox_copies(self, outbox_id: int) -> list[OutboxCopy]:
         """The row's personalised copies, in recipient order (empty: one message for all)."""
 
     def outbox_copy_sent(self, outbox_id: int, recipient: str, now: datetime) -> None:
         """Record that the server accepted ``recipient``'s copy."""
 
-    def outbox_begin(self, outbox_id: int, now: datetime) -> bool:
-        """``queued`` -> ``sending``, attempts + 1, attemptstarted = now. False when the row is
-        no longer queued (cancelled meanwhile)."""
+    def outbox_begin(self, rows: Sequence[tuple[int, OutboxFix | None]], now: datetime) -> set[int]:
+        """For each ``(id, fix)``: ``queued`` -> ``sending``, attempts + 1, attemptstarted =
+        now, and on the first attempt fix the row's message. One transaction for all; returns
+        the ids that began (not those cancelled meanwhile or whose message was fixed already:
+        re-read them)."""
 
     def outbox_failed_attempt(
         self,
@@ -205,20 +217,13 @@ class OutboxRepository(Protocol):
     ) -> None:
         """Record a failed attempt: the new state (queued or failed), next attempt and error."""
 
-    def outbox_sent(
-        self,
-        outbox_id: int,
-        context: ImportContext,
-        message: ParsedMessage,
-        now: datetime,
-        *,
-        actions: Sequence[tuple[str, str, object]] = (),
-    ) -> int:
-        """Mark the row ``sent`` and store ``message`` as an outgoing message of its
+    def outbox_sent(self, context: ImportContext, records: Sequence[SentRecord]) -> list[int]:
+        """Mark each row ``sent`` and store its message as an outgoing message of its
         conversation (created with the row's conversation key for a new one), with the
         row's coworker as a message follower and each personalised copy's Message-ID on its
         recipient's message follower row, and set the ``(table, column, value)`` actions on
-        the conversation's parent records. One transaction; returns the message row id."""
+        the conversation's parent records. One transaction for all (a group commit of the
+        messages accepted meanwhile); returns the message row ids."""
 
     def outbox_retry(self, outbox_id: int) -> bool:
         """A failed or cancelled row back to ``queued``, due now. False for other states."""

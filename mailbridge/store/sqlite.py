@@ -90,9 +90,11 @@ from mailbridge.store.base import (
 from mailbridge.store.outbox import (
     OutboxCopy,
     OutboxFile,
+    OutboxFix,
     OutboxRow,
     OutgoingRequest,
     ReplyContext,
+    SentRecord,
     Snippet,
     TemplateRecords,
 )
@@ -1549,29 +1551,6 @@ class SqliteRepository:
             parent_columns=parent_columns,
         )
 
-    def outbox_prepare(
-        self,
-        outbox_id: int,
-        message_id: str,
-        conversation_key: str,
-        raw: bytes,
-        copies: Sequence[OutboxCopy] = (),
-    ) -> bool:
-        with self._transaction(f"fix the message of outbox row {outbox_id}", write=True) as conn:
-            cursor = conn.execute(
-                "UPDATE outbox SET messageid = ?, conversationkey = ?, raw = ?, updatedtime = ?"
-                " WHERE id = ? AND raw IS NULL",
-                (message_id, conversation_key, raw, _now(), outbox_id),
-            )
-            fixed = cursor.rowcount > 0
-            if fixed and copies:
-                conn.executemany(
-                    "INSERT INTO outboxcopy (outbox, recipient, messageid, raw)"
-                    " VALUES (?, ?, ?, ?)",
-                    [(outbox_id, c.recipient, c.message_id, c.raw) for c in copies],
-                )
-        return fixed
-
     def outbox_copies(self, outbox_id: int) -> list[OutboxCopy]:
         with self._transaction(f"read the copies of outbox row {outbox_id}", write=False):
             rows = self._conn.execute(
@@ -1588,14 +1567,32 @@ class SqliteRepository:
                 (iso(now), outbox_id, recipient),
             )
 
-    def outbox_begin(self, outbox_id: int, now: datetime) -> bool:
-        with self._transaction(f"start sending outbox row {outbox_id}", write=True) as conn:
-            cursor = conn.execute(
-                "UPDATE outbox SET state = 'sending', attempts = attempts + 1,"
-                " attemptstarted = ?, updatedtime = ? WHERE id = ? AND state = 'queued'",
-                (iso(now), iso(now), outbox_id),
-            )
-        return cursor.rowcount > 0
+    def outbox_begin(self, rows: Sequence[tuple[int, OutboxFix | None]], now: datetime) -> set[int]:
+        began: set[int] = set()
+        with self._transaction(f"start sending {len(rows)} outbox row(s)", write=True) as conn:
+            for outbox_id, fix in rows:
+                if fix is not None:
+                    cursor = conn.execute(
+                        "UPDATE outbox SET messageid = ?, conversationkey = ?, raw = ?"
+                        " WHERE id = ? AND raw IS NULL",
+                        (fix.message_id, fix.conversation_key, fix.raw, outbox_id),
+                    )
+                    if cursor.rowcount == 0:
+                        continue
+                    if fix.copies:
+                        conn.executemany(
+                            "INSERT INTO outboxcopy (outbox, recipient, messageid, raw)"
+                            " VALUES (?, ?, ?, ?)",
+                            [(outbox_id, c.recipient, c.message_id, c.raw) for c in fix.copies],
+                        )
+                cursor = conn.execute(
+                    "UPDATE outbox SET state = 'sending', attempts = attempts + 1,"
+                    " attemptstarted = ?, updatedtime = ? WHERE id = ? AND state = 'queued'",
+                    (iso(now), iso(now), outbox_id),
+                )
+                if cursor.rowcount:
+                    began.add(outbox_id)
+        return began
 
     def outbox_failed_attempt(
         self,
@@ -1621,63 +1618,62 @@ class SqliteRepository:
                 ),
             )
 
-    def outbox_sent(
-        self,
-        outbox_id: int,
-        context: ImportContext,
-        message: ParsedMessage,
-        now: datetime,
-        *,
-        actions: Sequence[tuple[str, str, object]] = (),
-    ) -> int:
-        with self._transaction(f"record outbox row {outbox_id} as sent", write=True) as conn:
+    def outbox_sent(self, context: ImportContext, records: Sequence[SentRecord]) -> list[int]:
+        ids: list[int] = []
+        with self._transaction(f"record {len(records)} outbox row(s) as sent", write=True) as conn:
             self._prepare(conn, context.follower_parents, context.conversation_parents)
-            row = conn.execute(
-                "SELECT conversation, conversationkey, coworker, coworkeraddress FROM outbox"
-                " WHERE id = ?",
-                (outbox_id,),
-            ).fetchone()
-            if row is None:
-                raise StoreError(f"outbox row {outbox_id} is gone", code="database_error")
-            conversation, key, coworker, coworker_address = row
-            stamp = iso(now)
-            known = self._stored_keys(conn, context.account, [message.message_key])
-            if message.message_key in known:  # sent again after a crash: stored already
-                conversation, row_id = known[message.message_key]
-            else:
-                written = self._import_one(
-                    conn,
-                    context,
-                    ImportItem(uid=0, message=message),
-                    stamp,
-                    conversation=conversation,
-                    new_key=None if conversation is not None else key,
-                )
-                assert written is not None  # a named conversation is always written
-                conversation, row_id, _new = written
-                if coworker_address:
-                    self._add_coworker(
-                        conn, conversation, row_id, coworker_address, coworker, stamp
-                    )
-                # Personalised copies: a reply cites its recipient's own Message-ID.
-                conn.execute(
-                    "UPDATE messagefollower SET messageid = (SELECT c.messageid FROM outboxcopy"
-                    " AS c JOIN follower AS f ON f.email = c.recipient WHERE c.outbox = ?"
-                    " AND f.id = messagefollower.follower) WHERE conversationmessage = ?"
-                    " AND participationlevel != 'from'",
-                    (outbox_id, row_id),
-                )
-            for table, column, value in actions:
-                conn.execute(
-                    f"UPDATE {_q(table)} SET {_q(column)} = ?"
-                    f" WHERE id = (SELECT {_q(table)} FROM conversation WHERE id = ?)",
-                    (value, conversation),
-                )
-            conn.execute(
-                "UPDATE outbox SET state = 'sent', senttime = ?, conversation = ?,"
-                " conversationmessage = ?, nextattempt = NULL, updatedtime = ? WHERE id = ?",
-                (stamp, conversation, row_id, stamp, outbox_id),
+            for record in records:
+                ids.append(self._record_sent(conn, context, record))
+        return ids
+
+    def _record_sent(
+        self, conn: sqlite3.Connection, context: ImportContext, record: SentRecord
+    ) -> int:
+        outbox_id, message = record.outbox_id, record.message
+        row = conn.execute(
+            "SELECT conversation, conversationkey, coworker, coworkeraddress FROM outbox"
+            " WHERE id = ?",
+            (outbox_id,),
+        ).fetchone()
+        if row is None:
+            raise StoreError(f"outbox row {outbox_id} is gone", code="database_error")
+        conversation, key, coworker, coworker_address = row
+        stamp = iso(record.sent)
+        known = self._stored_keys(conn, context.account, [message.message_key])
+        if message.message_key in known:  # sent again after a crash: stored already
+            conversation, row_id = known[message.message_key]
+        else:
+            written = self._import_one(
+                conn,
+                context,
+                ImportItem(uid=0, message=message),
+                stamp,
+                conversation=conversation,
+                new_key=None if conversation is not None else key,
             )
+            assert written is not None  # a named conversation is always written
+            conversation, row_id, _new = written
+            if coworker_address:
+                self._add_coworker(conn, conversation, row_id, coworker_address, coworker, stamp)
+            # Personalised copies: a reply cites its recipient's own Message-ID.
+            conn.execute(
+                "UPDATE messagefollower SET messageid = (SELECT c.messageid FROM outboxcopy"
+                " AS c JOIN follower AS f ON f.email = c.recipient WHERE c.outbox = ?"
+                " AND f.id = messagefollower.follower) WHERE conversationmessage = ?"
+                " AND participationlevel != 'from'",
+                (outbox_id, row_id),
+            )
+        for table, column, value in record.actions:
+            conn.execute(
+                f"UPDATE {_q(table)} SET {_q(column)} = ?"
+                f" WHERE id = (SELECT {_q(table)} FROM conversation WHERE id = ?)",
+                (value, conversation),
+            )
+        conn.execute(
+            "UPDATE outbox SET state = 'sent', senttime = ?, conversation = ?,"
+            " conversationmessage = ?, nextattempt = NULL, updatedtime = ? WHERE id = ?",
+            (stamp, conversation, row_id, stamp, outbox_id),
+        )
         return row_id
 
     @staticmethod
@@ -1875,7 +1871,9 @@ def _failure_record(row: dict[str, Any]) -> FailureRecord:
 _OUTBOX_COLUMNS: Final = (
     "id, account, conversation, toaddresses, ccaddresses, bccaddresses, subject, bodyhtml,"
     " bodytext, coworker, coworkeraddress, actions, automatic, state, attempts, nextattempt,"
-    " attemptstarted, lasterrorcode, lasterror, messageid, conversationkey, createdtime, senttime"
+    " attemptstarted, lasterrorcode, lasterror, messageid, conversationkey, createdtime, senttime,"
+    " (SELECT COUNT(*) FROM outboxattachment AS a WHERE a.outbox = outbox.id) AS files,"
+    " (SELECT COUNT(*) FROM outboxcopy AS c WHERE c.outbox = outbox.id) AS copies"
 )
 
 
@@ -1905,6 +1903,8 @@ def _outbox_row(row: dict[str, Any]) -> OutboxRow:
         created=parse_time(row["createdtime"]) or datetime(1970, 1, 1, tzinfo=UTC),
         sent=parse_time(row["senttime"]),
         raw=row.get("raw"),
+        files=int(row.get("files") or 0),
+        copies=int(row.get("copies") or 0),
     )
 
 
@@ -2064,27 +2064,17 @@ class AsyncRepository:
     async def reply_context(self, conversation_id: int) -> ReplyContext | None:
         return await self._run(lambda repo: repo.reply_context(conversation_id))
 
-    async def outbox_prepare(
-        self,
-        outbox_id: int,
-        message_id: str,
-        conversation_key: str,
-        raw: bytes,
-        copies: Sequence[OutboxCopy] = (),
-    ) -> bool:
-        items = tuple(copies)
-        return await self._run(
-            lambda repo: repo.outbox_prepare(outbox_id, message_id, conversation_key, raw, items)
-        )
-
     async def outbox_copies(self, outbox_id: int) -> list[OutboxCopy]:
         return await self._run(lambda repo: repo.outbox_copies(outbox_id))
 
     async def outbox_copy_sent(self, outbox_id: int, recipient: str, now: datetime) -> None:
         await self._run(lambda repo: repo.outbox_copy_sent(outbox_id, recipient, now))
 
-    async def outbox_begin(self, outbox_id: int, now: datetime) -> bool:
-        return await self._run(lambda repo: repo.outbox_begin(outbox_id, now))
+    async def outbox_begin(
+        self, rows: Sequence[tuple[int, OutboxFix | None]], now: datetime
+    ) -> set[int]:
+        items = tuple(rows)
+        return await self._run(lambda repo: repo.outbox_begin(items, now))
 
     async def outbox_failed_attempt(
         self,
@@ -2102,19 +2092,9 @@ class AsyncRepository:
             )
         )
 
-    async def outbox_sent(
-        self,
-        outbox_id: int,
-        context: ImportContext,
-        message: ParsedMessage,
-        now: datetime,
-        *,
-        actions: Sequence[tuple[str, str, object]] = (),
-    ) -> int:
-        changes = tuple(actions)
-        return await self._run(
-            lambda repo: repo.outbox_sent(outbox_id, context, message, now, actions=changes)
-        )
+    async def outbox_sent(self, context: ImportContext, records: Sequence[SentRecord]) -> list[int]:
+        items = tuple(records)
+        return await self._run(lambda repo: repo.outbox_sent(context, items))
 
     async def template_records(
         self, conversation_id: int, recipient: str, history_limit: int = 20

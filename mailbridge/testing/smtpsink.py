@@ -10,8 +10,11 @@ and the client's status update, where a crash test kills the client.
 
 from __future__ import annotations
 
+import email
+import email.policy
 import logging
 import threading
+import time
 from dataclasses import dataclass
 from typing import Any
 
@@ -26,6 +29,7 @@ class Received:
     sender: str
     recipients: tuple[str, ...]
     data: bytes
+    at: float = 0.0  # time.monotonic() at the end of DATA (same clock in one process)
 
 
 class _Handler:
@@ -48,9 +52,16 @@ class _Handler:
         with self.sink.lock:
             reply = self.sink.replies.pop(0) if self.sink.replies else "250 OK"
             held = self.sink._hold
-            if reply.startswith("250"):
+            if reply.startswith("250") and self.sink.log_path is not None:
+                self.sink.log(bytes(envelope.content))
+            elif reply.startswith("250"):
                 self.sink.received.append(
-                    Received(envelope.mail_from, tuple(envelope.rcpt_tos), bytes(envelope.content))
+                    Received(
+                        envelope.mail_from,
+                        tuple(envelope.rcpt_tos),
+                        bytes(envelope.content),
+                        time.monotonic(),
+                    )
                 )
         if held is not None:
             self.sink.holding.set()
@@ -78,7 +89,8 @@ class _Authenticator:
 class SmtpSink:
     """See the module docstring."""
 
-    def __init__(self) -> None:
+    def __init__(self, *, port: int | None = None, log_path: str | None = None) -> None:
+        self.log_path = log_path
         self.lock = threading.Lock()
         self.received: list[Received] = []
         self.replies: list[str] = []
@@ -86,7 +98,7 @@ class SmtpSink:
         self.holding = threading.Event()
         self._hold: threading.Event | None = None
         self.logins: dict[str, str] | None = None  # None: every login is accepted
-        self.port = free_port()
+        self.port = port or free_port()
         self.host = "127.0.0.1"
         self._controller = Controller(
             _Handler(self),
@@ -95,6 +107,13 @@ class SmtpSink:
             authenticator=_Authenticator(self),
             auth_require_tls=False,
         )
+
+    def log(self, data: bytes) -> None:
+        """Append ``<time.time()> <bytes> <Subject>`` to ``log_path`` (see :func:`_serve`)."""
+        assert self.log_path is not None
+        message = email.message_from_bytes(data, policy=email.policy.default)
+        with open(self.log_path, "a", encoding="utf-8") as out:
+            out.write(f"{time.time():.6f} {len(data)} {message['Subject']}\n")
 
     def start(self) -> SmtpSink:
         # aiosmtpd logs every connection from its own thread; keep that out of the root logger.
@@ -121,3 +140,24 @@ class SmtpSink:
     def smtp_settings(self) -> dict[str, Any]:
         """The ``smtp`` section of an account pointing here (plain text, loopback)."""
         return {"host": self.host, "port": self.port, "tls": "none", "timeout_seconds": 10}
+
+
+def _serve(port: int, log_path: str) -> None:
+    """``python -m mailbridge.testing.smtpsink PORT LOG``: a sink in its own process (the bench,
+    so that the server does not share the measured process's interpreter). Each message
+    appends ``<time.time()> <bytes> <Subject>`` to LOG instead of being kept; stops on SIGTERM."""
+    import signal
+
+    sink = SmtpSink(port=port, log_path=log_path)
+    done = threading.Event()
+    signal.signal(signal.SIGTERM, lambda *_: done.set())
+    sink.start()
+    print("ready", flush=True)
+    done.wait()
+    sink.stop()
+
+
+if __name__ == "__main__":
+    import sys
+
+    _serve(int(sys.argv[1]), sys.argv[2])

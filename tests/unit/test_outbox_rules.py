@@ -24,7 +24,7 @@ from mailbridge.core.outbox import (
     sender_display_name,
     split_addresses,
 )
-from mailbridge.store.outbox import OutboxFile, OutgoingRequest
+from mailbridge.store.outbox import OutboxFile, OutboxFix, OutgoingRequest
 from mailbridge.store.sqlite import SqliteRepository
 
 NOW = datetime(2026, 11, 30, 12, 0, tzinfo=UTC)
@@ -165,11 +165,16 @@ def test_prepare_fixes_the_message_once(repo: SqliteRepository) -> None:
         OutgoingRequest(account="a", to="x@y.example", subject="s", body_text="b"),
         [OutboxFile("f.txt", "text/plain", None, b"data")],
     )
-    assert repo.outbox_prepare(outbox_id, "id-1@x", "k" * 16, b"first")
-    assert not repo.outbox_prepare(outbox_id, "id-2@x", "k" * 16, b"second")
+    assert repo.outbox_begin([(outbox_id, OutboxFix("id-1@x", "k" * 16, b"first"))], NOW) == {
+        outbox_id
+    }
+    repo.outbox_failed_attempt(
+        outbox_id, state="queued", next_attempt=None, code="timeout", error="t", now=NOW
+    )
+    assert not repo.outbox_begin([(outbox_id, OutboxFix("id-2@x", "k" * 16, b"second"))], NOW)
     row = repo.outbox_row(outbox_id)
     assert row is not None
-    assert (row.message_id, row.raw, row.state) == ("id-1@x", b"first", "queued")
+    assert (row.message_id, row.raw, row.state, row.files) == ("id-1@x", b"first", "queued", 1)
     assert repo.outbox_files(outbox_id) == [OutboxFile("f.txt", "text/plain", None, b"data")]
 
 
@@ -177,8 +182,8 @@ def test_state_transitions(repo: SqliteRepository) -> None:
     outbox_id = repo.queue_outgoing(OutgoingRequest(account="a", to="x@y.example", body_text="b"))
     assert [r.id for r in repo.outbox_due(["a"], NOW + timedelta(days=1), 10)] == [outbox_id]
     assert repo.outbox_due(["other"], NOW + timedelta(days=1), 10) == []
-    assert repo.outbox_begin(outbox_id, NOW)
-    assert not repo.outbox_begin(outbox_id, NOW)  # only from queued
+    assert repo.outbox_begin([(outbox_id, None)], NOW) == {outbox_id}
+    assert repo.outbox_begin([(outbox_id, None)], NOW) == set()  # only from queued
     assert [r.id for r in repo.outbox_in_flight(["a"])] == [outbox_id]
     assert not repo.outbox_cancel(outbox_id)  # not while sending
     repo.outbox_failed_attempt(
