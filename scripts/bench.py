@@ -547,6 +547,7 @@ def measure_idle(
 
 # -- the run ------------------------------------------------------------------------------------
 
+
 def make_failing(count: int, address: str, seed: int = 11) -> list[bytes]:
     """``count`` messages, each with a 20-80 KB attachment: over a 10 KB limit, under the
     default one - what an operator's too-low ``attachment_max_size_mb`` leaves in Failed."""
