@@ -289,6 +289,9 @@ class OutboxSettings(_Model):
     max_retry_seconds: Annotated[float, Field(ge=1, le=86400)] = 3600.0
     # An outgoing message (attachments included, as encoded) over this size fails before sending.
     max_outgoing_size_mb: Annotated[float, Field(gt=0, le=1000)] = 25.0
+    # Directories attachments may be read from by path (outboxattachment.path). None by default:
+    # a row must not be able to mail out any file the daemon can read (its password files).
+    attachment_directories: tuple[Path, ...] = ()
 
     @property
     def max_outgoing_bytes(self) -> int:

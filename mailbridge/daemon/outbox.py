@@ -744,10 +744,15 @@ class OutboxWorker:
             where = account.template_file or "the body"
             raise InvalidRowError(f"{where}: {exc}") from exc
 
-    @staticmethod
-    async def _read_file(file: OutboxFile) -> OutgoingFile:
+    async def _read_file(self, file: OutboxFile) -> OutgoingFile:
         data = file.data
         if data is None and file.path is not None:
+            allowed = self.settings.outbox.attachment_directories
+            if not attachment_allowed(Path(file.path), allowed):
+                raise InvalidRowError(
+                    f"the attachment {file.path} is not under outbox.attachment_directories "
+                    f"({', '.join(map(str, allowed)) or 'none configured'})"
+                )
             try:
                 data = await asyncio.to_thread(Path(file.path).read_bytes)
             except OSError as exc:
@@ -843,6 +848,15 @@ class _SentRecorder:
             await task
             if self.pending:
                 self.task = asyncio.create_task(self._drain())
+
+
+def attachment_allowed(path: Path, directories: Sequence[Path]) -> bool:
+    """Whether ``path``, symbolic links and ``..`` resolved, lies in one of ``directories``."""
+    try:
+        real = path.resolve(strict=False)
+    except (OSError, RuntimeError):
+        return False
+    return any(real.is_relative_to(d.resolve(strict=False)) for d in directories)
 
 
 def personal_copies(message: EmailMessage, recipients: Sequence[str]) -> list[OutboxCopy]:

@@ -61,7 +61,8 @@ STUCK_GRACE_SECONDS = 60.0
 # Keys of Settings that are not global import settings: accounts are compared one by one, a new
 # database path needs a service restart, and log is applied on its own (reconfigure_log, where
 # flags override it). Every other key, including one added later, restarts every account.
-_NOT_IMPORT_GLOBALS = frozenset({"accounts", "database", "log", "source"})
+# The outbox worker reads `outbox` afresh at every look, so it needs no restart either.
+_NOT_IMPORT_GLOBALS = frozenset({"accounts", "database", "log", "source", "outbox"})
 
 
 @dataclass

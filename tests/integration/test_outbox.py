@@ -34,7 +34,7 @@ from mailbridge.core.parse import parse_message
 from mailbridge.daemon.outbox import OutboxWorker
 from mailbridge.daemon.supervisor import run_once
 from mailbridge.store.base import ImportContext, ImportItem
-from mailbridge.store.outbox import OutgoingRequest
+from mailbridge.store.outbox import OutboxFile, OutgoingRequest
 from mailbridge.store.sqlite import SqliteRepository, open_repository
 from mailbridge.testing.dovecot import free_port
 from mailbridge.testing.smtpsink import SmtpSink
@@ -789,3 +789,46 @@ async def test_template_wraps_the_reply_with_merge_codes_and_relations(
         conn.close()
     assert uses[0] == 1
     assert uses[1] is not None
+
+
+async def test_attachments_by_path_only_from_the_configured_directories(
+    tmp_path: Path, sink: SmtpSink
+) -> None:
+    """A row must not mail out any file the daemon can read (its password file, say)."""
+    allowed = tmp_path / "invoices"
+    allowed.mkdir()
+    (allowed / "1042.pdf").write_bytes(b"%PDF-1.4 invoice")
+    secret = tmp_path / "support.pw"
+    secret.write_text("hunter2")
+    (allowed / "sneaky.pdf").symlink_to(secret)
+    data = offline_config(tmp_path, sink)
+    data["outbox"]["attachment_directories"] = [str(allowed)]
+    settings = parse_config(data)
+    conversation = seed_conversation(settings)
+    repo = SqliteRepository(settings.database)
+    try:
+        good, *bad = (
+            repo.queue_outgoing(
+                OutgoingRequest(account="support", conversation_id=conversation, body_text="x"),
+                [OutboxFile("", "application/pdf", path, None)],
+            )
+            for path in (
+                str(allowed / "1042.pdf"),
+                str(secret),
+                str(allowed / "sneaky.pdf"),
+                str(allowed / ".." / "support.pw"),
+            )
+        )
+    finally:
+        repo.close()
+    await send_pass(settings)
+    assert row(settings, good)["state"] == "sent"
+    [received] = sink.received
+    [attachment] = list(parsed(received.data).iter_attachments())
+    assert attachment.get_filename() == "1042.pdf"
+    assert attachment.get_content() == b"%PDF-1.4 invoice"
+    for outbox_id in bad:
+        refused = row(settings, outbox_id)
+        assert refused["state"] == "failed"
+        assert "not under outbox.attachment_directories" in refused["lasterror"]
+    assert b"hunter2" not in b"".join(r.data for r in sink.received)
