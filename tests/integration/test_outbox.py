@@ -832,3 +832,39 @@ async def test_attachments_by_path_only_from_the_configured_directories(
         assert refused["state"] == "failed"
         assert "not under outbox.attachment_directories" in refused["lasterror"]
     assert b"hunter2" not in b"".join(r.data for r in sink.received)
+
+
+async def test_an_unreachable_server_is_retried_and_a_row_expires(
+    tmp_path: Path, sink: SmtpSink
+) -> None:
+    """Connection refused: temporary (unreachable), retried later; a row still failing after
+    outbox.max_age_hours fails with send_expired and keeps the last error's words."""
+    data = offline_config(tmp_path, sink)
+    data["accounts"][0]["smtp"]["port"] = free_port()  # nothing listens there
+    data["outbox"]["max_age_hours"] = 0.01  # 36 s: a retry 1 s later is still within it
+    settings = parse_config(data)
+    conversation = seed_conversation(settings)
+    outbox_id = queue(
+        settings, OutgoingRequest(account="support", conversation_id=conversation, body_text="x")
+    )
+    await send_pass(settings)
+    first = row(settings, outbox_id)
+    assert (first["state"], first["attempts"], first["lasterrorcode"]) == (
+        "queued",
+        1,
+        "unreachable",
+    )
+    assert "connection refused" in first["lasterror"]
+    data["outbox"]["max_age_hours"] = 0.0001  # 0.36 s: now the next retry would be too late
+    conn = sqlite3.connect(settings.database)
+    conn.execute("UPDATE outbox SET nextattempt = NULL WHERE id = ?", (outbox_id,))
+    conn.commit()
+    conn.close()
+    await send_pass(parse_config(data))
+    expired = row(settings, outbox_id)
+    assert (expired["state"], expired["attempts"], expired["lasterrorcode"]) == (
+        "failed",
+        2,
+        "send_expired",
+    )
+    assert "connection refused" in expired["lasterror"]
