@@ -635,21 +635,24 @@ class OutboxWorker:
         display_name = sender_display_name(
             account.display_name, row.coworker, personalized=account.personalized_emails
         )
-        body_html, body_text = row.body_html, row.body_text
-        if (
+        templated = (
             account.template_file is not None
-            or account.signature
-            or has_codes(body_html)
-            or has_codes(body_text)
-        ):
-            data = await self._merge_data(
-                account, context, subject, display_name, address, [*to, *cc]
-            )
-            body_html, body_text = await self._apply_template(account, body_html, body_text, data)
+            or bool(account.signature)
+            or has_codes(row.body_html)
+            or has_codes(row.body_text)
+        )
         limit = settings.outbox.max_outgoing_bytes
-        personalized = account.personalized_emails
 
-        def finish() -> OutboxFix:
+        async def bodies(recipient: Sequence[str]) -> tuple[str | None, str | None]:
+            """The row's bodies with template, signature and merge codes for ``recipient``."""
+            if not templated:
+                return row.body_html, row.body_text
+            data = await self._merge_data(
+                account, context, subject, display_name, address, recipient
+            )
+            return await self._apply_template(account, row.body_html, row.body_text, data)
+
+        def build(html: str | None, text: str | None) -> tuple[EmailMessage, bytes]:
             # CPU work (the stdlib email package): on a thread, beside the SMTP dialogue.
             try:
                 message = build_message(
@@ -661,8 +664,8 @@ class OutboxWorker:
                     to=to,
                     cc=cc,
                     own_addresses=own,
-                    text=body_text,
-                    html=body_html,
+                    text=text,
+                    html=html,
                     files=files,
                     automatic=row.automatic,
                     **parent,  # type: ignore[arg-type]
@@ -676,17 +679,24 @@ class OutboxWorker:
                     f"({settings.outbox.max_outgoing_size_mb:g} MB)",
                     code="outgoing_too_large",
                 )
-            message_id = normalize_message_id(str(message["Message-ID"]))
-            assert message_id is not None
-            copies: list[OutboxCopy] = []
-            if personalized:
-                recipients = envelope_recipients(message, split_addresses(row.bcc))
-                if len(recipients) > 1:
-                    copies = personal_copies(message, recipients)
-                    raw = copies[0].raw
-            return OutboxFix(message_id, key, raw, tuple(copies))
+            return message, raw
 
-        return await asyncio.to_thread(finish)
+        message, raw = await asyncio.to_thread(build, *await bodies([*to, *cc]))
+        message_id = normalize_message_id(str(message["Message-ID"]))
+        assert message_id is not None
+        copies: list[OutboxCopy] = []
+        recipients = envelope_recipients(message, split_addresses(row.bcc))
+        if account.personalized_emails and len(recipients) > 1:
+            if not templated:
+                copies = personal_copies(message, recipients)
+            else:
+                # Each recipient's own rendering: {{ recipient_name }} is theirs.
+                copies = [OutboxCopy(recipients[0], message_id, raw)]
+                for recipient in recipients[1:]:
+                    own_copy, own_raw = await asyncio.to_thread(build, *await bodies([recipient]))
+                    own_id = normalize_message_id(str(own_copy["Message-ID"])) or ""
+                    copies.append(OutboxCopy(recipient, own_id, own_raw))
+        return OutboxFix(message_id, key, raw, tuple(copies))
 
     async def _merge_data(
         self,

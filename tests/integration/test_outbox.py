@@ -603,8 +603,8 @@ async def test_personalised_mail_sends_one_copy_per_recipient(
     outbox_id = queue(
         settings,
         OutgoingRequest(
-            account="support", conversation_id=conversation, body_text="Hi both",
-            coworker="Ann Agent",
+            account="support", conversation_id=conversation,
+            body_text="Hi {{ recipient_name }},", coworker="Ann Agent",
         ),
     )  # fmt: skip
     sink.replies.extend(["250 OK", "451 4.3.0 try again"])  # the second copy deferred once
@@ -624,6 +624,10 @@ async def test_personalised_mail_sends_one_copy_per_recipient(
     assert all(
         str(m["From"]) == "Ann Agent - Example Support <support@example.test>" for m in copies
     )
+    # Each copy is rendered for its own recipient.
+    texts = [m.get_body(("plain",)).get_content() for m in copies]  # type: ignore[union-attr]
+    assert texts[0].startswith("Hi John Doe,")
+    assert texts[1].startswith("Hi Jane,")
     conn = sqlite3.connect(settings.database)
     try:
         stored = dict(
