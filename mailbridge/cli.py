@@ -350,9 +350,11 @@ def _ago(value: datetime | None) -> str:
 def _status(settings: Settings, *, as_json: bool) -> int:
     repo = _open_store(settings)
     stored: dict[str, AccountState] = {}
+    outbox: dict[str, dict[str, int]] = {}
     if repo is not None:
         try:
             stored = {s.account: s for s in repo.account_states()}
+            outbox = repo.outbox_counts()
         finally:
             repo.close()
     rows: list[dict[str, Any]] = []
@@ -375,13 +377,15 @@ def _status(settings: Settings, *, as_json: bool) -> int:
                 "last_sweep": _iso(state.last_sweep) if state and state.last_sweep else None,
                 "sweep": state.sweep_summary if state else "",
                 "updated": _iso(state.updated) if state else None,
+                # Outgoing mail not sent yet: queued (incl. sending) and failed rows.
+                "outbox": outbox.get(account.name, {}),
             }
         )
     if as_json:
         print(json.dumps({"database": str(settings.database), "accounts": rows}, indent=2))
         return 0
     table = Table(title=f"mailbridge status — {settings.database}")
-    for column in ("account", "state", "last import", "imported", "failed", "problem"):
+    for column in ("account", "state", "last import", "imported", "failed", "outbox", "problem"):
         table.add_column(column, justify="right" if column in {"imported", "failed"} else "left")
     for row, account in zip(rows, settings.accounts, strict=True):
         state = stored.get(account.name)
@@ -392,6 +396,7 @@ def _status(settings: Settings, *, as_json: bool) -> int:
             _ago(state.last_import) if state else "never",
             str(row["imported"]),
             str(row["failed"]),
+            ", ".join(f"{n} {state}" for state, n in sorted(row["outbox"].items())),
             problem,
         )
     console().print(table)

@@ -174,6 +174,9 @@ class OutboxRepository(Protocol):
     ) -> list[OutboxRow]:
         """Rows newest first, without ``raw``; ``states`` filters (None: every state)."""
 
+    def outbox_counts(self) -> dict[str, dict[str, int]]:
+        """account -> state -> rows, for the states queued, sending and failed."""
+
     def outbox_row(self, outbox_id: int) -> OutboxRow | None:
         """One row, with ``raw``."""
 

@@ -1449,6 +1449,16 @@ class SqliteRepository:
                 f"{where} ORDER BY id DESC LIMIT ?", [*params, max(limit, 0)], raw=False
             )
 
+    def outbox_counts(self) -> dict[str, dict[str, int]]:
+        counts: dict[str, dict[str, int]] = {}
+        with self._transaction("count outbox rows", write=False) as conn:
+            for account, state, count in conn.execute(
+                "SELECT account, state, COUNT(*) FROM outbox"
+                " WHERE state IN ('queued', 'sending', 'failed') GROUP BY account, state"
+            ):
+                counts.setdefault(account, {})[state] = int(count)
+        return counts
+
     def outbox_row(self, outbox_id: int) -> OutboxRow | None:
         with self._transaction(f"read outbox row {outbox_id}", write=False):
             found = self._outbox_rows("WHERE id = ?", [outbox_id], raw=True)

@@ -13,6 +13,7 @@ from __future__ import annotations
 import asyncio
 import email
 import email.policy
+import json
 import os
 import signal
 import sqlite3
@@ -372,6 +373,9 @@ def test_outbox_retry_and_cancel(tmp_path: Path, sink: SmtpSink, capsys: Any) ->
     out = capsys.readouterr().out
     assert "message_rejected" in out
     assert "Recipient address rejected" in out
+    assert cli_main(["-c", str(path), "status", "--json"]) == 0
+    [account] = json.loads(capsys.readouterr().out)["accounts"]
+    assert account["outbox"] == {"failed": 1}
     assert cli_main(["-c", str(path), "outbox", "cancel", str(outbox_id)]) == 0
     assert row(settings, outbox_id)["state"] == "cancelled"
     assert cli_main(["-c", str(path), "outbox", "retry", str(outbox_id)]) == 0
