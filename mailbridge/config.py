@@ -609,8 +609,6 @@ def check_templates(settings: Settings) -> None:
     """Every account's template file readable and using only known merge codes (plus the
     configured parent tables), and the same for its automatic reply's body; ConfigError
     naming the key, the template and the code (exit 78)."""
-    from mailbridge.core.templates import unknown_codes  # jinja2 only when templates are used
-
     tables = {p.table for p in settings.conversation_parents} | {
         p.table for p in settings.follower_parents
     }
@@ -631,6 +629,9 @@ def check_templates(settings: Settings) -> None:
                 key = f"accounts[{i}].auto_reply.{field}"
                 sources.append((key, key, body))
         for key, name, text in sources:
+            # Jinja2 is imported only when a template is configured (start-up time).
+            from mailbridge.core.templates import unknown_codes
+
             try:
                 unknown = unknown_codes(text, tables)
             except ValueError as exc:

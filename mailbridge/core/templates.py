@@ -26,12 +26,11 @@ from __future__ import annotations
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import datetime
-from typing import Any, Final
+from typing import TYPE_CHECKING, Any, Final
 from zoneinfo import ZoneInfo
 
-from jinja2 import StrictUndefined, TemplateError, meta
-from jinja2.sandbox import SandboxedEnvironment
-from markupsafe import Markup
+if TYPE_CHECKING:  # imported where used: the daemon starts without Jinja2 unless it sends
+    from jinja2.sandbox import SandboxedEnvironment
 
 # The reference product's merge codes (configuration.txt, "Templates").
 MERGE_CODES: Final = frozenset(
@@ -89,10 +88,14 @@ _TEXTS: Final[dict[str, dict[str, str]]] = {
 }
 
 
-def environment() -> SandboxedEnvironment:
-    """The one Jinja2 environment: sandboxed, HTML autoescaped, undefined names are errors."""
+def environment(*, autoescape: bool = True) -> SandboxedEnvironment:
+    """The one Jinja2 environment: sandboxed, HTML autoescaped (``autoescape=False`` for
+    plain text), undefined names are errors."""
+    from jinja2 import StrictUndefined
+    from jinja2.sandbox import SandboxedEnvironment
+
     return SandboxedEnvironment(
-        autoescape=True, undefined=StrictUndefined, keep_trailing_newline=True
+        autoescape=autoescape, undefined=StrictUndefined, keep_trailing_newline=True
     )
 
 
@@ -102,6 +105,8 @@ def unknown_codes(source: str, known: Iterable[str]) -> list[str]:
 
     Raises ValueError with Jinja2's words (and line) when the template does not parse.
     """
+    from jinja2 import TemplateError, meta
+
     try:
         tree = environment().parse(source)
     except TemplateError as exc:
@@ -144,6 +149,8 @@ def _names(followers: Sequence[tuple[str, str]]) -> list[str]:
 
 def merge_values(data: MergeData) -> dict[str, Any]:
     """The merge codes' values: text (escaped when rendered) or :class:`Markup` (HTML)."""
+    from markupsafe import Markup
+
     texts = _TEXTS.get(data.language, _TEXTS["en"])
     zone = ZoneInfo(data.time_zone)
     others = [(e, n) for e, n in data.followers if e != data.recipient_address.lower()]
@@ -190,6 +197,9 @@ def render(source: str, body_html: str, data: MergeData) -> str:
     ``body_html`` may itself hold merge codes (a snippet's); they are filled first. Raises
     ValueError naming the undefined code or the error and its line.
     """
+    from jinja2 import TemplateError
+    from markupsafe import Markup
+
     values = merge_values(data)
     values.update(data.records or {})
     env = environment()
@@ -208,11 +218,11 @@ def render_text(text: str, data: MergeData) -> str:
 
     Raises ValueError naming the undefined code or the error and its line.
     """
+    from jinja2 import TemplateError
+
     values = merge_values(data)
     values.update(data.records or {})
-    env = SandboxedEnvironment(
-        autoescape=False, undefined=StrictUndefined, keep_trailing_newline=True
-    )
+    env = environment(autoescape=False)
     try:
         return env.from_string(text).render(values)
     except TemplateError as exc:
