@@ -39,7 +39,7 @@ import socket
 import sqlite3
 import time
 from collections import Counter
-from collections.abc import Callable, Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from email.message import EmailMessage
@@ -279,9 +279,15 @@ class OutboxWorker:
         self.watch = Watch(self.settings.database)
         self.watch.open()
         try:
-            await self._guarded(self.recover())
+            recover = True
             while not self.stopping.is_set():
-                await self._guarded(self.send_due())
+                if recover:
+                    recover = not await self._guarded(self.recover())
+                # A round that failed (the database refused a write) may leave rows marked
+                # sending: between rounds nothing is in flight, so they are resolved as after a
+                # crash before the next round (one worker per database; leases come with
+                # PostgreSQL).
+                recover = not await self._guarded(self.send_due()) or recover
                 await self.watch.wait(await self._sleep_seconds(), self.stopping)
         finally:
             self.watch.close()
@@ -293,19 +299,21 @@ class OutboxWorker:
         await self.send_due(summary)
         return summary
 
-    async def _guarded(self, work: object) -> None:
+    async def _guarded(self, work: Awaitable[object]) -> bool:
+        """Run ``work``; False (logged, after a 5 s pause) when it failed."""
         try:
-            await work  # type: ignore[misc]
+            await work
         except asyncio.CancelledError:
             raise
         except StoreError as exc:
             log.warning("outbox_store_error", code=exc.code, error=str(exc), remedy=exc.remedy)
-            with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self.stopping.wait(), 5)
         except Exception:  # a bug must not end sending for good; the daemon goes on
             log.exception("outbox_worker_crashed")
-            with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self.stopping.wait(), 5)
+        else:
+            return True
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(self.stopping.wait(), 5)
+        return False
 
     async def _sleep_seconds(self) -> float:
         names = [n for n in self.accounts() if not self._is_paused(n)]
