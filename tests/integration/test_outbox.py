@@ -724,7 +724,7 @@ def test_automatic_mail_and_own_mail_get_no_automatic_reply(
     data = config_data(
         tmp_path, dovecot, imap_user, smtp=sink.smtp_settings(),
         aliases=["help@example.test"],
-        auto_reply={"enabled": True, "body_text": "Thanks."},
+        auto_reply={"enabled": True, "body_text": "Thanks, {{ recipient_name }}."},
     )  # fmt: skip
     data["recovery"] = {"enabled": False}
     settings = parse_config(data)
@@ -737,7 +737,11 @@ def test_automatic_mail_and_own_mail_get_no_automatic_reply(
         dovecot.append(imap_user.login, imap_user.password, message.as_bytes())
     asyncio.run(run_once(settings))
     assert [r.recipients for r in sink.received] == [(CUSTOMER,)]
-    assert parsed(sink.received[0].data)["Subject"] == "Re: A person"
+    answer = parsed(sink.received[0].data)
+    assert answer["Subject"] == "Re: A person"
+    plain = answer.get_body(("plain",))
+    assert plain is not None
+    assert plain.get_content().startswith("Thanks, John Doe.")  # merge codes filled
 
 
 # -- templates, snippets ------------------------------------------------------------------------
