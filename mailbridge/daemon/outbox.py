@@ -575,7 +575,14 @@ class OutboxWorker:
             if problem:
                 raise InvalidRowError(problem)
         elif actions:
-            raise InvalidRowError("actions need a conversation with parent records (conversation)")
+            # A new conversation gets a record in each conversation parent table of the
+            # account when it is stored, the same transaction that applies the actions.
+            tables = [
+                p.table for p in self.settings.conversation_parents if p.applies_to(account.name)
+            ]
+            problem = check_actions(actions, await self.repo.table_columns(tables))
+            if problem:
+                raise InvalidRowError(problem)
         fix: OutboxFix | None = None
         if row.raw is None:
             fix = await self._compose(account, row, context)

@@ -234,6 +234,9 @@ class OutboxRepository(Protocol):
     def outbox_cancel(self, outbox_id: int) -> bool:
         """A queued or failed row to ``cancelled``. False for other states (sending, sent)."""
 
+    def table_columns(self, tables: Sequence[str]) -> dict[str, frozenset[str]]:
+        """The columns (without ``id``) of each of ``tables`` that exists."""
+
     def template_records(
         self, conversation_id: int, recipient: str, history_limit: int = 20
     ) -> TemplateRecords:

@@ -1725,6 +1725,15 @@ class SqliteRepository:
             )
         return cursor.rowcount > 0
 
+    def table_columns(self, tables: Sequence[str]) -> dict[str, frozenset[str]]:
+        found: dict[str, frozenset[str]] = {}
+        with self._transaction("read table columns", write=False) as conn:
+            for table in tables:
+                columns = _columns(conn, table)
+                if columns:
+                    found[table] = frozenset(columns - {"id"})
+        return found
+
     def template_records(
         self, conversation_id: int, recipient: str, history_limit: int = 20
     ) -> TemplateRecords:
@@ -2105,6 +2114,10 @@ class AsyncRepository:
     async def outbox_sent(self, context: ImportContext, records: Sequence[SentRecord]) -> list[int]:
         items = tuple(records)
         return await self._run(lambda repo: repo.outbox_sent(context, items))
+
+    async def table_columns(self, tables: Sequence[str]) -> dict[str, frozenset[str]]:
+        names = tuple(tables)
+        return await self._run(lambda repo: repo.table_columns(names))
 
     async def template_records(
         self, conversation_id: int, recipient: str, history_limit: int = 20

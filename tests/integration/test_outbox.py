@@ -297,6 +297,28 @@ async def test_message_actions_update_the_conversation_parent(
     finally:
         conn.close()
     assert status == "waiting_customer"
+    # A new conversation: its ticket is created when the sent message is stored, and the
+    # actions apply to it in the same transaction.
+    new_id = queue(
+        settings,
+        OutgoingRequest(
+            account="support", to="jo@customer.example", subject="Offer", body_text="Hi",
+            actions='{"ticket": {"status": "offer_sent"}}',
+        ),
+    )  # fmt: skip
+    await send_pass(settings)
+    sent = row(settings, new_id)
+    assert sent["state"] == "sent"
+    conn = sqlite3.connect(settings.database)
+    try:
+        ticket = conn.execute(
+            "SELECT t.subject, t.status FROM ticket AS t JOIN conversation AS c"
+            " ON c.ticket = t.id WHERE c.id = ?",
+            (sent["conversation"],),
+        ).fetchone()
+    finally:
+        conn.close()
+    assert ticket == ("Offer", "offer_sent")
 
 
 def write_config(tmp_path: Path, data: dict[str, Any]) -> Path:
