@@ -449,12 +449,51 @@ class FolderSettings(_Model):
     inbox: Annotated[str, StringConstraints(min_length=1)] = "INBOX"
     processed: Annotated[str, StringConstraints(min_length=1)] = "Mailbridge Processed"
     failed: Annotated[str, StringConstraints(min_length=1)] = "Mailbridge Failed"
+    # Where the account's sent mail is filed. Set, it is searched for a Message-ID after a crash
+    # in the middle of sending (to avoid a resend), and a copy of what mailbridge sends is
+    # APPENDed there unless append_sent is false (servers that file SMTP submissions
+    # themselves, such as Gmail and Exchange Online, need no copy).
+    sent: Annotated[str, StringConstraints(min_length=1)] | None = None
+    append_sent: bool = True
 
     @model_validator(mode="after")
     def _distinct(self) -> FolderSettings:
         names = [self.inbox, self.processed, self.failed]
         if len({n.casefold() for n in names}) != 3:
             raise ValueError("inbox, processed and failed must be three different folders")
+        if self.sent is not None and self.sent.casefold() in {n.casefold() for n in names}:
+            raise ValueError("sent must differ from inbox, processed and failed")
+        return self
+
+
+def _time_zone(value: str) -> str:
+    from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
+
+    try:
+        ZoneInfo(value)
+    except (ZoneInfoNotFoundError, ValueError) as exc:
+        raise ValueError(
+            f"{value!r} is not a time zone (an IANA name such as 'Europe/Stockholm' or 'UTC')"
+        ) from exc
+    return value
+
+
+class AutoReplySettings(_Model):
+    """An automatic answer to each message that starts a new conversation (README "Automatic
+    replies"); never to automatic mail, the account's own addresses, or a sender answered
+    automatically loop_protection.max_auto_replies times within its window."""
+
+    enabled: bool = False
+    subject: Annotated[str, StringConstraints(max_length=200)] | None = None  # default: Re: ...
+    body_text: str | None = None
+    body_html: str | None = None
+    # Older mail (recovered by the sweep after an outage, say) gets no automatic reply.
+    max_age_hours: Annotated[float, Field(gt=0, le=24 * 365)] = 24.0
+
+    @model_validator(mode="after")
+    def _has_body(self) -> AutoReplySettings:
+        if self.enabled and self.body_text is None and self.body_html is None:
+            raise ValueError("enabled: true needs body_text or body_html")
         return self
 
 
@@ -506,6 +545,18 @@ class AccountSettings(_Model):
     # Per-account overrides of the global keys of the same names (None: the global value).
     automatic_emails: AutomaticEmails | None = None
     bots: BotSettings | None = None
+    # The account's name in From of what it sends ("Support" <support@...>); with
+    # personalized_emails the sending coworker's name comes first ("Jane Doe - Support") and
+    # every recipient gets an own copy with its own Message-ID.
+    display_name: Annotated[str, StringConstraints(max_length=200)] = ""
+    personalized_emails: bool = False
+    auto_reply: AutoReplySettings = AutoReplySettings()
+    # The HTML template every message of the account is sent in (README "Templates and merge
+    # codes"), its signature, the language of its fixed texts and the zone of its dates.
+    template_file: Path | None = None
+    signature: str = ""
+    language: Literal["en", "de", "sv", "fr", "es"] = "en"
+    time_zone: Annotated[str, AfterValidator(_time_zone)] = "UTC"
 
     def own_addresses(self) -> frozenset[str]:
         """The account's address and its aliases: one identity."""
@@ -562,6 +613,34 @@ class LimitSettings(_Model):
     @property
     def fetch_batch_max_bytes(self) -> int:
         return int(self.fetch_batch_max_mb * 1024 * 1024)
+
+
+class OutboxSettings(_Model):
+    """Sending from the ``outbox`` table (see README "The outbox")."""
+
+    # A row still failing temporarily (4xx, connection lost) this long after it was queued
+    # fails for good (code send_expired); 72 hours as a mail server's queue lifetime.
+    max_age_hours: Annotated[float, Field(gt=0, le=24 * 30)] = 72.0
+    # Temporary failures are retried after first_retry_seconds, doubling up to
+    # max_retry_seconds (hourly).
+    first_retry_seconds: Annotated[float, Field(ge=1, le=3600)] = 30.0
+    max_retry_seconds: Annotated[float, Field(ge=1, le=86400)] = 3600.0
+    # An outgoing message (attachments included, as encoded) over this size fails before sending.
+    max_outgoing_size_mb: Annotated[float, Field(gt=0, le=1000)] = 25.0
+    # Directories attachments may be read from by path (outboxattachment.path). None by default:
+    # a row must not be able to mail out any file the daemon can read (its password files).
+    attachment_directories: tuple[Path, ...] = ()
+
+    @property
+    def max_outgoing_bytes(self) -> int:
+        return int(self.max_outgoing_size_mb * 1024 * 1024)
+
+
+class LoopProtectionSettings(_Model):
+    """At most max_auto_replies automatic replies to one sender within window_hours."""
+
+    max_auto_replies: Annotated[int, Field(ge=0, le=1000)] = 3
+    window_hours: Annotated[float, Field(gt=0, le=24 * 365)] = 24.0
 
 
 class LogSettings(_Model):
@@ -848,6 +927,8 @@ class Settings(_Model):
     limits: LimitSettings = LimitSettings()
     log: LogSettings = LogSettings()
     recovery: RecoverySettings = RecoverySettings()
+    outbox: OutboxSettings = OutboxSettings()
+    loop_protection: LoopProtectionSettings = LoopProtectionSettings()
     identification: Identification = "message_id"
     # What becomes of automatic mail (out-of-office, notifications, lists): the reference's
     # "import automatic emails even if conversation not found" = false is the default.
@@ -901,6 +982,17 @@ class Settings(_Model):
     def sqlite_path(self) -> Path | None:
         """The SQLite file, or None when ``database`` is a PostgreSQL URL."""
         return self.database if isinstance(self.database, Path) else None
+
+    def outbox_database(self) -> Path:
+        """The SQLite file the outbox lives in. Raises ConfigError (exit 78) for a PostgreSQL
+        ``database``: sending through PostgreSQL is not built yet."""
+        if self.sqlite_path is None:
+            raise ConfigError(
+                "database: sending (the outbox) works with a SQLite database only for now; "
+                "PostgreSQL support for it is not built yet",
+                path="database",
+            )
+        return self.sqlite_path
 
     def database_password(self) -> str | None:
         """Read the PostgreSQL password now (None when no source is configured). Raises
@@ -993,6 +1085,7 @@ def parse_config(data: object, *, source: Path | None = None) -> Settings:
         text = "; ".join(f"{path}: {why}" for path, why in problems)
         raise ConfigError(text, path=first_path) from exc
     check_model(settings)
+    check_templates(settings)
     # Set after validation so the file cannot set it (model_copy does not re-validate).
     return settings.model_copy(update={"source": source})
 
@@ -1052,6 +1145,49 @@ def check_model(settings: Settings) -> None:
                     f"{where}: without message_property, {table!r} must be one of the "
                     "follower_parents tables (its row is found by the sender's address)",
                     path=where,
+                )
+
+
+def check_templates(settings: Settings) -> None:
+    """Every account's template file readable and using only known merge codes (plus the
+    configured parent tables), and the same for its automatic reply's body; ConfigError
+    naming the key, the template and the code (exit 78)."""
+    tables = {p.table for p in settings.conversation_parents} | {
+        p.table for p in settings.follower_parents
+    }
+    for i, account in enumerate(settings.accounts):
+        sources: list[tuple[str, str, str]] = []
+        if account.template_file is not None:
+            key = f"accounts[{i}].template_file"
+            try:
+                text = account.template_file.read_text(encoding="utf-8")
+            except OSError as exc:
+                raise ConfigError(
+                    f"{key}: cannot read {account.template_file}: {exc.strerror}", path=key
+                ) from exc
+            sources.append((key, str(account.template_file), text))
+        for field in ("body_text", "body_html"):
+            body = getattr(account.auto_reply, field)
+            if body is not None:
+                key = f"accounts[{i}].auto_reply.{field}"
+                sources.append((key, key, body))
+        for key, name, text in sources:
+            # Jinja2 is imported only when a template is configured (start-up time).
+            from mailbridge.core.templates import unknown_codes
+
+            try:
+                unknown = unknown_codes(text, tables)
+            except ValueError as exc:
+                raise ConfigError(
+                    f"{key}: template {name} does not parse: {exc}", path=key
+                ) from exc
+            if unknown:
+                codes = ", ".join(f"{{{{ {code} }}}}" for code in unknown)
+                raise ConfigError(
+                    f"{key}: template {name} uses unknown merge code {codes}; known: the merge "
+                    "codes listed in README 'Templates and merge codes', body, signature, "
+                    "subject and the configured parent tables",
+                    path=key,
                 )
 
 

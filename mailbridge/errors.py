@@ -273,6 +273,42 @@ CATALOGUE: Final[dict[str, ErrorInfo]] = dict(
             transient=False,
         ),
         _info(
+            "message_rejected",
+            "The SMTP server refused the outgoing message for good (a 5xx reply)",
+            "Read the server's words in 'mailbridge outbox --failed' (a wrong recipient address, "
+            "a policy or spam refusal); correct the row and run 'mailbridge outbox retry ID'.",
+            transient=False,
+        ),
+        _info(
+            "send_deferred",
+            "The SMTP server deferred the outgoing message (a 4xx reply)",
+            "Nothing to do: it is retried by itself (first after outbox.first_retry_seconds, "
+            "then up to hourly) until outbox.max_age_hours.",
+            transient=True,
+        ),
+        _info(
+            "send_expired",
+            "An outgoing message could not be sent within outbox.max_age_hours",
+            "Fix what its last error says ('mailbridge outbox --failed', 'mailbridge doctor "
+            "ACCOUNT'), then run 'mailbridge outbox retry ID'.",
+            transient=False,
+        ),
+        _info(
+            "outbox_invalid",
+            "An outbox row cannot be sent as written",
+            "Read the reason in 'mailbridge outbox --failed' (no recipient, an unknown "
+            "conversation or account, an unreadable attachment, a message action naming no "
+            "parent column); correct the row and run 'mailbridge outbox retry ID'.",
+            transient=False,
+        ),
+        _info(
+            "outgoing_too_large",
+            "The outgoing message is over outbox.max_outgoing_size_mb",
+            "Send smaller or fewer attachments (or raise outbox.max_outgoing_size_mb if the "
+            "server accepts more), then run 'mailbridge outbox retry ID'.",
+            transient=False,
+        ),
+        _info(
             "database_locked",
             "The database is locked by another writer",
             "Keep integrators' write transactions short; it is retried by itself.",

@@ -47,6 +47,7 @@ from mailbridge.config import AccountSettings, Settings
 from mailbridge.core.messagekey import content_fingerprint, message_key
 from mailbridge.core.parse import parse_message, summarise_headers
 from mailbridge.core.policy import analyse
+from mailbridge.daemon.autoreply import queue_auto_replies
 from mailbridge.daemon.parsing import parse_off_loop
 from mailbridge.errors import MailbridgeError, MessageError, StoreError, describe
 from mailbridge.mail.auth.tokens import provider_for
@@ -722,6 +723,8 @@ class AccountWorker:
                 )
         summary.failed = len(failures)
         summary.failures = failures
+        # Automatic replies to new conversations, queued in the outbox (daemon/autoreply.py).
+        await queue_auto_replies(self.settings, self.account, self.repo, items, results, arrived)
 
         # Only now, with everything committed, does mail leave the Inbox. \Seen is set just
         # before the move, on the Inbox copies (no SELECT of the target folder): a connection

@@ -276,7 +276,9 @@ class LeaseRow:
 
 
 class Repository(Protocol):
-    """The database as mailbridge sees it. See the module docstring for the guarantees."""
+    """The database as mailbridge sees it. See the module docstring for the guarantees.
+    Sending's methods are :class:`mailbridge.store.outbox.OutboxRepository` (SQLite only for
+    now)."""
 
     def migrate(self) -> None:
         """Create or upgrade the schema. Idempotent."""

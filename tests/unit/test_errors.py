@@ -18,6 +18,7 @@ from mailbridge.config import (
     ImapSettings,
     LimitSettings,
     LogSettings,
+    OutboxSettings,
     RecoverySettings,
     SmtpSettings,
 )
@@ -54,10 +55,11 @@ _SECTIONS: dict[str, type[BaseModel]] = {
     "recovery": RecoverySettings,
     "log": LogSettings,
     "cluster": ClusterSettings,
+    "outbox": OutboxSettings,
 }
 _KEY = re.compile(r"\b(" + "|".join(_SECTIONS) + r")\.([A-Za-z_]+)(?:(?: to|:) ([\w-]+))?")
 # What a remedy's command placeholders stand for when the command is parsed.
-_PLACEHOLDERS = {"ACCOUNT": "support", "UID": "7"}
+_PLACEHOLDERS = {"ACCOUNT": "support", "UID": "7", "ID": "3"}
 
 
 def _subcommands() -> dict[str, argparse.ArgumentParser]:
