@@ -126,6 +126,23 @@ def derived_key(message_id: str, fingerprint: str, *, full: bool = False) -> str
     return f"{message_id}#{fingerprint if full else fingerprint[:DERIVED_PREFIX]}"
 
 
+def failure_key(message_id: str | None, fingerprint: str) -> str:
+    """The key of a message's import failure (``importfailure.messagekey``): the
+    :func:`derived_key` of its Message-ID, else ``sha256:<fingerprint>``.
+
+    A failure must name one message's *content*, not its Message-ID: two different messages
+    that reuse one id and both fail are two failures (each in the Failed folder), and a
+    different message imported under the bare id resolves neither. The key is the same
+    whether parsing or storing failed, and it is the key a message reusing a stored id is
+    stored under, so importing the message itself resolves it (the store settles both its
+    stored key and this one). Without a fingerprint (a message built in a test), its
+    :func:`message_key`.
+    """
+    if message_id and fingerprint:
+        return derived_key(message_id, fingerprint)
+    return message_key(message_id, fingerprint)
+
+
 @dataclass(frozen=True, slots=True)
 class StoredIdentity:
     """A stored message as the key decision sees it: its key and fingerprint (None for rows

@@ -34,7 +34,7 @@ import structlog
 from tenacity import RetryCallState, wait_random_exponential
 
 from mailbridge.config import AccountSettings, Settings
-from mailbridge.core.messagekey import content_fingerprint, message_key
+from mailbridge.core.messagekey import content_fingerprint, failure_key
 from mailbridge.core.parse import parse_message, summarise_headers
 from mailbridge.daemon.parsing import parse_off_loop
 from mailbridge.errors import MailbridgeError, MessageError, StoreError, describe
@@ -129,8 +129,8 @@ def _failure_from_raw(message: FetchedMessage, code: str, reason: str) -> Failur
     headers = summarise_headers(message.raw)
     return FailureInfo(
         uid=message.uid,
-        # The parser's key, so that a later successful import resolves this failure.
-        message_key=message_key(headers.message_id, content_fingerprint(message.raw)),
+        # One key per content, resolved when this message itself is imported.
+        message_key=failure_key(headers.message_id, content_fingerprint(message.raw)),
         code=code,
         reason=reason,
         message_id=headers.message_id,
@@ -148,7 +148,7 @@ def _failure_from_result(
     msg = item.message
     return FailureInfo(
         uid=item.uid,
-        message_key=result.message_key,  # derived when the message reuses a stored id
+        message_key=failure_key(msg.message_id, msg.fingerprint),  # as for a parse failure
         code=result.error_code or "import_failed",
         reason=result.error_reason or "the database refused the message",
         message_id=msg.message_id,

@@ -84,6 +84,7 @@ from mailbridge.core.messagekey import (
     StoredIdentity,
     choose_parent,
     decide_message_key,
+    failure_key,
 )
 from mailbridge.core.model import ParsedMessage
 from mailbridge.core.participants import is_outgoing, only_own_identity, reached_address
@@ -501,14 +502,14 @@ class SqliteRepository:
                         conversation_id=known.conversation_id,
                         message_row_id=known.row_id,
                     )
-                    settled.append(decision.key)
+                    settled += (decision.key, failure_key(message.message_id, message.fingerprint))
                     continue
                 result, written = self._import_in_savepoint(conn, context, item, now, decision)
                 results[index] = result
                 if written is not None:
                     # A second copy later in the same batch is a duplicate of this one.
                     same_id.append(_StoredRow(decision.key, message.fingerprint or None, *written))
-                    settled.append(decision.key)
+                    settled += (decision.key, failure_key(message.message_id, message.fingerprint))
             self._resolve_failures(conn, account, settled, now)
         return [result for result in results if result is not None]
 

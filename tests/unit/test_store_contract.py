@@ -421,6 +421,59 @@ def test_a_failed_reused_id_message_is_failed_under_its_own_key(repo: Repository
     assert failed.message_key == f"{PARCEL_ID}#{bad.fingerprint[:16]}" != a.message_key
 
 
+def _parcel_raw(number: int, attachment_bytes: int = 0) -> bytes:
+    """A parcel notice as the tracker sends it: every notice under one Message-ID."""
+    head = (
+        f"Message-ID: <{PARCEL_ID}>\r\nFrom: noreply@parcels.example\r\n"
+        f"To: support@acme.test\r\nSubject: Your parcel {number} is on its way\r\n"
+        f"Date: Mon, 02 Jun 2025 09:{number % 60:02d}:00 +0000\r\nMIME-Version: 1.0\r\n"
+    )
+    if not attachment_bytes:
+        return (head + f"\r\nParcel {number} has left our depot.\r\n").encode()
+    body = (
+        'Content-Type: multipart/mixed; boundary="B"\r\n\r\n--B\r\n'
+        f"Content-Type: text/plain\r\n\r\nParcel {number}, label attached.\r\n--B\r\n"
+        "Content-Type: application/pdf; name=label.pdf\r\n\r\n"
+        + "x" * attachment_bytes
+        + "\r\n--B--\r\n"
+    )
+    return (head + body).encode()
+
+
+def test_failures_of_messages_reusing_an_id_stay_apart_until_each_is_imported(
+    repo: Repository,
+) -> None:
+    """Found by the issue 9 follow-up: failures were keyed by the bare Message-ID, so two
+    different notices that failed (too large) were one failure row, and importing a *third*
+    notice under that id marked both resolved while they sat unimported in Failed."""
+    from mailbridge.daemon.account import _parse_batch
+    from mailbridge.mail.imap import FetchedMessage
+
+    def fetched(uid: int, raw_bytes: bytes) -> FetchedMessage:
+        return FetchedMessage(uid=uid, raw=raw_bytes, internaldate=at(0), flags=frozenset())
+
+    big_one, big_two = _parcel_raw(1, 5000), _parcel_raw(2, 6000)
+    items, failures = _parse_batch([fetched(1, big_one), fetched(2, big_two)], 1000)
+    assert items == []
+    assert len(failures) == 2
+    repo.record_failures(ACCOUNT, failures)
+    repo.set_failure_folder_uids(ACCOUNT, {f.message_key: 10 + f.uid for f in failures})
+    records = repo.failures(ACCOUNT)
+    assert sorted(r.folder_uid for r in records) == [11, 12]  # two failures, each traceable
+
+    small, _ = _parse_batch([fetched(3, _parcel_raw(3))], 1000)
+    [other] = repo.import_batch(CTX, small)
+    assert other.outcome is Outcome.IMPORTED
+    assert len(repo.failures(ACCOUNT)) == 2  # a different message resolves neither
+
+    # The first notice, retried with a higher limit, resolves its own failure only.
+    retried, _ = _parse_batch([fetched(11, big_one)], 10**6)
+    [done] = repo.import_batch(CTX, retried)
+    assert done.outcome is Outcome.IMPORTED
+    [left] = repo.failures(ACCOUNT)
+    assert left.folder_uid == 12
+
+
 # -- Reply-To ---------------------------------------------------------------------------------
 
 
