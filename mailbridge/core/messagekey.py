@@ -56,16 +56,20 @@ _WHITESPACE = re.compile(rb"[ \t\r\n]+")
 
 
 def _identity_headers(block: bytes) -> list[tuple[bytes, bytes]]:
-    """(lower-case name, value with whitespace collapsed) of the identity headers, in order.
+    """(lower-case name, value with whitespace collapsed) of the identity headers, in order;
+    the oldest ``Received`` field (the last one) comes as ``received-origin``.
 
     RFC 5322 section 2.2.3: a line that starts with white space continues the previous field.
     """
     fields: list[tuple[bytes, bytes]] = []
+    origin: list[bytes] = []
     name = b""
     value: list[bytes] = []
 
     def flush() -> None:
-        if name and name.decode("ascii", "replace") in IDENTITY_HEADERS:
+        if name == b"received":
+            origin[:] = [_WHITESPACE.sub(b" ", b" ".join(value)).strip()]
+        elif name and name.decode("ascii", "replace") in IDENTITY_HEADERS:
             text = _WHITESPACE.sub(b" ", b" ".join(value)).strip()
             fields.append((name, text))
 
@@ -77,6 +81,12 @@ def _identity_headers(block: bytes) -> list[tuple[bytes, bytes]]:
         head, colon, rest = line.partition(b":")
         name, value = (head.strip().lower(), [rest]) if colon else (b"", [])
     flush()
+    if origin and not any(field == b"date" for field, _ in fields):
+        # Without a Date nothing the author wrote tells two sendings of one text apart (a
+        # device or script re-sending the same alert without Date or Message-ID): the first
+        # hop's trace field (RFC 5321 4.4, the bottom-most Received) does, and every copy of
+        # one sending shares it, whichever alias or later relay it reached.
+        fields.append((b"received-origin", origin[0]))
     return fields
 
 
@@ -84,7 +94,9 @@ def content_fingerprint(raw: bytes) -> str:
     """The content fingerprint of a raw RFC 5322 message: 64 lower-case hex digits (SHA-256).
 
     Covers the identity headers (:data:`IDENTITY_HEADERS`, each occurrence, names
-    case-insensitive, folding and runs of white space ignored) and the body. The body is
+    case-insensitive, folding and runs of white space ignored) and the body; for a message
+    without a Date, also the oldest ``Received`` field, which tells two sendings of the same
+    text apart (RFC 5322 3.6.1 makes Date mandatory; devices and scripts leave it out). The body is
     compared with CRLF line ends (a message stored with bare LF, as in a Maildir, counts as its
     CRLF form, RFC 5322 section 2.1) and without trailing empty lines (SMTP ends DATA with a line
     break a sender may not have written, RFC 5321 section 4.1.1.4); transports change nothing

@@ -474,6 +474,71 @@ def test_failures_of_messages_reusing_an_id_stay_apart_until_each_is_imported(
     assert left.folder_uid == 12
 
 
+def _delivered(raw_bytes: bytes, alias: str, hop: str) -> bytes:
+    """``raw_bytes`` as one delivery: the trace headers that MTA adds on top (RFC 5321 4.4)."""
+    trace = (
+        f"Return-Path: <bounce+{hop}@sender.example>\r\nDelivered-To: {alias}\r\n"
+        f"X-Original-To: {alias}\r\nReceived: from {hop}.relay.example by mx.acme.test;"
+        f"\r\n Mon, 02 Jun 2025 09:0{len(hop) % 10}:00 +0000\r\n"
+    )
+    return trace.encode() + raw_bytes
+
+
+_ALERT = (
+    b"From: monitor@ops.example\r\nTo: support@acme.test, help@acme.test\r\n"
+    b"Subject: Disk full on db1\r\nDate: Mon, 02 Jun 2025 09:00:00 +0000\r\n"
+    b"\r\n/var is 100% full.\r\n"
+)
+
+
+def test_store_level_examples_of_reused_ids_and_repeated_deliveries(repo: Repository) -> None:
+    """A later tester's examples (issue 9 follow-up), from raw bytes through the parser."""
+    from mailbridge.core.parse import parse_message
+
+    def parsed(raw_bytes: bytes) -> ParsedMessage:
+        return parse_message(raw_bytes, arrival=at(0))
+
+    notice = _parcel_raw(7)
+    # The same mail to two aliases (other trace headers), a Maildir copy with bare LF, a copy
+    # whose Subject a relay re-folded, and a re-fetch after a crash before the move.
+    copies = [
+        _delivered(notice, "support@acme.test", "a"),
+        _delivered(notice, "help@acme.test", "bb"),
+        notice.replace(b"\r\n", b"\n"),
+        notice.replace(b"Subject: Your parcel", b"Subject: Your\r\n parcel"),
+    ]
+    results = run(repo, *(parsed(c) for c in copies))
+    [again] = run(repo, parsed(copies[0]), first_uid=9)
+    assert [r.outcome for r in [*results, again]] == [Outcome.IMPORTED] + [Outcome.DUPLICATE] * 4
+    assert {r.message_row_id for r in [*results, again]} == {results[0].message_row_id}
+
+    # Same id: another body only, another Date only (a tracker re-sending hourly).
+    other_body = notice.replace(b"has left our depot", b"is out for delivery")
+    other_date = notice.replace(b"09:07:00", b"10:07:00")
+    reused = run(repo, parsed(other_body), parsed(other_date), first_uid=20)
+    assert [r.outcome for r in reused] == [Outcome.IMPORTED] * 2
+    assert {r.reused_key for r in reused} == {PARCEL_ID}
+
+    # No Message-ID at all: the same alert to two aliases is one, a new alert another; with
+    # no Date either, the same text sent again an hour later is another alert too.
+    undated = _ALERT.replace(b"Date: Mon, 02 Jun 2025 09:00:00 +0000\r\n", b"")
+    first_hop = b"Received: from ups1 by mx.acme.test id 1; Mon, 02 Jun 2025 09:00:00 +0000\r\n"
+    later_hop = first_hop.replace(b"id 1; Mon, 02 Jun 2025 09", b"id 2; Mon, 02 Jun 2025 10")
+    alerts = run(
+        repo,
+        parsed(_delivered(_ALERT, "support@acme.test", "a")),
+        parsed(_delivered(_ALERT, "help@acme.test", "b")),
+        parsed(_ALERT.replace(b"/var", b"/home")),
+        parsed(_delivered(first_hop + undated, "support@acme.test", "a")),
+        parsed(_delivered(first_hop + undated, "help@acme.test", "b")),
+        parsed(_delivered(later_hop + undated, "support@acme.test", "a")),
+        first_uid=30,
+    )
+    imported, duplicate = Outcome.IMPORTED, Outcome.DUPLICATE
+    assert [r.outcome for r in alerts] == [imported, duplicate, imported] * 2
+    assert alerts[0].message_key.startswith("sha256:")
+
+
 # -- Reply-To ---------------------------------------------------------------------------------
 
 
