@@ -177,6 +177,7 @@ _JIS_CODECS: Final = frozenset(
     | {"iso2022-jp-ext"}
 )
 _UTF8_CODECS: Final = frozenset({"utf-8", "utf-8-sig"})
+_UTF8_BOM: Final = b"\xef\xbb\xbf"
 _SEVEN_BIT_CODECS: Final = ("utf-7", "utf-16", "utf-32", "iso2022", "hz")
 _UTF8_SEQUENCE: Final = re.compile(rb"[\xc2-\xf4][\x80-\xbf]")
 # ISO-2022-JP designations (RFC 1468, RFC 2237, JIS X 0213) and SO/SI for half-width kana.
@@ -459,6 +460,13 @@ def decode_text(
     its usual superset), else one of :data:`DEFECT_UNKNOWN`, :data:`DEFECT_MISSING`,
     :data:`DEFECT_MISLABELLED` or :data:`DEFECT_INVALID_BYTES`.
     """
+    if data[:3] == _UTF8_BOM:
+        # A byte order mark says UTF-8 whatever the label (WHATWG Encoding, "decode"); it is
+        # no text, so mail clients show none.
+        unmarked, defect = decode_text(data[3:], "utf-8", fallback)
+        if defect is None and charset and codec_for(charset) not in {"utf-8", None}:
+            defect = DEFECT_MISLABELLED
+        return unmarked, defect
     codec = codec_for(charset) if charset else None
     if data.isascii():
         if b"\x1b" in data:

@@ -62,13 +62,13 @@ def _identity_headers(block: bytes) -> list[tuple[bytes, bytes]]:
     RFC 5322 section 2.2.3: a line that starts with white space continues the previous field.
     """
     fields: list[tuple[bytes, bytes]] = []
-    origin: list[bytes] = []
+    origin: list[bytes] = []  # the lines of the last Received field seen
     name = b""
     value: list[bytes] = []
 
     def flush() -> None:
         if name == b"received":
-            origin[:] = [_WHITESPACE.sub(b" ", b" ".join(value)).strip()]
+            origin[:] = value
         elif name and name.decode("ascii", "replace") in IDENTITY_HEADERS:
             text = _WHITESPACE.sub(b" ", b" ".join(value)).strip()
             fields.append((name, text))
@@ -86,7 +86,7 @@ def _identity_headers(block: bytes) -> list[tuple[bytes, bytes]]:
         # device or script re-sending the same alert without Date or Message-ID): the first
         # hop's trace field (RFC 5321 4.4, the bottom-most Received) does, and every copy of
         # one sending shares it, whichever alias or later relay it reached.
-        fields.append((b"received-origin", origin[0]))
+        fields.append((b"received-origin", _WHITESPACE.sub(b" ", b" ".join(origin)).strip()))
     return fields
 
 

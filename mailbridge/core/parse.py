@@ -319,14 +319,16 @@ def _named_zone(value: str) -> int | None:
     if match is None:
         return None
     name = (match.group("name") or "").upper()
-    if match.group("sign") is not None and (not name or name in _UTC_NAMES):
-        minutes = int(match.group("hours")) * 60 + int(match.group("minutes") or 0)
-        if minutes == 0 or minutes > 18 * 60 or (not name and match.group("minutes") is None):
-            return None  # "+0000" itself, or no offset (RFC 5322 allows at most +9959)
-        if not name and ":" not in match.group(0):
-            return None  # "+0200" was read right by parsedate_tz
-        return (minutes if match.group("sign") == "+" else -minutes) * 60
-    if match.group("sign") is None and name in _ZONE_NAMES:
+    sign, hours, minutes = match.group("sign", "hours", "minutes")
+    if sign is not None:
+        if not name and minutes is not None and ":" not in match.group(0):
+            return None  # "+0200" (or a wrong "+2500") as parsedate_tz reads it
+        # "GMT+0200", "UTC-5", "+02:00", "+02", and "CEST+0200" (the number wins).
+        total = int(hours) * 60 + int(minutes or 0)
+        if total == 0 or total > 18 * 60:
+            return None  # no offset at all, or none on Earth
+        return (total if sign == "+" else -total) * 60
+    if name in _ZONE_NAMES:
         return _ZONE_NAMES[name] * 60
     return None
 
@@ -357,7 +359,9 @@ def _date_from(value: str, defects: list[str]) -> datetime | None:
     elif dmy is not None:
         year = int(dmy.group(1))  # "0025" is the year 25, not 2025 (parsedate_tz adds 2000)
     offset = parsed[9]
-    if offset == 0 and (named := _named_zone(value)):  # a zone that means +0000 changes nothing
+    # parsedate_tz reads what it does not know as +0000, and "+02" as two minutes (real
+    # offsets are whole quarter hours); a zone that means +0000 changes nothing.
+    if (offset == 0 or (offset is not None and offset % 900)) and (named := _named_zone(value)):
         offset = named
         defects.append("date-nonstandard")
     try:
@@ -845,6 +849,9 @@ class _Walker:
         """The part's file name: RFC 2231 values (``filename*``, ``name*``, continuations)
         before plain ones, Content-Disposition's before Content-Type's; RFC 2047 words and raw
         8-bit bytes in plain values decoded too (Outlook, Gmail and phones send those)."""
+        # Raw 8-bit bytes in a name are in the part's own charset when it declares one (the
+        # client wrote both), else in the message's.
+        hint = part.get_content_charset() or self.hint
         try:
             found: list[tuple[list[tuple[str, str]], str]] = []
             for header, name in (("content-disposition", "filename"), ("content-type", "name")):
@@ -852,13 +859,13 @@ class _Walker:
                 if isinstance(value, str) and "=" in value:
                     found.append((_parameters(value), name))
             for params, name in found:
-                extended = _rfc2231_value(params, name, self.hint, self.notes)
+                extended = _rfc2231_value(params, name, hint, self.notes)
                 if extended:
                     return _clean_filename(extended)
             for params, name in found:
                 plain = next((value for key, value in params if key == name), None)
                 if plain:
-                    return _clean_filename(decode_header_value(plain, self.hint, self.notes))
+                    return _clean_filename(decode_header_value(plain, hint, self.notes))
         except Exception:  # a mangled parameter costs the name, not the part
             self.notes.append("filename-undecodable")
         return None

@@ -212,3 +212,17 @@ def test_decode_text_never_raises(data: bytes, label: str | None) -> None:
     text, defect = decode_text(data, label)
     assert isinstance(text, str)
     assert defect is None or defect.startswith("charset-")
+
+
+_MISLABELLED = "charset-mislabelled"
+
+
+@pytest.mark.parametrize(
+    ("label", "defect"),
+    [(None, None), ("utf-8", None), ("us-ascii", _MISLABELLED), ("iso-8859-1", _MISLABELLED)],
+)
+def test_utf8_byte_order_mark_is_no_text(label: str | None, defect: str | None) -> None:
+    """Was wrong: a UTF-8 BOM stayed in the text as U+FEFF; it means UTF-8 whatever the
+    label (WHATWG Encoding, BOM sniffing) and mail clients show nothing for it."""
+    assert decode_text(b"\xef\xbb\xbfH\xc3\xa9llo", label) == ("Héllo", defect)
+    assert decode_text(b"\xef\xbb\xbfHello", label)[0] == "Hello"

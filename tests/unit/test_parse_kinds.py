@@ -657,6 +657,18 @@ def test_more_attachment_names(disposition: str, expected: str | None) -> None:
         assert unicodedata.normalize("NFC", name) == expected
 
 
+def test_raw_8bit_name_in_the_parts_own_charset() -> None:
+    """Was wrong: a raw Windows-1251 name in a part labelled windows-1251 was read in the
+    message's first charset (UTF-8 here) and guessed as Latin-1 mojibake."""
+    name = "Отчёт за май.txt".encode("cp1251").decode("latin-1")
+    raw = multipart(
+        ("Content-Type: text/plain; charset=utf-8", "Привет".encode()),
+        (f'Content-Type: text/plain; charset=windows-1251; name="{name}"\n'
+         "Content-Disposition: attachment", "текст".encode("cp1251")),
+    )  # fmt: skip
+    assert names(raw) == ["Отчёт за май.txt"]
+
+
 def _body(data: bytes, content_type: str, encoding: str = "8bit") -> bytes:
     return mail(
         f"MIME-Version: 1.0\nContent-Type: {content_type}\nContent-Transfer-Encoding: {encoding}",
@@ -941,6 +953,9 @@ def _utc(day: int, hour: int, year: int = 2025, month: int = 6) -> datetime:
         ("Mon, 02 Jun 2025 09:00:00 UTC-5", _utc(2, 14), _NONSTANDARD),
         ("Mon, 02 Jun 2025 09:00:00 +02:00", _utc(2, 7), _NONSTANDARD),
         ("Mon, 2 Jun 0025 09:00:00 +0000", ARRIVAL, "date-before-1970"),
+        ("Mon, 02 Jun 2025 09:00:00 +02", _utc(2, 7), _NONSTANDARD),  # was two minutes
+        ("Mon, 02 Jun 2025 09:00:00 CEST+0200", _utc(2, 7), _NONSTANDARD),
+        ("Mon, 02 Jun 2025 09:00:00 CEST (+0200)", _utc(2, 7), _NONSTANDARD),
         # Unknown names stay -0000 (RFC 5322 4.3), and ambiguous ones are unknown.
         ("Mon, 02 Jun 2025 09:00:00 IST", _utc(2, 9), None),
         ("Mon, 02 Jun 2025 09:00:00 -0000", _utc(2, 9), None),
