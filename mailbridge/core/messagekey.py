@@ -158,10 +158,12 @@ def failure_key(message_id: str | None, fingerprint: str) -> str:
 @dataclass(frozen=True, slots=True)
 class StoredIdentity:
     """A stored message as the key decision sees it: its key and fingerprint (None for rows
-    written before fingerprints were kept, or by an integrator)."""
+    written before fingerprints were kept, or by an integrator), and its stored ``summary``
+    (date as ISO-8601 text, subject) for telling such a row from another message."""
 
     key: str
     fingerprint: str | None
+    summary: tuple[str, str] | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -178,7 +180,11 @@ class KeyDecision:
 
 
 def decide_message_key(
-    plain: str, message_id: str | None, fingerprint: str, stored: Sequence[StoredIdentity]
+    plain: str,
+    message_id: str | None,
+    fingerprint: str,
+    stored: Sequence[StoredIdentity],
+    summary: tuple[str, str] | None = None,
 ) -> KeyDecision:
     """Whether a message is already stored, and under which key it is (to be) stored.
 
@@ -188,7 +194,9 @@ def decide_message_key(
 
     1. a stored message with the same fingerprint: a duplicate of it;
     2. no fingerprint on either side (a row from before fingerprints, a message built without
-       one) and the same plain key: a duplicate, as before fingerprints existed;
+       one) and the same plain key: a duplicate, as before fingerprints existed, unless the
+       row's date and subject (``summary``, as stored) differ from the message's: then it is
+       another message reusing the id (a tracker's next notice after an upgrade), rule 4;
     3. the plain key is free: stored under it (``reused`` names an earlier message with the id
        when the plain key's row was deleted since);
     4. otherwise a different message reuses the id: stored under :func:`derived_key`.
@@ -200,12 +208,16 @@ def decide_message_key(
     keys = {row.key for row in stored}
     taken = next((row for row in stored if row.key == plain), None)
     if taken is not None and (taken.fingerprint is None or not fingerprint):
-        return KeyDecision(key=plain, duplicate=True)
+        # What was stored of it shows another message: never merge it away (nothing is lost;
+        # at worst a copy the parser now reads differently is stored twice).
+        differs = summary is not None and taken.summary is not None and taken.summary != summary
+        if not differs:
+            return KeyDecision(key=plain, duplicate=True)
     first_other = next((row.key for row in stored if row.key != plain), None)
     if taken is None:
         return KeyDecision(key=plain, duplicate=False, reused=first_other)
-    # Here both fingerprints are known and differ, so the key is a Message-ID (a sha256: key
-    # with a known fingerprint is that fingerprint, rule 1).
+    # Here the fingerprints differ (or a row without one holds another message), so the key
+    # is a Message-ID (a sha256: key with a known fingerprint is that fingerprint, rule 1).
     key = derived_key(message_id or plain, fingerprint)
     if key in keys:
         key = derived_key(message_id or plain, fingerprint, full=True)

@@ -254,6 +254,7 @@ class _StoredRow:
     fingerprint: str | None
     conversation_id: int
     row_id: int
+    summary: tuple[str, str] | None = None  # (date, subject) of an imported row
 
 
 def join_defects(defects: Sequence[str]) -> str | None:
@@ -491,7 +492,8 @@ class SqliteRepository:
                     message.message_key,
                     message.message_id,
                     message.fingerprint,
-                    [StoredIdentity(row.key, row.fingerprint) for row in same_id],
+                    [StoredIdentity(row.key, row.fingerprint, row.summary) for row in same_id],
+                    (iso(message.date), message.subject),
                 )
                 if decision.duplicate:
                     known = next(row for row in same_id if row.key == decision.key)
@@ -576,14 +578,18 @@ class SqliteRepository:
         for column, values in (("messageid", ids), ("messagekey", keys)):
             for chunk in _chunks(values):
                 rows = conn.execute(
-                    f"SELECT {column}, messagekey, fingerprint, conversation, id"
+                    f"SELECT {column}, messagekey, fingerprint, conversation, id, date, subject,"
+                    " uid"
                     f" FROM conversationmessage WHERE account = ? AND {column} IN"
                     f" ({_marks(len(chunk))})",
                     (account, *chunk),
                 )
-                for group, key, fingerprint, conversation_id, row_id in rows:
+                for group, key, fingerprint, conversation_id, row_id, date, subject, uid in rows:
+                    # Only imported rows (uid set) hold what the parser read: an integrator's
+                    # or a sent row's date and subject need not match the copy coming back.
+                    summary = (date or "", subject or "") if uid is not None else None
                     found.setdefault(group, {})[row_id] = _StoredRow(
-                        key, fingerprint, conversation_id, row_id
+                        key, fingerprint, conversation_id, row_id, summary
                     )
         return {group: [rows[i] for i in sorted(rows)] for group, rows in found.items()}
 

@@ -239,6 +239,19 @@ def test_a_free_bare_id_is_used_and_the_other_holder_named() -> None:
     assert (decision.key, decision.reused) == (ID, derived_key(ID, FP_B))
 
 
+def test_a_row_without_a_fingerprint_that_says_otherwise_is_another_message() -> None:
+    """Found by the issue 9 follow-up: after an upgrade every new notice of a tracker whose id
+    a pre-upgrade row holds was a duplicate. The row's stored date and subject tell."""
+    old = StoredIdentity(ID, None, ("2025-06-25T06:00:00Z", "Your parcel 1111"))
+    same = ("2025-06-25T06:00:00Z", "Your parcel 1111")
+    assert decide_message_key(ID, ID, FP_B, [old], same).duplicate
+    other = decide_message_key(ID, ID, FP_B, [old], ("2025-07-03T14:30:00Z", "Your parcel 2222"))
+    assert (other.key, other.duplicate, other.reused) == (derived_key(ID, FP_B), False, ID)
+    # Nothing to compare (a row not imported by mailbridge, a caller without a summary).
+    assert decide_message_key(ID, ID, FP_B, [StoredIdentity(ID, None)], same).duplicate
+    assert decide_message_key(ID, ID, FP_B, [old]).duplicate
+
+
 def test_messages_without_an_id_are_keyed_by_fingerprint() -> None:
     plain = message_key(None, FP_A)
     assert not decide_message_key(plain, None, FP_A, []).duplicate
