@@ -105,7 +105,9 @@ def _transfer_encoding(value: str) -> str:
 # ----------------------------------------------------------------------------------------------
 # Headers
 
-_ENCODED_WORD = re.compile(r"=\?([^?\s]+)\?([QqBb])\?([^?]*)\?=")
+# RFC 2047 2; the closing "?=" may be missing at the very end of a value (a name cut at the
+# line limit by the sender's client): the word is still decoded.
+_ENCODED_WORD = re.compile(r"=\?([^?\s]+)\?([QqBb])\?([^?]*)(?:\?=|\Z)")
 _FOLD = re.compile(r"\r?\n(?=[ \t])|\r?\n$")
 _SPACES = re.compile(r"\s+")
 _CONTROL = re.compile(r"[\x00-\x08\x0b\x0c\x0e-\x1f\x7f]")

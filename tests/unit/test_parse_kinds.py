@@ -645,6 +645,9 @@ def _word(charset: str, text: str, codec: str) -> str:
             "①見積書.pdf",
         ),  # Shift_JIS under a JIS label
         ("attachment; filename==?UTF-8?Q?=C3=A9t=C3=A9_2025.pdf?=", "été 2025.pdf"),
+        # Was wrong: an encoded word whose "?=" the sender's client cut off stayed literal.
+        ('attachment; filename="=?UTF-8?Q?=C3=A9t=C3=A9.pdf"', "été.pdf"),
+        ('attachment; filename="=?UTF-8?Q?=E9t=E9.pdf?="', "été.pdf"),  # Latin-1 under UTF-8
         ("attachment; filename*=\"UTF-8''Lo%CC%88sung.txt\"", "Lösung.txt"),
     ],
 )
