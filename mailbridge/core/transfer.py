@@ -107,8 +107,11 @@ def decode_base64(data: bytes) -> tuple[bytes, list[str]]:
     return bytes(out), defects
 
 
-_UU_BEGIN = re.compile(rb"^begin(?:-base64)?[ \t]+([0-7]{3,4})[ \t]+([^\r\n]+?)[ \t]*\r?$", re.M)
+_UU_BEGIN = re.compile(rb"^begin(-base64)?[ \t]+([0-7]{3,4})[ \t]+([^\r\n]+?)[ \t]*\r?$", re.M)
 _UU_END = re.compile(rb"^end[ \t]*\r?$", re.M)
+# POSIX "uuencode -m": begin-base64 MODE NAME, base64 lines, "====".
+_B64_BLOCK_END = re.compile(rb"^====[ \t]*\r?$", re.M)
+_B64_BLOCK_LINE = re.compile(rb"[A-Za-z0-9+/]+=*")
 _UU_LINE = re.compile(rb"^[\x20-\x60]+$")
 
 
@@ -160,9 +163,10 @@ def find_uuencoded(text: bytes) -> tuple[bytes, list[UUBlock], list[str]]:
 
     A block starts at ``begin MODE NAME`` and runs to ``end``; it counts only when the line
     after ``begin`` is a uuencoded line, so prose that starts with "begin 644" stays text. A
-    block without ``end`` keeps what decoded (``uuencode-truncated``).
+    block without ``end`` keeps what decoded (``uuencode-truncated``). ``uuencode -m`` blocks
+    (``begin-base64 MODE NAME`` ... ``====``, POSIX) are read the same way, as base64.
     """
-    if b"begin " not in text:
+    if b"begin" not in text:
         return text, [], []
     blocks: list[UUBlock] = []
     defects: list[str] = []
@@ -172,17 +176,22 @@ def find_uuencoded(text: bytes) -> tuple[bytes, list[UUBlock], list[str]]:
         if begin.start() < position:
             continue
         lines = text[begin.end() :].lstrip(b"\r\n").splitlines()
-        if not lines or _uu_line(lines[0].rstrip(b"\r")) is None:
+        first = lines[0].rstrip(b"\r") if lines else b""
+        as_base64 = begin.group(1) is not None
+        if not first or (
+            not _B64_BLOCK_LINE.fullmatch(first) if as_base64 else _uu_line(first) is None
+        ):
             continue
-        end = _UU_END.search(text, begin.end())
+        end = (_B64_BLOCK_END if as_base64 else _UU_END).search(text, begin.end())
         stop = end.end() if end else len(text)
         if text[stop : stop + 1] == b"\n":
             stop += 1
-        data, _ = decode_uuencode(text[begin.end() : end.start() if end else len(text)])
+        encoded = text[begin.end() : end.start() if end else len(text)]
+        data, _ = decode_base64(encoded) if as_base64 else decode_uuencode(encoded)
         if end is None:
             defects.append(DEFECT_UU_TRUNCATED)
-        name = begin.group(2).decode("utf-8", "replace").strip()
-        blocks.append(UUBlock(filename=name, mode=begin.group(1).decode("ascii"), data=data))
+        name = begin.group(3).decode("utf-8", "replace").strip()
+        blocks.append(UUBlock(filename=name, mode=begin.group(2).decode("ascii"), data=data))
         kept.append(text[position : begin.start()])
         position = stop
     if not blocks:

@@ -143,3 +143,23 @@ def test_base64_trailer_after_an_empty_line(data: bytes, encoded: bytes, trailer
 )
 def test_quoted_printable_trailing_white_space(data: bytes, expected: bytes) -> None:
     assert decode_quoted_printable(data) == expected
+
+
+def test_uuencode_m_base64_blocks_leave_the_text() -> None:
+    """Was wrong: POSIX 'uuencode -m' output (begin-base64 ... ====) stayed in the text."""
+    data = bytes(range(200))
+    block = b"begin-base64 600 data.bin\r\n" + base64.encodebytes(data).replace(b"\n", b"\r\n")
+    text = b"Hi,\r\n" + block + b"====\r\nbye\r\n"
+    rest, [found], defects = find_uuencoded(text)
+    assert (rest, found.filename, found.mode, found.data, defects) == (
+        b"Hi,\r\nbye\r\n",
+        "data.bin",
+        "600",
+        data,
+        [],
+    )
+    # Without its "====": what decoded, noted; prose after "begin-base64" stays text.
+    rest, [cut], defects = find_uuencoded(b"x\n" + block)
+    assert (rest, cut.data, defects) == (b"x\n", data, ["uuencode-truncated"])
+    prose = b"begin-base64 644 is how uuencode -m starts.\nThen lines.\n"
+    assert find_uuencoded(prose) == (prose, [], [])
