@@ -1005,7 +1005,8 @@ def _classify(
 
     A part is an inline image (an ``embeddedfile``) exactly when the HTML cites its
     Content-ID (``src="cid:..."``, RFC 2392), whatever its declared type; any other part,
-    Content-ID or not, is a document a reader can see. ``cid:`` references that name no part
+    Content-ID or not, is a document a reader can see (so is a second part reusing a cited
+    Content-ID: the reference shows the first). ``cid:`` references that name no part
     are removed from the HTML (``cid-dangling``), and the others are written as the part's own
     Content-ID, so the store rewrites every one of them without deciding anything.
     """
@@ -1018,9 +1019,15 @@ def _classify(
     counters = {
         (inline, prefix): 0 for inline in (True, False) for prefix in ("attachment", "image")
     }
+    embedded: set[str] = set()
     for res in resources:
         ctype = _real_type(res.content_type, res.filename, res.data)
-        inline = res.content_id is not None and res.content_id.lower() in cited
+        cid = res.content_id.lower() if res.content_id is not None else None
+        # A cid: reference shows one part: a second part under the same Content-ID is
+        # cited by nothing a reader can follow, so it is a document (RFC 2392 wants ids unique).
+        inline = cid is not None and cid in cited and cid not in embedded
+        if inline and cid is not None:
+            embedded.add(cid)
         filename = res.filename or _FIXED_NAMES.get(ctype)
         if filename is None:
             prefix = "image" if ctype.startswith("image/") else "attachment"

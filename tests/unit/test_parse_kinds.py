@@ -971,3 +971,19 @@ def test_more_dates(value: str, expected: datetime, defect: str | None) -> None:
         assert not [d for d in parsed.defects if d.startswith("date-")]
     else:
         assert defect in parsed.defects
+
+
+def test_a_second_part_under_a_cited_content_id_is_a_document() -> None:
+    """Was wrong: two parts under one Content-ID were both embedded files, though the HTML's
+    one reference shows only the first: the second was stored where no reader sees it."""
+    raw = multipart(
+        ("Content-Type: text/html; charset=utf-8", b'<img src="cid:logo@x">'),
+        ("Content-Type: image/png\nContent-ID: <logo@x>", PNG),
+        ("Content-Type: image/jpeg; name=photo.jpg\nContent-ID: <LOGO@x>", JPEG),
+        subtype="related",
+    )
+    parsed = parse(raw)
+    assert [i.content_type for i in parsed.inline_images] == ["image/png"]
+    assert [(a.filename, a.content_type) for a in parsed.attachments] == [
+        ("photo.jpg", "image/jpeg")
+    ]
