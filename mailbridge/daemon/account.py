@@ -44,7 +44,7 @@ import structlog
 from tenacity import RetryCallState, wait_random_exponential
 
 from mailbridge.config import AccountSettings, Settings
-from mailbridge.core.messagekey import content_fingerprint, message_key
+from mailbridge.core.messagekey import content_fingerprint, failure_key
 from mailbridge.core.parse import parse_message, summarise_headers
 from mailbridge.core.policy import analyse
 from mailbridge.daemon.autoreply import queue_auto_replies
@@ -155,8 +155,8 @@ def _failure_from_raw(message: FetchedMessage, code: str, reason: str) -> Failur
     headers = summarise_headers(message.raw)
     return FailureInfo(
         uid=message.uid,
-        # The parser's key, so that a later successful import resolves this failure.
-        message_key=message_key(headers.message_id, content_fingerprint(message.raw)),
+        # One key per content, resolved when this message itself is imported.
+        message_key=failure_key(headers.message_id, content_fingerprint(message.raw)),
         code=code,
         reason=reason,
         message_id=headers.message_id,
@@ -174,7 +174,7 @@ def _failure_from_result(
     msg = item.message
     return FailureInfo(
         uid=item.uid,
-        message_key=result.message_key,  # derived when the message reuses a stored id
+        message_key=failure_key(msg.message_id, msg.fingerprint),  # as for a parse failure
         code=result.error_code or "import_failed",
         reason=result.error_reason or "the database refused the message",
         message_id=msg.message_id,

@@ -86,6 +86,7 @@ from mailbridge.core.messagekey import (
     StoredIdentity,
     choose_parent,
     decide_message_key,
+    failure_key,
 )
 from mailbridge.core.model import ParsedMessage
 from mailbridge.core.participants import is_outgoing, only_own_identity, reached_address
@@ -264,6 +265,7 @@ class _StoredRow:
     fingerprint: str | None
     conversation_id: int
     row_id: int
+    summary: tuple[str, str] | None = None  # (date, subject) of an imported row
 
 
 @dataclass(slots=True)
@@ -422,7 +424,8 @@ class SqliteRepository(SqlRepository):
                     message.message_key,
                     message.message_id,
                     message.fingerprint,
-                    [StoredIdentity(row.key, row.fingerprint) for row in same_id],
+                    [StoredIdentity(row.key, row.fingerprint, row.summary) for row in same_id],
+                    (iso(message.date), message.subject),
                 )
                 if decision.duplicate:
                     known = next(row for row in same_id if row.key == decision.key)
@@ -433,16 +436,17 @@ class SqliteRepository(SqlRepository):
                         conversation_id=known.conversation_id,
                         message_row_id=known.row_id,
                     )
-                    settled.append(decision.key)
+                    settled += (decision.key, failure_key(message.message_id, message.fingerprint))
                     continue
                 result, written = self._import_in_savepoint(conn, context, item, now, decision)
                 results[index] = result
                 if written is not None:
                     # A second copy later in the same batch is a duplicate of this one.
                     same_id.append(_StoredRow(decision.key, message.fingerprint or None, *written))
-                    settled.append(decision.key)
+                    settled += (decision.key, failure_key(message.message_id, message.fingerprint))
                 elif result.outcome in {Outcome.DISCARDED, Outcome.BOUNCE}:
-                    settled.append(decision.key)  # dealt with for good: a failure is resolved
+                    # Dealt with for good: a failure of it is resolved.
+                    settled += (decision.key, failure_key(message.message_id, message.fingerprint))
             self._resolve_failures(conn, account, settled, now)
         return [result for result in results if result is not None]
 
@@ -528,14 +532,18 @@ class SqliteRepository(SqlRepository):
         for column, values in (("messageid", ids), ("messagekey", keys)):
             for chunk in _chunks(values):
                 rows = conn.execute(
-                    f"SELECT {column}, messagekey, fingerprint, conversation, id"
+                    f"SELECT {column}, messagekey, fingerprint, conversation, id, date, subject,"
+                    " uid"
                     f" FROM conversationmessage WHERE account = ? AND {column} IN"
                     f" ({_marks(len(chunk))})",
                     (account, *chunk),
                 )
-                for group, key, fingerprint, conversation_id, row_id in rows:
+                for group, key, fingerprint, conversation_id, row_id, date, subject, uid in rows:
+                    # Only imported rows (uid set) hold what the parser read: an integrator's
+                    # or a sent row's date and subject need not match the copy coming back.
+                    summary = (date or "", subject or "") if uid is not None else None
                     found.setdefault(group, {})[row_id] = _StoredRow(
-                        key, fingerprint, conversation_id, row_id
+                        key, fingerprint, conversation_id, row_id, summary
                     )
         return {group: [rows[i] for i in sorted(rows)] for group, rows in found.items()}
 
