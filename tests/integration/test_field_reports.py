@@ -286,7 +286,10 @@ def test_reused_id_failures_are_one_row_each_and_kept_by_other_imports(
     """Issue 9 follow-up: two different notices under one Message-ID that both fail (too
     large) are two failures, each tracing its message in Failed; importing a third notice
     under that id resolves neither (it was one row, resolved by any import of the id)."""
-    path = write_config(tmp_path, config_data(tmp_path, dovecot, imap_user))  # 1 MB limit
+    # 1 MB limit; parcel notices are automatic mail, allow-listed as an operator would.
+    data = config_data(tmp_path, dovecot, imap_user)
+    data["bots"] = {"allow": ["parcels.example"]}
+    path = write_config(tmp_path, data)
 
     def notice(number: int, attachment: int) -> bytes:
         mail = EmailMessage()
@@ -304,7 +307,7 @@ def test_reused_id_failures_are_one_row_each_and_kept_by_other_imports(
     assert cli_main(["-c", str(path), "run", "--once"]) == 0
     failed_uids = dovecot.folder_uids(imap_user.login, imap_user.password, FAILED)
     assert len(failed_uids) == 2
-    settings = parse_config(config_data(tmp_path, dovecot, imap_user))
+    settings = parse_config(data)
     query = "SELECT folderuid, subject FROM importfailure WHERE resolved IS NULL ORDER BY id"
     assert rows(settings, query) == [
         (failed_uids[0], "Your parcel 1 is on its way"),
