@@ -47,10 +47,12 @@ from __future__ import annotations
 import asyncio
 import base64
 import contextlib
+import dataclasses
 import errno
 import os
 import secrets
 import sqlite3
+import threading
 from collections.abc import Callable, Collection, Iterable, Iterator, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
@@ -1158,28 +1160,57 @@ class SqliteRepository:
     # -- account state ------------------------------------------------------------------------
 
     def set_account_state(self, state: AccountState) -> None:
-        with self._transaction(f"record the state of {state.account}", write=True) as conn:
-            # ``imported`` is a delta. A missing last_import keeps the stored one: "no import
-            # in this update" must not erase when the last import happened.
-            conn.execute(
-                "INSERT INTO accountstate (account, state, code, detail, since, lastimport,"
-                " imported, updated) VALUES (?, ?, ?, ?, ?, ?, ?, ?)"
-                " ON CONFLICT (account) DO UPDATE SET state = excluded.state,"
-                " code = excluded.code, detail = excluded.detail, since = excluded.since,"
-                " lastimport = COALESCE(excluded.lastimport, accountstate.lastimport),"
-                " imported = accountstate.imported + excluded.imported,"
-                " updated = excluded.updated",
-                (
-                    state.account,
-                    state.state,
-                    state.code,
-                    state.detail,
-                    iso(state.since) if state.since is not None else None,
-                    iso(state.last_import) if state.last_import is not None else None,
-                    state.imported,
-                    iso(state.updated) if state.updated is not None else _now(),
-                ),
-            )
+        self.set_account_states([state])
+
+    def set_account_states(self, states: Sequence[AccountState]) -> None:
+        """Store several accounts' states in one transaction, without its own fsync.
+
+        The rows are advisory (what ``status`` shows), so this commit runs with
+        ``synchronous=NORMAL``: in WAL mode it is then made durable by the next FULL commit
+        (the next import), and a power cut can at worst lose a few state changes, never an
+        import. With 10,000 accounts a synced commit per state change queued an fsync each in
+        front of the imports on the one database thread.
+        """
+        if not states:
+            return
+        what = f"record the state of {states[0].account}" + (
+            f" and {len(states) - 1} more accounts" if len(states) > 1 else ""
+        )
+        try:
+            self._conn.execute("PRAGMA synchronous=NORMAL")
+        except sqlite3.Error as exc:
+            raise _store_error(exc, what) from exc
+        try:
+            with self._transaction(what, write=True) as conn:
+                for state in states:
+                    self._write_account_state(conn, state)
+        finally:
+            with contextlib.suppress(sqlite3.Error):  # a closed connection: nothing to restore
+                self._conn.execute("PRAGMA synchronous=FULL")
+
+    @staticmethod
+    def _write_account_state(conn: sqlite3.Connection, state: AccountState) -> None:
+        # ``imported`` is a delta. A missing last_import keeps the stored one: "no import
+        # in this update" must not erase when the last import happened.
+        conn.execute(
+            "INSERT INTO accountstate (account, state, code, detail, since, lastimport,"
+            " imported, updated) VALUES (?, ?, ?, ?, ?, ?, ?, ?)"
+            " ON CONFLICT (account) DO UPDATE SET state = excluded.state,"
+            " code = excluded.code, detail = excluded.detail, since = excluded.since,"
+            " lastimport = COALESCE(excluded.lastimport, accountstate.lastimport),"
+            " imported = accountstate.imported + excluded.imported,"
+            " updated = excluded.updated",
+            (
+                state.account,
+                state.state,
+                state.code,
+                state.detail,
+                iso(state.since) if state.since is not None else None,
+                iso(state.last_import) if state.last_import is not None else None,
+                state.imported,
+                iso(state.updated) if state.updated is not None else _now(),
+            ),
+        )
 
     def account_states(self) -> list[AccountState]:
         sql = """
@@ -1447,6 +1478,10 @@ class AsyncRepository:
         # The first job on the (FIFO, single) worker, so it is done before any call runs.
         self._opened: Future[Repository] = self._executor.submit(factory)
         self._closed = False
+        # State changes waiting for the one job that will store them (set_account_state).
+        self._states: dict[str, AccountState] = {}
+        self._states_flush: asyncio.Future[None] | None = None
+        self._states_lock = threading.Lock()
 
     @classmethod
     def sqlite(
@@ -1512,7 +1547,43 @@ class AsyncRepository:
         )
 
     async def set_account_state(self, state: AccountState) -> None:
-        await self._run(lambda repo: repo.set_account_state(state))
+        """Store ``state``, coalesced with every other state change made meanwhile.
+
+        Changes wait in a dict (one entry per account; ``imported`` deltas add up) and one job
+        on the database thread writes them all in one transaction (``set_account_states``,
+        without its own fsync where the backend supports it). Returns once ``state`` is
+        stored, so a reader never sees an older state than a caller that already returned.
+        """
+        if self._closed:
+            raise StoreError("the repository is closed", code="database_error")
+        with self._states_lock:
+            earlier = self._states.get(state.account)
+            if earlier is not None:
+                state = dataclasses.replace(
+                    state,
+                    imported=earlier.imported + state.imported,
+                    last_import=state.last_import or earlier.last_import,
+                )
+            self._states[state.account] = state
+            flush = self._states_flush
+            if flush is None:
+                loop = asyncio.get_running_loop()
+                flush = loop.run_in_executor(self._executor, self._call, self._flush_states)
+                self._states_flush = flush
+        await asyncio.shield(flush)
+
+    def _flush_states(self, repo: Repository) -> None:
+        """On the database thread: take every waiting state change and store them at once."""
+        with self._states_lock:
+            batch = list(self._states.values())
+            self._states.clear()
+            self._states_flush = None
+        write_many = getattr(repo, "set_account_states", None)
+        if write_many is not None:
+            write_many(batch)
+        else:  # a backend without the batch method: one transaction each
+            for state in batch:
+                repo.set_account_state(state)
 
     async def account_states(self) -> list[AccountState]:
         return await self._run(lambda repo: repo.account_states())
