@@ -169,8 +169,8 @@ CATALOGUE: Final[dict[str, ErrorInfo]] = dict(
             "Too few open files allowed for the number of accounts",
             "Raise the open-files limit: LimitNOFILE= in the service unit (the shipped "
             "systemd/mailbridge.service sets 65536) or 'ulimit -n' in the shell that starts "
-            "the daemon; each account needs about 3 (its IDLE connection, its sweep, the "
-            "database). It is retried by itself.",
+            "the daemon; each account needs about 2 (its IDLE connection and its sweep's), "
+            "plus a few for the process. It is retried by itself.",
             transient=True,
         ),
         _info(

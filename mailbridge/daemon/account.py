@@ -34,6 +34,7 @@ from datetime import UTC, datetime
 import structlog
 from tenacity import RetryCallState, wait_random_exponential
 
+from mailbridge import metrics
 from mailbridge.config import AccountSettings, Settings
 from mailbridge.core.parse import parse_message, summarise_headers
 from mailbridge.daemon.parsing import parse_off_loop
@@ -478,6 +479,13 @@ class AccountWorker:
                 )
         summary.failed = len(failures)
         summary.failures = failures
+        metrics.record_pass(
+            self.account.name,
+            summary.imported,
+            summary.duplicates,
+            summary.failed,
+            [arrived.get(r.uid) for r in results if r.outcome is Outcome.IMPORTED],
+        )
 
         # Only now, with everything committed, does mail leave the Inbox.
         folders = self.account.folders

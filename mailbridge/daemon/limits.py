@@ -1,7 +1,8 @@
 """The process's open-files limit against the number of accounts (RLIMIT_NOFILE).
 
-Each account holds about ``FDS_PER_ACCOUNT`` file descriptors: its IDLE connection, the recovery
-sweep's connection while it runs, and a share of the database and the event loop. Linux starts
+Each account holds about ``FDS_PER_ACCOUNT`` file descriptors: its IDLE connection and the
+recovery sweep's connection while it runs; the database, the event loop and the rest of the
+process are ``FDS_RESERVE``. Linux starts
 services with a soft limit of 1024 (systemd's default ``LimitNOFILE=1024:524288``), which a
 fleet of a few hundred accounts exhausts: every further connect failed with EMFILE and backed off
 as ``connection_lost``. At start-up the daemon raises its soft limit to the hard limit (allowed
@@ -21,7 +22,7 @@ from mailbridge.errors import describe
 
 log = structlog.get_logger("mailbridge.limits")
 
-FDS_PER_ACCOUNT = 3
+FDS_PER_ACCOUNT = 2
 # Standard streams, the database and its WAL/SHM files, the notify socket, parse workers' pipes,
 # the metrics listener: what the process holds besides its accounts.
 FDS_RESERVE = 64

@@ -35,6 +35,7 @@ from dataclasses import dataclass
 
 import structlog
 
+from mailbridge import metrics
 from mailbridge.config import AccountSettings, LogSettings, Settings, load_config
 from mailbridge.daemon.account import AccountWorker, PassSummary
 from mailbridge.daemon.limits import raise_fd_limit
@@ -61,7 +62,9 @@ STUCK_GRACE_SECONDS = 60.0
 # Keys of Settings that are not global import settings: accounts are compared one by one, a new
 # database path needs a service restart, and log is applied on its own (reconfigure_log, where
 # flags override it). Every other key, including one added later, restarts every account.
-_NOT_IMPORT_GLOBALS = frozenset({"accounts", "database", "log", "source"})
+_NOT_IMPORT_GLOBALS = frozenset({"accounts", "database", "log", "metrics", "source"})
+# How often the Failed-folder sizes shown by the metrics endpoint are read from the database.
+METRICS_REFRESH_SECONDS = 30.0
 # At most one STATUS= datagram per this many seconds from state changes: 10,000 accounts
 # connecting make tens of thousands of changes, and systemd needs to show only the latest line.
 STATUS_MIN_INTERVAL_SECONDS = 1.0
@@ -119,6 +122,18 @@ class Supervisor:
     async def run(self) -> int:
         self.repo = await open_repository(self.settings.database, self.settings)
         raise_fd_limit(sum(1 for a in self.settings.accounts if a.enabled))
+        refresh: asyncio.Task[None] | None = None
+        if self.settings.metrics is not None:
+            try:
+                metrics.enable(self.settings.metrics.host, self.settings.metrics.port)
+            except OSError as exc:
+                await self.repo.aclose()
+                raise ConfigError(
+                    f"cannot listen on {self.settings.metrics.listen}: {exc.strerror or exc}",
+                    path="metrics.listen",
+                ) from exc
+            log.info("metrics_listening", listen=self.settings.metrics.listen)
+            refresh = asyncio.create_task(self._refresh_metrics(), name="metrics")
         loop = asyncio.get_running_loop()
         for sig, handler in (
             (signal.SIGTERM, self.request_stop),
@@ -139,9 +154,31 @@ class Supervisor:
         finally:
             for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
                 loop.remove_signal_handler(sig)
+            if refresh is not None:
+                refresh.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await refresh
+                metrics.disable()
             await self.repo.aclose()
 
     # -- internals -----------------------------------------------------------------------------
+
+    async def _refresh_metrics(self) -> None:
+        """Every METRICS_REFRESH_SECONDS: the Failed-folder size of each account, for metrics."""
+        assert self.repo is not None
+        while True:
+            recorder = metrics.current()
+            if recorder is not None:
+                try:
+                    states = await self.repo.account_states()
+                except MailbridgeError as exc:
+                    log.warning("metrics_refresh_failed", code=exc.code, error=str(exc))
+                else:
+                    # An account without a row yet (just started) has no failures either.
+                    counts = dict.fromkeys(self.running, 0)
+                    counts.update((s.account, s.failed) for s in states if s.account in counts)
+                    recorder.failed_folder(counts.items())
+            await asyncio.sleep(METRICS_REFRESH_SECONDS)
 
     async def _supervise(self) -> None:
         """The supervisor's own loop: watchdog, reloads, restarting crashed workers, the drain.
@@ -294,6 +331,8 @@ class Supervisor:
             return
         if new.database != self.settings.database:
             log.warning("reload_database_change_ignored", remedy="restart the service to move it")
+        if new.metrics != self.settings.metrics:
+            log.warning("reload_metrics_change_ignored", remedy="restart the service to apply it")
         if new.log != self.settings.log:
             if self.reconfigure_log is None:
                 log.warning("reload_log_change_ignored", remedy="restart the service to apply it")
@@ -324,6 +363,10 @@ class Supervisor:
         await self._stop_workers(changed)
         for name in changed:
             self._forget_state(name)
+            if name not in new_accounts:
+                recorder = metrics.current()
+                if recorder is not None:
+                    recorder.forget(name)
         started = [name for name in new_accounts if name not in self.running]
         if started:
             raise_fd_limit(len(new_accounts))  # says fd_limit if the new fleet is too large
@@ -355,6 +398,7 @@ class Supervisor:
 
     def _on_state(self, state: AccountState) -> None:
         """A worker's state changed: O(1), and STATUS= follows within a second (throttled)."""
+        metrics.record_state(state)  # every report, also a renewed IDLE (its age restarts)
         previous = self.states.get(state.account)
         self.states[state.account] = state
         if previous is not None and previous.state == state.state:

@@ -53,6 +53,7 @@ import os
 import secrets
 import sqlite3
 import threading
+import time
 from collections.abc import Callable, Collection, Iterable, Iterator, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
@@ -62,6 +63,7 @@ from typing import TYPE_CHECKING, Any, Final, TypeVar
 
 from sqlite_utils import Database
 
+from mailbridge import metrics
 from mailbridge.core.html import rewrite_inline_images, text_to_html
 from mailbridge.core.identify import (
     base_address,
@@ -1514,7 +1516,14 @@ class AsyncRepository:
         self, context: ImportContext, items: Sequence[ImportItem]
     ) -> list[ImportResult]:
         batch = tuple(items)  # the caller may reuse its list while the thread works
-        return await self._run(lambda repo: repo.import_batch(context, batch))
+
+        def timed(repo: Repository) -> list[ImportResult]:
+            started = time.perf_counter()
+            results = repo.import_batch(context, batch)
+            metrics.record_commit(time.perf_counter() - started)  # a no-op without metrics
+            return results
+
+        return await self._run(timed)
 
     async def mark_read(self, conversation_id: int) -> bool:
         return await self._run(lambda repo: repo.mark_read(conversation_id))
