@@ -37,7 +37,7 @@ from tenacity import RetryCallState, wait_random_exponential
 from mailbridge import metrics
 from mailbridge.config import AccountSettings, Settings
 from mailbridge.core.parse import parse_message, summarise_headers
-from mailbridge.daemon.parsing import parse_off_loop
+from mailbridge.daemon.parsing import POOL_MIN_BATCH, parse_off_loop, warm_up_pool
 from mailbridge.errors import MailbridgeError, MessageError, StoreError, describe
 from mailbridge.mail.imap import FetchedMessage, ImapSession
 from mailbridge.store.base import (
@@ -338,8 +338,13 @@ class AccountWorker:
         if not uids:
             return summary
         self.log.info("import_pending", unseen=len(uids))
+        if len(uids) >= POOL_MIN_BATCH:
+            warm_up_pool()  # worker processes start while the first batch is fetched
         size = self.settings.limits.fetch_batch_size
         batches = [uids[start : start + size] for start in range(0, len(uids), size)]
+        # Moved copies are flagged \Seen once per pass, not per batch: each flagging costs a
+        # SELECT of the folder and a SELECT back (3 round trips per batch and folder).
+        seen: dict[str, list[int]] = {}
         # Pipelined: the next batch is fetched and parsed while this one is written and moved,
         # so IMAP, parsing and SQLite overlap. Reading ahead risks nothing (BODY.PEEK[]: nothing
         # is committed or moved), the session lock keeps IMAP commands in order, and each batch
@@ -354,12 +359,14 @@ class AccountWorker:
                     ahead = asyncio.ensure_future(
                         self._fetch_and_parse(session, batches[index + 1])
                     )
-                summary.add(await self._import_batch(session, batch_uids, prefetched))
+                summary.add(await self._import_batch(session, batch_uids, prefetched, seen))
         finally:
             if not ahead.done():
                 ahead.cancel()  # drops the connection if mid-FETCH; nothing was committed
             with contextlib.suppress(asyncio.CancelledError, Exception):
                 await ahead  # retrieve its outcome; an error was raised above already
+        for folder, moved_uids in seen.items():
+            await session.mark_seen_in(folder, moved_uids)
         return summary
 
     async def _fetch_and_parse(
@@ -375,10 +382,11 @@ class AccountWorker:
         session: ImapSession,
         uids: Sequence[int],
         prefetched: tuple[list[FetchedMessage], tuple[list[ImportItem], list[FailureInfo]]],
+        seen: dict[str, list[int]],
     ) -> PassSummary:
         self.busy = True
         try:
-            return await self._import_batch_inner(session, uids, prefetched)
+            return await self._import_batch_inner(session, uids, prefetched, seen)
         finally:
             self.busy = False
 
@@ -387,11 +395,12 @@ class AccountWorker:
         session: ImapSession,
         uids: Sequence[int],
         prefetched: tuple[list[FetchedMessage], tuple[list[ImportItem], list[FailureInfo]]],
+        seen: dict[str, list[int]],
     ) -> PassSummary:
         started = time.monotonic()
         await self._set_state("importing")
         fetched, parsed = prefetched
-        summary = await self.process_fetched(session, fetched, parsed=parsed)
+        summary = await self.process_fetched(session, fetched, parsed=parsed, seen_later=seen)
 
         now = datetime.now(UTC)
         await self._set_state(
@@ -416,6 +425,7 @@ class AccountWorker:
         *,
         in_failed: bool = False,
         parsed: tuple[list[ImportItem], list[FailureInfo]] | None = None,
+        seen_later: dict[str, list[int]] | None = None,
     ) -> PassSummary:
         """Parse, import in one transaction, record the failures, then move: the one import step.
 
@@ -425,6 +435,8 @@ class AccountWorker:
         failing Inbox message goes to Failed; a failing retried one stays in Failed, its row in
         ``importfailure`` updated (attempts + 1, the new reason) and keeping its Failed-folder UID.
         ``parsed`` is ``_parse_batch(fetched)`` when the caller parsed ahead (the pipelined loop).
+        With ``seen_later`` the moved copies' UIDs are added to it per folder for the caller to
+        flag ``\\Seen`` at the end of its pass, instead of flagging them here.
         """
         if parsed is None:
             # A thread for a few messages, worker processes for a backlog (daemon/parsing.py).
@@ -511,7 +523,10 @@ class AccountWorker:
             if keyed:
                 await self.repo.set_failure_folder_uids(self.account.name, keyed)
         for folder, moved_uids in seen.items():
-            await session.mark_seen_in(folder, moved_uids)
+            if seen_later is not None:
+                seen_later.setdefault(folder, []).extend(moved_uids)
+            else:
+                await session.mark_seen_in(folder, moved_uids)
         return summary
 
     async def _with_inbox_uids(self, failures: Sequence[FailureInfo]) -> list[FailureInfo]:

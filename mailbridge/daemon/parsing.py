@@ -64,6 +64,22 @@ def _get_pool(workers: int) -> ProcessPoolExecutor:
     return _pool
 
 
+def warm_up_pool() -> None:
+    """Start the worker processes now (a backlog was found), so that their start-up - a
+    forkserver and two interpreters importing the parser, about a second on a busy machine -
+    overlaps the first FETCH instead of delaying the first parse. Does nothing without workers,
+    or when they run already."""
+    workers = pool_workers()
+    if workers == 0 or _pool is not None:
+        return
+    try:
+        pool = _get_pool(workers)
+        for _ in range(workers):  # workers are spawned on demand: one job each
+            pool.submit(os.getpid)
+    except (OSError, RuntimeError) as exc:  # parse_off_loop falls back to a thread
+        log.debug("parse_pool_warm_up_failed", error=repr(exc))
+
+
 def _exit_with(daemon_pid: int) -> None:
     """Pool worker start-up: exit when the daemon is gone.
 
