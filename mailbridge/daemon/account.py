@@ -24,7 +24,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import dataclasses
-import hashlib
 import time
 import weakref
 from collections.abc import Awaitable, Callable, Sequence
@@ -36,9 +35,10 @@ from tenacity import RetryCallState, wait_random_exponential
 
 from mailbridge import metrics
 from mailbridge.config import AccountSettings, Settings
-from mailbridge.core.parse import parse_message, summarise_headers
+from mailbridge.daemon.parse_step import parse_batch as _parse_batch
+from mailbridge.daemon.parse_step import portable
 from mailbridge.daemon.parsing import POOL_MIN_BATCH, parse_off_loop, warm_up_pool
-from mailbridge.errors import MailbridgeError, MessageError, StoreError, describe
+from mailbridge.errors import MailbridgeError, StoreError, describe
 from mailbridge.mail.imap import FetchedMessage, ImapSession
 from mailbridge.store.base import (
     AccountState,
@@ -100,41 +100,6 @@ class PassSummary:
         self.duplicates += other.duplicates
         self.failed += other.failed
         self.failures.extend(other.failures)
-
-
-def _parse_batch(
-    fetched: Sequence[FetchedMessage], max_attachment_bytes: int
-) -> tuple[list[ImportItem], list[FailureInfo]]:
-    """Parse a fetched batch; runs on a worker thread, never on the event loop."""
-    items: list[ImportItem] = []
-    failures: list[FailureInfo] = []
-    for message in fetched:
-        try:
-            parsed = parse_message(message.raw, max_attachment_bytes=max_attachment_bytes)
-        except MessageError as exc:
-            failures.append(_failure_from_raw(message, exc.code, str(exc)))
-        except Exception as exc:  # the parser promises MessageError; a bug must not stop the batch
-            failures.append(_failure_from_raw(message, "unparseable", f"parser bug: {exc!r}"))
-        else:
-            items.append(ImportItem(uid=message.uid, message=parsed))
-    return items, failures
-
-
-def _failure_from_raw(message: FetchedMessage, code: str, reason: str) -> FailureInfo:
-    """Describe a message we could not parse, from what its headers still tell."""
-    headers = summarise_headers(message.raw)
-    return FailureInfo(
-        uid=message.uid,
-        message_key=headers.message_id or "sha256:" + hashlib.sha256(message.raw).hexdigest(),
-        code=code,
-        reason=reason,
-        message_id=headers.message_id,
-        subject=headers.subject,
-        from_address=headers.from_address,
-        # When it arrived (INTERNALDATE), as the recovery sweep's age limit counts it.
-        date=message.internaldate,
-        size=len(message.raw),
-    )
 
 
 def _failure_from_result(
@@ -374,7 +339,9 @@ class AccountWorker:
     ) -> tuple[list[FetchedMessage], tuple[list[ImportItem], list[FailureInfo]]]:
         fetched = await session.fetch(uids)
         # A thread for a few messages, worker processes for a backlog (see daemon/parsing.py).
-        parsed = await parse_off_loop(_parse_batch, fetched, self.settings.limits.max_message_bytes)
+        parsed = await parse_off_loop(
+            _parse_batch, portable(fetched), self.settings.limits.max_message_bytes
+        )
         return fetched, parsed
 
     async def _import_batch(
@@ -441,7 +408,7 @@ class AccountWorker:
         if parsed is None:
             # A thread for a few messages, worker processes for a backlog (daemon/parsing.py).
             parsed = await parse_off_loop(
-                _parse_batch, fetched, self.settings.limits.max_message_bytes
+                _parse_batch, portable(fetched), self.settings.limits.max_message_bytes
             )
         items, failures = parsed
         context = ImportContext.for_account(self.settings, self.account)
