@@ -19,7 +19,7 @@ consistent enough for monitoring; the GIL makes each one atomic).
 from __future__ import annotations
 
 import time
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from datetime import datetime
 from typing import TYPE_CHECKING, Any
@@ -140,54 +140,70 @@ class _AccountCollector:
             "1 for the state the account is in (idle, importing, backoff, auth_failed ...).",
             labels=["account", "state"],
         )
-        imported = CounterMetricFamily(
-            "mailbridge_messages_imported",
-            "Messages imported into the database.",
-            labels=["account"],
-        )
-        failed = CounterMetricFamily(
-            "mailbridge_messages_failed",
-            "Messages that could not be imported (moved to, or kept in, the Failed folder).",
-            labels=["account"],
-        )
-        duplicate = CounterMetricFamily(
-            "mailbridge_messages_duplicate",
-            "Messages already in the database (or the account's own mail), moved without import.",
-            labels=["account"],
-        )
-        reconnects = CounterMetricFamily(
-            "mailbridge_reconnects", "Connections made after the first one.", labels=["account"]
-        )
-        last_import = GaugeMetricFamily(
-            "mailbridge_last_import_timestamp_seconds",
-            "Unix time of the last imported message (absent before the first).",
-            labels=["account"],
-        )
-        failed_folder = GaugeMetricFamily(
-            "mailbridge_failed_folder_messages",
-            "Messages in the Failed folder (unresolved import failures).",
-            labels=["account"],
-        )
-        idle_age = GaugeMetricFamily(
-            "mailbridge_idle_age_seconds",
-            "Seconds since the account's current IDLE was issued (absent when not in IDLE).",
-            labels=["account"],
-        )
         for name, entry in accounts:
             state.add_metric([name, entry.state], 1)
-            imported.add_metric([name], entry.imported)
-            failed.add_metric([name], entry.failed)
-            duplicate.add_metric([name], entry.duplicates)
-            reconnects.add_metric([name], entry.reconnects)
-            if entry.last_import is not None:
-                last_import.add_metric([name], entry.last_import)
-            if entry.failed_folder is not None:
-                failed_folder.add_metric([name], entry.failed_folder)
-            idle_since = entry.idle_since
-            if idle_since is not None:
-                idle_age.add_metric([name], max(0.0, now - idle_since))
-        yield from (state, imported, failed, duplicate, reconnects, last_import)
-        yield from (failed_folder, idle_age)
+        yield state
+        for kind, metric, text, value in _PER_ACCOUNT:
+            family = (CounterMetricFamily if kind == "counter" else GaugeMetricFamily)(
+                metric, text, labels=["account"]
+            )
+            for name, entry in accounts:
+                sample = value(entry, now)
+                if sample is not None:  # e.g. no import yet: the series is absent, not 0
+                    family.add_metric([name], sample)
+            yield family
+
+
+def _idle_age(entry: AccountMetrics, now: float) -> float | None:
+    return None if entry.idle_since is None else max(0.0, now - entry.idle_since)
+
+
+# (type, name, help, value of an account at a time). Counter names get "_total" appended by the
+# exposition format.
+_PER_ACCOUNT: tuple[tuple[str, str, str, Callable[[AccountMetrics, float], float | None]], ...] = (
+    (
+        "counter",
+        "mailbridge_messages_imported",
+        "Messages imported into the database.",
+        lambda e, _: e.imported,
+    ),
+    (
+        "counter",
+        "mailbridge_messages_failed",
+        "Messages that could not be imported (moved to, or kept in, the Failed folder).",
+        lambda e, _: e.failed,
+    ),
+    (
+        "counter",
+        "mailbridge_messages_duplicate",
+        "Messages already in the database (or the account's own mail), moved without import.",
+        lambda e, _: e.duplicates,
+    ),
+    (
+        "counter",
+        "mailbridge_reconnects",
+        "Connections made after the first one.",
+        lambda e, _: e.reconnects,
+    ),
+    (
+        "gauge",
+        "mailbridge_last_import_timestamp_seconds",
+        "Unix time of the last imported message (absent before the first).",
+        lambda e, _: e.last_import,
+    ),
+    (
+        "gauge",
+        "mailbridge_failed_folder_messages",
+        "Messages in the Failed folder (unresolved import failures).",
+        lambda e, _: e.failed_folder,
+    ),
+    (
+        "gauge",
+        "mailbridge_idle_age_seconds",
+        "Seconds since the account's current IDLE was issued (absent when not in IDLE).",
+        _idle_age,
+    ),
+)
 
 
 _current: Metrics | None = None
