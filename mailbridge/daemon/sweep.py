@@ -37,6 +37,7 @@ import structlog
 
 from mailbridge.config import AccountSettings, Settings
 from mailbridge.daemon.account import AccountWorker, open_session
+from mailbridge.daemon.parsing import POOL_MIN_BATCH, warm_up_pool
 from mailbridge.errors import MailbridgeError
 from mailbridge.mail.imap import FetchedMessage, ImapSession
 from mailbridge.store.base import RESOLVED_REMOVED, FailureInfo, FailureRecord
@@ -337,7 +338,10 @@ async def _retry_failed(
     summary.left_old += len(present) - len(candidates) if uids is None else 0
     if progress is not None:
         progress("failed", 0, len(candidates))
+    if len(candidates) >= POOL_MIN_BATCH:
+        warm_up_pool()  # parse workers start while the first batch is fetched
     done = 0
+    seen: dict[str, list[int]] = {}  # moved copies, flagged \Seen once at the end
     for batch in _batches(candidates, worker.settings.limits.fetch_batch_size):
         if worker.stopping.is_set():
             break
@@ -347,7 +351,7 @@ async def _retry_failed(
             summary.left_old += len(fetched) - len(recent)
             fetched = recent
         if fetched:
-            result = await worker.process_fetched(session, fetched, in_failed=True)
+            result = await worker.process_fetched(session, fetched, in_failed=True, seen_later=seen)
             summary.retried += len(fetched)
             summary.recovered += result.imported
             summary.already_imported += result.duplicates
@@ -355,6 +359,8 @@ async def _retry_failed(
         done += len(batch)
         if progress is not None:
             progress("failed", done, len(candidates))
+    for folder, moved in seen.items():
+        await session.mark_seen_in(folder, moved)
 
 
 async def _reconcile(
