@@ -584,7 +584,10 @@ def measure_sweep(dovecot: Dovecot, workdir: Path, count: int) -> dict[str, Any]
     puts them all in Failed; then, the limit back at its default, ``mailbridge sync`` (a fresh
     process, start-up included) retries them all and moves them to Processed."""
     user = dovecot.add_user("sweep", PASSWORD)
-    append_parallel(dovecot, user, make_failing(count, f"{user}@example.test"))
+    failing = make_failing(count, f"{user}@example.test")
+    size = sum(len(raw) for raw in failing)
+    append_parallel(dovecot, user, failing)
+    del failing
     low = write_config(
         workdir, dovecot, [user], mode="poll", name="sweep", attachment_max_size_mb=0.01
     )
@@ -605,8 +608,20 @@ def measure_sweep(dovecot: Dovecot, workdir: Path, count: int) -> dict[str, Any]
         "left_in_failed": len(dovecot.folder_uids(user, PASSWORD, "Mailbridge Failed")),
         "seconds": run.seconds,
         "msgs_per_s": failed_before / run.seconds if run.seconds else 0.0,
+        "mb": size / 1e6,
         "peak_rss_mb": run.peak / 1e6,
     }
+
+
+def compare_sweep(results: dict[str, Any]) -> None:
+    """The sweep's time per message and per MB over the import's, same run (target <= 1.5x
+    per message; its messages are bigger than the import corpus's mean, hence per MB too)."""
+    sweep, imported = results["sweep"], results.get("import")
+    if imported is None or sweep.get("status") != "measured" or not sweep["msgs_per_s"]:
+        return
+    sweep["time_per_message_vs_import"] = imported["msgs_per_s"] / sweep["msgs_per_s"]
+    per_mb = sweep["seconds"] / sweep["mb"]
+    sweep["time_per_mb_vs_import"] = per_mb / (imported["seconds"] / results["corpus"]["mb"])
 
 
 def measure_sending() -> dict[str, Any]:
@@ -723,6 +738,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             if args.sweep_messages > 0:
                 say(f"recovery sweep of {args.sweep_messages} failed messages (mailbridge sync)")
                 results["sweep"] = measure_sweep(dovecot, workdir, args.sweep_messages)
+                compare_sweep(results)
             else:
                 results["sweep"] = {"status": "skipped"}
             results["sending"] = measure_sending()
@@ -787,6 +803,12 @@ def table(results: dict[str, Any]) -> Table:
             f"{_f(sweep['msgs_per_s'])} msgs/s",
             f"{sweep['seconds']:.1f} s, {_f(sweep['peak_rss_mb'])} MB peak RSS",
         )
+        if "time_per_message_vs_import" in sweep:
+            out.add_row(
+                "  time per message / per MB, over the import's",
+                f"{sweep['time_per_message_vs_import']:.2f}x",
+                f"{sweep['time_per_mb_vs_import']:.2f}x",
+            )
         out.add_row(
             "  recovered to Processed / left in Failed",
             f"{sweep['recovered']:,}",
