@@ -34,7 +34,6 @@ import contextlib
 import dataclasses
 import hashlib
 import time
-import traceback
 import weakref
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
@@ -43,13 +42,15 @@ from datetime import UTC, date, datetime, timedelta
 import structlog
 from tenacity import RetryCallState, wait_random_exponential
 
+from mailbridge import metrics
 from mailbridge.config import AccountSettings, Settings
-from mailbridge.core.messagekey import content_fingerprint, failure_key
-from mailbridge.core.parse import parse_message, summarise_headers
-from mailbridge.core.policy import analyse
+from mailbridge.core.messagekey import failure_key
+from mailbridge.core.parse import summarise_headers
 from mailbridge.daemon.autoreply import queue_auto_replies
-from mailbridge.daemon.parsing import parse_off_loop
-from mailbridge.errors import MailbridgeError, MessageError, StoreError, describe
+from mailbridge.daemon.parse_step import parse_batch as _parse_batch
+from mailbridge.daemon.parse_step import portable
+from mailbridge.daemon.parsing import POOL_MIN_BATCH, parse_off_loop, warm_up_pool
+from mailbridge.errors import MailbridgeError, StoreError, describe
 from mailbridge.mail.auth.tokens import provider_for
 from mailbridge.mail.imap import FetchedMessage, ImapSession, MessageMeta, imap_date
 from mailbridge.store.asyncrepo import AsyncRepository
@@ -118,54 +119,6 @@ class PassSummary:
         self.duplicates += other.duplicates
         self.failed += other.failed
         self.failures.extend(other.failures)
-
-
-def _parse_batch(
-    fetched: Sequence[FetchedMessage], max_attachment_bytes: int
-) -> tuple[list[ImportItem], list[FailureInfo]]:
-    """Parse a fetched batch; runs on a worker thread, never on the event loop."""
-    items: list[ImportItem] = []
-    failures: list[FailureInfo] = []
-    for message in fetched:
-        try:
-            parsed = parse_message(
-                message.raw,
-                max_attachment_bytes=max_attachment_bytes,
-                # A missing, broken or future Date falls back to when the message arrived.
-                arrival=message.internaldate,
-            )
-        except MessageError as exc:
-            failures.append(_failure_from_raw(message, exc.code, str(exc)))
-        except Exception as exc:  # the parser promises MessageError; a bug must not stop the batch
-            failure = _failure_from_raw(
-                message, "internal", f"unexpected {type(exc).__name__} in the parser: {exc}"
-            )
-            failures.append(dataclasses.replace(failure, traceback=traceback.format_exc()))
-        else:
-            # What core/policy.py needs: the automatic verdict and any delivery report.
-            automatic, report = analyse(message.raw, parsed)
-            items.append(
-                ImportItem(uid=message.uid, message=parsed, automatic=automatic, report=report)
-            )
-    return items, failures
-
-
-def _failure_from_raw(message: FetchedMessage, code: str, reason: str) -> FailureInfo:
-    """Describe a message we could not parse, from what its headers still tell."""
-    headers = summarise_headers(message.raw)
-    return FailureInfo(
-        uid=message.uid,
-        # One key per content, resolved when this message itself is imported.
-        message_key=failure_key(headers.message_id, content_fingerprint(message.raw)),
-        code=code,
-        reason=reason,
-        message_id=headers.message_id,
-        subject=headers.subject,
-        from_address=headers.from_address,
-        # When it arrived (INTERNALDATE), as the recovery sweep's age limit counts it.
-        date=message.internaldate,
-        size=len(message.raw),
-    )
 
 
 def _failure_from_result(
@@ -513,6 +466,8 @@ class AccountWorker:
         summary, batches = await self.fail_too_large(session, metas)
         if not batches:
             return summary
+        if len(metas) >= POOL_MIN_BATCH:
+            warm_up_pool()  # worker processes start while the first batch is fetched
         # Pipelined: the next batch is fetched and parsed while this one is written and moved,
         # so IMAP, parsing and SQLite overlap (at most two batches, i.e. twice
         # limits.fetch_batch_max_mb of raw mail, are in memory). Reading ahead risks nothing
@@ -563,7 +518,9 @@ class AccountWorker:
     ) -> tuple[list[FetchedMessage], tuple[list[ImportItem], list[FailureInfo]]]:
         fetched = await session.fetch(uids)
         # A thread for a few messages, worker processes for a backlog (see daemon/parsing.py).
-        parsed = await parse_off_loop(_parse_batch, fetched, self.settings.limits.max_message_bytes)
+        parsed = await parse_off_loop(
+            _parse_batch, portable(fetched), self.settings.limits.max_message_bytes
+        )
         return fetched, parsed
 
     async def _import_batch(
@@ -627,7 +584,7 @@ class AccountWorker:
         if parsed is None:
             # A thread for a few messages, worker processes for a backlog (daemon/parsing.py).
             parsed = await parse_off_loop(
-                _parse_batch, fetched, self.settings.limits.max_message_bytes
+                _parse_batch, portable(fetched), self.settings.limits.max_message_bytes
             )
         items, failures = parsed
         context = ImportContext.for_account(self.settings, self.account)
@@ -725,6 +682,13 @@ class AccountWorker:
         summary.failures = failures
         # Automatic replies to new conversations, queued in the outbox (daemon/autoreply.py).
         await queue_auto_replies(self.settings, self.account, self.repo, items, results, arrived)
+        metrics.record_pass(
+            self.account.name,
+            summary.imported,
+            summary.duplicates,
+            summary.failed,
+            [arrived.get(r.uid) for r in results if r.outcome is Outcome.IMPORTED],
+        )
 
         # Only now, with everything committed, does mail leave the Inbox. \Seen is set just
         # before the move, on the Inbox copies (no SELECT of the target folder): a connection

@@ -46,6 +46,7 @@ import structlog
 
 from mailbridge.config import AccountSettings, Settings
 from mailbridge.daemon.account import AccountWorker, open_session
+from mailbridge.daemon.parsing import POOL_MIN_BATCH, warm_up_pool
 from mailbridge.errors import MailbridgeError
 from mailbridge.mail.imap import FetchedMessage, ImapSession, MessageMeta, imap_date
 from mailbridge.store.asyncrepo import AsyncRepository
@@ -356,6 +357,8 @@ async def _retry_failed(
         summary.held_internal += len(recent) - len(metas)
     if progress is not None:
         progress("failed", 0, len(metas))
+    if len(metas) >= POOL_MIN_BATCH:
+        warm_up_pool()  # parse workers start while the first batch is fetched
     large, batches = await worker.fail_too_large(session, metas, in_failed=True)
     summary.retried += large.failed
     summary.still_failing.extend(large.failures)
