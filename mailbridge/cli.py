@@ -396,6 +396,18 @@ def _check_config(settings: Settings) -> int:
             print(f"mailbridge: config error: {problem}", file=sys.stderr)
         print(f"  fix: {describe('secret_missing').remedy}", file=sys.stderr)
         return EX_CONFIG
+    # The parent tables of an existing database must fit the config, as `run` will check them:
+    # a config that passes here must not be refused by every other command.
+    try:
+        repo = _open_store(settings)
+    except ConfigError as exc:
+        print(f"mailbridge: config error: {exc}\n  fix: {exc.remedy}", file=sys.stderr)
+        return EX_CONFIG
+    except StoreError as exc:
+        print(f"warning: database not checked: {exc.code}: {exc}", file=sys.stderr)
+    else:
+        if repo is not None:
+            repo.close()
     names = ", ".join(a.name for a in settings.accounts)
     print(f"config OK: {settings.source}")
     print(f"  database: {settings.database}")
