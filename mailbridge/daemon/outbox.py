@@ -855,6 +855,9 @@ class _SentRecorder:
         self.summary = summary
         self.pending: list[tuple[OutboxRow, bytes, Sequence[MessageAction]]] = []
         self.task: asyncio.Task[None] | None = None
+        # The first commit that failed: raised by flush() even when a later task succeeded, so
+        # the round fails and the worker resolves the rows left ``sending`` (recover).
+        self.error: Exception | None = None
 
     def add(self, row: OutboxRow, raw: bytes, actions: Sequence[MessageAction]) -> None:
         self.pending.append((row, raw, actions))
@@ -864,7 +867,11 @@ class _SentRecorder:
     async def _drain(self) -> None:
         while self.pending:
             batch, self.pending = self.pending, []
-            await self.worker._record_sent(self.account, batch, self.summary)
+            try:
+                await self.worker._record_sent(self.account, batch, self.summary)
+            except Exception as exc:  # kept for flush(); the next rows are still recorded
+                if self.error is None:
+                    self.error = exc
 
     async def flush(self) -> None:
         """Wait until every accepted row is recorded (raises what recording raised)."""
@@ -873,6 +880,9 @@ class _SentRecorder:
             await task
             if self.pending:
                 self.task = asyncio.create_task(self._drain())
+        if self.error is not None:
+            error, self.error = self.error, None
+            raise error
 
 
 def attachment_allowed(path: Path, directories: Sequence[Path]) -> bool:
