@@ -69,7 +69,7 @@ from mailbridge.core.outbox import (
 )
 from mailbridge.core.parse import parse_message
 from mailbridge.core.templates import HistoryMessage, MergeData, has_codes, render, render_text
-from mailbridge.errors import MailbridgeError, ServerError, StoreError
+from mailbridge.errors import ConfigError, MailbridgeError, ServerError, StoreError
 from mailbridge.mail.imap import ImapSession, quote
 from mailbridge.mail.smtp import SendError, SmtpSender
 from mailbridge.store.base import ImportContext
@@ -293,11 +293,25 @@ class OutboxWorker:
             self.watch.close()
 
     async def run_once(self) -> OutboxSummary:
-        """Resolve rows left ``sending``, then send every row due now (``run --once``)."""
+        """Resolve rows left ``sending``, then send every row due now (``run --once``).
+
+        Beside a running daemon (its wake socket answers) rows in ``sending`` are the daemon's
+        attempts in flight, not a crash's: they are left to it (it resolves its own at start).
+        """
         summary = OutboxSummary()
-        await self.recover(summary)
+        if self._daemon_running():
+            log.info("outbox_recovery_left_to_daemon", reason="a daemon serves this database")
+        else:
+            await self.recover(summary)
         await self.send_due(summary)
         return summary
+
+    def _daemon_running(self) -> bool:
+        try:
+            database = self.settings.outbox_database()
+        except ConfigError:
+            return False
+        return notify_daemon(database)
 
     async def _guarded(self, work: Awaitable[object]) -> bool:
         """Run ``work``; False (logged, after a 5 s pause) when it failed."""

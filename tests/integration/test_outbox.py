@@ -923,3 +923,38 @@ async def test_an_unreachable_server_is_retried_and_a_row_expires(
         "send_expired",
     )
     assert "connection refused" in expired["lasterror"]
+
+
+async def test_run_once_beside_a_running_daemon_leaves_the_daemons_attempt_alone(
+    tmp_path: Path, sink: SmtpSink
+) -> None:
+    """``run --once`` (after ``reply``, say) while the daemon is sending: a row the daemon has
+    marked ``sending`` is its attempt in flight, not one a crash left behind. Resolving it as
+    after a crash sent it a second time (and the daemon then recorded it sent as well)."""
+    from datetime import UTC, datetime
+
+    from mailbridge.daemon.outbox import Watch
+
+    settings = parse_config(offline_config(tmp_path, sink))
+    conversation = seed_conversation(settings)
+    outbox_id = queue(
+        settings,
+        OutgoingRequest(account="support", conversation_id=conversation, body_text="Hello"),
+    )
+    repo = await open_repository(settings.database, settings)
+    try:
+        daemon = OutboxWorker(settings, repo)
+        [due] = await repo.outbox_due(["support"], datetime.now(UTC), 10)
+        prepared = await daemon._prepare(settings.accounts[0], due)
+        began = await repo.outbox_begin([(outbox_id, prepared.fix)], datetime.now(UTC))
+        assert began == {outbox_id}  # the daemon is now between MAIL FROM and DATA's reply
+        watch = Watch(settings.outbox_database())  # the daemon's wake socket
+        watch.open()
+        try:
+            await OutboxWorker(settings, repo).run_once()
+        finally:
+            watch.close()
+    finally:
+        await repo.aclose()
+    assert sink.received == []
+    assert row(settings, outbox_id)["state"] == "sending"
