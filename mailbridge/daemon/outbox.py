@@ -69,7 +69,7 @@ from mailbridge.core.outbox import (
 )
 from mailbridge.core.parse import parse_message
 from mailbridge.core.templates import HistoryMessage, MergeData, has_codes, render, render_text
-from mailbridge.errors import ConfigError, MailbridgeError, ServerError, StoreError
+from mailbridge.errors import ConfigError, MailbridgeError, StoreError
 from mailbridge.mail.imap import ImapSession, quote
 from mailbridge.mail.smtp import SendError, SmtpSender
 from mailbridge.store.base import ImportContext
@@ -421,9 +421,15 @@ class OutboxWorker:
             by_account: dict[str, list[OutboxRow]] = {}
             for row in rows:
                 by_account.setdefault(row.account, []).append(row)
-            await asyncio.gather(
-                *(self._send_account(accounts[n], rs, summary) for n, rs in by_account.items())
+            # Every account's sending ends before a failure is raised: the caller then resolves
+            # the rows left 'sending' (recover), which must not catch another account's in flight.
+            outcomes = await asyncio.gather(
+                *(self._send_account(accounts[n], rs, summary) for n, rs in by_account.items()),
+                return_exceptions=True,
             )
+            for outcome in outcomes:
+                if isinstance(outcome, BaseException):
+                    raise outcome
         return summary
 
     async def _send_account(
@@ -497,9 +503,12 @@ class OutboxWorker:
                     row, exc.code, exc.reply, permanent=exc.permanent, summary=summary
                 )
                 continue
-            except ServerError as exc:
+            except StoreError:
+                raise  # the database, not the server: the round fails and recover() resolves it
+            except MailbridgeError as exc:  # ServerError, or a secret/token not to be had
                 await self._failed(row, exc.code, str(exc), permanent=False, summary=summary)
-                # The server is the problem, not the row: the account's other rows wait.
+                # The server (or the sign-in) is the problem, not the row: the account's other
+                # rows wait.
                 self._pause(account.name)
                 await self._release([r for r, _p in ready[index + 1 :]], str(exc))
                 return None, False

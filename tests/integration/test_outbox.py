@@ -958,3 +958,26 @@ async def test_run_once_beside_a_running_daemon_leaves_the_daemons_attempt_alone
         await repo.aclose()
     assert sink.received == []
     assert row(settings, outbox_id)["state"] == "sending"
+
+
+async def test_a_missing_password_file_is_a_failed_attempt_not_a_row_stuck_sending(
+    tmp_path: Path, sink: SmtpSink
+) -> None:
+    """A secret that cannot be read (ConfigError, not a server's error) when the connection is
+    opened: the row is retried later with the code, like any connection failure. It escaped
+    the send loop instead, leaving the row ``sending`` (re-queued by the next round's recovery,
+    begun again, forever, never expiring) and failing the other accounts' round."""
+    data = offline_config(tmp_path, sink)
+    data["accounts"][0]["auth"] = {"username": "support", "password_file": str(tmp_path / "gone")}
+    settings = parse_config(data)
+    conversation = seed_conversation(settings)
+    outbox_id = queue(
+        settings,
+        OutgoingRequest(account="support", conversation_id=conversation, body_text="Hello"),
+    )
+    await send_pass(settings)
+    found = row(settings, outbox_id)
+    assert found["state"] == "queued"
+    assert found["lasterrorcode"] == "secret_missing"
+    assert found["nextattempt"] is not None
+    assert sink.received == []
