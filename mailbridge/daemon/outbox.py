@@ -362,14 +362,7 @@ class OutboxWorker:
             ):
                 found = await self._in_sent_folder(account, row.message_id)
             outcome = recovered_state(found) if row.raw is not None else "queued"
-            log.warning(
-                "outbox_interrupted_attempt",
-                account=row.account,
-                outbox=row.id,
-                message_id=row.message_id,
-                found_in_sent=found,
-                outcome="recorded as sent" if outcome == "sent" else "sent again, same Message-ID",
-            )
+            # Stored, then logged: the row reads as the line says.
             if outcome == "sent" and row.raw is not None:
                 await self._record_sent(account, [(row, row.raw, ())], summary, append=False)
             else:
@@ -382,6 +375,14 @@ class OutboxWorker:
                     "Message-ID",
                     now=datetime.now(UTC),
                 )
+            log.warning(
+                "outbox_interrupted_attempt",
+                account=row.account,
+                outbox=row.id,
+                message_id=row.message_id,
+                found_in_sent=found,
+                outcome="recorded as sent" if outcome == "sent" else "sent again, same Message-ID",
+            )
 
     async def _in_sent_folder(self, account: AccountSettings, message_id: str) -> bool | None:
         """Whether the Sent folder holds ``message_id``; None when it cannot be told."""

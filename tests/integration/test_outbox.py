@@ -981,3 +981,45 @@ async def test_a_missing_password_file_is_a_failed_attempt_not_a_row_stuck_sendi
     assert found["lasterrorcode"] == "secret_missing"
     assert found["nextattempt"] is not None
     assert sink.received == []
+
+
+async def test_an_interrupted_attempt_is_stored_resolved_before_it_is_logged(
+    tmp_path: Path, sink: SmtpSink, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Store, then log: whoever reads ``mailbridge outbox`` on seeing the
+    ``outbox_interrupted_attempt`` line finds the row as the line reports it (queued again)."""
+    from datetime import UTC, datetime
+
+    from mailbridge.daemon import outbox as outbox_module
+
+    settings = parse_config(offline_config(tmp_path, sink))
+    conversation = seed_conversation(settings)
+    outbox_id = queue(
+        settings,
+        OutgoingRequest(account="support", conversation_id=conversation, body_text="Hello"),
+    )
+    seen: list[str] = []
+    real_log = outbox_module.log
+
+    class Probe:
+        def __getattr__(self, level: str) -> Any:
+            method = getattr(real_log, level)
+
+            def emit(event: str, **kw: Any) -> Any:
+                if event == "outbox_interrupted_attempt":
+                    seen.append(row(settings, outbox_id)["state"])
+                return method(event, **kw)
+
+            return emit
+
+    repo = await open_repository(settings.database, settings)
+    try:
+        worker = OutboxWorker(settings, repo)
+        [due] = await repo.outbox_due(["support"], datetime.now(UTC), 10)
+        prepared = await worker._prepare(settings.accounts[0], due)
+        await repo.outbox_begin([(outbox_id, prepared.fix)], datetime.now(UTC))  # then kill -9
+        monkeypatch.setattr(outbox_module, "log", Probe())
+        await worker.recover()
+    finally:
+        await repo.aclose()
+    assert seen == ["queued"]
