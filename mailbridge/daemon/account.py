@@ -694,6 +694,8 @@ class AccountWorker:
             summary.duplicates,
             summary.failed,
             [arrived.get(r.uid) for r in results if r.outcome is Outcome.IMPORTED],
+            discarded=summary.discarded,
+            bounces=summary.bounces,
         )
 
         # Only now, with everything committed, does mail leave the Inbox. \Seen is set just
