@@ -42,6 +42,8 @@ class AccountMetrics:
     imported: int = 0
     duplicates: int = 0
     failed: int = 0
+    discarded: int = 0  # automatic mail the policy kept out (moved to Processed)
+    bounces: int = 0  # delivery reports recorded as delivery errors (moved to Processed)
     reconnects: int = 0
     last_import: float | None = None  # Unix time of the last imported message
     failed_folder: int | None = None  # unresolved failures, refreshed by the daemon
@@ -88,12 +90,22 @@ class Metrics:
         entry.idle_since = time.time() if state.state == "idle" else None
 
     def batch(
-        self, account: str, imported: int, duplicates: int, failed: int, arrived: Sequence[float]
+        self,
+        account: str,
+        imported: int,
+        duplicates: int,
+        failed: int,
+        arrived: Sequence[float],
+        *,
+        discarded: int = 0,
+        bounces: int = 0,
     ) -> None:
         entry = self.account(account)
         entry.imported += imported
         entry.duplicates += duplicates
         entry.failed += failed
+        entry.discarded += discarded
+        entry.bounces += bounces
         now = time.time()
         if imported:
             entry.last_import = now
@@ -181,6 +193,19 @@ _PER_ACCOUNT: tuple[tuple[str, str, str, Callable[[AccountMetrics, float], float
     ),
     (
         "counter",
+        "mailbridge_messages_discarded",
+        "Automatic mail the policy did not import (automatic_emails, bots.deny), moved to"
+        " Processed.",
+        lambda e, _: e.discarded,
+    ),
+    (
+        "counter",
+        "mailbridge_messages_bounce",
+        "Delivery reports recorded as delivery errors, moved to Processed without import.",
+        lambda e, _: e.bounces,
+    ),
+    (
+        "counter",
         "mailbridge_reconnects",
         "Connections made after the first one.",
         lambda e, _: e.reconnects,
@@ -241,11 +266,16 @@ def record_pass(
     duplicates: int,
     failed: int,
     arrived: Sequence[datetime | None] = (),
+    *,
+    discarded: int = 0,
+    bounces: int = 0,
 ) -> None:
     """One import step's outcome; ``arrived``: the INTERNALDATE of each imported message."""
     if _current is not None:
         stamps = [when.timestamp() for when in arrived if when is not None]
-        _current.batch(account, imported, duplicates, failed, stamps)
+        _current.batch(
+            account, imported, duplicates, failed, stamps, discarded=discarded, bounces=bounces
+        )
 
 
 def record_commit(seconds: float) -> None:

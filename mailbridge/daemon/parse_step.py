@@ -64,6 +64,9 @@ def parse_batch(
                 # A missing, broken or future Date falls back to when the message arrived.
                 arrival=message.internaldate,
             )
+            # What core/policy.py needs: the automatic verdict and any delivery report. Inside
+            # the try: a bug here fails this message, not the batch (and the account's loop).
+            automatic, report = analyse(message.raw, parsed)
         except MessageError as exc:
             failures.append(failure_from_raw(message, exc.code, str(exc)))
         except Exception as exc:  # the parser promises MessageError; a bug must not stop the batch
@@ -72,8 +75,6 @@ def parse_batch(
             )
             failures.append(dataclasses.replace(failure, traceback=traceback.format_exc()))
         else:
-            # What core/policy.py needs: the automatic verdict and any delivery report.
-            automatic, report = analyse(message.raw, parsed)
             items.append(
                 ImportItem(uid=message.uid, message=parsed, automatic=automatic, report=report)
             )

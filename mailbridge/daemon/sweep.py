@@ -242,6 +242,7 @@ async def sweep_and_record(
         older_failures_left=summary.left_old,
         held_internal=summary.held_internal,
         reconciled=summary.reconciled,
+        discarded=summary.discarded,  # automatic mail and bounces, moved to Processed
         reasons=summary.reasons(),
         seconds=round((summary.finished - summary.started).total_seconds(), 3),
     )

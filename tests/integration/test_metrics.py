@@ -62,11 +62,20 @@ def test_metrics_endpoint_counts_an_import(tmp_path: Path, dovecot: Any, imap_us
             assert time.monotonic() < deadline, text
             time.sleep(0.1)
             text = _scrape(url)
+        robot = mail("Automatic reply: Hi", to=imap_user.address, Auto_Submitted="auto-replied")
+        dovecot.append(imap_user.login, imap_user.password, robot.as_bytes())
+        discarded = 'mailbridge_messages_discarded_total{account="support"}'
+        while _value(text, discarded) != 1:  # not imported, and counted
+            assert proc.poll() is None, proc.communicate()[1].decode()[-3000:]
+            assert time.monotonic() < deadline, text
+            time.sleep(0.1)
+            text = _scrape(url)
     finally:
         proc.terminate()
         _, stderr = proc.communicate(timeout=60)
     assert proc.returncode == 0, stderr.decode()[-3000:]
-    assert len(dovecot.folder_uids(imap_user.login, imap_user.password, PROCESSED)) == 1
+    assert len(dovecot.folder_uids(imap_user.login, imap_user.password, PROCESSED)) == 2
+    assert _value(text, 'mailbridge_messages_bounce_total{account="support"}') == 0
     assert "# TYPE mailbridge_messages_imported_total counter" in text
     assert _value(text, 'mailbridge_messages_failed_total{account="support"}') == 0
     assert _value(text, 'mailbridge_messages_duplicate_total{account="support"}') == 0

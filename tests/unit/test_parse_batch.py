@@ -103,3 +103,28 @@ async def test_parse_workers_import_the_parser_not_the_daemon(pool: None) -> Non
     assert not {"pydantic", "sqlite_utils", "aioimaplib", "rich"} & {
         name.split(".")[0] for name in loaded
     }
+
+
+def test_a_bug_in_the_automatic_and_bounce_analysis_fails_that_message_only(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """core/policy.analyse (automatic and bounce detection) runs in the parse step too: a bug in
+    it must fail that one message (code internal, to Failed with its traceback), not raise out
+    of the batch - which stopped the account's loop on every pass, the message never moved."""
+    from mailbridge.daemon import parse_step
+
+    real = parse_step.analyse
+
+    def analyse(raw: bytes, message: object) -> object:
+        if b"trigger" in raw:
+            raise IndexError("a detector's bug")
+        return real(raw, message)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(parse_step, "analyse", analyse)
+    good = b"From: a@example.com\r\nMessage-ID: <good@example.com>\r\nSubject: ok\r\n\r\nhi\r\n"
+    bad = b"From: b@example.com\r\nMessage-ID: <bad@example.com>\r\nSubject: trigger\r\n\r\nx\r\n"
+    items, failures = _parse_batch([fetched(good, uid=1), fetched(bad, uid=2)], 10_000_000)
+    assert [item.uid for item in items] == [1]
+    assert [(f.uid, f.code, f.message_id) for f in failures] == [(2, "internal", "bad@example.com")]
+    assert failures[0].traceback is not None
+    assert "IndexError" in failures[0].traceback
