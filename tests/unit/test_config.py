@@ -490,7 +490,7 @@ def test_check_config_checks_the_parent_tables_of_an_existing_database(
         "  - name: support\n"
         "    address: support@example.com\n"
         "    imap: {host: imap.example.com}\n"
-        "    auth: {username: u, password: secret}\n"
+        "    auth: {username: u, password: check-config-parents-pw}\n"
     )
     path.chmod(0o600)
     assert main(["-c", str(path), "check-config"]) == 78
