@@ -21,6 +21,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from mailbridge.core import planner
 from mailbridge.core.html import rewrite_inline_images
 from mailbridge.core.model import ParsedMessage
 from mailbridge.errors import StoreError
@@ -752,7 +753,7 @@ def test_sqlite_constraint_error_in_one_message_rolls_back_only_its_rows(
             raise sqlite3.IntegrityError("CHECK constraint failed: forced by the test")
         return real(html, mapping)
 
-    monkeypatch.setattr(sqlite_backend, "rewrite_inline_images", explode)
+    monkeypatch.setattr(planner, "rewrite_inline_images", explode)
     ok = message("ok@example.com", html='<img src="cid:a@x">', inline_images=[inline_image("a@x")])
     boom = message(
         "boom@example.com",
@@ -788,7 +789,7 @@ def test_sqlite_batch_level_error_raises_and_commits_nothing(
             raise sqlite3.OperationalError("database or disk is full")
         return real(html, mapping)
 
-    monkeypatch.setattr(sqlite_backend, "rewrite_inline_images", disk_full)
+    monkeypatch.setattr(planner, "rewrite_inline_images", disk_full)
     first = message("one@example.com", html="<p>first</p>", inline_images=[inline_image("a@x")])
     second = message("two@example.com", html="<p>second</p>", inline_images=[inline_image("b@x")])
     repo.record_failures(
@@ -803,7 +804,7 @@ def test_sqlite_batch_level_error_raises_and_commits_nothing(
     assert raw(tmp_path / "data" / "mailbridge.db", "SELECT COUNT(*) FROM embeddedfile") == [(0,)]
     assert len(repo.failures(ACCOUNT)) == 1  # not resolved either
     # The connection is usable afterwards.
-    monkeypatch.setattr(sqlite_backend, "rewrite_inline_images", real)
+    monkeypatch.setattr(planner, "rewrite_inline_images", real)
     assert [r.outcome for r in run(repo, first, second)] == [Outcome.IMPORTED] * 2
 
 
