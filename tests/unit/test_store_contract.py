@@ -1,8 +1,13 @@
 """Contract tests of the Repository protocol, run against every backend.
 
-The ``make_repo`` fixture is parametrised over backends (SQLite today); a PostgreSQL backend
-joins by adding a parameter. Tests that check SQLite specifics (file permissions, locking, the
-raw rows) say so in their names and use :class:`SqliteRepository` directly.
+The ``backend`` fixture (and ``make_repo`` and ``repo`` on it) is parametrised over
+:data:`BACKENDS` (SQLite today); a PostgreSQL backend joins with one line there. Every
+conversation rule is run here through the Repository protocol (threading by each
+identification method, late parents, siblings, followers, parents, follower parents,
+duplicates, reused ids, ignored own mail, failures), the database read and written beside it
+as an integrator would (``Backend.query``/``Backend.execute``). Tests that check SQLite
+specifics (file permissions, locking, the raw rows) say so in their names and use
+:class:`SqliteRepository` directly.
 """
 
 from __future__ import annotations
@@ -16,13 +21,16 @@ import tempfile
 import threading
 from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import Any, Protocol
 
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from mailbridge.config import ConversationParentSettings, FollowerParentSettings, Identification
 from mailbridge.core import planner
 from mailbridge.core.html import rewrite_inline_images
+from mailbridge.core.identify import plus_address, tag_subject
 from mailbridge.core.model import ParsedMessage
 from mailbridge.errors import StoreError
 from mailbridge.store import sqlite as sqlite_backend
@@ -50,20 +58,58 @@ CTX = ImportContext(ACCOUNT, own_addresses=OWN)
 MakeRepo = Callable[[Path], Repository]
 
 
-def _make_sqlite(directory: Path) -> Repository:
-    repo = SqliteRepository(directory / "data" / "mailbridge.db")
-    repo.migrate()
-    return repo
+class Backend(Protocol):
+    """A backend as the contract tests drive it: fresh repositories, and the database read and
+    written on a separate connection, as an integrator would (statements with ``?``
+    placeholders, in SQL every backend accepts)."""
+
+    def make(self, directory: Path) -> Repository:
+        """A fresh, migrated repository (``directory`` is the test's own)."""
+
+    def query(self, repo: Repository, sql: str, *params: object) -> list[tuple[Any, ...]]:
+        """Rows of a query, read beside ``repo`` on another connection."""
+
+    def execute(self, repo: Repository, sql: str, *params: object) -> None:
+        """One committed statement, written beside ``repo`` on another connection."""
 
 
-BACKENDS: dict[str, MakeRepo] = {"sqlite": _make_sqlite}
+class SqliteBackend:
+    def make(self, directory: Path) -> Repository:
+        repo = SqliteRepository(directory / "data" / "mailbridge.db")
+        repo.migrate()
+        return repo
+
+    def query(self, repo: Repository, sql: str, *params: object) -> list[tuple[Any, ...]]:
+        assert isinstance(repo, SqliteRepository)
+        return raw(repo.path, sql, params)
+
+    def execute(self, repo: Repository, sql: str, *params: object) -> None:
+        assert isinstance(repo, SqliteRepository)
+        conn = sqlite3.connect(repo.path)
+        try:
+            with conn:
+                conn.execute(sql, params)
+        finally:
+            conn.close()
+
+
+# Backend name -> how to get one (a fixture request, for backends that need a server fixture).
+# A backend joins every contract test with one line here.
+BACKENDS: dict[str, Callable[[pytest.FixtureRequest], Backend]] = {
+    "sqlite": lambda _request: SqliteBackend(),
+}
 
 
 @pytest.fixture(scope="session", params=sorted(BACKENDS))
-def make_repo(request: pytest.FixtureRequest) -> MakeRepo:
-    """A factory of fresh, migrated repositories in a given directory (session-scoped so that
-    hypothesis tests can use it)."""
-    return BACKENDS[str(request.param)]
+def backend(request: pytest.FixtureRequest) -> Backend:
+    """Each backend in turn (session-scoped so that hypothesis tests can use it)."""
+    return BACKENDS[str(request.param)](request)
+
+
+@pytest.fixture(scope="session")
+def make_repo(backend: Backend) -> MakeRepo:
+    """A factory of fresh, migrated repositories in a given directory."""
+    return backend.make
 
 
 @pytest.fixture
@@ -237,6 +283,339 @@ def test_threading_stays_within_the_account(repo: Repository) -> None:
     [rc] = run(repo, child)
     assert rc.new_conversation
     assert rc.conversation_id != rp.conversation_id
+
+
+# -- threading by each identification method --------------------------------------------------
+
+
+def ctx_for(
+    identification: Identification = "message_id", account: str = ACCOUNT, **kw: Any
+) -> ImportContext:
+    own = OWN if account == ACCOUNT else frozenset({f"{account}@acme.test"})
+    return ImportContext(account, own_addresses=own, identification=identification, **kw)
+
+
+_uids = itertools.count(1000)
+
+
+def imp(repo: Repository, ctx: ImportContext, *messages: ParsedMessage) -> list[ImportResult]:
+    return repo.import_batch(ctx, [ImportItem(next(_uids), m) for m in messages])
+
+
+def key_of(repo: Repository, conversation_id: int | None) -> str:
+    return detail(repo, conversation_id).summary.uniqueid
+
+
+def test_cc_replying_to_the_original_lands_in_the_same_conversation(repo: Repository) -> None:
+    original = message("orig@customer.test", to=["support@acme.test"], cc=["Jane <jane@x.test>"])
+    ours = reply(
+        original, "ours@acme.test", minutes=1, sender="support@acme.test", to=["ann@example.com"]
+    )
+    # Jane answers the original (not our reply); Ann answers ours.
+    jane = reply(original, "jane1@x.test", minutes=2, sender="Jane <jane@x.test>")
+    ann = reply(ours, "ann2@customer.test", minutes=3)
+    results = imp(repo, ctx_for(), original, ours, jane, ann)
+    assert [r.outcome for r in results] == [Outcome.IMPORTED] * 4
+    assert {r.conversation_id for r in results} == {results[0].conversation_id}
+    assert len(repo.conversations()) == 1
+    found = detail(repo, results[0].conversation_id)
+    assert [m.threaded_by for m in found.messages] == ["new"] + ["message_id"] * 3
+
+
+def test_reply_to_a_message_inserted_by_the_integrator_threads_to_it(
+    repo: Repository, backend: Backend
+) -> None:
+    [first] = imp(repo, ctx_for(), message("first@customer.test"))
+    # The integrator's sending code stored the message it sent, with a per-recipient copy id.
+    backend.execute(
+        repo,
+        "INSERT INTO conversationmessage (conversation, account, messageid, messagekey, uniqueid,"
+        " direction, date) VALUES (?, 'support', 'sent@acme.test', 'sent@acme.test', 'u1',"
+        " 'outgoing', ?)",
+        first.conversation_id,
+        "2024-03-01T09:05:00Z",
+    )
+    [(mid,)] = backend.query(
+        repo, "SELECT id FROM conversationmessage WHERE messageid = 'sent@acme.test'"
+    )
+    [(fid,)] = backend.query(repo, "SELECT id FROM follower")
+    backend.execute(
+        repo,
+        "INSERT INTO messagefollower (conversationmessage, follower, participationlevel,"
+        " messageid) VALUES (?, ?, 'to', 'copy-for-ann@acme.test')",
+        mid,
+        fid,
+    )
+    to_sent = message("r1@customer.test", in_reply_to=["sent@acme.test"], date=at(10))
+    to_copy = message("r2@customer.test", in_reply_to=["copy-for-ann@acme.test"], date=at(11))
+    results = imp(repo, ctx_for(), to_sent, to_copy)
+    assert [r.conversation_id for r in results] == [first.conversation_id] * 2
+    assert backend.query(
+        repo,
+        "SELECT threadedby FROM conversationmessage WHERE messageid LIKE 'r%' ORDER BY id",
+    ) == [("message_id",), ("message_id",)]
+
+
+def test_plus_address_joins_the_conversation_without_any_message_id(repo: Repository) -> None:
+    ctx = ctx_for("plus_address")
+    [first] = imp(repo, ctx, message("p1@customer.test", subject="Broken"))
+    key = key_of(repo, first.conversation_id)
+    # A client that drops In-Reply-To and References, writing to our Reply-To.
+    answer = message(
+        "p2@customer.test", subject="other words", to=[plus_address("help@acme.test", key)]
+    )
+    delivered = message(
+        "p3@customer.test", to=["someone@else.test"], delivered_to=[f"support+{key}@acme.test"]
+    )
+    results = imp(repo, ctx, answer, delivered)
+    assert [r.conversation_id for r in results] == [first.conversation_id] * 2
+    found = detail(repo, first.conversation_id)
+    # The plus-address is the account itself: no follower, and the reply-from address is plain.
+    assert all("+" not in email for email, _n, _a in found.followers)
+    assert [m.threaded_by for m in found.messages] == ["new", "plus_address", "plus_address"]
+
+
+def test_plus_address_key_wins_over_message_id_threading(repo: Repository) -> None:
+    ctx = ctx_for("plus_address")
+    a, b = imp(repo, ctx, message("a@customer.test"), message("b@customer.test", date=at(1)))
+    key_b = key_of(repo, b.conversation_id)
+    cross = message(
+        "c@customer.test", in_reply_to=["a@customer.test"], to=[f"support+{key_b}@acme.test"]
+    )
+    [result] = imp(repo, ctx, cross)
+    assert result.conversation_id == b.conversation_id != a.conversation_id
+
+
+@pytest.mark.parametrize("prefix", ["Re: ", "AW: ", "SV: ", "Antw: ", "回复：", "Re[2]: Fwd: ", ""])
+def test_subject_tag_joins_whatever_the_prefixes(repo: Repository, prefix: str) -> None:
+    ctx = ctx_for("subject")
+    [first] = imp(repo, ctx, message("s1@customer.test", subject="Invoice " + "x" * 200))
+    tagged = tag_subject("Invoice " + "x" * 200, key_of(repo, first.conversation_id))
+    assert len(tagged) == 128
+    [answer] = imp(repo, ctx, message("s2@customer.test", subject=prefix + tagged, date=at(5)))
+    assert answer.conversation_id == first.conversation_id
+    assert answer.new_conversation is False
+    assert detail(repo, first.conversation_id).messages[-1].threaded_by == "subject"
+
+
+def test_the_chosen_marker_only_is_read(repo: Repository) -> None:
+    [first] = imp(repo, ctx_for("message_id"), message("m1@customer.test"))
+    key = key_of(repo, first.conversation_id)
+    # With message_id identification a tag or plus-address alone starts a new conversation.
+    tagged = message("m2@customer.test", subject=f"Hi [ID-{key}]", to=[f"support+{key}@acme.test"])
+    [result] = imp(repo, ctx_for("message_id"), tagged)
+    assert result.new_conversation
+
+
+@pytest.mark.parametrize("identification", ["plus_address", "subject"])
+def test_a_forged_or_foreign_key_never_joins_someone_elses_conversation(
+    repo: Repository, identification: Identification
+) -> None:
+    ours, theirs = ctx_for(identification), ctx_for(identification, account="sales")
+    [victim] = imp(repo, theirs, message("v@customer.test", to=["sales@acme.test"]))
+    foreign = key_of(repo, victim.conversation_id)
+    [mine] = imp(repo, ours, message("mine@customer.test", date=at(1)))
+
+    def carrying(mid: str, key: str, **kw: Any) -> ParsedMessage:
+        if identification == "subject":
+            return message(mid, subject=f"Re: hello [ID-{key}]", date=at(9), **kw)
+        return message(mid, to=[f"support+{key}@acme.test"], date=at(9), **kw)
+
+    # Another account's real key, and a well-formed key nobody was given: both start anew.
+    stolen, guessed = imp(
+        repo, ours, carrying("f1@evil.test", foreign), carrying("f2@evil.test", "a" * 16)
+    )
+    assert stolen.new_conversation
+    assert guessed.new_conversation
+    assert stolen.conversation_id != victim.conversation_id
+    # A forged key next to a real In-Reply-To falls back to Message-ID threading.
+    [fallback] = imp(
+        repo, ours, carrying("f3@evil.test", foreign, in_reply_to=["mine@customer.test"])
+    )
+    assert fallback.conversation_id == mine.conversation_id
+    assert detail(repo, victim.conversation_id).summary.messages == 1
+
+
+def test_a_reply_after_its_parent_in_one_batch_sees_the_parents_writes(repo: Repository) -> None:
+    parent = message("bp@example.com", subject="Order", cc=["Bob <bob@example.com>"], date=at(0))
+    child = reply(parent, "bc@example.com", minutes=1, cc=["carol@example.com"])
+    grandchild = reply(child, "bg@example.com", minutes=2, sender="Bob <bob@example.com>")
+    results = run(repo, grandchild, child, parent)  # UIDs 1-3; imported in UID order
+    assert [r.new_conversation for r in results] == [True, False, False]
+    found = detail(repo, results[0].conversation_id)
+    assert found.summary.messages == 3
+    assert found.summary.subject == "Order"  # the real start names the conversation
+    assert found.summary.last_message == at(2)
+    # The newest message (grandchild) decides who is active, whatever the UID order.
+    assert active_followers(found) == {"bob@example.com"}
+
+
+# -- conversation parents and follower parents ------------------------------------------------
+
+PERSON = FollowerParentSettings(table="person", address_column="email", name_column="name")
+COWORKER = FollowerParentSettings(table="coworker", address_column="email", name_column="name")
+TICKET = ConversationParentSettings.model_validate(
+    {
+        "table": "ticket",
+        "properties": [
+            {"column": "subject", "message_property": "subject"},
+            {"column": "description", "message_property": "plain_text"},
+            {"column": "person", "message_property": "from_address", "search_path": "person.email"},
+            {"column": "company", "search_path": "person.company"},
+            {"column": "source", "default": "email"},
+            {"column": "sender", "message_property": "from_name", "default": "unknown"},
+            {"column": "received", "message_property": "date"},
+            {"column": "mailbox", "message_property": "account"},
+        ],
+    }
+)
+
+
+def _text(row: tuple[Any, ...]) -> tuple[str | None, ...]:
+    # Property columns are untyped in SQLite and text in PostgreSQL: compare as text.
+    return tuple(None if value is None else str(value) for value in row)
+
+
+def test_conversation_parent_gets_a_record_with_every_property_source(
+    repo: Repository, backend: Backend
+) -> None:
+    ctx = ctx_for(follower_parents=(PERSON,), conversation_parents=(TICKET,))
+    repo.prepare(ctx.follower_parents, ctx.conversation_parents)
+    # Tables mailbridge created, with the columns search paths read; the integrator fills them.
+    assert backend.query(repo, "SELECT id, email, name, company FROM person") == []
+    backend.execute(
+        repo,
+        "INSERT INTO person (id, email, name, company) VALUES (7, 'Ann@Example.com', 'Ann', 42)",
+    )
+    first = message(
+        "t1@customer.test", subject="Printer on fire", text="Help!", sender="ann@example.com"
+    )
+    nameless = message("t2@customer.test", subject="Who", sender="nobody@else.test", date=at(3))
+    a, b = imp(repo, ctx, first, nameless)
+    select = (
+        "SELECT id, subject, description, person, company, source, sender, received, mailbox"
+        " FROM ticket WHERE id = (SELECT ticket FROM conversation WHERE id = ?)"
+    )
+    [ticket] = backend.query(repo, select, a.conversation_id)
+    assert _text(ticket[1:]) == (
+        "Printer on fire",
+        "Help!",
+        "7",
+        "42",
+        "email",
+        "unknown",
+        "2024-03-01T09:00:00Z",
+        "support",
+    )
+    [other] = backend.query(repo, select, b.conversation_id)
+    assert _text(other[3:7]) == (None, None, "email", "unknown")  # unknown sender
+    # A reply creates no second ticket.
+    imp(repo, ctx, reply(first, "t3@customer.test", minutes=5))
+    assert backend.query(repo, "SELECT COUNT(*) FROM ticket") == [(2,)]
+    found = detail(repo, a.conversation_id)
+    assert found.parents == (("ticket", ticket[0]),)
+    assert ("ann@example.com", "person", 7) in found.follower_parents
+
+
+def test_a_parent_without_properties_still_gets_a_record(
+    repo: Repository, backend: Backend
+) -> None:
+    bare = ConversationParentSettings.model_validate({"table": "lead"})
+    ctx = ctx_for(conversation_parents=(bare,))
+    repo.prepare((), ctx.conversation_parents)
+    [result] = imp(repo, ctx, message("lead@customer.test"))
+    [(record,)] = backend.query(repo, "SELECT id FROM lead")
+    assert detail(repo, result.conversation_id).parents == (("lead", record),)
+
+
+def test_follower_parents_link_every_conversation_of_a_person(
+    repo: Repository, backend: Backend
+) -> None:
+    ctx = ctx_for(follower_parents=(PERSON, COWORKER))
+    repo.prepare(ctx.follower_parents, ())
+    backend.execute(
+        repo, "INSERT INTO person (id, email, name) VALUES (3, 'ann@example.com', 'Ann Person')"
+    )
+    backend.execute(
+        repo, "INSERT INTO coworker (id, email, name) VALUES (9, 'BOB@acme.test', 'Bob')"
+    )
+    one = message("f1@customer.test", sender="ann@example.com", cc=["bob@acme.test"])
+    two = message("f2@customer.test", sender="Ann <ann@example.com>", date=at(2))
+    results = imp(repo, ctx, one, two)
+    rows = backend.query(
+        repo, "SELECT conversation, email, name, person, coworker FROM follower ORDER BY id"
+    )
+    assert rows == [
+        (results[0].conversation_id, "ann@example.com", "Ann Person", 3, None),
+        (results[0].conversation_id, "bob@acme.test", "Bob", None, 9),
+        (results[1].conversation_id, "ann@example.com", "Ann", 3, None),
+    ]
+
+
+def test_a_follower_parent_link_set_by_hand_is_kept_and_lends_its_name(
+    repo: Repository, backend: Backend
+) -> None:
+    ctx = ctx_for(follower_parents=(PERSON,))
+    repo.prepare(ctx.follower_parents, ())
+    backend.execute(repo, "INSERT INTO person (id, email, name) VALUES (4, 'robert@x.test', 'Rob')")
+    first = message("h1@customer.test", sender="bob@example.com", date=at(0))
+    [r1] = imp(repo, ctx, first)
+    # The integrator knows bob@ is Robert and links him by hand; no person has bob's address.
+    backend.execute(repo, "UPDATE follower SET person = 4 WHERE email = 'bob@example.com'")
+    imp(repo, ctx, reply(first, "h2@customer.test", minutes=1, sender="bob@example.com"))
+    found = detail(repo, r1.conversation_id)
+    assert found.follower_parents == (("bob@example.com", "person", 4),)
+    assert found.followers == (("bob@example.com", "Rob", True),)
+    # A person with his address appears: the next message links him to it.
+    backend.execute(repo, "INSERT INTO person (id, email, name) VALUES (5, 'BOB@example.com', 'B')")
+    imp(repo, ctx, reply(first, "h3@customer.test", minutes=2, sender="Bobby <bob@example.com>"))
+    found = detail(repo, r1.conversation_id)
+    assert found.follower_parents == (("bob@example.com", "person", 5),)
+    assert found.followers == (("bob@example.com", "Bobby", True),)
+
+
+def test_parent_only_for_the_accounts_it_names(repo: Repository, backend: Backend) -> None:
+    only_sales = ConversationParentSettings.model_validate(
+        {
+            "table": "deal",
+            "accounts": ["sales"],
+            "properties": [{"column": "title", "message_property": "subject"}],
+        }
+    )
+    repo.prepare((), (only_sales,))
+    imp(repo, ctx_for(), message("d1@customer.test"))
+    imp(
+        repo,
+        ctx_for(account="sales", conversation_parents=(only_sales,)),
+        message("d2@customer.test", subject="Big deal"),
+    )
+    assert backend.query(repo, "SELECT title FROM deal") == [("Big deal",)]
+    assert backend.query(
+        repo,
+        "SELECT account, CASE WHEN deal IS NULL THEN 0 ELSE 1 END FROM conversation ORDER BY id",
+    ) == [("support", 0), ("sales", 1)]
+
+
+# -- unread -----------------------------------------------------------------------------------
+
+
+def test_earliest_unread_is_the_oldest_incoming_and_mark_read_clears_it(repo: Repository) -> None:
+    first = message("u1@customer.test", date=at(10))
+    late_older = reply(first, "u0@customer.test", minutes=5)
+    [a] = imp(repo, ctx_for(), first)
+    imp(repo, ctx_for(), late_older)
+    [summary] = repo.conversations()
+    assert summary.earliest_unread == at(5)
+    assert repo.mark_read(a.conversation_id or 0)
+    [summary] = repo.conversations()
+    assert summary.earliest_unread is None
+    ours = reply(first, "u3@acme.test", minutes=15, sender="support@acme.test")
+    imp(repo, ctx_for(), ours)  # our own answer leaves it read
+    assert repo.conversations()[0].earliest_unread is None
+    imp(repo, ctx_for(), reply(first, "u2@customer.test", minutes=20))
+    [summary] = repo.conversations()
+    assert summary.earliest_unread == at(20)
+    assert not repo.mark_read(12345)
 
 
 # -- de-duplication ---------------------------------------------------------------------------
