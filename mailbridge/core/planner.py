@@ -574,8 +574,8 @@ def link_follower_parents(
     its records with one of those addresses (matched case-insensitively) or the id of a current
     link. The record with the lowest id matching the address wins; a link the integrator set
     by hand (to a record with another address) is kept when none matches. A follower without a
-    display name takes the linked record's name (tables in config order). Returns one entry per
-    (table, follower).
+    display name takes the linked record's name (tables in config order). Returns the changes:
+    one entry per (table, follower) whose link or name changes.
     """
     names = {follower_id: name for follower_id, _email, name, _links in followers}
     out: list[FollowerLink] = []
@@ -587,11 +587,14 @@ def link_follower_parents(
             by_id[record.id] = record
         for follower_id, email, _name, links in followers:
             match = by_address.get(_fold_ascii(email))
-            link = match.id if match is not None else links.get(fp.table)
-            if not names[follower_id] and link is not None and fp.name_column is not None:
+            current = links.get(fp.table)
+            link = match.id if match is not None else current
+            name = names[follower_id]
+            if not name and link is not None and fp.name_column is not None:
                 linked = by_id.get(link)
                 names[follower_id] = linked.name if linked is not None else ""
-            out.append(FollowerLink(follower_id, fp.table, link, names[follower_id]))
+            if link != current or names[follower_id] != name:
+                out.append(FollowerLink(follower_id, fp.table, link, names[follower_id]))
     return out
 
 

@@ -332,23 +332,20 @@ def test_follower_parents_match_by_address_keep_hand_links_and_lend_names() -> N
         "coworker": [ParentRecord(5, "dan@x.test", "")],
     }
     links = planner.link_follower_parents([PERSON, COWORKER], followers, records)
+    # Only changes: Bob's hand link holds and he has a name; nobody else matches a coworker.
     assert [(link.follower_id, link.table, link.link, link.name) for link in links] == [
         (1, "person", 8, "Ann First"),
-        (2, "person", 50, "Bob"),
         (3, "person", 60, "Cathy"),
-        (4, "person", None, ""),
-        (1, "coworker", None, "Ann First"),
-        (2, "coworker", None, "Bob"),
-        (3, "coworker", None, "Cathy"),
         (4, "coworker", 5, ""),  # no name column: no name taken
     ]
 
 
 def test_follower_parent_addresses_fold_ascii_case_only() -> None:
-    [link] = planner.link_follower_parents(
-        [PERSON], [(1, "émile@x.test", "", {})], {"person": [ParentRecord(1, "ÉMILE@x.test")]}
-    )
-    assert link.link is None  # as SQLite's NOCASE: only A-Z fold
+    # As SQLite's NOCASE: only A-Z fold, so no link (and nothing to change).
+    records = {"person": [ParentRecord(1, "ÉMILE@x.test"), ParentRecord(2, "ZOË@X.test", "Zoë")]}
+    followers = [(1, "émile@x.test", "", {}), (2, "zoË@x.test", "", {})]
+    [link] = planner.link_follower_parents([PERSON], followers, records)
+    assert (link.follower_id, link.link, link.name) == (2, 2, "Zoë")
 
 
 # -- files ------------------------------------------------------------------------------------
