@@ -341,9 +341,12 @@ def test_follower_parents_match_by_address_keep_hand_links_and_lend_names() -> N
 
 
 def test_follower_parent_addresses_fold_ascii_case_only() -> None:
-    # As SQLite's NOCASE: only A-Z fold, so no link (and nothing to change).
+    # As SQLite's NOCASE: only A-Z fold, so É and é differ (no link, nothing to change).
     records = {"person": [ParentRecord(1, "ÉMILE@x.test"), ParentRecord(2, "ZOË@X.test", "Zoë")]}
-    followers = [(1, "émile@x.test", "", {}), (2, "zoË@x.test", "", {})]
+    followers: list[tuple[int, str, str, dict[str, int | None]]] = [
+        (1, "émile@x.test", "", {}),
+        (2, "zoË@x.test", "", {}),
+    ]
     [link] = planner.link_follower_parents([PERSON], followers, records)
     assert (link.follower_id, link.link, link.name) == (2, 2, "Zoë")
 
