@@ -56,6 +56,12 @@ The rules (README "The database schema" gives the integrator's view):
 
 Dates are compared as ISO-8601 UTC text of one shape (:func:`timestamp_text`), so text order is
 time order; the store keeps them so.
+
+Adding a rule: a policy that keeps a message out of conversations (automatic mail discarded, or
+admitted only into an existing conversation) is one more branch of :func:`route` returning a
+:class:`Routing` with its reason; a new column of the message row is a field of
+:class:`MessageValues` set by :func:`message_values`; an outgoing message's followers are
+:func:`participants` of the message as sent, planned by :func:`plan_followers` like any other.
 """
 
 from __future__ import annotations
