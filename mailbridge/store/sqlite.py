@@ -36,6 +36,7 @@ from typing import TYPE_CHECKING, Any, Final, TypeVar
 
 from sqlite_utils import Database
 
+from mailbridge.core.planner import timestamp_text
 from mailbridge.errors import ConfigError, StoreError
 from mailbridge.store.base import (
     RESOLVED_REMOVED,
@@ -53,6 +54,7 @@ from mailbridge.store.base import (
 )
 from mailbridge.store.importer import import_items
 from mailbridge.store.importsql import SqlImport
+from mailbridge.store.importsql import q as _q
 from mailbridge.store.schema import MIGRATIONS, SCHEMA_VERSION
 
 if TYPE_CHECKING:
@@ -80,9 +82,6 @@ _MESSAGE_LEVEL_ERRORS: Final = (
     sqlite3.ProgrammingError,
 )
 
-# SQLite allows 32766 host parameters since 3.32; stay far below for older system libraries.
-_CHUNK: Final = 500
-_MAX_REASON: Final = 1000
 
 
 def error_code(exc: BaseException) -> str:
@@ -111,13 +110,7 @@ def _is_batch_error(exc: BaseException) -> bool:
     return isinstance(exc, OSError | StoreError)
 
 
-def iso(value: datetime) -> str:
-    """``value`` as ISO-8601 UTC text in the one shape the schema uses (naive means UTC)."""
-    if value.tzinfo is None:
-        value = value.replace(tzinfo=UTC)
-    # isoformat, not strftime: strftime does not zero-pad years before 1000 on glibc, and text
-    # order must stay time order.
-    return value.astimezone(UTC).replace(microsecond=0, tzinfo=None).isoformat() + "Z"
+iso = timestamp_text  # ``value`` as ISO-8601 UTC text in the one shape the schema uses
 
 
 def parse_time(value: object) -> datetime | None:
@@ -134,21 +127,6 @@ def parse_time(value: object) -> datetime | None:
 
 def _now() -> str:
     return iso(datetime.now(UTC))
-
-
-def _chunks(values: Sequence[T], size: int = _CHUNK) -> Iterator[Sequence[T]]:
-    for start in range(0, len(values), size):
-        yield values[start : start + size]
-
-
-def _marks(count: int) -> str:
-    return ", ".join("?" * count)
-
-
-def _q(identifier: str) -> str:
-    """An identifier quoted for SQL. Config admits only ``[a-z_][a-z0-9_]*`` non-keywords, so
-    the quotes are belt and braces, never an escape."""
-    return '"' + identifier.replace('"', '""') + '"'
 
 
 def _columns(conn: sqlite3.Connection, table: str) -> set[str]:

@@ -26,25 +26,9 @@ from mailbridge.errors import ConfigError
 from mailbridge.store.base import ImportContext, ImportItem, ImportResult
 from mailbridge.store.schema import MIGRATIONS
 from mailbridge.store.sqlite import SqliteRepository
-from tests.unit.factories import message
+from tests.unit.factories import PERSON, TICKET, message
 
 OWN = frozenset({"support@acme.test", "help@acme.test"})
-PERSON = FollowerParentSettings(table="person", address_column="email", name_column="name")
-TICKET = ConversationParentSettings.model_validate(
-    {
-        "table": "ticket",
-        "properties": [
-            {"column": "subject", "message_property": "subject"},
-            {"column": "description", "message_property": "plain_text"},
-            {"column": "person", "message_property": "from_address", "search_path": "person.email"},
-            {"column": "company", "search_path": "person.company"},
-            {"column": "source", "default": "email"},
-            {"column": "sender", "message_property": "from_name", "default": "unknown"},
-            {"column": "received", "message_property": "date"},
-            {"column": "mailbox", "message_property": "account"},
-        ],
-    }
-)
 
 
 @pytest.fixture

@@ -13,7 +13,7 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from mailbridge.config import ConversationParentSettings, FollowerParentSettings
+from mailbridge.config import FollowerParentSettings
 from mailbridge.core import planner
 from mailbridge.core.messagekey import ParentCandidate, StoredIdentity
 from mailbridge.core.planner import (
@@ -26,7 +26,7 @@ from mailbridge.core.planner import (
     Route,
     Routing,
 )
-from tests.unit.factories import at, inline_image, message, reply
+from tests.unit.factories import PERSON, TICKET, at, inline_image, message, reply
 
 OWN = frozenset({"support@acme.test", "help@acme.test"})
 CTX = ImportContext("support", own_addresses=OWN)
@@ -311,8 +311,7 @@ def test_followers_end_the_same_whatever_the_arrival_order(order: list[int]) -> 
 
 # -- follower parents -------------------------------------------------------------------------
 
-PERSON = FollowerParentSettings(table="person")
-COWORKER = FollowerParentSettings(table="coworker", name_column=None)
+COWORKER = FollowerParentSettings(table="coworker", name_column=None)  # no name column
 
 
 def test_follower_parents_match_by_address_keep_hand_links_and_lend_names() -> None:
@@ -371,22 +370,6 @@ def test_inline_images_are_linked_by_content_id_and_html_rewritten() -> None:
 
 # -- conversation parents ---------------------------------------------------------------------
 
-TICKET = ConversationParentSettings.model_validate(
-    {
-        "table": "ticket",
-        "properties": [
-            {"column": "subject", "message_property": "subject"},
-            {"column": "person", "message_property": "from_address", "search_path": "person.email"},
-            {"column": "company", "search_path": "person.company"},
-            {"column": "source", "default": "email"},
-            {"column": "sender", "message_property": "from_name", "default": "unknown"},
-            {"column": "received", "message_property": "date"},
-            {"column": "mailbox", "message_property": "account"},
-            {"column": "recipients", "message_property": "to_addresses"},
-        ],
-    }
-)
-
 
 def test_parent_lookups_and_values() -> None:
     context = ctx(follower_parents=(PERSON,), conversation_parents=(TICKET,))
@@ -394,6 +377,7 @@ def test_parent_lookups_and_values() -> None:
     html = planner.message_html(m)
     lookups = planner.pending_lookups((TICKET,), m, context, html, D0)
     assert lookups == [
+        None,
         None,
         PropertyLookup("person", "email", "ann@x.test", "id"),
         PropertyLookup("person", "email", "ann@x.test", "company"),
@@ -403,21 +387,31 @@ def test_parent_lookups_and_values() -> None:
         None,
         None,
     ]
-    found = [None, 7, 42, None, None, None, None, None]
+    found = [None, None, 7, 42, None, None, None, None, None]
     [(table, columns, values)] = planner.parent_records((TICKET,), m, context, html, D0, found)
     assert table == "ticket"
-    assert columns[:4] == ("subject", "person", "company", "source")
-    assert values == ("Fire", 7, 42, "email", "unknown", D0, "support", "a@b.test, c@d.test")
+    assert columns[:5] == ("subject", "description", "person", "company", "source")
+    assert values == (
+        "Fire",
+        "Hello there",
+        7,
+        42,
+        "email",
+        "unknown",
+        D0,
+        "support",
+        "a@b.test, c@d.test",
+    )
 
 
 def test_parent_lookups_need_a_value_and_a_follower_parent() -> None:
     nobody = message("t@x.test", sender=None)
     context = ctx(conversation_parents=(TICKET,))  # no follower parent 'person'
     html = planner.message_html(nobody)
-    assert planner.pending_lookups((TICKET,), nobody, context, html, D0) == [None] * 8
-    [(_t, _c, values)] = planner.parent_records((TICKET,), nobody, context, html, D0, [None] * 8)
+    assert planner.pending_lookups((TICKET,), nobody, context, html, D0) == [None] * 9
+    [(_t, _c, values)] = planner.parent_records((TICKET,), nobody, context, html, D0, [None] * 9)
     # No sender: no person, no company; from_name '' takes the default.
-    assert values[1:5] == (None, None, "email", "unknown")
+    assert values[2:6] == (None, None, "email", "unknown")
 
 
 def test_a_reply_plan_routes_into_the_parents_conversation() -> None:

@@ -27,7 +27,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from mailbridge.config import ConversationParentSettings, FollowerParentSettings, Identification
+from mailbridge.config import ConversationParentSettings, Identification
 from mailbridge.core import planner
 from mailbridge.core.html import rewrite_inline_images
 from mailbridge.core.identify import plus_address, tag_subject
@@ -48,7 +48,16 @@ from mailbridge.store.base import (
 )
 from mailbridge.store.schema import MIGRATIONS, SCHEMA_VERSION, TABLES
 from mailbridge.store.sqlite import AsyncRepository, SqliteRepository
-from tests.unit.factories import at, attachment, inline_image, message, reply
+from tests.unit.factories import (
+    COWORKER,
+    PERSON,
+    TICKET,
+    at,
+    attachment,
+    inline_image,
+    message,
+    reply,
+)
 
 ACCOUNT = "support"
 # Mixed case on purpose: the account's identity must not depend on how the config spells it.
@@ -451,24 +460,6 @@ def test_a_reply_after_its_parent_in_one_batch_sees_the_parents_writes(repo: Rep
 
 
 # -- conversation parents and follower parents ------------------------------------------------
-
-PERSON = FollowerParentSettings(table="person", address_column="email", name_column="name")
-COWORKER = FollowerParentSettings(table="coworker", address_column="email", name_column="name")
-TICKET = ConversationParentSettings.model_validate(
-    {
-        "table": "ticket",
-        "properties": [
-            {"column": "subject", "message_property": "subject"},
-            {"column": "description", "message_property": "plain_text"},
-            {"column": "person", "message_property": "from_address", "search_path": "person.email"},
-            {"column": "company", "search_path": "person.company"},
-            {"column": "source", "default": "email"},
-            {"column": "sender", "message_property": "from_name", "default": "unknown"},
-            {"column": "received", "message_property": "date"},
-            {"column": "mailbox", "message_property": "account"},
-        ],
-    }
-)
 
 
 def _text(row: tuple[Any, ...]) -> tuple[str | None, ...]:
