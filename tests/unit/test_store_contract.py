@@ -919,7 +919,7 @@ def test_sqlite_migration_5_keeps_message_followers(sqlite_path: Path) -> None:
 
 
 def test_attachments_and_inline_images_are_stored_and_cid_rewritten(
-    repo: Repository, tmp_path: Path
+    repo: Repository, backend: Backend
 ) -> None:
     pdf = attachment("report.pdf", b"%PDF-1.4 \x00\x01\x02 bytes")
     logo = inline_image("logo@acme.test", b"\x89PNG logo")
@@ -937,13 +937,11 @@ def test_attachments_and_inline_images_are_stored_and_cid_rewritten(
     assert "embeddedfile:" in stored.html
     assert "cid:unknown@x" in stored.html  # an image we do not have stays as it was
 
-    if isinstance(repo, SqliteRepository):
-        path = tmp_path / "data" / "mailbridge.db"
-        [(doc,)] = raw(path, "SELECT document FROM document")
-        assert doc == pdf.data
-        [(fid, blob)] = raw(path, "SELECT id, document FROM embeddedfile")
-        assert blob == logo.data
-        assert f'src="embeddedfile:{fid}"' in stored.html
+    [(doc,)] = backend.query(repo, "SELECT document FROM document")
+    assert bytes(doc) == pdf.data
+    [(fid, blob)] = backend.query(repo, "SELECT id, document FROM embeddedfile")
+    assert bytes(blob) == logo.data
+    assert f'src="embeddedfile:{fid}"' in stored.html
 
 
 # -- followers --------------------------------------------------------------------------------
