@@ -83,7 +83,6 @@ _MESSAGE_LEVEL_ERRORS: Final = (
 )
 
 
-
 def error_code(exc: BaseException) -> str:
     """The catalogue code for a sqlite3 or OS error: database_locked, disk_full, database_error."""
     if isinstance(exc, OSError) and exc.errno == errno.ENOSPC:
