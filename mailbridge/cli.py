@@ -1,4 +1,5 @@
-"""The ``mailbridge`` command line: run, check-config, status, conversations, failed, sync, doctor.
+"""The ``mailbridge`` command line: run, check-config, status, conversations, failed, sync, doctor,
+errors, inspect.
 
 Exit codes follow sysexits.h so systemd units and scripts can act on them: 0 fine, 1 ``doctor``
 found a failing line, 64 usage, 69 a mail server unavailable (``run --once``, ``sync``,
@@ -29,10 +30,11 @@ from mailbridge.config import (
     load_config,
     world_readable,
 )
+from mailbridge.core.policy import AutomaticPolicy
 from mailbridge.errors import ConfigError, StoreError, describe
 from mailbridge.log import configure_logging
-from mailbridge.store.base import AccountState
-from mailbridge.store.sqlite import SqliteRepository
+from mailbridge.store.base import AccountState, Repository
+from mailbridge.store.factory import open_store
 from mailbridge.term import console, mail_text
 
 EX_USAGE = 64
@@ -101,11 +103,37 @@ def _parser() -> argparse.ArgumentParser:
         "doctor", help="check config, secret, network, TLS, login, capabilities, folders, SMTP"
     )
     doctor.add_argument("account", nargs="?")
+
+    errors = sub.add_parser(
+        "errors",
+        help="delivery errors (bounces, spam complaints) per recipient; resolve one",
+        description="errors [--unresolved] [--conversation ID] lists them, newest first; "
+        "errors resolve ID marks one resolved.",
+    )
+    errors.add_argument("--unresolved", action="store_true", help="only unresolved errors")
+    errors.add_argument("--conversation", type=int, help="only this conversation's errors")
+    errors.add_argument("--json", action="store_true", help="machine-readable output")
+    errors_sub = errors.add_subparsers(dest="errors_command", metavar="ACTION")
+    resolve = errors_sub.add_parser("resolve", help="mark a delivery error resolved")
+    resolve.add_argument("id", type=int)
+
+    inspect = sub.add_parser(
+        "inspect",
+        help="what mailbridge makes of one message (addresses, threading keys, automatic "
+        "verdict, bounce) without importing it; needs no config unless --account is given",
+    )
+    inspect.add_argument("file", type=Path, help="an RFC 5322 message (.eml); - for stdin")
+    inspect.add_argument("--json", action="store_true", help="machine-readable output")
+    inspect.add_argument(
+        "--account", help="read plus-address keys against this configured account's addresses"
+    )
     return parser
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = _parser().parse_args(argv)
+    if args.command == "inspect" and args.account is None:
+        return _inspect(args.file, as_json=args.json, own=frozenset(), policy=None)
     try:
         settings = load_config(args.config)
     except ConfigError as exc:
@@ -153,6 +181,20 @@ def _dispatch(args: argparse.Namespace, settings: Settings) -> int:
         return _conversation_read(settings, args.id)
     if command == "conversation":
         return _conversation_show(settings, args.id)
+    if command == "errors":
+        if args.errors_command == "resolve":
+            return _errors_resolve(settings, args.id)
+        return _errors(
+            settings, unresolved=args.unresolved, conversation=args.conversation, as_json=args.json
+        )
+    if command == "inspect":
+        account = settings.account(args.account)
+        return _inspect(
+            args.file,
+            as_json=args.json,
+            own=account.own_addresses(),
+            policy=settings.automatic_policy(account),
+        )
     if command in {"failed", "sync", "doctor"}:
         from mailbridge import cli_ops  # the operator's tools pull in the IMAP/SMTP layers
 
@@ -191,7 +233,7 @@ def _run(
                 s = result.summary
                 out.print(
                     f"{result.account}: imported {s.imported}, duplicates {s.duplicates}, "
-                    f"failed {s.failed}"
+                    f"discarded {s.discarded}, bounces {s.bounces}, failed {s.failed}"
                 )
         return once_exit_code(results)
     only = frozenset(accounts) if accounts else None
@@ -225,6 +267,17 @@ def _check_config(settings: Settings) -> int:
                     "the connection can be intercepted; prefer ca_file",
                     file=sys.stderr,
                 )
+    try:
+        settings.database_password()
+    except ConfigError as exc:
+        problems.append(str(exc))
+    if settings.postgres is not None and not settings.postgres.tls_verified:
+        print(
+            f"warning: database: sslmode={settings.postgres.connection_parameters()['sslmode']} "
+            "does not verify the server's certificate: the connection can be intercepted; "
+            "prefer sslmode=verify-full (with sslrootcert for a private CA)",
+            file=sys.stderr,
+        )
     inline = [a.name for a in settings.accounts if a.auth.password is not None]
     if inline and settings.source is not None and world_readable(settings.source):
         print(
@@ -244,18 +297,9 @@ def _check_config(settings: Settings) -> int:
     return 0
 
 
-def _open_store(settings: Settings) -> SqliteRepository | None:
-    if not settings.database.exists():
-        return None
-    repo = SqliteRepository(settings.database)
-    try:
-        repo.migrate()
-        # Also what lets `conversation show` name the parent tables it links to.
-        repo.prepare(settings.follower_parents, settings.conversation_parents)
-    except BaseException:
-        repo.close()
-        raise
-    return repo
+def _open_store(settings: Settings) -> Repository | None:
+    # No write transaction beside the daemon unless the command writes (store.factory).
+    return open_store(settings)
 
 
 def _iso(value: datetime | None) -> str:
@@ -275,9 +319,11 @@ def _ago(value: datetime | None) -> str:
 def _status(settings: Settings, *, as_json: bool) -> int:
     repo = _open_store(settings)
     stored: dict[str, AccountState] = {}
+    holders: dict[str, str] = {}  # several daemons (PostgreSQL): who serves each account
     if repo is not None:
         try:
             stored = {s.account: s for s in repo.account_states()}
+            holders = repo.lease_holders()
         finally:
             repo.close()
     rows: list[dict[str, Any]] = []
@@ -300,13 +346,17 @@ def _status(settings: Settings, *, as_json: bool) -> int:
                 "last_sweep": _iso(state.last_sweep) if state and state.last_sweep else None,
                 "sweep": state.sweep_summary if state else "",
                 "updated": _iso(state.updated) if state else None,
+                "holder": holders.get(account.name),
             }
         )
     if as_json:
         print(json.dumps({"database": str(settings.database), "accounts": rows}, indent=2))
         return 0
     table = Table(title=f"mailbridge status — {settings.database}")
-    for column in ("account", "state", "last import", "imported", "failed", "problem"):
+    columns = ["account", "state", "last import", "imported", "failed", "problem"]
+    if holders:
+        columns.insert(2, "holder")
+    for column in columns:
         table.add_column(column, justify="right" if column in {"imported", "failed"} else "left")
     for row, account in zip(rows, settings.accounts, strict=True):
         state = stored.get(account.name)
@@ -314,6 +364,7 @@ def _status(settings: Settings, *, as_json: bool) -> int:
         table.add_row(
             row["account"],
             row["state"],
+            *([row["holder"] or "-"] if holders else []),
             _ago(state.last_import) if state else "never",
             str(row["imported"]),
             str(row["failed"]),
@@ -416,4 +467,156 @@ def _conversation_read(settings: Settings, conversation_id: int) -> int:
         print(f"mailbridge: no conversation {conversation_id}", file=sys.stderr)
         return 1
     print(f"conversation {conversation_id} marked read")
+    return 0
+
+
+EX_DATAERR = 65
+EX_NOINPUT = 66
+
+
+def _inspect(
+    path: Path, *, as_json: bool, own: frozenset[str], policy: AutomaticPolicy | None
+) -> int:
+    """``mailbridge inspect FILE``: exit 0, 65 (not a message), 66 (cannot read FILE)."""
+    from mailbridge.core.inspect import inspect_message
+    from mailbridge.errors import MessageError
+
+    try:
+        raw = sys.stdin.buffer.read() if str(path) == "-" else path.read_bytes()
+    except OSError as exc:
+        print(f"mailbridge: cannot read {path}: {exc.strerror or exc}", file=sys.stderr)
+        return EX_NOINPUT
+    try:
+        _, report = inspect_message(raw, own, policy)
+    except MessageError as exc:
+        print(f"mailbridge: {path} is not a message mailbridge can read: {exc}", file=sys.stderr)
+        return EX_DATAERR
+    if as_json:
+        print(json.dumps(report, indent=2, ensure_ascii=False))
+        return 0
+    out = console()
+
+    def who(value: dict[str, str] | None) -> str:
+        if not value:
+            return "(none)"
+        return f"{value['name']} <{value['address']}>" if value["name"] else value["address"]
+
+    threading = report["threading"]
+    lines = [
+        f"Message-ID:   {report['message_id'] or '(none)'}",
+        f"Key:          {report['message_key']}",
+        f"Date:         {report['date']}",
+        f"Subject:      {report['subject']}",
+        f"From:         {who(report['from'])}",
+        f"Reply-To:     {', '.join(who(a) for a in report['reply_to']) or '(none)'}",
+        f"To:           {', '.join(who(a) for a in report['to']) or '(none)'}",
+        f"Cc:           {', '.join(who(a) for a in report['cc']) or '(none)'}",
+        f"Threading:    candidates {', '.join(threading['candidates']) or '(none)'}; "
+        f"subject key {threading['subject_key'] or '(none)'}; "
+        f"plus keys {', '.join(threading['plus_keys']) or '(none)'}",
+        "Automatic:    "
+        + (f"yes ({report['automatic_reason']})" if report["automatic"] else "no (a person)"),
+    ]
+    for case, label in (("new", "If new:      "), ("reply", "If a reply:  ")):
+        outcome = report["disposition"][case]
+        reason = f" ({outcome['reason']})" if outcome["reason"] else ""
+        lines.append(f"{label} {outcome['action']}{reason}")
+    bounce = report["bounce"]
+    if bounce is None:
+        lines.append("Bounce:       no")
+    else:
+        lines.append(
+            f"Bounce:       {bounce['kind']}, original message "
+            f"{bounce['original_message_id'] or '(not found)'}"
+        )
+        for r in bounce["recipients"]:
+            kind = "permanent" if r["permanent"] else "temporary"
+            lines.append(f"  {r['address']}: {kind} {r['status'] or ''} {r['diagnostic'] or ''}")
+        if not bounce["recipients"]:
+            lines.append("  (no failed recipient could be read)")
+    if report["feedback_report"]:
+        fb = report["feedback_report"]
+        lines.append(f"Feedback:     {fb['feedback_type']} from {', '.join(fb['recipients'])}")
+    if report["challenge"]:
+        lines.append(f"Challenge:    {report['challenge']}")
+    for attachment in report["attachments"]:
+        lines.append(
+            f"Attachment:   {attachment['filename']} ({attachment['content_type']}, "
+            f"{attachment['size']} bytes)"
+        )
+    for defect in report["defects"]:
+        lines.append(f"Defect:       {defect}")
+    out.print(mail_text("\n".join(lines)))
+    return 0
+
+
+def _errors(
+    settings: Settings, *, unresolved: bool, conversation: int | None, as_json: bool
+) -> int:
+    """``mailbridge errors``: one row per failed recipient of a bounce or complaint."""
+    repo = _open_store(settings)
+    found = []
+    if repo is not None:
+        try:
+            found = repo.delivery_errors(unresolved=unresolved, conversation=conversation)
+        finally:
+            repo.close()
+    if as_json:
+        rows = [
+            {
+                "id": e.id,
+                "account": e.account,
+                "conversation": e.conversation,
+                "conversationmessage": e.conversation_message,
+                "messagefollower": e.message_follower,
+                "recipient": e.recipient,
+                "type": e.type,
+                "status": e.status,
+                "diagnostic": e.diagnostic,
+                "original_message_id": e.original_message_id,
+                "matched_by": e.matched_by,
+                "report_kind": e.report_kind,
+                "report_message_id": e.report_message_id,
+                "report_subject": e.report_subject,
+                "report_from": e.report_from,
+                "date": _iso(e.date) or None,
+                "resolved": _iso(e.resolved) or None,
+            }
+            for e in found
+        ]
+        print(json.dumps({"errors": rows}, indent=2, ensure_ascii=False))
+        return 0
+    table = Table(title=f"{len(found)} delivery error(s)")
+    for column in ("id", "date", "account", "recipient", "type", "status", "conversation",
+                   "diagnostic", "resolved"):  # fmt: skip
+        table.add_column(column)
+    for e in found:
+        where = str(e.conversation) if e.conversation is not None else "(unmatched)"
+        table.add_row(
+            str(e.id),
+            _iso(e.date),
+            e.account,
+            mail_text(e.recipient or "(not given)"),
+            e.type,
+            e.status or "",
+            where,
+            mail_text(e.diagnostic[:120] or e.report_subject),
+            _iso(e.resolved) if e.resolved else "",
+        )
+    console().print(table)
+    return 0
+
+
+def _errors_resolve(settings: Settings, error_id: int) -> int:
+    repo = _open_store(settings)
+    done = False
+    if repo is not None:
+        try:
+            done = repo.resolve_delivery_error(error_id)
+        finally:
+            repo.close()
+    if not done:
+        print(f"mailbridge: no unresolved delivery error {error_id}", file=sys.stderr)
+        return 1
+    print(f"delivery error {error_id} resolved")
     return 0

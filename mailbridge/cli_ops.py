@@ -31,7 +31,7 @@ from mailbridge.daemon.doctor import Check, check_database, diagnose, failing
 from mailbridge.daemon.sweep import SweepSummary, fetch_failed, retry_failed, sweep_and_record
 from mailbridge.errors import MailbridgeError, MessageError, ServerError, describe
 from mailbridge.store.base import FailureRecord
-from mailbridge.store.sqlite import SqliteRepository, open_repository
+from mailbridge.store.factory import open_repository, open_store
 from mailbridge.term import console, mail_text
 
 EX_USAGE = 64
@@ -196,11 +196,10 @@ def failed(settings: Settings, words: Sequence[str], *, every: bool, account: st
 def _records(
     settings: Settings, account: str | None, *, include_resolved: bool
 ) -> list[FailureRecord]:
-    if not settings.database.exists():
+    repo = open_store(settings)
+    if repo is None:
         return []
-    repo = SqliteRepository(settings.database)
     try:
-        repo.migrate()
         return repo.failures(account, include_resolved=include_resolved)
     finally:
         repo.close()

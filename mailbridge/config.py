@@ -11,16 +11,19 @@ at the next connection attempt.
 
 from __future__ import annotations
 
+import ipaddress
 import os
 import re
 import stat
 from pathlib import Path
 from typing import Annotated, Any, Literal
+from urllib.parse import parse_qsl, quote, unquote, urlencode, urlsplit
 
 import yaml
 from pydantic import (
     AfterValidator,
     BaseModel,
+    BeforeValidator,
     ConfigDict,
     Field,
     SecretStr,
@@ -30,6 +33,7 @@ from pydantic import (
     model_validator,
 )
 
+from mailbridge.core.policy import AutomaticEmails, AutomaticPolicy, BotLists
 from mailbridge.errors import ConfigError
 from mailbridge.log import register_secret
 from mailbridge.store.schema import CONVERSATION_COLUMNS, FOLLOWER_COLUMNS, TABLES
@@ -140,28 +144,38 @@ class AuthSettings(_Model):
     def _read_secret(self) -> str:
         if self.password is not None:
             return self.password.get_secret_value()
-        if self.password_env is not None:
-            value = os.environ.get(self.password_env)
-            if not value:
-                raise ConfigError(
-                    f"environment variable {self.password_env} is not set",
-                    path="auth.password_env",
-                    code="secret_missing",
-                )
-            return value
-        if self.password_file is not None:
-            return _read_secret_file(self.password_file, "auth.password_file")
-        credentials = os.environ.get("CREDENTIALS_DIRECTORY")
-        if not credentials:
-            raise ConfigError(
-                "password_credential needs $CREDENTIALS_DIRECTORY (set by systemd LoadCredential=)",
-                path="auth.password_credential",
-                code="secret_missing",
-            )
-        assert self.password_credential is not None  # guaranteed by _one_secret
-        return _read_secret_file(
-            Path(credentials) / self.password_credential, "auth.password_credential"
+        return read_secret(
+            file=self.password_file,
+            env=self.password_env,
+            credential=self.password_credential,
+            key="auth.password",
         )
+
+
+def read_secret(*, file: Path | None, env: str | None, credential: str | None, key: str) -> str:
+    """A secret from the one source given: a file, an environment variable or a systemd
+    credential (``LoadCredential=``, under ``$CREDENTIALS_DIRECTORY``). Raises
+    ConfigError(code=secret_missing) whose path is ``key`` + ``_file``/``_env``/``_credential``.
+    """
+    if env is not None:
+        value = os.environ.get(env)
+        if not value:
+            raise ConfigError(
+                f"environment variable {env} is not set", path=f"{key}_env", code="secret_missing"
+            )
+        return value
+    if file is not None:
+        return _read_secret_file(file, f"{key}_file")
+    credentials = os.environ.get("CREDENTIALS_DIRECTORY")
+    name = key.rpartition(".")[2]
+    if not credentials:
+        raise ConfigError(
+            f"{name}_credential needs $CREDENTIALS_DIRECTORY (set by systemd LoadCredential=)",
+            path=f"{key}_credential",
+            code="secret_missing",
+        )
+    assert credential is not None  # the caller gives exactly one source
+    return _read_secret_file(Path(credentials) / credential, f"{key}_credential")
 
 
 def _read_secret_file(path: Path, key: str) -> str:
@@ -198,6 +212,36 @@ class FolderSettings(_Model):
         return self
 
 
+def _bot_pattern(value: str) -> str:
+    """An address (``alerts@monitor.example``), a domain (``monitor.example``, ``@monitor.example``,
+    ``*.monitor.example`` for its subdomains too) or an address with ``*`` wildcards
+    (``noreply*@*.example``). Stored lower-case."""
+    text = value.strip().lower()
+    body = text.lstrip("@")
+    if not body or any(c.isspace() for c in text) or body.count("@") > 1 or ".." in body:
+        raise ValueError(
+            f"{value!r} is not an address or domain pattern (e.g. alerts@monitor.example, "
+            "monitor.example, *.monitor.example, noreply*@*)"
+        )
+    local, at, domain = body.rpartition("@")
+    if at and not local:
+        raise ValueError(f"{value!r}: the part before @ is empty")
+    if domain != "*" and not re.fullmatch(r"(\*\.)?[a-z0-9*](?:[a-z0-9*.-]*[a-z0-9*])?", domain):
+        raise ValueError(f"{value!r}: {domain!r} is not a domain")
+    return text
+
+
+BotPattern = Annotated[str, AfterValidator(_bot_pattern)]
+
+
+class BotSettings(_Model):
+    """Senders whose mail the automatic-mail policy does not decide (``bots.allow``: always
+    imported, may start a conversation; ``bots.deny``: never imported)."""
+
+    allow: tuple[BotPattern, ...] = ()
+    deny: tuple[BotPattern, ...] = ()
+
+
 class AccountSettings(_Model):
     name: AccountName
     address: EmailAddress
@@ -211,6 +255,9 @@ class AccountSettings(_Model):
     # RFC 2177 section 3: a server may drop an IDLE after 30 minutes; re-issue well before.
     idle_timeout_seconds: Annotated[float, Field(ge=1, le=29 * 60)] = 25 * 60.0
     enabled: bool = True
+    # Per-account overrides of the global keys of the same names (None: the global value).
+    automatic_emails: AutomaticEmails | None = None
+    bots: BotSettings | None = None
 
     def own_addresses(self) -> frozenset[str]:
         """The account's address and its aliases: one identity."""
@@ -252,6 +299,21 @@ class RecoverySettings(_Model):
     max_failed_age_days: Annotated[float, Field(gt=0, le=3650)] = 1.0
     # Unseen Inbox mail younger than this belongs to the live loop; fractions are allowed.
     grace_period_minutes: Annotated[float, Field(ge=0, le=1440)] = 2.0
+
+
+class ClusterSettings(_Model):
+    """Several daemons sharing one PostgreSQL database (unused with SQLite: one daemon)."""
+
+    # How long an account's lease lasts without renewal: a daemon that dies has its accounts
+    # taken over by the others within this time. Renewed every third of it.
+    lease_seconds: Annotated[float, Field(ge=5, le=3600)] = 30.0
+
+
+_DATABASE_SECRETS = (
+    "database_password_file",
+    "database_password_env",
+    "database_password_credential",
+)
 
 
 # SQLite's keywords (https://sqlite.org/lang_keywords.html). A table or column named after one
@@ -373,12 +435,133 @@ class ConversationParentSettings(_Model):
         return self.accounts is None or account in self.accounts
 
 
+# libpq connection parameters an operator may add to the URL's query (TLS, time-outs).
+_URL_PARAMETERS = frozenset(
+    {"sslmode", "sslrootcert", "sslcert", "sslkey", "sslcrl", "connect_timeout", "application_name"}
+)
+_SSLMODES = ("disable", "allow", "prefer", "require", "verify-ca", "verify-full")
+
+
+class PostgresUrl(_Model):
+    """``database: postgresql://user@host:port/dbname`` (a PostgreSQL database for a fleet).
+
+    The password never sits in the URL (it would show in ``status`` and in logs): it comes from
+    ``database_password_file``, ``_env`` or ``_credential``. TLS is verified by default
+    (``sslmode=verify-full`` against the system's CAs) unless the host is the loopback
+    interface or a Unix socket directory; ``?sslmode=...`` overrides it.
+    """
+
+    user: str
+    host: str
+    port: Port = 5432
+    dbname: str
+    parameters: tuple[tuple[str, str], ...] = ()
+
+    @classmethod
+    def parse(cls, text: str) -> PostgresUrl:
+        """Raises ValueError saying what is wrong with ``text``."""
+        parts = urlsplit(text)
+        if parts.password is not None:
+            raise ValueError(
+                "do not put the password in the URL; give it with database_password_file, "
+                "database_password_env or database_password_credential"
+            )
+        try:
+            port = parts.port
+        except ValueError as exc:
+            raise ValueError(f"the port in {text!r} is not a number from 1 to 65535") from exc
+        host = unquote(parts.hostname or "")
+        # hostname is lower-cased by urlsplit; a socket directory keeps its case.
+        if parts.netloc.rpartition("@")[2].startswith("%2F"):
+            host = unquote(parts.netloc.rpartition("@")[2].partition(":")[0])
+        user = unquote(parts.username or "")
+        dbname = unquote(parts.path.lstrip("/"))
+        missing = [
+            n for n, v in (("user", user), ("host", host), ("database name", dbname)) if not v
+        ]
+        if missing:
+            raise ValueError(
+                f"{text!r} lacks the {' and '.join(missing)}: "
+                "write postgresql://USER@HOST:PORT/DBNAME"
+            )
+        parameters = tuple(parse_qsl(parts.query, keep_blank_values=True))
+        for name, value in parameters:
+            if name not in _URL_PARAMETERS:
+                allowed = ", ".join(sorted(_URL_PARAMETERS))
+                raise ValueError(f"unknown URL parameter {name!r} (allowed: {allowed})")
+            if name == "sslmode" and value not in _SSLMODES:
+                raise ValueError(f"sslmode must be one of {', '.join(_SSLMODES)}, got {value!r}")
+        return cls(user=user, host=host, port=port or 5432, dbname=dbname, parameters=parameters)
+
+    @property
+    def local(self) -> bool:
+        """The loopback interface or a Unix socket directory: no network to protect."""
+        if self.host.startswith("/") or self.host == "localhost":
+            return True
+        try:
+            return ipaddress.ip_address(self.host).is_loopback
+        except ValueError:
+            return False
+
+    def connection_parameters(self) -> dict[str, str]:
+        """libpq keyword parameters (no password), with the TLS default filled in."""
+        given = dict(self.parameters)
+        if "sslmode" not in given and not self.local:
+            given["sslmode"] = "verify-full"
+            given.setdefault("sslrootcert", "system")
+        return {
+            "host": self.host,
+            "port": str(self.port),
+            "user": self.user,
+            "dbname": self.dbname,
+            **given,
+        }
+
+    @property
+    def tls_verified(self) -> bool:
+        return self.local or self.connection_parameters()["sslmode"] in ("verify-ca", "verify-full")
+
+    def __str__(self) -> str:
+        host = quote(self.host, safe="") if self.host.startswith("/") else self.host
+        if ":" in host:  # an IPv6 address
+            host = f"[{host}]"
+        query = f"?{urlencode(self.parameters)}" if self.parameters else ""
+        return f"postgresql://{quote(self.user, safe='')}@{host}:{self.port}/{self.dbname}{query}"
+
+
+def _database(value: object) -> object:
+    """A ``postgresql://`` URL becomes a PostgresUrl; anything else is a SQLite file path."""
+    if isinstance(value, str) and re.match(r"^postgres(ql)?://", value.strip()):
+        return PostgresUrl.parse(value.strip())
+    if isinstance(value, str) and re.match(r"^[a-z][a-z0-9+.-]*://", value.strip()):
+        raise ValueError(
+            f"{value!r}: only postgresql:// URLs are supported (or a SQLite file path)"
+        )
+    return value
+
+
+Database = Annotated[PostgresUrl | Path, BeforeValidator(_database)]
+
+
 class Settings(_Model):
-    database: Path = Path("/var/lib/mailbridge/mailbridge.db")
+    # A SQLite file path (the default), or a postgresql:// URL (several daemons, one database).
+    database: Database = Path("/var/lib/mailbridge/mailbridge.db")
+    # The PostgreSQL password, from one of these (none: libpq's own ways, e.g. peer or .pgpass).
+    database_password_file: Path | None = None
+    database_password_env: Annotated[str, StringConstraints(strip_whitespace=True)] | None = None
+    # a systemd credential name (LoadCredential=)
+    database_password_credential: (
+        Annotated[str, StringConstraints(strip_whitespace=True)] | None
+    ) = None
+    cluster: ClusterSettings = ClusterSettings()
     limits: LimitSettings = LimitSettings()
     log: LogSettings = LogSettings()
     recovery: RecoverySettings = RecoverySettings()
     identification: Identification = "message_id"
+    # What becomes of automatic mail (out-of-office, notifications, lists): the reference's
+    # "import automatic emails even if conversation not found" = false is the default.
+    automatic_emails: AutomaticEmails = "import_if_conversation_exists"
+    bots: BotSettings = BotSettings()
     follower_parents: tuple[FollowerParentSettings, ...] = ()
     conversation_parents: tuple[ConversationParentSettings, ...] = ()
     accounts: tuple[AccountSettings, ...]
@@ -396,6 +579,55 @@ class Settings(_Model):
                 raise ValueError(f"account name {account.name!r} is used twice")
             seen.add(account.name)
         return accounts
+
+    def automatic_policy(self, account: AccountSettings) -> AutomaticPolicy:
+        """The account's automatic-mail policy: its own ``automatic_emails`` else the global
+        one; its ``bots`` lists consulted before the global ones."""
+        levels = [b for b in (account.bots, self.bots) if b is not None]
+        return AutomaticPolicy(
+            automatic_emails=account.automatic_emails or self.automatic_emails,
+            bots=tuple(BotLists(allow=b.allow, deny=b.deny) for b in levels),
+        )
+
+    @model_validator(mode="after")
+    def _database_password(self) -> Settings:
+        given = [k for k in _DATABASE_SECRETS if getattr(self, k) is not None]
+        if given and not isinstance(self.database, PostgresUrl):
+            raise ValueError(
+                f"{given[0]}: a password is only for a postgresql:// database "
+                "(a SQLite file needs none)"
+            )
+        if len(given) > 1:
+            raise ValueError(f"give at most one of {', '.join(given)}")
+        return self
+
+    @property
+    def postgres(self) -> PostgresUrl | None:
+        """The PostgreSQL database, or None when ``database`` is a SQLite file."""
+        return self.database if isinstance(self.database, PostgresUrl) else None
+
+    @property
+    def sqlite_path(self) -> Path | None:
+        """The SQLite file, or None when ``database`` is a PostgreSQL URL."""
+        return self.database if isinstance(self.database, Path) else None
+
+    def database_password(self) -> str | None:
+        """Read the PostgreSQL password now (None when no source is configured). Raises
+        ConfigError(code=secret_missing) naming the key; the value is registered with the log
+        redactor, so it is masked in any log line."""
+        if all(getattr(self, k) is None for k in _DATABASE_SECRETS):
+            return None
+        try:
+            value = read_secret(
+                file=self.database_password_file,
+                env=self.database_password_env,
+                credential=self.database_password_credential,
+                key="database_password",
+            )
+        except ConfigError as exc:  # the message names the key: it is a top-level one
+            raise ConfigError(f"{exc.path}: {exc}", path=exc.path, code=exc.code) from exc
+        register_secret(value)
+        return value
 
     def account(self, name: str) -> AccountSettings:
         for account in self.accounts:

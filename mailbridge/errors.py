@@ -216,6 +216,29 @@ CATALOGUE: Final[dict[str, ErrorInfo]] = dict(
             transient=False,
         ),
         _info(
+            "database_unavailable",
+            "The PostgreSQL server cannot be reached",
+            "Check that PostgreSQL runs and that the host and port in the database URL are "
+            "right ('mailbridge doctor' checks it); it is retried by itself.",
+            transient=True,
+        ),
+        _info(
+            "database_auth_failed",
+            "PostgreSQL refused the database user or password",
+            "Check the user in the database URL and the password where database_password_file, "
+            "database_password_env or database_password_credential names it, then run "
+            "'mailbridge doctor'.",
+            transient=False,
+        ),
+        _info(
+            "lease_lost",
+            "Another daemon now serves this account",
+            "Nothing to do when a daemon was restarted or paused: the account is served by the "
+            "daemon 'mailbridge status' names. If it happens often, check that the database is "
+            "reachable and cluster.lease_seconds is not too short for it.",
+            transient=True,
+        ),
+        _info(
             "internal",
             "An unexpected internal error",
             "Report it with the log lines around it; the other accounts go on.",

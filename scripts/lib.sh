@@ -1,5 +1,5 @@
 # Shared set-up for scripts/test, scripts/demo and scripts/bench (sourced, not run):
-# installs Dovecot with apt-get when missing and the project with pip into .venv.
+# installs Dovecot and PostgreSQL with apt-get when missing and the project with pip into .venv.
 ensure_environment() {
     if ! command -v dovecot >/dev/null 2>&1; then
         echo "== installing Dovecot (dovecot-imapd) with apt-get"
@@ -8,6 +8,16 @@ ensure_environment() {
         $sudo apt-get update -qq
         # dovecot-imapd conflicts with cyrus-imapd; nothing here installs Cyrus.
         DEBIAN_FRONTEND=noninteractive $sudo apt-get install -y -qq dovecot-imapd >/dev/null
+    fi
+    # PostgreSQL for the tests of the PostgreSQL backend and of several daemons: they start a
+    # throwaway cluster of their own (initdb + pg_ctl), never the system one on port 5432.
+    # Debian keeps the server binaries in /usr/lib/postgresql/VERSION/bin, off PATH.
+    if ! ls /usr/lib/postgresql/*/bin/initdb >/dev/null 2>&1; then
+        echo "== installing PostgreSQL (postgresql) with apt-get"
+        local sudo=""
+        [ "$(id -u)" -eq 0 ] || sudo="sudo"
+        $sudo apt-get update -qq
+        DEBIAN_FRONTEND=noninteractive $sudo apt-get install -y -qq postgresql >/dev/null
     fi
     if ! python3 -c 'import ensurepip, venv' >/dev/null 2>&1; then
         # Debian splits venv/ensurepip out of python3: without it 'python3 -m venv' fails.

@@ -1,4 +1,5 @@
-"""Shared fixtures: one real Dovecot per test session, a fresh IMAP user per test.
+"""Shared fixtures: one real Dovecot and one throwaway PostgreSQL per test session; a fresh IMAP
+user and a fresh database per test.
 
 Starting and stopping Dovecot costs seconds, so ``dovecot`` (plain + STARTTLS-less) and
 ``tls_dovecot`` (STARTTLS and implicit TLS with a throwaway CA) are session-scoped; tests are
@@ -21,8 +22,10 @@ from pathlib import Path
 import pytest
 
 from mailbridge.testing.dovecot import Dovecot, DovecotNotInstalledError, find_binaries
+from mailbridge.testing.postgres import PostgresCluster, PostgresNotInstalledError, find_bindir
 
 _user_numbers = itertools.count(1)
+_database_numbers = itertools.count(1)
 
 
 @dataclass(frozen=True, slots=True)
@@ -116,3 +119,43 @@ def path_socket() -> Iterator[tuple[socket.socket, str]]:
             sock.bind(address)
             sock.settimeout(2)
             yield sock, address
+
+
+@dataclass(frozen=True, slots=True)
+class PostgresDatabase:
+    """A fresh, empty database on the session's throwaway cluster: connect to ``url`` (no
+    password in it) with ``password``."""
+
+    url: str
+    password: str
+    name: str
+    cluster: PostgresCluster
+
+
+@pytest.fixture(scope="session")
+def postgres() -> Iterator[PostgresCluster]:
+    """A throwaway PostgreSQL cluster shared by the whole session (never the system one on
+    5432). A missing PostgreSQL is a failure with instructions, never a silent skip."""
+    try:
+        find_bindir()
+    except PostgresNotInstalledError as exc:
+        pytest.fail(f"{exc} (tests of the PostgreSQL backend need it)", pytrace=False)
+    # Under /tmp, not pytest's basetemp: the server runs as 'postgres', which must enter it,
+    # and another pytest session resets /tmp/pytest-of-USER to mode 0700 (see running_dovecot).
+    workdir = Path(tempfile.mkdtemp(prefix="mailbridge-pg-", dir="/tmp"))
+    cluster = PostgresCluster(workdir)
+    cluster.start()
+    try:
+        yield cluster
+    finally:
+        cluster.stop(mode="immediate")
+        shutil.rmtree(workdir, ignore_errors=True)
+
+
+@pytest.fixture
+def postgres_database(postgres: PostgresCluster) -> Iterator[PostgresDatabase]:
+    """A new database per test, dropped afterwards (ending any connection left open)."""
+    name = f"t{next(_database_numbers)}_{secrets.token_hex(3)}"
+    url = postgres.create_database(name)
+    yield PostgresDatabase(url=url, password=postgres.password, name=name, cluster=postgres)
+    postgres.drop_database(name)

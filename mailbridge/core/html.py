@@ -12,6 +12,7 @@ import html as html_lib
 import re
 from html.parser import HTMLParser
 from typing import Final
+from urllib.parse import unquote
 
 import nh3
 
@@ -356,3 +357,31 @@ def rewrite_inline_images(html: str, mapping: dict[str, str]) -> str:
         return f'{match.group("attr")}"{html_lib.escape(target, quote=True)}"'
 
     return _CID_SRC.sub(replace, html)
+
+
+def resolve_cid_sources(html: str, known: dict[str, str]) -> tuple[str, set[str], bool]:
+    """Match every ``src="cid:X"`` in sanitised ``html`` against the message's Content-IDs.
+
+    ``known`` maps lower-case Content-IDs (without ``<>``) to the part's own Content-ID. A
+    reference is compared as RFC 2392 spells it (percent-encoded, any case, ``<>`` optional):
+    a match is written as ``src="cid:<the part's Content-ID>"``, the form
+    :func:`rewrite_inline_images` maps to the stored file; a reference to no part loses its
+    ``src`` (no dangling link in the stored HTML). Returns the new HTML, the lower-case
+    Content-IDs cited, and whether a dangling reference was removed.
+    """
+    cited: set[str] = set()
+    if "cid:" not in html.lower():
+        return html, cited, False
+    dangling = False
+
+    def replace(match: re.Match[str]) -> str:
+        nonlocal dangling
+        key = unquote(html_lib.unescape(match.group("cid"))).strip("<>").lower()
+        target = known.get(key)
+        if target is None:
+            dangling = True
+            return ""
+        cited.add(key)
+        return f'{match.group("attr")}"cid:{html_lib.escape(target, quote=True)}"'
+
+    return _CID_SRC.sub(replace, html), cited, dangling

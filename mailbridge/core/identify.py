@@ -25,7 +25,6 @@ if TYPE_CHECKING:
 # Ids longer than this are junk (RFC 5322 caps a header line at 998 characters).
 _MAX_ID_LENGTH: Final = 998
 _ANGLE_ID = re.compile(r"<([^<>]*)>")
-_SEPARATORS = re.compile(r"[\s,;]+")
 _WHITESPACE = re.compile(r"\s+")
 
 
@@ -86,22 +85,36 @@ def _strip_comments(value: str) -> str:
     return "".join(out)
 
 
+# One id-list item, left to right: a quoted phrase (skipped; never across '<' or '>', so a
+# stray quote cannot hide the ids after it), a bracketed id, an id whose '>' is missing (up to
+# the next space or '<'), or a bare word (an id when it holds an '@').
+_ID_ITEM = re.compile(r'"(?:[^"\\<>]|\\.)*"|<([^<>]*)>|<([^<>\s]*)|([^\s<>,;"]+)')
+
+
 def parse_id_list(value: str) -> tuple[str, ...]:
     """Every message id in an In-Reply-To or References value, in order, each once.
 
-    Tolerates what real clients send: comments, commas, folded lines, prose around the id
-    ("Your message of ... <id>"), and ids without angle brackets.
+    RFC 5322 3.6.4 wants ``<id> <id>``; clients also send, and this reads: ids without angle
+    brackets, alone or mixed with bracketed ones (``root@x <parent@y>``); commas or
+    semicolons between ids; comments (nested) and quoted phrases; prose around the ids
+    (``Your message of ... <id>``, RFC 5322 4.5.4 obs-in-reply-to); an id folded across lines
+    (whitespace inside brackets is dropped) and an id whose closing ``>`` is missing. A bare
+    word counts only when it holds an ``@``: other words are prose.
     """
     if "(" in value:
         value = _strip_comments(value)
-    if "<" in value:
-        candidates: list[str] = _ANGLE_ID.findall(value)
-    else:
-        # Without brackets only tokens shaped like ids count; bare words are prose.
-        candidates = [token for token in _SEPARATORS.split(value) if "@" in token]
     seen: set[str] = set()
     out: list[str] = []
-    for candidate in candidates:
+    for match in _ID_ITEM.finditer(value):
+        bracketed, unclosed, bare = match.groups()
+        if bracketed is not None:
+            candidate = bracketed
+        elif unclosed is not None and "@" in unclosed:
+            candidate = unclosed
+        elif bare is not None and "@" in bare:
+            candidate = bare.strip(".:[]")
+        else:
+            continue
         normalized = normalize_message_id(candidate)
         if normalized is not None and normalized not in seen:
             seen.add(normalized)

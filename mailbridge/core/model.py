@@ -39,7 +39,9 @@ class Attachment:
     filename: str
     content_type: str
     data: bytes
-    content_id: str | None = None  # without angle brackets; set for inline images
+    # Without angle brackets. An inline image is a part the HTML cites by this Content-ID;
+    # a document may have one too (a Content-ID nothing cites).
+    content_id: str | None = None
 
     @property
     def size(self) -> int:
@@ -57,6 +59,41 @@ class ParsedMessage:
     different message reusing a Message-ID is not taken for it; the store derives the final
     key (:func:`~mailbridge.core.messagekey.decide_message_key`). "" when unknown (built by
     hand): then the key alone decides.
+
+    ``defects`` lists what the parser repaired or could not read, each code once, in the order
+    met (``mailbridge.core.parse``; an operator searches for these strings):
+
+    ========================== =================================================================
+    ``message-id-invalid``     Message-ID present but unusable; the key is the bytes' hash
+    ``date-missing``           no Date; arrival time (INTERNALDATE, else parse time) used
+    ``date-invalid``           unreadable Date; arrival time used
+    ``date-nonstandard``       Date in a non-RFC 5322 form that was read (ISO 8601)
+    ``date-obsolete-year``     two- or three-digit year, read per RFC 5322 4.3
+    ``date-before-1970``       Date before 1970; arrival time used
+    ``date-in-future``         Date more than a day after arrival; arrival time used
+    ``charset-unknown``        a charset label no codec answers to; the text was guessed
+    ``charset-missing``        8-bit text without a label that is not UTF-8; guessed
+    ``charset-mislabelled``    the bytes are not in the declared charset (read as UTF-8,
+                               ISO-2022-JP, or the detected charset)
+    ``charset-invalid-bytes``  bytes no charset reads; replaced by U+FFFD
+    ``base64-padding-inside``  base64 in separately padded chunks; all chunks decoded
+    ``base64-junk``            characters outside the base64 alphabet skipped
+    ``base64-truncated``       base64 ending in an incomplete quantum
+    ``uuencode-truncated``     a uuencoded block without its ``end`` line
+    ``transfer-encoding-unknown`` an unknown Content-Transfer-Encoding; bytes kept as they are
+    ``tnef-unreadable``        a winmail.dat that could not be unpacked (kept as it is)
+    ``filename-undecodable``   an attachment name that could not be read; a name is made up
+    ``cid-dangling``           a ``cid:`` image source naming no part; removed from the HTML
+    ``boundary-missing``       a multipart without (the declared) boundary
+    ``boundary-unclosed``      a multipart without its closing boundary
+    ``boundary-guessed``       a multipart split at a boundary guessed from its body
+    ``multipart-unsplittable`` a multipart that could not be split; read as text
+    ``multipart-invalid``      a multipart with an invalid structure or transfer encoding
+    ``header-malformed``       header lines the MIME parser had to skip or repair
+    ``mime-too-deep``          MIME nesting deeper than the parser follows; the rest skipped
+    ``message-part-unreadable`` an attached message that could not be kept
+    ``mime-defect``            any other defect the standard library's MIME parser reports
+    ========================== =================================================================
     """
 
     message_key: str
@@ -70,9 +107,13 @@ class ParsedMessage:
     cc: tuple[Address, ...]
     bcc: tuple[Address, ...]
     delivered_to: tuple[str, ...]
-    date: datetime  # timezone-aware; the Date header, or the time of parsing when absent/broken
+    # Timezone-aware: the Date header, or the arrival time (INTERNALDATE, else the time of
+    # parsing) when it is absent, broken, before 1970 or in the future.
+    date: datetime
     plain_text: str  # always present (derived from HTML when the message has none)
-    html: str  # sanitised HTML; cid: references kept for the store to rewrite; "" when none
+    # Sanitised HTML, "" when none. Every ``src="cid:X"`` left in it names an inline image
+    # whose content_id is exactly X (dangling ones are removed), for the store to rewrite.
+    html: str
     attachments: tuple[Attachment, ...]
     inline_images: tuple[Attachment, ...]
     size: int  # raw size in bytes

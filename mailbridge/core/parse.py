@@ -7,34 +7,42 @@ That is about three times faster than ``policy.default`` (which builds a header 
 access) and lets every step degrade instead of failing: a bad charset, date or address costs
 that one value, never the message. :func:`parse_message` raises only
 :class:`~mailbridge.errors.MessageError`.
+
+Bytes become text only through :func:`mailbridge.core.charset.decode_text` (headers, file names
+and bodies alike); transfer encodings are undone by :mod:`mailbridge.core.transfer` (base64 in
+padded chunks, uuencode), Outlook's winmail.dat by tnefparse. Every repair is recorded as a
+stable code in ``ParsedMessage.defects`` (the list is in that class's docstring).
 """
 
 from __future__ import annotations
 
 import binascii
-import codecs
 import functools
 import io
+import mimetypes
 import re
 from dataclasses import dataclass, field
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta, timezone
 from email.generator import BytesGenerator
 from email.message import Message
 from email.parser import BytesParser
 from email.policy import Compat32
-from email.utils import getaddresses, parsedate_to_datetime
-from typing import Final
+from email.utils import getaddresses, parsedate_tz
+from typing import Any, Final
+from urllib.parse import unquote_to_bytes
 
-from mailbridge.core.html import html_to_text, sanitize_html
+from mailbridge.core.automatic import HEADERS as AUTOMATIC_HEADERS
+from mailbridge.core.charset import decode_text
+from mailbridge.core.html import html_to_text, resolve_cid_sources, sanitize_html
 from mailbridge.core.identify import normalize_message_id, parse_id_list
 from mailbridge.core.messagekey import content_fingerprint
 from mailbridge.core.messagekey import message_key as message_key_for
 from mailbridge.core.model import Address, Attachment, ParsedMessage
+from mailbridge.core.transfer import decode_base64, decode_uuencode, find_uuencoded
 from mailbridge.errors import MessageError
 
 __all__ = ["decode_header_value", "decode_text", "parse_message"]
 
-_MAX_DEFECTS: Final = 20
 # Legit mail nests a handful of multiparts; deeper trees are hostile or broken.
 _MAX_DEPTH: Final = 40
 _AUTO_HEADERS: Final = (
@@ -48,6 +56,7 @@ _AUTO_HEADERS: Final = (
     "return-path",
     "content-type",
     "x-failed-recipients",
+    *AUTOMATIC_HEADERS,  # the list, bulk-sender and Exchange markers core/automatic.py reads
 )
 
 
@@ -70,129 +79,6 @@ class _RawPolicy(Compat32):
 _POLICY: Final = _RawPolicy()
 
 # ----------------------------------------------------------------------------------------------
-# Charsets
-
-# Labels Python does not know, or where a superset decodes what senders really use.
-_CHARSET_ALIASES: Final = {
-    "gb2312": "gb18030",
-    "gbk": "gb18030",
-    "x-gbk": "gb18030",
-    "cp936": "gb18030",
-    "euc-cn": "gb18030",
-    "x-euc-cn": "gb18030",
-    "ks_c_5601-1987": "cp949",
-    "ks_c_5601": "cp949",
-    "ksc5601": "cp949",
-    "euc-kr": "cp949",
-    "x-windows-949": "cp949",
-    "shift_jis": "cp932",
-    "shift-jis": "cp932",
-    "sjis": "cp932",
-    "x-sjis": "cp932",
-    "windows-31j": "cp932",
-    "ms_kanji": "cp932",
-    "big5": "big5hkscs",
-    "x-big5": "big5hkscs",
-    "tis-620": "cp874",
-    "windows-874": "cp874",
-    "iso-8859-8-i": "iso-8859-8",
-    "iso-8859-6-i": "iso-8859-6",
-    "iso-8859-8-e": "iso-8859-8",
-    "iso-8859-6-e": "iso-8859-6",
-    "unicode-1-1-utf-7": "utf-7",
-    "x-mac-roman": "mac-roman",
-    "macintosh": "mac-roman",
-    "x-mac-cyrillic": "mac-cyrillic",
-    "utf8": "utf-8",
-}
-# Labels that say "we do not know"; decode by sniffing.
-_UNKNOWN_LABELS: Final = frozenset(
-    {"", "unknown-8bit", "x-unknown", "unknown", "default", "x-user-defined", "charset", "none"}
-)
-# Python codecs that are not charsets a mail could sensibly use (or are slow on junk).
-_REFUSED_CODECS: Final = frozenset(
-    {"idna", "punycode", "raw-unicode-escape", "unicode-escape", "undefined", "mbcs", "oem"}
-)
-# Declared ASCII/Latin-1 with valid multi-byte UTF-8 in it is mislabelled UTF-8: such byte pairs
-# spell nonsense ("Ã©") in Latin-1 text.
-_LATIN_CODECS: Final = frozenset({"ascii", "latin-1", "iso8859-1", "cp1252"})
-_UTF8_SEQUENCE = re.compile(rb"[\xc2-\xf4][\x80-\xbf]")
-_SEVEN_BIT_CODECS: Final = ("utf-7", "utf-16", "utf-32", "iso2022", "hz")
-
-
-@functools.lru_cache(maxsize=256)
-def _codec_for(label: str) -> str | None:
-    """The Python codec name for a charset label, or ``None`` when it is unknown or unsafe."""
-    name = label.strip().strip("\"'").lower()
-    name = _CHARSET_ALIASES.get(name, name)
-    if name in _UNKNOWN_LABELS:
-        return None
-    try:
-        info = codecs.lookup(name)
-    except (LookupError, ValueError, TypeError):
-        return None
-    if not getattr(info, "_is_text_encoding", True):  # base64, zlib, rot13 ...
-        return None
-    codec = info.name.replace("_", "-")
-    if codec in _REFUSED_CODECS:
-        return None
-    return codec
-
-
-def _sniff(data: bytes) -> str:
-    try:
-        return data.decode("utf-8")
-    except UnicodeDecodeError:
-        pass
-    try:
-        return data.decode("cp1252")
-    except UnicodeDecodeError:
-        return data.decode("latin-1")
-
-
-def decode_text(data: bytes, charset: str | None) -> tuple[str, str | None]:
-    """Decode ``data`` declared as ``charset``; never raises.
-
-    Returns the text and a defect note when the declaration could not be trusted. Unknown or
-    absent labels are sniffed (UTF-8, then Windows-1252, then Latin-1, which cannot fail).
-    """
-    if data.isascii():
-        codec = _codec_for(charset) if charset else "ascii"
-        # ASCII-compatible charsets read ASCII bytes as ASCII; 7-bit stateful ones do not.
-        if codec is None or not codec.startswith(_SEVEN_BIT_CODECS):
-            return data.decode("ascii"), None
-    if not charset:
-        return _sniff(data), None
-    codec = _codec_for(charset)
-    if codec is None:
-        return _sniff(data), f"unknown charset {charset[:40]!r}"
-    if not codec.startswith(("utf-8", "utf-16", "utf-32")) and _UTF8_SEQUENCE.search(data):
-        # Valid multi-byte UTF-8 is next to impossible in real legacy-charset text, while
-        # UTF-8 labelled as Latin-1 or GB2312 is common: trust the bytes over the label.
-        try:
-            return data.decode("utf-8"), None
-        except UnicodeDecodeError:
-            pass
-    if codec in _LATIN_CODECS:
-        return _sniff(data) if codec == "ascii" else data.decode("cp1252", "replace"), None
-    try:
-        return data.decode(codec), None
-    except UnicodeDecodeError:
-        pass
-    except Exception:  # a codec that fails otherwise on junk is still no charset
-        return _sniff(data), f"charset {charset[:40]!r} failed"
-    note = f"invalid {charset[:40]!r} bytes"
-    if codec == "utf-8" and not _UTF8_SEQUENCE.search(data):
-        return _sniff(data), note  # labelled UTF-8, written in a legacy 8-bit charset
-    if codec != "utf-8" and _UTF8_SEQUENCE.search(data):
-        try:
-            return data.decode("utf-8"), f"declared {charset[:40]!r}, decoded as UTF-8"
-        except UnicodeDecodeError:
-            pass
-    return data.decode(codec, "replace"), note
-
-
-# ----------------------------------------------------------------------------------------------
 # Headers
 
 _ENCODED_WORD = re.compile(r"=\?([^?\s]+)\?([QqBb])\?([^?]*)\?=")
@@ -209,23 +95,15 @@ def _to_bytes(value: str) -> bytes:
         return value.encode("utf-8", "replace")
 
 
-def _fix_8bit(value: str, hint: str | None = None) -> str:
-    """Turn raw 8-bit header bytes into text: UTF-8, else the message's charset, else 1252."""
-    if value.isascii():
+def _fix_8bit(value: str, hint: str | None = None, notes: list[str] | None = None) -> str:
+    """Raw 8-bit (or 7-bit ISO-2022-JP) header bytes as text: UTF-8 first (RFC 6532), else the
+    message's charset, else a guess (:func:`~mailbridge.core.charset.decode_text`)."""
+    if value.isascii() and "\x1b" not in value:
         return value
-    data = _to_bytes(value)
-    try:
-        return data.decode("utf-8")
-    except UnicodeDecodeError:
-        pass
-    if hint:
-        codec = _codec_for(hint)
-        if codec is not None and codec != "utf-8":
-            try:
-                return data.decode(codec)
-            except Exception:  # noqa: S110 - try the next candidate
-                pass
-    return _sniff(data)
+    text, defect = decode_text(_to_bytes(value), None, hint)
+    if defect and notes is not None:
+        notes.append(defect)
+    return text
 
 
 def _decode_word(encoding: str, text: str) -> bytes | None:
@@ -239,15 +117,16 @@ def _decode_word(encoding: str, text: str) -> bytes | None:
     return binascii.a2b_qp(_to_bytes(text), header=True)
 
 
-def decode_header_value(value: str, hint: str | None = None) -> str:
+def decode_header_value(value: str, hint: str | None = None, notes: list[str] | None = None) -> str:
     """Decode RFC 2047 encoded words and raw 8-bit bytes; unfold. Never raises.
 
     Adjacent encoded words in one charset are decoded together: encoders split multi-byte
     characters across words. Whitespace between encoded words is dropped (RFC 2047 6.2).
+    Charset defects (``charset-*``) are appended to ``notes`` when given.
     """
     value = _FOLD.sub("", value)
     if "=?" not in value:
-        return _CONTROL.sub("", _fix_8bit(value, hint))
+        return _CONTROL.sub("", _fix_8bit(value, hint, notes))
     out: list[str] = []
     pending = bytearray()
     pending_charset = ""
@@ -256,7 +135,9 @@ def decode_header_value(value: str, hint: str | None = None) -> str:
     def flush() -> None:
         nonlocal pending_charset
         if pending:
-            text, _ = decode_text(bytes(pending), pending_charset or None)
+            text, defect = decode_text(bytes(pending), pending_charset or None, hint)
+            if defect and notes is not None:
+                notes.append(defect)
             out.append(text)
             pending.clear()
         pending_charset = ""
@@ -269,14 +150,14 @@ def decode_header_value(value: str, hint: str | None = None) -> str:
             continue  # leave the undecodable word as literal text
         if between and not (pending_charset and between.isspace()):
             flush()
-            out.append(_fix_8bit(between, hint))
+            out.append(_fix_8bit(between, hint, notes))
         elif pending_charset and word_charset != pending_charset:
             flush()
         pending += decoded
         pending_charset = word_charset
         position = match.end()
     flush()
-    out.append(_fix_8bit(value[position:], hint))
+    out.append(_fix_8bit(value[position:], hint, notes))
     return _CONTROL.sub("", "".join(out))
 
 
@@ -335,7 +216,11 @@ def _addresses(values: list[str], hint: str | None) -> tuple[Address, ...]:
         return ()
     seen: set[str] = set()
     out: list[Address] = []
-    for name, addr in getaddresses([_FOLD.sub("", v) for v in values]):
+    # Raw ISO-2022-JP names (old Japanese mailers) are decoded first: "ESC ( B" would open a
+    # comment for the address parser and swallow the address.
+    unfolded = [_FOLD.sub("", v) for v in values]
+    unfolded = [_fix_8bit(v, hint) if "\x1b" in v else v for v in unfolded]
+    for name, addr in getaddresses(unfolded):
         email = _email(addr, hint)
         if email is None or email in seen:
             continue
@@ -356,19 +241,65 @@ def _delivered_to(headers: _Headers) -> tuple[str, ...]:
     return tuple(seen)
 
 
-def _parse_date(value: str | None, now: datetime, defects: list[str]) -> datetime:
-    if value is None or not value.strip():
-        defects.append("no Date header; the time of parsing is used")
-        return now
+# The day-month-year of an RFC 5322 date (3.3), obsolete forms included (4.3): "18 Sep 101".
+_DATE_DMY = re.compile(r"\b\d{1,2}[\s-]+[A-Za-z]{3,9}\.?,?[\s-]+(\d{2,4})\b")
+_UNIX_EPOCH: Final = datetime(1970, 1, 1, tzinfo=UTC)
+# A Date ahead of the arrival by more than this is wrong (a sender's clock or a forgery);
+# a day covers every time zone error.
+_MAX_DATE_AHEAD: Final = timedelta(days=1)
+
+
+def _obsolete_year(year: str) -> int:
+    """RFC 5322 section 4.3: a two-digit year 00-49 is 20xx, 50-99 is 19xx; a three-digit
+    year (a pre-Y2K ``tm_year``) is that plus 1900."""
+    value = int(year)
+    if len(year) == 2:
+        return value + (1900 if value >= 50 else 2000)
+    return value + 1900
+
+
+def _date_from(value: str, defects: list[str]) -> datetime | None:
+    parsed = parsedate_tz(value)
+    if parsed is None:
+        try:
+            iso = datetime.fromisoformat(value.strip())  # "2025-06-02 09:00:00" from scripts
+        except ValueError:
+            return None
+        defects.append("date-nonstandard")
+        return iso if iso.tzinfo else iso.replace(tzinfo=UTC)
+    year = parsed[0]
+    dmy = _DATE_DMY.search(value)
+    if dmy is not None and len(dmy.group(1)) < 4:
+        year = _obsolete_year(dmy.group(1))
+        defects.append("date-obsolete-year")
+    offset = parsed[9]
     try:
-        parsed = parsedate_to_datetime(value)
-    except Exception:  # the stdlib raises TypeError/ValueError/IndexError here
+        zone = UTC if offset is None else timezone(timedelta(seconds=offset))
+        return datetime(year, *parsed[1:6], tzinfo=zone)
+    except (ValueError, OverflowError):
+        return None
+
+
+def _parse_date(value: str | None, arrival: datetime, defects: list[str]) -> datetime:
+    """The Date header as an aware datetime; ``arrival`` (INTERNALDATE, else the time of
+    parsing) when it is missing, unreadable, before 1970 or more than a day ahead of arrival,
+    with a defect noted so the message cannot sort its conversation wrong."""
+    if value is None or not value.strip():
+        defects.append("date-missing")
+        return arrival
+    try:
+        parsed = _date_from(value, defects)
+    except Exception:  # the stdlib raises TypeError/ValueError/IndexError on junk
         parsed = None
     if parsed is None:
-        defects.append(f"unparseable Date {value[:60]!r}; the time of parsing is used")
-        return now
-    if parsed.tzinfo is None:
-        parsed = parsed.replace(tzinfo=UTC)
+        defects.append("date-invalid")
+        return arrival
+    if parsed < _UNIX_EPOCH:
+        defects.append("date-before-1970")
+        return arrival
+    if parsed > arrival + _MAX_DATE_AHEAD:
+        defects.append("date-in-future")
+        return arrival
     return parsed
 
 
@@ -395,7 +326,6 @@ class _Resource:
     data: bytes
     content_id: str | None
     disposition: str | None
-    in_related: bool
     charset: str | None = None
 
 
@@ -442,11 +372,68 @@ _FIXED_NAMES: Final = {
     "message/rfc822-headers": "rfc822-headers.txt",
 }
 _BODY_TYPES: Final = frozenset({"text/plain", "text/html"})
-_CID_REFERENCE = re.compile(r"cid:\s*<?([^\"'\s<>)]+)", re.IGNORECASE)
 _META_CHARSET = re.compile(rb"<meta[^>]+charset\s*=\s*[\"']?\s*([A-Za-z0-9_.:-]+)", re.IGNORECASE)
 _UNSAFE_FILENAME = re.compile(r"[\x00-\x1f\x7f]")
 _FLOWED_QUOTE = re.compile(r"^>+")
 _DELIMITER_LINE = re.compile(rb"^--([0-9A-Za-z'()+_,./:=?-]{1,70})[ \t]*\r?$", re.MULTILINE)
+_TNEF_TYPES: Final = frozenset({"application/ms-tnef", "application/vnd.ms-tnef"})
+# Labels that say nothing about the bytes: the file name or the bytes tell the real type.
+_GENERIC_TYPES: Final = frozenset(
+    {
+        "application/octet-stream",
+        "application/x-octet-stream",
+        "binary/octet-stream",
+        "application/binary",
+        "application/unknown",
+        "application/x-unknown",
+        "application/force-download",
+        "application/x-download",
+        "application/download",
+    }
+)
+# WHATWG MIME Sniffing, 6.1 "image type pattern matching" and 7.1 for the archive/PDF types.
+_MAGIC: Final = (
+    (b"\x89PNG\r\n\x1a\n", "image/png"),
+    (b"\xff\xd8\xff", "image/jpeg"),
+    (b"GIF87a", "image/gif"),
+    (b"GIF89a", "image/gif"),
+    (b"BM", "image/bmp"),
+    (b"\x00\x00\x01\x00", "image/x-icon"),
+    (b"II*\x00", "image/tiff"),
+    (b"MM\x00*", "image/tiff"),
+    (b"%PDF-", "application/pdf"),
+    (b"PK\x03\x04", "application/zip"),
+)
+
+
+@functools.cache
+def _mime_types() -> mimetypes.MimeTypes:
+    """The standard library's own extension table, not the machine's /etc/mime.types (the
+    same answer everywhere); built on first use, not at start-up."""
+    return mimetypes.MimeTypes()
+
+
+_TRANSFER_IDENTITY: Final = frozenset({"", "7bit", "8bit", "binary", "7-bit", "8-bit", "none"})
+_UUENCODE: Final = frozenset({"x-uuencode", "uuencode", "x-uue", "uue"})
+# RFC 2045 5.1 / RFC 2231 parameters: name, then a quoted string (its end may be missing) or a
+# token (senders leave spaces unquoted: read to the next ';').
+_PARAMETER = re.compile(r';\s*([^\s=;"]+)\s*=\s*(?:"((?:[^"\\]|\\.)*)"?|([^;]*))')
+_QUOTED_PAIR = re.compile(r"\\(.)")
+# Stdlib parser defects -> ours.
+_STDLIB_DEFECTS: Final = {
+    "NoBoundaryInMultipartDefect": "boundary-missing",
+    "StartBoundaryNotFoundDefect": "boundary-missing",
+    "CloseBoundaryNotFoundDefect": "boundary-unclosed",
+    "FirstHeaderLineIsContinuationDefect": "header-malformed",
+    "MisplacedEnvelopeHeaderDefect": "header-malformed",
+    "MissingHeaderBodySeparatorDefect": "header-malformed",
+    "MultipartConversionDefect": "multipart-invalid",
+    "MultipartInvariantViolationDefect": "multipart-invalid",
+    "InvalidMultipartContentTransferEncodingDefect": "multipart-invalid",
+    "InvalidBase64PaddingDefect": "base64-truncated",
+    "InvalidBase64LengthDefect": "base64-truncated",
+    "InvalidBase64CharactersDefect": "base64-junk",
+}
 
 
 _MIME_TYPE = re.compile(r"[a-z0-9][a-z0-9!#$&^_.+-]*/[a-z0-9][a-z0-9!#$&^_.+-]*")
@@ -458,6 +445,23 @@ def _content_type(part: Message) -> str:
     return ctype if _MIME_TYPE.fullmatch(ctype) else "application/octet-stream"
 
 
+def _real_type(declared: str, filename: str | None, data: bytes) -> str:
+    """``declared`` unless it says nothing (octet-stream, as scanners and Apple Mail send):
+    then the type the file name's extension gives, else the one the bytes' magic gives."""
+    if declared not in _GENERIC_TYPES:
+        return declared
+    if filename:
+        guessed, _ = _mime_types().guess_type(filename, strict=False)
+        if guessed:
+            return guessed
+    for magic, ctype in _MAGIC:
+        if data.startswith(magic):
+            return ctype
+    if data[:4] == b"RIFF" and data[8:12] == b"WEBP":
+        return "image/webp"
+    return declared
+
+
 def _content_id(value: str | None) -> str | None:
     if not value:
         return None
@@ -465,13 +469,69 @@ def _content_id(value: str | None) -> str | None:
     return cid if cid and cid.isprintable() else None
 
 
-def _clean_filename(name: str | None) -> str | None:
-    if not name:
+def _clean_filename(text: str | None) -> str | None:
+    """A decoded file name made safe to show and store: no path, no control characters."""
+    if not text:
         return None
-    text = _one_line(decode_header_value(name))
+    text = _one_line(text)
     text = text.replace("\\", "/").rsplit("/", 1)[-1]  # senders' paths mean nothing here
     text = _UNSAFE_FILENAME.sub("", text).strip(" .") if text not in {".", ".."} else ""
     return text[:255] or None
+
+
+def _parameters(value: str) -> list[tuple[str, str]]:
+    """The ``name=value`` parameters of a Content-Type or Content-Disposition value, in order,
+    names lower-cased, quoted strings unquoted."""
+    out: list[tuple[str, str]] = []
+    for match in _PARAMETER.finditer(_FOLD.sub("", value)):
+        quoted, token = match.group(2), match.group(3)
+        text = _QUOTED_PAIR.sub(r"\1", quoted) if quoted is not None else (token or "").strip()
+        out.append((match.group(1).lower(), text))
+    return out
+
+
+def _rfc2231_value(
+    params: list[tuple[str, str]], name: str, hint: str | None, notes: list[str]
+) -> str | None:
+    """The RFC 2231 value of parameter ``name`` (``name*=``, or continuations ``name*0*=``,
+    ``name*1=`` ...), or None when there is none.
+
+    The sections' bytes are joined first and decoded once, in the charset the first section
+    declares (RFC 2231 4.1), so a character split across sections survives. An empty, unknown
+    or misspelt charset goes through :func:`~mailbridge.core.charset.decode_text` (UTF-8
+    first), never through Latin-1.
+    """
+    prefix = name + "*"
+    sections: dict[int, tuple[str, bool]] = {}
+    single: str | None = None
+    for key, value in params:
+        if key == prefix:
+            single = value if single is None else single
+        elif key.startswith(prefix):
+            suffix = key[len(prefix) :]
+            encoded = suffix.endswith("*")
+            suffix = suffix.rstrip("*")
+            if suffix.isdigit():
+                sections.setdefault(int(suffix), (value, encoded))
+    if single is not None:
+        sections = {0: (single, True)}
+    if not sections:
+        return None
+    charset: str | None = None
+    data = bytearray()
+    for index, number in enumerate(sorted(sections)):
+        value, encoded = sections[number]
+        if not encoded:
+            data += _to_bytes(value)
+            continue
+        if index == 0 and value.count("'") >= 2:
+            label, _, value = value.split("'", 2)
+            charset = label or None
+        data += unquote_to_bytes(_to_bytes(value))
+    text, defect = decode_text(bytes(data), charset, hint)
+    if defect:
+        notes.append(defect)
+    return text
 
 
 def _unflow(text: str, delsp: bool) -> str:
@@ -505,10 +565,11 @@ class _Walker:
         self.linesep = linesep
         self.resources: list[_Resource] = []
         self.notes: list[str] = []
+        self.tnef_body = _Body()  # the body of the first winmail.dat, for mail with no other
 
     def body(self, part: Message, depth: int = 0, *, top: bool = False) -> _Body:
         if depth > _MAX_DEPTH:
-            self.notes.append(f"MIME nesting deeper than {_MAX_DEPTH}; the rest is skipped")
+            self.notes.append("mime-too-deep")
             return _Body()
         ctype = _content_type(part)
         maintype = ctype.partition("/")[0]
@@ -529,14 +590,49 @@ class _Walker:
             return self._text(part, ctype)
         if maintype == "multipart":
             return self._salvage(part, ctype, depth)
-        self._add_resource(part, ctype, in_related=False)
+        self._add_resource(part, ctype)
         return _Body()
+
+    def payload(self, part: Message) -> bytes:
+        """The part's body with its Content-Transfer-Encoding undone (RFC 2045 6), repairs
+        noted: padded base64 chunks, junk, truncation, uuencode, unknown encodings."""
+        # The stored payload itself: get_payload() would re-decode 8-bit bytes with the
+        # declared charset and U+FFFD, and get_payload(decode=True) stops base64 at a '='.
+        payload = getattr(part, "_payload", None)
+        if isinstance(payload, bytes):
+            data = payload
+        elif isinstance(payload, str):
+            try:
+                data = payload.encode("ascii", "surrogateescape")
+            except UnicodeEncodeError:
+                data = payload.encode("utf-8", "surrogateescape")
+        else:
+            return b""
+        encoding = str(part.get("content-transfer-encoding") or "")
+        if encoding in _TRANSFER_IDENTITY:
+            return data
+        if encoding == "base64":
+            decoded, defects = decode_base64(data)
+        elif encoding == "quoted-printable":
+            return binascii.a2b_qp(data)
+        elif encoding in _UUENCODE:
+            decoded, defects = decode_uuencode(data)
+        else:
+            self.notes.append("transfer-encoding-unknown")
+            return data
+        self.notes.extend(defects)
+        return decoded
+
+    def decode(self, data: bytes, charset: str | None) -> str:
+        text, defect = decode_text(data, charset, self.hint)
+        if defect:
+            self.notes.append(defect)
+        return text
 
     def _salvage(self, part: Message, ctype: str, depth: int) -> _Body:
         """A multipart the parser could not split (no or wrong boundary): guess the boundary
         from the first delimiter-shaped line, else read the payload as plain text."""
-        payload = part.get_payload(decode=True)
-        data = payload if isinstance(payload, bytes) else b""
+        data = self.payload(part)
         delimiter = _DELIMITER_LINE.search(data)
         if delimiter is not None:
             boundary = delimiter.group(1)
@@ -544,12 +640,12 @@ class _Walker:
             head += b'; boundary="' + boundary + b'"\r\n\r\n'
             rebuilt = BytesParser(policy=_POLICY).parsebytes(head + data)
             if rebuilt.is_multipart():
-                self.notes.append(f"{ctype}: boundary guessed from the body")
+                self.notes.append("boundary-guessed")
                 return self.body(rebuilt, depth + 1)
         if not data.strip():
             return _Body()
-        text, _ = decode_text(data, part.get_content_charset())
-        self.notes.append(f"{ctype}: unsplittable multipart read as text")
+        text = self.decode(data, part.get_content_charset())
+        self.notes.append("multipart-unsplittable")
         return _Body(plain=[text.replace("\r\n", "\n").replace("\x00", "")])
 
     def promote_inline_text(self) -> _Body:
@@ -559,7 +655,7 @@ class _Walker:
         for index, res in enumerate(self.resources):
             if res.content_type in _BODY_TYPES and res.disposition != "attachment":
                 del self.resources[index]
-                text, _ = decode_text(res.data, res.charset)
+                text = self.decode(res.data, res.charset)
                 text = text.replace("\r\n", "\n").replace("\x00", "")
                 return _Body(html=[text]) if res.content_type == "text/html" else _Body([text])
         return _Body()
@@ -599,7 +695,7 @@ class _Walker:
                 if isinstance(child, Message):
                     self._resources_of(child, depth + 1)
             return
-        self._add_resource(part, _content_type(part), in_related=True)
+        self._add_resource(part, _content_type(part))
 
     @staticmethod
     def _is_inline_text(part: Message) -> bool:
@@ -610,16 +706,15 @@ class _Walker:
         )
 
     def _text(self, part: Message, ctype: str) -> _Body:
-        payload = part.get_payload(decode=True)
-        data = payload if isinstance(payload, bytes) else b""
+        data = self.payload(part)
         charset = part.get_content_charset()
         if charset is None and ctype == "text/html":
             meta = _META_CHARSET.search(data[:4096])
             if meta is not None:
                 charset = meta.group(1).decode("ascii")
-        text, note = decode_text(data, charset)
-        if note:
-            self.notes.append(f"{ctype}: {note}")
+        if ctype == "text/plain":
+            data = self._cut_uuencoded(data)
+        text = self.decode(data, charset)
         text = text.replace("\r\n", "\n").replace("\r", "\n").replace("\x00", "")
         if ctype == "text/html":
             return _Body(html=[text])
@@ -628,26 +723,114 @@ class _Walker:
             text = _unflow(text, delsp)
         return _Body(plain=[text])
 
-    def _filename(self, part: Message) -> str | None:
-        try:
-            return _clean_filename(part.get_filename())
-        except Exception:  # a mangled parameter costs the name, not the part
-            self.notes.append("unreadable attachment file name")
-            return None
+    def _cut_uuencoded(self, data: bytes) -> bytes:
+        """uuencoded files inside a plain-text body become attachments, as mail clients
+        show them, and leave the text."""
+        rest, blocks, defects = find_uuencoded(data)
+        self.notes.extend(defects)
+        for block in blocks:
+            name = _clean_filename(block.filename)
+            self.resources.append(
+                _Resource(
+                    content_type=_real_type("application/octet-stream", name, block.data),
+                    filename=name,
+                    data=block.data,
+                    content_id=None,
+                    disposition="attachment",
+                )
+            )
+        return rest
 
-    def _add_resource(self, part: Message, ctype: str, *, in_related: bool) -> None:
-        payload = part.get_payload(decode=True)
+    def _filename(self, part: Message) -> str | None:
+        """The part's file name: RFC 2231 values (``filename*``, ``name*``, continuations)
+        before plain ones, Content-Disposition's before Content-Type's; RFC 2047 words and raw
+        8-bit bytes in plain values decoded too (Outlook, Gmail and phones send those)."""
+        try:
+            found: list[tuple[list[tuple[str, str]], str]] = []
+            for header, name in (("content-disposition", "filename"), ("content-type", "name")):
+                value = part.get(header)
+                if isinstance(value, str) and "=" in value:
+                    found.append((_parameters(value), name))
+            for params, name in found:
+                extended = _rfc2231_value(params, name, self.hint, self.notes)
+                if extended:
+                    return _clean_filename(extended)
+            for params, name in found:
+                plain = next((value for key, value in params if key == name), None)
+                if plain:
+                    return _clean_filename(decode_header_value(plain, self.hint, self.notes))
+        except Exception:  # a mangled parameter costs the name, not the part
+            self.notes.append("filename-undecodable")
+        return None
+
+    def _add_resource(self, part: Message, ctype: str) -> None:
+        data = self.payload(part)
+        filename = self._filename(part)
         self.resources.append(
             _Resource(
                 content_type=ctype,
-                filename=self._filename(part),
-                data=payload if isinstance(payload, bytes) else b"",
+                filename=filename,
+                data=data,
                 content_id=_content_id(part.get("content-id")),
                 disposition=part.get_content_disposition(),
-                in_related=in_related,
                 charset=part.get_content_charset(),
             )
         )
+        if ctype in _TNEF_TYPES or (
+            ctype in _GENERIC_TYPES and (filename or "").lower() == "winmail.dat"
+        ):
+            self._unpack_tnef(data)
+
+    def _unpack_tnef(self, data: bytes) -> None:
+        """Outlook's ``winmail.dat`` (MS-OXTNEF) unpacked with tnefparse: its files become
+        attachments beside it, its body is kept for a message that has no other."""
+        try:
+            from tnefparse import TNEF  # imported when needed: rare, and no start-up cost
+
+            tnef = TNEF(data, do_checksum=False)
+        except Exception:  # any failure of a foreign decoder on junk: keep winmail.dat only
+            self.notes.append("tnef-unreadable")
+            return
+        for attachment in tnef.attachments:
+            content = attachment.data if isinstance(attachment.data, bytes) else b""
+            name = _tnef_text(_tnef_name(attachment), tnef.codepage)
+            filename = _clean_filename(name)
+            self.resources.append(
+                _Resource(
+                    content_type=_real_type("application/octet-stream", filename, content),
+                    filename=filename,
+                    data=content,
+                    content_id=None,
+                    disposition="attachment",
+                )
+            )
+        if not self.tnef_body.plain and not self.tnef_body.html:
+            html = _tnef_text(tnef.htmlbody, tnef.codepage)
+            plain = _tnef_text(tnef.body, tnef.codepage)
+            if not html.strip() and not plain.strip():
+                plain = self._tnef_rtf(tnef)
+            self.tnef_body = _Body(
+                plain=[plain.replace("\r\n", "\n").rstrip("\x00")] if plain.strip() else [],
+                html=[html.rstrip("\x00")] if html.strip() else [],
+            )
+
+    def _tnef_rtf(self, tnef: Any) -> str:
+        """The text of a TNEF body that Outlook kept only as compressed RTF (MS-OXRTFCP),
+        decompressed with compressed-rtf and turned into text with striprtf."""
+        compressed = getattr(tnef, "_rtfbody", None)
+        if not isinstance(compressed, bytes) or not compressed:
+            return ""
+        try:
+            from compressed_rtf import decompress  # imported when needed, as tnefparse is
+            from striprtf.striprtf import rtf_to_text
+
+            rtf = decompress(compressed + b"\x00")  # tnefparse's own reading adds the NUL
+            # striprtf ships py.typed but leaves this function unannotated.
+            text = rtf_to_text(rtf.decode("latin-1"), errors="ignore")  # type: ignore[no-untyped-call]
+        except Exception:  # a foreign decoder on damaged data: the body is lost, not the mail
+            self.notes.append("tnef-unreadable")
+            return ""
+        return str(text).replace("\r\n", "\n").strip("\n")
 
     def _add_message(self, part: Message, depth: int) -> None:
         """message/* parts (forwards, delivery reports) are kept whole, as their bytes."""
@@ -661,16 +844,15 @@ class _Walker:
                     if ctype != "message/rfc822":
                         buffer.write(self.linesep.encode("ascii"))
             data = buffer.getvalue()
-        except Exception as exc:  # a part we cannot re-serialise is noted
-            self.notes.append(f"{ctype} part could not be kept: {type(exc).__name__}")
+        except Exception:  # a part we cannot re-serialise is noted
+            self.notes.append("message-part-unreadable")
             return
         if part.get("content-transfer-encoding") in {"base64", "quoted-printable"}:
             # Non-standard but seen: an encoded message/rfc822 the parser read as headers.
             helper = Message(policy=_POLICY)
             helper["Content-Transfer-Encoding"] = part["content-transfer-encoding"]
             helper.set_payload(data.decode("ascii", "surrogateescape"))
-            decoded = helper.get_payload(decode=True)
-            data = decoded if isinstance(decoded, bytes) else data
+            data = self.payload(helper)
         self.resources.append(
             _Resource(
                 content_type=ctype,
@@ -678,9 +860,25 @@ class _Walker:
                 data=data,
                 content_id=_content_id(part.get("content-id")),
                 disposition=part.get_content_disposition(),
-                in_related=False,
             )
         )
+
+
+def _tnef_name(attachment: Any) -> object:
+    try:
+        return attachment.long_filename()
+    except Exception:  # tnefparse decodes names itself and may fail on odd code pages
+        return getattr(attachment, "_name", b"")
+
+
+def _tnef_text(value: object, codepage: str | None) -> str:
+    """A TNEF string property (bytes in the message's OEM code page, or already text)."""
+    if isinstance(value, str):
+        return value.strip("\x00")
+    if isinstance(value, bytes):
+        text, _ = decode_text(value.rstrip(b"\x00"), codepage)
+        return text
+    return ""
 
 
 def _generated_name(ctype: str, prefix: str, number: int) -> str:
@@ -692,50 +890,49 @@ def _generated_name(ctype: str, prefix: str, number: int) -> str:
 
 
 def _classify(
-    resources: list[_Resource], html: str
-) -> tuple[tuple[Attachment, ...], tuple[Attachment, ...]]:
-    referenced = (
-        {m.lower() for m in _CID_REFERENCE.findall(html)} if "cid:" in html.lower() else set()
-    )
+    resources: list[_Resource], html: str, notes: list[str]
+) -> tuple[tuple[Attachment, ...], tuple[Attachment, ...], str]:
+    """Attachments, inline images and the HTML that cites them.
+
+    A part is an inline image (an ``embeddedfile``) exactly when the HTML cites its
+    Content-ID (``src="cid:..."``, RFC 2392), whatever its declared type; any other part,
+    Content-ID or not, is a document a reader can see. ``cid:`` references that name no part
+    are removed from the HTML (``cid-dangling``), and the others are written as the part's own
+    Content-ID, so the store rewrites every one of them without deciding anything.
+    """
+    known = {res.content_id.lower(): res.content_id for res in resources if res.content_id}
+    html, cited, dangling = resolve_cid_sources(html, known)
+    if dangling:
+        notes.append("cid-dangling")
     attachments: list[Attachment] = []
     images: list[Attachment] = []
     counters = {
         (inline, prefix): 0 for inline in (True, False) for prefix in ("attachment", "image")
     }
     for res in resources:
-        is_image = res.content_type.startswith("image/")
-        inline = (
-            is_image
-            and res.content_id is not None
-            and (
-                res.content_id.lower() in referenced
-                or (res.in_related and res.disposition != "attachment")
-            )
-        )
-        filename = res.filename or _FIXED_NAMES.get(res.content_type)
+        ctype = _real_type(res.content_type, res.filename, res.data)
+        inline = res.content_id is not None and res.content_id.lower() in cited
+        filename = res.filename or _FIXED_NAMES.get(ctype)
         if filename is None:
-            prefix = "image" if is_image else "attachment"
+            prefix = "image" if ctype.startswith("image/") else "attachment"
             counters[inline, prefix] += 1
-            filename = _generated_name(res.content_type, prefix, counters[inline, prefix])
+            filename = _generated_name(ctype, prefix, counters[inline, prefix])
         item = Attachment(
             filename=filename,
-            content_type=res.content_type,
+            content_type=ctype,
             data=res.data,
             content_id=res.content_id,
         )
         (images if inline else attachments).append(item)
-    return tuple(attachments), tuple(images)
+    return tuple(attachments), tuple(images), html
 
 
 def _defect_notes(message: Message) -> list[str]:
+    """The standard library parser's defects, as our codes."""
     notes: list[str] = []
     for part in message.walk():
         for defect in getattr(part, "defects", ()):
-            name = type(defect).__name__.removesuffix("Defect")
-            words = re.sub(r"(?<=[a-z0-9])(?=[A-Z])", " ", name).lower()
-            note = f"{_content_type(part)}: {words}"
-            if note not in notes:
-                notes.append(note)
+            notes.append(_STDLIB_DEFECTS.get(type(defect).__name__, "mime-defect"))
     return notes
 
 
@@ -784,9 +981,17 @@ def summarise_headers(raw: bytes) -> HeaderSummary:
 
 
 def parse_message(
-    raw: bytes, *, max_attachment_bytes: int | None = None, now: datetime | None = None
+    raw: bytes,
+    *,
+    max_attachment_bytes: int | None = None,
+    now: datetime | None = None,
+    arrival: datetime | None = None,
 ) -> ParsedMessage:
     """Parse one raw message.
+
+    ``arrival`` is when the message reached the mailbox (IMAP INTERNALDATE, RFC 3501 2.3.3);
+    it stands in for a Date that is missing, unreadable, before 1970 or in the future. Without
+    it, ``now`` (default: the time of parsing) does. Every repair is listed in ``defects``.
 
     Raises :class:`MessageError` with code ``too_large`` when attachments and inline images
     together exceed ``max_attachment_bytes``, and with code ``unparseable`` for anything that
@@ -794,7 +999,9 @@ def parse_message(
     Nothing else escapes.
     """
     try:
-        return _parse(raw, max_attachment_bytes, now)
+        if arrival is not None and arrival.tzinfo is None:
+            arrival = arrival.replace(tzinfo=UTC)
+        return _parse(raw, max_attachment_bytes, arrival or now or datetime.now(UTC))
     except MessageError:
         raise
     except RecursionError as exc:
@@ -804,7 +1011,7 @@ def parse_message(
         raise MessageError(reason[:300], code="unparseable") from exc
 
 
-def _parse(raw: bytes, max_attachment_bytes: int | None, now: datetime | None) -> ParsedMessage:
+def _parse(raw: bytes, max_attachment_bytes: int | None, arrival: datetime) -> ParsedMessage:
     if not isinstance(raw, bytes | bytearray | memoryview):
         raise MessageError(f"expected bytes, got {type(raw).__name__}", code="unparseable")
     raw = bytes(raw)
@@ -821,7 +1028,7 @@ def _parse(raw: bytes, max_attachment_bytes: int | None, now: datetime | None) -
     message_id_text = headers.text("message-id")
     message_id = normalize_message_id(message_id_text) if message_id_text else None
     if message_id_text and message_id is None:
-        defects.append(f"unusable Message-ID {message_id_text[:60]!r}")
+        defects.append("message-id-invalid")
     fingerprint = content_fingerprint(raw)
     message_key = message_key_for(message_id, fingerprint)
 
@@ -829,20 +1036,21 @@ def _parse(raw: bytes, max_attachment_bytes: int | None, now: datetime | None) -
     references = parse_id_list(" ".join(headers.all_text("references")))
 
     subject_raw = headers.raw("subject")
-    subject = _one_line(decode_header_value(subject_raw, hint)) if subject_raw else ""
+    subject = _one_line(decode_header_value(subject_raw, hint, defects)) if subject_raw else ""
 
     def addresses(name: str) -> tuple[Address, ...]:
         return _addresses(headers.values.get(name, []), hint)
 
     senders = addresses("from") or addresses("sender")
-    date = _parse_date(headers.text("date"), now or datetime.now(UTC), defects)
+    date = _parse_date(headers.text("date"), arrival, defects)
 
     linesep = "\r\n" if b"\r\n" in raw[:4096] else "\n"
     walker = _Walker(hint, linesep)
     body = walker.body(message, top=True)
     if not body.plain and not body.html:
         body = walker.promote_inline_text()
-    defects.extend(walker.notes)
+    if not any(t.strip() for t in body.plain) and not any(t.strip() for t in body.html):
+        body = walker.tnef_body if walker.tnef_body.plain or walker.tnef_body.html else body
 
     html_source = "\n".join(body.html)
     plain = "\n".join(text.strip("\n") for text in body.plain).strip("\n").rstrip()
@@ -850,7 +1058,8 @@ def _parse(raw: bytes, max_attachment_bytes: int | None, now: datetime | None) -
         plain = html_to_text(html_source)
     html = sanitize_html(html_source) if html_source.strip() else ""
 
-    attachments, inline_images = _classify(walker.resources, html_source)
+    attachments, inline_images, html = _classify(walker.resources, html, walker.notes)
+    defects.extend(walker.notes)
     if max_attachment_bytes is not None:
         total = sum(a.size for a in attachments) + sum(i.size for i in inline_images)
         if total > max_attachment_bytes:
@@ -863,9 +1072,6 @@ def _parse(raw: bytes, max_attachment_bytes: int | None, now: datetime | None) -
         name: value for name in _AUTO_HEADERS if (value := headers.text(name)) is not None
     }
     defects.extend(_defect_notes(message))
-    if len(defects) > _MAX_DEFECTS:
-        extra = len(defects) - _MAX_DEFECTS + 1
-        defects = [*defects[: _MAX_DEFECTS - 1], f"... and {extra} more"]
 
     return ParsedMessage(
         message_key=message_key,
@@ -886,6 +1092,6 @@ def _parse(raw: bytes, max_attachment_bytes: int | None, now: datetime | None) -
         inline_images=inline_images,
         size=len(raw),
         auto_headers=auto_headers,
-        defects=tuple(defects),
+        defects=tuple(dict.fromkeys(defects)),
         fingerprint=fingerprint,
     )

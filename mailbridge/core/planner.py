@@ -57,9 +57,9 @@ The rules (README "The database schema" gives the integrator's view):
 Dates are compared as ISO-8601 UTC text of one shape (:func:`timestamp_text`), so text order is
 time order; the store keeps them so.
 
-Adding a rule: a policy that keeps a message out of conversations (automatic mail discarded, or
-admitted only into an existing conversation) is one more branch of :func:`route` returning a
-:class:`Routing` with its reason; a new column of the message row is a field of
+Adding a rule: a policy that keeps a message out of conversations is a branch of :func:`route`
+returning a :class:`Routing` with its reason (automatic mail and bounces are, through
+:func:`mailbridge.core.policy.decide`); a new column of the message row is a field of
 :class:`MessageValues` set by :func:`message_values`; an outgoing message's followers are
 :func:`participants` of the message as sent, planned by :func:`plan_followers` like any other.
 """
@@ -70,8 +70,10 @@ import enum
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Final
 
+from mailbridge.core.automatic import AutomaticVerdict
+from mailbridge.core.bounce import Bounce
 from mailbridge.core.html import rewrite_inline_images, text_to_html
 from mailbridge.core.identify import (
     is_own_address,
@@ -89,6 +91,7 @@ from mailbridge.core.messagekey import (
 )
 from mailbridge.core.model import Attachment, ParsedMessage
 from mailbridge.core.participants import is_outgoing, only_own_identity, reached_address
+from mailbridge.core.policy import AutomaticPolicy, Disposition, decide
 
 if TYPE_CHECKING:
     from mailbridge.config import (
@@ -125,6 +128,7 @@ class ImportContext:
     identification: Identification = "message_id"
     conversation_parents: tuple[ConversationParentSettings, ...] = ()
     follower_parents: tuple[FollowerParentSettings, ...] = ()
+    automatic_policy: AutomaticPolicy = field(default_factory=AutomaticPolicy)
 
     def __post_init__(self) -> None:
         # Config lower-cases addresses already; contexts built by hand (tests, tools) may not.
@@ -142,6 +146,7 @@ class ImportContext:
                 p for p in settings.conversation_parents if p.applies_to(account.name)
             ),
             follower_parents=settings.follower_parents,
+            automatic_policy=settings.automatic_policy(account),
         )
 
 
@@ -171,6 +176,8 @@ class Route(enum.StrEnum):
     MESSAGE_ID = "message_id"  # joins by Message-ID threading (parent, child or sibling)
     NEW = "new"  # starts a conversation
     IGNORED = "ignored"  # not stored (only the account's own identity, continuing nothing)
+    DISCARDED = "discarded"  # not stored: automatic mail the policy keeps out (core/policy.py)
+    BOUNCE = "bounce"  # not stored: a delivery report; its delivery errors are recorded
 
 
 @dataclass(frozen=True, slots=True)
@@ -184,7 +191,7 @@ class Routing:
 
     @property
     def stored(self) -> bool:
-        return self.route is not Route.IGNORED
+        return self.route not in (Route.IGNORED, Route.DISCARDED, Route.BOUNCE)
 
     @property
     def new(self) -> bool:
@@ -284,20 +291,41 @@ def conversation_of_citing(cited: Sequence[str], citing: Sequence[tuple[str, int
     return next((first[mid] for mid in cited if mid in first), None)
 
 
+PERSON: Final = AutomaticVerdict(automatic=False)
+
+
 def route(
     message: ParsedMessage,
     context: ImportContext,
     *,
     by_key: int | None,
     by_message_id: int | None,
+    automatic: AutomaticVerdict | None = None,
+    report: Bounce | None = None,
 ) -> Routing:
-    """Join, start or ignore: the outcome step of a message that is not a duplicate.
+    """Join, start, ignore, discard or record as a bounce: the outcome step of a message that
+    is not a duplicate.
 
     ``by_key``: the conversation :func:`join_by_key` found; ``by_message_id``: the one
-    Message-ID threading found (parent, then citing). The key wins. A message that joins
-    nothing starts a conversation, unless only the account's own identity takes part in it.
-    A further policy (automatic mail, bounces) is one more branch here returning a Routing.
+    Message-ID threading found (parent, then citing). The key wins. ``automatic`` and
+    ``report`` (:func:`mailbridge.core.policy.analyse`; None: a person's mail) go through the
+    account's policy first (:func:`mailbridge.core.policy.decide`): a delivery report is a
+    bounce, automatic mail may be discarded (with the reason). A message that joins nothing
+    starts a conversation, unless only the account's own identity takes part in it.
     """
+    found = by_key if by_key is not None else by_message_id
+    sender = message.from_address
+    disposition = decide(
+        automatic or PERSON,
+        report,
+        conversation_found=found is not None,
+        sender=sender.email if sender is not None else None,
+        policy=context.automatic_policy,
+    )
+    if disposition.disposition is Disposition.DISCARD:
+        return Routing(Route.DISCARDED, reason=disposition.reason)
+    if disposition.disposition is Disposition.BOUNCE and report is not None:
+        return Routing(Route.BOUNCE, reason=disposition.reason)
     if by_key is not None:
         return Routing(Route(context.identification), by_key)
     if by_message_id is not None:
@@ -402,6 +430,8 @@ class MessageValues:
     threaded_by: str
     fingerprint: str | None
     defects: tuple[str, ...]
+    automatic: bool = False  # automatic mail (core/automatic.py) the policy imported
+    automatic_reason: str | None = None
 
 
 def message_html(message: ParsedMessage) -> str:
@@ -410,9 +440,15 @@ def message_html(message: ParsedMessage) -> str:
 
 
 def message_values(
-    message: ParsedMessage, context: ImportContext, key: str, date: str, routing: Routing
+    message: ParsedMessage,
+    context: ImportContext,
+    key: str,
+    date: str,
+    routing: Routing,
+    automatic: AutomaticVerdict | None = None,
 ) -> MessageValues:
     sender = message.from_address
+    verdict = automatic or PERSON
     return MessageValues(
         key=key,
         message_id=message.message_id,
@@ -429,6 +465,8 @@ def message_values(
         threaded_by=routing.route.value,
         fingerprint=message.fingerprint or None,
         defects=message.defects,
+        automatic=verdict.automatic,
+        automatic_reason=verdict.reason if verdict.automatic else None,
     )
 
 

@@ -38,12 +38,12 @@ from mailbridge.daemon.importstep import _parse_batch as _parse_batch  # moved t
 from mailbridge.daemon.parsing import parse_off_loop
 from mailbridge.errors import MailbridgeError, StoreError
 from mailbridge.mail.imap import FetchedMessage, ImapSession
+from mailbridge.store.asyncrepo import AsyncRepository
 from mailbridge.store.base import (
     AccountState,
     FailureInfo,
     ImportItem,
 )
-from mailbridge.store.sqlite import AsyncRepository
 
 log = structlog.get_logger("mailbridge.account")
 
@@ -333,6 +333,8 @@ class AccountWorker:
             messages=len(uids),
             imported=summary.imported,
             duplicates=summary.duplicates,
+            discarded=summary.discarded,
+            bounces=summary.bounces,
             failed=summary.failed,
             seconds=round(time.monotonic() - started, 3),
         )

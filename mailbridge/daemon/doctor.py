@@ -11,17 +11,15 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import os
 import socket
-import sqlite3
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Literal
 
 from mailbridge.config import AccountSettings, Settings
 from mailbridge.errors import MailbridgeError, describe
 from mailbridge.mail.imap import ImapSession
 from mailbridge.mail.smtp import check_smtp
+from mailbridge.store import factory as store_factory
 
 Status = Literal["ok", "warn", "fail", "skip"]
 
@@ -52,29 +50,12 @@ def failing(checks: list[Check]) -> bool:
 
 
 def check_database(settings: Settings) -> Check:
-    """The database file can be written (or created), without changing it."""
-    path = settings.database
+    """The database can be written (or created), without changing it."""
     name = "database writable"
-    if not path.exists():
-        parent = _existing_parent(path)
-        if os.access(parent, os.W_OK | os.X_OK):
-            return Check(name, "ok", f"{path} (will be created)")
-        return Check(
-            name, "fail", f"cannot create {path}: {parent} is not writable", "database_error"
-        )
     try:
-        conn = sqlite3.connect(path, timeout=2)
-        try:
-            conn.execute("BEGIN IMMEDIATE")  # takes the write lock, writes nothing
-            conn.execute("ROLLBACK")
-        finally:
-            conn.close()
-    except sqlite3.OperationalError as exc:
-        code = "database_locked" if "locked" in str(exc) else "database_error"
-        return Check(name, "fail", f"{path}: {exc}", code)
-    except sqlite3.Error as exc:
-        return Check(name, "fail", f"{path}: {exc}", "database_error")
-    return Check(name, "ok", str(path))
+        return Check(name, "ok", store_factory.check_database(settings))
+    except MailbridgeError as exc:
+        return Check.failed(name, exc)
 
 
 async def diagnose(account: AccountSettings) -> list[Check]:
@@ -243,10 +224,3 @@ def _skipped(*what: str, account: AccountSettings) -> list[Check]:
         "smtp": "SMTP login",
     }
     return [Check(names[w], "skip", "not checked: an earlier line failed") for w in what]
-
-
-def _existing_parent(path: Path) -> Path:
-    parent = path.parent
-    while not parent.exists() and parent != parent.parent:
-        parent = parent.parent
-    return parent

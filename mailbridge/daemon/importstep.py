@@ -18,9 +18,11 @@ from typing import Any
 from mailbridge.config import AccountSettings, Settings
 from mailbridge.core.messagekey import content_fingerprint, message_key
 from mailbridge.core.parse import parse_message, summarise_headers
+from mailbridge.core.policy import analyse
 from mailbridge.daemon.parsing import parse_off_loop
 from mailbridge.errors import MessageError, describe
 from mailbridge.mail.imap import FetchedMessage, ImapSession
+from mailbridge.store.asyncrepo import AsyncRepository
 from mailbridge.store.base import (
     FailureInfo,
     ImportContext,
@@ -28,7 +30,6 @@ from mailbridge.store.base import (
     ImportResult,
     Outcome,
 )
-from mailbridge.store.sqlite import AsyncRepository
 
 
 @dataclass
@@ -39,9 +40,13 @@ class PassSummary:
     duplicates: int = 0
     failed: int = 0
     failures: list[FailureInfo] = field(default_factory=list)
+    discarded: int = 0  # automatic mail the policy did not import (moved to Processed)
+    bounces: int = 0  # delivery reports recorded as delivery errors (moved to Processed)
 
     def add(self, other: PassSummary) -> None:
         self.imported += other.imported
+        self.discarded += other.discarded
+        self.bounces += other.bounces
         self.duplicates += other.duplicates
         self.failed += other.failed
         self.failures.extend(other.failures)
@@ -55,13 +60,22 @@ def _parse_batch(
     failures: list[FailureInfo] = []
     for message in fetched:
         try:
-            parsed = parse_message(message.raw, max_attachment_bytes=max_attachment_bytes)
+            parsed = parse_message(
+                message.raw,
+                max_attachment_bytes=max_attachment_bytes,
+                # A missing, broken or future Date falls back to when the message arrived.
+                arrival=message.internaldate,
+            )
         except MessageError as exc:
             failures.append(_failure_from_raw(message, exc.code, str(exc)))
         except Exception as exc:  # the parser promises MessageError; a bug must not stop the batch
             failures.append(_failure_from_raw(message, "unparseable", f"parser bug: {exc!r}"))
         else:
-            items.append(ImportItem(uid=message.uid, message=parsed))
+            # What core/policy.py needs: the automatic verdict and any delivery report.
+            automatic, report = analyse(message.raw, parsed)
+            items.append(
+                ImportItem(uid=message.uid, message=parsed, automatic=automatic, report=report)
+            )
     return items, failures
 
 
@@ -184,6 +198,29 @@ class ImportStep:
                         message_key=result.message_key,
                         defects=list(parsed_message.defects),
                     )
+            elif result.outcome is Outcome.DISCARDED:
+                summary.discarded += 1
+                self.log.info(
+                    "message_discarded",
+                    uid=result.uid,
+                    message_id=by_uid[result.uid].message.message_id,
+                    reason=result.error_reason,
+                )
+            elif result.outcome is Outcome.BOUNCE:
+                summary.bounces += 1
+                report = by_uid[result.uid].report
+                event = "bounce_recorded" if result.delivery_errors_matched else "bounce_unmatched"
+                log_method = self.log.info if result.delivery_errors_matched else self.log.warning
+                log_method(
+                    event,
+                    uid=result.uid,
+                    message_id=by_uid[result.uid].message.message_id,
+                    kind=report.kind if report is not None else None,
+                    original_message_id=report.original_message_id if report else None,
+                    recipients=[r.address for r in report.recipients] if report else [],
+                    errors=result.delivery_errors,
+                    matched=result.delivery_errors_matched,
+                )
             elif result.outcome is Outcome.IGNORED:
                 # The account's own mail continuing nothing: moved to Processed, not stored.
                 summary.duplicates += 1

@@ -40,8 +40,9 @@ from mailbridge.daemon.account import AccountWorker, PassSummary
 from mailbridge.daemon.sweep import run_schedule
 from mailbridge.daemon.systemd import Notifier
 from mailbridge.errors import ConfigError, MailbridgeError, ServerError, describe
+from mailbridge.store.asyncrepo import AsyncRepository
 from mailbridge.store.base import AccountState
-from mailbridge.store.sqlite import AsyncRepository, open_repository
+from mailbridge.store.factory import open_repository
 
 log = structlog.get_logger("mailbridge.supervisor")
 

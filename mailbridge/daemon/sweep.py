@@ -40,8 +40,8 @@ from mailbridge.daemon.account import open_session
 from mailbridge.daemon.importstep import ImportStep
 from mailbridge.errors import MailbridgeError
 from mailbridge.mail.imap import FetchedMessage, ImapSession
+from mailbridge.store.asyncrepo import AsyncRepository
 from mailbridge.store.base import RESOLVED_REMOVED, FailureInfo, FailureRecord
-from mailbridge.store.sqlite import AsyncRepository
 
 log = structlog.get_logger("mailbridge.sweep")
 
@@ -67,6 +67,7 @@ class SweepSummary:
     inbox_duplicates: int = 0  # missed Inbox mail that was already stored
     skipped_young: int = 0  # unseen Inbox mail within the grace period, left to the live loop
     reconciled: int = 0  # failures resolved because their message left the Failed folder by hand
+    discarded: int = 0  # automatic mail the policy did not import, and bounces (to Processed)
     still_failing: list[FailureInfo] = field(default_factory=list)  # retried, failed again
     new_failures: list[FailureInfo] = field(default_factory=list)  # Inbox mail moved to Failed
 
@@ -89,6 +90,8 @@ class SweepSummary:
             parts.append(f"older failures left {self.left_old}")
         if self.reconciled:
             parts.append(f"gone from the Failed folder {self.reconciled}")
+        if self.discarded:
+            parts.append(f"discarded or bounces {self.discarded}")
         return ", ".join(parts)
 
     def reasons(self) -> dict[str, int]:
@@ -351,6 +354,7 @@ async def _retry_failed(
             summary.retried += len(fetched)
             summary.recovered += result.imported
             summary.already_imported += result.duplicates
+            summary.discarded += result.discarded + result.bounces
             summary.still_failing.extend(result.failures)
         done += len(batch)
         if progress is not None:
@@ -423,6 +427,7 @@ async def _import_missed(
             result = await worker.process_fetched(session, old)
             summary.inbox_imported += result.imported
             summary.inbox_duplicates += result.duplicates
+            summary.discarded += result.discarded + result.bounces
             summary.new_failures.extend(result.failures)
         done += len(batch)
         if progress is not None:

@@ -3,7 +3,7 @@
 The repository is the only code that speaks SQL. The daemon and the CLI talk to this protocol,
 so another backend (PostgreSQL, for several daemons sharing one database) can pass the same
 contract tests (``tests/unit/test_store_contract.py``). Methods are synchronous; the daemon runs
-them on one writer thread through :class:`mailbridge.store.sqlite.AsyncRepository`.
+them on one writer thread through :class:`mailbridge.store.asyncrepo.AsyncRepository`.
 
 Guarantees every backend must give:
 
@@ -31,6 +31,8 @@ from dataclasses import dataclass, field
 from datetime import datetime
 from typing import TYPE_CHECKING, Protocol
 
+from mailbridge.core.automatic import AutomaticVerdict
+from mailbridge.core.bounce import Bounce
 from mailbridge.core.model import Attachment, ParsedMessage
 from mailbridge.core.planner import (
     CitedRow,
@@ -57,14 +59,22 @@ class Outcome(enum.StrEnum):
     DUPLICATE = "duplicate"
     FAILED = "failed"
     IGNORED = "ignored"  # only the account's own identity, continuing nothing: not stored
+    DISCARDED = "discarded"  # automatic mail the policy does not import (error_reason: why)
+    BOUNCE = "bounce"  # a delivery report: delivery errors recorded, no message stored
 
 
 @dataclass(frozen=True, slots=True)
 class ImportItem:
-    """One parsed message to import, with the IMAP UID it had in the Inbox."""
+    """One parsed message to import, with the IMAP UID it had in the Inbox.
+
+    ``automatic`` and ``report`` are :func:`mailbridge.core.policy.analyse`'s answers; None
+    (not analysed) imports the message as a person's.
+    """
 
     uid: int
     message: ParsedMessage
+    automatic: AutomaticVerdict | None = None
+    report: Bounce | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -76,10 +86,12 @@ class ImportResult:
     message_row_id: int | None = None
     new_conversation: bool = False
     error_code: str | None = None  # set when outcome is FAILED (a catalogue code)
-    error_reason: str | None = None
     # IMPORTED only: the key of the stored, different message whose Message-ID this one reuses
     # (``message_key`` is then the derived ``<message-id>#<fingerprint prefix>``).
     reused_key: str | None = None
+    error_reason: str | None = None  # FAILED, IGNORED, DISCARDED: why; BOUNCE: what was matched
+    delivery_errors: int = 0  # BOUNCE: rows written to conversationmessageerror
+    delivery_errors_matched: int = 0  # BOUNCE: of those, rows tied to a stored message
 
 
 @dataclass(frozen=True, slots=True)
@@ -201,6 +213,39 @@ class ConversationDetail:
 
 
 @dataclass(frozen=True, slots=True)
+class DeliveryErrorRecord:
+    """A row of ``conversationmessageerror``: one failed recipient of one delivery report."""
+
+    id: int
+    account: str
+    conversation: int | None  # None: the report matched no stored message
+    conversation_message: int | None
+    message_follower: int | None
+    recipient: str
+    type: str  # permanent, temporary, complaint
+    status: str | None  # RFC 3463 code
+    diagnostic: str
+    original_message_id: str | None
+    matched_by: str  # message_id, recipient, none
+    report_kind: str  # dsn, non-standard, feedback
+    report_message_id: str | None
+    report_subject: str
+    report_from: str
+    date: datetime | None
+    resolved: datetime | None
+
+
+@dataclass(frozen=True, slots=True)
+class LeaseRow:
+    """An unexpired lease (PostgreSQL, several daemons): ``holder`` serves ``account``."""
+
+    account: str
+    holder: str  # host:pid:random of the daemon
+    token: int  # the fencing token: grows each time the account changes hands
+    remaining: float  # seconds until it expires unless renewed (the database's clock)
+
+
+@dataclass(frozen=True, slots=True)
 class StoredRow:
     """A stored message a batch's message may be: key, fingerprint, conversation, row."""
 
@@ -319,6 +364,12 @@ class ImportPrimitives(Protocol):
     ) -> int:
         """A record of a conversation parent table, linked from the conversation; its id."""
 
+    def record_delivery_errors(
+        self, account: str, message: ParsedMessage, report: Bounce, now: str
+    ) -> tuple[int, int]:
+        """The ``conversationmessageerror`` rows of a delivery report, tied to the messages it
+        answers (:mod:`mailbridge.store.delivery_errors`); (rows written, rows matched)."""
+
     def resolve_failures(self, account: str, keys: Sequence[str], now: str) -> None:
         """Resolve the account's import failures of messages now stored (by message key)."""
 
@@ -401,6 +452,27 @@ class Repository(Protocol):
 
     def conversation(self, conversation_id: int) -> ConversationDetail | None:
         """One conversation with its followers and messages, or None."""
+
+    def delivery_errors(
+        self, *, unresolved: bool = False, conversation: int | None = None
+    ) -> list[DeliveryErrorRecord]:
+        """Delivery errors (bounces, complaints), newest first."""
+
+    def resolve_delivery_error(self, error_id: int) -> bool:
+        """Mark one resolved now (its follower's mark cleared when no other unresolved error
+        remains for it); False when there is no such unresolved row. Committed."""
+
+    def use_parents(
+        self,
+        follower_parents: Sequence[FollowerParentSettings],
+        conversation_parents: Sequence[ConversationParentSettings],
+    ) -> None:
+        """Know the configured parent tables by name for reading conversations back, without
+        creating or checking anything (read-only commands)."""
+
+    def lease_holders(self) -> dict[str, str]:
+        """account -> the daemon holding its lease now (several daemons on PostgreSQL); empty
+        with SQLite, whose one daemon needs no leases."""
 
     def close(self) -> None:
         """Release the connection."""

@@ -15,7 +15,7 @@ from typing import Final
 
 from mailbridge.core import planner
 from mailbridge.core.messagekey import KeyDecision, StoredIdentity
-from mailbridge.core.planner import ImportContext, Routing
+from mailbridge.core.planner import ImportContext, Route, Routing
 from mailbridge.store.base import (
     ImportItem,
     ImportPrimitives,
@@ -25,6 +25,12 @@ from mailbridge.store.base import (
 )
 
 _MAX_REASON: Final = 1000
+# The outcome of a message the planner routes out of the conversations.
+_NOT_STORED: Final = {
+    Route.IGNORED: Outcome.IGNORED,
+    Route.DISCARDED: Outcome.DISCARDED,
+    Route.BOUNCE: Outcome.BOUNCE,
+}
 
 
 def import_items(
@@ -61,6 +67,8 @@ def import_items(
             continue
         result = _import_in_savepoint(db, context, item, now, decision)
         results[index] = result
+        if result.outcome in (Outcome.DISCARDED, Outcome.BOUNCE):
+            settled.append(decision.key)  # dealt with for good: a failure is resolved
         if result.conversation_id is not None and result.message_row_id is not None:
             # Imported: a second copy later in the same batch is a duplicate of this one.
             same_id.append(
@@ -105,9 +113,11 @@ def _import_in_savepoint(
         return ImportResult(
             uid=item.uid,
             message_key=decision.key,
-            outcome=Outcome.IGNORED,
+            outcome=_NOT_STORED[written.route],
             error_reason=written.reason,
         )
+    if isinstance(written, ImportResult):
+        return written
     conversation_id, row_id, new = written
     return ImportResult(
         uid=item.uid,
@@ -140,7 +150,14 @@ def _route(
         if by_message_id is None:
             cited = planner.cited_ids(message, candidates, reused=decision.reused is not None)
             by_message_id = planner.conversation_of_citing(cited, db.citing(context.account, cited))
-    return planner.route(message, context, by_key=by_key, by_message_id=by_message_id)
+    return planner.route(
+        message,
+        context,
+        by_key=by_key,
+        by_message_id=by_message_id,
+        automatic=item.automatic,
+        report=item.report,
+    )
 
 
 def _import_one(
@@ -149,13 +166,23 @@ def _import_one(
     item: ImportItem,
     now: str,
     decision: KeyDecision,
-) -> tuple[int, int, bool] | Routing:
-    """Write one message; (conversation id, message row id, new conversation), or the Routing
-    that says why it is not stored."""
+) -> tuple[int, int, bool] | Routing | ImportResult:
+    """Write one message; (conversation id, message row id, new conversation), the Routing
+    that says why it is not stored, or the result of a bounce (its delivery errors written)."""
     account, message = context.account, item.message
     date = planner.timestamp_text(message.date)
     candidates = planner.candidates_of(message)
     routing = _route(db, context, item, date, decision, candidates)
+    if routing.route is Route.BOUNCE and item.report is not None:
+        written, matched = db.record_delivery_errors(account, message, item.report, now)
+        return ImportResult(
+            uid=item.uid,
+            message_key=decision.key,
+            outcome=Outcome.BOUNCE,
+            error_reason=routing.reason,
+            delivery_errors=written,
+            delivery_errors_matched=matched,
+        )
     if not routing.stored:
         return routing
     if routing.conversation_id is None:
@@ -170,7 +197,7 @@ def _import_one(
         )
         db.update_conversation(conversation_id, values, now)
 
-    row = planner.message_values(message, context, decision.key, date, routing)
+    row = planner.message_values(message, context, decision.key, date, routing, item.automatic)
     row_id = db.insert_message(conversation_id, account, item.uid, row, now)
     db.insert_references(row_id, candidates)
 

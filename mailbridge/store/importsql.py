@@ -12,10 +12,11 @@ from __future__ import annotations
 import base64
 import secrets
 from collections.abc import Iterator, Sequence
-from typing import TYPE_CHECKING, Any, Final, Protocol, TypeVar
+from typing import TYPE_CHECKING, Final, Protocol, TypeVar
 
+from mailbridge.core.bounce import Bounce
 from mailbridge.core.messagekey import ParentCandidate
-from mailbridge.core.model import Attachment
+from mailbridge.core.model import Attachment, ParsedMessage
 from mailbridge.core.planner import (
     CitedRow,
     ConversationValues,
@@ -26,7 +27,9 @@ from mailbridge.core.planner import (
     ParentRecord,
     PropertyLookup,
 )
+from mailbridge.store import delivery_errors
 from mailbridge.store.base import RESOLVED_IMPORTED, StoredRow
+from mailbridge.store.sql import Sql, iso, join_defects, q
 
 if TYPE_CHECKING:
     from mailbridge.config import FollowerParentSettings
@@ -37,20 +40,9 @@ T = TypeVar("T")
 CHUNK: Final = 500
 
 
-class Cursor(Protocol):
-    """One open transaction of a backend, as the import primitives use it."""
-
-    def execute(self, sql: str, params: Sequence[Any] = ()) -> int:
-        """Run one statement; the number of rows it changed."""
-
-    def executemany(self, sql: str, params: Sequence[Sequence[Any]]) -> None:
-        """Run one statement for each parameter row."""
-
-    def rows(self, sql: str, params: Sequence[Any] = ()) -> list[dict[str, Any]]:
-        """Run a query (or an ``INSERT ... RETURNING``); its rows as column name -> value."""
-
-    def nocase(self, column: str) -> str:
-        """An expression comparing ``column`` case-insensitively (on both sides of ``=``)."""
+class Cursor(Sql, Protocol):
+    """One open write transaction of a backend, as the import primitives use it: the shared
+    :class:`~mailbridge.store.sql.Sql` cursor, which also says which errors fail the batch."""
 
     def is_batch_error(self, exc: BaseException) -> bool:
         """True when ``exc`` concerns the database rather than one message's data."""
@@ -63,18 +55,6 @@ def chunks(values: Sequence[T], size: int = CHUNK) -> Iterator[Sequence[T]]:
 
 def marks(count: int) -> str:
     return ", ".join("?" * count)
-
-
-def q(identifier: str) -> str:
-    """An identifier quoted for SQL. Config admits only ``[a-z_][a-z0-9_]*`` non-keywords, so
-    the quotes are belt and braces, never an escape."""
-    return '"' + identifier.replace('"', '""') + '"'
-
-
-def join_defects(defects: Sequence[str]) -> str | None:
-    """``conversationmessage.defects``: one defect per line (each made one line); None for none."""
-    lines = [" ".join(d.split()) for d in defects]
-    return "\n".join(line for line in lines if line) or None
 
 
 def message_uniqueid() -> str:
@@ -310,8 +290,10 @@ class SqlImport:
         [row] = self.sql.rows(
             "INSERT INTO conversationmessage (conversation, account, uid, messageid, messagekey,"
             " uniqueid, direction, subject, fromaddress, fromname, date, message, plaintext,"
-            ' inreplyto, "references", size, createdtime, threadedby, fingerprint, defects)'
-            " VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?) RETURNING id",
+            ' inreplyto, "references", size, createdtime, threadedby, fingerprint, defects,'
+            " automatic, automaticreason)"
+            " VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)"
+            " RETURNING id",
             (
                 conversation_id,
                 account,
@@ -333,6 +315,8 @@ class SqlImport:
                 values.threaded_by,
                 values.fingerprint,
                 join_defects(values.defects),
+                1 if values.automatic else 0,
+                values.automatic_reason,
             ),
         )
         return int(row["id"])
@@ -430,6 +414,11 @@ class SqlImport:
             f"UPDATE conversation SET {q(table)} = ? WHERE id = ?", (record_id, conversation_id)
         )
         return record_id
+
+    def record_delivery_errors(
+        self, account: str, message: ParsedMessage, report: Bounce, now: str
+    ) -> tuple[int, int]:
+        return delivery_errors.record_delivery_errors(self.sql, account, message, report, now, iso)
 
     def resolve_failures(self, account: str, keys: Sequence[str], now: str) -> None:
         for chunk in chunks(keys):

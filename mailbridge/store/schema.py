@@ -1,6 +1,8 @@
 """The database schema as SQL DDL, and the migrations that create and upgrade it.
 
-The schema version lives in ``PRAGMA user_version``: 0 is an empty file, and migration *N*
+On SQLite the schema version lives in ``PRAGMA user_version``; on PostgreSQL in the
+``schemaversion`` table (see :func:`for_postgres`, which also translates the DDL below, written
+once in SQLite's dialect). 0 is an empty database, and migration *N*
 takes a database from version N-1 to N. A backend applies every migration above the stored
 version inside one write transaction (SQLite DDL is transactional), so an upgrade interrupted by
 a crash leaves the previous version intact. Migrations are append-only: a shipped migration is
@@ -15,6 +17,7 @@ is time order.
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass
 from typing import Final
 
@@ -254,12 +257,87 @@ _V5: Final[tuple[str, ...]] = (
     " WHERE messageid IS NOT NULL",
 )
 
+# Version 6 (issue 13): automatic mail and delivery errors. Whether a stored message is
+# automatic and why (core/automatic.py); bounces and ARF complaints as rows on the message
+# follower they concern (RFC 3464 / RFC 5965), the follower marked with the type of its latest
+# unresolved error.
+_V6: Final[tuple[str, ...]] = (
+    "ALTER TABLE conversationmessage ADD COLUMN automatic INTEGER NOT NULL DEFAULT 0"
+    " CHECK (automatic IN (0, 1))",
+    "ALTER TABLE conversationmessage ADD COLUMN automaticreason TEXT",
+    "ALTER TABLE follower ADD COLUMN deliveryerror TEXT"
+    " CHECK (deliveryerror IN ('permanent', 'temporary', 'complaint'))",
+    f"""
+    CREATE TABLE conversationmessageerror (
+        id                  INTEGER PRIMARY KEY,
+        account             TEXT NOT NULL,
+        conversation        INTEGER REFERENCES conversation (id) ON DELETE CASCADE,
+        conversationmessage INTEGER REFERENCES conversationmessage (id) ON DELETE CASCADE,
+        messagefollower     INTEGER REFERENCES messagefollower (id) ON DELETE SET NULL,
+        follower            INTEGER REFERENCES follower (id) ON DELETE SET NULL,
+        recipient           TEXT NOT NULL DEFAULT '',
+        type                TEXT NOT NULL CHECK (type IN ('permanent', 'temporary', 'complaint')),
+        status              TEXT,
+        diagnostic          TEXT NOT NULL DEFAULT '',
+        originalmessageid   TEXT,
+        matchedby           TEXT NOT NULL DEFAULT 'none'
+                            CHECK (matchedby IN ('message_id', 'recipient', 'none')),
+        reportkind          TEXT NOT NULL DEFAULT 'dsn',
+        reportmessageid     TEXT,
+        reportkey           TEXT NOT NULL,
+        reportsubject       TEXT NOT NULL DEFAULT '',
+        reportfrom          TEXT NOT NULL DEFAULT '',
+        date                TEXT NOT NULL,
+        resolved            TEXT,
+        createdtime         TEXT NOT NULL DEFAULT {_NOW},
+        UNIQUE (account, reportkey, recipient)
+    )
+    """,
+    "CREATE INDEX conversationmessageerror_conversation ON conversationmessageerror (conversation)",
+    "CREATE INDEX conversationmessageerror_message"
+    " ON conversationmessageerror (conversationmessage)",
+    "CREATE INDEX conversationmessageerror_follower ON conversationmessageerror (follower)",
+    "CREATE INDEX conversationmessageerror_unresolved ON conversationmessageerror (date)"
+    " WHERE resolved IS NULL",
+)
+
+# Version 7 (issue 12): leases, so that several daemons sharing one PostgreSQL database serve
+# each account from exactly one of them (daemon/leases.py). ``holder`` is host:pid:random of the
+# daemon that serves the account (NULL once released), ``expires`` when the lease lapses unless
+# renewed (the database's clock), ``token`` the fencing token: it grows every time the account
+# changes hands, so a write checked against (holder, token) from a daemon that lost its lease
+# fails. ``leaseholder`` lists the daemons alive. With SQLite there is one daemon, and both stay
+# empty.
+_V7: Final[tuple[str, ...]] = (
+    """
+    CREATE TABLE lease (
+        account  TEXT PRIMARY KEY,
+        holder   TEXT,
+        expires  TEXT NOT NULL,
+        token    INTEGER NOT NULL DEFAULT 0,
+        acquired TEXT
+    )
+    """,
+    "CREATE INDEX lease_holder ON lease (holder)",
+    # The daemons alive now (each renews its row with its leases), so that a daemon that holds
+    # nothing yet still counts when the others work out their fair share.
+    """
+    CREATE TABLE leaseholder (
+        holder  TEXT PRIMARY KEY,
+        expires TEXT NOT NULL,
+        started TEXT NOT NULL
+    )
+    """,
+)
+
 MIGRATIONS: Final[tuple[Migration, ...]] = (
     Migration(1, "conversations, messages, followers, files, import failures", _V1),
     Migration(2, "threadedby, per-recipient Message-ID and unread indexes", _V2),
     Migration(3, "the recovery sweep's last run and summary per account", _V3),
     Migration(4, "how a failure was resolved; the Failed folder's UIDVALIDITY", _V4),
     Migration(5, "content fingerprint, parser defects, the replyto participation level", _V5),
+    Migration(6, "automatic mail; delivery errors (bounces, complaints) per message follower", _V6),
+    Migration(7, "leases of accounts for several daemons on one database", _V7),
 )
 
 # The version a fully migrated database reports in PRAGMA user_version.
@@ -275,7 +353,49 @@ TABLES: Final[tuple[str, ...]] = (
     "embeddedfile",
     "importfailure",
     "accountstate",
+    "conversationmessageerror",
+    "lease",
+    "leaseholder",
 )
+
+# -- PostgreSQL -------------------------------------------------------------------------------
+# The migrations above are written once, in SQLite's dialect; for_postgres() translates a
+# statement in this one place. PostgreSQL keeps the schema version in a table (it has no
+# user_version): one row, the version of the last migration applied, updated in the migration's
+# transaction.
+POSTGRES_VERSION_TABLE: Final = (
+    "CREATE TABLE IF NOT EXISTS schemaversion (version INTEGER NOT NULL,"
+    " updated TEXT NOT NULL DEFAULT {now})"
+)
+# The same ISO-8601 shape as TIMESTAMP_FORMAT, from the database's clock.
+POSTGRES_NOW: Final = "to_char(now() AT TIME ZONE 'UTC', 'YYYY-MM-DD\"T\"HH24:MI:SS\"Z\"')"
+
+_POSTGRES_TYPES: Final[tuple[tuple[str, str], ...]] = (
+    # Ids an integrator may also set by hand, as SQLite's rowid allows.
+    (r"\bINTEGER PRIMARY KEY\b", "BIGINT GENERATED BY DEFAULT AS IDENTITY PRIMARY KEY"),
+    # IMAP UIDs and UIDVALIDITY are 32-bit unsigned (RFC 3501 section 2.3.1.1): past int4.
+    (r"\bINTEGER\b", "BIGINT"),
+    (r"\bBLOB\b", "BYTEA"),
+    (r"\)\s*WITHOUT ROWID", ")"),
+)
+
+
+def for_postgres(statement: str) -> str | None:
+    """``statement`` (SQLite dialect, from MIGRATIONS) in PostgreSQL's dialect: identity ids,
+    BIGINT for INTEGER, BYTEA for BLOB, no WITHOUT ROWID, and the timestamp default from
+    ``now()``; None for a statement that only concerns SQLite (``PRAGMA``). Everything else
+    the migrations use is common SQL.
+
+    A migration that copies rows with their ids into a new table (a rebuild) must also move
+    the new table's identity on PostgreSQL (``setval``); no shipped one needs it on a fresh
+    database, where the copied table is empty."""
+    if statement.lstrip().upper().startswith("PRAGMA"):
+        return None
+    out = statement.replace(_NOW, f"({POSTGRES_NOW})")
+    for pattern, replacement in _POSTGRES_TYPES:
+        out = re.sub(pattern, replacement, out)
+    return out
+
 
 # Columns of the two tables that config-named link columns are added to (``follower.<table>``,
 # ``conversation.<table>``): a configured table name must not collide with them.
@@ -298,5 +418,15 @@ CONVERSATION_COLUMNS: Final[frozenset[str]] = frozenset(
     }
 )
 FOLLOWER_COLUMNS: Final[frozenset[str]] = frozenset(
-    {"id", "conversation", "email", "name", "active", "subscribed", "createdtime", "updatedtime"}
+    {
+        "id",
+        "conversation",
+        "email",
+        "name",
+        "active",
+        "subscribed",
+        "createdtime",
+        "updatedtime",
+        "deliveryerror",
+    }
 )

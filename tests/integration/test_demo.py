@@ -28,7 +28,7 @@ def test_demo_shows_conversations_a_failure_and_the_folders() -> None:
     )
     out = done.stdout
     assert done.returncode == 0, done.stderr[-3000:]
-    assert "support: imported 5, duplicates 0, failed 1" in out
+    assert "support: imported 5, duplicates 0, discarded 0, bounces 0, failed 1" in out
     # The thread of three is one conversation, shown with its messages and followers.
     assert "Order 1042 arrived damaged" in out
     assert "$ mailbridge -c config.yaml conversation show" in out

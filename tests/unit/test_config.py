@@ -304,3 +304,160 @@ def test_check_config_warns_about_world_readable_inline_passwords(
     path.chmod(0o600)
     assert main(["-c", str(path), "check-config"]) == 0
     assert "readable by every user" not in capsys.readouterr().err
+
+
+# -- database: a SQLite path or a PostgreSQL URL ------------------------------------------------
+
+
+def test_database_url_is_parsed_without_a_password() -> None:
+    settings = parse_config(
+        {"database": "postgresql://mailbridge@db.example.com:6432/mail", "accounts": [_account()]}
+    )
+    url = settings.postgres
+    assert url is not None
+    assert settings.sqlite_path is None
+    assert (url.user, url.host, url.port, url.dbname) == (
+        "mailbridge",
+        "db.example.com",
+        6432,
+        "mail",
+    )
+    assert str(url) == "postgresql://mailbridge@db.example.com:6432/mail"
+    # Off the loopback interface, TLS is verified unless the URL says otherwise.
+    params = url.connection_parameters()
+    assert (params["sslmode"], params["sslrootcert"]) == ("verify-full", "system")
+    assert url.tls_verified
+    assert settings.database_password() is None  # none configured: libpq's own ways
+
+
+def test_database_path_is_still_sqlite() -> None:
+    settings = parse_config({"database": "/srv/mb/mail.db", "accounts": [_account()]})
+    assert settings.sqlite_path == Path("/srv/mb/mail.db")
+    assert settings.postgres is None
+
+
+@pytest.mark.parametrize(
+    ("url", "params"),
+    [
+        ("postgresql://mb@127.0.0.1/mb", {"host": "127.0.0.1", "port": "5432"}),
+        ("postgres://mb@localhost:5433/mb", {"host": "localhost", "port": "5433"}),
+        ("postgresql://mb@%2Fvar%2Frun%2Fpostgresql/mb", {"host": "/var/run/postgresql"}),
+        ("postgresql://mb@db/mb?sslmode=require", {"sslmode": "require"}),
+    ],
+)
+def test_database_url_forms(url: str, params: dict[str, str]) -> None:
+    parsed = parse_config({"database": url, "accounts": [_account()]}).postgres
+    assert parsed is not None
+    got = parsed.connection_parameters()
+    assert {k: got[k] for k in params} == params
+    if "sslmode" not in params:  # loopback or socket: no TLS default forced
+        assert "sslmode" not in got
+
+
+@pytest.mark.parametrize(
+    ("url", "why"),
+    [
+        ("postgresql://mb:secret@db/mb", "do not put the password in the URL"),
+        ("postgresql://db/mb", "lacks the user"),
+        ("postgresql://mb@db/", "lacks the database name"),
+        ("postgresql://mb@db:99999/mb", "port"),
+        ("postgresql://mb@db/mb?sslmode=sometimes", "sslmode must be one of"),
+        ("postgresql://mb@db/mb?options=-c%20x", "unknown URL parameter 'options'"),
+        ("mysql://mb@db/mb", "only postgresql:// URLs"),
+    ],
+)
+def test_bad_database_url_names_the_key(url: str, why: str) -> None:
+    error = _error({"database": url, "accounts": [_account()]})
+    assert error.path == "database"
+    assert why in str(error)
+    assert "secret" not in str(error) or "password" in why
+
+
+def test_database_password_only_for_postgresql_and_only_one() -> None:
+    error = _error({"database_password_env": "PGPW", "accounts": [_account()]})
+    assert "only for a postgresql:// database" in str(error)
+    assert "database_password_env" in str(error)
+    error = _error(
+        {
+            "database": "postgresql://mb@db/mb",
+            "database_password_env": "PGPW",
+            "database_password_file": "/x",
+            "accounts": [_account()],
+        }
+    )
+    assert "at most one of" in str(error)
+
+
+def test_database_password_sources(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from mailbridge.log import _secrets
+
+    pw = tmp_path / "db.pw"
+    pw.write_text("db-s3cret-1\n", encoding="utf-8")
+    url = "postgresql://mb@db/mb"
+    base = {"database": url, "accounts": [_account()]}
+    assert parse_config({**base, "database_password_file": str(pw)}).database_password() == (
+        "db-s3cret-1"
+    )
+    assert "db-s3cret-1" in _secrets  # masked in every log line from now on
+    monkeypatch.setenv("MAILBRIDGE_TEST_PW", "db-s3cret-2")
+    settings = parse_config({**base, "database_password_env": "MAILBRIDGE_TEST_PW"})
+    assert settings.database_password() == "db-s3cret-2"
+    (tmp_path / "dbpw").write_text("db-s3cret-3", encoding="utf-8")
+    monkeypatch.setenv("CREDENTIALS_DIRECTORY", str(tmp_path))
+    settings = parse_config({**base, "database_password_credential": "dbpw"})
+    assert settings.database_password() == "db-s3cret-3"
+
+    missing = parse_config({**base, "database_password_file": str(tmp_path / "nope")})
+    with pytest.raises(ConfigError) as info:
+        missing.database_password()
+    assert (info.value.path, info.value.code) == ("database_password_file", "secret_missing")
+
+
+def test_missing_database_password_exits_78_naming_the_key(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from mailbridge.cli import main
+
+    path = _write(
+        tmp_path,
+        f"""\
+        database: postgresql://mb@127.0.0.1:1/mb
+        database_password_file: {tmp_path / "absent"}
+        accounts:
+          - name: support
+            address: support@example.com
+            imap: {{host: imap.example.com}}
+            auth: {{username: u, password: p}}
+        """,
+    )
+    assert main(["-c", str(path), "status"]) == 78
+    err = capsys.readouterr().err
+    assert "database_password_file" in err
+    assert main(["-c", str(path), "check-config"]) == 78
+    assert "database_password_file" in capsys.readouterr().err
+
+
+def test_cluster_lease_seconds_default_and_minimum() -> None:
+    assert parse_config({"accounts": [_account()]}).cluster.lease_seconds == 30
+    error = _error({"cluster": {"lease_seconds": 2}, "accounts": [_account()]})
+    assert error.path == "cluster.lease_seconds"
+
+
+def test_check_config_warns_about_unverified_database_tls(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from mailbridge.cli import main
+
+    path = _write(
+        tmp_path,
+        """\
+        database: postgresql://mb@db.example.com/mb?sslmode=require
+        accounts:
+          - name: support
+            address: support@example.com
+            imap: {host: imap.example.com}
+            auth: {username: u, password_env: MAILBRIDGE_TEST_PW}
+        """,
+    )
+    main(["-c", str(path), "check-config"])
+    assert "sslmode=require does not verify the server's certificate" in capsys.readouterr().err

@@ -13,6 +13,7 @@ from mailbridge import errors
 from mailbridge.cli import _parser
 from mailbridge.config import (
     AuthSettings,
+    ClusterSettings,
     FolderSettings,
     ImapSettings,
     LimitSettings,
@@ -52,6 +53,7 @@ _SECTIONS: dict[str, type[BaseModel]] = {
     "limits": LimitSettings,
     "recovery": RecoverySettings,
     "log": LogSettings,
+    "cluster": ClusterSettings,
 }
 _KEY = re.compile(r"\b(" + "|".join(_SECTIONS) + r")\.([A-Za-z_]+)(?:(?: to|:) ([\w-]+))?")
 # What a remedy's command placeholders stand for when the command is parsed.

@@ -5,6 +5,8 @@ from __future__ import annotations
 import re
 
 import pytest
+from hypothesis import given
+from hypothesis import strategies as st
 
 from mailbridge.core.identify import (
     new_conversation_key,
@@ -51,6 +53,23 @@ def test_normalize_message_id(value: str, expected: str | None) -> None:
         ("", ()),
         ("<> <  >", ()),
         ('"quoted (not a comment)" <a@x.org>', ("a@x.org",)),
+        # Bare and bracketed ids mixed (clients that drop the brackets): all kept, in order.
+        ("root@x.org <parent@y.org>", ("root@x.org", "parent@y.org")),
+        (
+            "<root@x.org> middle@x.org <parent@y.org>",
+            ("root@x.org", "middle@x.org", "parent@y.org"),
+        ),
+        ("<a@x.org>b@x.org", ("a@x.org", "b@x.org")),
+        ("a@x.org;<b@x.org>, c@x.org", ("a@x.org", "b@x.org", "c@x.org")),
+        # A missing '>' (cut by a client or a line limit), alone or before another id.
+        ("<a@x.org", ("a@x.org",)),
+        ("<a@x.org <b@x.org>", ("a@x.org", "b@x.org")),
+        # An id folded across lines inside its brackets.
+        ("<CAF1234@\r\n mail.gmail.com>", ("CAF1234@mail.gmail.com",)),
+        # Prose words and quoted phrases around bare ids are not ids.
+        ('"ann@x.org" wrote root@x.org', ("root@x.org",)),
+        ("In reply to root@x.org.", ("root@x.org",)),
+        ('Message from "Joe Smith <a@x.org> b@x.org', ("a@x.org", "b@x.org")),
     ],
 )
 def test_parse_id_list(value: str, expected: tuple[str, ...]) -> None:
@@ -86,3 +105,31 @@ def test_new_conversation_key_shape_and_uniqueness() -> None:
     for key in keys:
         assert re.fullmatch(r"[a-z2-7]{16}", key)
         assert key == key.lower()
+
+
+_ID_ATOM = st.text(
+    alphabet=st.sampled_from("abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789-_$+="),
+    min_size=1,
+    max_size=12,
+)
+
+
+@given(
+    st.lists(
+        st.tuples(
+            _ID_ATOM, _ID_ATOM, st.booleans(), st.sampled_from([" ", ",", ", ", "\r\n ", ";"])
+        ),
+        min_size=1,
+        max_size=8,
+        unique_by=lambda item: item[0],
+    )
+)
+def test_parse_id_list_keeps_bare_and_bracketed_ids_in_order(
+    items: list[tuple[str, str, bool, str]],
+) -> None:
+    value = "".join(
+        (f"<{local}@{domain}.example>" if bracketed else f"{local}@{domain}.example") + separator
+        for local, domain, bracketed, separator in items
+    )
+    expected = tuple(f"{local}@{domain.lower()}.example" for local, domain, _, _ in items)
+    assert parse_id_list(value) == expected

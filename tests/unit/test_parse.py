@@ -86,7 +86,7 @@ def test_unusable_message_id_falls_back_to_hash_with_defect() -> None:
     parsed = parse(raw)
     assert parsed.message_id is None
     assert parsed.message_key.startswith("sha256:")
-    assert any("Message-ID" in d for d in parsed.defects)
+    assert "message-id-invalid" in parsed.defects
 
 
 def test_thread_headers_parsed_robustly() -> None:
@@ -104,7 +104,8 @@ References: <root@x.org>
     parsed = parse(raw)
     assert parsed.message_id == "Own@example.org"
     assert parsed.in_reply_to == ("parent@x.org",)
-    assert parsed.references == ("root@x.org", "middle@x.org", "parent@x.org")
+    # A bare id beside bracketed ones is an id too (clients that drop the brackets).
+    assert parsed.references == ("root@x.org", "middle@x.org", "parent@x.org", "missing@x.org")
 
 
 def test_thread_headers_without_brackets() -> None:
@@ -233,14 +234,14 @@ def test_date_naive_becomes_utc() -> None:
 def test_date_missing_uses_now_with_defect() -> None:
     parsed = parse(raw_message("From: a@x.org", b"x"))
     assert parsed.date == NOW
-    assert any("Date" in d for d in parsed.defects)
+    assert "date-missing" in parsed.defects
 
 
 @pytest.mark.parametrize("value", ["yesterday", "Tue, 99 Foo 2024 99:99:99", "0", ""])
 def test_date_unparseable_uses_now_with_defect(value: str) -> None:
     parsed = parse(raw_message(f"From: a@x.org\nDate: {value}", b"x"))
     assert parsed.date == NOW
-    assert any("Date" in d for d in parsed.defects)
+    assert {"date-invalid", "date-missing"} & set(parsed.defects)
 
 
 def test_date_default_now_is_aware() -> None:
@@ -605,7 +606,7 @@ def test_deep_nesting_does_not_crash() -> None:
     if isinstance(outcome, MessageError):
         assert outcome.code == "unparseable"
     else:
-        assert any("nest" in d for d in outcome.defects)
+        assert "mime-too-deep" in outcome.defects
 
 
 def _outcome(raw: bytes, max_attachment_bytes: int | None = None) -> ParsedMessage | MessageError:
@@ -616,13 +617,12 @@ def _outcome(raw: bytes, max_attachment_bytes: int | None = None) -> ParsedMessa
         return exc
 
 
-def test_defects_are_capped() -> None:
+def test_defects_are_stable_codes_each_listed_once() -> None:
     part = b"--b\r\nContent-Type: text/plain; charset=x-bad-%d\r\n\r\n\xff\xfe\r\n"
     parts = b"".join(part % i for i in range(50))
     raw = raw_message('From: a@x.org\nContent-Type: multipart/mixed; boundary="b"', parts)
     parsed = parse(raw)
-    assert len(parsed.defects) == 20
-    assert parsed.defects[-1].startswith("... and")
+    assert parsed.defects == ("date-missing", "charset-unknown", "boundary-unclosed")
 
 
 def test_output_strings_are_encodable() -> None:

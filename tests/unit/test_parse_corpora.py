@@ -6,6 +6,7 @@ flufl.bounce); see their README.md. They are read in place, never copied into th
 
 from __future__ import annotations
 
+import re
 from email import policy
 from email.message import Message
 from email.parser import BytesParser
@@ -17,6 +18,8 @@ from mailbridge.core.model import ParsedMessage
 from mailbridge.core.parse import parse_message
 
 CORPORA = Path(__file__).resolve().parents[2].parent / "shared" / "corpora"
+# The defect codes ParsedMessage documents (its docstring's table): nothing else may appear.
+DOCUMENTED_DEFECTS = set(re.findall(r"^\s+``([a-z0-9-]+)``", ParsedMessage.__doc__ or "", re.M))
 FOLDERS = ("stdlib-email", "mail-parser", "quoted-replies", "threads-notmuch", "bounces-flufl")
 _NOT_MAIL = {".json", ".py", ".md", ".html", ".pyc"}
 _SKIP_REASON = f"real-world mail corpora not found at {CORPORA}"
@@ -78,6 +81,7 @@ def test_every_corpus_message_parses(path: Path) -> None:
     parsed = parse_message(raw)
     assert parsed.size == len(raw)
     assert parsed.date.tzinfo is not None
+    assert set(parsed.defects) <= DOCUMENTED_DEFECTS, parsed.defects
     assert parsed.message_key
     if _has_text_body(raw):
         assert parsed.plain_text.strip(), "a message with a text body needs plain_text"

@@ -1,0 +1,150 @@
+"""Any :class:`~mailbridge.store.base.Repository` behind ``async`` methods, for the daemon.
+
+The repositories are synchronous (sqlite3, psycopg's blocking API); the event loop must never
+wait on the database, so :class:`AsyncRepository` runs every call on one dedicated thread.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+from collections.abc import Callable, Collection, Sequence
+from concurrent.futures import Future, ThreadPoolExecutor
+from datetime import datetime
+from typing import TYPE_CHECKING, TypeVar
+
+from mailbridge.errors import StoreError
+from mailbridge.store.base import (
+    AccountState,
+    ConversationDetail,
+    ConversationSummary,
+    FailureInfo,
+    FailureRecord,
+    ImportContext,
+    ImportItem,
+    ImportResult,
+    Reconciliation,
+    Repository,
+)
+
+if TYPE_CHECKING:
+    from mailbridge.config import ConversationParentSettings, FollowerParentSettings
+
+T = TypeVar("T")
+
+
+class AsyncRepository:
+    """Any :class:`Repository` behind ``async`` methods, run on one dedicated writer thread.
+
+    ``factory`` is called on that thread, so a connection that must stay on the thread that
+    created it (sqlite3's ``check_same_thread``) is created there. Calls run one at a time in
+    the order they were made. A cancelled call is not undone: the thread finishes it (an
+    import then commits, and the retry sees its messages as duplicates).
+    """
+
+    def __init__(self, factory: Callable[[], Repository]) -> None:
+        self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="mailbridge-db")
+        # The first job on the (FIFO, single) worker, so it is done before any call runs.
+        self._opened: Future[Repository] = self._executor.submit(factory)
+        self._closed = False
+
+    @classmethod
+    def sqlite(
+        cls, path: str | os.PathLike[str], *, busy_timeout: float | None = None
+    ) -> AsyncRepository:
+        """An :class:`AsyncRepository` over a :class:`SqliteRepository` at ``path``."""
+        from mailbridge.store.sqlite import DEFAULT_BUSY_TIMEOUT, SqliteRepository
+
+        timeout = DEFAULT_BUSY_TIMEOUT if busy_timeout is None else busy_timeout
+        return cls(lambda: SqliteRepository(path, busy_timeout=timeout))
+
+    def _call(self, fn: Callable[[Repository], T]) -> T:
+        return fn(self._opened.result())
+
+    async def _run(self, fn: Callable[[Repository], T]) -> T:
+        if self._closed:
+            raise StoreError("the repository is closed", code="database_error")
+        loop = asyncio.get_running_loop()
+        return await loop.run_in_executor(self._executor, self._call, fn)
+
+    async def migrate(self) -> None:
+        await self._run(lambda repo: repo.migrate())
+
+    async def prepare(
+        self,
+        follower_parents: Sequence[FollowerParentSettings],
+        conversation_parents: Sequence[ConversationParentSettings],
+    ) -> None:
+        fps, cps = tuple(follower_parents), tuple(conversation_parents)
+        await self._run(lambda repo: repo.prepare(fps, cps))
+
+    async def import_batch(
+        self, context: ImportContext, items: Sequence[ImportItem]
+    ) -> list[ImportResult]:
+        batch = tuple(items)  # the caller may reuse its list while the thread works
+        return await self._run(lambda repo: repo.import_batch(context, batch))
+
+    async def mark_read(self, conversation_id: int) -> bool:
+        return await self._run(lambda repo: repo.mark_read(conversation_id))
+
+    async def record_failures(self, account: str, failures: Sequence[FailureInfo]) -> None:
+        batch = tuple(failures)
+        await self._run(lambda repo: repo.record_failures(account, batch))
+
+    async def set_failure_folder_uids(self, account: str, folder_uids: dict[str, int]) -> None:
+        uids = dict(folder_uids)
+        await self._run(lambda repo: repo.set_failure_folder_uids(account, uids))
+
+    async def failures(
+        self, account: str | None = None, *, include_resolved: bool = False
+    ) -> list[FailureRecord]:
+        return await self._run(
+            lambda repo: repo.failures(account, include_resolved=include_resolved)
+        )
+
+    async def reconcile_failures(
+        self,
+        account: str,
+        uidvalidity: int,
+        present: Collection[int],
+        known: Sequence[FailureRecord],
+    ) -> Reconciliation:
+        listed, rows = frozenset(present), tuple(known)
+        return await self._run(
+            lambda repo: repo.reconcile_failures(account, uidvalidity, listed, rows)
+        )
+
+    async def set_account_state(self, state: AccountState) -> None:
+        await self._run(lambda repo: repo.set_account_state(state))
+
+    async def account_states(self) -> list[AccountState]:
+        return await self._run(lambda repo: repo.account_states())
+
+    async def record_sweep(
+        self, account: str, finished: datetime, summary: str, imported: int
+    ) -> None:
+        await self._run(lambda repo: repo.record_sweep(account, finished, summary, imported))
+
+    async def conversations(
+        self, account: str | None = None, search: str | None = None, limit: int = 100
+    ) -> list[ConversationSummary]:
+        return await self._run(lambda repo: repo.conversations(account, search, limit))
+
+    async def conversation(self, conversation_id: int) -> ConversationDetail | None:
+        return await self._run(lambda repo: repo.conversation(conversation_id))
+
+    async def aclose(self) -> None:
+        """Close the repository on its thread and stop the thread. Idempotent."""
+        if self._closed:
+            return
+        self._closed = True
+        loop = asyncio.get_running_loop()
+        try:
+            await loop.run_in_executor(self._executor, self._close_on_thread)
+        finally:
+            # The close job was the last one; the idle thread exits without waiting here.
+            self._executor.shutdown(wait=False)
+
+    def _close_on_thread(self) -> None:
+        if self._opened.exception() is None:
+            self._opened.result().close()

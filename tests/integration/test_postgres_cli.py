@@ -1,0 +1,134 @@
+"""The operator's commands with ``database: postgresql://...`` against a real PostgreSQL.
+
+The password comes from ``database_password_file`` (the cluster refuses TCP logins without
+it). ``status`` names the daemon holding each account (``holder``); ``run`` refuses with a
+config error until importing into PostgreSQL is built.
+"""
+
+from __future__ import annotations
+
+import json
+import textwrap
+from pathlib import Path
+
+import pytest
+
+from mailbridge.cli import main as cli_main
+from mailbridge.config import load_config
+from mailbridge.daemon.doctor import check_database
+from mailbridge.store.postgres import PostgresRepository
+from mailbridge.store.sql import SqlRepository
+from tests.conftest import PostgresDatabase
+
+pytestmark = pytest.mark.postgres
+
+
+@pytest.fixture
+def config(tmp_path: Path, postgres_database: PostgresDatabase) -> Path:
+    secret = tmp_path / "db.pw"
+    secret.write_text(postgres_database.password + "\n", encoding="utf-8")
+    secret.chmod(0o600)
+    path = tmp_path / "config.yaml"
+    path.write_text(
+        textwrap.dedent(
+            f"""\
+            database: {postgres_database.url}
+            database_password_file: {secret}
+            cluster: {{lease_seconds: 10}}
+            accounts:
+              - name: support
+                address: support@example.com
+                imap: {{host: 127.0.0.1, port: 1, tls: none}}
+                auth: {{username: u, password: p}}
+              - name: sales
+                address: sales@example.com
+                imap: {{host: 127.0.0.1, port: 1, tls: none}}
+                auth: {{username: u, password: p}}
+            """
+        ),
+        encoding="utf-8",
+    )
+    return path
+
+
+def _repo(db: PostgresDatabase) -> PostgresRepository:
+    repo = PostgresRepository(db.url, password=db.password)
+    repo.migrate()
+    return repo
+
+
+def test_status_json_names_the_holder_of_each_account(
+    config: Path, postgres_database: PostgresDatabase, capsys: pytest.CaptureFixture[str]
+) -> None:
+    repo = _repo(postgres_database)
+    try:
+        assert repo.claim_leases("hostA:42:beef", ["support"], 30, 5) == {"support": 1}
+    finally:
+        repo.close()
+    assert cli_main(["-c", str(config), "status", "--json"]) == 0
+    out = json.loads(capsys.readouterr().out)
+    holders = {row["account"]: row["holder"] for row in out["accounts"]}
+    assert holders == {"support": "hostA:42:beef", "sales": None}
+    assert out["database"] == postgres_database.url  # no password in it
+    assert postgres_database.password not in json.dumps(out)
+
+    assert cli_main(["-c", str(config), "status"]) == 0
+    table = capsys.readouterr().out
+    assert "holder" in table
+    assert "hostA:42:beef" in table
+
+
+def test_read_commands_work_on_postgresql(
+    config: Path, postgres_database: PostgresDatabase, capsys: pytest.CaptureFixture[str]
+) -> None:
+    # The commands migrate an empty database themselves (status does, as with SQLite).
+    assert cli_main(["-c", str(config), "conversations"]) == 0
+    assert "0 conversation(s)" in capsys.readouterr().out
+    repo: SqlRepository = _repo(postgres_database)
+    try:
+        with repo._sql("seed", write=True) as sql:
+            sql.execute(
+                "INSERT INTO conversation (uniqueid, account, subject, earliestunread,"
+                " lastmessagedate) VALUES ('k1', 'support', 'Printer on fire', "
+                "'2024-01-01T00:00:00Z', '2024-01-01T00:00:00Z')"
+            )
+    finally:
+        repo.close()
+    assert cli_main(["-c", str(config), "conversations", "--search", "PRINTER"]) == 0
+    assert "Printer on fire" in capsys.readouterr().out
+    assert cli_main(["-c", str(config), "conversation", "read", "1"]) == 0
+    assert cli_main(["-c", str(config), "failed"]) == 0
+    assert "0 failed message(s)" in capsys.readouterr().out
+
+
+def test_run_refuses_postgresql_until_importing_there_is_built(
+    config: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    assert cli_main(["-c", str(config), "run", "--once"]) == 78
+    err = capsys.readouterr().err
+    assert "database:" in err
+    assert "importing into PostgreSQL is not finished" in err
+
+
+def test_doctor_checks_the_postgresql_database(config: Path) -> None:
+    settings = load_config(config)
+    check = check_database(settings)
+    assert check.status == "ok"
+    assert "empty (will be set up)" in check.detail
+    wrong = settings.model_copy(update={"database_password_file": config.parent / "nope"})
+    with pytest.raises(Exception, match="database_password_file"):
+        wrong.database_password()
+    refused = check_database(wrong)
+    assert (refused.status, refused.code) == ("fail", "secret_missing")
+
+
+def test_wrong_database_password_exits_75_with_the_code(
+    config: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    (config.parent / "db.pw").write_text("wrong\n", encoding="utf-8")
+    assert cli_main(["-c", str(config), "status"]) == 75
+    err = capsys.readouterr().err
+    assert "password authentication failed" in err
+    assert "database_password_file" in err  # the remedy names where the password comes from
+    check = check_database(load_config(config))
+    assert (check.status, check.code) == ("fail", "database_auth_failed")
