@@ -1,7 +1,8 @@
 """Contract tests of the Repository protocol, run against every backend.
 
 The ``backend`` fixture (and ``make_repo`` and ``repo`` on it) is parametrised over
-:data:`BACKENDS` (SQLite today); a PostgreSQL backend joins with one line there. Every
+:data:`BACKENDS` (SQLite, and PostgreSQL on a throwaway cluster); a backend joins with one
+line there. Every
 conversation rule is run here through the Repository protocol (threading by each
 identification method, late parents, siblings, followers, parents, follower parents,
 duplicates, reused ids, ignored own mail, failures), the database read and written beside it
@@ -25,9 +26,11 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any, Protocol
 
+import psycopg
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
+from psycopg.conninfo import make_conninfo
 
 from mailbridge.config import ConversationParentSettings, Identification
 from mailbridge.core import planner
@@ -59,6 +62,7 @@ from mailbridge.store.schema import (
 )
 from mailbridge.store.sql import SqlRepository
 from mailbridge.store.sqlite import SqliteRepository
+from mailbridge.testing.postgres import PostgresCluster
 from tests.conftest import PostgresDatabase
 from tests.unit.factories import (
     COWORKER,
@@ -87,6 +91,9 @@ class Backend(Protocol):
     def make(self, directory: Path) -> Repository:
         """A fresh, migrated repository (``directory`` is the test's own)."""
 
+    def again(self, repo: Repository) -> Repository:
+        """A second repository on the same database (another daemon)."""
+
     def query(self, repo: Repository, sql: str, *params: object) -> list[tuple[Any, ...]]:
         """Rows of a query, read beside ``repo`` on another connection."""
 
@@ -99,6 +106,10 @@ class SqliteBackend:
         repo = SqliteRepository(directory / "data" / "mailbridge.db")
         repo.migrate()
         return repo
+
+    def again(self, repo: Repository) -> Repository:
+        assert isinstance(repo, SqliteRepository)
+        return SqliteRepository(repo.path)
 
     def query(self, repo: Repository, sql: str, *params: object) -> list[tuple[Any, ...]]:
         assert isinstance(repo, SqliteRepository)
@@ -114,10 +125,44 @@ class SqliteBackend:
             conn.close()
 
 
+class PostgresBackend:
+    """A fresh database on the session's throwaway cluster for each repository."""
+
+    def __init__(self, cluster: PostgresCluster) -> None:
+        self.cluster = cluster
+        self.numbers = itertools.count(1)
+
+    def make(self, directory: Path) -> Repository:
+        url = self.cluster.create_database(f"contract{next(self.numbers)}")
+        repo = PostgresRepository(url, password=self.cluster.password)
+        repo.migrate()
+        return repo
+
+    def again(self, repo: Repository) -> Repository:
+        assert isinstance(repo, PostgresRepository)
+        return PostgresRepository(repo.url, password=self.cluster.password)
+
+    def _connect(self, repo: Repository) -> psycopg.Connection[tuple[Any, ...]]:
+        assert isinstance(repo, PostgresRepository)
+        conninfo = make_conninfo("", **repo.url.connection_parameters())
+        return psycopg.connect(conninfo, password=self.cluster.password, autocommit=True)
+
+    def query(self, repo: Repository, sql: str, *params: object) -> list[tuple[Any, ...]]:
+        with self._connect(repo) as conn:
+            return conn.execute(
+                sql.replace("%", "%%").replace("?", "%s").encode(), params
+            ).fetchall()
+
+    def execute(self, repo: Repository, sql: str, *params: object) -> None:
+        with self._connect(repo) as conn:
+            conn.execute(sql.replace("%", "%%").replace("?", "%s").encode(), params)
+
+
 # Backend name -> how to get one (a fixture request, for backends that need a server fixture).
 # A backend joins every contract test with one line here.
 BACKENDS: dict[str, Callable[[pytest.FixtureRequest], Backend]] = {
     "sqlite": lambda _request: SqliteBackend(),
+    "postgres": lambda request: PostgresBackend(request.getfixturevalue("postgres")),
 }
 
 
@@ -161,12 +206,21 @@ def sqlite_path(tmp_path: Path) -> Path:
     return tmp_path / "data" / "mailbridge.db"
 
 
+@pytest.fixture
+def sqlite_repo(sqlite_path: Path) -> Iterator[SqliteRepository]:
+    """A SQLite repository, for the tests of SQLite specifics."""
+    repository = SqliteRepository(sqlite_path)
+    repository.migrate()
+    yield repository
+    repository.close()
+
+
 def run(repo: Repository, *messages: ParsedMessage, first_uid: int = 1) -> list[ImportResult]:
     items = [ImportItem(uid=first_uid + i, message=m) for i, m in enumerate(messages)]
     return repo.import_batch(CTX, items)
 
 
-def detail(repo: Repository, conversation_id: int | None) -> ConversationDetail:
+def detail(repo: Repository | SqlRepository, conversation_id: int | None) -> ConversationDetail:
     assert conversation_id is not None
     found = repo.conversation(conversation_id)
     assert found is not None
@@ -588,6 +642,51 @@ def test_a_reply_after_its_parent_in_one_batch_sees_the_parents_writes(repo: Rep
     assert found.summary.last_message == at(2)
     # The newest message (grandchild) decides who is active, whatever the UID order.
     assert active_followers(found) == {"bob@example.com"}
+
+
+def _import_beside(
+    backend: Backend,
+    repo: Repository,
+    start: threading.Barrier,
+    item: ImportItem,
+    found: dict[int, list[ImportResult]],
+) -> None:
+    """Import ``item`` through a repository of its own (another daemon), opened on this
+    thread, once every importer is ready."""
+    other = backend.again(repo)
+    try:
+        start.wait(timeout=30)
+        found[item.uid] = other.import_batch(CTX, [item])
+    finally:
+        other.close()
+
+
+def test_two_daemons_importing_one_thread_at_once_make_one_conversation(
+    repo: Repository, backend: Backend
+) -> None:
+    """Per-account serialisation: two repositories (two daemons, or a daemon and ``sync``)
+    each import one message of a thread at the same moment; neither may miss the other's rows
+    and start a second conversation."""
+    for round_ in range(8):
+        parent = message(f"race{round_}@example.com", subject=f"Race {round_}", date=at(0))
+        child = reply(parent, f"race{round_}-re@example.com", minutes=1)
+        start = threading.Barrier(2)
+        found: dict[int, list[ImportResult]] = {}
+        workers = [
+            threading.Thread(
+                target=_import_beside, args=(backend, repo, start, ImportItem(uid, m), found)
+            )
+            for uid, m in ((2 * round_ + 1, parent), (2 * round_ + 2, child))
+        ]
+        for worker in workers:
+            worker.start()
+        for worker in workers:
+            worker.join(timeout=60)
+        [p], [c] = found[2 * round_ + 1], found[2 * round_ + 2]
+        assert p.outcome is c.outcome is Outcome.IMPORTED
+        assert p.conversation_id == c.conversation_id, f"round {round_}: two conversations"
+        assert [p.new_conversation, c.new_conversation].count(True) == 1
+    assert len(repo.conversations()) == 8
 
 
 # -- conversation parents and follower parents ------------------------------------------------
@@ -1220,11 +1319,45 @@ def test_one_bad_item_fails_alone_and_the_rest_commit(repo: Repository) -> None:
     assert retry.outcome is Outcome.IMPORTED
 
 
-def test_sqlite_constraint_error_in_one_message_rolls_back_only_its_rows(
-    repo: Repository, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+def test_an_error_in_one_message_rolls_back_only_its_rows(
+    repo: Repository, backend: Backend, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    if not isinstance(repo, SqliteRepository):
-        pytest.skip("SQLite specifics")
+    real = rewrite_inline_images
+
+    def explode(html: str, mapping: dict[str, str]) -> str:
+        if "boom" in html:
+            raise ValueError("forced by the test")
+        return real(html, mapping)
+
+    # Fails after the message's conversation, row, follower and files are written.
+    monkeypatch.setattr(planner, "rewrite_inline_images", explode)
+    ok = message("ok@example.com", html='<img src="cid:a@x">', inline_images=[inline_image("a@x")])
+    boom = message(
+        "boom@example.com",
+        html='<p>boom</p><img src="cid:b@x">',
+        cc=["zed@example.com"],
+        inline_images=[inline_image("b@x")],
+        attachments=[attachment()],
+    )
+    after = message("after@example.com", date=at(5))
+    results = run(repo, ok, boom, after)
+    assert [r.outcome for r in results] == [Outcome.IMPORTED, Outcome.FAILED, Outcome.IMPORTED]
+    assert "forced by the test" in (results[1].error_reason or "")
+    for table, expected in (
+        ("conversation", 2),
+        ("conversationmessage", 2),
+        ("embeddedfile", 1),
+        ("document", 0),
+        ("follower", 2),  # Ann in each conversation; Zed (only in the failed one) in none
+        ("messagefollower", 2),
+    ):
+        assert backend.query(repo, f"SELECT COUNT(*) FROM {table}") == [(expected,)], table
+
+
+def test_sqlite_constraint_error_in_one_message_rolls_back_only_its_rows(
+    sqlite_repo: SqliteRepository, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    repo = sqlite_repo
     real = rewrite_inline_images
 
     def explode(html: str, mapping: dict[str, str]) -> str:
@@ -1257,10 +1390,9 @@ def test_sqlite_constraint_error_in_one_message_rolls_back_only_its_rows(
 
 
 def test_sqlite_batch_level_error_raises_and_commits_nothing(
-    repo: Repository, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+    sqlite_repo: SqliteRepository, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    if not isinstance(repo, SqliteRepository):
-        pytest.skip("SQLite specifics")
+    repo = sqlite_repo
     real = rewrite_inline_images
 
     def disk_full(html: str, mapping: dict[str, str]) -> str:
