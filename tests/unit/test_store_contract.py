@@ -94,6 +94,9 @@ class Backend(Protocol):
     def again(self, repo: Repository) -> Repository:
         """A second repository on the same database (another daemon)."""
 
+    def refusal(self, text: str) -> Exception:
+        """The error the database raises when it refuses one row (a constraint)."""
+
     def query(self, repo: Repository, sql: str, *params: object) -> list[tuple[Any, ...]]:
         """Rows of a query, read beside ``repo`` on another connection."""
 
@@ -110,6 +113,9 @@ class SqliteBackend:
     def again(self, repo: Repository) -> Repository:
         assert isinstance(repo, SqliteRepository)
         return SqliteRepository(repo.path)
+
+    def refusal(self, text: str) -> Exception:
+        return sqlite3.IntegrityError(text)
 
     def query(self, repo: Repository, sql: str, *params: object) -> list[tuple[Any, ...]]:
         assert isinstance(repo, SqliteRepository)
@@ -141,6 +147,9 @@ class PostgresBackend:
     def again(self, repo: Repository) -> Repository:
         assert isinstance(repo, PostgresRepository)
         return PostgresRepository(repo.url, password=self.cluster.password)
+
+    def refusal(self, text: str) -> Exception:
+        return psycopg.errors.CheckViolation(text)
 
     def _connect(self, repo: Repository) -> psycopg.Connection[tuple[Any, ...]]:
         assert isinstance(repo, PostgresRepository)
@@ -1319,14 +1328,16 @@ def test_one_bad_item_fails_alone_and_the_rest_commit(repo: Repository) -> None:
     assert retry.outcome is Outcome.IMPORTED
 
 
+@pytest.mark.parametrize("kind", ["python", "database"])
 def test_an_error_in_one_message_rolls_back_only_its_rows(
-    repo: Repository, backend: Backend, monkeypatch: pytest.MonkeyPatch
+    repo: Repository, backend: Backend, monkeypatch: pytest.MonkeyPatch, kind: str
 ) -> None:
     real = rewrite_inline_images
 
     def explode(html: str, mapping: dict[str, str]) -> str:
         if "boom" in html:
-            raise ValueError("forced by the test")
+            text = "CHECK constraint failed: forced by the test"
+            raise ValueError(text) if kind == "python" else backend.refusal(text)
         return real(html, mapping)
 
     # Fails after the message's conversation, row, follower and files are written.
@@ -1342,6 +1353,7 @@ def test_an_error_in_one_message_rolls_back_only_its_rows(
     after = message("after@example.com", date=at(5))
     results = run(repo, ok, boom, after)
     assert [r.outcome for r in results] == [Outcome.IMPORTED, Outcome.FAILED, Outcome.IMPORTED]
+    assert results[1].error_code == "import_failed"
     assert "forced by the test" in (results[1].error_reason or "")
     for table, expected in (
         ("conversation", 2),
@@ -1352,41 +1364,6 @@ def test_an_error_in_one_message_rolls_back_only_its_rows(
         ("messagefollower", 2),
     ):
         assert backend.query(repo, f"SELECT COUNT(*) FROM {table}") == [(expected,)], table
-
-
-def test_sqlite_constraint_error_in_one_message_rolls_back_only_its_rows(
-    sqlite_repo: SqliteRepository, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
-) -> None:
-    repo = sqlite_repo
-    real = rewrite_inline_images
-
-    def explode(html: str, mapping: dict[str, str]) -> str:
-        if "boom" in html:
-            raise sqlite3.IntegrityError("CHECK constraint failed: forced by the test")
-        return real(html, mapping)
-
-    monkeypatch.setattr(planner, "rewrite_inline_images", explode)
-    ok = message("ok@example.com", html='<img src="cid:a@x">', inline_images=[inline_image("a@x")])
-    boom = message(
-        "boom@example.com",
-        html='<p>boom</p><img src="cid:b@x">',
-        cc=["zed@example.com"],
-        inline_images=[inline_image("b@x")],
-        attachments=[attachment()],
-    )
-    results = run(repo, ok, boom)
-    assert [r.outcome for r in results] == [Outcome.IMPORTED, Outcome.FAILED]
-    assert "forced by the test" in (results[1].error_reason or "")
-    path = tmp_path / "data" / "mailbridge.db"
-    for table, expected in (
-        ("conversation", 1),
-        ("conversationmessage", 1),
-        ("embeddedfile", 1),
-        ("document", 0),
-        ("follower", 1),
-        ("messagefollower", 1),
-    ):
-        assert raw(path, f"SELECT COUNT(*) FROM {table}") == [(expected,)], table
 
 
 def test_sqlite_batch_level_error_raises_and_commits_nothing(
