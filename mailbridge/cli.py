@@ -1,5 +1,5 @@
 """The ``mailbridge`` command line: run, check-config, status, conversations, failed, sync, doctor,
-errors, inspect.
+errors, inspect, auth, reply, send, outbox, snippets.
 
 Exit codes follow sysexits.h so systemd units and scripts can act on them: 0 fine, 1 ``doctor``
 found a failing line, 64 usage, 69 a mail server unavailable (``run --once``, ``sync``,
@@ -35,6 +35,7 @@ from mailbridge.errors import ConfigError, StoreError, describe
 from mailbridge.log import configure_logging
 from mailbridge.store.base import AccountState, Repository
 from mailbridge.store.factory import open_store
+from mailbridge.store.outbox import OutboxRepository
 from mailbridge.term import console, mail_text
 
 EX_USAGE = 64
@@ -127,7 +128,52 @@ def _parser() -> argparse.ArgumentParser:
     inspect.add_argument(
         "--account", help="read plus-address keys against this configured account's addresses"
     )
+    auth = sub.add_parser(
+        "auth",
+        help="OAuth2 sign-in from a terminal (device code, pasted redirect) and token check",
+    )
+    auth.add_argument("account")
+    _sending_parsers(sub)
     return parser
+
+
+def _sending_parsers(sub: Any) -> None:
+    """reply, send, outbox, snippets (mailbridge/cli_send.py)."""
+    reply = sub.add_parser(
+        "reply", help="queue an answer to a conversation (body from --body-file or stdin)"
+    )
+    reply.add_argument("conversation", type=int)
+    reply.add_argument("--body-file", type=Path, help="the body ('-': stdin)")
+    reply.add_argument("--snippet", help="add the text snippet of this name")
+    reply.add_argument("--html", action="store_true", help="the body is HTML")
+    reply.add_argument("--coworker", default="", help="the sending coworker's name")
+    reply.add_argument("--coworker-address", help="the coworker's address (a message follower)")
+    reply.add_argument("--actions", help='parent updates after sending, JSON: {"ticket": {...}}')
+
+    send = sub.add_parser("send", help="queue a message that starts a new conversation")
+    send.add_argument("account")
+    send.add_argument("--to", action="append", required=True, help="recipient (repeatable)")
+    send.add_argument("--cc", action="append", default=[])
+    send.add_argument("--bcc", action="append", default=[])
+    send.add_argument("--subject", required=True)
+    send.add_argument("--body-file", type=Path, help="the body ('-' or left out: stdin)")
+    send.add_argument("--html", action="store_true", help="the body is HTML")
+    send.add_argument("--coworker", default="", help="the sending coworker's name")
+    send.add_argument("--coworker-address", help="the coworker's address (a message follower)")
+
+    outbox = sub.add_parser(
+        "outbox",
+        help="queued, failed and sent mail; retry or cancel a row",
+        description="outbox [--failed | --all] lists rows (default: queued, sending, failed); "
+        "outbox retry ID; outbox cancel ID.",
+    )
+    outbox.add_argument("words", nargs="*", metavar="retry ID | cancel ID")
+    outbox.add_argument("--failed", action="store_true", help="only failed rows")
+    outbox.add_argument("--all", action="store_true", help="every row, sent and cancelled too")
+    outbox.add_argument("--account")
+
+    snippets = sub.add_parser("snippets", help="text snippets, pinned first")
+    snippets.add_argument("--search", help="text to find in name, description and text")
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -195,6 +241,42 @@ def _dispatch(args: argparse.Namespace, settings: Settings) -> int:
             own=account.own_addresses(),
             policy=settings.automatic_policy(account),
         )
+    if command == "auth":
+        from mailbridge import cli_auth  # msal/google-auth only when signing in
+
+        return cli_auth.auth(settings, args.account)
+    if command in {"reply", "send", "outbox", "snippets"}:
+        from mailbridge import cli_send
+
+        if command == "reply":
+            return cli_send.reply(
+                settings,
+                args.conversation,
+                body_file=args.body_file,
+                snippet=args.snippet,
+                html=args.html,
+                coworker=args.coworker,
+                coworker_address=args.coworker_address,
+                actions=args.actions,
+            )
+        if command == "send":
+            return cli_send.send(
+                settings,
+                args.account,
+                to=args.to,
+                cc=args.cc,
+                bcc=args.bcc,
+                subject=args.subject,
+                body_file=args.body_file,
+                html=args.html,
+                coworker=args.coworker,
+                coworker_address=args.coworker_address,
+            )
+        if command == "outbox":
+            return cli_send.outbox(
+                settings, args.words, failed=args.failed, every=args.all, account=args.account
+            )
+        return cli_send.snippets(settings, args.search)
     if command in {"failed", "sync", "doctor"}:
         from mailbridge import cli_ops  # the operator's tools pull in the IMAP/SMTP layers
 
@@ -229,6 +311,8 @@ def _run(
                         f" {result.error} — {result.error.remedy}",
                     )
                 )
+            elif result.outbox is not None:
+                out.print(result.outbox.line())
             elif result.summary is not None:
                 s = result.summary
                 out.print(
@@ -254,7 +338,15 @@ def _check_config(settings: Settings) -> int:
         except ConfigError as exc:
             # The same key path as a validation error: accounts[0].auth.password_file.
             problems.append(f"accounts[{index}].{exc.path or 'auth'} ({account.name}): {exc}")
-        path = account.auth.password_file
+        if account.auth.flow in {"device_code", "authorization_code"}:
+            cache = account.token_cache_path(settings.sqlite_path)
+            if not cache.exists():
+                print(
+                    f"warning: {account.name}: not signed in yet (no {cache}); run: "
+                    f"mailbridge auth {account.name}",
+                    file=sys.stderr,
+                )
+        path = account.auth.password_file or account.auth.client_secret_file
         if path is not None and world_readable(path):
             print(
                 f"warning: {path} is readable by every user; run: chmod 600 {path}",
@@ -320,16 +412,20 @@ def _status(settings: Settings, *, as_json: bool) -> int:
     repo = _open_store(settings)
     stored: dict[str, AccountState] = {}
     holders: dict[str, str] = {}  # several daemons (PostgreSQL): who serves each account
+    outbox: dict[str, dict[str, int]] = {}
     if repo is not None:
         try:
             stored = {s.account: s for s in repo.account_states()}
             holders = repo.lease_holders()
+            if isinstance(repo, OutboxRepository):  # SQLite: sending is built there
+                outbox = repo.outbox_counts()
         finally:
             repo.close()
     rows: list[dict[str, Any]] = []
     for account in settings.accounts:
         state = stored.get(account.name)
         info = describe(state.code) if state and state.code else None
+        expiry = account.auth.secret_expiry_warning()
         rows.append(
             {
                 "account": account.name,
@@ -347,20 +443,26 @@ def _status(settings: Settings, *, as_json: bool) -> int:
                 "sweep": state.sweep_summary if state else "",
                 "updated": _iso(state.updated) if state else None,
                 "holder": holders.get(account.name),
+                # auth.client_secret_expires: from 14 days before, every day until renewed
+                "warnings": [f"client_secret_expires: {expiry}"] if expiry else [],
+                # Outgoing mail not sent yet: queued (incl. sending) and failed rows.
+                "outbox": outbox.get(account.name, {}),
             }
         )
     if as_json:
         print(json.dumps({"database": str(settings.database), "accounts": rows}, indent=2))
         return 0
     table = Table(title=f"mailbridge status — {settings.database}")
-    columns = ["account", "state", "last import", "imported", "failed", "problem"]
+    columns = ["account", "state", "last import", "imported", "failed", "outbox", "problem"]
     if holders:
         columns.insert(2, "holder")
     for column in columns:
         table.add_column(column, justify="right" if column in {"imported", "failed"} else "left")
     for row, account in zip(rows, settings.accounts, strict=True):
         state = stored.get(account.name)
-        problem = f"{row['code']}: {row['remedy']}" if row["code"] else ""
+        problem = "\n".join(
+            ([f"{row['code']}: {row['remedy']}"] if row["code"] else []) + row["warnings"]
+        )
         table.add_row(
             row["account"],
             row["state"],
@@ -368,6 +470,7 @@ def _status(settings: Settings, *, as_json: bool) -> int:
             _ago(state.last_import) if state else "never",
             str(row["imported"]),
             str(row["failed"]),
+            ", ".join(f"{n} {state}" for state, n in sorted(row["outbox"].items())),
             problem,
         )
     console().print(table)

@@ -29,13 +29,15 @@ from rich.text import Text
 from mailbridge.config import AccountSettings, Settings
 from mailbridge.daemon.doctor import Check, check_database, diagnose, failing
 from mailbridge.daemon.sweep import SweepSummary, fetch_failed, retry_failed, sweep_and_record
-from mailbridge.errors import MailbridgeError, MessageError, ServerError, describe
+from mailbridge.errors import ConfigError, MailbridgeError, MessageError, ServerError, describe
 from mailbridge.store.base import FailureRecord
 from mailbridge.store.factory import open_repository, open_store
 from mailbridge.term import console, mail_text
 
 EX_USAGE = 64
 EX_UNAVAILABLE = 69
+EX_CONFIG = 78
+_CONFIG_CODES = frozenset({"config_invalid", "secret_missing"})
 
 _MARKS = {"ok": "✓", "warn": "!", "fail": "✗", "skip": "-"}
 
@@ -160,6 +162,9 @@ def _print_reconciled(out: Console, name: str, summary: SweepSummary) -> None:
 
 
 def _exit_code(errors: Sequence[MailbridgeError]) -> int:
+    # As `run --once`: an account's own settings (a missing secret) first, then the server.
+    if any(isinstance(e, ConfigError) for e in errors):
+        return EX_CONFIG
     if any(isinstance(e, ServerError) for e in errors):
         return EX_UNAVAILABLE
     return 75 if errors else 0  # a database problem: temporary
@@ -313,20 +318,21 @@ def _show(settings: Settings, uid: int, account_name: str | None) -> int:
             out.print(mail_text(f"  {label:<13} {value}"))
     else:
         out.print("  no failure is stored for this UID (moved to the Failed folder by hand?)")
+    shown = ("From", "To", "Cc", "Subject", "Date", "Message-ID", "Content-Type")
     try:
-        fetched = asyncio.run(fetch_failed(account, [uid]))
+        fetched = asyncio.run(fetch_failed(account, [uid], shown))
     except MailbridgeError as exc:
         out.print(mail_text(f"on the server: not reachable — {exc.code}: {exc}"))
         out.print(f"  fix: {exc.remedy}")
-        return 0
+        return EX_CONFIG if isinstance(exc, ConfigError) else 0
     if not fetched:
         out.print(f"on the server: no message with UID {uid} in {account.folders.failed!r} "
                   "(imported, moved or deleted since)")  # fmt: skip
         return 0 if record is not None else 1
-    message = fetched[0]
+    meta, message = fetched[0]
     headers = email.parser.BytesHeaderParser(policy=email.policy.default).parsebytes(message.raw)
-    out.print(f"on the server: {len(message.raw)} bytes, received {_iso(message.internaldate)}")
-    for header in ("From", "To", "Cc", "Subject", "Date", "Message-ID", "Content-Type"):
+    out.print(f"on the server: {meta.size} bytes, received {_iso(meta.internaldate)}")
+    for header in shown:
         found = headers.get(header)
         if found is not None:
             out.print(mail_text(f"  {header}: {found}"))
@@ -409,7 +415,7 @@ def doctor(settings: Settings, account: str | None) -> int:
     accounts = _chosen(settings, account)
     out = console()
     general = [Check("config valid", "ok", str(settings.source or "")), check_database(settings)]
-    per_account = asyncio.run(_diagnose_all(accounts))
+    per_account = asyncio.run(_diagnose_all(accounts, settings.limits.backlog_warning))
     _print_checks(out, general, indent="")
     for acc, checks in zip(accounts, per_account, strict=True):
         out.print(Text.assemble((acc.name, "bold"), f" ({acc.address})"))
@@ -419,11 +425,18 @@ def doctor(settings: Settings, account: str | None) -> int:
         out.print("some checks failed: fix the first ✗ line first", style="red")
     else:
         out.print("all checks passed")
+    # A secret that cannot be read is a configuration error, as for every other command.
+    if any(c.code in _CONFIG_CODES for checks in per_account for c in checks):
+        return EX_CONFIG
     return 1 if bad else 0
 
 
-async def _diagnose_all(accounts: Sequence[AccountSettings]) -> list[list[Check]]:
-    return list(await asyncio.gather(*(diagnose(a) for a in accounts)))
+async def _diagnose_all(
+    accounts: Sequence[AccountSettings], backlog_warning: int
+) -> list[list[Check]]:
+    return list(
+        await asyncio.gather(*(diagnose(a, backlog_warning=backlog_warning) for a in accounts))
+    )
 
 
 def _print_checks(out: Console, checks: Sequence[Check], *, indent: str) -> None:

@@ -15,6 +15,7 @@ import ipaddress
 import os
 import re
 import stat
+from datetime import date
 from pathlib import Path
 from typing import Annotated, Any, Literal
 from urllib.parse import parse_qsl, quote, unquote, urlencode, urlsplit
@@ -92,23 +93,94 @@ class SmtpSettings(ServerSettings):
         return self
 
 
+OAuthMethod = Literal["microsoft", "google"]
+OAuthFlow = Literal["device_code", "client_credentials", "authorization_code", "service_account"]
+
+# The public cloud's sign-in host (Microsoft identity platform); national clouds differ
+# (login.microsoftonline.us, login.partner.microsoftonline.cn): set auth.authority for them.
+MICROSOFT_LOGIN = "https://login.microsoftonline.com"
+GOOGLE_TOKEN_URI = "https://oauth2.googleapis.com/token"  # noqa: S105 - a URL, not a secret
+GOOGLE_AUTH_URI = "https://accounts.google.com/o/oauth2/v2/auth"
+# Scopes by flow (Microsoft: "Authenticate an IMAP, POP or SMTP connection using OAuth";
+# Google: "IMAP, POP and SMTP - OAuth 2.0 mechanism": only the full mail scope works for IMAP).
+MICROSOFT_DELEGATED_SCOPES = (
+    "https://outlook.office.com/IMAP.AccessAsUser.All",
+    "https://outlook.office.com/SMTP.Send",
+)
+MICROSOFT_APP_SCOPES = ("https://outlook.office365.com/.default",)
+GOOGLE_SCOPES = ("https://mail.google.com/",)
+_SECRET_KEYS = ("secret", "secret_file", "secret_env", "secret_credential")
+# Warn about an expiring client secret from this many days before (the reference: "Set a
+# calendar reminder 2 weeks before expiration").
+SECRET_EXPIRY_WARNING_DAYS = 14
+
+
 class AuthSettings(_Model):
-    """How to log in. Exactly one secret source for ``method: password``."""
+    """How to log in: a password (``method: password``) or OAuth2 (``microsoft``, ``google``).
+
+    Password: ``username`` and exactly one of ``password``, ``password_file``, ``password_env``,
+    ``password_credential``. OAuth2: ``client_id`` and, depending on ``flow``, a client secret
+    (``client_secret``, ``client_secret_file``, ``client_secret_env``,
+    ``client_secret_credential``), ``tenant_id`` (Microsoft), ``service_account_file`` and
+    ``subject`` (Google with domain-wide delegation). XOAUTH2 names the account's ``address``
+    as the mailbox; ``username`` is who signs in (delegated flows).
+    """
 
     # A password may begin or end with spaces; the model-wide stripping must not touch it, so it
     # is switched off here and asked for per field instead.
     model_config = ConfigDict(extra="forbid", frozen=True, str_strip_whitespace=False)
 
-    method: Literal["password"] = "password"
-    username: Annotated[str, StringConstraints(strip_whitespace=True, min_length=1)]
+    method: Literal["password", "microsoft", "google"] = "password"
+    username: Annotated[str, StringConstraints(strip_whitespace=True, min_length=1)] | None = None
     password: SecretStr | None = None
     password_file: Path | None = None
     password_env: Annotated[str, StringConstraints(strip_whitespace=True)] | None = None
     # a systemd credential name (LoadCredential=)
     password_credential: Annotated[str, StringConstraints(strip_whitespace=True)] | None = None
+    # -- OAuth2 (method microsoft or google) --
+    flow: OAuthFlow | None = None  # default: device_code (microsoft); see _oauth_rules
+    tenant_id: Annotated[str, StringConstraints(strip_whitespace=True, min_length=1)] | None = None
+    client_id: Annotated[str, StringConstraints(strip_whitespace=True, min_length=1)] | None = None
+    client_secret: SecretStr | None = None
+    client_secret_file: Path | None = None
+    client_secret_env: Annotated[str, StringConstraints(strip_whitespace=True)] | None = None
+    client_secret_credential: Annotated[str, StringConstraints(strip_whitespace=True)] | None = None
+    client_secret_expires: date | None = None
+    service_account_file: Path | None = None
+    subject: EmailAddress | None = None
+    # Where tokens come from: the Microsoft authority (default MICROSOFT_LOGIN/tenant_id), the
+    # Google token and consent endpoints, a private CA for them (TLS-inspecting proxy).
+    authority: Annotated[str, StringConstraints(pattern=r"^https://\S+$")] | None = None
+    token_uri: Annotated[str, StringConstraints(pattern=r"^https://\S+$")] | None = None
+    auth_uri: Annotated[str, StringConstraints(pattern=r"^https://\S+$")] | None = None
+    ca_file: Path | None = None
+    redirect_uri: Annotated[str, StringConstraints(pattern=r"^https?://\S+$")] | None = None
+    scopes: tuple[Annotated[str, StringConstraints(min_length=1)], ...] | None = None
+    # Where the token cache (refresh token) lives; default: tokens/ACCOUNT.json beside the
+    # database, mode 0600 (filled in by Settings).
+    token_cache: Path | None = None
+    token_timeout_seconds: Annotated[float, Field(gt=0, le=600)] = 30.0
+    # SASL mechanism: auto = OAUTHBEARER (RFC 7628) where the server offers it, else XOAUTH2.
+    sasl: Literal["auto", "xoauth2", "oauthbearer"] = "auto"
+
+    @field_validator("ca_file", "service_account_file")
+    @classmethod
+    def _file_exists(cls, value: Path | None) -> Path | None:
+        if value is not None and not value.is_file():
+            raise ValueError(f"{str(value)!r} does not exist")
+        return value
 
     @model_validator(mode="after")
     def _one_secret(self) -> AuthSettings:
+        if self.method != "password":
+            return self._oauth_rules()
+        oauth = [k for k in _OAUTH_ONLY if getattr(self, k) is not None]
+        if oauth:
+            raise ValueError(
+                f"{', '.join(oauth)}: only for method microsoft or google (method is password)"
+            )
+        if self.username is None:
+            raise ValueError("username: required key is missing")
         given = [
             k
             for k in ("password", "password_file", "password_env", "password_credential")
@@ -121,8 +193,143 @@ class AuthSettings(_Model):
             )
         return self
 
+    def _oauth_rules(self) -> AuthSettings:
+        """Which keys each OAuth2 method and flow needs (see the README's set-up steps)."""
+        password = [
+            k
+            for k in ("password", "password_file", "password_env", "password_credential")
+            if getattr(self, k) is not None
+        ]
+        if password:
+            raise ValueError(
+                f"{', '.join(password)}: OAuth2 uses no password; "
+                "use client_secret_file (or remove the key)"
+            )
+        secrets = [f"client_{k}" for k in _SECRET_KEYS if getattr(self, f"client_{k}") is not None]
+        if len(secrets) > 1:
+            raise ValueError(f"give at most one of {', '.join(secrets)}")
+        if self.method == "microsoft":
+            flow = self.flow or "device_code"
+            object.__setattr__(self, "flow", flow)
+            missing = [k for k in ("tenant_id", "client_id") if getattr(self, k) is None]
+            if missing:
+                raise ValueError(f"{missing[0]}: required for method microsoft")
+            for key in ("service_account_file", "subject", "token_uri", "auth_uri"):
+                if getattr(self, key) is not None:
+                    raise ValueError(f"{key}: only for method google")
+            if flow == "service_account":
+                raise ValueError(
+                    "flow service_account is Google's; Microsoft app-only access "
+                    "is flow: client_credentials"
+                )
+            if flow == "client_credentials" and not secrets:
+                raise ValueError(
+                    "flow client_credentials needs client_secret_file (or "
+                    "client_secret, client_secret_env, client_secret_credential)"
+                )
+            if flow == "device_code" and secrets:
+                raise ValueError(
+                    f"{secrets[0]}: device_code signs in as a public client and sends no secret; "
+                    "remove it (and allow public client flows in the app registration)"
+                )
+            if flow == "client_credentials" and self.username is not None:
+                raise ValueError(
+                    "username: client_credentials signs in as the app, not a user; "
+                    "the mailbox is the account's address"
+                )
+        else:
+            flow = self.flow or (
+                "service_account" if self.service_account_file is not None else "authorization_code"
+            )
+            object.__setattr__(self, "flow", flow)
+            for key in ("tenant_id", "authority"):
+                if getattr(self, key) is not None:
+                    raise ValueError(f"{key}: only for method microsoft")
+            if flow == "service_account":
+                if self.service_account_file is None:
+                    raise ValueError("service_account_file: required for flow service_account")
+                if secrets or self.client_id is not None:
+                    raise ValueError(
+                        "a service account signs in with its key file: remove "
+                        "client_id and the client secret"
+                    )
+            elif flow == "authorization_code":
+                if self.client_id is None or not secrets:
+                    raise ValueError(
+                        "flow authorization_code (Google installed app) needs "
+                        "client_id and client_secret_file (or client_secret ...)"
+                    )
+                if self.service_account_file is not None or self.subject is not None:
+                    raise ValueError(
+                        "service_account_file and subject belong to flow service_account"
+                    )
+            else:
+                raise ValueError(
+                    f"flow {flow} is not available for method google "
+                    "(service_account or authorization_code)"
+                )
+        return self
+
+    @property
+    def is_oauth(self) -> bool:
+        return self.method != "password"
+
+    @property
+    def has_secret(self) -> bool:
+        """True when a secret source is configured (a password or an OAuth2 client secret)."""
+        if not self.is_oauth:
+            return True
+        return any(getattr(self, f"client_{k}") is not None for k in _SECRET_KEYS)
+
+    def oauth_scopes(self) -> tuple[str, ...]:
+        if self.scopes:
+            return self.scopes
+        if self.method == "google":
+            return GOOGLE_SCOPES
+        if self.flow == "client_credentials":
+            return MICROSOFT_APP_SCOPES
+        return MICROSOFT_DELEGATED_SCOPES
+
+    def microsoft_authority(self) -> str:
+        if self.authority is not None:
+            return self.authority.rstrip("/")
+        return f"{MICROSOFT_LOGIN}/{self.tenant_id}"
+
+    def secret_expiry_days(self, today: date | None = None) -> int | None:
+        """Days until ``client_secret_expires`` (negative: expired), or None when not set."""
+        if self.client_secret_expires is None:
+            return None
+        return (self.client_secret_expires - (today or date.today())).days
+
+    def secret_expiry_warning(self, today: date | None = None) -> str | None:
+        """A warning from SECRET_EXPIRY_WARNING_DAYS days before the client secret expires."""
+        days = self.secret_expiry_days(today)
+        if days is None or days > SECRET_EXPIRY_WARNING_DAYS:
+            return None
+        when = self.client_secret_expires
+        if days < 0:
+            return (
+                f"the client secret expired on {when} ({-days} days ago): create a new one "
+                "in the app registration, put it in auth.client_secret_file, update "
+                "auth.client_secret_expires and reload"
+            )
+        return (
+            f"the client secret expires on {when} (in {days} days): create a new one in the "
+            "app registration, put it in auth.client_secret_file, update "
+            "auth.client_secret_expires and reload"
+        )
+
     def secret_source(self) -> str:
         """Where the secret comes from, for messages (never the secret itself)."""
+        if self.is_oauth:
+            for key in _SECRET_KEYS:
+                value = getattr(self, f"client_{key}")
+                if value is not None:
+                    shown = "" if key == "secret" else f" {value}"
+                    return f"auth.client_{key}{shown}"
+            if self.service_account_file is not None:
+                return f"service_account_file {self.service_account_file}"
+            return "no client secret (public client)"
         if self.password is not None:
             return "auth.password"
         if self.password_file is not None:
@@ -134,14 +341,18 @@ class AuthSettings(_Model):
     def secret(self) -> str:
         """Read the secret now. Raises ConfigError(code=secret_missing) naming the source.
 
-        The value is registered with the log redactor, so it is masked in any log line,
-        including third-party debug output such as aioimaplib's echo of LOGIN.
+        For ``method: password`` the password; for OAuth2 the client secret, or ``""`` when the
+        flow needs none (a service account's key file is read by its provider). The value is
+        registered with the log redactor, so it is masked in any log line, including
+        third-party debug output such as aioimaplib's echo of LOGIN.
         """
         value = self._read_secret()
         register_secret(value)
         return value
 
     def _read_secret(self) -> str:
+        if self.is_oauth:
+            return self._read_client_secret()
         if self.password is not None:
             return self.password.get_secret_value()
         return read_secret(
@@ -150,6 +361,41 @@ class AuthSettings(_Model):
             credential=self.password_credential,
             key="auth.password",
         )
+
+    def _read_client_secret(self) -> str:
+        if self.client_secret is not None:
+            return self.client_secret.get_secret_value()
+        if not self.has_secret:
+            if self.service_account_file is not None:
+                _read_secret_file(self.service_account_file, "auth.service_account_file")
+            return ""
+        return read_secret(
+            file=self.client_secret_file,
+            env=self.client_secret_env,
+            credential=self.client_secret_credential,
+            key="auth.client_secret",
+        )
+
+
+_OAUTH_ONLY = (
+    "flow",
+    "tenant_id",
+    "client_id",
+    "client_secret",
+    "client_secret_file",
+    "client_secret_env",
+    "client_secret_credential",
+    "client_secret_expires",
+    "service_account_file",
+    "subject",
+    "authority",
+    "token_uri",
+    "auth_uri",
+    "ca_file",
+    "redirect_uri",
+    "scopes",
+    "token_cache",
+)
 
 
 def read_secret(*, file: Path | None, env: str | None, credential: str | None, key: str) -> str:
@@ -203,12 +449,51 @@ class FolderSettings(_Model):
     inbox: Annotated[str, StringConstraints(min_length=1)] = "INBOX"
     processed: Annotated[str, StringConstraints(min_length=1)] = "Mailbridge Processed"
     failed: Annotated[str, StringConstraints(min_length=1)] = "Mailbridge Failed"
+    # Where the account's sent mail is filed. Set, it is searched for a Message-ID after a crash
+    # in the middle of sending (to avoid a resend), and a copy of what mailbridge sends is
+    # APPENDed there unless append_sent is false (servers that file SMTP submissions
+    # themselves, such as Gmail and Exchange Online, need no copy).
+    sent: Annotated[str, StringConstraints(min_length=1)] | None = None
+    append_sent: bool = True
 
     @model_validator(mode="after")
     def _distinct(self) -> FolderSettings:
         names = [self.inbox, self.processed, self.failed]
         if len({n.casefold() for n in names}) != 3:
             raise ValueError("inbox, processed and failed must be three different folders")
+        if self.sent is not None and self.sent.casefold() in {n.casefold() for n in names}:
+            raise ValueError("sent must differ from inbox, processed and failed")
+        return self
+
+
+def _time_zone(value: str) -> str:
+    from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
+
+    try:
+        ZoneInfo(value)
+    except (ZoneInfoNotFoundError, ValueError) as exc:
+        raise ValueError(
+            f"{value!r} is not a time zone (an IANA name such as 'Europe/Stockholm' or 'UTC')"
+        ) from exc
+    return value
+
+
+class AutoReplySettings(_Model):
+    """An automatic answer to each message that starts a new conversation (README "Automatic
+    replies"); never to automatic mail, the account's own addresses, or a sender answered
+    automatically loop_protection.max_auto_replies times within its window."""
+
+    enabled: bool = False
+    subject: Annotated[str, StringConstraints(max_length=200)] | None = None  # default: Re: ...
+    body_text: str | None = None
+    body_html: str | None = None
+    # Older mail (recovered by the sweep after an outage, say) gets no automatic reply.
+    max_age_hours: Annotated[float, Field(gt=0, le=24 * 365)] = 24.0
+
+    @model_validator(mode="after")
+    def _has_body(self) -> AutoReplySettings:
+        if self.enabled and self.body_text is None and self.body_html is None:
+            raise ValueError("enabled: true needs body_text or body_html")
         return self
 
 
@@ -253,24 +538,109 @@ class AccountSettings(_Model):
     mode: Literal["idle", "poll"] = "idle"
     poll_interval_seconds: Annotated[float, Field(ge=1, le=86400)] = 60.0
     # RFC 2177 section 3: a server may drop an IDLE after 30 minutes; re-issue well before.
-    idle_timeout_seconds: Annotated[float, Field(ge=1, le=29 * 60)] = 25 * 60.0
+    # Re-issuing is also how a connection dropped silently (a NAT, a firewall) is noticed: the
+    # server must answer DONE within imap.timeout_seconds, so 10 minutes, as common clients do.
+    idle_timeout_seconds: Annotated[float, Field(ge=1, le=29 * 60)] = 10 * 60.0
     enabled: bool = True
     # Per-account overrides of the global keys of the same names (None: the global value).
     automatic_emails: AutomaticEmails | None = None
     bots: BotSettings | None = None
+    # The account's name in From of what it sends ("Support" <support@...>); with
+    # personalized_emails the sending coworker's name comes first ("Jane Doe - Support") and
+    # every recipient gets an own copy with its own Message-ID.
+    display_name: Annotated[str, StringConstraints(max_length=200)] = ""
+    personalized_emails: bool = False
+    auto_reply: AutoReplySettings = AutoReplySettings()
+    # The HTML template every message of the account is sent in (README "Templates and merge
+    # codes"), its signature, the language of its fixed texts and the zone of its dates.
+    template_file: Path | None = None
+    signature: str = ""
+    language: Literal["en", "de", "sv", "fr", "es"] = "en"
+    time_zone: Annotated[str, AfterValidator(_time_zone)] = "UTC"
 
     def own_addresses(self) -> frozenset[str]:
         """The account's address and its aliases: one identity."""
         return frozenset((self.address, *self.aliases))
 
+    @model_validator(mode="after")
+    def _oauth_subject(self) -> AccountSettings:
+        # Google domain-wide delegation acts as the mailbox: subject defaults to the address.
+        if self.auth.flow == "service_account" and self.auth.subject is None:
+            object.__setattr__(self.auth, "subject", self.address)
+        return self
+
+    @property
+    def login_name(self) -> str:
+        """Who logs in: auth.username (password), else the mailbox (XOAUTH2 user=)."""
+        if self.auth.is_oauth or self.auth.username is None:
+            return self.address
+        return self.auth.username
+
+    def token_cache_path(self, database: Path | None = None) -> Path:
+        """auth.token_cache, else tokens/NAME.json beside ``database`` (or the state dir)."""
+        if self.auth.token_cache is not None:
+            return self.auth.token_cache
+        base = (
+            database.parent
+            if database is not None
+            else Path(os.environ.get("STATE_DIRECTORY", "/var/lib/mailbridge").split(":")[0])
+        )
+        return base / "tokens" / f"{self.name}.json"
+
 
 class LimitSettings(_Model):
     attachment_max_size_mb: Annotated[float, Field(gt=0, le=10_000)] = 25.0
+    # RFC822.SIZE, read before the download: a larger message goes to Failed without its bytes.
+    message_max_size_mb: Annotated[float, Field(gt=0, le=10_000)] = 50.0
     fetch_batch_size: Annotated[int, Field(ge=1, le=1000)] = 100
+    # Bytes per UID FETCH (and per transaction): with the batch read ahead, about twice this
+    # much raw mail is in memory at once, whatever the message count.
+    fetch_batch_max_mb: Annotated[float, Field(gt=0, le=10_000)] = 50.0
+    # Inbox mail older than a day above this count is a backlog worth a warning; 0: never warn.
+    backlog_warning: Annotated[int, Field(ge=0)] = 1000
 
     @property
     def max_message_bytes(self) -> int:
+        """The attachment limit in bytes (decoded attachments of one message, checked by the
+        parser)."""
         return int(self.attachment_max_size_mb * 1024 * 1024)
+
+    @property
+    def message_max_bytes(self) -> int:
+        """The raw message size limit in bytes (RFC822.SIZE, checked before fetching)."""
+        return int(self.message_max_size_mb * 1024 * 1024)
+
+    @property
+    def fetch_batch_max_bytes(self) -> int:
+        return int(self.fetch_batch_max_mb * 1024 * 1024)
+
+
+class OutboxSettings(_Model):
+    """Sending from the ``outbox`` table (see README "The outbox")."""
+
+    # A row still failing temporarily (4xx, connection lost) this long after it was queued
+    # fails for good (code send_expired); 72 hours as a mail server's queue lifetime.
+    max_age_hours: Annotated[float, Field(gt=0, le=24 * 30)] = 72.0
+    # Temporary failures are retried after first_retry_seconds, doubling up to
+    # max_retry_seconds (hourly).
+    first_retry_seconds: Annotated[float, Field(ge=1, le=3600)] = 30.0
+    max_retry_seconds: Annotated[float, Field(ge=1, le=86400)] = 3600.0
+    # An outgoing message (attachments included, as encoded) over this size fails before sending.
+    max_outgoing_size_mb: Annotated[float, Field(gt=0, le=1000)] = 25.0
+    # Directories attachments may be read from by path (outboxattachment.path). None by default:
+    # a row must not be able to mail out any file the daemon can read (its password files).
+    attachment_directories: tuple[Path, ...] = ()
+
+    @property
+    def max_outgoing_bytes(self) -> int:
+        return int(self.max_outgoing_size_mb * 1024 * 1024)
+
+
+class LoopProtectionSettings(_Model):
+    """At most max_auto_replies automatic replies to one sender within window_hours."""
+
+    max_auto_replies: Annotated[int, Field(ge=0, le=1000)] = 3
+    window_hours: Annotated[float, Field(gt=0, le=24 * 365)] = 24.0
 
 
 class LogSettings(_Model):
@@ -557,6 +927,8 @@ class Settings(_Model):
     limits: LimitSettings = LimitSettings()
     log: LogSettings = LogSettings()
     recovery: RecoverySettings = RecoverySettings()
+    outbox: OutboxSettings = OutboxSettings()
+    loop_protection: LoopProtectionSettings = LoopProtectionSettings()
     identification: Identification = "message_id"
     # What becomes of automatic mail (out-of-office, notifications, lists): the reference's
     # "import automatic emails even if conversation not found" = false is the default.
@@ -611,6 +983,17 @@ class Settings(_Model):
         """The SQLite file, or None when ``database`` is a PostgreSQL URL."""
         return self.database if isinstance(self.database, Path) else None
 
+    def outbox_database(self) -> Path:
+        """The SQLite file the outbox lives in. Raises ConfigError (exit 78) for a PostgreSQL
+        ``database``: sending through PostgreSQL is not built yet."""
+        if self.sqlite_path is None:
+            raise ConfigError(
+                "database: sending (the outbox) works with a SQLite database only for now; "
+                "PostgreSQL support for it is not built yet",
+                path="database",
+            )
+        return self.sqlite_path
+
     def database_password(self) -> str | None:
         """Read the PostgreSQL password now (None when no source is configured). Raises
         ConfigError(code=secret_missing) naming the key; the value is registered with the log
@@ -628,6 +1011,15 @@ class Settings(_Model):
             raise ConfigError(f"{exc.path}: {exc}", path=exc.path, code=exc.code) from exc
         register_secret(value)
         return value
+
+    @model_validator(mode="after")
+    def _token_caches(self) -> Settings:
+        # OAuth2 token caches default to tokens/NAME.json beside the database (owner-only).
+        for account in self.accounts:
+            if account.auth.is_oauth and account.auth.token_cache is None:
+                path = account.token_cache_path(self.sqlite_path)
+                object.__setattr__(account.auth, "token_cache", path)
+        return self
 
     def account(self, name: str) -> AccountSettings:
         for account in self.accounts:
@@ -693,6 +1085,7 @@ def parse_config(data: object, *, source: Path | None = None) -> Settings:
         text = "; ".join(f"{path}: {why}" for path, why in problems)
         raise ConfigError(text, path=first_path) from exc
     check_model(settings)
+    check_templates(settings)
     # Set after validation so the file cannot set it (model_copy does not re-validate).
     return settings.model_copy(update={"source": source})
 
@@ -752,6 +1145,49 @@ def check_model(settings: Settings) -> None:
                     f"{where}: without message_property, {table!r} must be one of the "
                     "follower_parents tables (its row is found by the sender's address)",
                     path=where,
+                )
+
+
+def check_templates(settings: Settings) -> None:
+    """Every account's template file readable and using only known merge codes (plus the
+    configured parent tables), and the same for its automatic reply's body; ConfigError
+    naming the key, the template and the code (exit 78)."""
+    tables = {p.table for p in settings.conversation_parents} | {
+        p.table for p in settings.follower_parents
+    }
+    for i, account in enumerate(settings.accounts):
+        sources: list[tuple[str, str, str]] = []
+        if account.template_file is not None:
+            key = f"accounts[{i}].template_file"
+            try:
+                text = account.template_file.read_text(encoding="utf-8")
+            except OSError as exc:
+                raise ConfigError(
+                    f"{key}: cannot read {account.template_file}: {exc.strerror}", path=key
+                ) from exc
+            sources.append((key, str(account.template_file), text))
+        for field in ("body_text", "body_html"):
+            body = getattr(account.auto_reply, field)
+            if body is not None:
+                key = f"accounts[{i}].auto_reply.{field}"
+                sources.append((key, key, body))
+        for key, name, text in sources:
+            # Jinja2 is imported only when a template is configured (start-up time).
+            from mailbridge.core.templates import unknown_codes
+
+            try:
+                unknown = unknown_codes(text, tables)
+            except ValueError as exc:
+                raise ConfigError(
+                    f"{key}: template {name} does not parse: {exc}", path=key
+                ) from exc
+            if unknown:
+                codes = ", ".join(f"{{{{ {code} }}}}" for code in unknown)
+                raise ConfigError(
+                    f"{key}: template {name} uses unknown merge code {codes}; known: the merge "
+                    "codes listed in README 'Templates and merge codes', body, signature, "
+                    "subject and the configured parent tables",
+                    path=key,
                 )
 
 

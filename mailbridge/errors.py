@@ -22,8 +22,9 @@ operator must act first (a wrong password). The daemon's backoff follows it.
 
 A remedy names only what exists: ``mailbridge`` commands in quotes ('mailbridge doctor ACCOUNT')
 and config keys by their path below the account (``auth.password_file``, ``imap.tls``).
-Sign-in is by password only (``auth.method: password``): where a provider wants OAuth2, the
-remedy says what to ask of the provider instead. tests/unit/test_errors.py checks
+Sign-in is by password or OAuth2 (``auth.method: microsoft`` / ``google``); the OAuth2 codes
+(AADSTS numbers, ``invalid_grant``, "authenticated but not connected", SMTP AUTH disabled,
+``SendAsDenied``) name the check or the command that fixes them. tests/unit/test_errors.py checks
 every command against the CLI's parser and every key against the config model.
 """
 
@@ -60,8 +61,10 @@ CATALOGUE: Final[dict[str, ErrorInfo]] = dict(
             "secret_missing",
             "A password or token could not be read",
             "Check that the file, environment variable or systemd credential named by "
-            "auth.password_file, auth.password_env or auth.password_credential exists and is "
-            "readable by the user the daemon runs as, then run 'mailbridge check-config'.",
+            "auth.password_file, auth.password_env or auth.password_credential (OAuth2: "
+            "auth.client_secret_file, auth.client_secret_env, auth.client_secret_credential, "
+            "auth.service_account_file) exists and is readable by the user the daemon runs as, "
+            "then run 'mailbridge check-config'.",
             transient=False,
         ),
         _info(
@@ -82,25 +85,96 @@ CATALOGUE: Final[dict[str, ErrorInfo]] = dict(
         _info(
             "app_password_required",
             "The account uses multi-factor authentication",
-            "Create an app password for the mailbox with the provider (its account security "
-            "settings) and put it in auth.password_file; OAuth2 sign-in is not supported yet.",
+            "Sign in with OAuth2 instead (auth.method: microsoft or google, set up as the README "
+            "says, then 'mailbridge auth ACCOUNT'), or create an app password for the mailbox "
+            "and put it in auth.password_file.",
             transient=False,
         ),
         _info(
             "token_expired",
             "The OAuth2 token has expired or was revoked",
-            "OAuth2 sign-in is not supported yet, only a password: create an app password with "
-            "the provider and put it in auth.password_file, or ask the administrator to allow "
-            "password sign-in for IMAP; then run 'mailbridge doctor ACCOUNT'.",
+            "The refresh token expired, was revoked, or the user's password changed: sign in "
+            "again with 'mailbridge auth ACCOUNT' (as auth.username), then send SIGHUP "
+            "(systemctl reload mailbridge).",
             transient=False,
         ),
         _info(
             "consent_missing",
             "The OAuth2 application lacks the permissions (consent) it needs",
-            "OAuth2 sign-in is not supported yet: ask the provider's administrator to allow "
-            "password sign-in (or an app password, put in auth.password_file) for IMAP and SMTP "
-            "for this mailbox, then run 'mailbridge doctor ACCOUNT'.",
+            "Grant the permissions and admin consent: Entra app registration, API permissions, "
+            "IMAP.AccessAsUser.All and SMTP.Send (delegated) or IMAP.AccessAsApp and "
+            "SMTP.SendAsApp (application), then 'Grant admin consent'; Google: the service "
+            "account's client ID with scope https://mail.google.com/ under domain-wide "
+            "delegation. Then run 'mailbridge doctor ACCOUNT'.",
             transient=False,
+        ),
+        _info(
+            "client_secret_invalid",
+            "The identity provider rejected the client secret or key (AADSTS7000215)",
+            "Copy the secret's Value (not its Secret ID) from the app registration's "
+            "'Certificates & secrets' into auth.client_secret_file and check auth.client_id and "
+            "auth.tenant_id (Google service account: a current JSON key in "
+            "auth.service_account_file); then run 'mailbridge doctor ACCOUNT' and send SIGHUP "
+            "(systemctl reload mailbridge).",
+            transient=False,
+        ),
+        _info(
+            "sign_in_required",
+            "No OAuth2 sign-in is stored for this account yet",
+            "Run 'mailbridge auth ACCOUNT' as the user the daemon runs as (it stores the token "
+            "cache in auth.token_cache), then send SIGHUP (systemctl reload mailbridge).",
+            transient=False,
+        ),
+        _info(
+            "client_secret_expired",
+            "The OAuth2 client secret has expired (AADSTS7000222)",
+            "Create a new client secret in the app registration ('Certificates & secrets'), put "
+            "it in auth.client_secret_file, set auth.client_secret_expires to its end date, then "
+            "send SIGHUP (systemctl reload mailbridge).",
+            transient=False,
+        ),
+        _info(
+            "mailbox_not_connected",
+            "Signed in, but the mail server refused the mailbox (authenticated but not connected)",
+            "The token is valid, so check the mailbox side: 1. the signing-in user (or the app's "
+            "service principal: Add-MailboxPermission) has Full Access to the mailbox of the "
+            "account's address; 2. IMAP (and Authenticated SMTP) is enabled for that user and "
+            "for the mailbox (Set-CASMailbox -ImapEnabled $true); 3. no Conditional Access "
+            "policy blocks IMAP for them; 4. the address is the mailbox's primary address or "
+            "UPN. Then run 'mailbridge doctor ACCOUNT'.",
+            transient=False,
+        ),
+        _info(
+            "smtp_auth_disabled",
+            "SMTP AUTH is disabled for the tenant or the mailbox",
+            "Enable authenticated SMTP: Exchange Online PowerShell 'Set-TransportConfig "
+            "-SmtpClientAuthenticationDisabled $false' (tenant) or 'Set-CASMailbox ADDRESS "
+            "-SmtpClientAuthenticationDisabled $false' (mailbox), or 'Authenticated SMTP' under "
+            "the user's email apps; allow about 30 minutes, then run 'mailbridge doctor ACCOUNT'.",
+            transient=False,
+        ),
+        _info(
+            "send_as_denied",
+            "The signed-in user may not send as this mailbox (SendAsDenied)",
+            "Grant the signing-in user (or the app's service principal) Send As on the mailbox: "
+            "Exchange admin centre, the mailbox, Delegation, Send As (or 'Add-RecipientPermission "
+            "ADDRESS -AccessRights SendAs -Trustee USER'); it may take minutes to apply.",
+            transient=False,
+        ),
+        _info(
+            "upn_mismatch",
+            "The signed-in user is not the one configured, or the mailbox address is not its UPN",
+            "Sign in as auth.username with 'mailbridge auth ACCOUNT' (or change auth.username to "
+            "the user who signs in); for a mailbox whose user principal name differs from its "
+            "address, use the UPN as the account's address or change the UPN in Entra.",
+            transient=False,
+        ),
+        _info(
+            "idp_unavailable",
+            "The identity provider (token endpoint) could not be reached or failed",
+            "Check the network or proxy to the sign-in host (auth.authority, auth.token_uri) and, "
+            "behind a TLS-inspecting proxy, auth.ca_file; it is retried by itself.",
+            transient=True,
         ),
         _info(
             "protocol_disabled",
@@ -178,9 +252,11 @@ CATALOGUE: Final[dict[str, ErrorInfo]] = dict(
         ),
         _info(
             "too_large",
-            "The message is over limits.attachment_max_size_mb",
-            "Raise limits.attachment_max_size_mb and run 'mailbridge failed retry UID', or "
-            "handle the message by hand.",
+            "The message is over limits.message_max_size_mb, or its attachments over "
+            "limits.attachment_max_size_mb",
+            "Raise limits.attachment_max_size_mb or limits.message_max_size_mb, whichever the "
+            "reason names (a message over limits.message_max_size_mb was not downloaded), "
+            "reload, and run 'mailbridge failed retry UID'; or handle the message by hand.",
             transient=False,
         ),
         _info(
@@ -194,6 +270,42 @@ CATALOGUE: Final[dict[str, ErrorInfo]] = dict(
             "The message could not be written to the database",
             "Read the reason in 'mailbridge failed show UID'; fix the cause, then run "
             "'mailbridge failed retry UID'.",
+            transient=False,
+        ),
+        _info(
+            "message_rejected",
+            "The SMTP server refused the outgoing message for good (a 5xx reply)",
+            "Read the server's words in 'mailbridge outbox --failed' (a wrong recipient address, "
+            "a policy or spam refusal); correct the row and run 'mailbridge outbox retry ID'.",
+            transient=False,
+        ),
+        _info(
+            "send_deferred",
+            "The SMTP server deferred the outgoing message (a 4xx reply)",
+            "Nothing to do: it is retried by itself (first after outbox.first_retry_seconds, "
+            "then up to hourly) until outbox.max_age_hours.",
+            transient=True,
+        ),
+        _info(
+            "send_expired",
+            "An outgoing message could not be sent within outbox.max_age_hours",
+            "Fix what its last error says ('mailbridge outbox --failed', 'mailbridge doctor "
+            "ACCOUNT'), then run 'mailbridge outbox retry ID'.",
+            transient=False,
+        ),
+        _info(
+            "outbox_invalid",
+            "An outbox row cannot be sent as written",
+            "Read the reason in 'mailbridge outbox --failed' (no recipient, an unknown "
+            "conversation or account, an unreadable attachment, a message action naming no "
+            "parent column); correct the row and run 'mailbridge outbox retry ID'.",
+            transient=False,
+        ),
+        _info(
+            "outgoing_too_large",
+            "The outgoing message is over outbox.max_outgoing_size_mb",
+            "Send smaller or fewer attachments (or raise outbox.max_outgoing_size_mb if the "
+            "server accepts more), then run 'mailbridge outbox retry ID'.",
             transient=False,
         ),
         _info(
@@ -240,8 +352,10 @@ CATALOGUE: Final[dict[str, ErrorInfo]] = dict(
         ),
         _info(
             "internal",
-            "An unexpected internal error",
-            "Report it with the log lines around it; the other accounts go on.",
+            "An unexpected internal error (a bug in mailbridge)",
+            "Report it with the traceback logged with it; the other messages and accounts go "
+            "on. A message it hit waits in the Failed folder (the sweep does not retry it): "
+            "after an upgrade, run 'mailbridge failed retry UID'.",
             transient=True,
         ),
     ]
@@ -365,6 +479,23 @@ _RULES: Final[tuple[tuple[str, re.Pattern[str]], ...]] = tuple(
         # connections."). Not a wrong password: the tls mode is what to change.
         ("tls_failed", r"\[PRIVACYREQUIRED\]"),
         # -- 2. specific causes -----------------------------------------------------------------
+        # OAuth2 first: Entra's AADSTS codes and the reference's wording are unambiguous, and
+        # some arrive inside a generic "535 Authentication unsuccessful".
+        ("client_secret_expired", r"AADSTS7000222|client secret keys? .{0,80}(?:are|is) expired"),
+        ("client_secret_invalid", r"AADSTS7000215|invalid client secret"),
+        # Entra sends "invalid_grant: AADSTS65001 ..." for missing consent: before invalid_grant.
+        ("consent_missing", r"AADSTS65001|AADSTS650057"),
+        ("send_as_denied", r"SendAsDenied|not (?:allowed|authorized) to send as"),
+        (
+            "upn_mismatch",
+            r"queried reference-(?:property )?objects? (?:are|is) not present|"
+            r"user principal name.{0,40}(?:does not|doesn't) match",
+        ),
+        ("mailbox_not_connected", r"authenticated but not connected"),
+        (
+            "smtp_auth_disabled",
+            r"SmtpClientAuthentication is disabled|SMTP AUTH(?:entication)? is disabled",
+        ),
         (
             "app_password_required",
             r"application[- ]specific password|app password|application password|multi-?factor|"
@@ -389,9 +520,7 @@ _RULES: Final[tuple[tuple[str, re.Pattern[str]], ...]] = tuple(
         (
             "protocol_disabled",
             r"IMAP (?:access )?is disabled|not enabled for IMAP|IMAP use|"
-            r"SmtpClientAuthentication is disabled|SMTP AUTH(?:entication)? is disabled|"
-            r"basic authentication is disabled|authenticated but not connected|"
-            r"protocol.{0,20}disabled|"
+            r"basic authentication is disabled|protocol.{0,20}disabled|"
             # Exchange Online's 5.7.139 is always a policy block: SMTP AUTH off for the tenant or
             # the mailbox, security defaults or Conditional Access refusing basic auth.
             r"\b5\.7\.139\b",
@@ -441,8 +570,9 @@ _RULES: Final[tuple[tuple[str, re.Pattern[str]], ...]] = tuple(
             r"authentication unsuccessful|invalid credentials|login failed|AUTHENTICATE failed|"
             r"incorrect (?:password|credentials)|bad credentials|"
             r"username and password not accepted|"
-            # AADSTS50126 wrong password, 50034 no such user, 7000215 wrong client secret.
-            r"AADSTS50126|AADSTS50034|AADSTS7000215|invalid_client|"
+            # AADSTS50126 wrong password, 50034 no such user; invalid_client (RFC 6749 5.2)
+            # without an AADSTS code: a wrong client ID or secret elsewhere.
+            r"AADSTS50126|AADSTS50034|invalid_client|"
             r"\b5\.7\.8\b|\b535\b",
         ),
         # -- 5. generic transient ---------------------------------------------------------------

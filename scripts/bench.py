@@ -14,10 +14,13 @@ mailbox (2 KB - 200 KB; plain, multipart HTML, attachments, inline images, reply
 * fleets: N idle accounts in one daemon: RSS, CPU while idle, IDLE latency with the fleet connected;
 * recovery sweep: 1,000 messages put in Failed by a too-low attachment limit, then retried by
   ``mailbridge sync`` once the limit is back to its default;
-* sending: printed as "not built yet" until sending exists.
+* sending: outbox rows to an aiosmtpd sink beside a bare aiosmtplib loop sending the same
+  messages, and the latency from an integrator's INSERT to the end of DATA
+  (``scripts/bench_sending.py``).
 
 Targets (reported, not asserted): import >= 1.0x the naive floor; IDLE p99 at most 20 ms above the
-server's push p99; 1,000 idle accounts <= 300 MB RSS and < 2 % of a core.
+server's push p99; 1,000 idle accounts <= 300 MB RSS and < 2 % of a core; sending >= 0.8x the
+bare loop, INSERT -> end of DATA p99 <= 100 ms.
 """
 
 from __future__ import annotations
@@ -544,8 +547,6 @@ def measure_idle(
 
 # -- the run ------------------------------------------------------------------------------------
 
-NOT_BUILT = "not built yet"
-
 
 def make_failing(count: int, address: str, seed: int = 11) -> list[bytes]:
     """``count`` messages, each with a 20-80 KB attachment: over a 10 KB limit, under the
@@ -596,9 +597,12 @@ def measure_sweep(dovecot: Dovecot, workdir: Path, count: int) -> dict[str, Any]
     }
 
 
-def measure_sending() -> dict[str, Any]:
-    """Outbox rows to an SMTP sink: slots in once sending exists."""
-    return {"status": NOT_BUILT}
+def measure_sending(count: int, latency_count: int) -> dict[str, Any]:
+    """Outbox rows to an SMTP sink beside a bare aiosmtplib loop (scripts/bench_sending.py)."""
+    sys.path.insert(0, str(Path(__file__).resolve().parent))
+    from bench_sending import measure_sending as measure
+
+    return measure(count, latency_count)
 
 
 def machine() -> dict[str, Any]:
@@ -701,7 +705,8 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                 results["sweep"] = measure_sweep(dovecot, workdir, args.sweep_messages)
             else:
                 results["sweep"] = {"status": "skipped"}
-            results["sending"] = measure_sending()
+            say(f"sending: {args.sending_messages} outbox rows to an SMTP sink")
+            results["sending"] = measure_sending(args.sending_messages, args.latency_messages)
             dovecot.stop(wait=False)
     return results
 
@@ -779,7 +784,26 @@ def table(results: dict[str, Any]) -> Table:
         )
     else:
         out.add_row("recovery sweep of failed messages", sweep["status"], "")
-    out.add_row("sending: outbox -> SMTP sink", results["sending"]["status"], "")
+    sending = results["sending"]
+    if sending["status"] == "measured":
+        lat = sending["latency"]
+        out.add_row(
+            "bare aiosmtplib loop (sendmail per message)",
+            f"{_f(sending['bare_msgs_per_s'])} msgs/s",
+            "",
+        )
+        out.add_row(
+            f"sending: {sending['messages']:,} outbox rows -> SMTP sink",
+            f"{_f(sending['msgs_per_s'])} msgs/s",
+            f"{sending['ratio_to_bare']:.2f}x bare",
+        )
+        out.add_row(
+            "  outbox INSERT -> end of DATA p50/p95/p99",
+            f"{_f(lat['p50_ms'])}/{_f(lat['p95_ms'])}/{_f(lat['p99_ms'])} ms",
+            f"n={lat['n']}",
+        )
+    else:
+        out.add_row("sending: outbox -> SMTP sink", sending["status"], "")
     return out
 
 
@@ -797,6 +821,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     )
     parser.add_argument(
         "--sweep-messages", type=int, default=1000, help="failed messages to sweep (0 skips)"
+    )
+    parser.add_argument(
+        "--sending-messages", type=int, default=1000, help="outbox rows to send (0 skips)"
     )
     parser.add_argument("--json", action="store_true", help="print only the JSON line")
     parser.add_argument(

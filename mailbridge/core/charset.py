@@ -121,6 +121,18 @@ _ALIASES: Final = {
     "win-1251": "cp1251",
     "win-1250": "cp1250",
     "x-ansi": "cp1252",
+    # WHATWG Encoding labels Python lacks, and what web applications write.
+    "x-euc-jp": "euc-jp",
+    "x-windows-874": "cp874",
+    "x-x-big5": "big5hkscs",
+    "utf8mb4": "utf-8",
+    "utf8mb3": "utf-8",
+    # "Unicode" in Outlook and .NET means UTF-16 (little-endian, usually with a BOM).
+    "unicode": "utf-16",
+    "ucs-2": "utf-16",
+    "iso-10646-ucs-2": "utf-16",
+    "csunicode": "utf-16",
+    "unicodefffe": "utf-16-be",
 }
 # Labels that say "we do not know": decode by guessing, without a defect for the label.
 _NO_LABEL: Final = frozenset(
@@ -177,6 +189,7 @@ _JIS_CODECS: Final = frozenset(
     | {"iso2022-jp-ext"}
 )
 _UTF8_CODECS: Final = frozenset({"utf-8", "utf-8-sig"})
+_UTF8_BOM: Final = b"\xef\xbb\xbf"
 _SEVEN_BIT_CODECS: Final = ("utf-7", "utf-16", "utf-32", "iso2022", "hz")
 _UTF8_SEQUENCE: Final = re.compile(rb"[\xc2-\xf4][\x80-\xbf]")
 # ISO-2022-JP designations (RFC 1468, RFC 2237, JIS X 0213) and SO/SI for half-width kana.
@@ -250,8 +263,10 @@ def _compact_aliases() -> dict[str, str]:
 def codec_for(label: str) -> str | None:
     """The Python codec name (``cp1252``, ``iso8859-2``, ``utf-8``, ``iso2022-jp``) for a
     charset label, or ``None`` when the label is empty, unknown or no text charset."""
-    name = label.strip().strip("\"'").strip().lower()
-    name = name.split(";", 1)[0].split(" ", 1)[0].strip("\"'")
+    whole = label.strip().strip("\"'").strip().lower().split(";", 1)[0]
+    name = whole.split(" ", 1)[0].strip("\"'")
+    if name != whole and name.isalpha():  # "windows 1252", "iso 8859-1": the words are one
+        name = whole.replace(" ", "-")
     name = _ALIASES.get(name, name)
     if name in _NO_LABEL:
         return None
@@ -459,6 +474,13 @@ def decode_text(
     its usual superset), else one of :data:`DEFECT_UNKNOWN`, :data:`DEFECT_MISSING`,
     :data:`DEFECT_MISLABELLED` or :data:`DEFECT_INVALID_BYTES`.
     """
+    if data[:3] == _UTF8_BOM:
+        # A byte order mark says UTF-8 whatever the label (WHATWG Encoding, "decode"); it is
+        # no text, so mail clients show none.
+        unmarked, defect = decode_text(data[3:], "utf-8", fallback)
+        if defect is None and charset and codec_for(charset) not in {"utf-8", None}:
+            defect = DEFECT_MISLABELLED
+        return unmarked, defect
     codec = codec_for(charset) if charset else None
     if data.isascii():
         if b"\x1b" in data:

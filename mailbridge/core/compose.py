@@ -280,6 +280,9 @@ def compose_reply(
         # replies, delivery and read receipts alike.
         message["Auto-Submitted"] = "auto-replied"
         message["X-Auto-Response-Suppress"] = "All"
+        # Not standard (RFC 3834 section 5 discourages relying on it) but what many older
+        # vacation programs and list servers still read; "auto_reply" as the reference sends.
+        message["Precedence"] = "auto_reply"
 
     message.set_content(text)
     if html is not None:

@@ -334,10 +334,13 @@ def text_to_html(text: str) -> str:
     return escaped.replace("\n", "<br>\n")
 
 
+# A src="cid:..." reference; browsers ignore white space around a URL (WHATWG URL parsing), and
+# an empty "cid:" names nothing (it is dangling).
 _CID_SRC = re.compile(
-    r"""(?P<attr>\bsrc\s*=\s*)(?P<q>["']?)cid:\s*(?P<lt><)?(?P<cid>[^"'\s<>]+)(?(lt)>)(?P=q)""",
+    r"""(?P<attr>\bsrc\s*=\s*)(?P<q>["']?)\s*cid:\s*(?P<lt><)?(?P<cid>[^"'\s<>]*)(?(lt)>)(?:\s+(?=["']))?(?P=q)""",
     re.IGNORECASE,
 )
+_CID_SPACE = re.compile(r"\s+")
 
 
 def rewrite_inline_images(html: str, mapping: dict[str, str]) -> str:
@@ -376,7 +379,9 @@ def resolve_cid_sources(html: str, known: dict[str, str]) -> tuple[str, set[str]
 
     def replace(match: re.Match[str]) -> str:
         nonlocal dangling
-        key = unquote(html_lib.unescape(match.group("cid"))).strip("<>").lower()
+        # White space is dropped as from the Content-ID itself (folding, RFC 5322 3.2.2).
+        cid = unquote(html_lib.unescape(match.group("cid")))
+        key = _CID_SPACE.sub("", cid).strip("<>").lower()
         target = known.get(key)
         if target is None:
             dangling = True

@@ -56,16 +56,20 @@ _WHITESPACE = re.compile(rb"[ \t\r\n]+")
 
 
 def _identity_headers(block: bytes) -> list[tuple[bytes, bytes]]:
-    """(lower-case name, value with whitespace collapsed) of the identity headers, in order.
+    """(lower-case name, value with whitespace collapsed) of the identity headers, in order;
+    the oldest ``Received`` field (the last one) comes as ``received-origin``.
 
     RFC 5322 section 2.2.3: a line that starts with white space continues the previous field.
     """
     fields: list[tuple[bytes, bytes]] = []
+    origin: list[bytes] = []  # the lines of the last Received field seen
     name = b""
     value: list[bytes] = []
 
     def flush() -> None:
-        if name and name.decode("ascii", "replace") in IDENTITY_HEADERS:
+        if name == b"received":
+            origin[:] = value
+        elif name and name.decode("ascii", "replace") in IDENTITY_HEADERS:
             text = _WHITESPACE.sub(b" ", b" ".join(value)).strip()
             fields.append((name, text))
 
@@ -77,6 +81,12 @@ def _identity_headers(block: bytes) -> list[tuple[bytes, bytes]]:
         head, colon, rest = line.partition(b":")
         name, value = (head.strip().lower(), [rest]) if colon else (b"", [])
     flush()
+    if origin and not any(field == b"date" for field, _ in fields):
+        # Without a Date nothing the author wrote tells two sendings of one text apart (a
+        # device or script re-sending the same alert without Date or Message-ID): the first
+        # hop's trace field (RFC 5321 4.4, the bottom-most Received) does, and every copy of
+        # one sending shares it, whichever alias or later relay it reached.
+        fields.append((b"received-origin", _WHITESPACE.sub(b" ", b" ".join(origin)).strip()))
     return fields
 
 
@@ -84,7 +94,9 @@ def content_fingerprint(raw: bytes) -> str:
     """The content fingerprint of a raw RFC 5322 message: 64 lower-case hex digits (SHA-256).
 
     Covers the identity headers (:data:`IDENTITY_HEADERS`, each occurrence, names
-    case-insensitive, folding and runs of white space ignored) and the body. The body is
+    case-insensitive, folding and runs of white space ignored) and the body; for a message
+    without a Date, also the oldest ``Received`` field, which tells two sendings of the same
+    text apart (RFC 5322 3.6.1 makes Date mandatory; devices and scripts leave it out). The body is
     compared with CRLF line ends (a message stored with bare LF, as in a Maildir, counts as its
     CRLF form, RFC 5322 section 2.1) and without trailing empty lines (SMTP ends DATA with a line
     break a sender may not have written, RFC 5321 section 4.1.1.4); transports change nothing
@@ -126,13 +138,32 @@ def derived_key(message_id: str, fingerprint: str, *, full: bool = False) -> str
     return f"{message_id}#{fingerprint if full else fingerprint[:DERIVED_PREFIX]}"
 
 
+def failure_key(message_id: str | None, fingerprint: str) -> str:
+    """The key of a message's import failure (``importfailure.messagekey``): the
+    :func:`derived_key` of its Message-ID, else ``sha256:<fingerprint>``.
+
+    A failure must name one message's *content*, not its Message-ID: two different messages
+    that reuse one id and both fail are two failures (each in the Failed folder), and a
+    different message imported under the bare id resolves neither. The key is the same
+    whether parsing or storing failed, and it is the key a message reusing a stored id is
+    stored under, so importing the message itself resolves it (the store settles both its
+    stored key and this one). Without a fingerprint (a message built in a test), its
+    :func:`message_key`.
+    """
+    if message_id and fingerprint:
+        return derived_key(message_id, fingerprint)
+    return message_key(message_id, fingerprint)
+
+
 @dataclass(frozen=True, slots=True)
 class StoredIdentity:
     """A stored message as the key decision sees it: its key and fingerprint (None for rows
-    written before fingerprints were kept, or by an integrator)."""
+    written before fingerprints were kept, or by an integrator), and its stored ``summary``
+    (date as ISO-8601 text, subject) for telling such a row from another message."""
 
     key: str
     fingerprint: str | None
+    summary: tuple[str, str] | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -149,7 +180,11 @@ class KeyDecision:
 
 
 def decide_message_key(
-    plain: str, message_id: str | None, fingerprint: str, stored: Sequence[StoredIdentity]
+    plain: str,
+    message_id: str | None,
+    fingerprint: str,
+    stored: Sequence[StoredIdentity],
+    summary: tuple[str, str] | None = None,
 ) -> KeyDecision:
     """Whether a message is already stored, and under which key it is (to be) stored.
 
@@ -159,7 +194,9 @@ def decide_message_key(
 
     1. a stored message with the same fingerprint: a duplicate of it;
     2. no fingerprint on either side (a row from before fingerprints, a message built without
-       one) and the same plain key: a duplicate, as before fingerprints existed;
+       one) and the same plain key: a duplicate, as before fingerprints existed, unless the
+       row's date and subject (``summary``, as stored) differ from the message's: then it is
+       another message reusing the id (a tracker's next notice after an upgrade), rule 4;
     3. the plain key is free: stored under it (``reused`` names an earlier message with the id
        when the plain key's row was deleted since);
     4. otherwise a different message reuses the id: stored under :func:`derived_key`.
@@ -171,12 +208,16 @@ def decide_message_key(
     keys = {row.key for row in stored}
     taken = next((row for row in stored if row.key == plain), None)
     if taken is not None and (taken.fingerprint is None or not fingerprint):
-        return KeyDecision(key=plain, duplicate=True)
+        # What was stored of it shows another message: never merge it away (nothing is lost;
+        # at worst a copy the parser now reads differently is stored twice).
+        differs = summary is not None and taken.summary is not None and taken.summary != summary
+        if not differs:
+            return KeyDecision(key=plain, duplicate=True)
     first_other = next((row.key for row in stored if row.key != plain), None)
     if taken is None:
         return KeyDecision(key=plain, duplicate=False, reused=first_other)
-    # Here both fingerprints are known and differ, so the key is a Message-ID (a sha256: key
-    # with a known fingerprint is that fingerprint, rule 1).
+    # Here the fingerprints differ (or a row without one holds another message), so the key
+    # is a Message-ID (a sha256: key with a known fingerprint is that fingerprint, rule 1).
     key = derived_key(message_id or plain, fingerprint)
     if key in keys:
         key = derived_key(message_id or plain, fingerprint, full=True)

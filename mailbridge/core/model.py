@@ -67,7 +67,8 @@ class ParsedMessage:
     ``message-id-invalid``     Message-ID present but unusable; the key is the bytes' hash
     ``date-missing``           no Date; arrival time (INTERNALDATE, else parse time) used
     ``date-invalid``           unreadable Date; arrival time used
-    ``date-nonstandard``       Date in a non-RFC 5322 form that was read (ISO 8601)
+    ``date-nonstandard``       Date in a non-RFC 5322 form that was read (ISO 8601, a zone
+                               name such as CEST, GMT+0200 or +02:00)
     ``date-obsolete-year``     two- or three-digit year, read per RFC 5322 4.3
     ``date-before-1970``       Date before 1970; arrival time used
     ``date-in-future``         Date more than a day after arrival; arrival time used
@@ -77,7 +78,8 @@ class ParsedMessage:
                                ISO-2022-JP, or the detected charset)
     ``charset-invalid-bytes``  bytes no charset reads; replaced by U+FFFD
     ``base64-padding-inside``  base64 in separately padded chunks; all chunks decoded
-    ``base64-junk``            characters outside the base64 alphabet skipped
+    ``base64-junk``            characters outside the base64 alphabet skipped, or text
+                               after an empty line (a footer) kept undecoded
     ``base64-truncated``       base64 ending in an incomplete quantum
     ``uuencode-truncated``     a uuencoded block without its ``end`` line
     ``transfer-encoding-unknown`` an unknown Content-Transfer-Encoding; bytes kept as they are

@@ -38,7 +38,14 @@ from mailbridge.core.identify import normalize_message_id, parse_id_list
 from mailbridge.core.messagekey import content_fingerprint
 from mailbridge.core.messagekey import message_key as message_key_for
 from mailbridge.core.model import Address, Attachment, ParsedMessage
-from mailbridge.core.transfer import decode_base64, decode_uuencode, find_uuencoded
+from mailbridge.core.transfer import (
+    DEFECT_JUNK,
+    decode_base64,
+    decode_quoted_printable,
+    decode_uuencode,
+    find_uuencoded,
+    split_base64_trailer,
+)
 from mailbridge.errors import MessageError
 
 __all__ = ["decode_header_value", "decode_text", "parse_message"]
@@ -66,8 +73,7 @@ class _RawPolicy(Compat32):
 
     def header_fetch_parse(self, name: str, value: str) -> str:
         if name.lower() == "content-transfer-encoding":
-            # "Base64 ", "\"base64\"": compat32 compares the exact lower-cased string.
-            return value.strip().strip("\"'").lower()
+            return _transfer_encoding(value)
         return value
 
     def fold_binary(self, name: str, value: str) -> bytes:
@@ -77,11 +83,33 @@ class _RawPolicy(Compat32):
 
 
 _POLICY: Final = _RawPolicy()
+_COMMENT = re.compile(r"\([^()]*\)")
+# Spellings of the RFC 2045 mechanisms that senders write.
+_TRANSFER_ALIASES: Final = {
+    "base-64": "base64",
+    "quoted_printable": "quoted-printable",
+    "quotedprintable": "quoted-printable",
+    "quoted-printed": "quoted-printable",
+}
+
+
+def _transfer_encoding(value: str) -> str:
+    """A Content-Transfer-Encoding value as its mechanism (RFC 2045 6.1): ``"Base64 "``,
+    ``"\"base64\""``, ``base64 (attached)`` (a comment, RFC 5322 3.2.2) are all ``base64``;
+    compat32 compares the exact lower-cased string."""
+    text = value.strip().strip("\"'").lower()
+    if "(" in text or " " in text or "\t" in text:
+        words = _COMMENT.sub(" ", text).split()
+        text = words[0].strip("\"'") if words else ""
+    return _TRANSFER_ALIASES.get(text, text)
+
 
 # ----------------------------------------------------------------------------------------------
 # Headers
 
-_ENCODED_WORD = re.compile(r"=\?([^?\s]+)\?([QqBb])\?([^?]*)\?=")
+# RFC 2047 2; the closing "?=" may be missing at the very end of a value (a name cut at the
+# line limit by the sender's client): the word is still decoded.
+_ENCODED_WORD = re.compile(r"=\?([^?\s]+)\?([QqBb])\?([^?]*)(?:\?=|\Z)")
 _FOLD = re.compile(r"\r?\n(?=[ \t])|\r?\n$")
 _SPACES = re.compile(r"\s+")
 _CONTROL = re.compile(r"[\x00-\x08\x0b\x0c\x0e-\x1f\x7f]")
@@ -249,6 +277,66 @@ _UNIX_EPOCH: Final = datetime(1970, 1, 1, tzinfo=UTC)
 _MAX_DATE_AHEAD: Final = timedelta(days=1)
 
 
+# The zone after the time when it is no RFC 5322 zone: a name (``CEST``), ``GMT+0200``,
+# ``UTC+2`` or ``+02:00`` (what parsedate_tz reads as +0000).
+_ZONE_AFTER_TIME = re.compile(
+    r":\d\d?\s*(?P<name>[A-Za-z]{1,5})?\s*"
+    r"(?:(?P<sign>[+-])(?P<hours>\d\d?)(?::?(?P<minutes>\d\d))?)?\s*(?:\([^()]*\)\s*)?$"
+)
+# Zone names mail programs write although RFC 5322 4.3 knows only the North American ones
+# (which parsedate_tz reads). Ambiguous names (IST, AST, CST in Asia ...) are left out: RFC
+# 5322 4.3 says an unknown zone means -0000.
+_ZONE_NAMES: Final = {
+    "CET": 60,
+    "MET": 60,
+    "MEZ": 60,
+    "CEST": 120,
+    "MEST": 120,
+    "MESZ": 120,
+    "WET": 0,
+    "WEST": 60,
+    "BST": 60,
+    "EET": 120,
+    "EEST": 180,
+    "MSK": 180,
+    "HKT": 480,
+    "SGT": 480,
+    "AWST": 480,
+    "JST": 540,
+    "KST": 540,
+    "ACST": 570,
+    "AEST": 600,
+    "AEDT": 660,
+    "NZST": 720,
+    "NZDT": 780,
+    "HST": -600,
+    "AKST": -540,
+    "AKDT": -480,
+}
+_UTC_NAMES: Final = frozenset({"GMT", "UT", "UTC", "Z"})
+
+
+def _named_zone(value: str) -> int | None:
+    """The offset in seconds of a zone that parsedate_tz read as +0000 but that says more
+    (see :data:`_ZONE_AFTER_TIME`), else None."""
+    match = _ZONE_AFTER_TIME.search(value)
+    if match is None:
+        return None
+    name = (match.group("name") or "").upper()
+    sign, hours, minutes = match.group("sign", "hours", "minutes")
+    if sign is not None:
+        if not name and minutes is not None and ":" not in match.group(0):
+            return None  # "+0200" (or a wrong "+2500") as parsedate_tz reads it
+        # "GMT+0200", "UTC-5", "+02:00", "+02", and "CEST+0200" (the number wins).
+        total = int(hours) * 60 + int(minutes or 0)
+        if total == 0 or total > 18 * 60:
+            return None  # no offset at all, or none on Earth
+        return (total if sign == "+" else -total) * 60
+    if name in _ZONE_NAMES:
+        return _ZONE_NAMES[name] * 60
+    return None
+
+
 def _obsolete_year(year: str) -> int:
     """RFC 5322 section 4.3: a two-digit year 00-49 is 20xx, 50-99 is 19xx; a three-digit
     year (a pre-Y2K ``tm_year``) is that plus 1900."""
@@ -272,7 +360,14 @@ def _date_from(value: str, defects: list[str]) -> datetime | None:
     if dmy is not None and len(dmy.group(1)) < 4:
         year = _obsolete_year(dmy.group(1))
         defects.append("date-obsolete-year")
+    elif dmy is not None:
+        year = int(dmy.group(1))  # "0025" is the year 25, not 2025 (parsedate_tz adds 2000)
     offset = parsed[9]
+    # parsedate_tz reads what it does not know as +0000, and "+02" as two minutes (real
+    # offsets are whole quarter hours); a zone that means +0000 changes nothing.
+    if (offset == 0 or (offset is not None and offset % 900)) and (named := _named_zone(value)):
+        offset = named
+        defects.append("date-nonstandard")
     try:
         zone = UTC if offset is None else timezone(timedelta(seconds=offset))
         return datetime(year, *parsed[1:6], tzinfo=zone)
@@ -462,10 +557,15 @@ def _real_type(declared: str, filename: str | None, data: bytes) -> str:
     return declared
 
 
+_BRACKETED = re.compile(r"<([^<>]+)>")
+
+
 def _content_id(value: str | None) -> str | None:
     if not value:
         return None
-    cid = _SPACES.sub("", _fix_8bit(value)).strip("<>")
+    text = _fix_8bit(value)
+    bracketed = _BRACKETED.search(text)  # "<id> (comment)": the msg-id (RFC 2045 7)
+    cid = _SPACES.sub("", bracketed.group(1) if bracketed else text).strip("<>")
     return cid if cid and cid.isprintable() else None
 
 
@@ -612,9 +712,17 @@ class _Walker:
         if encoding in _TRANSFER_IDENTITY:
             return data
         if encoding == "base64":
+            trailer = b""
+            if part.get_content_maintype() == "text" and (b"\n\n" in data or b"\n\r\n" in data):
+                # A footer a list or gateway appended after the base64 text: kept as text.
+                data, trailer = split_base64_trailer(data)
             decoded, defects = decode_base64(data)
+            if trailer:
+                defects.append(DEFECT_JUNK)
+                if not _DELIMITER_LINE.fullmatch(trailer):  # a stray boundary is no text
+                    decoded += b"\r\n" + trailer
         elif encoding == "quoted-printable":
-            return binascii.a2b_qp(data)
+            return decode_quoted_printable(data)
         elif encoding in _UUENCODE:
             decoded, defects = decode_uuencode(data)
         else:
@@ -745,6 +853,9 @@ class _Walker:
         """The part's file name: RFC 2231 values (``filename*``, ``name*``, continuations)
         before plain ones, Content-Disposition's before Content-Type's; RFC 2047 words and raw
         8-bit bytes in plain values decoded too (Outlook, Gmail and phones send those)."""
+        # Raw 8-bit bytes in a name are in the part's own charset when it declares one (the
+        # client wrote both), else in the message's.
+        hint = part.get_content_charset() or self.hint
         try:
             found: list[tuple[list[tuple[str, str]], str]] = []
             for header, name in (("content-disposition", "filename"), ("content-type", "name")):
@@ -752,13 +863,13 @@ class _Walker:
                 if isinstance(value, str) and "=" in value:
                     found.append((_parameters(value), name))
             for params, name in found:
-                extended = _rfc2231_value(params, name, self.hint, self.notes)
+                extended = _rfc2231_value(params, name, hint, self.notes)
                 if extended:
                     return _clean_filename(extended)
             for params, name in found:
                 plain = next((value for key, value in params if key == name), None)
                 if plain:
-                    return _clean_filename(decode_header_value(plain, self.hint, self.notes))
+                    return _clean_filename(decode_header_value(plain, hint, self.notes))
         except Exception:  # a mangled parameter costs the name, not the part
             self.notes.append("filename-undecodable")
         return None
@@ -896,7 +1007,8 @@ def _classify(
 
     A part is an inline image (an ``embeddedfile``) exactly when the HTML cites its
     Content-ID (``src="cid:..."``, RFC 2392), whatever its declared type; any other part,
-    Content-ID or not, is a document a reader can see. ``cid:`` references that name no part
+    Content-ID or not, is a document a reader can see (so is a second part reusing a cited
+    Content-ID: the reference shows the first). ``cid:`` references that name no part
     are removed from the HTML (``cid-dangling``), and the others are written as the part's own
     Content-ID, so the store rewrites every one of them without deciding anything.
     """
@@ -909,9 +1021,15 @@ def _classify(
     counters = {
         (inline, prefix): 0 for inline in (True, False) for prefix in ("attachment", "image")
     }
+    embedded: set[str] = set()
     for res in resources:
         ctype = _real_type(res.content_type, res.filename, res.data)
-        inline = res.content_id is not None and res.content_id.lower() in cited
+        cid = res.content_id.lower() if res.content_id is not None else None
+        # A cid: reference shows one part: a second part under the same Content-ID is
+        # cited by nothing a reader can follow, so it is a document (RFC 2392 wants ids unique).
+        inline = cid is not None and cid in cited and cid not in embedded
+        if inline and cid is not None:
+            embedded.add(cid)
         filename = res.filename or _FIXED_NAMES.get(ctype)
         if filename is None:
             prefix = "image" if ctype.startswith("image/") else "attachment"

@@ -88,6 +88,7 @@ from mailbridge.core.messagekey import (
     StoredIdentity,
     choose_parent,
     decide_message_key,
+    failure_key,
 )
 from mailbridge.core.model import Attachment, ParsedMessage
 from mailbridge.core.participants import is_outgoing, only_own_identity, reached_address
@@ -161,8 +162,18 @@ def identity_group(message: ParsedMessage) -> str:
 
 def decide_key(message: ParsedMessage, stored: Sequence[StoredIdentity]) -> KeyDecision:
     """Duplicate or not, and the key: ``stored`` are the account's messages of the message's
-    :func:`identity_group` (carrying its Message-ID or its key), oldest first."""
-    return decide_message_key(message.message_key, message.message_id, message.fingerprint, stored)
+    :func:`identity_group` (carrying its Message-ID or its key), oldest first, with the date and
+    subject of imported rows (:func:`mailbridge.core.messagekey.decide_message_key`)."""
+    summary = (timestamp_text(message.date), message.subject)
+    return decide_message_key(
+        message.message_key, message.message_id, message.fingerprint, stored, summary
+    )
+
+
+def settled_keys(message: ParsedMessage, decision: KeyDecision) -> tuple[str, str]:
+    """The import-failure keys a stored (or for good dealt-with) message resolves: its stored
+    key and its :func:`~mailbridge.core.messagekey.failure_key`."""
+    return decision.key, failure_key(message.message_id, message.fingerprint)
 
 
 # -- 2. route ---------------------------------------------------------------------------------
@@ -174,6 +185,7 @@ class Route(enum.StrEnum):
     PLUS_ADDRESS = "plus_address"  # joins the conversation its plus-address key names
     SUBJECT = "subject"  # joins the conversation its subject tag names
     MESSAGE_ID = "message_id"  # joins by Message-ID threading (parent, child or sibling)
+    OUTBOX = "outbox"  # sent mail joins the conversation it was composed for
     NEW = "new"  # starts a conversation
     IGNORED = "ignored"  # not stored (only the account's own identity, continuing nothing)
     DISCARDED = "discarded"  # not stored: automatic mail the policy keeps out (core/policy.py)
@@ -188,6 +200,7 @@ class Routing:
     route: Route
     conversation_id: int | None = None
     reason: str | None = None
+    new_key: str | None = None  # NEW only: the conversation key sent mail was composed with
 
     @property
     def stored(self) -> bool:
@@ -294,6 +307,15 @@ def conversation_of_citing(cited: Sequence[str], citing: Sequence[tuple[str, int
 PERSON: Final = AutomaticVerdict(automatic=False)
 
 
+def route_sent(conversation_id: int | None, new_key: str | None) -> Routing:
+    """Mail mailbridge sent (the outbox) goes where it was composed for, whatever threading
+    would find: the conversation it answers, or the new one whose key it already carries
+    (in its plus-address or subject tag). Never discarded, never ignored."""
+    if conversation_id is not None:
+        return Routing(Route.OUTBOX, conversation_id)
+    return Routing(Route.NEW, new_key=new_key)
+
+
 def route(
     message: ParsedMessage,
     context: ImportContext,
@@ -355,13 +377,14 @@ class ConversationValues:
 
 
 def new_conversation_values(
-    message: ParsedMessage, context: ImportContext, date: str
+    message: ParsedMessage, context: ImportContext, date: str, key: str | None = None
 ) -> ConversationValues:
-    """The row of the conversation ``message`` starts: a fresh key, the address it reached,
-    its subject and id; unread from its date unless the account wrote it."""
+    """The row of the conversation ``message`` starts: a fresh key (or ``key``, which sent mail
+    carries already), the address it reached, its subject and id; unread from its date unless
+    the account wrote it."""
     own = context.own_addresses
     return ConversationValues(
-        uniqueid=new_conversation_key(),
+        uniqueid=key or new_conversation_key(),
         email=reached_address(message, own),
         subject=message.subject,
         threadid=message.message_id,

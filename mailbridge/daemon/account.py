@@ -1,18 +1,26 @@
-"""One account's loop: connect, import every unseen Inbox message, wait (IDLE or poll), repeat.
+"""One account's loop: connect, import every Inbox message, wait (IDLE or poll), repeat.
 
-The order of operations is what keeps mail from being lost or duplicated:
+The Inbox is the queue: mailbridge moves what it has processed, so every message in it that is
+not flagged ``\\Deleted`` is work, read or unread (people open shared mail in their own client
+before mailbridge sees it). The order of operations is what keeps mail from being lost or
+duplicated, and memory bounded:
 
-1. ``UID SEARCH UNSEEN`` in the Inbox, then per batch one ``UID FETCH ... BODY.PEEK[]`` (PEEK so a
-   crash leaves the message unseen and it is fetched again).
-2. Parse every message (off the event loop). A message that cannot be parsed becomes a failure.
+1. ``UID SEARCH UNDELETED`` in the Inbox, then ``UID FETCH (UID FLAGS INTERNALDATE RFC822.SIZE)``:
+   sizes and arrival times, no bodies. A message over ``limits.message_max_size_mb`` is recorded
+   as ``too_large`` and moved to Failed without being downloaded (only a few header fields are
+   fetched, for the record). The rest is cut into batches of at most ``limits.fetch_batch_size``
+   messages and ``limits.fetch_batch_max_mb`` bytes (:func:`plan_batches`).
+2. Per batch one ``UID FETCH ... BODY.PEEK[]``; every message is parsed off the event loop. A
+   message that cannot be parsed becomes a failure.
 3. One repository call writes the whole batch in one committed transaction (each message
    all-or-nothing). Messages already stored (same Message-ID or content hash) are duplicates.
 4. Failures are recorded (committed) with their reason.
 5. Only then are messages marked ``\\Seen`` and moved: imported and duplicates to Processed,
    failures to Failed.
 
-A crash between 3 and 5 leaves the message in the Inbox, still unseen: the next pass fetches it
-again, the repository recognises it as a duplicate, and it is moved without a second import.
+A crash (or a lost connection) anywhere between 3 and the end of 5 leaves the message in the
+Inbox, perhaps already ``\\Seen``: the next pass fetches it again, the repository recognises it
+as a duplicate, and it is moved without a second import.
 
 Connection trouble is retried with exponential backoff and jitter (tenacity); the wait depends on
 the error's catalogue entry: transient faults retry within seconds to a minute, problems an
@@ -26,7 +34,7 @@ import contextlib
 import time
 import weakref
 from collections.abc import Awaitable, Callable, Sequence
-from datetime import UTC, datetime
+from datetime import UTC, date, datetime, timedelta
 
 import structlog
 from tenacity import RetryCallState, wait_random_exponential
@@ -35,9 +43,11 @@ from mailbridge.config import AccountSettings, Settings
 from mailbridge.daemon.importstep import ImportStep
 from mailbridge.daemon.importstep import PassSummary as PassSummary  # moved there
 from mailbridge.daemon.importstep import _parse_batch as _parse_batch  # moved there
+from mailbridge.daemon.importstep import plan_batches as plan_batches  # moved there
 from mailbridge.daemon.parsing import parse_off_loop
 from mailbridge.errors import MailbridgeError, StoreError
-from mailbridge.mail.imap import FetchedMessage, ImapSession
+from mailbridge.mail.auth.tokens import provider_for
+from mailbridge.mail.imap import FetchedMessage, ImapSession, imap_date
 from mailbridge.store.asyncrepo import AsyncRepository
 from mailbridge.store.base import (
     AccountState,
@@ -58,6 +68,8 @@ _PERMANENT_WAIT = wait_random_exponential(multiplier=300, min=300, max=1800)
 # client, waiting for the greeting, only notices at its timeout. With 1,000 accounts that cost
 # 60 s and 607 backoffs (found by scripts/bench); with the limit they connect in seconds.
 CONNECT_CONCURRENCY = 20
+# A token refresh that failed transiently (the identity provider is down) is retried after this.
+_REFRESH_RETRY_SECONDS = 60.0
 _connect_slots: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, asyncio.Semaphore] = (
     weakref.WeakKeyDictionary()
 )
@@ -79,6 +91,27 @@ def backoff_seconds(error: MailbridgeError, failures: int) -> float:
     state = RetryCallState(retry_object=None, fn=None, args=(), kwargs={})  # type: ignore[arg-type]
     state.attempt_number = max(1, failures)
     return float(wait(state))
+
+
+async def inbox_backlog(session: ImapSession) -> int:
+    """How many messages of the selected folder (the Inbox) arrived over a day ago and are not
+    ``\\Deleted``: ``UID SEARCH UNDELETED OLDER 86400`` (RFC 5032 WITHIN), else ``BEFORE``
+    yesterday's date (dates only, in the server's time zone: RFC 3501 6.4.4, so a day or two)."""
+    if "WITHIN" in session.capabilities:
+        return len(await session.search("UNDELETED", "OLDER", "86400"))
+    yesterday = imap_date(datetime.now(UTC) - timedelta(days=1))
+    return len(await session.search("UNDELETED", "BEFORE", yesterday))
+
+
+def backlog_remedy(account: AccountSettings) -> str:
+    """What to do about an Inbox backlog an operator may not want imported."""
+    inbox = account.folders.inbox
+    return (
+        f"mailbridge imports every message in {inbox!r}, read or not; if old mail should not "
+        f"be imported, stop mailbridge and move it to another folder first, e.g. "
+        f"'doveadm move -u {account.auth.username} Archive mailbox {inbox} savedbefore 1d' "
+        f"or with a mail client; limits.backlog_warning sets this threshold"
+    )
 
 
 class AccountWorker:
@@ -107,6 +140,9 @@ class AccountWorker:
         self.busy = False  # True while a batch is between fetch and move: the drain waits for it
         # The import step, shared with the recovery sweep (daemon/importstep.py).
         self.step = ImportStep(settings, account, repo, stopping=self.stopping, log=self.log)
+        self._backlog_checked = False  # the Inbox backlog is looked at once per worker
+        self._secret_warned_on: date | None = None  # client_secret_expires: one warning a day
+        self._refresh_retry_at = 0.0  # after a transient refresh failure: when to try again
 
     # -- state -------------------------------------------------------------------------------
 
@@ -150,13 +186,18 @@ class AccountWorker:
             except MailbridgeError as exc:
                 await self._backoff(exc)
             except Exception as exc:  # a bug in one account must not stop the others
-                self.log.exception("account_loop_crashed")
+                self.log.exception("account_loop_crashed", code="internal")
                 await self._backoff(MailbridgeError(f"unexpected error: {exc!r}"))
         await self._set_state("stopped")
 
     async def _backoff(self, exc: MailbridgeError) -> None:
         self._failures += 1
         delay = backoff_seconds(exc, self._failures)
+        # A fault that needs the operator shows as its own code (auth_failed, tls_untrusted ...)
+        # so `status` says what to fix; a transient one is just "backoff". Stored before it is
+        # logged: whoever reads `status` on seeing the line finds the state the line reports.
+        state = "backoff" if exc.transient else exc.code
+        await self._set_state(state, code=exc.code, detail=f"{exc} | {exc.remedy}")
         level = "warning" if exc.transient else "error"
         getattr(self.log, level)(
             "account_backoff",
@@ -166,10 +207,6 @@ class AccountWorker:
             retry_in_seconds=round(delay, 1),
             consecutive_failures=self._failures,
         )
-        # A fault that needs the operator shows as its own code (auth_failed, tls_untrusted ...)
-        # so `status` says what to fix; a transient one is just "backoff".
-        state = "backoff" if exc.transient else exc.code
-        await self._set_state(state, code=exc.code, detail=f"{exc} | {exc.remedy}")
         self._wake.clear()  # a wake() before this backoff began is not a reason to end it
         with contextlib.suppress(TimeoutError):
             await self._wait_or_stop(asyncio.wait_for(self._wake.wait(), timeout=delay))
@@ -181,6 +218,7 @@ class AccountWorker:
         self._wake.set()
 
     async def _connected_loop(self) -> None:
+        self.warn_secret_expiry()
         await self._set_state("connecting")
         session = await open_session(self.account)
         try:
@@ -203,16 +241,67 @@ class AccountWorker:
                     # rather than after the server's next IDLE push (Dovecot batches pushes for
                     # ~0.5 s): this kept IDLE latency p99 ~120 ms above the server's own.
                     continue
+                self.warn_secret_expiry()
                 if idle:
                     await self._set_state("idle")
                     await self._wait_or_stop(
-                        session.wait_for_mail(self.account.idle_timeout_seconds)
+                        session.wait_for_mail(self._wait_seconds(self.account.idle_timeout_seconds))
                     )
                 else:
                     await self._set_state("polling")
-                    await self._wait_or_stop(asyncio.sleep(self.account.poll_interval_seconds))
+                    await self._wait_or_stop(
+                        asyncio.sleep(self._wait_seconds(self.account.poll_interval_seconds))
+                    )
+                await self._refresh_token_if_due()
         finally:
             await session.close()
+
+    def _wait_seconds(self, seconds: float) -> float:
+        """The IDLE/poll wait, cut short when the OAuth2 token is due for a refresh."""
+        if not self.account.auth.is_oauth:
+            return seconds
+        due = provider_for(self.account).refresh_due_in()
+        if due is None:
+            return seconds
+        retry = self._refresh_retry_at - time.monotonic()
+        return max(1.0, min(seconds, max(due, retry)))
+
+    async def _refresh_token_if_due(self) -> None:
+        """Renew the OAuth2 token before it expires, while the session is idle: the next login
+        (a reconnect, the sweep, SMTP) finds a valid token, and a rotated refresh token is
+        saved now. A refused refresh (revoked, expired secret) surfaces here, classified."""
+        if not self.account.auth.is_oauth:
+            return
+        provider = provider_for(self.account)
+        due = provider.refresh_due_in()
+        if due is None or due > 0 or time.monotonic() < self._refresh_retry_at:
+            return
+        try:
+            await provider.token()
+        except MailbridgeError as exc:
+            if not exc.transient:
+                raise  # revoked, secret expired...: the operator must act; status shows it
+            # The identity provider is down for now; the session stays up (it does not need a
+            # new token) and the refresh is tried again in a minute.
+            self._refresh_retry_at = time.monotonic() + _REFRESH_RETRY_SECONDS
+            self.log.warning(
+                "oauth_refresh_failed", code=exc.code, error=str(exc), remedy=exc.remedy
+            )
+
+    def warn_secret_expiry(self) -> None:
+        """Log auth.client_secret_expires from 14 days before, once a day."""
+        today = date.today()
+        if self._secret_warned_on == today:
+            return
+        warning = self.account.auth.secret_expiry_warning(today)
+        if warning is not None:
+            self._secret_warned_on = today
+            self.log.warning(
+                "client_secret_expiring",
+                expires=str(self.account.auth.client_secret_expires),
+                days_left=self.account.auth.secret_expiry_days(today),
+                detail=warning,
+            )
 
     async def _wait_or_stop(self, waiter: Awaitable[object]) -> None:
         """Wait for new mail (or the poll interval) unless the daemon is asked to stop first."""
@@ -233,6 +322,25 @@ class AccountWorker:
         folders = self.account.folders
         await session.ensure_folders([folders.processed, folders.failed])
         await session.select(folders.inbox)
+        if not self._backlog_checked:
+            self._backlog_checked = True
+            await self._warn_backlog(session)
+
+    async def _warn_backlog(self, session: ImapSession) -> None:
+        """At an account's first start: warn when the Inbox holds more old mail than
+        ``limits.backlog_warning`` (it is all imported, read or not)."""
+        threshold = self.settings.limits.backlog_warning
+        if threshold <= 0:
+            return
+        old = await inbox_backlog(session)
+        if old > threshold:
+            self.log.warning(
+                "inbox_backlog",
+                folder=self.account.folders.inbox,
+                older_than_a_day=old,
+                threshold=threshold,
+                remedy=backlog_remedy(self.account),
+            )
 
     # -- one pass ----------------------------------------------------------------------------
 
@@ -242,7 +350,8 @@ class AccountWorker:
         await self._set_state(state, code=exc.code, detail=f"{exc} | {exc.remedy}")
 
     async def run_once(self) -> PassSummary:
-        """Connect, import everything unseen, disconnect. Raises ServerError if it cannot."""
+        """Connect, import the whole Inbox, disconnect. Raises ServerError if it cannot."""
+        self.warn_secret_expiry()
         await self._set_state("connecting")
         try:
             session = await open_session(self.account)
@@ -261,18 +370,20 @@ class AccountWorker:
         return summary
 
     async def _import_pending(self, session: ImapSession) -> PassSummary:
-        """Import every unseen Inbox message, batch by batch."""
-        summary = PassSummary()
-        uids = await session.unseen_uids()
+        """Import every Inbox message that is not \\Deleted, batch by batch."""
+        uids = await session.undeleted_uids()
         if not uids:
+            return PassSummary()
+        self.log.info("import_pending", messages=len(uids))
+        metas = await session.fetch_meta(uids)
+        summary, batches = await self.step.fail_too_large(session, metas)
+        if not batches:
             return summary
-        self.log.info("import_pending", unseen=len(uids))
-        size = self.settings.limits.fetch_batch_size
-        batches = [uids[start : start + size] for start in range(0, len(uids), size)]
         # Pipelined: the next batch is fetched and parsed while this one is written and moved,
-        # so IMAP, parsing and SQLite overlap. Reading ahead risks nothing (BODY.PEEK[]: nothing
-        # is committed or moved), the session lock keeps IMAP commands in order, and each batch
-        # is still committed before it is moved.
+        # so IMAP, parsing and SQLite overlap (at most two batches, i.e. twice
+        # limits.fetch_batch_max_mb of raw mail, are in memory). Reading ahead risks nothing
+        # (BODY.PEEK[]: nothing is committed or moved), the session lock keeps IMAP commands in
+        # order, and each batch is still committed before it is moved.
         ahead = asyncio.ensure_future(self._fetch_and_parse(session, batches[0]))
         try:
             for index, batch_uids in enumerate(batches):

@@ -16,6 +16,7 @@ from dataclasses import dataclass
 from typing import Literal
 
 from mailbridge.config import AccountSettings, Settings
+from mailbridge.daemon.account import backlog_remedy, inbox_backlog
 from mailbridge.errors import MailbridgeError, describe
 from mailbridge.mail.imap import ImapSession
 from mailbridge.mail.smtp import check_smtp
@@ -58,21 +59,30 @@ def check_database(settings: Settings) -> Check:
         return Check.failed(name, exc)
 
 
-async def diagnose(account: AccountSettings) -> list[Check]:
-    """Every check of one account, in connection order (see the module docstring)."""
+async def diagnose(account: AccountSettings, *, backlog_warning: int = 1000) -> list[Check]:
+    """Every check of one account, in connection order (see the module docstring).
+
+    ``backlog_warning`` is ``limits.backlog_warning``: more Inbox mail older than a day than
+    this is a warning (0: not checked)."""
     try:
         account.auth.secret()
     except MailbridgeError as exc:
         skipped = ["login", "capabilities", "folders"] + (["smtp"] if account.smtp else [])
         return [Check.failed("secret readable", exc), *_skipped(*skipped, account=account)]
     checks = [Check("secret readable", "ok", account.auth.secret_source())]
-    checks.extend(await _imap(account))
+    if account.auth.is_oauth:
+        oauth = await _oauth(account)
+        checks.extend(oauth)
+        if failing(oauth):
+            skipped = ["login", "capabilities", "folders"] + (["smtp"] if account.smtp else [])
+            return [*checks, *_skipped(*skipped, account=account)]
+    checks.extend(await _imap(account, backlog_warning))
     if account.smtp is not None:  # independent of IMAP: checked whatever IMAP said
         checks.append(await _smtp(account))
     return checks
 
 
-async def _imap(account: AccountSettings) -> list[Check]:
+async def _imap(account: AccountSettings, backlog_warning: int) -> list[Check]:
     imap = account.imap
     where = f"{imap.host}:{imap.port}"
     reach = await _reachable(imap.host, imap.port or 0, imap.timeout_seconds)
@@ -89,19 +99,49 @@ async def _imap(account: AccountSettings) -> list[Check]:
         if exc.code in _CONNECT_CODES:
             checks.append(Check.failed(f"IMAP greeting from {where}", exc))
         else:
-            checks.append(Check.failed(f"login as {account.auth.username}", exc))
+            checks.append(Check.failed(f"login as {account.login_name}", exc))
         return [*checks, *_skipped("capabilities", "folders", account=account)]
     try:
         checks.append(_tls_line(account))
-        checks.append(Check(f"login as {account.auth.username}", "ok"))
+        checks.append(Check(f"login as {account.login_name}", "ok"))
         checks.extend(_capabilities(session.capabilities, account))
-        checks.extend(await _folders(session, account))
+        checks.extend(await _folders(session, account, backlog_warning))
     finally:
         await session.close()
     return checks
 
 
 # -- the lines --------------------------------------------------------------------------------
+
+
+async def _oauth(account: AccountSettings) -> list[Check]:
+    """The identity provider's part of the chain: the secret's expiry, then a fresh token."""
+    from mailbridge.mail.auth.tokens import provider_for
+
+    auth = account.auth
+    lines: list[Check] = []
+    days = auth.secret_expiry_days()
+    if days is not None:
+        name = "client secret expiry"
+        warning = auth.secret_expiry_warning()
+        if days < 0:
+            lines.append(Check(name, "fail", warning or "", "client_secret_expired"))
+        elif warning is not None:
+            lines.append(Check(name, "warn", warning))
+        else:
+            lines.append(Check(name, "ok", f"{auth.client_secret_expires} (in {days} days)"))
+    where = auth.microsoft_authority() if auth.method == "microsoft" else auth.token_uri
+    name = f"OAuth2 token ({auth.method} {auth.flow})"
+    try:
+        # force_refresh: prove the refresh token / secret / key works now, not a cached token.
+        token = await provider_for(account).token(force_refresh=True)
+    except MailbridgeError as exc:
+        lines.append(Check.failed(name, exc))
+        return lines
+    lifetime = max(0, round(token.expires_at - token.issued_at))
+    detail = f"issued by {where or 'Google'} for {account.address}, valid {lifetime}s"
+    lines.append(Check(name, "ok", detail))
+    return lines
 
 
 async def _reachable(host: str, port: int, timeout: float) -> Check:  # noqa: ASYNC109
@@ -182,7 +222,9 @@ def _capabilities(caps: frozenset[str], account: AccountSettings) -> list[Check]
     return lines
 
 
-async def _folders(session: ImapSession, account: AccountSettings) -> list[Check]:
+async def _folders(
+    session: ImapSession, account: AccountSettings, backlog_warning: int
+) -> list[Check]:
     folders = account.folders
     lines: list[Check] = []
     try:
@@ -191,6 +233,8 @@ async def _folders(session: ImapSession, account: AccountSettings) -> list[Check
         lines.append(Check.failed(f"folder {folders.inbox!r} selectable", exc))
     else:
         lines.append(Check(f"folder {folders.inbox!r} selectable", "ok"))
+        if backlog_warning > 0:
+            lines.append(await _backlog(session, account, backlog_warning))
     name = f"folders {folders.processed!r} and {folders.failed!r}"
     try:
         await session.ensure_folders([folders.processed, folders.failed])
@@ -200,6 +244,19 @@ async def _folders(session: ImapSession, account: AccountSettings) -> list[Check
     else:
         lines.append(Check(name, "ok", "exist (created if they were missing)"))
     return lines
+
+
+async def _backlog(session: ImapSession, account: AccountSettings, threshold: int) -> Check:
+    """The Inbox is the queue: every message in it is imported, read or not."""
+    name = f"{account.folders.inbox!r} backlog"
+    try:
+        old = await inbox_backlog(session)
+    except MailbridgeError as exc:
+        return Check.failed(name, exc)
+    detail = f"{old} message(s) older than a day (limits.backlog_warning: {threshold})"
+    if old > threshold:
+        return Check(name, "warn", f"{detail}; all are imported. {backlog_remedy(account)}")
+    return Check(name, "ok", detail)
 
 
 async def _smtp(account: AccountSettings) -> Check:
@@ -218,7 +275,7 @@ async def _smtp(account: AccountSettings) -> Check:
 def _skipped(*what: str, account: AccountSettings) -> list[Check]:
     names = {
         "tls": "TLS verified",
-        "login": f"login as {account.auth.username}",
+        "login": f"login as {account.login_name}",
         "capabilities": "capabilities",
         "folders": "folders",
         "smtp": "SMTP login",

@@ -10,18 +10,21 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
+import hashlib
+import traceback
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Any
 
 from mailbridge.config import AccountSettings, Settings
-from mailbridge.core.messagekey import content_fingerprint, message_key
+from mailbridge.core.messagekey import content_fingerprint, failure_key
 from mailbridge.core.parse import parse_message, summarise_headers
 from mailbridge.core.policy import analyse
+from mailbridge.daemon.autoreply import queue_auto_replies
 from mailbridge.daemon.parsing import parse_off_loop
 from mailbridge.errors import MessageError, describe
-from mailbridge.mail.imap import FetchedMessage, ImapSession
+from mailbridge.mail.imap import FetchedMessage, ImapSession, MessageMeta
 from mailbridge.store.asyncrepo import AsyncRepository
 from mailbridge.store.base import (
     FailureInfo,
@@ -69,7 +72,10 @@ def _parse_batch(
         except MessageError as exc:
             failures.append(_failure_from_raw(message, exc.code, str(exc)))
         except Exception as exc:  # the parser promises MessageError; a bug must not stop the batch
-            failures.append(_failure_from_raw(message, "unparseable", f"parser bug: {exc!r}"))
+            failure = _failure_from_raw(
+                message, "internal", f"unexpected {type(exc).__name__} in the parser: {exc}"
+            )
+            failures.append(dataclasses.replace(failure, traceback=traceback.format_exc()))
         else:
             # What core/policy.py needs: the automatic verdict and any delivery report.
             automatic, report = analyse(message.raw, parsed)
@@ -84,8 +90,8 @@ def _failure_from_raw(message: FetchedMessage, code: str, reason: str) -> Failur
     headers = summarise_headers(message.raw)
     return FailureInfo(
         uid=message.uid,
-        # The parser's key, so that a later successful import resolves this failure.
-        message_key=message_key(headers.message_id, content_fingerprint(message.raw)),
+        # One key per content, resolved when this message itself is imported.
+        message_key=failure_key(headers.message_id, content_fingerprint(message.raw)),
         code=code,
         reason=reason,
         message_id=headers.message_id,
@@ -103,7 +109,7 @@ def _failure_from_result(
     msg = item.message
     return FailureInfo(
         uid=item.uid,
-        message_key=result.message_key,  # derived when the message reuses a stored id
+        message_key=failure_key(msg.message_id, msg.fingerprint),  # as for a parse failure
         code=result.error_code or "import_failed",
         reason=result.error_reason or "the database refused the message",
         message_id=msg.message_id,
@@ -111,7 +117,51 @@ def _failure_from_result(
         from_address=msg.from_address.email if msg.from_address else "",
         date=arrived or msg.date,  # INTERNALDATE, as for a message that failed to parse
         size=msg.size,
+        traceback=result.traceback,
     )
+
+
+def _failure_too_large(meta: MessageMeta, headers: bytes | None, limit_bytes: int) -> FailureInfo:
+    """The failure of a message over ``limits.message_max_size_mb``, from its RFC822.SIZE and
+    the few header fields fetched instead of the body. Without a Message-ID its key is a hash of
+    those fields and the size (the whole message, which the usual key hashes, is not fetched)."""
+    summary = summarise_headers(headers or b"")
+    key = summary.message_id or (
+        "sha256:" + hashlib.sha256((headers or b"") + b"\0" + str(meta.size).encode()).hexdigest()
+    )
+    mib = 1024 * 1024
+    return FailureInfo(
+        uid=meta.uid,
+        message_key=key,
+        code="too_large",
+        reason=f"the message is {meta.size / mib:.1f} MB, over limits.message_max_size_mb "
+        f"({limit_bytes / mib:g} MB); it was not downloaded",
+        message_id=summary.message_id,
+        subject=summary.subject,
+        from_address=summary.from_address,
+        date=meta.internaldate,
+        size=meta.size,
+    )
+
+
+def plan_batches(
+    sizes: Sequence[tuple[int, int]], max_count: int, max_bytes: int
+) -> list[list[int]]:
+    """Cut ``(uid, size)`` pairs, in order, into UID batches of at most ``max_count`` messages
+    whose sizes add up to at most ``max_bytes``. A message larger than ``max_bytes`` on its own
+    (but within the message size limit, checked before) is a batch by itself."""
+    batches: list[list[int]] = []
+    current: list[int] = []
+    total = 0
+    for uid, size in sizes:
+        if current and (len(current) >= max_count or total + size > max_bytes):
+            batches.append(current)
+            current, total = [], 0
+        current.append(uid)
+        total += size
+    if current:
+        batches.append(current)
+    return batches
 
 
 class ImportStep:
@@ -133,6 +183,28 @@ class ImportStep:
         self.repo = repo
         self.stopping = stopping
         self.log = log
+
+    async def fail_too_large(
+        self, session: ImapSession, metas: Sequence[MessageMeta], *, in_failed: bool = False
+    ) -> tuple[PassSummary, list[list[int]]]:
+        """Send the messages over ``limits.message_max_size_mb`` to Failed (``too_large``)
+        without downloading them; return that pass and the batches (UIDs) of the rest, bounded
+        by ``limits.fetch_batch_size`` and ``limits.fetch_batch_max_mb`` (:func:`plan_batches`).
+        With ``in_failed`` (the sweep, in the selected Failed folder) they stay where they are.
+        """
+        limits = self.settings.limits
+        limit = limits.message_max_bytes
+        too_large = [m for m in metas if m.size > limit]
+        summary = PassSummary()
+        for start in range(0, len(too_large), limits.fetch_batch_size):
+            chunk = too_large[start : start + limits.fetch_batch_size]
+            headers = {m.uid: m.raw for m in await session.fetch_headers([m.uid for m in chunk])}
+            failures = [_failure_too_large(m, headers.get(m.uid), limit) for m in chunk]
+            summary.add(
+                await self.process_fetched(session, [], in_failed=in_failed, parsed=([], failures))
+            )
+        fits = [(m.uid, m.size) for m in metas if m.size <= limit]
+        return summary, plan_batches(fits, limits.fetch_batch_size, limits.fetch_batch_max_bytes)
 
     async def process_fetched(
         self,
@@ -235,7 +307,10 @@ class ImportStep:
             rows = await self._with_inbox_uids(failures) if in_failed else failures
             await self.repo.record_failures(self.account.name, rows)
             for failure in failures:
-                self.log.warning(
+                # A bug (code internal) is an error with its traceback, so it can be reported.
+                emit = self.log.error if failure.traceback else self.log.warning
+                extra = {"traceback": failure.traceback} if failure.traceback else {}
+                emit(
                     "message_failed",
                     uid=failure.uid,
                     folder=self.account.folders.failed if in_failed else self.account.folders.inbox,
@@ -243,35 +318,29 @@ class ImportStep:
                     code=failure.code,
                     reason=failure.reason,
                     remedy=describe(failure.code).remedy,
+                    **extra,
                 )
         summary.failed = len(failures)
         summary.failures = failures
+        # Automatic replies to new conversations, queued in the outbox (daemon/autoreply.py).
+        await queue_auto_replies(self.settings, self.account, self.repo, items, results, arrived)
 
-        # Only now, with everything committed, does mail leave the Inbox.
+        # Only now, with everything committed, does mail leave the Inbox. \Seen is set just
+        # before the move, on the Inbox copies (no SELECT of the target folder): a connection
+        # lost between the two leaves committed mail \Seen in the Inbox, which the next pass
+        # finds all the same (the Inbox is the queue, not UNSEEN) and moves as a duplicate.
         folders = self.account.folders
-        # \Seen is set on the moved copies, after the MOVE (needs the COPYUID mapping, i.e.
-        # UIDPLUS): flagging first and then losing the connection before the MOVE would leave
-        # committed mail \Seen in the Inbox, where UNSEEN never finds it again (found by
-        # tests/integration/test_faults.py). Without UIDPLUS there is no mapping: flag first.
-        flag_first = not session.has_uidplus
-        seen: dict[str, list[int]] = {}
         if done_uids:
-            moved = await session.move(done_uids, folders.processed, mark_seen=flag_first)
-            seen[folders.processed] = list(moved.values())
+            await session.move(done_uids, folders.processed)
         if failures and in_failed:
             # Still where it was: recording the failure cleared its Failed-folder UID; restore it.
             uids = {f.message_key: f.uid for f in failures}
             await self.repo.set_failure_folder_uids(self.account.name, uids)
         elif failures:
-            moved = await session.move(
-                [f.uid for f in failures], folders.failed, mark_seen=flag_first
-            )
-            seen[folders.failed] = list(moved.values())
+            moved = await session.move([f.uid for f in failures], folders.failed)
             keyed = {f.message_key: moved[f.uid] for f in failures if f.uid in moved}
             if keyed:
                 await self.repo.set_failure_folder_uids(self.account.name, keyed)
-        for folder, moved_uids in seen.items():
-            await session.mark_seen_in(folder, moved_uids)
         return summary
 
     async def _with_inbox_uids(self, failures: Sequence[FailureInfo]) -> list[FailureInfo]:

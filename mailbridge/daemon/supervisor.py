@@ -37,6 +37,7 @@ import structlog
 
 from mailbridge.config import AccountSettings, LogSettings, Settings, load_config
 from mailbridge.daemon.account import AccountWorker, PassSummary
+from mailbridge.daemon.outbox import OutboxSummary, OutboxWorker
 from mailbridge.daemon.sweep import run_schedule
 from mailbridge.daemon.systemd import Notifier
 from mailbridge.errors import ConfigError, MailbridgeError, ServerError, describe
@@ -58,10 +59,21 @@ HOUSEKEEPING_SECONDS = 10.0
 # longer (a config file, a prepare queued behind an import on the database thread) and it is
 # hung: the watchdog pings stop so that systemd restarts the service.
 STUCK_GRACE_SECONDS = 60.0
+
+
 # Keys of Settings that are not global import settings: accounts are compared one by one, a new
 # database path needs a service restart, and log is applied on its own (reconfigure_log, where
 # flags override it). Every other key, including one added later, restarts every account.
-_NOT_IMPORT_GLOBALS = frozenset({"accounts", "database", "log", "source"})
+# The outbox worker reads `outbox` afresh at every look, so it needs no restart either.
+_NOT_IMPORT_GLOBALS = frozenset({"accounts", "database", "log", "source", "outbox"})
+
+# Why a PostgreSQL daemon does not send (the outbox is built on SQLite only so far).
+_NO_OUTBOX = "sending (the outbox) works with a SQLite database only for now"
+
+
+async def _until(event: asyncio.Event) -> None:
+    """The outbox task of a daemon that cannot send: it only waits for the drain."""
+    await event.wait()
 
 
 @dataclass
@@ -99,6 +111,7 @@ class Supervisor:
         self.states: dict[str, AccountState] = {}
         self._stop = asyncio.Event()
         self._reload = asyncio.Event()
+        self.outbox: OutboxWorker | None = None
 
     # -- public --------------------------------------------------------------------------------
 
@@ -121,10 +134,28 @@ class Supervisor:
             for account in self.settings.accounts:
                 if account.enabled:
                     self._start(account)
+            # Sending: one task for every account's outbox rows (daemon/outbox.py); SQLite only
+            # for now, so with PostgreSQL a task that only waits for the drain.
+            outbox = OutboxWorker(lambda: self.settings, self.repo, only=self.only)
+            self.outbox = outbox
+            if self.settings.sqlite_path is not None:
+                outbox_task = asyncio.create_task(outbox.run(), name="outbox")
+            else:
+                log.warning("outbox_unavailable", reason=_NO_OUTBOX)
+                outbox_task = asyncio.create_task(_until(outbox.stopping), name="outbox")
             log.info("daemon_started", accounts=len(self.running))
             self.notifier.ready()
             self._publish_status()
-            await self._supervise()  # returns once SIGTERM's drain is done
+            try:
+                await self._supervise()  # returns once SIGTERM's drain is done
+            finally:
+                # The message in hand is finished (its row recorded), then the worker stops.
+                outbox.stopping.set()
+                _, pending = await asyncio.wait({outbox_task}, timeout=self.drain_seconds)
+                for task in pending:
+                    task.cancel()
+                with contextlib.suppress(asyncio.CancelledError, Exception):
+                    await outbox_task
             log.info("daemon_stopped")
             return EX_OK
         finally:
@@ -263,8 +294,18 @@ class Supervisor:
             log.warning("drain_timeout_cancelling", task=task.get_name())
             task.cancel()
         for task in tasks:
-            with contextlib.suppress(asyncio.CancelledError, Exception):
+            try:
                 await task
+            except asyncio.CancelledError:
+                pass  # cancelled above, after its drain time: logged as drain_timeout_cancelling
+            except Exception as exc:  # a worker that failed is reported, never swallowed
+                log.error(
+                    "drain_task_failed",
+                    task=task.get_name(),
+                    code="internal",
+                    error=repr(exc),
+                    exc_info=exc,
+                )
 
     async def reload(self) -> None:
         """Re-read the config; restart only what changed; keep running on a bad config."""
@@ -323,6 +364,8 @@ class Supervisor:
         for name, running in self.running.items():
             if name not in started:
                 running.worker.wake()
+        if self.outbox is not None:
+            self.outbox.wake()  # it reads the new settings at its next look
         log.info(
             "config_reloaded",
             restarted=sorted(set(changed) & set(started)),
@@ -390,6 +433,7 @@ class OnceResult:
     account: str
     summary: PassSummary | None
     error: MailbridgeError | None
+    outbox: OutboxSummary | None = None  # the outbox's line (account "outbox")
 
 
 async def run_once(settings: Settings, accounts: list[str] | None = None) -> list[OnceResult]:
@@ -414,7 +458,17 @@ async def run_once(settings: Settings, accounts: list[str] | None = None) -> lis
                 )
                 return OnceResult(account.name, None, exc)
 
-        return list(await asyncio.gather(*(one(a) for a in chosen)))
+        results = list(await asyncio.gather(*(one(a) for a in chosen)))
+        # Then what is due in the outbox (replies to what was just imported included).
+        only = frozenset(accounts) if accounts is not None else None
+        if settings.sqlite_path is None:
+            # PostgreSQL: the outbox is SQLite-only for now (Settings.outbox_database).
+            log.warning("outbox_unavailable", reason=_NO_OUTBOX)
+            return results
+        outbox = await OutboxWorker(settings, repo, only=only).run_once()
+        if outbox.sent or outbox.retrying or outbox.failed:
+            results.append(OnceResult("outbox", None, None, outbox))
+        return results
     finally:
         await repo.aclose()
 

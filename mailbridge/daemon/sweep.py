@@ -14,9 +14,18 @@ One sweep of an account, on its own IMAP connection (the live loop keeps its IDL
    message is no longer in the folder (an operator deleted it, or moved it back to the Inbox,
    by hand) is marked resolved, so ``mailbridge failed`` and the ``failed`` count of ``status``
    show what *is* in the Failed folder. ``failed retry`` does the same.
-2. **Inbox.** Unseen mail older than ``recovery.grace_period_minutes`` (by INTERNALDATE) is
-   imported as the live loop would. Younger mail is the live loop's: racing it would only cost
-   work (the database recognises the second copy), but the grace period avoids even that.
+   A message whose last failure was a bug in mailbridge (code ``internal``) is held: retrying it
+   every sweep would only log the same traceback again; ``failed retry`` retries it (after an
+   upgrade, say).
+2. **Inbox.** Mail (read or not, not ``\\Deleted``) older than ``recovery.grace_period_minutes``
+   by INTERNALDATE is imported as the live loop would: mail it missed, e.g. a message whose move
+   failed after the commit, or mail put back into the Inbox by hand. Younger mail is the live
+   loop's: racing it would only cost work (the database recognises the second copy), but the
+   grace period avoids even that; it is told apart by the INTERNALDATE fetched without the body.
+
+Both phases read RFC822.SIZE before any body, as the live loop does: a message over
+``limits.message_max_size_mb`` fails as ``too_large`` without being downloaded, and batches are
+bounded by ``limits.fetch_batch_max_mb`` as well as ``limits.fetch_batch_size``.
 
 :func:`run_schedule` runs sweeps on the ``recovery.schedule`` cron expression beside an
 account's live loop in the daemon; ``mailbridge sync`` runs :func:`sweep_and_record` on demand.
@@ -39,7 +48,7 @@ from mailbridge.config import AccountSettings, Settings
 from mailbridge.daemon.account import open_session
 from mailbridge.daemon.importstep import ImportStep
 from mailbridge.errors import MailbridgeError
-from mailbridge.mail.imap import FetchedMessage, ImapSession
+from mailbridge.mail.imap import FetchedMessage, ImapSession, MessageMeta, imap_date
 from mailbridge.store.asyncrepo import AsyncRepository
 from mailbridge.store.base import RESOLVED_REMOVED, FailureInfo, FailureRecord
 
@@ -48,8 +57,6 @@ log = structlog.get_logger("mailbridge.sweep")
 # (phase, done, total): phase is "failed" or "inbox"; called after every batch and once with
 # done=0 when the phase's total is known. The CLI draws its progress bar from it.
 Progress = Callable[[str, int, int], None]
-
-_MONTHS = ("Jan", "Feb", "Mar", "Apr", "May", "Jun", "Jul", "Aug", "Sep", "Oct", "Nov", "Dec")
 
 
 @dataclass
@@ -65,7 +72,8 @@ class SweepSummary:
     left_old: int = 0  # Failed-folder messages older than max_failed_age_days, not retried
     inbox_imported: int = 0  # missed Inbox mail imported
     inbox_duplicates: int = 0  # missed Inbox mail that was already stored
-    skipped_young: int = 0  # unseen Inbox mail within the grace period, left to the live loop
+    skipped_young: int = 0  # Inbox mail within the grace period, left to the live loop
+    held_internal: int = 0  # Failed-folder messages whose last failure was a bug: not retried
     reconciled: int = 0  # failures resolved because their message left the Failed folder by hand
     discarded: int = 0  # automatic mail the policy did not import, and bounces (to Processed)
     still_failing: list[FailureInfo] = field(default_factory=list)  # retried, failed again
@@ -88,6 +96,8 @@ class SweepSummary:
             parts.append(f"skipped (grace period) {self.skipped_young}")
         if self.left_old:
             parts.append(f"older failures left {self.left_old}")
+        if self.held_internal:
+            parts.append(f"held (internal error) {self.held_internal}")
         if self.reconciled:
             parts.append(f"gone from the Failed folder {self.reconciled}")
         if self.discarded:
@@ -100,11 +110,6 @@ class SweepSummary:
         for failure in (*self.still_failing, *self.new_failures):
             counts[failure.code] = counts.get(failure.code, 0) + 1
         return counts
-
-
-def imap_date(when: datetime) -> str:
-    """An RFC 3501 ``date`` (``1-Feb-2026``) whatever the process locale (strftime's %b is not)."""
-    return f"{when.day}-{_MONTHS[when.month - 1]}-{when.year}"
 
 
 def since_date(since: datetime) -> str:
@@ -181,12 +186,17 @@ async def retry_failed(
     return summary
 
 
-async def fetch_failed(account: AccountSettings, uids: Sequence[int]) -> list[FetchedMessage]:
-    """The messages with these UIDs in the Failed folder, as stored on the server (unchanged)."""
+async def fetch_failed(
+    account: AccountSettings, uids: Sequence[int], fields: Sequence[str]
+) -> list[tuple[MessageMeta, FetchedMessage]]:
+    """Size, arrival and the header ``fields`` of these UIDs in the Failed folder, as the server
+    has them; never the body (it may be the one too large to download)."""
     session = await open_session(account)
     try:
         await session.select(account.folders.failed)
-        return await session.fetch(uids)
+        metas = {m.uid: m for m in await session.fetch_meta(uids)}
+        headers = await session.fetch_headers(list(metas), fields)
+        return [(metas[h.uid], h) for h in headers if h.uid in metas]
     finally:
         await session.close()
 
@@ -208,10 +218,13 @@ async def sweep_and_record(
     try:
         summary = await sweep(settings, account, repo, progress=progress, stopping=stopping)
     except MailbridgeError as exc:
-        bound.warning("sweep_failed", code=exc.code, error=str(exc), remedy=exc.remedy)
+        # Stored, then logged: `status` read on seeing the line shows what it reports.
         with contextlib.suppress(MailbridgeError):  # the sweep's own error is the news
             await repo.record_sweep(account.name, datetime.now(UTC), f"failed: {exc.code}", 0)
+        bound.warning("sweep_failed", code=exc.code, error=str(exc), remedy=exc.remedy)
         raise
+    assert summary.finished is not None  # set by sweep()
+    await repo.record_sweep(account.name, summary.finished, summary.line(), summary.imported)
     bound.info(
         "sweep_done",
         retried=summary.retried,
@@ -221,12 +234,11 @@ async def sweep_and_record(
         new_failures=len(summary.new_failures),
         skipped_young=summary.skipped_young,
         older_failures_left=summary.left_old,
+        held_internal=summary.held_internal,
         reconciled=summary.reconciled,
         reasons=summary.reasons(),
-        seconds=round(((summary.finished or summary.started) - summary.started).total_seconds(), 3),
+        seconds=round((summary.finished - summary.started).total_seconds(), 3),
     )
-    assert summary.finished is not None  # set by sweep()
-    await repo.record_sweep(account.name, summary.finished, summary.line(), summary.imported)
     return summary
 
 
@@ -307,10 +319,6 @@ def _worker(
     return ImportStep(settings, account, repo, stopping=stopping or asyncio.Event(), log=bound)
 
 
-def _batches(uids: Sequence[int], size: int) -> list[Sequence[int]]:
-    return [uids[i : i + size] for i in range(0, len(uids), size)]
-
-
 async def _retry_failed(
     worker: ImportStep,
     session: ImapSession,
@@ -338,17 +346,24 @@ async def _retry_failed(
     else:
         candidates = present
     summary.left_old += len(present) - len(candidates) if uids is None else 0
+    metas = await session.fetch_meta(candidates)  # sizes and dates, no bodies
+    if since is not None:
+        recent = [m for m in metas if m.internaldate is None or m.internaldate >= since]
+        summary.left_old += len(metas) - len(recent)
+        # A bug (code internal) fails again on every sweep; `failed retry` names it instead.
+        held = {r.folder_uid for r in known if r.code == "internal" and r.folder_uid is not None}
+        metas = [m for m in recent if m.uid not in held]
+        summary.held_internal += len(recent) - len(metas)
     if progress is not None:
-        progress("failed", 0, len(candidates))
-    done = 0
-    for batch in _batches(candidates, worker.settings.limits.fetch_batch_size):
+        progress("failed", 0, len(metas))
+    large, batches = await worker.fail_too_large(session, metas, in_failed=True)
+    summary.retried += large.failed
+    summary.still_failing.extend(large.failures)
+    done = large.failed
+    for batch in batches:
         if worker.stopping.is_set():
             break
         fetched = await session.fetch(batch)
-        if since is not None:
-            recent = [m for m in fetched if m.internaldate is None or m.internaldate >= since]
-            summary.left_old += len(fetched) - len(recent)
-            fetched = recent
         if fetched:
             result = await worker.process_fetched(session, fetched, in_failed=True)
             summary.retried += len(fetched)
@@ -358,7 +373,7 @@ async def _retry_failed(
             summary.still_failing.extend(result.failures)
         done += len(batch)
         if progress is not None:
-            progress("failed", done, len(candidates))
+            progress("failed", done, len(metas))
 
 
 async def _reconcile(
@@ -410,25 +425,27 @@ async def _import_missed(
     before: datetime,
     progress: Progress | None,
 ) -> None:
-    """Import unseen Inbox mail that arrived before ``before`` (the grace period's start)."""
+    """Import Inbox mail (not \\Deleted) that arrived before ``before`` (the grace period's
+    start); younger mail is told apart by its INTERNALDATE, without fetching its body."""
     await session.select(worker.account.folders.inbox)
-    candidates = await session.unseen_uids()
+    metas = await session.fetch_meta(await session.undeleted_uids())
+    old = [m for m in metas if m.internaldate is None or m.internaldate <= before]
+    summary.skipped_young += len(metas) - len(old)
     if progress is not None:
-        progress("inbox", 0, len(candidates))
-    done = 0
-    for batch in _batches(candidates, worker.settings.limits.fetch_batch_size):
+        progress("inbox", 0, len(old))
+    large, batches = await worker.fail_too_large(session, old)
+    summary.new_failures.extend(large.failures)
+    done = large.failed
+    for batch in batches:
         if worker.stopping.is_set():
             break
-        # BODY.PEEK: fetching the young ones does not mark them seen; the live loop takes them.
         fetched = await session.fetch(batch)
-        old = [m for m in fetched if m.internaldate is None or m.internaldate <= before]
-        summary.skipped_young += len(fetched) - len(old)
-        if old:
-            result = await worker.process_fetched(session, old)
+        if fetched:
+            result = await worker.process_fetched(session, fetched)
             summary.inbox_imported += result.imported
             summary.inbox_duplicates += result.duplicates
             summary.discarded += result.discarded + result.bounces
             summary.new_failures.extend(result.failures)
         done += len(batch)
         if progress is not None:
-            progress("inbox", done, len(candidates))
+            progress("inbox", done, len(old))

@@ -38,6 +38,13 @@ import structlog
 
 from mailbridge.config import AccountSettings
 from mailbridge.errors import AuthError, FolderError, ServerError, classify_server_text
+from mailbridge.mail.auth.tokens import (
+    sasl_error_text,
+    sasl_oauthbearer,
+    sasl_xoauth2,
+    with_token_retry,
+)
+from mailbridge.mail.net import enable_keepalive
 
 log = structlog.get_logger("mailbridge.imap")
 
@@ -54,10 +61,17 @@ _AUTH_CODES: Final = frozenset(
         "token_expired",
         "consent_missing",
         "protocol_disabled",
+        "mailbox_not_connected",
+        "client_secret_invalid",
+        "client_secret_expired",
+        "sign_in_required",
+        "upn_mismatch",
     }
 )
 
 _LOGOUT_TIMEOUT: Final = 5.0
+# UIDs per metadata FETCH: bounds one response (~100 bytes a message) for a 40,000-mail Inbox.
+_META_CHUNK: Final = 5000
 _FEED_SLICE: Final = 1024
 
 _MONTHS: Final = {
@@ -78,6 +92,17 @@ _CAPABILITY_RE: Final = re.compile(r"\[CAPABILITY ([^\]]*)\]", re.IGNORECASE)
 _LIST_RE: Final = re.compile(
     r'^\((?P<flags>[^)]*)\) (?P<delim>"(?:[^"\\]|\\.)*"|NIL) (?P<name>.*)$', re.IGNORECASE
 )
+
+
+@dataclass(frozen=True, slots=True)
+class MessageMeta:
+    """What the server says of a message without sending it: UID, RFC822.SIZE (octets, RFC 3501
+    section 2.3.4), INTERNALDATE (when it arrived) and flags."""
+
+    uid: int
+    size: int
+    internaldate: datetime | None
+    flags: frozenset[str]
 
 
 @dataclass(frozen=True, slots=True)
@@ -190,6 +215,12 @@ def _text(lines: Sequence[Any]) -> str:
     ).strip()
 
 
+def imap_date(when: datetime) -> str:
+    """An RFC 3501 ``date`` (``1-Feb-2026``) whatever the process locale (strftime's %b is not)."""
+    month = next(name for name, number in _MONTHS.items() if number == when.month)
+    return f"{when.day}-{month}-{when.year}"
+
+
 def _parse_internaldate(text: str) -> datetime | None:
     match = _INTERNALDATE_RE.search(text)
     if match is None:
@@ -243,7 +274,9 @@ def parse_fetch_response(lines: Sequence[Any]) -> list[FetchedMessage]:
         if uid_match is None:
             continue
         body: bytes | None = None
-        body_match = re.search(r'BODY\[\] (?:\x00(\d+)\x00|"((?:[^"\\]|\\.)*)")', text)
+        body_match = re.search(
+            r'BODY\[(?:HEADER\.FIELDS \([^)]*\))?\] (?:\x00(\d+)\x00|"((?:[^"\\]|\\.)*)")', text
+        )
         if body_match is not None:
             if body_match.group(1) is not None:
                 body = literals[int(body_match.group(1))]
@@ -262,6 +295,32 @@ def parse_fetch_response(lines: Sequence[Any]) -> list[FetchedMessage]:
             )
         )
     return messages
+
+
+def parse_meta_response(lines: Sequence[Any]) -> list[MessageMeta]:
+    """Parse the lines of a ``UID FETCH ... (UID FLAGS INTERNALDATE RFC822.SIZE)`` (no literals).
+
+    Items without a UID or an RFC822.SIZE (unsolicited flag updates) are skipped.
+    """
+    metas: list[MessageMeta] = []
+    for line in lines:
+        if not isinstance(line, bytes) or not _FETCH_START_RE.match(line):
+            continue
+        text = line.decode("utf-8", "replace")
+        uid_match = re.search(r"\bUID (\d+)", text)
+        size_match = re.search(r"\bRFC822\.SIZE (\d+)", text)
+        if uid_match is None or size_match is None:
+            continue
+        flags_match = re.search(r"\bFLAGS \(([^)]*)\)", text)
+        metas.append(
+            MessageMeta(
+                uid=int(uid_match.group(1)),
+                size=int(size_match.group(1)),
+                internaldate=_parse_internaldate(text),
+                flags=frozenset(flags_match.group(1).split()) if flags_match else frozenset(),
+            )
+        )
+    return metas
 
 
 def _parse_list(lines: Sequence[Any]) -> list[str]:
@@ -298,6 +357,20 @@ class _Protocol(aioimaplib.IMAP4ClientProtocol):  # type: ignore[misc]
         self.greeting = b""
         self.welcome_error: Exception | None = None
         self.last_activity = loop.time()
+        # AUTHENTICATE (RFC 3501 section 6.2.2): the mechanism in progress and the server's
+        # challenge, which for XOAUTH2/OAUTHBEARER is a base64 JSON error (RFC 7628 3.2.2).
+        self.sasl_mechanism: str | None = None
+        self.sasl_challenge = b""
+
+    def _continuation(self, line: bytes) -> None:
+        command = self.pending_sync_command
+        if command is not None and command.name == "AUTHENTICATE":
+            # aioimaplib would wait here forever: answer the error challenge so the server
+            # sends its tagged NO - an empty line for XOAUTH2, %x01 for OAUTHBEARER (RFC 7628).
+            self.sasl_challenge = line.removeprefix(b"+").strip()
+            self.transport.write(b"AQ==\r\n" if self.sasl_mechanism == "OAUTHBEARER" else b"\r\n")
+            return
+        super()._continuation(line)
 
     def data_received(self, d: bytes) -> None:
         self.last_activity = self.loop.time()
@@ -364,7 +437,19 @@ class ImapSession:
         """Connect per ``account.imap`` (implicit TLS, STARTTLS or plain) and log in.
 
         ``secret`` overrides ``account.auth.secret()`` (e.g. a freshly read password).
+
+        OAuth2 accounts (``auth.method`` microsoft/google) sign in with OAUTHBEARER or XOAUTH2
+        and a token from the account's provider. A token the server refuses is refreshed once
+        and tried on a new connection (it may have expired or been revoked since it was
+        issued); refused again, it raises ``mailbox_not_connected`` - the identity provider
+        vouched for the user, so what is missing is on the mailbox's side.
         """
+        if account.auth.is_oauth and secret is None:
+            return await with_token_retry(account, lambda token: cls._open(account, token), "imap")
+        return await cls._open(account, secret)
+
+    @classmethod
+    async def _open(cls, account: AccountSettings, secret: str | None) -> ImapSession:
         imap = account.imap
         host, port = imap.host, imap.port
         assert port is not None  # ImapSettings fills it from tls
@@ -399,6 +484,9 @@ class ImapSession:
             )
         except Exception as exc:
             raise _map_error(exc, f"connect to {host}:{port}", imap.timeout_seconds) from exc
+        # A connection a NAT or firewall drops silently is reported dead by the kernel within
+        # minutes instead of hours (mailbridge.mail.net).
+        enable_keepalive(transport.get_extra_info("socket"))
 
         session = cls(account, protocol, transport, lost, password)
         try:
@@ -470,7 +558,60 @@ class ImapSession:
         await self._await(protocol.capability(), "CAPABILITY")
 
     async def _login(self) -> None:
-        username = self.account.auth.username
+        if self.account.auth.is_oauth:
+            response = await self._authenticate_oauth()
+        else:
+            response = await self._login_password()
+        self._protocol.state = aioimaplib.AUTH
+        # Dovecot and most servers put the new list in the tagged OK (RFC 3501 section 7.1);
+        # aioimaplib mis-parses that response code, so read it here or ask explicitly.
+        match = _CAPABILITY_RE.search(_text(response.lines[-1:]))
+        if match is not None:
+            self.capabilities = frozenset(c.upper() for c in match.group(1).split())
+        else:
+            await self._await(self._protocol.capability(), "CAPABILITY")
+            self.capabilities = frozenset(c.upper() for c in self._protocol.capabilities)
+        # aioimaplib checks its own set before IDLE/MOVE; keep it in step with ours.
+        self._protocol.capabilities = set(self.capabilities)
+
+    async def _authenticate_oauth(self) -> Any:
+        """AUTHENTICATE OAUTHBEARER (RFC 7628) where offered and wanted, else XOAUTH2, with
+        the initial response on the command line (SASL-IR, RFC 4959). The user is the mailbox
+        (the account's address): a shared mailbox is opened with its delegate's token."""
+        account = self.account
+        protocol = self._protocol
+        caps = {c.upper() for c in protocol.capabilities}
+        wanted = account.auth.sasl
+        if wanted == "oauthbearer" or (wanted == "auto" and "AUTH=OAUTHBEARER" in caps):
+            mechanism = "OAUTHBEARER"
+            imap = account.imap
+            assert imap.port is not None
+            initial = sasl_oauthbearer(account.address, self._secret, imap.host, imap.port)
+        else:
+            mechanism = "XOAUTH2"
+            initial = sasl_xoauth2(account.address, self._secret)
+        protocol.sasl_mechanism = mechanism
+        protocol.sasl_challenge = b""
+        command = aioimaplib.Command(
+            "AUTHENTICATE", protocol.new_tag(), mechanism, initial, loop=protocol.loop
+        )
+        response = await self._await(protocol.execute(command, scrub=initial), "AUTHENTICATE")
+        if response.result == "OK":
+            return response
+        text = self._scrub(_text(response.lines))
+        detail = sasl_error_text(protocol.sasl_challenge)
+        code = classify_server_text(text, default="auth_failed")
+        if code == "server_error":
+            code = "auth_failed"
+        message = f"{mechanism} login to {account.address} refused: {text}" + (
+            f" ({detail})" if detail else ""
+        )
+        if code in _AUTH_CODES:
+            raise AuthError(message, code=code)
+        raise ServerError(message, code=code)
+
+    async def _login_password(self) -> Any:
+        username = self.account.login_name
         protocol = self._protocol
         secret_arg = quote(self._secret)
         try:
@@ -494,17 +635,7 @@ class ImapSession:
             if code in _AUTH_CODES:
                 raise AuthError(message, code=code)
             raise ServerError(message, code=code)
-        protocol.state = aioimaplib.AUTH
-        # Dovecot and most servers put the new list in the tagged OK (RFC 3501 section 7.1);
-        # aioimaplib mis-parses that response code, so read it here or ask explicitly.
-        match = _CAPABILITY_RE.search(_text(response.lines[-1:]))
-        if match is not None:
-            self.capabilities = frozenset(c.upper() for c in match.group(1).split())
-        else:
-            await self._await(protocol.capability(), "CAPABILITY")
-            self.capabilities = frozenset(c.upper() for c in protocol.capabilities)
-        # aioimaplib checks its own set before IDLE/MOVE; keep it in step with ours.
-        protocol.capabilities = set(self.capabilities)
+        return response
 
     # -- properties -----------------------------------------------------------------------
 
@@ -616,9 +747,40 @@ class ImapSession:
                     uids.update(int(tok) for tok in line.split() if tok.isdigit())
             return sorted(uids)
 
-    async def unseen_uids(self) -> list[int]:
-        """UIDs without \\Seen that are not \\Deleted (see :meth:`move` without UIDPLUS)."""
-        return await self.search("UNSEEN", "UNDELETED")
+    async def undeleted_uids(self) -> list[int]:
+        """UIDs of every message not flagged \\Deleted: the Inbox is mailbridge's queue.
+
+        Read or unread does not matter (a person may open shared mail before mailbridge sees
+        it); \\Deleted mail is on its way out (another client's, or our own originals left by
+        :meth:`move` without UIDPLUS).
+        """
+        return await self.search("UNDELETED")
+
+    async def fetch_meta(self, uids: Sequence[int]) -> list[MessageMeta]:
+        """``UID FETCH set (UID FLAGS INTERNALDATE RFC822.SIZE)``: sizes and arrival times without
+        the bodies (a few dozen bytes per message), in UID order, in chunks of
+        ``_META_CHUNK`` UIDs. Missing UIDs are absent from the result."""
+        wanted = sorted(set(uids))
+        metas: dict[int, MessageMeta] = {}
+        for start in range(0, len(wanted), _META_CHUNK):
+            chunk = wanted[start : start + _META_CHUNK]
+            lines = await self._uid_fetch(chunk, "(UID FLAGS INTERNALDATE RFC822.SIZE)")
+            asked = set(chunk)
+            metas.update((m.uid, m) for m in parse_meta_response(lines) if m.uid in asked)
+        return [metas[uid] for uid in sorted(metas)]
+
+    async def fetch_headers(
+        self,
+        uids: Sequence[int],
+        fields: Sequence[str] = ("MESSAGE-ID", "SUBJECT", "FROM", "DATE"),
+    ) -> list[FetchedMessage]:
+        """Some header fields (by default those a failure record shows), as
+        ``FetchedMessage.raw``, without the body: ``BODY.PEEK[HEADER.FIELDS (...)]`` (RFC 3501
+        section 6.4.5). For messages too large to download."""
+        names = " ".join(f.upper() for f in fields)
+        return await self._fetch_messages(
+            uids, f"(UID FLAGS INTERNALDATE BODY.PEEK[HEADER.FIELDS ({names})])"
+        )
 
     async def fetch(self, uids: Sequence[int]) -> list[FetchedMessage]:
         """One ``UID FETCH set (UID FLAGS INTERNALDATE BODY.PEEK[])``; results in UID order.
@@ -627,20 +789,26 @@ class ImapSession:
         simply absent from the result (RFC 3501 section 6.4.8: a UID FETCH of a missing UID is
         not an error).
         """
+        return await self._fetch_messages(uids, "(UID FLAGS INTERNALDATE BODY.PEEK[])")
+
+    async def _fetch_messages(self, uids: Sequence[int], items: str) -> list[FetchedMessage]:
         if not uids:
             return []
         wanted = set(uids)
+        lines = await self._uid_fetch(sorted(wanted), items)
+        by_uid = {m.uid: m for m in parse_fetch_response(lines) if m.uid in wanted}
+        return [by_uid[uid] for uid in sorted(by_uid)]
+
+    async def _uid_fetch(self, uids: Sequence[int], items: str) -> Sequence[Any]:
+        """One ``UID FETCH`` of ``items`` for ``uids``; the response lines."""
         async with self._lock:
             self._require_selected("FETCH")
             response = await self._await(
-                self._protocol.fetch(
-                    uid_set(wanted), "(UID FLAGS INTERNALDATE BODY.PEEK[])", by_uid=True
-                ),
-                "UID FETCH",
+                self._protocol.fetch(uid_set(uids), items, by_uid=True), "UID FETCH"
             )
             self._check(response, "UID FETCH")
-        by_uid = {m.uid: m for m in parse_fetch_response(response.lines) if m.uid in wanted}
-        return [by_uid[uid] for uid in sorted(by_uid)]
+        lines: Sequence[Any] = response.lines
+        return lines
 
     async def move(
         self, uids: Sequence[int], folder: str, *, mark_seen: bool = True
@@ -653,7 +821,7 @@ class ImapSession:
         only our UIDs. Without UIDPLUS a plain EXPUNGE would also remove messages other clients
         marked \\Deleted, so it runs only when a ``UID SEARCH DELETED`` finds no \\Deleted mail
         besides ours; otherwise the originals stay behind flagged \\Deleted (and are skipped by
-        :meth:`unseen_uids`) until someone expunges, and a warning is logged. The mapping comes
+        :meth:`undeleted_uids`) until someone expunges, and a warning is logged. The mapping comes
         from COPYUID (RFC 4315 section 3), so it is ``{}`` without UIDPLUS.
         """
         if not uids:
@@ -705,28 +873,6 @@ class ImapSession:
             response = await self._await(protocol.expunge(), "EXPUNGE")
             self._check(response, "EXPUNGE")
             return mapping
-
-    async def mark_seen_in(self, folder: str, uids: Iterable[int]) -> None:
-        """Set ``\\Seen`` on ``uids`` of ``folder``, which need not be the selected folder.
-
-        For mail just moved (with ``move(..., mark_seen=False)``, using the COPYUID mapping):
-        flagging *after* the move means a connection lost between the two commands leaves an
-        unread copy in Processed, whereas flagging first and losing the MOVE would leave mail
-        ``\\Seen`` in the Inbox, where ``UNSEEN`` never finds it again. SELECTs ``folder``, runs
-        ``UID STORE +FLAGS.SILENT (\\Seen)``, and SELECTs the previously selected folder again.
-        """
-        wanted = sorted(set(uids))
-        back = self.selected
-        if not wanted or back is None:
-            return
-        await self.select(folder)
-        async with self._lock:
-            response = await self._await(
-                self._protocol.store(uid_set(wanted), "+FLAGS.SILENT", "(\\Seen)", by_uid=True),
-                "UID STORE",
-            )
-            self._check(response, "UID STORE \\Seen")
-        await self.select(back)
 
     async def wait_for_mail(self, timeout: float) -> bool:  # noqa: ASYNC109 - the agreed API
         """IDLE (RFC 2177) until the server announces new mail or ``timeout`` passes.

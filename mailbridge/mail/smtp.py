@@ -1,5 +1,5 @@
-"""SMTP over aiosmtplib: for now only :func:`check_smtp`, the connect-and-log-in check of
-``mailbridge doctor`` (sending arrives with outgoing mail).
+"""SMTP over aiosmtplib: :func:`check_smtp` (the connect-and-log-in check of ``mailbridge
+doctor``) and :class:`SmtpSender` (one connection sending the outbox's messages).
 
 Like :mod:`mailbridge.mail.imap`, this is a boundary: every aiosmtplib/ssl/socket exception is
 mapped into :mod:`mailbridge.errors` here, SMTP replies are classified by their code and words
@@ -10,15 +10,26 @@ from __future__ import annotations
 
 import socket
 import ssl
-from typing import Final
+from collections.abc import Awaitable, Callable, Sequence
+from typing import Final, TypeVar
 
 import aiosmtplib
 import structlog
 
 from mailbridge.config import AccountSettings
 from mailbridge.errors import AuthError, ServerError, classify_server_text
+from mailbridge.mail.auth.tokens import (
+    exception_chain,
+    sasl_error_text,
+    sasl_oauthbearer,
+    sasl_xoauth2,
+    with_token_retry,
+)
+from mailbridge.mail.net import enable_keepalive
 
 log = structlog.get_logger("mailbridge.smtp")
+
+T = TypeVar("T")
 
 # Classified SMTP refusals that mean "this login cannot work" (raised as AuthError).
 _AUTH_CODES: Final = frozenset(
@@ -29,20 +40,22 @@ _AUTH_CODES: Final = frozenset(
         "token_expired",
         "consent_missing",
         "protocol_disabled",
+        "mailbox_not_connected",
+        "client_secret_invalid",
+        "client_secret_expired",
+        "sign_in_required",
+        "upn_mismatch",
+        "smtp_auth_disabled",
+        "send_as_denied",
     }
 )
 
 
-async def check_smtp(account: AccountSettings) -> None:
-    """Connect per ``account.smtp`` (implicit TLS, STARTTLS or plain), EHLO, log in, QUIT.
-
-    Raises :class:`AuthError` when the login is refused and :class:`ServerError` for anything
-    else (unreachable, timeout, TLS, a refusal before login). ``account.smtp`` must be set.
-    """
+def _client(account: AccountSettings) -> tuple[aiosmtplib.SMTP, str]:
+    """An unconnected client per ``account.smtp``, and ``host:port`` for messages."""
     smtp = account.smtp
     if smtp is None:
         raise ValueError(f"account {account.name} has no smtp settings")
-    password = account.auth.secret()
     where = f"{smtp.host}:{smtp.port}"
     context: ssl.SSLContext | None = None
     if smtp.tls != "none":
@@ -68,40 +81,209 @@ async def check_smtp(account: AccountSettings) -> None:
         # EHLO names this host; socket.getfqdn() (aiosmtplib's default) may wait on DNS.
         local_hostname=socket.gethostname() or "mailbridge",
     )
+    return client, where
+
+
+async def _connect(client: aiosmtplib.SMTP, account: AccountSettings, where: str) -> None:
+    """Connect, EHLO, and check that AUTH is offered (RFC 4954)."""
+    await client.connect()
+    if client.transport is not None:  # a silently dropped connection is noticed in minutes
+        enable_keepalive(client.transport.get_extra_info("socket"))
+    if client.last_ehlo_response is None:  # STARTTLS/implicit TLS already sent EHLO
+        await client.ehlo()
+    if not client.supports_extension("auth"):
+        assert account.smtp is not None
+        raise ServerError(
+            f"{where} offers no SMTP AUTH on this connection (tls: {account.smtp.tls}); "
+            "authenticated SMTP may be off for the account, or need TLS",
+            code="protocol_disabled",
+        )
+
+
+async def login(client: aiosmtplib.SMTP, account: AccountSettings, where: str, secret: str) -> None:
+    """Authenticate ``client`` as the account (RFC 4954 AUTH) with ``secret``: the password,
+    or for OAuth2 accounts the access token (OAUTHBEARER where offered, else XOAUTH2). The one
+    place sign-in happens for SMTP.
+
+    Raises :class:`AuthError` for a refused login, :class:`ServerError` for other refusals.
+    """
     try:
-        await client.connect()
-        if client.last_ehlo_response is None:  # STARTTLS/implicit TLS already sent EHLO
-            await client.ehlo()
-        if not client.supports_extension("auth"):
-            raise ServerError(
-                f"{where} offers no SMTP AUTH on this connection (tls: {smtp.tls}); "
-                "authenticated SMTP may be off for the account, or need TLS",
-                code="protocol_disabled",
-            )
-        try:
-            await client.login(account.auth.username, password)
-        except aiosmtplib.SMTPResponseException as exc:
-            text = _scrub(f"{exc.code} {exc.message}", password)
-            code = classify_server_text(text, default="auth_failed")
-            message = f"SMTP login as {account.auth.username} at {where} refused: {text}"
-            raise (AuthError if code in _AUTH_CODES else ServerError)(message, code=code) from exc
-        log.info("smtp_login_ok", account=account.name, host=smtp.host, port=smtp.port)
+        if account.auth.is_oauth:
+            await _login_oauth(client, account, secret)
+        else:
+            await client.login(account.login_name, secret)
+    except aiosmtplib.SMTPResponseException as exc:
+        text = _scrub(f"{exc.code} {exc.message}", secret)
+        code = classify_server_text(text, default="auth_failed")
+        message = f"SMTP login as {account.login_name} at {where} refused: {text}"
+        raise (AuthError if code in _AUTH_CODES else ServerError)(message, code=code) from exc
+
+
+async def signed_in(account: AccountSettings, open_with: Callable[[str], Awaitable[T]]) -> T:
+    """``open_with(secret)`` with the account's password, or for OAuth2 with its token (a
+    refused token is refreshed once and tried again on a new connection, as for IMAP)."""
+    if not account.auth.is_oauth:
+        return await open_with(account.auth.secret())
+    return await with_token_retry(account, open_with, "smtp")
+
+
+async def check_smtp(account: AccountSettings) -> None:
+    """Connect per ``account.smtp`` (implicit TLS, STARTTLS or plain), EHLO, log in, QUIT.
+
+    Raises :class:`AuthError` when the login is refused and :class:`ServerError` for anything
+    else (unreachable, timeout, TLS, a refusal before login). ``account.smtp`` must be set.
+    """
+    if account.smtp is None:
+        raise ValueError(f"account {account.name} has no smtp settings")
+    await signed_in(account, lambda secret: _check_smtp(account, secret))
+
+
+async def _check_smtp(account: AccountSettings, secret: str) -> None:
+    client, where = _client(account)
+    assert account.smtp is not None
+    try:
+        await _connect(client, account, where)
+        await login(client, account, where, secret)
+        log.info(
+            "smtp_login_ok", account=account.name, host=account.smtp.host, port=account.smtp.port
+        )
     except ServerError:
         raise
     except Exception as exc:
-        raise map_smtp_error(exc, where, smtp.timeout_seconds, password) from exc
+        raise map_smtp_error(exc, where, account.smtp.timeout_seconds, secret) from exc
     finally:
-        if client.is_connected:
-            try:
-                await client.quit()
-            except Exception:  # best effort: the check's result is already decided
-                client.close()
+        await _quit(client)
+
+
+async def _quit(client: aiosmtplib.SMTP) -> None:
+    if client.is_connected:
+        try:
+            await client.quit()
+        except Exception:  # best effort: what was to be done is decided already
+            client.close()
+
+
+class SendError(ServerError):
+    """The server answered MAIL FROM, RCPT TO or DATA with a refusal.
+
+    ``permanent`` is True for a 5xx reply (RFC 5321 section 4.2.1: do not repeat the same
+    request), False for 4xx. ``reply`` is the server's code and words, password scrubbed.
+    """
+
+    def __init__(self, message: str, *, reply: str, permanent: bool) -> None:
+        super().__init__(message, code="message_rejected" if permanent else "send_deferred")
+        self.reply = reply
+        self.permanent = permanent
+
+
+class SmtpSender:
+    """One logged-in SMTP connection of an account, reused for several messages.
+
+    ``await SmtpSender.open(account)``, then :meth:`send` per message, then :meth:`close`.
+    Errors are mapped at this boundary: :class:`SendError` for a refusal of the message,
+    :class:`ServerError` (``unreachable``, ``timeout``, ``connection_lost``, ``auth_failed`` ...)
+    for everything else. After any error the connection is closed; open a new one.
+    """
+
+    def __init__(self, account: AccountSettings, client: aiosmtplib.SMTP, where: str) -> None:
+        self.account = account
+        self._client = client
+        self._where = where
+        self._secret = ""
+
+    @classmethod
+    async def open(cls, account: AccountSettings) -> SmtpSender:
+        return await signed_in(account, lambda secret: cls._open(account, secret))
+
+    @classmethod
+    async def _open(cls, account: AccountSettings, secret: str) -> SmtpSender:
+        client, where = _client(account)
+        sender = cls(account, client, where)
+        assert account.smtp is not None
+        try:
+            await _connect(client, account, where)
+            await login(client, account, where, secret)
+            sender._secret = secret
+        except ServerError:
+            client.close()
+            raise
+        except Exception as exc:
+            client.close()
+            raise map_smtp_error(exc, where, account.smtp.timeout_seconds, secret) from exc
+        return sender
+
+    @property
+    def usable(self) -> bool:
+        return self._client.is_connected
+
+    async def send(self, raw: bytes, sender: str, recipients: Sequence[str]) -> dict[str, str]:
+        """MAIL FROM ``sender``, RCPT TO each of ``recipients``, DATA ``raw`` (sent as is:
+        ``message.as_bytes()``, so ids stay unfolded). Returns the recipients the server
+        refused while accepting others (address -> reply); raises :class:`SendError` when the
+        message or every recipient is refused."""
+        assert self.account.smtp is not None
+        try:
+            errors, _response = await self._client.sendmail(sender, list(recipients), raw)
+        except aiosmtplib.SMTPRecipientsRefused as exc:
+            replies = "; ".join(f"{r.recipient}: {r.code} {r.message}" for r in exc.recipients)
+            permanent = all(r.code >= 500 for r in exc.recipients)
+            await self.close()
+            raise self._refusal(replies, permanent) from exc
+        except aiosmtplib.SMTPResponseException as exc:
+            await self.close()
+            if 400 <= exc.code < 600:
+                reply = f"{exc.code} {exc.message}"
+                raise self._refusal(reply, exc.code >= 500) from exc
+            raise map_smtp_error(
+                exc, self._where, self.account.smtp.timeout_seconds, self._secret
+            ) from exc
+        except Exception as exc:
+            self._client.close()
+            raise map_smtp_error(
+                exc, self._where, self.account.smtp.timeout_seconds, self._secret
+            ) from exc
+        return {address: f"{reply.code} {reply.message}" for address, reply in errors.items()}
+
+    def _refusal(self, reply: str, permanent: bool) -> SendError:
+        reply = _scrub(" ".join(reply.split()), self._secret)
+        return SendError(f"{self._where} refused: {reply}", reply=reply, permanent=permanent)
+
+    async def close(self) -> None:
+        """QUIT (best effort) and close. Never raises."""
+        await _quit(self._client)
+
+
+async def _login_oauth(client: aiosmtplib.SMTP, account: AccountSettings, token: str) -> None:
+    """AUTH OAUTHBEARER (RFC 7628) where offered and wanted, else AUTH XOAUTH2, with the
+    initial response (RFC 4954 section 4). A 334 challenge is the server's JSON error: answer it
+    (%x01 for OAUTHBEARER, an empty line for XOAUTH2) to get the final reply."""
+    smtp = account.smtp
+    assert smtp is not None
+    assert smtp.port is not None
+    offered = {m.upper() for m in client.server_auth_methods}
+    wanted = account.auth.sasl
+    if wanted == "oauthbearer" or (wanted == "auto" and "OAUTHBEARER" in offered):
+        mechanism = b"OAUTHBEARER"
+        initial = sasl_oauthbearer(account.address, token, smtp.host, smtp.port)
+        answer = b"AQ=="
+    else:
+        mechanism = b"XOAUTH2"
+        initial = sasl_xoauth2(account.address, token)
+        answer = b""
+    response = await client.execute_command(b"AUTH", mechanism, initial.encode())
+    if response.code == 334:
+        detail = sasl_error_text(response.message)
+        response = await client.execute_command(answer)
+        if detail:
+            response = aiosmtplib.SMTPResponse(response.code, f"{response.message} ({detail})")
+    if response.code != 235:
+        raise aiosmtplib.SMTPAuthenticationError(response.code, response.message)
 
 
 def map_smtp_error(exc: BaseException, where: str, timeout: float, secret: str = "") -> ServerError:
     """An aiosmtplib/ssl/socket exception as a :class:`ServerError` with a catalogue code."""
     # aiosmtplib wraps the socket/TLS cause (SMTPConnectError from OSError): look at the chain.
-    for cause in _chain(exc):
+    for cause in exception_chain(exc):
         if isinstance(cause, ssl.SSLCertVerificationError):
             reason = cause.verify_message or cause.reason or "certificate verify failed"
             return ServerError(
@@ -129,15 +311,6 @@ def map_smtp_error(exc: BaseException, where: str, timeout: float, secret: str =
     if isinstance(exc, OSError):
         return ServerError(f"{where}: {exc.strerror or type(exc).__name__}", code="unreachable")
     return ServerError(f"{where}: unexpected {type(exc).__name__}", code="internal")
-
-
-def _chain(exc: BaseException) -> list[BaseException]:
-    seen: list[BaseException] = []
-    current: BaseException | None = exc
-    while current is not None and current not in seen:
-        seen.append(current)
-        current = current.__cause__ or current.__context__
-    return seen
 
 
 def _scrub(text: str, secret: str) -> str:

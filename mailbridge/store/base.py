@@ -92,6 +92,7 @@ class ImportResult:
     error_reason: str | None = None  # FAILED, IGNORED, DISCARDED: why; BOUNCE: what was matched
     delivery_errors: int = 0  # BOUNCE: rows written to conversationmessageerror
     delivery_errors_matched: int = 0  # BOUNCE: of those, rows tied to a stored message
+    traceback: str | None = None  # with error_code "internal": where the bug is, for the log
 
 
 @dataclass(frozen=True, slots=True)
@@ -107,6 +108,7 @@ class FailureInfo:
     from_address: str = ""
     date: datetime | None = None
     size: int = 0
+    traceback: str | None = None  # code "internal" only: logged, not stored
 
 
 @dataclass(frozen=True, slots=True)
@@ -253,6 +255,7 @@ class StoredRow:
     fingerprint: str | None
     conversation_id: int
     row_id: int
+    summary: tuple[str, str] | None = None  # (date, subject) of an imported row
 
 
 class ImportPrimitives(Protocol):
@@ -276,6 +279,10 @@ class ImportPrimitives(Protocol):
     def is_batch_error(self, exc: BaseException) -> bool:
         """True when ``exc`` concerns the database (locked, full, corrupt, the transaction
         lost) rather than one message's data: the batch then fails as a whole."""
+
+    def is_refusal(self, exc: BaseException) -> bool:
+        """True when ``exc`` is the database refusing one message's rows (a constraint, a value
+        it cannot store): ``import_failed``; any other exception is a bug (``internal``)."""
 
     # -- look-ups ------------------------------------------------------------------------------
 
@@ -375,7 +382,9 @@ class ImportPrimitives(Protocol):
 
 
 class Repository(Protocol):
-    """The database as mailbridge sees it. See the module docstring for the guarantees."""
+    """The database as mailbridge sees it. See the module docstring for the guarantees.
+    Sending's methods are :class:`mailbridge.store.outbox.OutboxRepository` (SQLite only for
+    now)."""
 
     def migrate(self) -> None:
         """Create or upgrade the schema. Idempotent."""

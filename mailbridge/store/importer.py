@@ -10,6 +10,7 @@ rows fail leaves no row and the others commit. Every decision is a function of
 
 from __future__ import annotations
 
+import traceback
 from collections.abc import Sequence
 from typing import Final
 
@@ -52,7 +53,7 @@ def import_items(
         message = item.message
         same_id = stored.setdefault(planner.identity_group(message), [])
         decision = planner.decide_key(
-            message, [StoredIdentity(row.key, row.fingerprint) for row in same_id]
+            message, [StoredIdentity(row.key, row.fingerprint, row.summary) for row in same_id]
         )
         if decision.duplicate:
             known = next(row for row in same_id if row.key == decision.key)
@@ -63,12 +64,12 @@ def import_items(
                 conversation_id=known.conversation_id,
                 message_row_id=known.row_id,
             )
-            settled.append(decision.key)
+            settled += planner.settled_keys(message, decision)
             continue
         result = _import_in_savepoint(db, context, item, now, decision)
         results[index] = result
         if result.outcome in (Outcome.DISCARDED, Outcome.BOUNCE):
-            settled.append(decision.key)  # dealt with for good: a failure is resolved
+            settled += planner.settled_keys(message, decision)  # dealt with for good
         if result.conversation_id is not None and result.message_row_id is not None:
             # Imported: a second copy later in the same batch is a duplicate of this one.
             same_id.append(
@@ -79,7 +80,7 @@ def import_items(
                     result.message_row_id,
                 )
             )
-            settled.append(decision.key)
+            settled += planner.settled_keys(message, decision)
     db.resolve_failures(account, settled, now)
     return [result for result in results if result is not None]
 
@@ -94,19 +95,29 @@ def _import_in_savepoint(
     """Import one message all-or-nothing under ``decision.key``."""
     db.savepoint()
     try:
-        written = _import_one(db, context, item, now, decision)
+        written = import_one(db, context, item, now, decision)
     except Exception as exc:
         if db.is_batch_error(exc):
             # The database itself failed (or rolled everything back): the batch fails as a
             # whole and the caller retries it.
             raise
         db.rollback()
+        # The database refusing this one message (a constraint, a value it cannot store) is
+        # import_failed; any other exception is a bug in mailbridge: internal, with its
+        # traceback for the log.
+        refused = db.is_refusal(exc)
+        reason = (
+            f"{type(exc).__name__}: {exc}"
+            if refused
+            else f"unexpected {type(exc).__name__} while importing: {exc}"
+        )
         return ImportResult(
             uid=item.uid,
             message_key=decision.key,
             outcome=Outcome.FAILED,
-            error_code="import_failed",
-            error_reason=f"{type(exc).__name__}: {exc}"[:_MAX_REASON],
+            error_code="import_failed" if refused else "internal",
+            error_reason=reason[:_MAX_REASON],
+            traceback=None if refused else traceback.format_exc(),
         )
     db.release()
     if isinstance(written, Routing):
@@ -160,19 +171,23 @@ def _route(
     )
 
 
-def _import_one(
+def import_one(
     db: ImportPrimitives,
     context: ImportContext,
     item: ImportItem,
     now: str,
     decision: KeyDecision,
+    *,
+    sent: Routing | None = None,
 ) -> tuple[int, int, bool] | Routing | ImportResult:
-    """Write one message; (conversation id, message row id, new conversation), the Routing
-    that says why it is not stored, or the result of a bounce (its delivery errors written)."""
+    """Write one message (inside the caller's savepoint or transaction); (conversation id,
+    message row id, new conversation), the Routing that says why it is not stored, or the
+    result of a bounce (its delivery errors written). ``sent``: mail mailbridge sent, routed
+    by :func:`mailbridge.core.planner.route_sent` instead of the threading rules."""
     account, message = context.account, item.message
     date = planner.timestamp_text(message.date)
     candidates = planner.candidates_of(message)
-    routing = _route(db, context, item, date, decision, candidates)
+    routing = sent or _route(db, context, item, date, decision, candidates)
     if routing.route is Route.BOUNCE and item.report is not None:
         written, matched = db.record_delivery_errors(account, message, item.report, now)
         return ImportResult(
@@ -187,7 +202,7 @@ def _import_one(
         return routing
     if routing.conversation_id is None:
         conversation_id = db.insert_conversation(
-            account, planner.new_conversation_values(message, context, date), now
+            account, planner.new_conversation_values(message, context, date, routing.new_key), now
         )
         latest = True
     else:

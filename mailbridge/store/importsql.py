@@ -47,6 +47,9 @@ class Cursor(Sql, Protocol):
     def is_batch_error(self, exc: BaseException) -> bool:
         """True when ``exc`` concerns the database rather than one message's data."""
 
+    def is_refusal(self, exc: BaseException) -> bool:
+        """True when ``exc`` is the database refusing one message's rows."""
+
 
 def chunks(values: Sequence[T], size: int = CHUNK) -> Iterator[Sequence[T]]:
     for start in range(0, len(values), size):
@@ -84,6 +87,9 @@ class SqlImport:
     def is_batch_error(self, exc: BaseException) -> bool:
         return self.sql.is_batch_error(exc)
 
+    def is_refusal(self, exc: BaseException) -> bool:
+        return self.sql.is_refusal(exc)
+
     # -- look-ups ------------------------------------------------------------------------------
 
     def stored_identities(
@@ -93,14 +99,26 @@ class SqlImport:
         for column, values in (("messageid", message_ids), ("messagekey", keys)):
             for chunk in chunks(values):
                 rows = self.sql.rows(
-                    f"SELECT {column} AS grp, messagekey, fingerprint, conversation, id"
+                    f"SELECT {column} AS grp, messagekey, fingerprint, conversation, id, date,"
+                    " subject, uid"
                     f" FROM conversationmessage WHERE account = ? AND {column} IN"
                     f" ({marks(len(chunk))})",
                     (account, *chunk),
                 )
                 for row in rows:
+                    # Only imported rows (uid set) hold what the parser read: an integrator's
+                    # or a sent row's date and subject need not match the copy coming back.
+                    summary = (
+                        (row["date"] or "", row["subject"] or "")
+                        if row["uid"] is not None
+                        else None
+                    )
                     found.setdefault(row["grp"], {})[row["id"]] = StoredRow(
-                        row["messagekey"], row["fingerprint"], row["conversation"], row["id"]
+                        row["messagekey"],
+                        row["fingerprint"],
+                        row["conversation"],
+                        row["id"],
+                        summary,
                     )
         return {group: [rows[i] for i in sorted(rows)] for group, rows in found.items()}
 
@@ -297,7 +315,7 @@ class SqlImport:
             (
                 conversation_id,
                 account,
-                uid,
+                uid or None,  # 0: sent by mailbridge, never in the Inbox
                 values.message_id,
                 values.key,
                 message_uniqueid(),

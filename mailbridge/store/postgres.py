@@ -148,6 +148,11 @@ class _PostgresSql:
             return not isinstance(exc, _MESSAGE_LEVEL_ERRORS)
         return isinstance(exc, OSError | StoreError)
 
+    def is_refusal(self, exc: BaseException) -> bool:
+        """The database refused the message's rows (a constraint, a value out of range): an
+        error of the message, not a bug in mailbridge."""
+        return isinstance(exc, psycopg.Error | OverflowError)
+
 
 class PostgresRepository(SqlRepository):
     """:class:`~mailbridge.store.base.Repository` on a PostgreSQL database. Thread-safe.

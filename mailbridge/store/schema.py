@@ -330,6 +330,90 @@ _V7: Final[tuple[str, ...]] = (
     """,
 )
 
+# Version 8 (issue 14): sending. ``outbox`` is the queue an integrator (or ``mailbridge
+# reply``/``send``) inserts into and the daemon sends from; ``outboxattachment`` its files (a
+# path the daemon can read, or the bytes); ``textsnippet`` reusable texts for ``reply
+# --snippet``. README.md "The outbox" documents every column, the states and the crash
+# guarantee.
+_V8: Final[tuple[str, ...]] = (
+    f"""
+    CREATE TABLE outbox (
+        id               INTEGER PRIMARY KEY,
+        account          TEXT NOT NULL,
+        conversation     INTEGER REFERENCES conversation (id) ON DELETE SET NULL,
+        toaddresses      TEXT NOT NULL DEFAULT '',
+        ccaddresses      TEXT NOT NULL DEFAULT '',
+        bccaddresses     TEXT NOT NULL DEFAULT '',
+        subject          TEXT,
+        bodyhtml         TEXT,
+        bodytext         TEXT,
+        coworker         TEXT NOT NULL DEFAULT '',
+        coworkeraddress  TEXT,
+        actions          TEXT,
+        automatic        INTEGER NOT NULL DEFAULT 0 CHECK (automatic IN (0, 1)),
+        state            TEXT NOT NULL DEFAULT 'queued'
+                         CHECK (state IN ('queued', 'sending', 'sent', 'failed', 'cancelled')),
+        attempts         INTEGER NOT NULL DEFAULT 0,
+        nextattempt      TEXT,
+        attemptstarted   TEXT,
+        lasterrorcode    TEXT,
+        lasterror        TEXT,
+        messageid        TEXT,
+        conversationkey  TEXT,
+        raw              BLOB,
+        conversationmessage INTEGER REFERENCES conversationmessage (id) ON DELETE SET NULL,
+        createdtime      TEXT NOT NULL DEFAULT {_NOW},
+        senttime         TEXT,
+        updatedtime      TEXT NOT NULL DEFAULT {_NOW}
+    )
+    """,
+    # The worker's question: what is due now (queued, next attempt passed or never set).
+    "CREATE INDEX outbox_state_nextattempt ON outbox (state, nextattempt)",
+    "CREATE INDEX outbox_conversation ON outbox (conversation)",
+    # A sender's automatic replies in the loop-protection window are counted from here.
+    "CREATE INDEX outbox_automatic ON outbox (account, automatic, createdtime) WHERE automatic = 1",
+    """
+    CREATE TABLE outboxattachment (
+        id          INTEGER PRIMARY KEY,
+        outbox      INTEGER NOT NULL REFERENCES outbox (id) ON DELETE CASCADE,
+        filename    TEXT NOT NULL DEFAULT '',
+        contenttype TEXT NOT NULL DEFAULT 'application/octet-stream',
+        path        TEXT,
+        document    BLOB,
+        CHECK (path IS NOT NULL OR document IS NOT NULL)
+    )
+    """,
+    "CREATE INDEX outboxattachment_outbox ON outboxattachment (outbox)",
+    # Personalised sending: one copy per recipient, each with its own Message-ID (kept on the
+    # recipient's messagefollower row once sent); senttime set as each copy is accepted.
+    """
+    CREATE TABLE outboxcopy (
+        id        INTEGER PRIMARY KEY,
+        outbox    INTEGER NOT NULL REFERENCES outbox (id) ON DELETE CASCADE,
+        recipient TEXT NOT NULL,
+        messageid TEXT NOT NULL,
+        raw       BLOB NOT NULL,
+        senttime  TEXT,
+        UNIQUE (outbox, recipient)
+    )
+    """,
+    f"""
+    CREATE TABLE textsnippet (
+        id          INTEGER PRIMARY KEY,
+        name        TEXT NOT NULL UNIQUE,
+        text        TEXT NOT NULL DEFAULT '',
+        description TEXT NOT NULL DEFAULT '',
+        type        TEXT NOT NULL DEFAULT 'text' CHECK (type IN ('text', 'html')),
+        status      TEXT NOT NULL DEFAULT 'active' CHECK (status IN ('active', 'inactive')),
+        language    TEXT,
+        pinned      INTEGER NOT NULL DEFAULT 0 CHECK (pinned IN (0, 1)),
+        count       INTEGER NOT NULL DEFAULT 0,
+        lastused    TEXT,
+        createdtime TEXT NOT NULL DEFAULT {_NOW}
+    )
+    """,
+)
+
 MIGRATIONS: Final[tuple[Migration, ...]] = (
     Migration(1, "conversations, messages, followers, files, import failures", _V1),
     Migration(2, "threadedby, per-recipient Message-ID and unread indexes", _V2),
@@ -338,6 +422,7 @@ MIGRATIONS: Final[tuple[Migration, ...]] = (
     Migration(5, "content fingerprint, parser defects, the replyto participation level", _V5),
     Migration(6, "automatic mail; delivery errors (bounces, complaints) per message follower", _V6),
     Migration(7, "leases of accounts for several daemons on one database", _V7),
+    Migration(8, "sending: outbox, its attachments and copies, text snippets", _V8),
 )
 
 # The version a fully migrated database reports in PRAGMA user_version.
@@ -356,6 +441,10 @@ TABLES: Final[tuple[str, ...]] = (
     "conversationmessageerror",
     "lease",
     "leaseholder",
+    "outbox",
+    "outboxattachment",
+    "outboxcopy",
+    "textsnippet",
 )
 
 # -- PostgreSQL -------------------------------------------------------------------------------

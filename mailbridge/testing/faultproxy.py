@@ -8,8 +8,9 @@ Usage::
         fired = proxy.inject(Fault("cut", on_client=b"UID FETCH", after_server_bytes=30_000))
         await fired.wait()          # the connection was cut 30 kB into the FETCH response
 
-Without a fault the proxy passes bytes through unchanged. :meth:`FaultProxy.inject` arms one
-:class:`Fault`; the first connection that meets its trigger consumes it, so a client that
+Without a fault the proxy passes bytes through unchanged, counting them (``server_bytes``: what
+the client received, e.g. to show a message was *not* downloaded). :meth:`FaultProxy.inject`
+arms one :class:`Fault`; the first connection that meets its trigger consumes it, so a client that
 reconnects afterwards gets a healthy connection (which is what "the loop recovers by itself"
 needs). The trigger is either a byte pattern seen client->server (``on_client``, e.g.
 ``b"UID FETCH"``, ``b"UID MOVE"``, ``b"IDLE"``) or, with ``on_client=None``, the start of the next
@@ -69,6 +70,7 @@ class FaultProxy:
         self.host = host
         self.port = 0
         self.connections = 0  # accepted so far
+        self.server_bytes = 0  # bytes forwarded server->client, all connections (what was fetched)
         self.events: list[str] = []  # what happened, for test diagnostics
         self._pending: Fault | None = None
         self._server: asyncio.Server | None = None
@@ -215,11 +217,13 @@ class FaultProxy:
                 if fault is not None and fault.delay <= 0:
                     allowed, pipe.budget = data[: pipe.budget], max(0, pipe.budget - len(data))
                     if allowed:
+                        self.server_bytes += len(allowed)
                         pipe.client_writer.write(allowed)
                         await pipe.client_writer.drain()
                     if len(allowed) < len(data) or pipe.budget == 0:
                         self._act(pipe)
                     continue
+                self.server_bytes += len(data)
                 pipe.client_writer.write(data)
                 await pipe.client_writer.drain()
         if not pipe.broken:

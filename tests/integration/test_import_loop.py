@@ -389,7 +389,7 @@ async def test_idle_is_reissued_before_its_timeout_on_the_same_connection(
     worker, task, repo = await run_worker(settings)
     worker.on_state = lambda state: states.append(state.state)
     try:
-        await eventually(lambda: states.count("idle") >= 4, within=15)
+        await eventually(lambda: states.count("idle") >= 4, within=60)
         dovecot.append(
             imap_user.login,
             imap_user.password,

@@ -816,10 +816,14 @@ def test_wrong_password_backs_off_long_and_recovers_on_sighup(
             mail("After the fix", to=imap_user.address).as_bytes(),
         )
         proc.send_signal(signal.SIGHUP)
-        lines.wait_for("config_reloaded", within=10)
-        lines.wait_for("account_backoff_ended", within=10)
-        lines.wait_for("message_imported", within=20)
-        assert len(dovecot.folder_uids(imap_user.login, imap_user.password, PROCESSED)) == 1
+        lines.wait_for("config_reloaded", within=30)
+        lines.wait_for("account_backoff_ended", within=30)
+        lines.wait_for("message_imported", within=60)
+        # Logged after the commit, before the MOVE: the server is polled.
+        deadline = time.monotonic() + 60
+        while len(dovecot.folder_uids(imap_user.login, imap_user.password, PROCESSED)) != 1:
+            assert time.monotonic() < deadline, "not moved to Processed within 60 s"
+            time.sleep(0.1)
 
         proc.send_signal(signal.SIGTERM)
         proc.wait(timeout=30)

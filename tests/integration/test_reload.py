@@ -178,7 +178,10 @@ async def test_reload_restarts_only_the_changed_account(
             await eventually(lambda: stored_subjects(tmp_path, "alpha") == ["For alpha"])
             await eventually(lambda: stored_subjects(tmp_path, "beta") == ["For beta"])
             await eventually(lambda: dovecot.folder_uids(beta.login, beta.password, "Beta Done"))
-            assert len(dovecot.folder_uids(alpha.login, alpha.password, PROCESSED)) == 1
+            # Moved after the commit: polled, as the row above may be seen before the MOVE.
+            await eventually(
+                lambda: len(dovecot.folder_uids(alpha.login, alpha.password, PROCESSED)) == 1
+            )
 
             # alpha removed, gamma added, beta as it is: beta's worker stays.
             beta_worker = supervisor.running["beta"].worker
@@ -430,7 +433,7 @@ async def test_a_slow_drain_during_reload_does_not_starve_the_watchdog(
         with structlog.testing.capture_logs() as logs:
             async with (
                 Datagrams(sock) as datagrams,
-                running(path, notifier=notifier, drain_seconds=2.0) as supervisor,
+                running(path, notifier=notifier, drain_seconds=4.0) as supervisor,
             ):
                 await idle(supervisor, "alpha")
                 await eventually(lambda: supervisor.states.get("slow"))
@@ -445,11 +448,13 @@ async def test_a_slow_drain_during_reload_does_not_starve_the_watchdog(
                 began = await datagrams.wait_for(b"RELOADING=1")
                 ended = await datagrams.wait_for(b"READY=1", after=began)
         assert events(logs, "drain_timeout_cancelling", task="account:slow")
-    assert ended - began >= 1.8  # the drain did wait for the stuck account
+    assert ended - began >= 3.8  # the drain did wait for the stuck account
     pings = [at for at in datagrams.times(b"WATCHDOG=1") if began <= at <= ended]
     marks = [began, *pings, ended]
     gaps = [later - earlier for earlier, later in itertools.pairwise(marks)]
-    assert max(gaps) < 0.6, gaps  # every 0.1 s; systemd would have given up after 0.2 s
+    # Every 0.1 s; a starved loop would show one gap as long as the drain (4 s). The bound is
+    # loose so that it holds on a loaded machine (two test suites side by side).
+    assert max(gaps) < 2.0, gaps
 
 
 async def test_run_for_chosen_accounts_stays_with_them_after_a_reload(

@@ -59,6 +59,16 @@ def jis(text: str) -> bytes:
         ("tis-620", "cp874"),
         ("iso-2022-jp", "iso2022-jp"),
         ("CP50221", "iso2022-jp"),
+        # A later tester's labels (issue 9 follow-up); these were unknown.
+        ("x-euc-jp", "euc-jp"),
+        ("x-windows-874", "cp874"),
+        ("utf8mb4", "utf-8"),
+        ("unicode", "utf-16"),
+        ("windows 1252", "cp1252"),
+        ("ISO 8859-2", "iso8859-2"),
+        ("utf-8 (text)", "utf-8"),
+        ("x-mac-roman", "mac-roman"),
+        ("ISO_8859-2:1987", "iso8859-2"),
         ("", None),
         ("x-unknown", None),
         ("unknown-8bit", None),
@@ -212,3 +222,17 @@ def test_decode_text_never_raises(data: bytes, label: str | None) -> None:
     text, defect = decode_text(data, label)
     assert isinstance(text, str)
     assert defect is None or defect.startswith("charset-")
+
+
+_MISLABELLED = "charset-mislabelled"
+
+
+@pytest.mark.parametrize(
+    ("label", "defect"),
+    [(None, None), ("utf-8", None), ("us-ascii", _MISLABELLED), ("iso-8859-1", _MISLABELLED)],
+)
+def test_utf8_byte_order_mark_is_no_text(label: str | None, defect: str | None) -> None:
+    """Was wrong: a UTF-8 BOM stayed in the text as U+FEFF; it means UTF-8 whatever the
+    label (WHATWG Encoding, BOM sniffing) and mail clients show nothing for it."""
+    assert decode_text(b"\xef\xbb\xbfH\xc3\xa9llo", label) == ("Héllo", defect)
+    assert decode_text(b"\xef\xbb\xbfHello", label)[0] == "Hello"

@@ -361,6 +361,7 @@ def test_an_automatic_reply_is_marked_for_other_robots() -> None:
     ours = compose(automatic=True)
     assert ours["Auto-Submitted"] == "auto-replied"
     assert ours["X-Auto-Response-Suppress"] == "All"
+    assert ours["Precedence"] == "auto_reply"
     # The parser keeps them where the importer's loop detection reads them.
     back = parsed(ours).auto_headers
     assert back["auto-submitted"] == "auto-replied"
@@ -371,6 +372,7 @@ def test_a_reply_a_person_wrote_has_no_automatic_markers() -> None:
     ours = compose(automatic=False)
     assert "Auto-Submitted" not in ours
     assert "X-Auto-Response-Suppress" not in ours
+    assert "Precedence" not in ours
     assert "auto-submitted" not in parsed(ours).auto_headers
 
 

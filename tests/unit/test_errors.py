@@ -18,6 +18,7 @@ from mailbridge.config import (
     ImapSettings,
     LimitSettings,
     LogSettings,
+    OutboxSettings,
     RecoverySettings,
     SmtpSettings,
 )
@@ -54,10 +55,11 @@ _SECTIONS: dict[str, type[BaseModel]] = {
     "recovery": RecoverySettings,
     "log": LogSettings,
     "cluster": ClusterSettings,
+    "outbox": OutboxSettings,
 }
 _KEY = re.compile(r"\b(" + "|".join(_SECTIONS) + r")\.([A-Za-z_]+)(?:(?: to|:) ([\w-]+))?")
 # What a remedy's command placeholders stand for when the command is parsed.
-_PLACEHOLDERS = {"ACCOUNT": "support", "UID": "7"}
+_PLACEHOLDERS = {"ACCOUNT": "support", "UID": "7", "ID": "3"}
 
 
 def _subcommands() -> dict[str, argparse.ArgumentParser]:
@@ -106,23 +108,27 @@ def test_the_key_check_catches_what_it_is_for() -> None:
     # The checks above are only as good as their patterns: they must see the old mistakes.
     assert _KEY.findall("switch auth.method to OAuth2.") == [("auth", "method", "OAuth2")]
     assert "OAuth2" not in typing.get_args(AuthSettings.model_fields["method"].annotation)
-    assert re.findall(r"\bmailbridge\s+([A-Za-z][\w-]*)", "Run 'mailbridge auth ACCOUNT'") == [
-        "auth"
+    assert re.findall(r"\bmailbridge\s+([A-Za-z][\w-]*)", "Run 'mailbridge auth2 ACCOUNT'") == [
+        "auth2"
     ]
-    assert "auth" not in _subcommands()
+    assert "auth2" not in _subcommands()
     assert _KEY.findall("set imap.verify_certificate: false") == [
         ("imap", "verify_certificate", "false")
     ]
 
 
-def test_oauth2_remedies_say_it_is_not_supported() -> None:
-    # Only password sign-in exists; a remedy that needs OAuth2 must say so and offer the way
-    # that works (an app password in auth.password_file).
-    assert typing.get_args(AuthSettings.model_fields["method"].annotation) == ("password",)
-    for code in ("app_password_required", "token_expired", "consent_missing"):
-        remedy = CATALOGUE[code].remedy
-        assert "OAuth2 sign-in is not supported yet" in remedy, code
-        assert "auth.password_file" in remedy, code
+def test_oauth2_remedies_name_the_way_back_in() -> None:
+    # OAuth2 sign-in exists: no remedy may still say it does not, and a lost sign-in is fixed
+    # with 'mailbridge auth ACCOUNT' (the command the remedy names is checked above).
+    methods = set(typing.get_args(AuthSettings.model_fields["method"].annotation))
+    assert methods == {"password", "microsoft", "google"}
+    for code, info in CATALOGUE.items():
+        assert "not supported yet" not in info.remedy, code
+    for code in ("token_expired", "app_password_required", "upn_mismatch"):
+        assert "'mailbridge auth ACCOUNT'" in CATALOGUE[code].remedy, code
+    assert "AADSTS7000215" in CATALOGUE["client_secret_invalid"].title
+    assert "Full Access" in CATALOGUE["mailbox_not_connected"].remedy
+    assert "Conditional Access" in CATALOGUE["mailbox_not_connected"].remedy
 
 
 def test_every_code_used_by_the_rules_exists() -> None:
@@ -179,9 +185,23 @@ REAL_RESPONSES: list[tuple[str, str]] = [
     # --- Exchange Online ---
     ("AUTHENTICATE failed.", "auth_failed"),
     ("LOGIN failed.", "auth_failed"),
-    ("User is authenticated but not connected.", "protocol_disabled"),
+    ("User is authenticated but not connected.", "mailbox_not_connected"),
+    ("NO User is authenticated but not connected.", "mailbox_not_connected"),
     ("535 5.7.139 Authentication unsuccessful, SmtpClientAuthentication is disabled for the "
-     "Tenant.", "protocol_disabled"),
+     "Tenant. Visit https://aka.ms/smtp_auth_disabled for more information.",
+     "smtp_auth_disabled"),
+    ("554 5.2.252 SendAsDenied; support@example.com not allowed to send as "
+     "sales@example.com; STOREDRV.Submission.Exception:"
+     "SendAsDeniedException.MapiExceptionSendAsDenied",
+     "send_as_denied"),
+    ("invalid_client: AADSTS7000215: Invalid client secret provided. Ensure the secret being sent "
+     "in the request is the client secret value, not the client secret ID, for a secret added to "
+     "app '6731de76-14a6-49ae-97bc-6eba6914391e'.", "client_secret_invalid"),
+    ("invalid_client: AADSTS7000222: The provided client secret keys for app "
+     "'6731de76-14a6-49ae-97bc-6eba6914391e' are expired. Visit the Azure portal to create new "
+     "keys for your app.", "client_secret_expired"),
+    ("Resource does not exist or one of its queried reference-property objects are not present.",
+     "upn_mismatch"),
     ("535 5.7.139 Authentication unsuccessful, user is locked by your organization's security "
      "defaults policy. Contact your administrator.", "protocol_disabled"),
     ("535 5.7.139 Authentication unsuccessful, the request did not meet the criteria to be "

@@ -76,6 +76,30 @@ def test_parse_id_list(value: str, expected: tuple[str, ...]) -> None:
     assert parse_id_list(value) == expected
 
 
+@pytest.mark.parametrize(
+    ("value", "expected"),
+    [
+        # A later tester's examples (issue 9 follow-up); all came out right.
+        ("<a@x.org>, <b@y.org>,<c@z.org>", ("a@x.org", "b@y.org", "c@z.org")),
+        ("<a@x.org>\r\n\t<b@y.org>\n <c@z.org>", ("a@x.org", "b@y.org", "c@z.org")),
+        ("<a@x.org> (Ann's message of Mon, 2 Jun 2025 09:00:00 +0200)", ("a@x.org",)),
+        ("<a@x.org> (message from Ann <ann@x.org> of 2 Jun)", ("a@x.org",)),
+        ('<a@x.org> from "Ann O\'Neil" at Jun 2, 25 9:00', ("a@x.org",)),
+        ("<a@x.org> from Ann O'Neil at Jun 2", ("a@x.org",)),
+        ('Your message of "Mon, 2 Jun" <a@x.org>', ("a@x.org",)),
+        ('<a@x.org> <b@y.org> (Ann\'s (nested) message of "Mon")', ("a@x.org", "b@y.org")),
+        ("<a@x.org>,,<b@y.org>; <a@x.org>", ("a@x.org", "b@y.org")),
+        ("<<a@x.org>>", ("a@x.org",)),
+        ("<1234.5678@[192.168.1.1]>", ("1234.5678@[192.168.1.1]",)),
+        ('<"a b"@x.org> <c@y.org>', ('"ab"@x.org', "c@y.org")),  # as its own id is normalised
+        ("root@x.org\r\n <parent@y.org>", ("root@x.org", "parent@y.org")),
+    ],
+)
+def test_more_id_lists(value: str, expected: tuple[str, ...]) -> None:
+    assert parse_id_list(value) == expected
+    assert all(normalize_message_id(f"<{i}>") == i for i in expected)
+
+
 def test_thread_candidates_order_dedup_and_own_id_excluded() -> None:
     msg = message(
         "own@x.org",

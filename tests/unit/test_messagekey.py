@@ -96,6 +96,30 @@ def test_any_trace_headers_keep_the_fingerprint(trace: list[tuple[str, str]]) ->
     assert content_fingerprint(raw(trace=lines)) == content_fingerprint(raw())
 
 
+def test_alerts_without_date_or_id_sent_twice_are_two_messages() -> None:
+    """Found by the issue 9 follow-up: a UPS or NAS re-sending one alert text without Date
+    and Message-ID got one fingerprint for every sending, so each later alert was dropped as
+    a duplicate. The oldest Received tells sendings apart; copies of one sending share it."""
+    alert = (
+        b"From: ups@ops.example\r\nTo: support@example.com\r\nSubject: On battery\r\n\r\nUPS1\r\n"
+    )
+
+    def sent(at: str, alias: str = "support@example.com") -> bytes:
+        first_hop = f"Received: from ups1 (192.0.2.9) by mx.example.com id {at}; {at}\r\n"
+        delivery = (
+            f"Received: by imap.example.com for <{alias}>; later\r\nDelivered-To: {alias}\r\n"
+        )
+        return (delivery + first_hop).encode() + alert
+
+    once, again = sent("09:00:01"), sent("10:00:01")
+    assert content_fingerprint(once) != content_fingerprint(again)
+    assert content_fingerprint(once) == content_fingerprint(sent("09:00:01", "help@example.com"))
+    assert content_fingerprint(once.replace(b"\r\n", b"\n")) == content_fingerprint(once)
+    # With a Date the author's own fields decide, as before: trace headers never count.
+    dated = raw(trace="Received: from a by b; 1\r\n")
+    assert content_fingerprint(dated) == content_fingerprint(raw(trace="Received: from c; 2\r\n"))
+
+
 # -- different messages under one id ----------------------------------------------------------
 
 
@@ -213,6 +237,19 @@ def test_a_free_bare_id_is_used_and_the_other_holder_named() -> None:
     stored = [StoredIdentity(derived_key(ID, FP_B), FP_B)]
     decision = decide_message_key(ID, ID, FP_C, stored)
     assert (decision.key, decision.reused) == (ID, derived_key(ID, FP_B))
+
+
+def test_a_row_without_a_fingerprint_that_says_otherwise_is_another_message() -> None:
+    """Found by the issue 9 follow-up: after an upgrade every new notice of a tracker whose id
+    a pre-upgrade row holds was a duplicate. The row's stored date and subject tell."""
+    old = StoredIdentity(ID, None, ("2025-06-25T06:00:00Z", "Your parcel 1111"))
+    same = ("2025-06-25T06:00:00Z", "Your parcel 1111")
+    assert decide_message_key(ID, ID, FP_B, [old], same).duplicate
+    other = decide_message_key(ID, ID, FP_B, [old], ("2025-07-03T14:30:00Z", "Your parcel 2222"))
+    assert (other.key, other.duplicate, other.reused) == (derived_key(ID, FP_B), False, ID)
+    # Nothing to compare (a row not imported by mailbridge, a caller without a summary).
+    assert decide_message_key(ID, ID, FP_B, [StoredIdentity(ID, None)], same).duplicate
+    assert decide_message_key(ID, ID, FP_B, [old]).duplicate
 
 
 def test_messages_without_an_id_are_keyed_by_fingerprint() -> None:

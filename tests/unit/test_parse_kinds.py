@@ -7,8 +7,10 @@ from __future__ import annotations
 
 import base64
 import binascii
+import quopri
 import re
 import struct
+import unicodedata
 import urllib.parse
 from datetime import UTC, datetime, timedelta
 
@@ -21,7 +23,7 @@ from mailbridge.core.model import ParsedMessage
 from mailbridge.core.parse import parse_message
 from mailbridge.daemon.account import _parse_batch
 from mailbridge.mail.imap import FetchedMessage
-from tests.unit.test_charset import MISLABELLED_SUPERSETS
+from tests.unit.test_charset import MISLABELLED_SUPERSETS, jis
 from tests.unit.test_parse_corpora import DOCUMENTED_DEFECTS as DOCUMENTED
 
 ARRIVAL = datetime(2025, 6, 2, 12, 0, tzinfo=UTC)
@@ -600,3 +602,388 @@ def test_clean_message_has_no_defects() -> None:
 )
 def test_repairs_are_recorded(raw: bytes, defect: str) -> None:
     assert defect in parse(raw).defects
+
+
+# --- further examples of each kind (the issue 9 follow-up: a later tester's mail) -----------
+# Each table keeps the examples that came out right as guards of their kind, and the ones that
+# came out wrong (marked "was wrong") as tests of the rule that fixed them.
+
+
+def _b64(text: bytes) -> str:
+    return base64.b64encode(text).decode()
+
+
+def _pct(text: bytes) -> str:
+    return "".join(f"%{byte:02X}" for byte in text)
+
+
+def _word(charset: str, text: str, codec: str) -> str:
+    """An RFC 2047 B-word of ``text`` written by ``codec`` under the label ``charset``."""
+    return f'attachment; filename="=?{charset}?B?{_b64(text.encode(codec))}?="'
+
+
+@pytest.mark.parametrize(
+    ("disposition", "expected"),
+    [
+        (
+            "attachment; filename*0*=iso-8859-1''R%E9sum%E9; filename*1*=%20final.doc",
+            "Résumé final.doc",
+        ),
+        (
+            "attachment; filename*1*=%20final.doc; filename*0*=utf-8''R%C3%A9sum%C3%A9",
+            "Résumé final.doc",
+        ),
+        ("attachment; filename*=gb2312''" + _pct("報告.pdf".encode("gbk")), "報告.pdf"),
+        ("attachment; filename*=shift_jis''" + _pct("①資料.xlsx".encode("cp932")), "①資料.xlsx"),
+        ("attachment; filename*=x-foo''%C3%A9t%C3%A9.pdf", "été.pdf"),
+        ('attachment; filename="=?iso-8859-1?Q?=C3=A9t=C3=A9.pdf?="', "été.pdf"),
+        (_word("ks_c_5601-1987", "견적서.pdf", "cp949"), "견적서.pdf"),
+        (_word("big5", "報價單.pdf", "big5hkscs"), "報價單.pdf"),
+        (_word("ISO-2022-JP", "見積書.pdf", "iso2022_jp"), "見積書.pdf"),
+        (
+            _word("ISO-2022-JP", "①見積書.pdf", "cp932"),
+            "①見積書.pdf",
+        ),  # Shift_JIS under a JIS label
+        ("attachment; filename==?UTF-8?Q?=C3=A9t=C3=A9_2025.pdf?=", "été 2025.pdf"),
+        # Was wrong: an encoded word whose "?=" the sender's client cut off stayed literal.
+        ('attachment; filename="=?UTF-8?Q?=C3=A9t=C3=A9.pdf"', "été.pdf"),
+        ('attachment; filename="=?UTF-8?Q?=E9t=E9.pdf?="', "été.pdf"),  # Latin-1 under UTF-8
+        ("attachment; filename*=\"UTF-8''Lo%CC%88sung.txt\"", "Lösung.txt"),
+    ],
+)
+def test_more_attachment_names(disposition: str, expected: str | None) -> None:
+    [name] = names(attachment(disposition))
+    if expected is None:  # any readable name: no U+FFFD, no escape characters
+        assert "\ufffd" not in name
+        assert "\x1b" not in name
+    else:
+        assert unicodedata.normalize("NFC", name) == expected
+
+
+def test_raw_8bit_name_in_the_parts_own_charset() -> None:
+    """Was wrong: a raw Windows-1251 name in a part labelled windows-1251 was read in the
+    message's first charset (UTF-8 here) and guessed as Latin-1 mojibake."""
+    name = "Отчёт за май.txt".encode("cp1251").decode("latin-1")
+    raw = multipart(
+        ("Content-Type: text/plain; charset=utf-8", "Привет".encode()),
+        (f'Content-Type: text/plain; charset=windows-1251; name="{name}"\n'
+         "Content-Disposition: attachment", "текст".encode("cp1251")),
+    )  # fmt: skip
+    assert names(raw) == ["Отчёт за май.txt"]
+
+
+def _body(data: bytes, content_type: str, encoding: str = "8bit") -> bytes:
+    return mail(
+        f"MIME-Version: 1.0\nContent-Type: {content_type}\nContent-Transfer-Encoding: {encoding}",
+        data,
+    )
+
+
+def _labelled(text: str, writer: str, label: str) -> bytes:
+    return _body(text.encode(writer), f"text/plain; charset={label}")
+
+
+_JP = "お世話になっております。山田です。\n見積書を送付します。"
+_JIS_EXTENDED = "№１ ㈱山田 ①②③ Ⅰ Ⅱ 髙橋 﨑 ∵ 〝引用〟"
+
+
+@pytest.mark.parametrize(
+    ("raw", "expected"),
+    [
+        pytest.param(
+            _body(
+                quopri.encodestring(_JP.encode("iso2022_jp")),
+                "text/plain; charset=us-ascii",
+                "quoted-printable",
+            ),
+            "見積書を送付",
+            id="jis-qp-us-ascii",
+        ),
+        pytest.param(
+            _body(base64.encodebytes(_JP.encode("iso2022_jp")), "text/plain", "base64"),
+            "見積書を送付",
+            id="jis-base64-unlabelled",
+        ),
+        pytest.param(
+            _body(b"\x1b$B%F%9%H\x1b(B \x1b(I23\x1b(B", "text/plain; charset=iso-2022-jp", "7bit"),
+            "テスト ｲｳ",
+            id="jis-half-width-kana",
+        ),
+        pytest.param(
+            _body(jis(_JIS_EXTENDED), "text/plain; charset=ISO-2022-JP", "7bit"),
+            _JIS_EXTENDED,
+            id="cp50221-nec-ibm",
+        ),
+        pytest.param(
+            _labelled("He said “hello” – ok… €5", "cp1252", "iso-8859-15"),
+            "“hello” – ok… €5",
+            id="1252-as-8859-15",
+        ),
+        pytest.param(
+            _labelled("Labdien – „Ąžuolas“", "cp1257", "iso-8859-13"),
+            "„Ąžuolas“",
+            id="1257-as-8859-13",
+        ),
+        pytest.param(
+            _labelled("Merhaba – “Günaydın” şğı", "cp1254", "iso-8859-9"),
+            "“Günaydın” şğı",
+            id="1254-as-8859-9",
+        ),
+        pytest.param(
+            _labelled("Καλημέρα – “Ά”", "cp1253", "iso-8859-7"),
+            "Καλημέρα – “Ά”",
+            id="1253-as-8859-7",
+        ),
+        pytest.param(
+            _labelled("欧元€ 𠀀 ᠠ", "gb18030", "GB2312"), "欧元€ 𠀀 ᠠ", id="gb2312-holding-gb18030"
+        ),
+        pytest.param(_labelled("價格 €100", "cp950", "big5"), "價格 €100", id="big5-cp950"),
+        pytest.param(_labelled("똠방각하", "cp949", "euc-kr"), "똠방각하", id="euc-kr-cp949"),
+        pytest.param(_labelled("①髙橋様", "cp932", "x-sjis"), "①髙橋様", id="x-sjis-cp932"),
+        pytest.param(
+            _labelled("見積書①", "cp932", "iso-2022-jp"), "見積書①", id="8bit-cp932-labelled-jis"
+        ),
+    ],
+)
+def test_more_body_charsets(raw: bytes, expected: str) -> None:
+    parsed = parse(raw)
+    assert expected in parsed.plain_text
+    assert "\ufffd" not in parsed.plain_text
+    assert "\x1b" not in parsed.plain_text
+
+
+def test_raw_windows_1251_display_name_read_in_the_message_charset() -> None:
+    name = "Иван Петров".encode("cp1251").decode("latin-1")
+    raw = mail(
+        f"MIME-Version: 1.0\nContent-Type: text/plain; charset=windows-1251\nFrom: {name} <i@x.ru>",
+        "Привет".encode("cp1251"),
+    )
+    parsed = parse(raw)
+    assert parsed.from_address is not None
+    assert parsed.from_address.name == "Иван Петров"
+
+
+def test_jis_html_parts_whatever_their_label() -> None:
+    html = f"<p>{_JP}</p>".encode("iso2022_jp")
+    for label in ("text/html", "text/html; charset=us-ascii"):
+        parsed = parse(_body(html, label, "7bit"))
+        assert "見積書を送付" in parsed.html
+        assert "\x1b" not in parsed.html
+
+
+_LINES = b"line one\r\nline two\r\nline three\r\nline four\r\nline five\r\n"
+_FOOTER = b"_______________\r\nList mailing list\r\nhttp://lists.example.org/"
+
+
+@pytest.mark.parametrize(
+    ("encoding", "payload", "expected", "defect"),
+    [
+        pytest.param(
+            "base64",
+            b"".join(base64.b64encode(line + b"\r\n") for line in _LINES.splitlines()),
+            _LINES,
+            "base64-padding-inside",
+            id="padded-chunks-one-line",
+        ),
+        # Was wrong: a footer a list or phone appended after an empty line became garbage.
+        pytest.param(
+            "base64",
+            base64.encodebytes(_LINES) + b"\r\n" + _FOOTER + b"\r\n",
+            _LINES + b"\r\n" + _FOOTER,
+            "base64-junk",
+            id="list-footer",
+        ),
+        pytest.param(
+            "base64",
+            base64.encodebytes(_LINES) + b"\r\nSent from my iPhone\r\n",
+            _LINES + b"\r\nSent from my iPhone",
+            "base64-junk",
+            id="phone-footer",
+        ),
+        # Was wrong: a comment in Content-Transfer-Encoding (RFC 5322 3.2.2) hid the mechanism.
+        pytest.param(
+            "base64 (attached file)", base64.encodebytes(_LINES), _LINES, None, id="cte-comment"
+        ),
+        pytest.param("Base-64", base64.encodebytes(_LINES), _LINES, None, id="cte-base-64"),
+        # Was wrong: RFC 2045 6.7 rule 3, white space a relay added after a soft line break.
+        pytest.param(
+            "quoted-printable",
+            b"line one\r\nline =  \r\ntwo=\t\r\n\r\n",
+            b"line one\r\nline two\r\n",
+            None,
+            id="qp-trailing-space",
+        ),
+    ],
+)
+def test_more_transfer_encodings(
+    encoding: str, payload: bytes, expected: bytes, defect: str | None
+) -> None:
+    parsed = parse(_body(payload, "text/plain; charset=us-ascii", encoding))
+    assert parsed.plain_text == expected.decode().replace("\r\n", "\n").strip("\n")
+    if defect is None:
+        assert "transfer-encoding-unknown" not in parsed.defects
+    else:
+        assert defect in parsed.defects
+
+
+def test_more_uuencode_in_text() -> None:
+    def uu(data: bytes, name: str, mode: str = "600") -> bytes:
+        lines = [f"begin {mode} {name}".encode()]
+        lines += [binascii.b2a_uu(data[i : i + 45]).rstrip(b"\n") for i in range(0, len(data), 45)]
+        return b"\r\n".join([*lines, b"`", b"end"]) + b"\r\n"
+
+    pdf = b"%PDF-1.4 " + bytes(100)
+    body = b"Hello,\r\nthe files:\r\n\r\n" + uu(PNG, "pic.png") + b"\r\nand:\r\n"
+    body += uu(pdf, "my notes.pdf", "0644") + b"\r\nRegards,\r\nBob\r\n"
+    parsed = parse(_body(quopri.encodestring(body), "text/plain", "quoted-printable"))
+    assert [(a.filename, a.content_type, a.data) for a in parsed.attachments] == [
+        ("pic.png", "image/png", PNG),
+        ("my notes.pdf", "application/pdf", pdf),
+    ]
+    assert parsed.plain_text == "Hello,\nthe files:\n\n\nand:\n\nRegards,\nBob"
+
+
+def _rel(html: str, content_id: str, data: bytes = PNG, head: str = "", subtype: str = "") -> bytes:
+    """HTML citing images, and one part with ``content_id`` (a Content-ID header value)."""
+    part = head or "Content-Type: image/png"
+    return multipart(
+        ("Content-Type: text/html; charset=utf-8", html.encode()),
+        (f"{part}\nContent-ID: {content_id}", data),
+        subtype=subtype or "related",
+    )
+
+
+_SCAN = 'Content-Type: application/octet-stream; name="SCAN.JPG"\nContent-Disposition: attachment'
+_OCTET = "Content-Type: application/octet-stream"
+
+
+@pytest.mark.parametrize(
+    ("raw", "inline", "dangling"),
+    [
+        pytest.param(
+            _rel('<img src="cid:i@apple">', "<i@apple>", head=_OCTET), True, False, id="octet"
+        ),
+        pytest.param(
+            _rel('<img src="cid:p1.A@scan">', "<p1.A@scan>", JPEG, _SCAN, "mixed"),
+            True,
+            False,
+            id="cited-attachment-in-mixed",
+        ),
+        pytest.param(
+            _rel('<img src="CID:Logo@Example">', "<logo@example>"), True, False, id="case"
+        ),
+        pytest.param(
+            _rel(
+                '<img src="cid:image001.png%4001D9E2A4.5B6C7D80">',
+                "<image001.png@01D9E2A4.5B6C7D80>",
+            ),
+            True,
+            False,
+            id="percent-encoded-at",
+        ),
+        pytest.param(_rel('<img src="cid:a&#64;x">', "<a@x>"), True, False, id="entity-at"),
+        pytest.param(_rel("<img src=cid:logo@x>", "logo@x"), True, False, id="unquoted-bare-id"),
+        # Were wrong: white space around the URL, a comment after the Content-ID, a space in
+        # the Content-ID cited as %20, an empty cid: left in the HTML.
+        pytest.param(_rel('<img src=" cid:a@x ">', "<a@x>"), True, False, id="spaces-around-url"),
+        pytest.param(_rel('<img src="cid:a@x">', "<a@x> (logo)"), True, False, id="id-comment"),
+        pytest.param(
+            _rel('<img src="cid:my%20logo@x">', "<my logo@x>"), True, False, id="id-space"
+        ),
+        pytest.param(_rel('<img src="cid:">', "<a@x>"), False, True, id="empty-cid"),
+        pytest.param(
+            _rel(
+                "<p>hi</p>",
+                "<sig@x>",
+                JPEG,
+                "Content-Type: image/jpeg\nContent-Disposition: inline",
+            ),
+            False,
+            False,
+            id="uncited-inline-disposition",
+        ),
+        pytest.param(
+            _rel("<p>hi</p>", "<f_abc>", PDF, "Content-Type: application/pdf; name=a.pdf"),
+            False,
+            False,
+            id="uncited-pdf",
+        ),
+        pytest.param(
+            _rel('<img src="cid:gone@x"><img src="cid:a@x">', "<a@x>"),
+            True,
+            True,
+            id="one-dangling",
+        ),
+    ],
+)
+def test_more_inline_or_attachment(raw: bytes, inline: bool, dangling: bool) -> None:
+    parsed = parse(raw)
+    assert (len(parsed.inline_images), len(parsed.attachments)) == ((1, 0) if inline else (0, 1))
+    resource = (parsed.inline_images or parsed.attachments)[0]
+    assert resource.content_type in {"image/png", "image/jpeg", "application/pdf"}
+    assert ("cid-dangling" in parsed.defects) is dangling
+    cited = set(re.findall(r'src="cid:([^"]*)"', parsed.html))
+    assert cited == {i.content_id for i in parsed.inline_images}
+
+
+_NONSTANDARD = "date-nonstandard"
+
+
+def _utc(day: int, hour: int, year: int = 2025, month: int = 6) -> datetime:
+    return datetime(year, month, day, hour, tzinfo=UTC)
+
+
+@pytest.mark.parametrize(
+    ("value", "expected", "defect"),
+    [
+        ("Sat, 3 Jan 98 10:00:00 EST", _utc(3, 15, 1998, 1), "date-obsolete-year"),
+        ("Monday, 02-Jun-25 09:00:00 GMT", _utc(2, 9), "date-obsolete-year"),
+        ("Mon, 2 Jun 70 09:00:00 +0000", _utc(2, 9, 1970), "date-obsolete-year"),
+        ("Mon, 2 Jun 49 09:00:00 +0000", ARRIVAL, "date-in-future"),
+        ("Mon, 2 Jun 2037 09:00:00 +0000", ARRIVAL, "date-in-future"),
+        ("Wed, 31 Dec 1969 23:59:59 +0000", ARRIVAL, "date-before-1970"),
+        ("Mon, 02 Jun 2025 25:00:00 +0000", ARRIVAL, "date-invalid"),
+        ("Mon, 02 Jun 2025 09:00:00 +0200 (CEST)", _utc(2, 7), None),
+        ("Mon, 02 Jun 2025 09:00:00 PDT", _utc(2, 16), None),
+        ("Mon Jun  2 09:00:00 2025", _utc(2, 9), None),
+        # Were wrong: zone names and offsets outside RFC 5322 were read as +0000, and a
+        # four-digit year below 100 as 20xx.
+        ("Mon, 02 Jun 2025 09:00:00 MEZ", _utc(2, 8), _NONSTANDARD),
+        ("Mon, 02 Jun 2025 09:00:00 CEST", _utc(2, 7), _NONSTANDARD),
+        ("Mon, 02 Jun 2025 09:00:00 BST", _utc(2, 8), _NONSTANDARD),
+        ("Mon, 02 Jun 2025 09:00:00 JST", _utc(2, 0), _NONSTANDARD),
+        ("Mon, 02 Jun 2025 09:00:00 GMT+0200", _utc(2, 7), _NONSTANDARD),
+        ("Mon, 02 Jun 2025 09:00:00 UTC-5", _utc(2, 14), _NONSTANDARD),
+        ("Mon, 02 Jun 2025 09:00:00 +02:00", _utc(2, 7), _NONSTANDARD),
+        ("Mon, 2 Jun 0025 09:00:00 +0000", ARRIVAL, "date-before-1970"),
+        ("Mon, 02 Jun 2025 09:00:00 +02", _utc(2, 7), _NONSTANDARD),  # was two minutes
+        ("Mon, 02 Jun 2025 09:00:00 CEST+0200", _utc(2, 7), _NONSTANDARD),
+        ("Mon, 02 Jun 2025 09:00:00 CEST (+0200)", _utc(2, 7), _NONSTANDARD),
+        # Unknown names stay -0000 (RFC 5322 4.3), and ambiguous ones are unknown.
+        ("Mon, 02 Jun 2025 09:00:00 IST", _utc(2, 9), None),
+        ("Mon, 02 Jun 2025 09:00:00 -0000", _utc(2, 9), None),
+    ],
+)
+def test_more_dates(value: str, expected: datetime, defect: str | None) -> None:
+    parsed = parse(_dated(value))
+    assert parsed.date == expected
+    if defect is None:
+        assert not [d for d in parsed.defects if d.startswith("date-")]
+    else:
+        assert defect in parsed.defects
+
+
+def test_a_second_part_under_a_cited_content_id_is_a_document() -> None:
+    """Was wrong: two parts under one Content-ID were both embedded files, though the HTML's
+    one reference shows only the first: the second was stored where no reader sees it."""
+    raw = multipart(
+        ("Content-Type: text/html; charset=utf-8", b'<img src="cid:logo@x">'),
+        ("Content-Type: image/png\nContent-ID: <logo@x>", PNG),
+        ("Content-Type: image/jpeg; name=photo.jpg\nContent-ID: <LOGO@x>", JPEG),
+        subtype="related",
+    )
+    parsed = parse(raw)
+    assert [i.content_type for i in parsed.inline_images] == ["image/png"]
+    assert [(a.filename, a.content_type) for a in parsed.attachments] == [
+        ("photo.jpg", "image/jpeg")
+    ]

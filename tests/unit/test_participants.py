@@ -127,3 +127,73 @@ def test_reached_address_prefers_delivery_and_recipients_over_from() -> None:
     assert reached_address(message("y@example.com", to=["ann@c.test"]), OWN) is None
     from_only = message("z@example.com", sender="help@example.com", to=["ann@c.test"])
     assert reached_address(from_only, OWN) == "help@example.com"
+
+
+def _form(head: str) -> bytes:
+    lines = ["Message-ID: <f@forms.example>", "Date: Mon, 02 Jun 2025 09:00:00 +0000", head]
+    return ("\r\n".join(lines) + "\r\nSubject: Contact form\r\n\r\nHello\r\n").encode()
+
+
+@pytest.mark.parametrize(
+    ("head", "outgoing", "answer_to"),
+    [
+        # A later tester's examples (issue 9 follow-up); all came out right.
+        (
+            'From: "Jane via Contact Form" <support@example.com>\r\nTo: support@example.com\r\n'
+            'Reply-To: "Doe, Jane" <jane@customer.example>',
+            False,
+            ["jane@customer.example"],
+        ),
+        (
+            "From: www-data\r\nTo: support@example.com\r\nReply-To: jane@customer.example",
+            False,
+            ["jane@customer.example"],
+        ),
+        (
+            "From: noreply@forms.example\r\nTo: support@example.com\r\n"
+            "Reply-To: jane@customer.example\r\nReply-To: John <john@customer.example>",
+            False,
+            ["jane@customer.example", "john@customer.example"],
+        ),
+        (
+            "From: noreply@forms.example\r\nTo: support@example.com\r\n"
+            "Reply-To: Team: jane@customer.example, john@customer.example;",
+            False,
+            ["jane@customer.example", "john@customer.example"],
+        ),
+        (
+            "From: support@example.com\r\nTo: undisclosed-recipients:;\r\n"
+            "Delivered-To: support@example.com\r\nReply-To: jane@customer.example",
+            False,
+            ["jane@customer.example"],
+        ),
+        (
+            "From: support+forms@example.com\r\nTo: support@example.com\r\n"
+            "Cc: help@example.com\r\nReply-To: =?utf-8?Q?J=C3=BCrgen?= <jurgen@customer.example>",
+            False,
+            ["jurgen@customer.example"],
+        ),
+        # Reply-To = the mailbox's plus-address: answers go to the customer who wrote.
+        (
+            "From: jane@customer.example\r\nTo: support@example.com\r\n"
+            "Reply-To: support+abc123@example.com",
+            False,
+            ["jane@customer.example"],
+        ),
+        # The account alone, Reply-To included: own mail, nobody to answer.
+        (
+            "From: support@example.com\r\nTo: support@example.com\r\n"
+            "Reply-To: SUPPORT+x@Example.com",
+            True,
+            [],
+        ),
+    ],
+)
+def test_more_reply_to_examples(head: str, outgoing: bool, answer_to: list[str]) -> None:
+    parsed = parse_message(_form(head))
+    assert is_outgoing(parsed, OWN) is outgoing
+    assert only_own_identity(parsed, OWN) is (not answer_to)
+    answers = reply_addresses(parsed.from_address, parsed.reply_to, OWN)
+    assert [a.email for a in answers] == answer_to
+    repliers = {a.email for a, level in parsed.participants() if level is Participation.REPLYTO}
+    assert set(answer_to) <= repliers | {a.email for a in answers}

@@ -9,7 +9,13 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from mailbridge.core.transfer import decode_base64, decode_uuencode, find_uuencoded
+from mailbridge.core.transfer import (
+    decode_base64,
+    decode_quoted_printable,
+    decode_uuencode,
+    find_uuencoded,
+    split_base64_trailer,
+)
 
 
 def uuencode(data: bytes, name: str = "file.bin", end: bool = True) -> bytes:
@@ -105,3 +111,55 @@ def test_uuencode_round_trips(data: bytes) -> None:
     if data:
         assert blocks[0].data == data
     assert decode_uuencode(uuencode(data))[0] == data
+
+
+@pytest.mark.parametrize(
+    ("data", "encoded", "trailer"),
+    [
+        # Text a list, gateway or phone appended after an empty line is not base64.
+        (b"QUJD\r\n\r\n-- \r\nsig\r\n", b"QUJD", b"-- \r\nsig"),
+        (b"QUJD\n\nSent from my iPhone\n", b"QUJD", b"Sent from my iPhone"),
+        (b"QUJD\r\n\r\n____\r\nList\r\n", b"QUJD", b"____\r\nList"),
+        # Chunks separated by empty lines stay data, as does a body without any.
+        (b"QQ==\r\n\r\nQg==\r\n", b"QQ==\r\n\r\nQg==\r\n", b""),
+        (b"QUJD\r\nREVG\r\n", b"QUJD\r\nREVG\r\n", b""),
+    ],
+)
+def test_base64_trailer_after_an_empty_line(data: bytes, encoded: bytes, trailer: bytes) -> None:
+    assert split_base64_trailer(data) == (encoded, trailer)
+    decoded, defects = decode_base64(data)
+    assert decoded == (b"ABC" if b"QUJD" in data else b"AB") + (b"DEF" if b"REVG" in data else b"")
+    assert ("base64-junk" in defects) is bool(trailer)
+
+
+@pytest.mark.parametrize(
+    ("data", "expected"),
+    [
+        (b"soft =  \r\nbreak", b"soft break"),  # RFC 2045 6.7 rule 3: transport added spaces
+        (b"soft =\t\nbreak\t\n", b"soft break\n"),
+        (b"kept=20\r\nspace", b"kept \r\nspace"),
+        (b"Gr=c3=bc=C3=9Fe", "Grüße".encode()),
+    ],
+)
+def test_quoted_printable_trailing_white_space(data: bytes, expected: bytes) -> None:
+    assert decode_quoted_printable(data) == expected
+
+
+def test_uuencode_m_base64_blocks_leave_the_text() -> None:
+    """Was wrong: POSIX 'uuencode -m' output (begin-base64 ... ====) stayed in the text."""
+    data = bytes(range(200))
+    block = b"begin-base64 600 data.bin\r\n" + base64.encodebytes(data).replace(b"\n", b"\r\n")
+    text = b"Hi,\r\n" + block + b"====\r\nbye\r\n"
+    rest, [found], defects = find_uuencoded(text)
+    assert (rest, found.filename, found.mode, found.data, defects) == (
+        b"Hi,\r\nbye\r\n",
+        "data.bin",
+        "600",
+        data,
+        [],
+    )
+    # Without its "====": what decoded, noted; prose after "begin-base64" stays text.
+    rest, [cut], defects = find_uuencoded(b"x\n" + block)
+    assert (rest, cut.data, defects) == (b"x\n", data, ["uuencode-truncated"])
+    prose = b"begin-base64 644 is how uuencode -m starts.\nThen lines.\n"
+    assert find_uuencoded(prose) == (prose, [], [])

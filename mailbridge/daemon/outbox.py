@@ -1,0 +1,908 @@
+"""The outbox worker: sends the ``outbox`` table's due rows over each account's SMTP.
+
+One task in the daemon (beside the account loops) and one pass in ``run --once``. Per row:
+
+1. **Fix the message** (first attempt only): compose it (:mod:`mailbridge.core.outbox`) and
+   store its Message-ID, conversation key and bytes on the row, committed. Every later attempt
+   sends those very bytes, so a retry is never a different mail. A row that cannot be composed
+   (no recipient, unknown conversation, unreadable attachment, invalid message actions, over
+   ``outbox.max_outgoing_size_mb``) fails at once with the reason.
+2. **Begin**: ``queued`` -> ``sending`` (attempts + 1, attemptstarted), committed before MAIL FROM.
+3. **Send** on the account's SMTP connection (kept open for the rest of the batch).
+4. **Sent**: right after the 250 to DATA one short transaction marks the row ``sent`` and stores
+   the message in its conversation. Then, with ``folders.sent`` and ``append_sent``, a copy is
+   APPENDed to the Sent folder. A refusal: 5xx fails the row; 4xx, a lost connection or a
+   timeout puts it back to ``queued`` for a retry with backoff, until ``outbox.max_age_hours``.
+
+**After a crash** (kill -9, power cut) between the end of DATA and step 4 the server may have
+the message while the row says ``sending``. At start-up every such row is resolved first: with
+``folders.sent`` set, the Sent folder is searched for its Message-ID (``UID SEARCH HEADER
+Message-ID``); found, the row is recorded as sent. Otherwise it is sent again, with the same
+Message-ID and bytes: **at-least-once**. The recipient may get a second copy with the same
+Message-ID, which clients that de-duplicate by Message-ID (Gmail) show once.
+
+**Pick-up** without a felt delay: the worker sleeps until the next row is due, and wakes when
+the database changes (SQLite's ``PRAGMA data_version``, read every 25 ms on its own
+connection: a read of shared memory, no disk I/O) or when a command that queued mail sends a
+datagram to the daemon's wake socket (:func:`notify_daemon`). A PostgreSQL backend would wait on
+``LISTEN`` instead; :class:`Watch` is the one place that knows.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import dataclasses
+import email.policy
+import hashlib
+import socket
+import sqlite3
+import time
+from collections import Counter
+from collections.abc import Awaitable, Callable, Sequence
+from dataclasses import dataclass
+from datetime import UTC, datetime, timedelta
+from email.message import EmailMessage
+from email.parser import BytesHeaderParser
+from email.utils import getaddresses, make_msgid
+from pathlib import Path
+
+import structlog
+
+from mailbridge.config import AccountSettings, Settings
+from mailbridge.core.html import html_to_text, text_to_html
+from mailbridge.core.identify import new_conversation_key, normalize_message_id
+from mailbridge.core.model import Address
+from mailbridge.core.outbox import (
+    MessageAction,
+    OutgoingFile,
+    address_of,
+    after_failure,
+    build_message,
+    check_actions,
+    envelope_recipients,
+    parse_actions,
+    recovered_state,
+    reply_subject,
+    sender_display_name,
+    split_addresses,
+)
+from mailbridge.core.parse import parse_message
+from mailbridge.core.templates import HistoryMessage, MergeData, has_codes, render, render_text
+from mailbridge.errors import MailbridgeError, ServerError, StoreError
+from mailbridge.mail.imap import ImapSession, quote
+from mailbridge.mail.smtp import SendError, SmtpSender
+from mailbridge.store.base import ImportContext
+from mailbridge.store.outbox import (
+    OutboxCopy,
+    OutboxFile,
+    OutboxFix,
+    OutboxRow,
+    ReplyContext,
+    SentRecord,
+    TemplateRecords,
+)
+from mailbridge.store.sqlite import AsyncRepository
+
+log = structlog.get_logger("mailbridge.outbox")
+
+# How often the database's change counter is read while waiting: a read of SQLite's shared
+# memory (microseconds), so 40 a second cost nothing measurable and keep an integrator's INSERT
+# from waiting (scripts/bench: insert -> end of DATA).
+DATA_VERSION_SECONDS = 0.025
+# The longest sleep without looking at the table (a row whose next attempt an integrator
+# moved forward by hand is seen within this, or at once when the database changes).
+MAX_SLEEP_SECONDS = 60.0
+BATCH_SIZE = 50
+# Rows composed, marked sending and sent together; the next chunk is composed meanwhile.
+PIPELINE_CHUNK = 10
+
+
+class InvalidRowError(Exception):
+    """The row cannot be sent as written; the message is the reason (code outbox_invalid)."""
+
+    def __init__(self, reason: str, code: str = "outbox_invalid") -> None:
+        super().__init__(reason)
+        self.code = code
+
+
+def wake_address(database: Path) -> str:
+    """The daemon's wake socket: an abstract Unix datagram address (Linux) named after the
+    database file, so a command finds the daemon serving the same database. Abstract names
+    need no file (no path-length limit, nothing left behind); a datagram only makes the worker
+    look at the table, so no permission is needed to send one."""
+    digest = hashlib.sha256(str(database.resolve()).encode()).hexdigest()[:32]
+    return f"\0mailbridge-outbox-{digest}"
+
+
+def notify_daemon(database: Path) -> bool:
+    """Tell a running daemon that mail was queued; False when none listens (it still finds
+    the row within DATA_VERSION_SECONDS)."""
+    try:
+        with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM) as sock:
+            sock.sendto(b"outbox", wake_address(database))
+    except OSError:
+        return False
+    return True
+
+
+class Watch:
+    """Waits for news of the outbox: a database change, a wake datagram, or :meth:`wake`."""
+
+    def __init__(self, database: Path) -> None:
+        self.database = database
+        self._event = asyncio.Event()
+        self._conn: sqlite3.Connection | None = None
+        self._version: int | None = None
+        self._socket: socket.socket | None = None
+
+    def open(self) -> None:
+        try:
+            self._conn = sqlite3.connect(self.database, isolation_level=None)
+            self._version = self._data_version()
+        except sqlite3.Error as exc:
+            log.warning("outbox_watch_unavailable", error=str(exc))
+            self._conn = None
+        sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+        try:
+            sock.bind(wake_address(self.database))
+        except OSError as exc:  # another daemon on this database holds it
+            sock.close()
+            log.info("outbox_wake_socket_unavailable", error=str(exc))
+            return
+        sock.setblocking(False)
+        asyncio.get_running_loop().add_reader(sock.fileno(), self._on_datagram)
+        self._socket = sock
+
+    def close(self) -> None:
+        if self._socket is not None:
+            with contextlib.suppress(Exception):
+                asyncio.get_running_loop().remove_reader(self._socket.fileno())
+            self._socket.close()
+            self._socket = None
+        if self._conn is not None:
+            self._conn.close()
+            self._conn = None
+
+    def wake(self) -> None:
+        self._event.set()
+
+    def _on_datagram(self) -> None:
+        assert self._socket is not None
+        with contextlib.suppress(OSError):
+            while self._socket.recv(64):
+                pass
+        self._event.set()
+
+    def _data_version(self) -> int | None:
+        if self._conn is None:
+            return None
+        # Changes whenever another connection commits (https://sqlite.org/pragma.html#pragma_data_version).
+        return int(self._conn.execute("PRAGMA data_version").fetchone()[0])
+
+    def _changed(self) -> bool:
+        try:
+            version = self._data_version()
+        except sqlite3.Error:
+            return False
+        changed = version != self._version
+        self._version = version
+        return changed
+
+    async def wait(self, seconds: float, stopping: asyncio.Event) -> None:
+        """Return after ``seconds``, on news, or when ``stopping`` is set."""
+        deadline = time.monotonic() + max(seconds, 0.0)
+        while not stopping.is_set():
+            if self._event.is_set():
+                self._event.clear()
+                return
+            if self._changed():
+                return
+            left = deadline - time.monotonic()
+            if left <= 0:
+                return
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._event.wait(), min(left, DATA_VERSION_SECONDS))
+
+
+@dataclass
+class OutboxSummary:
+    """What a pass of the worker did."""
+
+    sent: int = 0
+    retrying: int = 0
+    failed: int = 0
+    codes: Counter[str] = dataclasses.field(default_factory=Counter)
+
+    def line(self) -> str:
+        why = ", ".join(f"{code} ×{n}" for code, n in sorted(self.codes.items()))
+        return f"outbox: sent {self.sent}, retrying {self.retrying}, failed {self.failed}" + (
+            f" ({why})" if why else ""
+        )
+
+
+@dataclass(frozen=True, slots=True)
+class _Prepared:
+    raw: bytes
+    recipients: list[str]
+    actions: list[MessageAction]
+    # Personalised sending: (recipient, bytes) of each copy the server has not accepted yet.
+    copies: list[tuple[str, bytes]]
+    personal: bool
+    fix: OutboxFix | None  # the message to fix at the first attempt
+
+
+class OutboxWorker:
+    """Sends due outbox rows; ``run()`` in the daemon, ``run_once()`` for ``run --once``.
+
+    ``settings`` may be a callable returning the current settings (the supervisor's, which a
+    reload replaces); accounts without ``smtp`` are not served (their rows wait).
+    """
+
+    def __init__(
+        self,
+        settings: Settings | Callable[[], Settings],
+        repo: AsyncRepository,
+        *,
+        stopping: asyncio.Event | None = None,
+        only: frozenset[str] | None = None,
+    ) -> None:
+        self._settings = settings if callable(settings) else (lambda: settings)
+        self.repo = repo
+        self.stopping = stopping or asyncio.Event()
+        self.only = only
+        self.watch: Watch | None = None
+        # Account -> monotonic time before which it is not tried (after a connection failure).
+        self._paused: dict[str, float] = {}
+        self._failures: Counter[str] = Counter()
+
+    @property
+    def settings(self) -> Settings:
+        return self._settings()
+
+    def accounts(self) -> dict[str, AccountSettings]:
+        return {
+            a.name: a
+            for a in self.settings.accounts
+            if a.enabled and a.smtp is not None and (self.only is None or a.name in self.only)
+        }
+
+    def wake(self) -> None:
+        if self.watch is not None:
+            self.watch.wake()
+
+    # -- loops --------------------------------------------------------------------------------
+
+    async def run(self) -> None:
+        """Until ``stopping``: resolve rows left ``sending``, then send what is due, sleeping
+        until the next row is due or news arrives."""
+        self.watch = Watch(self.settings.outbox_database())
+        self.watch.open()
+        try:
+            recover = True
+            while not self.stopping.is_set():
+                if recover:
+                    recover = not await self._guarded(self.recover())
+                # A round that failed (the database refused a write) may leave rows marked
+                # sending: between rounds nothing is in flight, so they are resolved as after a
+                # crash before the next round (one worker per database; leases come with
+                # PostgreSQL).
+                recover = not await self._guarded(self.send_due()) or recover
+                await self.watch.wait(await self._sleep_seconds(), self.stopping)
+        finally:
+            self.watch.close()
+
+    async def run_once(self) -> OutboxSummary:
+        """Resolve rows left ``sending``, then send every row due now (``run --once``)."""
+        summary = OutboxSummary()
+        await self.recover(summary)
+        await self.send_due(summary)
+        return summary
+
+    async def _guarded(self, work: Awaitable[object]) -> bool:
+        """Run ``work``; False (logged, after a 5 s pause) when it failed."""
+        try:
+            await work
+        except asyncio.CancelledError:
+            raise
+        except StoreError as exc:
+            log.warning("outbox_store_error", code=exc.code, error=str(exc), remedy=exc.remedy)
+        except Exception:  # a bug must not end sending for good; the daemon goes on
+            log.exception("outbox_worker_crashed")
+        else:
+            return True
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(self.stopping.wait(), 5)
+        return False
+
+    async def _sleep_seconds(self) -> float:
+        names = [n for n in self.accounts() if not self._is_paused(n)]
+        sleep = MAX_SLEEP_SECONDS
+        due = await self.repo.outbox_next_due(names)
+        if due is not None:
+            sleep = min(sleep, (due - datetime.now(UTC)).total_seconds())
+        now = time.monotonic()
+        for until in self._paused.values():
+            if until > now:
+                sleep = min(sleep, until - now)
+        return max(sleep, 0.0)
+
+    def _is_paused(self, account: str) -> bool:
+        return self._paused.get(account, 0.0) > time.monotonic()
+
+    # -- crash recovery -----------------------------------------------------------------------
+
+    async def recover(self, summary: OutboxSummary | None = None) -> None:
+        """Resolve rows a previous process left in ``sending`` (see the module docstring)."""
+        summary = summary if summary is not None else OutboxSummary()
+        accounts = self.accounts()
+        for row in await self.repo.outbox_in_flight(list(accounts)):
+            account = accounts[row.account]
+            found: bool | None = None
+            # Personalised copies are recorded one by one: the unsent ones are sent again.
+            if (
+                account.folders.sent is not None
+                and row.message_id
+                and row.raw is not None
+                and not row.copies
+            ):
+                found = await self._in_sent_folder(account, row.message_id)
+            outcome = recovered_state(found) if row.raw is not None else "queued"
+            log.warning(
+                "outbox_interrupted_attempt",
+                account=row.account,
+                outbox=row.id,
+                message_id=row.message_id,
+                found_in_sent=found,
+                outcome="recorded as sent" if outcome == "sent" else "sent again, same Message-ID",
+            )
+            if outcome == "sent" and row.raw is not None:
+                await self._record_sent(account, [(row, row.raw, ())], summary, append=False)
+            else:
+                await self.repo.outbox_failed_attempt(
+                    row.id,
+                    state="queued",
+                    next_attempt=None,
+                    code="connection_lost",
+                    error="the daemon stopped during this attempt; sent again with the same "
+                    "Message-ID",
+                    now=datetime.now(UTC),
+                )
+
+    async def _in_sent_folder(self, account: AccountSettings, message_id: str) -> bool | None:
+        """Whether the Sent folder holds ``message_id``; None when it cannot be told."""
+        assert account.folders.sent is not None
+        try:
+            session = await ImapSession.open(account)
+        except MailbridgeError as exc:
+            log.warning("outbox_sent_folder_unreadable", account=account.name, code=exc.code)
+            return None
+        try:
+            await session.select(account.folders.sent)
+            uids = await session.search("HEADER", "Message-ID", quote(f"<{message_id}>"))
+            return bool(uids)
+        except MailbridgeError as exc:
+            log.warning("outbox_sent_folder_unreadable", account=account.name, code=exc.code)
+            return None
+        finally:
+            await session.close()
+
+    # -- sending ------------------------------------------------------------------------------
+
+    async def send_due(self, summary: OutboxSummary | None = None) -> OutboxSummary:
+        """Send every due row of the served accounts (batch by batch, until none is due)."""
+        summary = summary if summary is not None else OutboxSummary()
+        tried: set[int] = set()
+        while not self.stopping.is_set():
+            accounts = self.accounts()
+            names = [n for n in accounts if not self._is_paused(n)]
+            rows = [
+                r
+                for r in await self.repo.outbox_due(names, datetime.now(UTC), BATCH_SIZE)
+                if r.id not in tried
+            ]
+            if not rows:
+                return summary
+            tried.update(r.id for r in rows)
+            by_account: dict[str, list[OutboxRow]] = {}
+            for row in rows:
+                by_account.setdefault(row.account, []).append(row)
+            await asyncio.gather(
+                *(self._send_account(accounts[n], rs, summary) for n, rs in by_account.items())
+            )
+        return summary
+
+    async def _send_account(
+        self, account: AccountSettings, rows: Sequence[OutboxRow], summary: OutboxSummary
+    ) -> None:
+        """Send ``rows`` on one connection, in chunks: each chunk is composed (on a thread,
+        while the previous chunk is being sent), marked ``sending`` in one transaction, then
+        sent message by message; accepted rows are recorded by group commit."""
+        chunks = [rows[i : i + PIPELINE_CHUNK] for i in range(0, len(rows), PIPELINE_CHUNK)]
+        recorder = _SentRecorder(self, account, summary)
+        sender: SmtpSender | None = None
+        ahead = asyncio.ensure_future(self._prepare_chunk(account, chunks[0], summary))
+        try:
+            for number, _chunk in enumerate(chunks):
+                ready = await ahead
+                if number + 1 < len(chunks):
+                    ahead = asyncio.ensure_future(
+                        self._prepare_chunk(account, chunks[number + 1], summary)
+                    )
+                if not ready:
+                    continue
+                began = await self.repo.outbox_begin(
+                    [(row.id, prepared.fix) for row, prepared in ready], datetime.now(UTC)
+                )
+                # Cancelled (or fixed by another attempt) meanwhile: left for the next round.
+                ready = [(row, prepared) for row, prepared in ready if row.id in began]
+                sender, go_on = await self._send_chunk(account, ready, sender, recorder, summary)
+                if not go_on:
+                    break
+        finally:
+            if not ahead.done():
+                ahead.cancel()
+            with contextlib.suppress(asyncio.CancelledError, Exception):
+                await ahead  # composed, never marked sending: still queued, nothing to undo
+            try:
+                await recorder.flush()
+            finally:
+                if sender is not None:
+                    await sender.close()
+
+    async def _prepare_chunk(
+        self, account: AccountSettings, rows: Sequence[OutboxRow], summary: OutboxSummary
+    ) -> list[tuple[OutboxRow, _Prepared]]:
+        ready: list[tuple[OutboxRow, _Prepared]] = []
+        for row in rows:
+            try:
+                ready.append((row, await self._prepare(account, row)))
+            except InvalidRowError as exc:
+                await self._failed(row, exc.code, str(exc), permanent=True, summary=summary)
+        return ready
+
+    async def _send_chunk(
+        self,
+        account: AccountSettings,
+        ready: Sequence[tuple[OutboxRow, _Prepared]],
+        sender: SmtpSender | None,
+        recorder: _SentRecorder,
+        summary: OutboxSummary,
+    ) -> tuple[SmtpSender | None, bool]:
+        """Send rows already marked ``sending``; (the connection, whether to go on)."""
+        for index, (row, prepared) in enumerate(ready):
+            if self.stopping.is_set():
+                await self._release([r for r, _p in ready[index:]], "the daemon is stopping")
+                return sender, False
+            try:
+                if sender is None or not sender.usable:
+                    sender = await SmtpSender.open(account)
+                refused = await self._send(sender, account, row, prepared)
+            except SendError as exc:
+                await self._failed(
+                    row, exc.code, exc.reply, permanent=exc.permanent, summary=summary
+                )
+                continue
+            except ServerError as exc:
+                await self._failed(row, exc.code, str(exc), permanent=False, summary=summary)
+                # The server is the problem, not the row: the account's other rows wait.
+                self._pause(account.name)
+                await self._release([r for r, _p in ready[index + 1 :]], str(exc))
+                return None, False
+            self._failures.pop(account.name, None)
+            if refused:
+                log.warning(
+                    "outbox_recipients_refused", account=account.name, outbox=row.id,
+                    refused=refused,
+                )  # fmt: skip
+            recorder.add(row, prepared.raw, prepared.actions)
+        return sender, True
+
+    def _pause(self, account: str) -> None:
+        self._failures[account] += 1
+        outbox = self.settings.outbox
+        delay = min(
+            outbox.max_retry_seconds,
+            outbox.first_retry_seconds * 2 ** min(self._failures[account] - 1, 10),
+        )
+        self._paused[account] = time.monotonic() + delay
+
+    async def _release(self, rows: Sequence[OutboxRow], why: str) -> None:
+        """Rows marked ``sending`` but not attempted: back to ``queued``, due at once (the
+        account's pause, if any, holds them)."""
+        for row in rows:
+            await self.repo.outbox_failed_attempt(
+                row.id,
+                state="queued",
+                next_attempt=None,
+                code="connection_lost",
+                error=f"not attempted: {why}",
+                now=datetime.now(UTC),
+            )
+
+    async def _failed(
+        self, row: OutboxRow, code: str, error: str, *, permanent: bool, summary: OutboxSummary
+    ) -> None:
+        now = datetime.now(UTC)
+        outbox = self.settings.outbox
+        decision = after_failure(
+            code=code,
+            permanent=permanent,
+            attempts=max(row.attempts + 1, 1),
+            created=row.created,
+            now=now,
+            max_age=timedelta(hours=outbox.max_age_hours),
+            first_retry=outbox.first_retry_seconds,
+            max_retry=outbox.max_retry_seconds,
+        )
+        await self.repo.outbox_failed_attempt(
+            row.id,
+            state=decision.state,
+            next_attempt=decision.next_attempt,
+            code=decision.code,
+            error=error,
+            now=now,
+        )
+        summary.codes[decision.code] += 1
+        if decision.state == "failed":
+            summary.failed += 1
+            log.error(
+                "outbox_failed", account=row.account, outbox=row.id, code=decision.code,
+                error=error,
+            )  # fmt: skip
+        else:
+            summary.retrying += 1
+            log.warning(
+                "outbox_retry_later", account=row.account, outbox=row.id, code=decision.code,
+                error=error, next_attempt=decision.next_attempt.isoformat()
+                if decision.next_attempt else None,
+            )  # fmt: skip
+
+    async def _prepare(self, account: AccountSettings, row: OutboxRow) -> _Prepared:
+        """The row's fixed bytes and envelope; composed and fixed on its first attempt."""
+        actions = self._actions(row)
+        context = None
+        if row.conversation_id is not None:
+            context = await self.repo.reply_context(row.conversation_id)
+            if context is None or context.account != row.account:
+                raise InvalidRowError(
+                    f"conversation {row.conversation_id} does not exist"
+                    if context is None
+                    else f"conversation {row.conversation_id} belongs to account "
+                    f"{context.account!r}, not {row.account!r}"
+                )
+            problem = check_actions(actions, context.parent_columns)
+            if problem:
+                raise InvalidRowError(problem)
+        elif actions:
+            # A new conversation gets a record in each conversation parent table of the
+            # account when it is stored, the same transaction that applies the actions.
+            tables = [
+                p.table for p in self.settings.conversation_parents if p.applies_to(account.name)
+            ]
+            problem = check_actions(actions, await self.repo.table_columns(tables))
+            if problem:
+                raise InvalidRowError(problem)
+        fix: OutboxFix | None = None
+        if row.raw is None:
+            fix = await self._compose(account, row, context)
+            raw, fixed_copies = fix.raw, list(fix.copies)
+        else:
+            raw = row.raw
+            fixed_copies = await self.repo.outbox_copies(row.id) if row.copies else []
+        bcc = split_addresses(row.bcc)
+        message = parse_for_envelope(raw)
+        recipients = envelope_recipients(message, bcc)
+        if not recipients:
+            raise InvalidRowError(
+                "no recipient left (the account's own addresses are never sent to)"
+            )
+        copies = [(c.recipient, c.raw) for c in fixed_copies if not c.sent]
+        return _Prepared(raw, recipients, actions, copies, bool(fixed_copies), fix)
+
+    async def _send(
+        self, sender: SmtpSender, account: AccountSettings, row: OutboxRow, prepared: _Prepared
+    ) -> dict[str, str]:
+        """One message for all recipients, or each personalised copy to its recipient (each
+        recorded as accepted at once, so a retry sends only the rest)."""
+        if not prepared.personal:
+            return await sender.send(prepared.raw, account.address, prepared.recipients)
+        refused: dict[str, str] = {}
+        for recipient, raw in prepared.copies:
+            refused.update(await sender.send(raw, account.address, [recipient]))
+            await self.repo.outbox_copy_sent(row.id, recipient, datetime.now(UTC))
+        return refused
+
+    @staticmethod
+    def _actions(row: OutboxRow) -> list[MessageAction]:
+        try:
+            return parse_actions(row.actions)
+        except ValueError as exc:
+            raise InvalidRowError(str(exc)) from exc
+
+    async def _compose(
+        self, account: AccountSettings, row: OutboxRow, context: ReplyContext | None
+    ) -> OutboxFix:
+        """The row's message, to be fixed by :meth:`outbox_begin` before its first attempt."""
+        settings = self.settings
+        own = account.own_addresses()
+        to, cc = split_addresses(row.to), split_addresses(row.cc)
+        address = account.address
+        parent: dict[str, object] = {}
+        if context is not None:
+            key = context.key
+            subject = row.subject or reply_subject(context.subject)
+            if not to and not cc:
+                to = list(context.reply_to)
+                cc = [f"{n} <{e}>" if n else e for e, n in context.followers]
+            if context.own_email and context.own_email in own:
+                address = context.own_email  # answer from the alias the customer wrote to
+            parent = {
+                "parent_message_id": context.parent_message_id,
+                "parent_references": context.parent_references,
+                "parent_in_reply_to": context.parent_in_reply_to,
+            }
+        else:
+            key = new_conversation_key()
+            subject = row.subject or ""
+        stored = await self.repo.outbox_files(row.id) if row.files else []
+        files = [await self._read_file(f) for f in stored]
+        display_name = sender_display_name(
+            account.display_name, row.coworker, personalized=account.personalized_emails
+        )
+        templated = (
+            account.template_file is not None
+            or bool(account.signature)
+            or has_codes(row.body_html)
+            or has_codes(row.body_text)
+        )
+        limit = settings.outbox.max_outgoing_bytes
+
+        async def bodies(recipient: Sequence[str]) -> tuple[str | None, str | None]:
+            """The row's bodies with template, signature and merge codes for ``recipient``."""
+            if not templated:
+                return row.body_html, row.body_text
+            data = await self._merge_data(
+                account, context, subject, display_name, address, recipient
+            )
+            return await self._apply_template(account, row.body_html, row.body_text, data)
+
+        def build(html: str | None, text: str | None) -> tuple[EmailMessage, bytes]:
+            # CPU work (the stdlib email package): on a thread, beside the SMTP dialogue.
+            try:
+                message = build_message(
+                    address=address,
+                    display_name=display_name,
+                    identification=settings.identification,
+                    conversation_key=key,
+                    subject=subject,
+                    to=to,
+                    cc=cc,
+                    own_addresses=own,
+                    text=text,
+                    html=html,
+                    files=files,
+                    automatic=row.automatic,
+                    **parent,  # type: ignore[arg-type]
+                )
+            except ValueError as exc:
+                raise InvalidRowError(str(exc)) from exc
+            raw = message.as_bytes()
+            if len(raw) > limit:
+                raise InvalidRowError(
+                    f"the message is {len(raw)} bytes, over outbox.max_outgoing_size_mb "
+                    f"({settings.outbox.max_outgoing_size_mb:g} MB)",
+                    code="outgoing_too_large",
+                )
+            return message, raw
+
+        message, raw = await asyncio.to_thread(build, *await bodies([*to, *cc]))
+        message_id = normalize_message_id(str(message["Message-ID"]))
+        assert message_id is not None
+        copies: list[OutboxCopy] = []
+        recipients = envelope_recipients(message, split_addresses(row.bcc))
+        if account.personalized_emails and len(recipients) > 1:
+            if not templated:
+                copies = personal_copies(message, recipients)
+            else:
+                # Each recipient's own rendering: {{ recipient_name }} is theirs.
+                copies = [OutboxCopy(recipients[0], message_id, raw)]
+                for recipient in recipients[1:]:
+                    own_copy, own_raw = await asyncio.to_thread(build, *await bodies([recipient]))
+                    own_id = normalize_message_id(str(own_copy["Message-ID"])) or ""
+                    copies.append(OutboxCopy(recipient, own_id, own_raw))
+        return OutboxFix(message_id, key, raw, tuple(copies))
+
+    async def _merge_data(
+        self,
+        account: AccountSettings,
+        context: ReplyContext | None,
+        subject: str,
+        sender_name: str,
+        sender_address: str,
+        recipients: Sequence[str],
+    ) -> MergeData:
+        """What the merge codes are filled from; the recipient is the first To (or Cc)."""
+        recipient = address_of(recipients[0]) if recipients else ""
+        if context is not None:
+            found = await self.repo.template_records(context.conversation_id, recipient)
+        else:
+            named = [(address_of(r), getaddresses([r])[0][0]) for r in recipients]
+            found = TemplateRecords(followers=tuple(named))
+        names = dict(found.followers)
+        return MergeData(
+            subject=subject,
+            sender_name=sender_name,
+            sender_address=sender_address,
+            recipient_name=names.get(recipient, ""),
+            recipient_address=recipient,
+            followers=found.followers,
+            history=[HistoryMessage(*m) for m in found.history],
+            records=found.records,
+            signature=account.signature,
+            language=account.language,
+            time_zone=account.time_zone,
+        )
+
+    @staticmethod
+    async def _apply_template(
+        account: AccountSettings, body_html: str | None, body_text: str | None, data: MergeData
+    ) -> tuple[str | None, str | None]:
+        """(html, text) with the account's template, signature and merge codes applied."""
+        try:
+            if account.template_file is not None:
+                try:
+                    source = await asyncio.to_thread(account.template_file.read_text, "utf-8")
+                except OSError as exc:
+                    raise InvalidRowError(
+                        f"cannot read template_file {account.template_file}: {exc.strerror}"
+                    ) from exc
+                body = body_html if body_html is not None else text_to_html(body_text or "")
+                return render(source, body, data), None
+            if body_html is not None:
+                return render("{{ body }}{{ signature }}", body_html, data), None
+            text = render_text(body_text or "", data)
+            if account.signature:
+                text = f"{text.rstrip()}\n\n-- \n{html_to_text(account.signature)}"
+            return None, text
+        except ValueError as exc:
+            where = account.template_file or "the body"
+            raise InvalidRowError(f"{where}: {exc}") from exc
+
+    async def _read_file(self, file: OutboxFile) -> OutgoingFile:
+        data = file.data
+        if data is None and file.path is not None:
+            allowed = self.settings.outbox.attachment_directories
+            if not attachment_allowed(Path(file.path), allowed):
+                raise InvalidRowError(
+                    f"the attachment {file.path} is not under outbox.attachment_directories "
+                    f"({', '.join(map(str, allowed)) or 'none configured'})"
+                )
+            try:
+                data = await asyncio.to_thread(Path(file.path).read_bytes)
+            except OSError as exc:
+                raise InvalidRowError(
+                    f"cannot read the attachment {file.path}: {exc.strerror}"
+                ) from exc
+        name = file.filename or (Path(file.path).name if file.path else "attachment")
+        return OutgoingFile(name, file.content_type, data or b"")
+
+    async def _record_sent(
+        self,
+        account: AccountSettings,
+        sent: Sequence[tuple[OutboxRow, bytes, Sequence[MessageAction]]],
+        summary: OutboxSummary,
+        *,
+        append: bool = True,
+    ) -> None:
+        """Record rows the server accepted as sent, in one transaction; then their Sent copies."""
+        if not sent:
+            return
+        now = datetime.now(UTC)
+        parsed = await asyncio.to_thread(lambda: [parse_message(raw) for _row, raw, _a in sent])
+        records = []
+        for (row, _raw, actions), message in zip(sent, parsed, strict=True):
+            bcc = tuple(Address(a) for a in map(address_of, split_addresses(row.bcc)))
+            if bcc:
+                message = dataclasses.replace(message, bcc=bcc)
+            if not actions:
+                with contextlib.suppress(InvalidRowError):
+                    actions = self._actions(row)
+            changes = tuple((a.table, a.column, a.value) for a in actions)
+            records.append(SentRecord(row.id, message, now, changes))
+        context = ImportContext.for_account(self.settings, account)
+        message_rows = await self.repo.outbox_sent(context, records)
+        for (row, _raw, _a), record, message_row in zip(sent, records, message_rows, strict=True):
+            summary.sent += 1
+            log.info(
+                "message_sent",
+                account=account.name,
+                outbox=row.id,
+                message_id=record.message.message_id,
+                conversationmessage=message_row,
+                attempts=row.attempts + 1,
+            )
+        folders = account.folders
+        if append and folders.sent is not None and folders.append_sent:
+            await self._append_sent(account, [raw for _row, raw, _a in sent])
+
+    async def _append_sent(self, account: AccountSettings, raws: Sequence[bytes]) -> None:
+        assert account.folders.sent is not None
+        try:
+            session = await ImapSession.open(account)
+            try:
+                await session.ensure_folders([account.folders.sent])
+                for raw in raws:
+                    await session.append(account.folders.sent, raw, flags=("\\Seen",))
+            finally:
+                await session.close()
+        except MailbridgeError as exc:
+            # Sent already (and recorded): only the copy is missing. Said, not retried.
+            log.warning(
+                "outbox_sent_copy_failed", account=account.name, folder=account.folders.sent,
+                code=exc.code, error=str(exc), remedy=exc.remedy,
+            )  # fmt: skip
+
+
+class _SentRecorder:
+    """Group commit: rows accepted by the server are recorded as sent by one background task,
+    all those accepted while the previous transaction ran in the next one. The SMTP session
+    goes on with the next message meanwhile, so the commit's fsync overlaps sending."""
+
+    def __init__(self, worker: OutboxWorker, account: AccountSettings, summary: OutboxSummary):
+        self.worker = worker
+        self.account = account
+        self.summary = summary
+        self.pending: list[tuple[OutboxRow, bytes, Sequence[MessageAction]]] = []
+        self.task: asyncio.Task[None] | None = None
+
+    def add(self, row: OutboxRow, raw: bytes, actions: Sequence[MessageAction]) -> None:
+        self.pending.append((row, raw, actions))
+        if self.task is None or self.task.done():
+            self.task = asyncio.create_task(self._drain(), name=f"outbox-sent:{self.account.name}")
+
+    async def _drain(self) -> None:
+        while self.pending:
+            batch, self.pending = self.pending, []
+            await self.worker._record_sent(self.account, batch, self.summary)
+
+    async def flush(self) -> None:
+        """Wait until every accepted row is recorded (raises what recording raised)."""
+        while self.task is not None:
+            task, self.task = self.task, None
+            await task
+            if self.pending:
+                self.task = asyncio.create_task(self._drain())
+
+
+def attachment_allowed(path: Path, directories: Sequence[Path]) -> bool:
+    """Whether ``path``, symbolic links and ``..`` resolved, lies in one of ``directories``."""
+    try:
+        real = path.resolve(strict=False)
+    except (OSError, RuntimeError):
+        return False
+    return any(real.is_relative_to(d.resolve(strict=False)) for d in directories)
+
+
+def personal_copies(message: EmailMessage, recipients: Sequence[str]) -> list[OutboxCopy]:
+    """One copy per recipient, each with its own Message-ID (the first keeps the message's):
+    the same headers and body otherwise, so every recipient sees everyone addressed, and an
+    answer from any of them cites an id that leads back to the conversation."""
+    first_id = normalize_message_id(str(message["Message-ID"])) or ""
+    domain = first_id.rpartition("@")[2] or "localhost"
+    copies: list[OutboxCopy] = []
+    for index, recipient in enumerate(recipients):
+        if index:
+            del message["Message-ID"]
+            # RFC 5322 section 3.6.4: globally unique; on our domain, no resolver asked.
+            message["Message-ID"] = make_msgid(domain=domain)
+        message_id = normalize_message_id(str(message["Message-ID"])) or ""
+        copies.append(OutboxCopy(recipient, message_id, message.as_bytes()))
+    return copies
+
+
+def parse_for_envelope(raw: bytes) -> EmailMessage:
+    """The headers of ``raw`` (for its To and Cc)."""
+    parsed = BytesHeaderParser(policy=email.policy.default).parsebytes(raw)
+    assert isinstance(parsed, EmailMessage)  # policy.default's message factory
+    return parsed

@@ -1,0 +1,925 @@
+"""Sending from the outbox against a real SMTP server (aiosmtpd on loopback) and Dovecot.
+
+A reply deferred with 451 is retried and sent once, with one Message-ID; a 550 fails the row
+at once with the server's words; a new conversation gets its row; kill -9 between the end of
+DATA and the status update leads to the documented outcome (resent with the same Message-ID,
+or found in the Sent folder and not resent); the customer's answer to our reply threads back
+into the same conversation through Dovecot by each identification method; a row an integrator
+INSERTs is picked up by the running worker without a polling delay.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import email
+import email.policy
+import json
+import os
+import signal
+import sqlite3
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from email.message import EmailMessage
+from pathlib import Path
+from typing import Any
+
+import pytest
+import yaml
+
+from mailbridge.cli import main as cli_main
+from mailbridge.config import Settings, parse_config
+from mailbridge.core.identify import normalize_message_id
+from mailbridge.core.parse import parse_message
+from mailbridge.daemon.outbox import OutboxWorker
+from mailbridge.daemon.supervisor import run_once
+from mailbridge.store.base import ImportContext, ImportItem
+from mailbridge.store.outbox import OutboxFile, OutgoingRequest
+from mailbridge.store.sqlite import SqliteRepository, open_repository
+from mailbridge.testing.dovecot import free_port
+from mailbridge.testing.smtpsink import SmtpSink
+from tests.integration.test_import_loop import config_data, eventually, mail
+
+CUSTOMER = "john@customer.example"
+
+
+@pytest.fixture
+def sink() -> Iterator[SmtpSink]:
+    server = SmtpSink().start()
+    try:
+        yield server
+    finally:
+        server.stop()
+
+
+def offline_config(tmp_path: Path, sink: SmtpSink, **account: Any) -> dict[str, Any]:
+    """An account whose IMAP server is not there (the outbox needs only SMTP)."""
+    return {
+        "database": str(tmp_path / "mailbridge.db"),
+        "outbox": {"first_retry_seconds": 1},
+        "recovery": {"enabled": False},
+        "accounts": [
+            {
+                "name": "support",
+                "address": "support@example.test",
+                "display_name": "Example Support",
+                "imap": {"host": "127.0.0.1", "port": free_port(), "tls": "none"},
+                "smtp": sink.smtp_settings(),
+                "auth": {"username": "support", "password": "secret-pw"},
+                **account,
+            }
+        ],
+    }
+
+
+def seed_conversation(settings: Settings, message: EmailMessage | None = None) -> int:
+    """Import one customer message the way the account loop does; its conversation id."""
+    message = message or mail("Order 1042", to="support@example.test", Cc="Jane <jane@x.example>")
+    repo = SqliteRepository(settings.database)
+    try:
+        repo.migrate()
+        context = ImportContext.for_account(settings, settings.accounts[0])
+        [result] = repo.import_batch(
+            context, [ImportItem(uid=1, message=parse_message(message.as_bytes()))]
+        )
+    finally:
+        repo.close()
+    assert result.conversation_id is not None
+    return result.conversation_id
+
+
+def queue(settings: Settings, request: OutgoingRequest) -> int:
+    repo = SqliteRepository(settings.database)
+    try:
+        repo.migrate()
+        return repo.queue_outgoing(request)
+    finally:
+        repo.close()
+
+
+def row(settings: Settings, outbox_id: int) -> sqlite3.Row:
+    conn = sqlite3.connect(settings.database)
+    conn.row_factory = sqlite3.Row
+    try:
+        found = conn.execute("SELECT * FROM outbox WHERE id = ?", (outbox_id,)).fetchone()
+    finally:
+        conn.close()
+    assert found is not None
+    return found
+
+
+def parsed(data: bytes) -> EmailMessage:
+    message = email.message_from_bytes(data, policy=email.policy.default)
+    assert isinstance(message, EmailMessage)
+    return message
+
+
+async def send_pass(settings: Settings) -> None:
+    repo = await open_repository(settings.database, settings)
+    try:
+        await OutboxWorker(settings, repo).run_once()
+    finally:
+        await repo.aclose()
+
+
+async def test_reply_deferred_with_451_is_retried_and_sent_once(
+    tmp_path: Path, sink: SmtpSink
+) -> None:
+    settings = parse_config(offline_config(tmp_path, sink))
+    original = mail("Order 1042", to="support@example.test", Cc="Jane <jane@x.example>")
+    conversation = seed_conversation(settings, original)
+    outbox_id = queue(
+        settings,
+        OutgoingRequest(
+            account="support",
+            conversation_id=conversation,
+            body_text="We are on it.",
+            coworker="Ann Agent",
+            coworker_address="ann@example.test",
+        ),
+    )
+    sink.replies.append("451 4.3.0 Temporary local problem, try again later")
+    await send_pass(settings)
+    first = row(settings, outbox_id)
+    assert first["state"] == "queued"
+    assert first["attempts"] == 1
+    assert first["lasterrorcode"] == "send_deferred"
+    assert "451 4.3.0 Temporary local problem" in first["lasterror"]
+    assert first["nextattempt"] is not None
+    assert first["messageid"]  # fixed before the first attempt
+    assert sink.received == []
+
+    async def sent() -> bool:
+        await send_pass(settings)
+        return bool(row(settings, outbox_id)["state"] == "sent")
+
+    deadline = time.monotonic() + 30
+    while not await sent():
+        assert time.monotonic() < deadline, "not sent after the retry"
+        await asyncio.sleep(0.2)
+    done = row(settings, outbox_id)
+    assert done["attempts"] == 2
+    assert len(sink.received) == 1
+    message = parsed(sink.received[0].data)
+    assert (
+        normalize_message_id(str(message["Message-ID"])) == first["messageid"] == done["messageid"]
+    )
+    assert sink.received[0].data == first["raw"]  # the very bytes fixed before the first try
+    assert message["In-Reply-To"] == original["Message-ID"]
+    assert message["Subject"] == "Re: Order 1042"
+    assert "Example Support" in str(message["From"])
+    assert set(sink.received[0].recipients) == {CUSTOMER, "jane@x.example"}
+    assert sink.received[0].sender == "support@example.test"
+
+    # Stored as an outgoing message of the conversation, with its followers and the coworker.
+    conn = sqlite3.connect(settings.database)
+    try:
+        stored = conn.execute(
+            "SELECT id, conversation, direction, messageid FROM conversationmessage WHERE id = ?",
+            (done["conversationmessage"],),
+        ).fetchone()
+        levels = dict(
+            conn.execute(
+                "SELECT f.email, mf.participationlevel FROM messagefollower AS mf"
+                " JOIN follower AS f ON f.id = mf.follower WHERE mf.conversationmessage = ?"
+                " AND mf.participationlevel != 'cc'",
+                (stored[0],),
+            ).fetchall()
+        )
+        unread = conn.execute(
+            "SELECT earliestunread FROM conversation WHERE id = ?", (conversation,)
+        ).fetchone()[0]
+    finally:
+        conn.close()
+    assert stored[1:] == (conversation, "outgoing", done["messageid"])
+    assert levels == {CUSTOMER: "to", "ann@example.test": "from"}
+    assert unread is not None  # our answer does not mark the customer's message read
+
+
+async def test_550_fails_the_row_at_once_with_the_servers_words(
+    tmp_path: Path, sink: SmtpSink
+) -> None:
+    settings = parse_config(offline_config(tmp_path, sink))
+    conversation = seed_conversation(settings)
+    outbox_id = queue(
+        settings,
+        OutgoingRequest(account="support", conversation_id=conversation, body_text="Hello"),
+    )
+    sink.replies.append("550 5.7.1 Message rejected as spam by content filter")
+    await send_pass(settings)
+    failed = row(settings, outbox_id)
+    assert failed["state"] == "failed"
+    assert failed["attempts"] == 1
+    assert failed["lasterrorcode"] == "message_rejected"
+    assert failed["lasterror"] == "550 5.7.1 Message rejected as spam by content filter"
+    assert failed["nextattempt"] is None
+    await send_pass(settings)  # never retried by itself
+    assert row(settings, outbox_id)["attempts"] == 1
+
+
+async def test_rows_that_cannot_be_sent_fail_with_a_reason(tmp_path: Path, sink: SmtpSink) -> None:
+    settings = parse_config(offline_config(tmp_path, sink))
+    conversation = seed_conversation(settings)
+    no_recipient = queue(
+        settings,
+        OutgoingRequest(
+            account="support", to="support@example.test", subject="x", body_text="loop"
+        ),
+    )
+    # Refused by the foreign key on mailbridge's connection; an integrator's may not check.
+    conn = sqlite3.connect(settings.database)
+    no_conversation = conn.execute(
+        "INSERT INTO outbox (account, conversation, bodytext) VALUES ('support', 999, 'x')"
+    ).lastrowid
+    conn.commit()
+    conn.close()
+    bad_action = queue(
+        settings,
+        OutgoingRequest(
+            account="support",
+            conversation_id=conversation,
+            body_text="x",
+            actions='{"ticket": {"status": "closed"}}',
+        ),
+    )
+    await send_pass(settings)
+    assert sink.received == []
+    for outbox_id, words in (
+        (no_recipient, "no recipient"),
+        (no_conversation, "conversation 999 does not exist"),
+        (bad_action, "'ticket'"),
+    ):
+        failed = row(settings, outbox_id)
+        assert failed["state"] == "failed", outbox_id
+        assert failed["lasterrorcode"] == "outbox_invalid"
+        assert words in failed["lasterror"]
+        assert failed["attempts"] == 0  # never reached the server
+
+
+async def test_message_actions_update_the_conversation_parent(
+    tmp_path: Path, sink: SmtpSink
+) -> None:
+    data = offline_config(tmp_path, sink)
+    data["conversation_parents"] = [
+        {
+            "table": "ticket",
+            "properties": [
+                {"column": "subject", "message_property": "subject"},
+                {"column": "status", "default": "new"},
+            ],
+        }
+    ]
+    settings = parse_config(data)
+    repo = SqliteRepository(settings.database)
+    repo.migrate()
+    repo.prepare(settings.follower_parents, settings.conversation_parents)
+    repo.close()
+    conversation = seed_conversation(settings)
+    outbox_id = queue(
+        settings,
+        OutgoingRequest(
+            account="support",
+            conversation_id=conversation,
+            body_text="Please send the invoice number.",
+            actions='{"ticket": {"status": "waiting_customer"}}',
+        ),
+    )
+    await send_pass(settings)
+    assert row(settings, outbox_id)["state"] == "sent"
+    conn = sqlite3.connect(settings.database)
+    try:
+        status = conn.execute(
+            "SELECT t.status FROM ticket AS t JOIN conversation AS c ON c.ticket = t.id"
+            " WHERE c.id = ?",
+            (conversation,),
+        ).fetchone()[0]
+    finally:
+        conn.close()
+    assert status == "waiting_customer"
+    # A new conversation: its ticket is created when the sent message is stored, and the
+    # actions apply to it in the same transaction.
+    new_id = queue(
+        settings,
+        OutgoingRequest(
+            account="support", to="jo@customer.example", subject="Offer", body_text="Hi",
+            actions='{"ticket": {"status": "offer_sent"}}',
+        ),
+    )  # fmt: skip
+    await send_pass(settings)
+    sent = row(settings, new_id)
+    assert sent["state"] == "sent"
+    conn = sqlite3.connect(settings.database)
+    try:
+        ticket = conn.execute(
+            "SELECT t.subject, t.status FROM ticket AS t JOIN conversation AS c"
+            " ON c.ticket = t.id WHERE c.id = ?",
+            (sent["conversation"],),
+        ).fetchone()
+    finally:
+        conn.close()
+    assert ticket == ("Offer", "offer_sent")
+
+
+def write_config(tmp_path: Path, data: dict[str, Any]) -> Path:
+    path = tmp_path / "config.yaml"
+    path.write_text(yaml.safe_dump(data))
+    return path
+
+
+async def test_send_starts_a_new_conversation(
+    tmp_path: Path, sink: SmtpSink, capsys: pytest.CaptureFixture[str]
+) -> None:
+    data = offline_config(tmp_path, sink)
+    settings = parse_config(data)
+    path = write_config(tmp_path, data)
+    body = tmp_path / "body.html"
+    body.write_text("<p>Your <b>order</b> has shipped.</p>")
+    assert (
+        cli_main(
+            [
+                "-c",
+                str(path),
+                "send",
+                "support",
+                "--to",
+                "Jo <jo@customer.example>",
+                "--subject",
+                "Shipping news",
+                "--body-file",
+                str(body),
+                "--html",
+            ]
+        )
+        == 0
+    )
+    assert "queued a new conversation as outbox row 1" in capsys.readouterr().out
+    await send_pass(settings)
+    [received] = sink.received
+    message = parsed(received.data)
+    assert message["Subject"] == "Shipping news"
+    assert message["In-Reply-To"] is None
+    plain = message.get_body(("plain",))
+    assert plain is not None
+    assert "order" in plain.get_content()  # a text part generated from the HTML
+    done = row(settings, 1)
+    conn = sqlite3.connect(settings.database)
+    try:
+        conversation = conn.execute(
+            "SELECT uniqueid, account, subject FROM conversation WHERE id = ?",
+            (done["conversation"],),
+        ).fetchone()
+        followers = conn.execute(
+            "SELECT email FROM follower WHERE conversation = ?", (done["conversation"],)
+        ).fetchall()
+    finally:
+        conn.close()
+    assert conversation == (done["conversationkey"], "support", "Shipping news")
+    assert followers == [("jo@customer.example",)]
+    # The operator's view.
+    assert cli_main(["-c", str(path), "outbox", "--all"]) == 0
+    assert "sent" in capsys.readouterr().out
+
+
+def test_outbox_retry_and_cancel(tmp_path: Path, sink: SmtpSink, capsys: Any) -> None:
+    data = offline_config(tmp_path, sink)
+    settings = parse_config(data)
+    path = write_config(tmp_path, data)
+    conversation = seed_conversation(settings)
+    outbox_id = queue(
+        settings, OutgoingRequest(account="support", conversation_id=conversation, body_text="x")
+    )
+    sink.replies.append("550 5.1.1 <john@customer.example>: Recipient address rejected")
+    asyncio.run(send_pass(settings))
+    assert cli_main(["-c", str(path), "outbox", "--failed"]) == 0
+    out = capsys.readouterr().out
+    assert "message_rejected" in out
+    assert "Recipient address rejected" in out
+    assert cli_main(["-c", str(path), "status", "--json"]) == 0
+    [account] = json.loads(capsys.readouterr().out)["accounts"]
+    assert account["outbox"] == {"failed": 1}
+    assert cli_main(["-c", str(path), "outbox", "cancel", str(outbox_id)]) == 0
+    assert row(settings, outbox_id)["state"] == "cancelled"
+    assert cli_main(["-c", str(path), "outbox", "retry", str(outbox_id)]) == 0
+    assert row(settings, outbox_id)["state"] == "queued"
+    asyncio.run(send_pass(settings))
+    assert row(settings, outbox_id)["state"] == "sent"
+    assert cli_main(["-c", str(path), "outbox", "cancel", str(outbox_id)]) == 1  # sent: too late
+    assert "is sent" in capsys.readouterr().err
+
+
+async def test_the_running_worker_picks_up_an_integrators_insert_at_once(
+    tmp_path: Path, sink: SmtpSink
+) -> None:
+    settings = parse_config(offline_config(tmp_path, sink))
+    conversation = seed_conversation(settings)
+    repo = await open_repository(settings.database, settings)
+    worker = OutboxWorker(settings, repo)
+    task = asyncio.create_task(worker.run())
+    try:
+        await asyncio.sleep(0.3)  # the worker is asleep (nothing due: up to 60 s)
+        conn = sqlite3.connect(settings.database)
+        try:
+            conn.execute(
+                "INSERT INTO outbox (account, conversation, bodytext) VALUES (?, ?, ?)",
+                ("support", conversation, "Inserted by the CRM"),
+            )
+            conn.commit()
+        finally:
+            conn.close()
+        # Far below the worker's 60 s sleep: the database change woke it.
+        await eventually(lambda: len(sink.received) == 1, within=15, what="the row sent")
+    finally:
+        worker.stopping.set()
+        await asyncio.wait_for(task, 30)
+        await repo.aclose()
+
+
+# -- kill -9 between the end of DATA and the status update --------------------------------------
+
+
+def _daemon(path: Path) -> subprocess.Popen[bytes]:
+    return subprocess.Popen(
+        [sys.executable, "-m", "mailbridge", "-c", str(path), "--log-format", "json", "run"],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+    )
+
+
+def _killed_mid_send(path: Path, settings: Settings, sink: SmtpSink, outbox_id: int) -> bytes:
+    """Start the daemon, let the server take the message and hold its 250, kill -9 the daemon
+    then; returns the bytes the server got."""
+    sink.hold()
+    proc = _daemon(path)
+    try:
+        assert sink.holding.wait(60), "the daemon never reached DATA"
+        assert row(settings, outbox_id)["state"] == "sending"
+        proc.send_signal(signal.SIGKILL)
+        proc.communicate(timeout=30)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.communicate(timeout=30)
+        sink.release()
+    assert row(settings, outbox_id)["state"] == "sending"  # the status update never happened
+    [received] = sink.received
+    return received.data
+
+
+def test_kill_9_after_data_resends_with_the_same_message_id(tmp_path: Path, sink: SmtpSink) -> None:
+    """Without a Sent folder to look in: at-least-once, the second copy identical."""
+    data = offline_config(tmp_path, sink)
+    settings = parse_config(data)
+    path = write_config(tmp_path, data)
+    conversation = seed_conversation(settings)
+    outbox_id = queue(
+        settings, OutgoingRequest(account="support", conversation_id=conversation, body_text="x")
+    )
+    first = _killed_mid_send(path, settings, sink, outbox_id)
+    asyncio.run(send_pass(settings))  # the restart: `run --once` does the same recovery
+    done = row(settings, outbox_id)
+    assert done["state"] == "sent"
+    assert done["attempts"] == 2
+    assert [r.data for r in sink.received] == [first, first]  # same Message-ID, same bytes
+    conn = sqlite3.connect(settings.database)
+    try:
+        [count] = conn.execute(
+            "SELECT COUNT(*) FROM conversationmessage WHERE direction = 'outgoing'"
+        ).fetchone()
+    finally:
+        conn.close()
+    assert count == 1  # stored once
+
+
+@pytest.mark.dovecot
+def test_kill_9_after_data_then_found_in_sent_is_not_resent(
+    tmp_path: Path, sink: SmtpSink, dovecot: Any, imap_user: Any
+) -> None:
+    """A server that files submissions in Sent (append_sent: false): the restart finds the
+    Message-ID there and records the row as sent without sending it again."""
+    data = config_data(
+        tmp_path, dovecot, imap_user, smtp=sink.smtp_settings(),
+        folders={"sent": "Sent", "append_sent": False},
+    )  # fmt: skip
+    data["recovery"] = {"enabled": False}
+    settings = parse_config(data)
+    path = write_config(tmp_path, data)
+    conversation = seed_conversation(settings, mail("Order", to=imap_user.address))
+    outbox_id = queue(
+        settings, OutgoingRequest(account="support", conversation_id=conversation, body_text="x")
+    )
+    first = _killed_mid_send(path, settings, sink, outbox_id)
+    dovecot.append(imap_user.login, imap_user.password, first, folder="Sent")  # the server's copy
+    assert cli_main(["-c", str(path), "run", "--once"]) == 0
+    done = row(settings, outbox_id)
+    assert done["state"] == "sent"
+    assert done["attempts"] == 1
+    assert len(sink.received) == 1  # not sent again
+
+
+# -- the customer's answer threads back ---------------------------------------------------------
+
+
+@pytest.mark.dovecot
+@pytest.mark.parametrize("identification", ["message_id", "plus_address", "subject"])
+def test_the_customers_answer_to_our_reply_joins_the_conversation(
+    tmp_path: Path, sink: SmtpSink, dovecot: Any, imap_user: Any, identification: str
+) -> None:
+    data = config_data(
+        tmp_path, dovecot, imap_user, smtp=sink.smtp_settings(),
+        folders={"sent": "Sent"},
+    )  # fmt: skip
+    data["identification"] = identification
+    data["recovery"] = {"enabled": False}
+    settings = parse_config(data)
+    path = write_config(tmp_path, data)
+    question = mail("Where is my order?", to=imap_user.address)
+    dovecot.append(imap_user.login, imap_user.password, question.as_bytes())
+    asyncio.run(run_once(settings))
+    conn = sqlite3.connect(settings.database)
+    [(conversation,)] = conn.execute("SELECT id FROM conversation").fetchall()
+    conn.close()
+    body = tmp_path / "answer.txt"
+    body.write_text("It ships today.")
+    assert cli_main(["-c", str(path), "reply", str(conversation), "--body-file", str(body)]) == 0
+    asyncio.run(run_once(settings))
+    [ours] = sink.received
+    sent = parsed(ours.data)
+    # With folders.sent a copy of what was sent is in the Sent folder.
+    assert dovecot.folder_messages(imap_user.login, imap_user.password, "Sent") != []
+
+    # The customer answers with a client that keeps only what the method needs.
+    answer = EmailMessage()
+    answer["From"] = f"John Doe <{CUSTOMER}>"
+    reply_to = sent["Reply-To"]
+    answer["To"] = str(reply_to) if reply_to is not None else imap_user.address
+    answer["Subject"] = f"Re: {sent['Subject']}"
+    answer["Date"] = "Tue, 24 Nov 2026 09:00:00 +0000"
+    answer["Message-ID"] = f"<answer-{identification}@customer.example>"
+    if identification == "message_id":
+        answer["In-Reply-To"] = sent["Message-ID"]
+    answer.set_content("Thanks!")
+    dovecot.append(imap_user.login, imap_user.password, answer.as_bytes())
+    asyncio.run(run_once(settings))
+    conn = sqlite3.connect(settings.database)
+    try:
+        rows = conn.execute(
+            "SELECT conversation, direction, threadedby FROM conversationmessage ORDER BY id"
+        ).fetchall()
+    finally:
+        conn.close()
+    assert rows == [
+        (conversation, "incoming", "new"),
+        (conversation, "outgoing", "outbox"),
+        (conversation, "incoming", identification),
+    ]
+
+
+def test_the_daemon_notices_a_cli_reply_at_once(tmp_path: Path, sink: SmtpSink) -> None:
+    """`mailbridge reply` while `mailbridge run` is up: sent without waiting for a poll."""
+    data = offline_config(tmp_path, sink)
+    settings = parse_config(data)
+    path = write_config(tmp_path, data)
+    conversation = seed_conversation(settings)
+    proc = _daemon(path)
+    try:
+        deadline = time.monotonic() + 30
+        while b"daemon_started" not in _peek(proc):
+            assert time.monotonic() < deadline
+            assert proc.poll() is None
+            time.sleep(0.05)
+        body = tmp_path / "b.txt"
+        body.write_text("On its way.")
+        assert (
+            cli_main(["-c", str(path), "reply", str(conversation), "--body-file", str(body)]) == 0
+        )
+        deadline = time.monotonic() + 15
+        while not sink.received:
+            assert time.monotonic() < deadline, "the daemon did not send the reply"
+            time.sleep(0.05)
+        proc.send_signal(signal.SIGTERM)
+        os.set_blocking(proc.stderr.fileno(), True)  # type: ignore[union-attr]
+        proc.communicate(timeout=30)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.communicate(timeout=30)
+    assert proc.returncode == 0
+
+
+_peeked: dict[int, bytes] = {}
+
+
+def _peek(proc: subprocess.Popen[bytes]) -> bytes:
+    """What the daemon logged so far (non-blocking read of its stderr)."""
+    assert proc.stderr is not None
+    os.set_blocking(proc.stderr.fileno(), False)
+    chunk = proc.stderr.read() or b""
+    _peeked[proc.pid] = _peeked.get(proc.pid, b"") + chunk
+    return _peeked[proc.pid]
+
+
+async def test_personalised_mail_sends_one_copy_per_recipient(
+    tmp_path: Path, sink: SmtpSink
+) -> None:
+    """personalized_emails: "Coworker - Account" as sender, each recipient an own copy with
+    an own Message-ID (kept on messagefollower), and an answer citing it threads back."""
+    settings = parse_config(offline_config(tmp_path, sink, personalized_emails=True))
+    conversation = seed_conversation(settings)
+    outbox_id = queue(
+        settings,
+        OutgoingRequest(
+            account="support", conversation_id=conversation,
+            body_text="Hi {{ recipient_name }},", coworker="Ann Agent",
+        ),
+    )  # fmt: skip
+    sink.replies.extend(["250 OK", "451 4.3.0 try again"])  # the second copy deferred once
+    await send_pass(settings)
+    assert row(settings, outbox_id)["state"] == "queued"
+    sink.replies.clear()
+    deadline = time.monotonic() + 30
+    while row(settings, outbox_id)["state"] != "sent":
+        assert time.monotonic() < deadline
+        await asyncio.sleep(0.2)
+        await send_pass(settings)
+    assert [r.recipients for r in sink.received] == [(CUSTOMER,), ("jane@x.example",)]
+    copies = [parsed(r.data) for r in sink.received]
+    ids = [normalize_message_id(str(m["Message-ID"])) for m in copies]
+    assert len(set(ids)) == 2
+    assert ids[0] == row(settings, outbox_id)["messageid"]
+    assert all(
+        str(m["From"]) == "Ann Agent - Example Support <support@example.test>" for m in copies
+    )
+    # Each copy is rendered for its own recipient.
+    texts = [m.get_body(("plain",)).get_content() for m in copies]  # type: ignore[union-attr]
+    assert texts[0].startswith("Hi John Doe,")
+    assert texts[1].startswith("Hi Jane,")
+    conn = sqlite3.connect(settings.database)
+    try:
+        stored = dict(
+            conn.execute(
+                "SELECT f.email, mf.messageid FROM messagefollower AS mf"
+                " JOIN follower AS f ON f.id = mf.follower"
+                " WHERE mf.conversationmessage = ?",
+                (row(settings, outbox_id)["conversationmessage"],),
+            ).fetchall()
+        )
+    finally:
+        conn.close()
+    assert stored == {CUSTOMER: ids[0], "jane@x.example": ids[1]}
+    # Jane answers her copy: it threads into the conversation by that id.
+    answer = mail("Re: Order 1042", sender="Jane <jane@x.example>", to="support@example.test",
+                  In_Reply_To=f"<{ids[1]}>")  # fmt: skip
+    repo = SqliteRepository(settings.database)
+    try:
+        [result] = repo.import_batch(
+            ImportContext.for_account(settings, settings.accounts[0]),
+            [ImportItem(uid=2, message=parse_message(answer.as_bytes()))],
+        )
+    finally:
+        repo.close()
+    assert result.conversation_id == conversation
+
+
+# -- automatic replies --------------------------------------------------------------------------
+
+
+def _robot_answer(to_us: bytes, robot: str, number: int, *, subject: str) -> bytes:
+    """A robot that marks nothing (no RFC 3834 header) and threads nothing: every answer of
+    it starts a new conversation at our end. ``subject`` is its subject's prefix."""
+    seen = parsed(to_us)
+    answer = EmailMessage()
+    answer["From"] = f"Robot <{robot}>"
+    answer["To"] = str(seen["From"])
+    answer["Subject"] = f"{subject} {seen['Subject']}"
+    answer["Date"] = "Tue, 24 Nov 2026 09:00:00 +0000"
+    answer["Message-ID"] = f"<ooo-{number}@robot.example>"
+    answer.set_content("I am away.")
+    return answer.as_bytes()
+
+
+@pytest.mark.dovecot
+@pytest.mark.parametrize(
+    ("subject", "answers", "conversations"),
+    [
+        # A robot nothing gives away: the loop protection alone ends it. Every robot mail is
+        # imported (a new conversation each), only the first three are answered.
+        ("About your mail:", 3, 4),
+        # An "Out of office:" answer is automatic mail (core/automatic.py): under the default
+        # policy it continues nothing and is discarded, and it is never answered anyway.
+        ("Out of office:", 1, 1),
+    ],
+)
+def test_two_auto_responders_facing_each_other_stop_within_the_limit(
+    tmp_path: Path,
+    sink: SmtpSink,
+    dovecot: Any,
+    imap_user: Any,
+    subject: str,
+    answers: int,
+    conversations: int,
+) -> None:
+    robot = "robot@robot.example"
+    data = config_data(
+        tmp_path, dovecot, imap_user, smtp=sink.smtp_settings(),
+        auto_reply={"enabled": True, "body_text": "Thanks, we got your message."},
+    )  # fmt: skip
+    data["recovery"] = {"enabled": False}
+    data["loop_protection"] = {"max_auto_replies": 3, "window_hours": 24}
+    settings = parse_config(data)
+    first = EmailMessage()
+    first["From"] = f"Robot <{robot}>"
+    first["To"] = imap_user.address
+    first["Subject"] = "Hello"
+    first["Message-ID"] = "<ooo-0@robot.example>"
+    first.set_content("Hi")
+    dovecot.append(imap_user.login, imap_user.password, first.as_bytes())
+    answered = 0
+    for number in range(1, 10):
+        asyncio.run(run_once(settings))  # import, queue the automatic reply, send it
+        if len(sink.received) == answered:
+            break  # we did not answer: the loop is over
+        answered = len(sink.received)
+        ours = sink.received[-1]
+        assert ours.recipients == (robot,)
+        message = parsed(ours.data)
+        assert message["Auto-Submitted"] == "auto-replied"
+        assert message["X-Auto-Response-Suppress"] == "All"
+        assert message["Precedence"] == "auto_reply"
+        dovecot.append(
+            imap_user.login,
+            imap_user.password,
+            _robot_answer(ours.data, robot, number, subject=subject),
+        )
+    assert len(sink.received) == answers  # at most loop_protection.max_auto_replies
+    conn = sqlite3.connect(settings.database)
+    try:
+        [(stored,)] = conn.execute("SELECT COUNT(*) FROM conversation").fetchall()
+    finally:
+        conn.close()
+    assert stored == conversations
+
+
+@pytest.mark.dovecot
+def test_automatic_mail_and_own_mail_get_no_automatic_reply(
+    tmp_path: Path, sink: SmtpSink, dovecot: Any, imap_user: Any
+) -> None:
+    data = config_data(
+        tmp_path, dovecot, imap_user, smtp=sink.smtp_settings(),
+        aliases=["help@example.test"],
+        auto_reply={"enabled": True, "body_text": "Thanks, {{ recipient_name }}."},
+    )  # fmt: skip
+    data["recovery"] = {"enabled": False}
+    settings = parse_config(data)
+    for message in (
+        mail("Vacation", Auto_Submitted="auto-replied", to=imap_user.address),
+        mail("Newsletter", Precedence="bulk", to=imap_user.address),
+        mail("From our alias", sender="help@example.test", to="john@customer.example"),
+        mail("A person", to=imap_user.address),
+    ):
+        dovecot.append(imap_user.login, imap_user.password, message.as_bytes())
+    asyncio.run(run_once(settings))
+    assert [r.recipients for r in sink.received] == [(CUSTOMER,)]
+    answer = parsed(sink.received[0].data)
+    assert answer["Subject"] == "Re: A person"
+    plain = answer.get_body(("plain",))
+    assert plain is not None
+    assert plain.get_content().startswith("Thanks, John Doe.")  # merge codes filled
+
+
+# -- templates, snippets ------------------------------------------------------------------------
+
+
+async def test_template_wraps_the_reply_with_merge_codes_and_relations(
+    tmp_path: Path, sink: SmtpSink, capsys: pytest.CaptureFixture[str]
+) -> None:
+    template = tmp_path / "support.html"
+    template.write_text(
+        "<html><body>{{ body }}<p>Ticket {{ ticket.number }} for {{ ticket.company.name }},"
+        " dear {{ recipient_name }}.</p>{{ reply_info }}{{ conversation_messages }}"
+        "{{ signature }}</body></html>"
+    )
+    data = offline_config(
+        tmp_path, sink, template_file=str(template), signature="<p>-- Support team</p>",
+        language="de", time_zone="Europe/Berlin",
+    )  # fmt: skip
+    data["conversation_parents"] = [
+        {"table": "ticket", "properties": [{"column": "number", "default": "T-1"},
+                                            {"column": "company", "default": 1}]},
+    ]  # fmt: skip
+    settings = parse_config(data)
+    path = write_config(tmp_path, data)
+    repo = SqliteRepository(settings.database)
+    repo.migrate()
+    repo.prepare(settings.follower_parents, settings.conversation_parents)
+    repo._conn.execute("CREATE TABLE company (id INTEGER PRIMARY KEY, name TEXT)")
+    repo._conn.execute("INSERT INTO company (id, name) VALUES (1, 'ACME <GmbH>')")
+    repo._conn.execute(
+        "INSERT INTO textsnippet (name, text, pinned)"
+        " VALUES ('greet', 'Hallo {{ recipient_name }},', 1)"
+    )
+    repo.close()
+    conversation = seed_conversation(settings)
+    assert cli_main(["-c", str(path), "snippets"]) == 0
+    assert "greet" in capsys.readouterr().out
+    assert cli_main(["-c", str(path), "reply", str(conversation), "--snippet", "greet"]) == 0
+    await send_pass(settings)
+    [received] = sink.received
+    message = parsed(received.data)
+    html_part = message.get_body(("html",))
+    plain_part = message.get_body(("plain",))
+    assert html_part is not None
+    assert plain_part is not None
+    html = html_part.get_content()
+    assert "Hallo John Doe," in html  # the snippet's merge code, filled
+    assert "Ticket T-1 for ACME &lt;GmbH&gt;" in html
+    assert "antworten Sie auf diese E-Mail" in html
+    assert "Am 2026-11-23 10:00 CET schrieb John Doe" in html  # 09:00 UTC, shown in Berlin
+    assert "-- Support team" in html
+    assert "Ticket T-1 for ACME <GmbH>" in plain_part.get_content()
+    conn = sqlite3.connect(settings.database)
+    try:
+        uses = conn.execute("SELECT count, lastused FROM textsnippet").fetchone()
+    finally:
+        conn.close()
+    assert uses[0] == 1
+    assert uses[1] is not None
+
+
+async def test_attachments_by_path_only_from_the_configured_directories(
+    tmp_path: Path, sink: SmtpSink
+) -> None:
+    """A row must not mail out any file the daemon can read (its password file, say)."""
+    allowed = tmp_path / "invoices"
+    allowed.mkdir()
+    (allowed / "1042.pdf").write_bytes(b"%PDF-1.4 invoice")
+    secret = tmp_path / "support.pw"
+    secret.write_text("hunter2")
+    (allowed / "sneaky.pdf").symlink_to(secret)
+    data = offline_config(tmp_path, sink)
+    data["outbox"]["attachment_directories"] = [str(allowed)]
+    settings = parse_config(data)
+    conversation = seed_conversation(settings)
+    repo = SqliteRepository(settings.database)
+    try:
+        good, *bad = (
+            repo.queue_outgoing(
+                OutgoingRequest(account="support", conversation_id=conversation, body_text="x"),
+                [OutboxFile("", "application/pdf", path, None)],
+            )
+            for path in (
+                str(allowed / "1042.pdf"),
+                str(secret),
+                str(allowed / "sneaky.pdf"),
+                str(allowed / ".." / "support.pw"),
+            )
+        )
+    finally:
+        repo.close()
+    await send_pass(settings)
+    assert row(settings, good)["state"] == "sent"
+    [received] = sink.received
+    [attachment] = list(parsed(received.data).iter_attachments())
+    assert attachment.get_filename() == "1042.pdf"
+    assert attachment.get_content() == b"%PDF-1.4 invoice"
+    for outbox_id in bad:
+        refused = row(settings, outbox_id)
+        assert refused["state"] == "failed"
+        assert "not under outbox.attachment_directories" in refused["lasterror"]
+    assert b"hunter2" not in b"".join(r.data for r in sink.received)
+
+
+async def test_an_unreachable_server_is_retried_and_a_row_expires(
+    tmp_path: Path, sink: SmtpSink
+) -> None:
+    """Connection refused: temporary (unreachable), retried later; a row still failing after
+    outbox.max_age_hours fails with send_expired and keeps the last error's words."""
+    data = offline_config(tmp_path, sink)
+    data["accounts"][0]["smtp"]["port"] = free_port()  # nothing listens there
+    data["outbox"]["max_age_hours"] = 0.01  # 36 s: a retry 1 s later is still within it
+    settings = parse_config(data)
+    conversation = seed_conversation(settings)
+    outbox_id = queue(
+        settings, OutgoingRequest(account="support", conversation_id=conversation, body_text="x")
+    )
+    await send_pass(settings)
+    first = row(settings, outbox_id)
+    assert (first["state"], first["attempts"], first["lasterrorcode"]) == (
+        "queued",
+        1,
+        "unreachable",
+    )
+    assert "connection refused" in first["lasterror"]
+    data["outbox"]["max_age_hours"] = 0.0001  # 0.36 s: now the next retry would be too late
+    conn = sqlite3.connect(settings.database)
+    conn.execute("UPDATE outbox SET nextattempt = NULL WHERE id = ?", (outbox_id,))
+    conn.commit()
+    conn.close()
+    await send_pass(parse_config(data))
+    expired = row(settings, outbox_id)
+    assert (expired["state"], expired["attempts"], expired["lasterrorcode"]) == (
+        "failed",
+        2,
+        "send_expired",
+    )
+    assert "connection refused" in expired["lasterror"]

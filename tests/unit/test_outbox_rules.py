@@ -1,0 +1,219 @@
+"""The outbox's pure rules (core/outbox.py) and its repository methods (store, SQLite)."""
+
+from __future__ import annotations
+
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+
+import pytest
+from hypothesis import given
+from hypothesis import strategies as st
+
+from mailbridge.core.identify import new_conversation_key
+from mailbridge.core.outbox import (
+    MessageAction,
+    OutgoingFile,
+    after_failure,
+    build_message,
+    check_actions,
+    envelope_recipients,
+    parse_actions,
+    recovered_state,
+    reply_subject,
+    retry_delay,
+    sender_display_name,
+    split_addresses,
+)
+from mailbridge.store.outbox import OutboxFile, OutboxFix, OutgoingRequest
+from mailbridge.store.sqlite import SqliteRepository
+
+NOW = datetime(2026, 11, 30, 12, 0, tzinfo=UTC)
+
+
+def test_retry_delay_starts_at_30_seconds_and_grows_to_hourly() -> None:
+    assert [retry_delay(n) for n in range(1, 9)] == [30, 60, 120, 240, 480, 960, 1920, 3600]
+    assert retry_delay(1000) == 3600
+
+
+@given(st.integers(min_value=1, max_value=10_000))
+def test_retry_delay_never_shrinks_and_stays_within_bounds(attempts: int) -> None:
+    assert 30 <= retry_delay(attempts) <= 3600
+    assert retry_delay(attempts + 1) >= retry_delay(attempts)
+
+
+def test_a_permanent_failure_fails_at_once() -> None:
+    decision = after_failure(
+        code="message_rejected", permanent=True, attempts=1, created=NOW, now=NOW,
+        max_age=timedelta(hours=72),
+    )  # fmt: skip
+    assert (decision.state, decision.next_attempt, decision.code) == (
+        "failed",
+        None,
+        "message_rejected",
+    )
+
+
+def test_a_temporary_failure_is_retried_until_the_row_is_too_old() -> None:
+    young = after_failure(
+        code="send_deferred", permanent=False, attempts=1, created=NOW, now=NOW,
+        max_age=timedelta(hours=72),
+    )  # fmt: skip
+    assert young.state == "queued"
+    assert young.next_attempt == NOW + timedelta(seconds=30)
+    old = after_failure(
+        code="unreachable", permanent=False, attempts=80, created=NOW,
+        now=NOW + timedelta(hours=71, minutes=30), max_age=timedelta(hours=72),
+    )  # fmt: skip
+    assert (old.state, old.code) == ("failed", "send_expired")
+
+
+def test_recovery_resends_unless_found_in_sent() -> None:
+    assert recovered_state(True) == "sent"
+    assert recovered_state(False) == "queued"
+    assert recovered_state(None) == "queued"
+
+
+def test_address_columns_and_envelope() -> None:
+    assert split_addresses("a@x.example, Jane Doe <JANE@y.example>, not-an-address") == [
+        "a@x.example",
+        "Jane Doe <JANE@y.example>",
+    ]
+    assert split_addresses(None) == []
+    message = build_message(
+        address="support@example.test",
+        display_name="Support",
+        identification="message_id",
+        conversation_key=new_conversation_key(),
+        subject="Hi",
+        to=["Jane <jane@y.example>"],
+        cc=["a@x.example", "support@example.test"],  # own address: dropped
+        text="hello",
+    )
+    assert envelope_recipients(message, ["Boss <boss@z.example>", "jane@y.example"]) == [
+        "jane@y.example",
+        "a@x.example",
+        "boss@z.example",
+    ]
+    assert "boss" not in message.as_string()  # Bcc never in a header
+
+
+def test_reply_subject_and_sender_name() -> None:
+    assert reply_subject("Order 1042") == "Re: Order 1042"
+    assert reply_subject("AW: Re: Order 1042") == "Re: Order 1042"
+    assert sender_display_name("Support", "Jane Doe", personalized=True) == "Jane Doe - Support"
+    assert sender_display_name("Support", "Jane Doe", personalized=False) == "Support"
+    assert sender_display_name("Support", "", personalized=True) == "Support"
+
+
+def test_html_only_gets_a_text_part_and_attachments_are_attached() -> None:
+    message = build_message(
+        address="support@example.test",
+        display_name="",
+        identification="message_id",
+        conversation_key=new_conversation_key(),
+        subject="Invoice",
+        to=["jane@y.example"],
+        html="<p>Your <b>invoice</b> is attached.</p>",
+        files=[OutgoingFile("invoice.pdf", "application/pdf", b"%PDF-1.4")],
+    )
+    plain = message.get_body(("plain",))
+    assert plain is not None
+    assert "invoice" in plain.get_content()
+    [attachment] = list(message.iter_attachments())
+    assert attachment.get_filename() == "invoice.pdf"
+    assert attachment.get_content() == b"%PDF-1.4"
+    with pytest.raises(ValueError, match="neither"):
+        build_message(
+            address="support@example.test", display_name="", identification="message_id",
+            conversation_key=new_conversation_key(), subject="x", to=["a@b.example"],
+        )  # fmt: skip
+
+
+def test_message_actions_parse_and_check() -> None:
+    actions = parse_actions('{"ticket": {"status": "waiting_customer", "priority": 2}}')
+    assert actions == [
+        MessageAction("ticket", "status", "waiting_customer"),
+        MessageAction("ticket", "priority", 2),
+    ]
+    assert check_actions(actions, {"ticket": frozenset({"status", "priority"})}) is None
+    assert "not a column" in (check_actions(actions, {"ticket": frozenset({"status"})}) or "")
+    assert "no record" in (check_actions(actions, {}) or "")
+    assert parse_actions(None) == []
+    for bad, words in (
+        ("{", "not JSON"),
+        ("[1]", "JSON object"),
+        ('{"ticket": {"id": 1}}', "not a settable column"),
+        ('{"Ticket; DROP": {"a": 1}}', "not a table name"),
+        ('{"ticket": {"status": [1]}}', "text or a number"),
+    ):
+        with pytest.raises(ValueError, match=words):
+            parse_actions(bad)
+
+
+# -- the repository ------------------------------------------------------------------------------
+
+
+@pytest.fixture
+def repo(tmp_path: Path) -> SqliteRepository:
+    store = SqliteRepository(tmp_path / "m.db")
+    store.migrate()
+    return store
+
+
+def test_prepare_fixes_the_message_once(repo: SqliteRepository) -> None:
+    outbox_id = repo.queue_outgoing(
+        OutgoingRequest(account="a", to="x@y.example", subject="s", body_text="b"),
+        [OutboxFile("f.txt", "text/plain", None, b"data")],
+    )
+    assert repo.outbox_begin([(outbox_id, OutboxFix("id-1@x", "k" * 16, b"first"))], NOW) == {
+        outbox_id
+    }
+    repo.outbox_failed_attempt(
+        outbox_id, state="queued", next_attempt=None, code="timeout", error="t", now=NOW
+    )
+    assert not repo.outbox_begin([(outbox_id, OutboxFix("id-2@x", "k" * 16, b"second"))], NOW)
+    row = repo.outbox_row(outbox_id)
+    assert row is not None
+    assert (row.message_id, row.raw, row.state, row.files) == ("id-1@x", b"first", "queued", 1)
+    assert repo.outbox_files(outbox_id) == [OutboxFile("f.txt", "text/plain", None, b"data")]
+
+
+def test_state_transitions(repo: SqliteRepository) -> None:
+    outbox_id = repo.queue_outgoing(OutgoingRequest(account="a", to="x@y.example", body_text="b"))
+    assert [r.id for r in repo.outbox_due(["a"], NOW + timedelta(days=1), 10)] == [outbox_id]
+    assert repo.outbox_due(["other"], NOW + timedelta(days=1), 10) == []
+    assert repo.outbox_begin([(outbox_id, None)], NOW) == {outbox_id}
+    assert repo.outbox_begin([(outbox_id, None)], NOW) == set()  # only from queued
+    assert [r.id for r in repo.outbox_in_flight(["a"])] == [outbox_id]
+    assert not repo.outbox_cancel(outbox_id)  # not while sending
+    repo.outbox_failed_attempt(
+        outbox_id, state="queued", next_attempt=NOW + timedelta(seconds=30),
+        code="send_deferred", error="451 later", now=NOW,
+    )  # fmt: skip
+    row = repo.outbox_row(outbox_id)
+    assert row is not None
+    assert (row.state, row.attempts, row.last_error) == ("queued", 1, "451 later")
+    assert repo.outbox_due(["a"], NOW, 10) == []  # not due before next_attempt
+    assert repo.outbox_next_due(["a"]) == NOW + timedelta(seconds=30)
+    assert not repo.outbox_retry(outbox_id)  # only failed or cancelled rows
+    assert repo.outbox_cancel(outbox_id)
+    assert repo.outbox_retry(outbox_id)
+    assert [r.state for r in repo.outbox(states=["queued"])] == ["queued"]
+
+
+def test_snippets_list_pinned_first_and_count_uses(repo: SqliteRepository) -> None:
+    conn = repo._conn
+    conn.executemany(
+        "INSERT INTO textsnippet (name, text, description, pinned, status) VALUES (?, ?, ?, ?, ?)",
+        [
+            ("apology", "Sorry for the wait.", "delay", 0, "active"),
+            ("thanks", "Thank you!", "closing", 1, "active"),
+            ("old", "Obsolete", "retired", 1, "inactive"),
+        ],
+    )
+    assert [s.name for s in repo.snippets()] == ["thanks", "apology"]
+    assert [s.name for s in repo.snippets("wait")] == ["apology"]
+    used = repo.use_snippet("apology", NOW)
+    assert used is not None
+    assert (used.count, used.last_used) == (1, NOW)
+    assert repo.use_snippet("old", NOW) is None  # inactive
