@@ -15,6 +15,8 @@ from hypothesis import strategies as st
 
 from mailbridge.config import FollowerParentSettings
 from mailbridge.core import planner
+from mailbridge.core.automatic import AutomaticVerdict
+from mailbridge.core.bounce import Bounce
 from mailbridge.core.messagekey import ParentCandidate, StoredIdentity
 from mailbridge.core.planner import (
     CitedRow,
@@ -26,6 +28,7 @@ from mailbridge.core.planner import (
     Route,
     Routing,
 )
+from mailbridge.core.policy import AutomaticPolicy
 from tests.unit.factories import PERSON, TICKET, at, inline_image, message, reply
 
 OWN = frozenset({"support@acme.test", "help@acme.test"})
@@ -425,3 +428,47 @@ def test_a_reply_plan_routes_into_the_parents_conversation() -> None:
     routing = planner.route(child, CTX, by_key=None, by_message_id=found)
     assert routing == Routing(Route.MESSAGE_ID, 77)
     assert not routing.new
+
+
+# -- automatic mail, bounces, sent mail -------------------------------------------------------
+
+ROBOT = AutomaticVerdict(automatic=True, reason="Auto-Submitted: auto-generated")
+
+
+def test_automatic_mail_joins_only_an_existing_conversation_by_default() -> None:
+    m = message("robot@x.test", sender="noreply@shop.test")
+    discarded = planner.route(m, CTX, by_key=None, by_message_id=None, automatic=ROBOT)
+    assert discarded.route is Route.DISCARDED
+    assert not discarded.stored
+    assert discarded.reason == "automatic: Auto-Submitted: auto-generated"
+    joined = planner.route(m, CTX, by_key=None, by_message_id=4, automatic=ROBOT)
+    assert joined == Routing(Route.MESSAGE_ID, 4)
+    always = ctx(automatic_policy=AutomaticPolicy(automatic_emails="import"))
+    assert planner.route(m, always, by_key=None, by_message_id=None, automatic=ROBOT).new
+    # Stored automatic mail says so on its row.
+    row = planner.message_values(m, CTX, "k", D0, joined, ROBOT)
+    assert (row.automatic, row.automatic_reason) == (True, ROBOT.reason)
+    assert not planner.message_values(m, CTX, "k", D0, joined).automatic
+
+
+def test_a_delivery_report_is_a_bounce_even_inside_a_conversation() -> None:
+    report = Bounce(kind="dsn", recipients=(), original_message_id="sent@acme.test")
+    m = message("dsn@x.test", sender="mailer-daemon@x.test")
+    routing = planner.route(m, CTX, by_key=None, by_message_id=7, report=report)
+    assert routing.route is Route.BOUNCE
+    assert not routing.stored
+
+
+def test_sent_mail_goes_where_it_was_composed_for() -> None:
+    assert planner.route_sent(9, None) == Routing(Route.OUTBOX, 9)
+    new = planner.route_sent(None, KEY)
+    assert (new.route, new.new_key, new.new) == (Route.NEW, KEY, True)
+    m = message("s@acme.test", sender="support@acme.test", to=["ann@x.test"])
+    assert planner.new_conversation_values(m, CTX, D0, new.new_key).uniqueid == KEY
+
+
+def test_a_stored_message_settles_its_key_and_its_failure_key() -> None:
+    m = message("m@x.test")
+    stored, failure = planner.settled_keys(m, planner.decide_key(m, []))
+    assert stored == "m@x.test"
+    assert failure == f"m@x.test#{m.fingerprint[:16]}"
