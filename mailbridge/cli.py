@@ -11,6 +11,8 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
+import os
+import signal
 import sys
 from collections.abc import Sequence
 from datetime import UTC, datetime
@@ -177,6 +179,18 @@ def _sending_parsers(sub: Any) -> None:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    try:
+        return _main(argv)
+    except BrokenPipeError:
+        # The reader of the output went away (``mailbridge errors --json | head``): stop
+        # quietly, as a command killed by SIGPIPE would. stdout goes to /dev/null so the
+        # interpreter's final flush does not raise again (Python docs, "Note on SIGPIPE").
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+        return 128 + signal.SIGPIPE
+
+
+def _main(argv: Sequence[str] | None) -> int:
     args = _parser().parse_args(argv)
     if args.command == "inspect" and args.account is None:
         return _inspect(args.file, as_json=args.json, own=frozenset(), policy=None)
@@ -382,6 +396,18 @@ def _check_config(settings: Settings) -> int:
             print(f"mailbridge: config error: {problem}", file=sys.stderr)
         print(f"  fix: {describe('secret_missing').remedy}", file=sys.stderr)
         return EX_CONFIG
+    # The parent tables of an existing database must fit the config, as `run` will check them:
+    # a config that passes here must not be refused by every other command.
+    try:
+        repo = _open_store(settings)
+    except ConfigError as exc:
+        print(f"mailbridge: config error: {exc}\n  fix: {exc.remedy}", file=sys.stderr)
+        return EX_CONFIG
+    except StoreError as exc:
+        print(f"warning: database not checked: {exc.code}: {exc}", file=sys.stderr)
+    else:
+        if repo is not None:
+            repo.close()
     names = ", ".join(a.name for a in settings.accounts)
     print(f"config OK: {settings.source}")
     print(f"  database: {settings.database}")

@@ -320,7 +320,9 @@ def _show(settings: Settings, uid: int, account_name: str | None) -> int:
         out.print("  no failure is stored for this UID (moved to the Failed folder by hand?)")
     shown = ("From", "To", "Cc", "Subject", "Date", "Message-ID", "Content-Type")
     try:
-        fetched = asyncio.run(fetch_failed(account, [uid], shown))
+        fetched = asyncio.run(
+            fetch_failed(account, [uid], shown, whole_up_to=settings.limits.message_max_bytes)
+        )
     except MailbridgeError as exc:
         out.print(mail_text(f"on the server: not reachable — {exc.code}: {exc}"))
         out.print(f"  fix: {exc.remedy}")
@@ -329,7 +331,7 @@ def _show(settings: Settings, uid: int, account_name: str | None) -> int:
         out.print(f"on the server: no message with UID {uid} in {account.folders.failed!r} "
                   "(imported, moved or deleted since)")  # fmt: skip
         return 0 if record is not None else 1
-    meta, message = fetched[0]
+    meta, message, whole = fetched[0]
     headers = email.parser.BytesHeaderParser(policy=email.policy.default).parsebytes(message.raw)
     out.print(f"on the server: {meta.size} bytes, received {_iso(meta.internaldate)}")
     for header in shown:
@@ -337,7 +339,11 @@ def _show(settings: Settings, uid: int, account_name: str | None) -> int:
         if found is not None:
             out.print(mail_text(f"  {header}: {found}"))
     # What the parser repairs or cannot read in it (an imported message keeps these in
-    # conversationmessage.defects; this one is read again from the server).
+    # conversationmessage.defects; this one is read again from the server). A message over the
+    # size limit is not downloaded: its header fields alone would show made-up defects.
+    if not whole:
+        out.print("  (over limits.message_max_size_mb: not downloaded, so not parsed here)")
+        return 0
     from mailbridge.core.parse import parse_message  # only here: keeps start-up light
 
     try:

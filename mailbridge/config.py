@@ -648,6 +648,34 @@ class LogSettings(_Model):
     format: Literal["auto", "json", "console"] = "auto"  # auto: console on a TTY, else JSON
 
 
+def _listen_address(value: str) -> str:
+    """``HOST:PORT`` (``[::1]:9464`` for IPv6): where the metrics endpoint listens."""
+    host, sep, port = value.rpartition(":")
+    if not sep or not host or not port.isdigit() or not 1 <= int(port) <= 65535:
+        raise ValueError(f"{value!r} is not HOST:PORT (e.g. 127.0.0.1:9464, [::1]:9464)")
+    if host.startswith("["):
+        if not host.endswith("]") or len(host) < 3:
+            raise ValueError(f"{value!r}: an IPv6 address goes in brackets, e.g. [::1]:9464")
+    elif ":" in host or not re.fullmatch(r"[A-Za-z0-9.-]+", host):
+        raise ValueError(f"{value!r}: the host must be an address or a name, e.g. 127.0.0.1")
+    return value
+
+
+class MetricsSettings(_Model):
+    """The opt-in Prometheus endpoint (``GET /metrics``); plain HTTP without authentication,
+    so keep it on loopback or a monitoring network."""
+
+    listen: Annotated[str, AfterValidator(_listen_address)]
+
+    @property
+    def host(self) -> str:
+        return self.listen.rpartition(":")[0].strip("[]")
+
+    @property
+    def port(self) -> int:
+        return int(self.listen.rpartition(":")[2])
+
+
 def _cron(value: str) -> str:
     from croniter import croniter  # only needed when the key is given or the sweep is scheduled
 
@@ -929,6 +957,7 @@ class Settings(_Model):
     recovery: RecoverySettings = RecoverySettings()
     outbox: OutboxSettings = OutboxSettings()
     loop_protection: LoopProtectionSettings = LoopProtectionSettings()
+    metrics: MetricsSettings | None = None  # None: no metrics endpoint
     identification: Identification = "message_id"
     # What becomes of automatic mail (out-of-office, notifications, lists): the reference's
     # "import automatic emails even if conversation not found" = false is the default.

@@ -239,6 +239,15 @@ CATALOGUE: Final[dict[str, ErrorInfo]] = dict(
             transient=True,
         ),
         _info(
+            "fd_limit",
+            "Too few open files allowed for the number of accounts",
+            "Raise the open-files limit: LimitNOFILE= in the service unit (the shipped "
+            "systemd/mailbridge.service sets 65536) or 'ulimit -n' in the shell that starts "
+            "the daemon; each account needs about 2 (its IDLE connection and its sweep's), "
+            "plus a few for the process. It is retried by itself.",
+            transient=True,
+        ),
+        _info(
             "server_unavailable",
             "The server is temporarily unavailable",
             "Wait; it is retried by itself. If it persists, contact the mail provider.",

@@ -35,6 +35,7 @@ import os
 import platform
 import random
 import re
+import resource
 import signal
 import socket
 import sqlite3
@@ -69,6 +70,7 @@ WORDS = (
 )
 VOCABULARY = WORDS.split()
 LATENCY_INTERVAL = 0.1  # seconds between APPENDs in the latency runs
+HIBERNATE_SECONDS = 2.0  # imap_hibernate_timeout of the server for fleets above 1,000
 
 
 def say(text: str) -> None:
@@ -522,7 +524,16 @@ def measure_idle(
         )
         assert daemon.proc is not None
         process = psutil.Process(daemon.proc.pid)
-        time.sleep(2)  # let start-up work settle
+        started = process.cpu_times()
+        # mailbridge's own CPU time to bring the fleet up, beside the wall time: on a busy
+        # machine the wall time is mostly waiting for a core (the server's logins included).
+        result["connect_cpu_seconds"] = started.user + started.system
+        # Start-up settles (the last accounts' state writes, the garbage collector's passes
+        # over a heap that grew by the fleet) and the server parks the sessions: the idle
+        # window starts after that. 10,000 accounts measured 14.6 % of a core 4 s after the
+        # last one was idle, and 0.5 % minutes later.
+        time.sleep(2 + (dovecot.hibernate_seconds or 0) + len(users) / 500)
+        result["server_processes"] = dovecot.server_processes()
         window = 10.0
         before = process.cpu_times()
         time.sleep(window)
@@ -530,6 +541,8 @@ def measure_idle(
         busy = (after.user - before.user) + (after.system - before.system)
         result["idle_cpu_percent"] = busy / window * 100
         result["rss_mb"] = process.memory_info().rss / 1e6
+        if count <= 0:
+            return result
         probe = PushProbe(dovecot, probe_user)
         try:
             sent, copies = append_timed(dovecot, users, count, name, probe_user)
@@ -572,7 +585,10 @@ def measure_sweep(dovecot: Dovecot, workdir: Path, count: int) -> dict[str, Any]
     puts them all in Failed; then, the limit back at its default, ``mailbridge sync`` (a fresh
     process, start-up included) retries them all and moves them to Processed."""
     user = dovecot.add_user("sweep", PASSWORD)
-    append_parallel(dovecot, user, make_failing(count, f"{user}@example.test"))
+    failing = make_failing(count, f"{user}@example.test")
+    size = sum(len(raw) for raw in failing)
+    append_parallel(dovecot, user, failing)
+    del failing
     low = write_config(
         workdir, dovecot, [user], mode="poll", name="sweep", attachment_max_size_mb=0.01
     )
@@ -593,8 +609,20 @@ def measure_sweep(dovecot: Dovecot, workdir: Path, count: int) -> dict[str, Any]
         "left_in_failed": len(dovecot.folder_uids(user, PASSWORD, "Mailbridge Failed")),
         "seconds": run.seconds,
         "msgs_per_s": failed_before / run.seconds if run.seconds else 0.0,
+        "mb": size / 1e6,
         "peak_rss_mb": run.peak / 1e6,
     }
+
+
+def compare_sweep(results: dict[str, Any]) -> None:
+    """The sweep's time per message and per MB over the import's, same run (target <= 1.5x
+    per message; its messages are bigger than the import corpus's mean, hence per MB too)."""
+    sweep, imported = results["sweep"], results.get("import")
+    if imported is None or sweep.get("status") != "measured" or not sweep["msgs_per_s"]:
+        return
+    sweep["time_per_message_vs_import"] = imported["msgs_per_s"] / sweep["msgs_per_s"]
+    per_mb = sweep["seconds"] / sweep["mb"]
+    sweep["time_per_mb_vs_import"] = per_mb / (imported["seconds"] / results["corpus"]["mb"])
 
 
 def measure_sending(count: int, latency_count: int) -> dict[str, Any]:
@@ -648,13 +676,35 @@ def inotify_instances(needed: int) -> Iterator[str]:
             path.write_text(str(current))
 
 
+def open_files_limit(needed: int) -> str:
+    """Each idle account holds a socket in mailbridge (and Dovecot's side of it): raise this
+    process's RLIMIT_NOFILE, which mailbridge inherits, when it is below ``needed`` (raising the
+    hard limit needs root); returns the soft limit in force."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft >= needed:
+        return str(soft)
+    try:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (needed, max(hard, needed)))
+    except (ValueError, OSError):
+        with contextlib.suppress(ValueError, OSError):
+            resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+        say(
+            f"warning: the open-files limit is {hard} (hard) and {needed} are needed: run as "
+            "root or raise it (ulimit -Hn); mailbridge logs fd_limit and some accounts fail"
+        )
+        return f"{hard} (too low for the fleet: could not raise it)"
+    return f"{needed} (raised from {soft} for this run)"
+
+
 def run(args: argparse.Namespace) -> dict[str, Any]:
     results: dict[str, Any] = {"machine": machine(), "messages": args.messages}
     fleets = [n for n in args.accounts if n > 0]
+    largest = max([*fleets, 0])
     with contextlib.ExitStack() as stack:
         results["machine"]["inotify_max_user_instances"] = stack.enter_context(
-            inotify_instances(max([*fleets, 0]) + 256)
+            inotify_instances(largest + 256)
         )
+        results["machine"]["open_files_limit"] = open_files_limit(2 * largest + 1024)
         if args.workdir is not None:
             workdir = Path(args.workdir).resolve()
             workdir.mkdir(parents=True)
@@ -662,37 +712,26 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             tmp = stack.enter_context(tempfile.TemporaryDirectory(prefix="mailbridge-bench-"))
             workdir = Path(tmp)
         os.chmod(workdir, 0o755)  # noqa: S103 - Dovecot's unprivileged processes traverse it
+        # Above 1,000 accounts the server parks idle sessions in one imap-hibernate process,
+        # as a fleet's server must (one imap process of 2-6 MB per session otherwise).
+        hibernate = HIBERNATE_SECONDS if largest > 1000 else None
+        results["server_hibernation"] = f"{hibernate:g} s" if hibernate else "off"
         dovecot = Dovecot(
             workdir / "dovecot",
             process_limit=max([*fleets, 100]) + 300,
             max_user_connections=20,
+            hibernate_seconds=hibernate,
+            client_limit=largest + 300,
         )
         with dovecot:
-            say(f"building and loading {args.messages} messages")
-            dovecot.add_user("bulk", PASSWORD)
-            corpus = make_corpus(args.messages, "bulk@example.test")
-            sizes = sorted(len(raw) for raw in corpus)
-            results["corpus"] = {
-                "mb": sum(sizes) / 1e6,
-                "median_kb": sizes[len(sizes) // 2] / 1e3,
-                "max_kb": sizes[-1] / 1e3,
-            }
-            append_parallel(dovecot, "bulk", corpus)
-            del corpus
-            say("raw fetch baseline")
-            results["raw"] = measure_raw(dovecot, "bulk")
-            say("naive floor (fetch + email policy.default + one INSERT per message)")
-            results["naive"] = measure_naive(dovecot, "bulk", workdir)
-            say("mailbridge run --once")
-            imported = measure_import(dovecot, "bulk", workdir, args.messages)
-            imported["ratio_to_raw"] = imported["msgs_per_s"] / results["raw"]["msgs_per_s"]
-            imported["ratio_to_naive"] = imported["msgs_per_s"] / results["naive"]["msgs_per_s"]
-            results["import"] = imported
-            say(f"IDLE latency beside the server's push ({args.latency_messages} APPENDs)")
-            dovecot.add_user("idle", PASSWORD)
-            results["idle"] = measure_idle(
-                dovecot, ["idle"], workdir, args.latency_messages, "idle"
-            )
+            if args.messages > 0:
+                measure_messages(args, dovecot, workdir, results)
+            if args.latency_messages > 0:
+                say(f"IDLE latency beside the server's push ({args.latency_messages} APPENDs)")
+                dovecot.add_user("idle", PASSWORD)
+                results["idle"] = measure_idle(
+                    dovecot, ["idle"], workdir, args.latency_messages, "idle"
+                )
             results["fleets"] = []
             for size in fleets:
                 say(f"fleet of {size} idle accounts")
@@ -703,12 +742,39 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             if args.sweep_messages > 0:
                 say(f"recovery sweep of {args.sweep_messages} failed messages (mailbridge sync)")
                 results["sweep"] = measure_sweep(dovecot, workdir, args.sweep_messages)
+                compare_sweep(results)
             else:
                 results["sweep"] = {"status": "skipped"}
             say(f"sending: {args.sending_messages} outbox rows to an SMTP sink")
             results["sending"] = measure_sending(args.sending_messages, args.latency_messages)
             dovecot.stop(wait=False)
     return results
+
+
+def measure_messages(
+    args: argparse.Namespace, dovecot: Dovecot, workdir: Path, results: dict[str, Any]
+) -> None:
+    """Raw fetch, the naive floor and ``run --once`` over the same mailbox, in that order."""
+    say(f"building and loading {args.messages} messages")
+    dovecot.add_user("bulk", PASSWORD)
+    corpus = make_corpus(args.messages, "bulk@example.test")
+    sizes = sorted(len(raw) for raw in corpus)
+    results["corpus"] = {
+        "mb": sum(sizes) / 1e6,
+        "median_kb": sizes[len(sizes) // 2] / 1e3,
+        "max_kb": sizes[-1] / 1e3,
+    }
+    append_parallel(dovecot, "bulk", corpus)
+    del corpus
+    say("raw fetch baseline")
+    results["raw"] = measure_raw(dovecot, "bulk")
+    say("naive floor (fetch + email policy.default + one INSERT per message)")
+    results["naive"] = measure_naive(dovecot, "bulk", workdir)
+    say("mailbridge run --once")
+    imported = measure_import(dovecot, "bulk", workdir, args.messages)
+    imported["ratio_to_raw"] = imported["msgs_per_s"] / results["raw"]["msgs_per_s"]
+    imported["ratio_to_naive"] = imported["msgs_per_s"] / results["naive"]["msgs_per_s"]
+    results["import"] = imported
 
 
 def _f(value: Any, digits: int = 0) -> str:
@@ -718,58 +784,23 @@ def _f(value: Any, digits: int = 0) -> str:
 
 
 def table(results: dict[str, Any]) -> Table:
-    raw, naive, imp = results["raw"], results["naive"], results["import"]
-    idle = results["idle"]
-    push = idle["push"]
     m = results["machine"]
+    corpus = f" ({results['corpus']['mb']:.0f} MB)" if "corpus" in results else ""
     out = Table(
         title=(
-            f"mailbridge bench - {results['messages']:,} messages "
-            f"({results['corpus']['mb']:.0f} MB) - {m['cpus']} x {m['cpu_model']}, "
-            f"Python {m['python']}, {m['date']}"
+            f"mailbridge bench - {results['messages']:,} messages{corpus} - "
+            f"{m['cpus']} x {m['cpu_model']}, Python {m['python']}, {m['date']}"
         )
     )
     out.add_column("measurement")
     out.add_column("result", justify="right")
     out.add_column("beside", justify="right")
-    out.add_row(
-        "raw UID FETCH BODY.PEEK[] (imaplib)",
-        f"{_f(raw['msgs_per_s'])} msgs/s",
-        f"{_f(raw['mb_per_s'], 1)} MB/s",
-    )
-    naive_rate = f"{_f(naive['msgs_per_s'])} msgs/s"
-    out.add_row("naive floor: fetch + policy.default + INSERT", naive_rate, "")
-    out.add_row(
-        "mailbridge run --once (full Inbox -> empty)",
-        f"{_f(imp['msgs_per_s'])} msgs/s",
-        f"{imp['ratio_to_naive']:.2f}x floor, {imp['ratio_to_raw']:.2f}x raw",
-    )
-    peak = f"{_f(imp['peak_rss_mb'])} MB ({_f(imp['peak_rss_with_workers_mb'])} MB)"
-    cpu = f"{imp['cpu_seconds']:.1f} s (+{imp['workers_cpu_seconds']:.1f} s)"
-    out.add_row("  peak RSS / CPU time (with parse workers)", peak, cpu)
-    out.add_row("  imported / left in Inbox", f"{imp['imported']:,}", f"{imp['left_in_inbox']:,}")
-    out.add_row(
-        "server push APPEND -> * EXISTS p50/p95/p99",
-        f"{_f(push['p50_ms'])}/{_f(push['p95_ms'])}/{_f(push['p99_ms'])} ms",
-        f"n={push['n']}",
-    )
-    out.add_row(
-        "IDLE APPEND -> committed row p50/p95/p99",
-        f"{_f(idle['p50_ms'])}/{_f(idle['p95_ms'])}/{_f(idle['p99_ms'])} ms",
-        f"p99 {idle['p99_over_push_ms']:+.0f} ms vs server",
-    )
+    if "import" in results:
+        _message_rows(out, results)
+    if "idle" in results:
+        _latency_rows(out, results["idle"])
     for fleet in results["fleets"]:
-        out.add_row(
-            f"{fleet['accounts']:,} idle accounts: RSS, CPU idle",
-            f"{_f(fleet['rss_mb'])} MB",
-            f"{fleet['idle_cpu_percent']:.2f} % of a core",
-        )
-        out.add_row(
-            "  IDLE p99 with the fleet connected (vs server push)",
-            f"{_f(fleet['p99_ms'])} ms",
-            f"{fleet['p99_over_push_ms']:+.0f} ms (server {_f(fleet['push']['p99_ms'])} ms)",
-        )
-        out.add_row("  time until every account is idle", f"{fleet['connect_seconds']:.1f} s", "")
+        _fleet_rows(out, fleet, results["server_hibernation"])
     sweep = results["sweep"]
     if sweep["status"] == "measured":
         out.add_row(
@@ -777,6 +808,12 @@ def table(results: dict[str, Any]) -> Table:
             f"{_f(sweep['msgs_per_s'])} msgs/s",
             f"{sweep['seconds']:.1f} s, {_f(sweep['peak_rss_mb'])} MB peak RSS",
         )
+        if "time_per_message_vs_import" in sweep:
+            out.add_row(
+                "  time per message / per MB, over the import's",
+                f"{sweep['time_per_message_vs_import']:.2f}x",
+                f"{sweep['time_per_mb_vs_import']:.2f}x",
+            )
         out.add_row(
             "  recovered to Processed / left in Failed",
             f"{sweep['recovered']:,}",
@@ -807,9 +844,70 @@ def table(results: dict[str, Any]) -> Table:
     return out
 
 
+def _message_rows(out: Table, results: dict[str, Any]) -> None:
+    raw, naive, imp = results["raw"], results["naive"], results["import"]
+    out.add_row(
+        "raw UID FETCH BODY.PEEK[] (imaplib)",
+        f"{_f(raw['msgs_per_s'])} msgs/s",
+        f"{_f(raw['mb_per_s'], 1)} MB/s",
+    )
+    naive_rate = f"{_f(naive['msgs_per_s'])} msgs/s"
+    out.add_row("naive floor: fetch + policy.default + INSERT", naive_rate, "")
+    out.add_row(
+        "mailbridge run --once (full Inbox -> empty)",
+        f"{_f(imp['msgs_per_s'])} msgs/s",
+        f"{imp['ratio_to_naive']:.2f}x floor, {imp['ratio_to_raw']:.2f}x raw",
+    )
+    peak = f"{_f(imp['peak_rss_mb'])} MB ({_f(imp['peak_rss_with_workers_mb'])} MB)"
+    cpu = f"{imp['cpu_seconds']:.1f} s (+{imp['workers_cpu_seconds']:.1f} s)"
+    out.add_row("  peak RSS / CPU time (with parse workers)", peak, cpu)
+    out.add_row("  imported / left in Inbox", f"{imp['imported']:,}", f"{imp['left_in_inbox']:,}")
+
+
+def _latency_rows(out: Table, idle: dict[str, Any]) -> None:
+    push = idle["push"]
+    out.add_row(
+        "server push APPEND -> * EXISTS p50/p95/p99",
+        f"{_f(push['p50_ms'])}/{_f(push['p95_ms'])}/{_f(push['p99_ms'])} ms",
+        f"n={push['n']}",
+    )
+    out.add_row(
+        "IDLE APPEND -> committed row p50/p95/p99",
+        f"{_f(idle['p50_ms'])}/{_f(idle['p95_ms'])}/{_f(idle['p99_ms'])} ms",
+        f"p99 {idle['p99_over_push_ms']:+.0f} ms vs server",
+    )
+
+
+def _fleet_rows(out: Table, fleet: dict[str, Any], hibernation: str) -> None:
+    out.add_row(
+        f"{fleet['accounts']:,} idle accounts: RSS, CPU idle",
+        f"{_f(fleet['rss_mb'])} MB",
+        f"{fleet['idle_cpu_percent']:.2f} % of a core",
+    )
+    if "p99_ms" in fleet:
+        out.add_row(
+            "  IDLE p99 with the fleet connected (vs server push)",
+            f"{_f(fleet['p99_ms'])} ms",
+            f"{fleet['p99_over_push_ms']:+.0f} ms (server {_f(fleet['push']['p99_ms'])} ms)",
+        )
+    out.add_row(
+        "  time until every account is idle",
+        f"{fleet['connect_seconds']:.1f} s",
+        f"mailbridge CPU {fleet.get('connect_cpu_seconds', 0):.1f} s",
+    )
+    procs = fleet.get("server_processes", {})
+    out.add_row(
+        f"  server: imap processes / hibernated in imap-hibernate ({hibernation})",
+        f"{procs.get('imap', 0):,}",
+        f"{procs.get('imap-hibernate', 0)} process(es)",
+    )
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n", 1)[0] if __doc__ else None)
-    parser.add_argument("--messages", type=int, default=10_000, help="messages to import")
+    parser.add_argument(
+        "--messages", type=int, default=10_000, help="messages to import (0 skips the import)"
+    )
     parser.add_argument(
         "--accounts",
         type=int,
@@ -817,7 +915,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         help="fleet size (repeatable; default 100 and 1000; 0 skips the fleets)",
     )
     parser.add_argument(
-        "--latency-messages", type=int, default=200, help="APPENDs per latency measurement"
+        "--latency-messages",
+        type=int,
+        default=200,
+        help="APPENDs per latency measurement (0 skips the latency runs)",
     )
     parser.add_argument(
         "--sweep-messages", type=int, default=1000, help="failed messages to sweep (0 skips)"

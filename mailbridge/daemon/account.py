@@ -42,9 +42,10 @@ from tenacity import RetryCallState, wait_random_exponential
 from mailbridge.config import AccountSettings, Settings
 from mailbridge.daemon.importstep import ImportStep
 from mailbridge.daemon.importstep import PassSummary as PassSummary  # moved there
-from mailbridge.daemon.importstep import _parse_batch as _parse_batch  # moved there
 from mailbridge.daemon.importstep import plan_batches as plan_batches  # moved there
-from mailbridge.daemon.parsing import parse_off_loop
+from mailbridge.daemon.parse_step import parse_batch as _parse_batch
+from mailbridge.daemon.parse_step import portable
+from mailbridge.daemon.parsing import POOL_MIN_BATCH, parse_off_loop, warm_up_pool
 from mailbridge.errors import MailbridgeError, StoreError
 from mailbridge.mail.auth.tokens import provider_for
 from mailbridge.mail.imap import FetchedMessage, ImapSession, imap_date
@@ -236,7 +237,7 @@ class AccountWorker:
                 self._failures = 0
                 if self.stopping.is_set():
                     break
-                if found.imported or found.duplicates or found.failed:
+                if found.handled:
                     # Mail that arrived during the pass is imported now, with one more SEARCH,
                     # rather than after the server's next IDLE push (Dovecot batches pushes for
                     # ~0.5 s): this kept IDLE latency p99 ~120 ms above the server's own.
@@ -379,6 +380,8 @@ class AccountWorker:
         summary, batches = await self.step.fail_too_large(session, metas)
         if not batches:
             return summary
+        if len(metas) >= POOL_MIN_BATCH:
+            warm_up_pool()  # worker processes start while the first batch is fetched
         # Pipelined: the next batch is fetched and parsed while this one is written and moved,
         # so IMAP, parsing and SQLite overlap (at most two batches, i.e. twice
         # limits.fetch_batch_max_mb of raw mail, are in memory). Reading ahead risks nothing
@@ -407,7 +410,9 @@ class AccountWorker:
     ) -> tuple[list[FetchedMessage], tuple[list[ImportItem], list[FailureInfo]]]:
         fetched = await session.fetch(uids)
         # A thread for a few messages, worker processes for a backlog (see daemon/parsing.py).
-        parsed = await parse_off_loop(_parse_batch, fetched, self.settings.limits.max_message_bytes)
+        parsed = await parse_off_loop(
+            _parse_batch, portable(fetched), self.settings.limits.max_message_bytes
+        )
         return fetched, parsed
 
     async def _import_batch(

@@ -11,19 +11,20 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import hashlib
-import traceback
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Any
 
+from mailbridge import metrics
 from mailbridge.config import AccountSettings, Settings
-from mailbridge.core.messagekey import content_fingerprint, failure_key
-from mailbridge.core.parse import parse_message, summarise_headers
-from mailbridge.core.policy import analyse
+from mailbridge.core.messagekey import failure_key
+from mailbridge.core.parse import summarise_headers
 from mailbridge.daemon.autoreply import queue_auto_replies
+from mailbridge.daemon.parse_step import parse_batch as _parse_batch
+from mailbridge.daemon.parse_step import portable
 from mailbridge.daemon.parsing import parse_off_loop
-from mailbridge.errors import MessageError, describe
+from mailbridge.errors import describe
 from mailbridge.mail.imap import FetchedMessage, ImapSession, MessageMeta
 from mailbridge.store.asyncrepo import AsyncRepository
 from mailbridge.store.base import (
@@ -46,6 +47,12 @@ class PassSummary:
     discarded: int = 0  # automatic mail the policy did not import (moved to Processed)
     bounces: int = 0  # delivery reports recorded as delivery errors (moved to Processed)
 
+    @property
+    def handled(self) -> int:
+        """Messages this pass took out of the Inbox (or left in Failed), whatever became of
+        them: the live loop searches again at once after any."""
+        return self.imported + self.duplicates + self.failed + self.discarded + self.bounces
+
     def add(self, other: PassSummary) -> None:
         self.imported += other.imported
         self.discarded += other.discarded
@@ -53,54 +60,6 @@ class PassSummary:
         self.duplicates += other.duplicates
         self.failed += other.failed
         self.failures.extend(other.failures)
-
-
-def _parse_batch(
-    fetched: Sequence[FetchedMessage], max_attachment_bytes: int
-) -> tuple[list[ImportItem], list[FailureInfo]]:
-    """Parse a fetched batch; runs on a worker thread, never on the event loop."""
-    items: list[ImportItem] = []
-    failures: list[FailureInfo] = []
-    for message in fetched:
-        try:
-            parsed = parse_message(
-                message.raw,
-                max_attachment_bytes=max_attachment_bytes,
-                # A missing, broken or future Date falls back to when the message arrived.
-                arrival=message.internaldate,
-            )
-        except MessageError as exc:
-            failures.append(_failure_from_raw(message, exc.code, str(exc)))
-        except Exception as exc:  # the parser promises MessageError; a bug must not stop the batch
-            failure = _failure_from_raw(
-                message, "internal", f"unexpected {type(exc).__name__} in the parser: {exc}"
-            )
-            failures.append(dataclasses.replace(failure, traceback=traceback.format_exc()))
-        else:
-            # What core/policy.py needs: the automatic verdict and any delivery report.
-            automatic, report = analyse(message.raw, parsed)
-            items.append(
-                ImportItem(uid=message.uid, message=parsed, automatic=automatic, report=report)
-            )
-    return items, failures
-
-
-def _failure_from_raw(message: FetchedMessage, code: str, reason: str) -> FailureInfo:
-    """Describe a message we could not parse, from what its headers still tell."""
-    headers = summarise_headers(message.raw)
-    return FailureInfo(
-        uid=message.uid,
-        # One key per content, resolved when this message itself is imported.
-        message_key=failure_key(headers.message_id, content_fingerprint(message.raw)),
-        code=code,
-        reason=reason,
-        message_id=headers.message_id,
-        subject=headers.subject,
-        from_address=headers.from_address,
-        # When it arrived (INTERNALDATE), as the recovery sweep's age limit counts it.
-        date=message.internaldate,
-        size=len(message.raw),
-    )
 
 
 def _failure_from_result(
@@ -226,7 +185,7 @@ class ImportStep:
         if parsed is None:
             # A thread for a few messages, worker processes for a backlog (daemon/parsing.py).
             parsed = await parse_off_loop(
-                _parse_batch, fetched, self.settings.limits.max_message_bytes
+                _parse_batch, portable(fetched), self.settings.limits.max_message_bytes
             )
         items, failures = parsed
         context = ImportContext.for_account(self.settings, self.account)
@@ -324,6 +283,15 @@ class ImportStep:
         summary.failures = failures
         # Automatic replies to new conversations, queued in the outbox (daemon/autoreply.py).
         await queue_auto_replies(self.settings, self.account, self.repo, items, results, arrived)
+        metrics.record_pass(
+            self.account.name,
+            summary.imported,
+            summary.duplicates,
+            summary.failed,
+            [arrived.get(r.uid) for r in results if r.outcome is Outcome.IMPORTED],
+            discarded=summary.discarded,
+            bounces=summary.bounces,
+        )
 
         # Only now, with everything committed, does mail leave the Inbox. \Seen is set just
         # before the move, on the Inbox copies (no SELECT of the target folder): a connection

@@ -69,7 +69,7 @@ from mailbridge.core.outbox import (
 )
 from mailbridge.core.parse import parse_message
 from mailbridge.core.templates import HistoryMessage, MergeData, has_codes, render, render_text
-from mailbridge.errors import MailbridgeError, ServerError, StoreError
+from mailbridge.errors import ConfigError, MailbridgeError, StoreError
 from mailbridge.mail.imap import ImapSession, quote
 from mailbridge.mail.smtp import SendError, SmtpSender
 from mailbridge.store.base import ImportContext
@@ -293,11 +293,25 @@ class OutboxWorker:
             self.watch.close()
 
     async def run_once(self) -> OutboxSummary:
-        """Resolve rows left ``sending``, then send every row due now (``run --once``)."""
+        """Resolve rows left ``sending``, then send every row due now (``run --once``).
+
+        Beside a running daemon (its wake socket answers) rows in ``sending`` are the daemon's
+        attempts in flight, not a crash's: they are left to it (it resolves its own at start).
+        """
         summary = OutboxSummary()
-        await self.recover(summary)
+        if self._daemon_running():
+            log.info("outbox_recovery_left_to_daemon", reason="a daemon serves this database")
+        else:
+            await self.recover(summary)
         await self.send_due(summary)
         return summary
+
+    def _daemon_running(self) -> bool:
+        try:
+            database = self.settings.outbox_database()
+        except ConfigError:
+            return False
+        return notify_daemon(database)
 
     async def _guarded(self, work: Awaitable[object]) -> bool:
         """Run ``work``; False (logged, after a 5 s pause) when it failed."""
@@ -348,14 +362,7 @@ class OutboxWorker:
             ):
                 found = await self._in_sent_folder(account, row.message_id)
             outcome = recovered_state(found) if row.raw is not None else "queued"
-            log.warning(
-                "outbox_interrupted_attempt",
-                account=row.account,
-                outbox=row.id,
-                message_id=row.message_id,
-                found_in_sent=found,
-                outcome="recorded as sent" if outcome == "sent" else "sent again, same Message-ID",
-            )
+            # Stored, then logged: the row reads as the line says.
             if outcome == "sent" and row.raw is not None:
                 await self._record_sent(account, [(row, row.raw, ())], summary, append=False)
             else:
@@ -368,6 +375,14 @@ class OutboxWorker:
                     "Message-ID",
                     now=datetime.now(UTC),
                 )
+            log.warning(
+                "outbox_interrupted_attempt",
+                account=row.account,
+                outbox=row.id,
+                message_id=row.message_id,
+                found_in_sent=found,
+                outcome="recorded as sent" if outcome == "sent" else "sent again, same Message-ID",
+            )
 
     async def _in_sent_folder(self, account: AccountSettings, message_id: str) -> bool | None:
         """Whether the Sent folder holds ``message_id``; None when it cannot be told."""
@@ -407,9 +422,15 @@ class OutboxWorker:
             by_account: dict[str, list[OutboxRow]] = {}
             for row in rows:
                 by_account.setdefault(row.account, []).append(row)
-            await asyncio.gather(
-                *(self._send_account(accounts[n], rs, summary) for n, rs in by_account.items())
+            # Every account's sending ends before a failure is raised: the caller then resolves
+            # the rows left 'sending' (recover), which must not catch another account's in flight.
+            outcomes = await asyncio.gather(
+                *(self._send_account(accounts[n], rs, summary) for n, rs in by_account.items()),
+                return_exceptions=True,
             )
+            for outcome in outcomes:
+                if isinstance(outcome, BaseException):
+                    raise outcome
         return summary
 
     async def _send_account(
@@ -483,9 +504,12 @@ class OutboxWorker:
                     row, exc.code, exc.reply, permanent=exc.permanent, summary=summary
                 )
                 continue
-            except ServerError as exc:
+            except StoreError:
+                raise  # the database, not the server: the round fails and recover() resolves it
+            except MailbridgeError as exc:  # ServerError, or a secret/token not to be had
                 await self._failed(row, exc.code, str(exc), permanent=False, summary=summary)
-                # The server is the problem, not the row: the account's other rows wait.
+                # The server (or the sign-in) is the problem, not the row: the account's other
+                # rows wait.
                 self._pause(account.name)
                 await self._release([r for r, _p in ready[index + 1 :]], str(exc))
                 return None, False
@@ -855,6 +879,9 @@ class _SentRecorder:
         self.summary = summary
         self.pending: list[tuple[OutboxRow, bytes, Sequence[MessageAction]]] = []
         self.task: asyncio.Task[None] | None = None
+        # The first commit that failed: raised by flush() even when a later task succeeded, so
+        # the round fails and the worker resolves the rows left ``sending`` (recover).
+        self.error: Exception | None = None
 
     def add(self, row: OutboxRow, raw: bytes, actions: Sequence[MessageAction]) -> None:
         self.pending.append((row, raw, actions))
@@ -864,7 +891,11 @@ class _SentRecorder:
     async def _drain(self) -> None:
         while self.pending:
             batch, self.pending = self.pending, []
-            await self.worker._record_sent(self.account, batch, self.summary)
+            try:
+                await self.worker._record_sent(self.account, batch, self.summary)
+            except Exception as exc:  # kept for flush(); the next rows are still recorded
+                if self.error is None:
+                    self.error = exc
 
     async def flush(self) -> None:
         """Wait until every accepted row is recorded (raises what recording raised)."""
@@ -873,6 +904,9 @@ class _SentRecorder:
             await task
             if self.pending:
                 self.task = asyncio.create_task(self._drain())
+        if self.error is not None:
+            error, self.error = self.error, None
+            raise error
 
 
 def attachment_allowed(path: Path, directories: Sequence[Path]) -> bool:

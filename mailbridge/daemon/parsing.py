@@ -17,16 +17,18 @@ batch gets a fresh pool.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import multiprocessing
 import os
-import threading
-import time
-from collections.abc import Callable, Sequence
+import sys
+from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import ProcessPoolExecutor
 from concurrent.futures.process import BrokenProcessPool
 from typing import Final, TypeVar
 
 import structlog
+
+from mailbridge.daemon.parse_step import exit_with_parent
 
 log = structlog.get_logger("mailbridge.parsing")
 
@@ -52,36 +54,55 @@ def _get_pool(workers: int) -> ProcessPoolExecutor:
     global _pool
     if _pool is None:
         context = multiprocessing.get_context("forkserver")
-        # Workers fork from a server that has imported the parser already.
-        context.set_forkserver_preload(["mailbridge.daemon.account"])
+        # Workers fork from a server that has imported the parser already (and only that).
+        context.set_forkserver_preload(["mailbridge.daemon.parse_step"])
         _pool = ProcessPoolExecutor(
             max_workers=workers,
             mp_context=context,
-            initializer=_exit_with,
+            initializer=exit_with_parent,
             initargs=(os.getpid(),),
         )
         log.debug("parse_pool_started", workers=workers)
     return _pool
 
 
-def _exit_with(daemon_pid: int) -> None:
-    """Pool worker start-up: exit when the daemon is gone.
+def warm_up_pool() -> None:
+    """Start the worker processes now (a backlog was found), so that their start-up - a
+    forkserver and two interpreters importing the parser, about a second on a busy machine -
+    overlaps the first FETCH instead of delaying the first parse. Does nothing without workers,
+    or when they run already."""
+    workers = pool_workers()
+    if workers == 0 or _pool is not None:
+        return
+    try:
+        pool = _get_pool(workers)
+        with _spawning():
+            for _ in range(workers):  # workers are spawned on demand: one job each
+                pool.submit(os.getpid)
+    except (OSError, RuntimeError) as exc:  # parse_off_loop falls back to a thread
+        log.debug("parse_pool_warm_up_failed", error=repr(exc))
 
-    A worker waits on a queue whose write end it holds itself, so it would outlive a daemon
-    killed with SIGKILL (found by ``scripts/crashtest``); a daemon thread watches instead.
+
+@contextlib.contextmanager
+def _spawning() -> Iterator[None]:
+    """Start workers without re-running the main script in each of them.
+
+    multiprocessing "prepares" a spawned or forkserver child by running the parent's main
+    script again (as ``__mp_main__``) when the parent was started as a script, not with ``-m``.
+    Under the ``mailbridge`` console script (what the systemd unit runs) that imported the whole
+    CLI - pydantic, SQLite, the IMAP client, rich - in every worker before it parsed a message.
+    The parser needs none of it: while workers start, the main module shows no file to re-run.
     """
-
-    def watch() -> None:
-        while True:
-            time.sleep(1.0)
-            try:
-                os.kill(daemon_pid, 0)
-            except ProcessLookupError:
-                os._exit(0)
-            except PermissionError:  # the pid was reused by another user's process
-                os._exit(0)
-
-    threading.Thread(target=watch, name="mailbridge-parent-watch", daemon=True).start()
+    main = sys.modules.get("__main__")
+    path = getattr(main, "__file__", None)
+    if main is None or path is None or getattr(main, "__spec__", None) is not None:
+        yield  # started with -m (or interactively): nothing is re-run
+        return
+    del main.__file__
+    try:
+        yield
+    finally:
+        main.__file__ = path
 
 
 def shutdown_pool() -> None:
@@ -122,9 +143,9 @@ async def parse_off_loop(
     chunks = [list(fetched[i : i + size]) for i in range(0, len(fetched), size)]
     try:
         pool = _get_pool(workers)
-        parts = await asyncio.gather(
-            *(loop.run_in_executor(pool, parse, chunk, max_bytes) for chunk in chunks)
-        )
+        with _spawning():  # a worker is started (if needed) inside submit, synchronously
+            futures = [loop.run_in_executor(pool, parse, chunk, max_bytes) for chunk in chunks]
+        parts = await asyncio.gather(*futures)
     except (BrokenProcessPool, OSError, RuntimeError) as exc:
         # A killed worker, or no way to start processes here: parse on a thread instead.
         log.warning("parse_pool_unavailable", error=repr(exc), fallback="thread")

@@ -30,13 +30,15 @@ import contextlib
 import math
 import signal
 from collections import Counter
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 
 import structlog
 
+from mailbridge import metrics
 from mailbridge.config import AccountSettings, LogSettings, Settings, load_config
 from mailbridge.daemon.account import AccountWorker, PassSummary
+from mailbridge.daemon.limits import raise_fd_limit
 from mailbridge.daemon.outbox import OutboxSummary, OutboxWorker
 from mailbridge.daemon.sweep import run_schedule
 from mailbridge.daemon.systemd import Notifier
@@ -65,7 +67,12 @@ STUCK_GRACE_SECONDS = 60.0
 # database path needs a service restart, and log is applied on its own (reconfigure_log, where
 # flags override it). Every other key, including one added later, restarts every account.
 # The outbox worker reads `outbox` afresh at every look, so it needs no restart either.
-_NOT_IMPORT_GLOBALS = frozenset({"accounts", "database", "log", "source", "outbox"})
+_NOT_IMPORT_GLOBALS = frozenset({"accounts", "database", "log", "metrics", "source", "outbox"})
+# How often the Failed-folder sizes shown by the metrics endpoint are read from the database.
+METRICS_REFRESH_SECONDS = 30.0
+# At most one STATUS= datagram per this many seconds from state changes: 10,000 accounts
+# connecting make tens of thousands of changes, and systemd needs to show only the latest line.
+STATUS_MIN_INTERVAL_SECONDS = 1.0
 
 # Why a PostgreSQL daemon does not send (the outbox is built on SQLite only so far).
 _NO_OUTBOX = "sending (the outbox) works with a SQLite database only for now"
@@ -109,6 +116,11 @@ class Supervisor:
         self.repo: AsyncRepository | None = None
         self.running: dict[str, _Running] = {}
         self.states: dict[str, AccountState] = {}
+        # Accounts per state, kept up to date at each change: the STATUS= line is built from
+        # these counts, never by walking every account (O(accounts) per change before).
+        self.state_counts: Counter[str] = Counter()
+        self._status_handle: asyncio.TimerHandle | None = None
+        self._status_sent = -math.inf  # loop time of the last STATUS= datagram
         self._stop = asyncio.Event()
         self._reload = asyncio.Event()
         self.outbox: OutboxWorker | None = None
@@ -123,6 +135,19 @@ class Supervisor:
 
     async def run(self) -> int:
         self.repo = await open_repository(self.settings.database, self.settings)
+        raise_fd_limit(sum(1 for a in self.settings.accounts if a.enabled))
+        refresh: asyncio.Task[None] | None = None
+        if self.settings.metrics is not None:
+            try:
+                metrics.enable(self.settings.metrics.host, self.settings.metrics.port)
+            except OSError as exc:
+                await self.repo.aclose()
+                raise ConfigError(
+                    f"cannot listen on {self.settings.metrics.listen}: {exc.strerror or exc}",
+                    path="metrics.listen",
+                ) from exc
+            log.info("metrics_listening", listen=self.settings.metrics.listen)
+            refresh = asyncio.create_task(self._refresh_metrics(), name="metrics")
         loop = asyncio.get_running_loop()
         for sig, handler in (
             (signal.SIGTERM, self.request_stop),
@@ -161,9 +186,31 @@ class Supervisor:
         finally:
             for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
                 loop.remove_signal_handler(sig)
+            if refresh is not None:
+                refresh.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await refresh
+                metrics.disable()
             await self.repo.aclose()
 
     # -- internals -----------------------------------------------------------------------------
+
+    async def _refresh_metrics(self) -> None:
+        """Every METRICS_REFRESH_SECONDS: the Failed-folder size of each account, for metrics."""
+        assert self.repo is not None
+        while True:
+            recorder = metrics.current()
+            if recorder is not None:
+                try:
+                    states = await self.repo.account_states()
+                except MailbridgeError as exc:
+                    log.warning("metrics_refresh_failed", code=exc.code, error=str(exc))
+                else:
+                    # An account without a row yet (just started) has no failures either.
+                    counts = dict.fromkeys(self.running, 0)
+                    counts.update((s.account, s.failed) for s in states if s.account in counts)
+                    recorder.failed_folder(counts.items())
+            await asyncio.sleep(METRICS_REFRESH_SECONDS)
 
     async def _supervise(self) -> None:
         """The supervisor's own loop: watchdog, reloads, restarting crashed workers, the drain.
@@ -326,6 +373,8 @@ class Supervisor:
             return
         if new.database != self.settings.database:
             log.warning("reload_database_change_ignored", remedy="restart the service to move it")
+        if new.metrics != self.settings.metrics:
+            log.warning("reload_metrics_change_ignored", remedy="restart the service to apply it")
         if new.log != self.settings.log:
             if self.reconfigure_log is None:
                 log.warning("reload_log_change_ignored", remedy="restart the service to apply it")
@@ -355,8 +404,14 @@ class Supervisor:
         self.settings = new
         await self._stop_workers(changed)
         for name in changed:
-            self.states.pop(name, None)
+            self._forget_state(name)
+            if name not in new_accounts:
+                recorder = metrics.current()
+                if recorder is not None:
+                    recorder.forget(name)
         started = [name for name in new_accounts if name not in self.running]
+        if started:
+            raise_fd_limit(len(new_accounts))  # says fd_limit if the new fleet is too large
         for name in started:
             self._start(new_accounts[name])
         # An unchanged account may be backing off from a problem fixed outside the config (a
@@ -386,13 +441,49 @@ class Supervisor:
         )
 
     def _on_state(self, state: AccountState) -> None:
+        """A worker's state changed: O(1), and STATUS= follows within a second (throttled)."""
+        metrics.record_state(state)  # every report, also a renewed IDLE (its age restarts)
         previous = self.states.get(state.account)
         self.states[state.account] = state
-        if previous is None or previous.state != state.state:
+        if previous is not None and previous.state == state.state:
+            return
+        if previous is not None:
+            self._uncount(previous.state)
+        self.state_counts[state.state] += 1
+        self._status_soon()
+
+    def _forget_state(self, account: str) -> None:
+        previous = self.states.pop(account, None)
+        if previous is not None:
+            self._uncount(previous.state)
+
+    def _uncount(self, state: str) -> None:
+        self.state_counts[state] -= 1
+        if self.state_counts[state] <= 0:
+            del self.state_counts[state]
+
+    def _status_soon(self) -> None:
+        """Publish STATUS= now, or once STATUS_MIN_INTERVAL_SECONDS after the last one."""
+        if self._status_handle is not None:
+            return  # one is scheduled; it will show the counts as they are then
+        try:
+            loop = asyncio.get_running_loop()
+        except RuntimeError:  # called outside the daemon's loop (a test): no throttling
             self._publish_status()
+            return
+        delay = self._status_sent + STATUS_MIN_INTERVAL_SECONDS - loop.time()
+        if delay <= 0:
+            self._publish_status()
+        else:
+            self._status_handle = loop.call_later(delay, self._publish_status)
 
     def _publish_status(self) -> None:
-        self.notifier.status(summarise_states(self.states.values(), len(self.running)))
+        if self._status_handle is not None:
+            self._status_handle.cancel()
+            self._status_handle = None
+        with contextlib.suppress(RuntimeError):
+            self._status_sent = asyncio.get_running_loop().time()
+        self.notifier.status(format_status(self.state_counts, len(self.running)))
 
 
 def import_globals_changed(old: Settings, new: Settings) -> list[str]:
@@ -423,8 +514,12 @@ def _needs_operator(worker: AccountWorker) -> str | None:
 
 def summarise_states(states: object, total: int) -> str:
     """The systemd STATUS= line: '3 accounts: 2 idle, 1 auth_failed'."""
-    counts = Counter(s.state for s in states)  # type: ignore[attr-defined]
-    parts = ", ".join(f"{n} {state}" for state, n in sorted(counts.items()))
+    return format_status(Counter(s.state for s in states), total)  # type: ignore[attr-defined]
+
+
+def format_status(counts: Mapping[str, int], total: int) -> str:
+    """The STATUS= line from accounts per state: O(distinct states), not O(accounts)."""
+    parts = ", ".join(f"{n} {state}" for state, n in sorted(counts.items()) if n > 0)
     return f"{total} account{'s' if total != 1 else ''}" + (f": {parts}" if parts else "")
 
 
@@ -443,6 +538,7 @@ async def run_once(settings: Settings, accounts: list[str] | None = None) -> lis
         chosen = [
             a for a in settings.accounts if a.enabled and (accounts is None or a.name in accounts)
         ]
+        raise_fd_limit(len(chosen))
 
         async def one(account: AccountSettings) -> OnceResult:
             worker = AccountWorker(settings, account, repo)

@@ -47,6 +47,7 @@ import structlog
 from mailbridge.config import AccountSettings, Settings
 from mailbridge.daemon.account import open_session
 from mailbridge.daemon.importstep import ImportStep
+from mailbridge.daemon.parsing import POOL_MIN_BATCH, warm_up_pool
 from mailbridge.errors import MailbridgeError
 from mailbridge.mail.imap import FetchedMessage, ImapSession, MessageMeta, imap_date
 from mailbridge.store.asyncrepo import AsyncRepository
@@ -187,16 +188,22 @@ async def retry_failed(
 
 
 async def fetch_failed(
-    account: AccountSettings, uids: Sequence[int], fields: Sequence[str]
-) -> list[tuple[MessageMeta, FetchedMessage]]:
+    account: AccountSettings, uids: Sequence[int], fields: Sequence[str], whole_up_to: int = 0
+) -> list[tuple[MessageMeta, FetchedMessage, bool]]:
     """Size, arrival and the header ``fields`` of these UIDs in the Failed folder, as the server
-    has them; never the body (it may be the one too large to download)."""
+    has them, and whether the whole message was fetched: only one of at most ``whole_up_to``
+    bytes is (BODY.PEEK[]); a larger one (maybe the one too large to download) never is."""
     session = await open_session(account)
     try:
         await session.select(account.folders.failed)
         metas = {m.uid: m for m in await session.fetch_meta(uids)}
-        headers = await session.fetch_headers(list(metas), fields)
-        return [(metas[h.uid], h) for h in headers if h.uid in metas]
+        small = [uid for uid, meta in metas.items() if meta.size <= whole_up_to]
+        whole = {m.uid: m for m in await session.fetch(small)} if small else {}
+        rest = [uid for uid in metas if uid not in whole]
+        headers = {h.uid: h for h in await session.fetch_headers(rest, fields)} if rest else {}
+        found = [(metas[u], whole[u], True) for u in metas if u in whole]
+        found += [(metas[u], headers[u], False) for u in metas if u in headers]
+        return found
     finally:
         await session.close()
 
@@ -236,6 +243,7 @@ async def sweep_and_record(
         older_failures_left=summary.left_old,
         held_internal=summary.held_internal,
         reconciled=summary.reconciled,
+        discarded=summary.discarded,  # automatic mail and bounces, moved to Processed
         reasons=summary.reasons(),
         seconds=round((summary.finished - summary.started).total_seconds(), 3),
     )
@@ -356,6 +364,8 @@ async def _retry_failed(
         summary.held_internal += len(recent) - len(metas)
     if progress is not None:
         progress("failed", 0, len(metas))
+    if len(metas) >= POOL_MIN_BATCH:
+        warm_up_pool()  # parse workers start while the first batch is fetched
     large, batches = await worker.fail_too_large(session, metas, in_failed=True)
     summary.retried += large.failed
     summary.still_failing.extend(large.failures)

@@ -1138,6 +1138,9 @@ def _map_error(exc: BaseException, what: str, timeout: float) -> ServerError:
         return ServerError(
             f"{what}: connection lost ({type(exc).__name__})", code="connection_lost"
         )
+    if isinstance(exc, OSError) and exc.errno in (errno.EMFILE, errno.ENFILE):
+        # Out of file descriptors (too many accounts for RLIMIT_NOFILE): not a lost connection.
+        return ServerError(f"{what}: {exc.strerror or 'too many open files'}", code="fd_limit")
     if isinstance(exc, OSError):
         unreachable = {errno.EHOSTUNREACH, errno.ENETUNREACH, errno.EADDRNOTAVAIL, errno.EHOSTDOWN}
         code = "unreachable" if exc.errno in unreachable else "connection_lost"

@@ -7,12 +7,16 @@ wait on the database, so :class:`AsyncRepository` runs every call on one dedicat
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import os
+import threading
+import time
 from collections.abc import Callable, Collection, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from datetime import datetime
 from typing import TYPE_CHECKING, TypeVar
 
+from mailbridge import metrics
 from mailbridge.errors import StoreError
 from mailbridge.store.base import (
     AccountState,
@@ -58,6 +62,10 @@ class AsyncRepository:
         # The first job on the (FIFO, single) worker, so it is done before any call runs.
         self._opened: Future[Repository] = self._executor.submit(factory)
         self._closed = False
+        # State changes waiting for the one job that will store them (set_account_state).
+        self._states: dict[str, AccountState] = {}
+        self._states_flush: asyncio.Future[None] | None = None
+        self._states_lock = threading.Lock()
 
     @classmethod
     def sqlite(
@@ -93,7 +101,14 @@ class AsyncRepository:
         self, context: ImportContext, items: Sequence[ImportItem]
     ) -> list[ImportResult]:
         batch = tuple(items)  # the caller may reuse its list while the thread works
-        return await self._run(lambda repo: repo.import_batch(context, batch))
+
+        def timed(repo: Repository) -> list[ImportResult]:
+            started = time.perf_counter()
+            results = repo.import_batch(context, batch)
+            metrics.record_commit(time.perf_counter() - started)  # a no-op without metrics
+            return results
+
+        return await self._run(timed)
 
     async def mark_read(self, conversation_id: int) -> bool:
         return await self._run(lambda repo: repo.mark_read(conversation_id))
@@ -126,7 +141,38 @@ class AsyncRepository:
         )
 
     async def set_account_state(self, state: AccountState) -> None:
-        await self._run(lambda repo: repo.set_account_state(state))
+        """Store ``state``, coalesced with every other state change made meanwhile.
+
+        Changes wait in a dict (one entry per account; ``imported`` deltas add up) and one job
+        on the database thread writes them all in one transaction (``set_account_states``,
+        without its own fsync on SQLite). Returns once ``state`` is stored, so a reader never
+        sees an older state than a caller that already returned.
+        """
+        if self._closed:
+            raise StoreError("the repository is closed", code="database_error")
+        with self._states_lock:
+            earlier = self._states.get(state.account)
+            if earlier is not None:
+                state = dataclasses.replace(
+                    state,
+                    imported=earlier.imported + state.imported,
+                    last_import=state.last_import or earlier.last_import,
+                )
+            self._states[state.account] = state
+            flush = self._states_flush
+            if flush is None:
+                loop = asyncio.get_running_loop()
+                flush = loop.run_in_executor(self._executor, self._call, self._flush_states)
+                self._states_flush = flush
+        await asyncio.shield(flush)
+
+    def _flush_states(self, repo: Repository) -> None:
+        """On the database thread: take every waiting state change and store them at once."""
+        with self._states_lock:
+            batch = list(self._states.values())
+            self._states.clear()
+            self._states_flush = None
+        repo.set_account_states(batch)
 
     async def account_states(self) -> list[AccountState]:
         return await self._run(lambda repo: repo.account_states())

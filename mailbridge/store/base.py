@@ -446,6 +446,10 @@ class Repository(Protocol):
     def set_account_state(self, state: AccountState) -> None:
         """Replace the stored state of ``state.account`` (``imported`` is added, not set)."""
 
+    def set_account_states(self, states: Sequence[AccountState]) -> None:
+        """Store several accounts' states in one transaction (SQLite: without its own fsync;
+        the rows are advisory)."""
+
     def account_states(self) -> list[AccountState]:
         """Every account's stored state, with ``failed`` counted from unresolved failures."""
 

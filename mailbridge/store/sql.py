@@ -416,28 +416,16 @@ class SqlRepository:
     # -- account state ------------------------------------------------------------------------
 
     def set_account_state(self, state: AccountState) -> None:
-        with self._sql(f"record the state of {state.account}", write=True) as sql:
-            # ``imported`` is a delta. A missing last_import keeps the stored one: "no import
-            # in this update" must not erase when the last import happened.
-            sql.execute(
-                "INSERT INTO accountstate (account, state, code, detail, since, lastimport,"
-                " imported, updated) VALUES (?, ?, ?, ?, ?, ?, ?, ?)"
-                " ON CONFLICT (account) DO UPDATE SET state = excluded.state,"
-                " code = excluded.code, detail = excluded.detail, since = excluded.since,"
-                " lastimport = COALESCE(excluded.lastimport, accountstate.lastimport),"
-                " imported = accountstate.imported + excluded.imported,"
-                " updated = excluded.updated",
-                (
-                    state.account,
-                    state.state,
-                    state.code,
-                    state.detail,
-                    iso(state.since) if state.since is not None else None,
-                    iso(state.last_import) if state.last_import is not None else None,
-                    state.imported,
-                    iso(state.updated) if state.updated is not None else now_text(),
-                ),
-            )
+        self.set_account_states([state])
+
+    def set_account_states(self, states: Sequence[AccountState]) -> None:
+        """Store several accounts' states in one transaction (the daemon coalesces the state
+        changes made while one write is under way: ``AsyncRepository.set_account_state``)."""
+        if not states:
+            return
+        with self._sql(f"record the state of {len(states)} account(s)", write=True) as sql:
+            for state in states:
+                write_account_state(sql, state)
 
     def account_states(self) -> list[AccountState]:
         query = """
@@ -656,4 +644,29 @@ def _delivery_error_record(row: dict[str, Any]) -> DeliveryErrorRecord:
         report_from=row["reportfrom"] or "",
         date=parse_time(row["date"]),
         resolved=parse_time(row["resolved"]),
+    )
+
+
+def write_account_state(sql: Sql, state: AccountState) -> None:
+    """Upsert one ``accountstate`` row. ``imported`` is a delta; a missing last_import keeps
+    the stored one ("no import in this update" must not erase when the last import happened).
+    """
+    sql.execute(
+        "INSERT INTO accountstate (account, state, code, detail, since, lastimport,"
+        " imported, updated) VALUES (?, ?, ?, ?, ?, ?, ?, ?)"
+        " ON CONFLICT (account) DO UPDATE SET state = excluded.state,"
+        " code = excluded.code, detail = excluded.detail, since = excluded.since,"
+        " lastimport = COALESCE(excluded.lastimport, accountstate.lastimport),"
+        " imported = accountstate.imported + excluded.imported,"
+        " updated = excluded.updated",
+        (
+            state.account,
+            state.state,
+            state.code,
+            state.detail,
+            iso(state.since) if state.since is not None else None,
+            iso(state.last_import) if state.last_import is not None else None,
+            state.imported,
+            iso(state.updated) if state.updated is not None else now_text(),
+        ),
     )

@@ -43,6 +43,7 @@ from mailbridge.core.messagekey import (
 from mailbridge.errors import StoreError
 from mailbridge.store.asyncrepo import AsyncRepository
 from mailbridge.store.base import (
+    AccountState,
     ImportContext,
     ImportItem,
     ImportResult,
@@ -76,6 +77,7 @@ from mailbridge.store.sql import (
     now_text,
     parse_time,
     q,
+    write_account_state,
 )
 
 # Re-exported while branches written before the move still import them from here.
@@ -770,6 +772,34 @@ class SqliteRepository(SqlRepository):
                 return None
             rows = list(self._db.query("SELECT * FROM textsnippet WHERE name = ?", [name]))
         return _snippet(rows[0])
+
+    # -- account state ------------------------------------------------------------------------
+
+    def set_account_states(self, states: Sequence[AccountState]) -> None:
+        """Store several accounts' states in one transaction, without its own fsync.
+
+        The rows are advisory (what ``status`` shows), so this commit runs with
+        ``synchronous=NORMAL``: in WAL mode it is then made durable by the next FULL commit
+        (the next import), and a power cut can at worst lose a few state changes, never an
+        import. With 10,000 accounts a synced commit per state change queued an fsync each in
+        front of the imports on the one database thread.
+        """
+        if not states:
+            return
+        what = f"record the state of {states[0].account}" + (
+            f" and {len(states) - 1} more accounts" if len(states) > 1 else ""
+        )
+        try:
+            self._conn.execute("PRAGMA synchronous=NORMAL")
+        except sqlite3.Error as exc:
+            raise _store_error(exc, what) from exc
+        try:
+            with self._sql(what, write=True) as sql:
+                for state in states:
+                    write_account_state(sql, state)
+        finally:
+            with contextlib.suppress(sqlite3.Error):  # a closed connection: nothing to restore
+                self._conn.execute("PRAGMA synchronous=FULL")
 
     def close(self) -> None:
         if self._closed:

@@ -108,7 +108,14 @@ class Dovecot:
         max_user_connections: int = 50,
         process_limit: int = 1024,
         oauth2_introspection_url: str | None = None,
+        hibernate_seconds: float | None = None,
+        client_limit: int | None = None,
     ) -> None:
+        """``process_limit``: most ``imap`` processes at once (one per session not parked).
+        ``hibernate_seconds``: park a session that has been in IDLE this long in the one
+        ``imap-hibernate`` process (``imap_hibernate_timeout``), as a fleet server would; its
+        ``client_limit`` (default ``process_limit``) bounds the parked sessions, and the
+        connections anvil, auth and the login processes track."""
         self.workdir = Path(workdir)
         self.tls = tls
         # XOAUTH2/OAUTHBEARER logins checked by this RFC 7662 introspection endpoint
@@ -116,6 +123,8 @@ class Dovecot:
         self.oauth2_introspection_url = oauth2_introspection_url
         self.max_user_connections = max_user_connections
         self.process_limit = process_limit
+        self.hibernate_seconds = hibernate_seconds
+        self.client_limit = client_limit if client_limit is not None else process_limit
         self.port = free_port()
         self._tls_port = free_port() if tls else 0
         self.config_path = self.workdir / "dovecot.conf"
@@ -458,6 +467,21 @@ class Dovecot:
         tmp.chmod(0o644)
         os.replace(tmp, path)
 
+    def server_processes(self) -> dict[str, int]:
+        """How many of this instance's processes run under each name (``imap``,
+        ``imap-hibernate``, ``imap-login`` ...): shows whether idle sessions were parked."""
+        pid = self._master_pid()
+        counts: dict[str, int] = {}
+        if pid is None:
+            return counts
+        for child in _children(pid):
+            try:
+                name = Path(f"/proc/{child}/comm").read_text().strip()
+            except OSError:
+                continue
+            counts[name] = counts.get(name, 0) + 1
+        return counts
+
     def _master_pid(self) -> int | None:
         try:
             return int((self.workdir / "run" / "master.pid").read_text().strip())
@@ -579,6 +603,8 @@ protocol imap {{
   mailbox_idle_check_interval = 1 secs
 }}
 """
+        if self.hibernate_seconds is not None:
+            conf += _hibernation(self.hibernate_seconds, self.client_limit)
         self.config_path.write_text(conf, encoding="utf-8")
         self._configured = True
 
@@ -629,6 +655,44 @@ protocol imap {{
             result = subprocess.run(command, capture_output=True, text=True, check=False)
             if result.returncode != 0:
                 raise DovecotError(f"openssl failed: {result.stderr.strip()}")
+
+
+def _hibernation(seconds: float, clients: int) -> str:
+    """Settings that park IDLE sessions in one ``imap-hibernate`` process (Dovecot 2.3).
+
+    Both unix listeners are opened to the mail processes (they run as another user than the
+    master's children expect in a throwaway instance); the client limits cover every parked
+    session plus the ones being set up, and anvil, which tracks every connection.
+    """
+    limit = clients + 1000
+    return f"""
+imap_hibernate_timeout = {max(1, round(seconds))}s
+default_client_limit = {limit}
+service imap-hibernate {{
+  process_limit = 4
+  client_limit = {limit}
+  unix_listener imap-hibernate {{
+    mode = 0666
+  }}
+}}
+service imap {{
+  unix_listener imap-master {{
+    mode = 0666
+  }}
+}}
+service imap-login {{
+  # High-performance mode: login processes are reused instead of one fork per connection.
+  service_count = 0
+  process_min_avail = 2
+  client_limit = {limit}
+}}
+service anvil {{
+  client_limit = {limit}
+}}
+service auth {{
+  client_limit = {limit}
+}}
+"""
 
 
 def _make_traversable(directory: Path) -> None:

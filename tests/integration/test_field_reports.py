@@ -280,6 +280,35 @@ def test_failed_show_lists_what_the_parser_notes(
     assert "  defect: date-missing" in out
 
 
+def test_failed_show_does_not_parse_a_message_it_did_not_download(
+    tmp_path: Path, dovecot: Any, imap_user: Any, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """A message over limits.message_max_size_mb is never downloaded, in `failed show` either;
+    its header fields alone would read as a multipart without its boundaries (made-up
+    defects), so it is not parsed."""
+    data = config_data(tmp_path, dovecot, imap_user)
+    data["limits"] = {"message_max_size_mb": 1, "attachment_max_size_mb": 5}
+    path = write_config(tmp_path, data)
+    big = EmailMessage()
+    big["From"] = "Ann <ann@customer.example>"
+    big["To"] = imap_user.address
+    big["Subject"] = "Scans"
+    big["Date"] = "Mon, 30 Nov 2026 11:00:00 +0000"
+    big["Message-ID"] = "<big-scans@customer.example>"
+    big.set_content("Scans attached.")
+    big.add_attachment(b"\0" * 1_500_000, maintype="application", subtype="octet-stream")
+    deliver(dovecot, imap_user, big.as_bytes())
+    assert cli_main(["-c", str(path), "run", "--once"]) == 0
+    [uid] = dovecot.folder_uids(imap_user.login, imap_user.password, FAILED)
+    capsys.readouterr()
+    assert cli_main(["-c", str(path), "failed", "show", str(uid)]) == 0
+    out = capsys.readouterr().out
+    assert "too_large" in out
+    assert "Subject: Scans" in out
+    assert "defect:" not in out
+    assert "not downloaded" in out
+
+
 def test_reused_id_failures_are_one_row_each_and_kept_by_other_imports(
     tmp_path: Path, dovecot: Any, imap_user: Any, capsys: pytest.CaptureFixture[str]
 ) -> None:

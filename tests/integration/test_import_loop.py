@@ -703,3 +703,37 @@ def test_sigterm_mid_batch_drains_the_batch_in_flight(
     assert len(processed) == imported  # every committed message was moved before exit
     assert len(inbox) == 300 - imported  # the rest is untouched, to import on the next start
     assert set(dovecot.unseen(imap_user.login, imap_user.password, "INBOX")) == set(inbox)
+
+
+async def test_mail_arriving_during_a_pass_that_only_discarded_is_imported_without_waiting(
+    tmp_path: Path, dovecot: Any, imap_user: Any
+) -> None:
+    """A pass that found mail searches the Inbox again at once: the server announced what
+    arrived meanwhile (EXISTS) inside that pass's commands, not to the next IDLE. A pass whose
+    only mail was discarded (automatic) or a bounce must count as one that found mail, or the
+    new message waits for the IDLE timeout (here 20 minutes)."""
+    settings = make_settings(tmp_path, dovecot, imap_user, idle_timeout_seconds=1200)
+    robot = mail("Automatic reply: hello", to=imap_user.address, Auto_Submitted="auto-replied")
+    dovecot.append(imap_user.login, imap_user.password, robot.as_bytes())
+    person = mail("Arrived during the pass", to=imap_user.address)
+    worker, task, repo = await run_worker(settings)
+    real_import = repo.import_batch
+    arrived = False
+
+    async def import_batch(context: Any, items: Any) -> Any:
+        nonlocal arrived
+        if not arrived:
+            arrived = True  # delivered while the robot's pass is under way
+            await asyncio.to_thread(
+                dovecot.append, imap_user.login, imap_user.password, person.as_bytes()
+            )
+        return await real_import(context, items)
+
+    repo.import_batch = import_batch
+    try:
+        await eventually(lambda: count_messages(settings) == 1, within=15, what="the person's mail")
+    finally:
+        await stop_worker(worker, task, repo)
+    with db(settings) as conn:
+        subjects = [r[0] for r in conn.execute("SELECT subject FROM conversationmessage")]
+    assert subjects == ["Arrived during the pass"]

@@ -923,3 +923,103 @@ async def test_an_unreachable_server_is_retried_and_a_row_expires(
         "send_expired",
     )
     assert "connection refused" in expired["lasterror"]
+
+
+async def test_run_once_beside_a_running_daemon_leaves_the_daemons_attempt_alone(
+    tmp_path: Path, sink: SmtpSink
+) -> None:
+    """``run --once`` (after ``reply``, say) while the daemon is sending: a row the daemon has
+    marked ``sending`` is its attempt in flight, not one a crash left behind. Resolving it as
+    after a crash sent it a second time (and the daemon then recorded it sent as well)."""
+    from datetime import UTC, datetime
+
+    from mailbridge.daemon.outbox import Watch
+
+    settings = parse_config(offline_config(tmp_path, sink))
+    conversation = seed_conversation(settings)
+    outbox_id = queue(
+        settings,
+        OutgoingRequest(account="support", conversation_id=conversation, body_text="Hello"),
+    )
+    repo = await open_repository(settings.database, settings)
+    try:
+        daemon = OutboxWorker(settings, repo)
+        [due] = await repo.outbox_due(["support"], datetime.now(UTC), 10)
+        prepared = await daemon._prepare(settings.accounts[0], due)
+        began = await repo.outbox_begin([(outbox_id, prepared.fix)], datetime.now(UTC))
+        assert began == {outbox_id}  # the daemon is now between MAIL FROM and DATA's reply
+        watch = Watch(settings.outbox_database())  # the daemon's wake socket
+        watch.open()
+        try:
+            await OutboxWorker(settings, repo).run_once()
+        finally:
+            watch.close()
+    finally:
+        await repo.aclose()
+    assert sink.received == []
+    assert row(settings, outbox_id)["state"] == "sending"
+
+
+async def test_a_missing_password_file_is_a_failed_attempt_not_a_row_stuck_sending(
+    tmp_path: Path, sink: SmtpSink
+) -> None:
+    """A secret that cannot be read (ConfigError, not a server's error) when the connection is
+    opened: the row is retried later with the code, like any connection failure. It escaped
+    the send loop instead, leaving the row ``sending`` (re-queued by the next round's recovery,
+    begun again, forever, never expiring) and failing the other accounts' round."""
+    data = offline_config(tmp_path, sink)
+    data["accounts"][0]["auth"] = {"username": "support", "password_file": str(tmp_path / "gone")}
+    settings = parse_config(data)
+    conversation = seed_conversation(settings)
+    outbox_id = queue(
+        settings,
+        OutgoingRequest(account="support", conversation_id=conversation, body_text="Hello"),
+    )
+    await send_pass(settings)
+    found = row(settings, outbox_id)
+    assert found["state"] == "queued"
+    assert found["lasterrorcode"] == "secret_missing"
+    assert found["nextattempt"] is not None
+    assert sink.received == []
+
+
+async def test_an_interrupted_attempt_is_stored_resolved_before_it_is_logged(
+    tmp_path: Path, sink: SmtpSink, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Store, then log: whoever reads ``mailbridge outbox`` on seeing the
+    ``outbox_interrupted_attempt`` line finds the row as the line reports it (queued again)."""
+    from datetime import UTC, datetime
+
+    from mailbridge.daemon import outbox as outbox_module
+
+    settings = parse_config(offline_config(tmp_path, sink))
+    conversation = seed_conversation(settings)
+    outbox_id = queue(
+        settings,
+        OutgoingRequest(account="support", conversation_id=conversation, body_text="Hello"),
+    )
+    seen: list[str] = []
+    real_log = outbox_module.log
+
+    class Probe:
+        def __getattr__(self, level: str) -> Any:
+            method = getattr(real_log, level)
+
+            def emit(event: str, **kw: Any) -> Any:
+                if event == "outbox_interrupted_attempt":
+                    seen.append(row(settings, outbox_id)["state"])
+                return method(event, **kw)
+
+            return emit
+
+    repo = await open_repository(settings.database, settings)
+    try:
+        worker = OutboxWorker(settings, repo)
+        [due] = await repo.outbox_due(["support"], datetime.now(UTC), 10)
+        prepared = await worker._prepare(settings.accounts[0], due)
+        await repo.outbox_begin([(outbox_id, prepared.fix)], datetime.now(UTC))  # then kill -9
+        monkeypatch.setattr(outbox_module, "log", Probe())
+        await worker.recover()
+    finally:
+        await repo.aclose()
+    assert seen == ["queued"]

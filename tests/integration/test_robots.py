@@ -254,7 +254,7 @@ async def test_the_recovery_sweep_applies_the_policy_and_counts_it(
 ) -> None:
     from datetime import UTC, datetime, timedelta
 
-    from mailbridge.daemon.sweep import sweep
+    from mailbridge.daemon.sweep import sweep_and_record
     from mailbridge.store.sqlite import open_repository
 
     now = datetime.now(UTC)
@@ -273,11 +273,14 @@ async def test_the_recovery_sweep_applies_the_policy_and_counts_it(
     settings = settings_for(tmp_path, dovecot, imap_user)
     repo = await open_repository(settings.database)
     try:
-        summary = await sweep(settings, settings.accounts[0], repo, now=now)
+        with capture_logs() as logs:
+            summary = await sweep_and_record(settings, settings.accounts[0], repo)
     finally:
         await repo.aclose()
     assert (summary.inbox_imported, summary.discarded) == (1, 2)
     assert "discarded or bounces 2" in summary.line()
+    [done] = [e for e in logs if e["event"] == "sweep_done"]
+    assert (done["inbox_imported"], done["discarded"]) == (1, 2)  # the log line counts them too
     assert dovecot.folder_uids(login, password) == []
     assert _processed(dovecot, imap_user) == 3
     assert rows(settings, "SELECT subject FROM conversationmessage") == [("A person's question",)]

@@ -159,3 +159,19 @@ def test_account_policy_from_the_config(tmp_path: Path) -> None:
     result = _run("-c", str(config), "inspect", sample, "--json", "--account", "support")
     assert result.returncode == 0, result.stderr.decode()
     assert json.loads(result.stdout)["disposition"]["new"]["action"] == "import"
+
+
+def test_a_reader_that_goes_away_ends_the_command_quietly() -> None:
+    """`mailbridge inspect --json FILE | head -1`: no traceback, the SIGPIPE exit status."""
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "mailbridge", "inspect", "--json", str(SAMPLES / "o365_ndr.eml")],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+    )
+    assert proc.stdout is not None
+    assert proc.stderr is not None
+    proc.stdout.close()  # the reader is gone before the first line
+    err = proc.stderr.read().decode()
+    proc.stderr.close()
+    assert proc.wait(timeout=60) == 141
+    assert "Traceback" not in err

@@ -461,3 +461,39 @@ def test_check_config_warns_about_unverified_database_tls(
     )
     main(["-c", str(path), "check-config"])
     assert "sslmode=require does not verify the server's certificate" in capsys.readouterr().err
+
+
+def test_check_config_checks_the_parent_tables_of_an_existing_database(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """A config that `status` and `run` refuse (a parent table without a configured column)
+    is refused by check-config too, naming the key: its fix says to run check-config."""
+    import sqlite3
+
+    from mailbridge.cli import main
+
+    database = tmp_path / "data" / "mailbridge.db"
+    database.parent.mkdir()
+    conn = sqlite3.connect(database)
+    conn.execute("CREATE TABLE ticket (id INTEGER PRIMARY KEY, title TEXT)")
+    conn.commit()
+    conn.close()
+    path = tmp_path / "config.yaml"
+    path.write_text(
+        f"database: {database}\n"
+        "conversation_parents:\n"
+        "  - table: ticket\n"
+        "    properties:\n"
+        "      - {column: title, message_property: subject}\n"
+        "      - {column: description, message_property: plain_text}\n"
+        "accounts:\n"
+        "  - name: support\n"
+        "    address: support@example.com\n"
+        "    imap: {host: imap.example.com}\n"
+        "    auth: {username: u, password: check-config-parents-pw}\n"
+    )
+    path.chmod(0o600)
+    assert main(["-c", str(path), "check-config"]) == 78
+    err = capsys.readouterr().err
+    assert "conversation_parents[0].properties[1].column" in err
+    assert "description" in err

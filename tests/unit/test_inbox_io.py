@@ -14,7 +14,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from mailbridge.config import parse_config
-from mailbridge.daemon import importstep as importstep_module
+from mailbridge.daemon import parse_step
 from mailbridge.daemon.account import _parse_batch, plan_batches
 from mailbridge.daemon.supervisor import Supervisor, _Running
 from mailbridge.errors import ConfigError
@@ -62,7 +62,7 @@ def test_a_parser_bug_is_internal_with_its_traceback(monkeypatch: pytest.MonkeyP
     def broken(raw: bytes, **_: Any) -> Any:
         raise ZeroDivisionError("a bug in the parser")
 
-    monkeypatch.setattr(importstep_module, "parse_message", broken)
+    monkeypatch.setattr(parse_step, "parse_message", broken)
     raw = b"Message-ID: <a@b>\r\nSubject: x\r\n\r\nbody\r\n"
     items, failures = _parse_batch([FetchedMessage(1, raw, None, frozenset())], 10**6)
     assert items == []

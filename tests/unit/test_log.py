@@ -185,3 +185,54 @@ def test_bad_level_or_format_is_refused() -> None:
         configure_logging("loud", stream=io.StringIO())
     with pytest.raises(ValueError, match="format"):
         configure_logging("info", "xml", stream=io.StringIO())
+
+
+def _many_secrets(count: int) -> list[str]:
+    # Distinct, of 12 different lengths, none containing another (the prefix makes them unique).
+    return [f"s{i:05d}-" + "k" * (i % 12) + "Z" for i in range(count)]
+
+
+def test_registering_many_secrets_compiles_a_bounded_number_of_patterns(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    # 10,000 accounts register 10,000 passwords, with log lines in between. Recompiling one
+    # pattern of all secrets at every registration made that quadratic (5.4 s for 1,000 on the
+    # event loop): compilations must not grow with the number of secrets.
+    compiled = 0
+    real = mblog._compile_secrets
+
+    def counting(values: set[str]) -> object:
+        nonlocal compiled
+        compiled += 1
+        return real(values)
+
+    monkeypatch.setattr(mblog, "_compile_secrets", counting)
+    values = _many_secrets(2_000)
+    try:
+        for value in values:
+            register_secret(value)
+            mblog._mask("a log line between two registrations")
+        assert compiled <= mblog._PATTERN_MAX
+        for value in (values[0], values[999], values[-1]):
+            assert mblog._mask(f"x{value}y") == "x***y"
+        assert mblog._mask({"detail": [f"{values[5]} and {values[6]}"]}) == {
+            "detail": ["*** and ***"]
+        }
+    finally:
+        for value in values:
+            unregister_secret(value)
+    assert mblog._mask(f"x{values[0]}y") == f"x{values[0]}y"
+
+
+@pytest.mark.parametrize("count", [3, 200])  # the compiled pattern, and the length table
+def test_a_secret_containing_another_is_masked_whole(count: int) -> None:
+    values = [*_many_secrets(count), "inner-Secret", "outer-inner-Secret-tail"]
+    try:
+        for value in values:
+            register_secret(value)
+        assert mblog._mask("a outer-inner-Secret-tail b") == "a *** b"
+        assert mblog._mask("inner-Secretinner-Secret") == "******"
+        assert mblog._mask("no secret here") == "no secret here"
+    finally:
+        for value in values:
+            unregister_secret(value)

@@ -75,3 +75,14 @@ def test_hardening_and_owner_only_state() -> None:
     assert "@system-service" in keys["SystemCallFilter"]
     # With ProtectSystem=strict only the state directory is writable: the database lives there.
     assert one("ReadWritePaths") == "/var/lib/mailbridge"
+
+
+def test_open_files_limit_fits_ten_thousand_accounts() -> None:
+    from mailbridge.daemon.limits import fds_needed
+
+    soft, _, hard = one("LimitNOFILE").partition(":")
+    assert int(soft) >= fds_needed(10_000)
+    assert int(hard or soft) >= int(soft)
+    # the daemon's own setrlimit (raising soft to hard) must not be killed by the filter
+    allowed_again = [v for v in unit()["SystemCallFilter"] if not v.startswith("~")]
+    assert any("setrlimit" in v.split() and "prlimit64" in v.split() for v in allowed_again)
