@@ -31,36 +31,29 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import dataclasses
-import hashlib
 import time
 import weakref
 from collections.abc import Awaitable, Callable, Sequence
-from dataclasses import dataclass, field
 from datetime import UTC, date, datetime, timedelta
 
 import structlog
 from tenacity import RetryCallState, wait_random_exponential
 
-from mailbridge import metrics
 from mailbridge.config import AccountSettings, Settings
-from mailbridge.core.messagekey import failure_key
-from mailbridge.core.parse import summarise_headers
-from mailbridge.daemon.autoreply import queue_auto_replies
+from mailbridge.daemon.importstep import ImportStep
+from mailbridge.daemon.importstep import PassSummary as PassSummary  # moved there
+from mailbridge.daemon.importstep import plan_batches as plan_batches  # moved there
 from mailbridge.daemon.parse_step import parse_batch as _parse_batch
 from mailbridge.daemon.parse_step import portable
 from mailbridge.daemon.parsing import POOL_MIN_BATCH, parse_off_loop, warm_up_pool
-from mailbridge.errors import MailbridgeError, StoreError, describe
+from mailbridge.errors import MailbridgeError, StoreError
 from mailbridge.mail.auth.tokens import provider_for
-from mailbridge.mail.imap import FetchedMessage, ImapSession, MessageMeta, imap_date
+from mailbridge.mail.imap import FetchedMessage, ImapSession, imap_date
 from mailbridge.store.asyncrepo import AsyncRepository
 from mailbridge.store.base import (
     AccountState,
     FailureInfo,
-    ImportContext,
     ImportItem,
-    ImportResult,
-    Outcome,
 )
 
 log = structlog.get_logger("mailbridge.account")
@@ -99,93 +92,6 @@ def backoff_seconds(error: MailbridgeError, failures: int) -> float:
     state = RetryCallState(retry_object=None, fn=None, args=(), kwargs={})  # type: ignore[arg-type]
     state.attempt_number = max(1, failures)
     return float(wait(state))
-
-
-@dataclass
-class PassSummary:
-    """What one import pass did."""
-
-    imported: int = 0
-    duplicates: int = 0
-    failed: int = 0
-    failures: list[FailureInfo] = field(default_factory=list)
-    discarded: int = 0  # automatic mail the policy did not import (moved to Processed)
-    bounces: int = 0  # delivery reports recorded as delivery errors (moved to Processed)
-
-    @property
-    def handled(self) -> int:
-        """Messages this pass took out of the Inbox (or left in Failed), whatever became of
-        them: the live loop searches again at once after any."""
-        return self.imported + self.duplicates + self.failed + self.discarded + self.bounces
-
-    def add(self, other: PassSummary) -> None:
-        self.imported += other.imported
-        self.discarded += other.discarded
-        self.bounces += other.bounces
-        self.duplicates += other.duplicates
-        self.failed += other.failed
-        self.failures.extend(other.failures)
-
-
-def _failure_from_result(
-    item: ImportItem, result: ImportResult, arrived: datetime | None
-) -> FailureInfo:
-    msg = item.message
-    return FailureInfo(
-        uid=item.uid,
-        message_key=failure_key(msg.message_id, msg.fingerprint),  # as for a parse failure
-        code=result.error_code or "import_failed",
-        reason=result.error_reason or "the database refused the message",
-        message_id=msg.message_id,
-        subject=msg.subject,
-        from_address=msg.from_address.email if msg.from_address else "",
-        date=arrived or msg.date,  # INTERNALDATE, as for a message that failed to parse
-        size=msg.size,
-        traceback=result.traceback,
-    )
-
-
-def _failure_too_large(meta: MessageMeta, headers: bytes | None, limit_bytes: int) -> FailureInfo:
-    """The failure of a message over ``limits.message_max_size_mb``, from its RFC822.SIZE and
-    the few header fields fetched instead of the body. Without a Message-ID its key is a hash of
-    those fields and the size (the whole message, which the usual key hashes, is not fetched)."""
-    summary = summarise_headers(headers or b"")
-    key = summary.message_id or (
-        "sha256:" + hashlib.sha256((headers or b"") + b"\0" + str(meta.size).encode()).hexdigest()
-    )
-    mib = 1024 * 1024
-    return FailureInfo(
-        uid=meta.uid,
-        message_key=key,
-        code="too_large",
-        reason=f"the message is {meta.size / mib:.1f} MB, over limits.message_max_size_mb "
-        f"({limit_bytes / mib:g} MB); it was not downloaded",
-        message_id=summary.message_id,
-        subject=summary.subject,
-        from_address=summary.from_address,
-        date=meta.internaldate,
-        size=meta.size,
-    )
-
-
-def plan_batches(
-    sizes: Sequence[tuple[int, int]], max_count: int, max_bytes: int
-) -> list[list[int]]:
-    """Cut ``(uid, size)`` pairs, in order, into UID batches of at most ``max_count`` messages
-    whose sizes add up to at most ``max_bytes``. A message larger than ``max_bytes`` on its own
-    (but within the message size limit, checked before) is a batch by itself."""
-    batches: list[list[int]] = []
-    current: list[int] = []
-    total = 0
-    for uid, size in sizes:
-        if current and (len(current) >= max_count or total + size > max_bytes):
-            batches.append(current)
-            current, total = [], 0
-        current.append(uid)
-        total += size
-    if current:
-        batches.append(current)
-    return batches
 
 
 async def inbox_backlog(session: ImapSession) -> int:
@@ -233,6 +139,8 @@ class AccountWorker:
         # tried at once instead of after up to 30 minutes.
         self._wake = asyncio.Event()
         self.busy = False  # True while a batch is between fetch and move: the drain waits for it
+        # The import step, shared with the recovery sweep (daemon/importstep.py).
+        self.step = ImportStep(settings, account, repo, stopping=self.stopping, log=self.log)
         self._backlog_checked = False  # the Inbox backlog is looked at once per worker
         self._secret_warned_on: date | None = None  # client_secret_expires: one warning a day
         self._refresh_retry_at = 0.0  # after a transient refresh failure: when to try again
@@ -469,7 +377,7 @@ class AccountWorker:
             return PassSummary()
         self.log.info("import_pending", messages=len(uids))
         metas = await session.fetch_meta(uids)
-        summary, batches = await self.fail_too_large(session, metas)
+        summary, batches = await self.step.fail_too_large(session, metas)
         if not batches:
             return summary
         if len(metas) >= POOL_MIN_BATCH:
@@ -496,28 +404,6 @@ class AccountWorker:
             with contextlib.suppress(asyncio.CancelledError, Exception):
                 await ahead  # retrieve its outcome; an error was raised above already
         return summary
-
-    async def fail_too_large(
-        self, session: ImapSession, metas: Sequence[MessageMeta], *, in_failed: bool = False
-    ) -> tuple[PassSummary, list[list[int]]]:
-        """Send the messages over ``limits.message_max_size_mb`` to Failed (``too_large``)
-        without downloading them; return that pass and the batches (UIDs) of the rest, bounded
-        by ``limits.fetch_batch_size`` and ``limits.fetch_batch_max_mb`` (:func:`plan_batches`).
-        With ``in_failed`` (the sweep, in the selected Failed folder) they stay where they are.
-        """
-        limits = self.settings.limits
-        limit = limits.message_max_bytes
-        too_large = [m for m in metas if m.size > limit]
-        summary = PassSummary()
-        for start in range(0, len(too_large), limits.fetch_batch_size):
-            chunk = too_large[start : start + limits.fetch_batch_size]
-            headers = {m.uid: m.raw for m in await session.fetch_headers([m.uid for m in chunk])}
-            failures = [_failure_too_large(m, headers.get(m.uid), limit) for m in chunk]
-            summary.add(
-                await self.process_fetched(session, [], in_failed=in_failed, parsed=([], failures))
-            )
-        fits = [(m.uid, m.size) for m in metas if m.size <= limit]
-        return summary, plan_batches(fits, limits.fetch_batch_size, limits.fetch_batch_max_bytes)
 
     async def _fetch_and_parse(
         self, session: ImapSession, uids: Sequence[int]
@@ -550,7 +436,7 @@ class AccountWorker:
         started = time.monotonic()
         await self._set_state("importing")
         fetched, parsed = prefetched
-        summary = await self.process_fetched(session, fetched, parsed=parsed)
+        summary = await self.step.process_fetched(session, fetched, parsed=parsed)
 
         now = datetime.now(UTC)
         await self._set_state(
@@ -569,164 +455,3 @@ class AccountWorker:
             seconds=round(time.monotonic() - started, 3),
         )
         return summary
-
-    async def process_fetched(
-        self,
-        session: ImapSession,
-        fetched: Sequence[FetchedMessage],
-        *,
-        in_failed: bool = False,
-        parsed: tuple[list[ImportItem], list[FailureInfo]] | None = None,
-    ) -> PassSummary:
-        """Parse, import in one transaction, record the failures, then move: the one import step.
-
-        The live loop calls it for Inbox mail; the recovery sweep (:mod:`mailbridge.daemon.sweep`)
-        for Inbox mail the loop missed and, with ``in_failed``, for messages retried where they
-        are, in the (selected) Failed folder. Imported mail and duplicates go to Processed. A
-        failing Inbox message goes to Failed; a failing retried one stays in Failed, its row in
-        ``importfailure`` updated (attempts + 1, the new reason) and keeping its Failed-folder UID.
-        ``parsed`` is ``_parse_batch(fetched)`` when the caller parsed ahead (the pipelined loop).
-        """
-        if parsed is None:
-            # A thread for a few messages, worker processes for a backlog (daemon/parsing.py).
-            parsed = await parse_off_loop(
-                _parse_batch, portable(fetched), self.settings.limits.max_message_bytes
-            )
-        items, failures = parsed
-        context = ImportContext.for_account(self.settings, self.account)
-        results = await self.repo.import_batch(context, items) if items else []
-
-        summary = PassSummary()
-        done_uids: list[int] = []
-        by_uid = {item.uid: item for item in items}
-        arrived = {message.uid: message.internaldate for message in fetched}
-        for result in results:
-            if result.outcome is Outcome.FAILED:
-                item = by_uid[result.uid]
-                failures.append(_failure_from_result(item, result, arrived.get(result.uid)))
-                continue
-            done_uids.append(result.uid)
-            if result.outcome is Outcome.IMPORTED:
-                summary.imported += 1
-                parsed_message = by_uid[result.uid].message
-                self.log.info(
-                    "message_imported",
-                    uid=result.uid,
-                    message_id=parsed_message.message_id,
-                    message_key=result.message_key,
-                    conversation=result.conversation_id,
-                    new_conversation=result.new_conversation,
-                )
-                if result.reused_key is not None:
-                    # Stored already (committed above); the sender reuses its Message-IDs.
-                    self.log.warning(
-                        "message_id_reused",
-                        uid=result.uid,
-                        message_id=parsed_message.message_id,
-                        message_key=result.message_key,
-                        stored_message_key=result.reused_key,
-                    )
-                if parsed_message.defects:
-                    # Stored on the message (conversationmessage.defects) before this line.
-                    self.log.info(
-                        "message_defects",  # the account is bound to self.log
-                        uid=result.uid,
-                        message_key=result.message_key,
-                        defects=list(parsed_message.defects),
-                    )
-            elif result.outcome is Outcome.DISCARDED:
-                summary.discarded += 1
-                self.log.info(
-                    "message_discarded",
-                    uid=result.uid,
-                    message_id=by_uid[result.uid].message.message_id,
-                    reason=result.error_reason,
-                )
-            elif result.outcome is Outcome.BOUNCE:
-                summary.bounces += 1
-                report = by_uid[result.uid].report
-                event = "bounce_recorded" if result.delivery_errors_matched else "bounce_unmatched"
-                log_method = self.log.info if result.delivery_errors_matched else self.log.warning
-                log_method(
-                    event,
-                    uid=result.uid,
-                    message_id=by_uid[result.uid].message.message_id,
-                    kind=report.kind if report is not None else None,
-                    original_message_id=report.original_message_id if report else None,
-                    recipients=[r.address for r in report.recipients] if report else [],
-                    errors=result.delivery_errors,
-                    matched=result.delivery_errors_matched,
-                )
-            elif result.outcome is Outcome.IGNORED:
-                # The account's own mail continuing nothing: moved to Processed, not stored.
-                summary.duplicates += 1
-                self.log.info(
-                    "message_ignored", uid=result.uid, reason=result.error_reason or "own mail"
-                )
-            else:
-                summary.duplicates += 1
-                self.log.info("message_duplicate", uid=result.uid, message_key=result.message_key)
-        if failures:
-            # Committed before the move: a message never reaches Failed without its reason.
-            rows = await self._with_inbox_uids(failures) if in_failed else failures
-            await self.repo.record_failures(self.account.name, rows)
-            for failure in failures:
-                # A bug (code internal) is an error with its traceback, so it can be reported.
-                emit = self.log.error if failure.traceback else self.log.warning
-                extra = {"traceback": failure.traceback} if failure.traceback else {}
-                emit(
-                    "message_failed",
-                    uid=failure.uid,
-                    folder=self.account.folders.failed if in_failed else self.account.folders.inbox,
-                    message_id=failure.message_id,
-                    code=failure.code,
-                    reason=failure.reason,
-                    remedy=describe(failure.code).remedy,
-                    **extra,
-                )
-        summary.failed = len(failures)
-        summary.failures = failures
-        # Automatic replies to new conversations, queued in the outbox (daemon/autoreply.py).
-        await queue_auto_replies(self.settings, self.account, self.repo, items, results, arrived)
-        metrics.record_pass(
-            self.account.name,
-            summary.imported,
-            summary.duplicates,
-            summary.failed,
-            [arrived.get(r.uid) for r in results if r.outcome is Outcome.IMPORTED],
-            discarded=summary.discarded,
-            bounces=summary.bounces,
-        )
-
-        # Only now, with everything committed, does mail leave the Inbox. \Seen is set just
-        # before the move, on the Inbox copies (no SELECT of the target folder): a connection
-        # lost between the two leaves committed mail \Seen in the Inbox, which the next pass
-        # finds all the same (the Inbox is the queue, not UNSEEN) and moves as a duplicate.
-        folders = self.account.folders
-        if done_uids:
-            await session.move(done_uids, folders.processed)
-        if failures and in_failed:
-            # Still where it was: recording the failure cleared its Failed-folder UID; restore it.
-            uids = {f.message_key: f.uid for f in failures}
-            await self.repo.set_failure_folder_uids(self.account.name, uids)
-        elif failures:
-            moved = await session.move([f.uid for f in failures], folders.failed)
-            keyed = {f.message_key: moved[f.uid] for f in failures if f.uid in moved}
-            if keyed:
-                await self.repo.set_failure_folder_uids(self.account.name, keyed)
-        return summary
-
-    async def _with_inbox_uids(self, failures: Sequence[FailureInfo]) -> list[FailureInfo]:
-        """Failures of retried messages, carrying the Inbox UID of their first failure.
-
-        ``importfailure.uid`` is the UID the message had in the Inbox; a retry only knows its
-        Failed-folder UID, which must not overwrite it.
-        """
-        known = {
-            r.message_key: r.uid
-            for r in await self.repo.failures(self.account.name, include_resolved=True)
-        }
-        return [
-            dataclasses.replace(f, uid=known[f.message_key]) if f.message_key in known else f
-            for f in failures
-        ]

@@ -4,7 +4,7 @@ One sweep of an account, on its own IMAP connection (the live loop keeps its IDL
 
 1. **Failed folder.** Messages that arrived less than ``recovery.max_failed_age_days`` ago are
    fetched and imported again, with the same code as the live loop
-   (:meth:`AccountWorker.process_fetched`). Imported ones (and ones found already imported) move
+   (:meth:`ImportStep.process_fetched`). Imported ones (and ones found already imported) move
    to Processed; ones that fail again stay in Failed, their ``importfailure`` row updated with
    the new reason and one more attempt. ``UID SEARCH SINCE`` only knows whole days of the
    server's own time zone, so it is asked from a day early (:func:`since_date`) and the
@@ -45,7 +45,8 @@ from datetime import UTC, datetime, timedelta
 import structlog
 
 from mailbridge.config import AccountSettings, Settings
-from mailbridge.daemon.account import AccountWorker, open_session
+from mailbridge.daemon.account import open_session
+from mailbridge.daemon.importstep import ImportStep
 from mailbridge.daemon.parsing import POOL_MIN_BATCH, warm_up_pool
 from mailbridge.errors import MailbridgeError
 from mailbridge.mail.imap import FetchedMessage, ImapSession, MessageMeta, imap_date
@@ -319,16 +320,15 @@ def _worker(
     account: AccountSettings,
     repo: AsyncRepository,
     stopping: asyncio.Event | None,
-) -> AccountWorker:
-    # Only for its import step: this worker never runs a loop, so it never writes the account's
-    # state (that is the live loop's); the sweep's own summary is recorded separately.
-    worker = AccountWorker(settings, account, repo, stopping=stopping)
-    worker.log = worker.log.bind(sweep=True)
-    return worker
+) -> ImportStep:
+    # The import step alone: the sweep never writes the account's state (that is the live
+    # loop's); its own summary is recorded separately.
+    bound = structlog.get_logger("mailbridge.account").bind(account=account.name, sweep=True)
+    return ImportStep(settings, account, repo, stopping=stopping or asyncio.Event(), log=bound)
 
 
 async def _retry_failed(
-    worker: AccountWorker,
+    worker: ImportStep,
     session: ImapSession,
     summary: SweepSummary,
     *,
@@ -387,7 +387,7 @@ async def _retry_failed(
 
 
 async def _reconcile(
-    worker: AccountWorker,
+    worker: ImportStep,
     session: ImapSession,
     summary: SweepSummary,
     known: Sequence[FailureRecord],
@@ -428,7 +428,7 @@ async def _reconcile(
 
 
 async def _import_missed(
-    worker: AccountWorker,
+    worker: ImportStep,
     session: ImapSession,
     summary: SweepSummary,
     *,

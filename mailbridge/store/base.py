@@ -33,17 +33,25 @@ from typing import TYPE_CHECKING, Protocol
 
 from mailbridge.core.automatic import AutomaticVerdict
 from mailbridge.core.bounce import Bounce
-from mailbridge.core.model import ParsedMessage
-from mailbridge.core.policy import AutomaticPolicy
+from mailbridge.core.model import Attachment, ParsedMessage
+from mailbridge.core.planner import (
+    CitedRow,
+    ConversationValues,
+    FollowerLink,
+    FollowerPlan,
+    FollowerRow,
+    MessageValues,
+    ParentRecord,
+    PropertyLookup,
+)
 
 if TYPE_CHECKING:
     from mailbridge.config import (
-        AccountSettings,
         ConversationParentSettings,
         FollowerParentSettings,
-        Identification,
-        Settings,
     )
+
+from mailbridge.core.planner import ImportContext as ImportContext  # moved to the planner
 
 
 class Outcome(enum.StrEnum):
@@ -53,42 +61,6 @@ class Outcome(enum.StrEnum):
     IGNORED = "ignored"  # only the account's own identity, continuing nothing: not stored
     DISCARDED = "discarded"  # automatic mail the policy does not import (error_reason: why)
     BOUNCE = "bounce"  # a delivery report: delivery errors recorded, no message stored
-
-
-@dataclass(frozen=True, slots=True)
-class ImportContext:
-    """Everything about an account that importing its mail depends on, built from the config.
-
-    ``own_addresses`` (the address and its aliases) are one identity: never a follower, never
-    the start of a conversation. ``conversation_parents`` are those that apply to this account.
-    """
-
-    account: str
-    address: str = ""
-    own_addresses: frozenset[str] = frozenset()
-    identification: Identification = "message_id"
-    conversation_parents: tuple[ConversationParentSettings, ...] = ()
-    follower_parents: tuple[FollowerParentSettings, ...] = ()
-    automatic_policy: AutomaticPolicy = field(default_factory=AutomaticPolicy)
-
-    def __post_init__(self) -> None:
-        # Config lower-cases addresses already; contexts built by hand (tests, tools) may not.
-        own = frozenset(a.strip().lower() for a in (*self.own_addresses, self.address) if a)
-        object.__setattr__(self, "own_addresses", own)
-
-    @classmethod
-    def for_account(cls, settings: Settings, account: AccountSettings) -> ImportContext:
-        return cls(
-            account=account.name,
-            address=account.address,
-            own_addresses=account.own_addresses(),
-            identification=settings.identification,
-            conversation_parents=tuple(
-                p for p in settings.conversation_parents if p.applies_to(account.name)
-            ),
-            follower_parents=settings.follower_parents,
-            automatic_policy=settings.automatic_policy(account),
-        )
 
 
 @dataclass(frozen=True, slots=True)
@@ -273,6 +245,140 @@ class LeaseRow:
     holder: str  # host:pid:random of the daemon
     token: int  # the fencing token: grows each time the account changes hands
     remaining: float  # seconds until it expires unless renewed (the database's clock)
+
+
+@dataclass(frozen=True, slots=True)
+class StoredRow:
+    """A stored message a batch's message may be: key, fingerprint, conversation, row."""
+
+    key: str
+    fingerprint: str | None
+    conversation_id: int
+    row_id: int
+    summary: tuple[str, str] | None = None  # (date, subject) of an imported row
+
+
+class ImportPrimitives(Protocol):
+    """The look-ups and writes one import transaction offers the import driver
+    (:mod:`mailbridge.store.importer`), which asks the planner (:mod:`mailbridge.core.planner`)
+    what to write. A backend implements this set and nothing that decides; each call is one
+    round trip (or one per chunk of a long list). Timestamps are ISO text (``now``, dates).
+    """
+
+    # -- the message's savepoint ---------------------------------------------------------------
+
+    def savepoint(self) -> None:
+        """Open the savepoint of one message."""
+
+    def release(self) -> None:
+        """Keep the message's writes (release its savepoint)."""
+
+    def rollback(self) -> None:
+        """Undo the message's writes (roll back to its savepoint and release it)."""
+
+    def is_batch_error(self, exc: BaseException) -> bool:
+        """True when ``exc`` concerns the database (locked, full, corrupt, the transaction
+        lost) rather than one message's data: the batch then fails as a whole."""
+
+    def is_refusal(self, exc: BaseException) -> bool:
+        """True when ``exc`` is the database refusing one message's rows (a constraint, a value
+        it cannot store): ``import_failed``; any other exception is a bug (``internal``)."""
+
+    # -- look-ups ------------------------------------------------------------------------------
+
+    def stored_identities(
+        self, account: str, message_ids: Sequence[str], keys: Sequence[str]
+    ) -> dict[str, list[StoredRow]]:
+        """The account's messages carrying one of ``message_ids`` or keyed by one of ``keys``,
+        oldest first, grouped by that id or key."""
+
+    def conversations_by_key(self, account: str, keys: Sequence[str]) -> dict[str, int]:
+        """Conversation key (``uniqueid``) -> id, for the account's conversations only."""
+
+    def carriers(
+        self, account: str, message_ids: Sequence[str]
+    ) -> tuple[list[CitedRow], list[tuple[str, int]]]:
+        """The account's messages whose Message-ID is one of ``message_ids``
+        (:class:`~mailbridge.core.planner.CitedRow`), and the sent copies with such a
+        per-recipient id: (id, conversation) in row order."""
+
+    def citing(self, account: str, message_ids: Sequence[str]) -> list[tuple[str, int]]:
+        """(cited id, conversation) of the account's messages citing one of ``message_ids``,
+        oldest citing message first."""
+
+    def conversation_row(self, conversation_id: int) -> ConversationValues:
+        """The conversation row as the planner folds it."""
+
+    def followers(self, conversation_id: int, link_tables: Sequence[str]) -> dict[str, FollowerRow]:
+        """The conversation's followers by email, with their links to ``link_tables``."""
+
+    def newest_dates(self, follower_ids: Sequence[int]) -> dict[int, str]:
+        """Follower id -> the date of the newest message they took part in (none: absent)."""
+
+    def parent_records(
+        self, parent: FollowerParentSettings, addresses: Sequence[str], ids: Sequence[int]
+    ) -> list[ParentRecord]:
+        """Records of a follower parent table with one of ``addresses`` (case-insensitively)
+        or one of ``ids``."""
+
+    def look_up(self, lookup: PropertyLookup) -> object:
+        """The ``lookup.column`` of the first record (lowest id) that matches, or None."""
+
+    # -- writes --------------------------------------------------------------------------------
+
+    def insert_conversation(self, account: str, values: ConversationValues, now: str) -> int:
+        """A new conversation row; its id."""
+
+    def update_conversation(
+        self, conversation_id: int, values: ConversationValues, now: str
+    ) -> None:
+        """Set the row's planner-owned columns (``uniqueid`` stays)."""
+
+    def insert_message(
+        self, conversation_id: int, account: str, uid: int, values: MessageValues, now: str
+    ) -> int:
+        """The ``conversationmessage`` row; its id."""
+
+    def insert_references(self, row_id: int, message_ids: Sequence[str]) -> None:
+        """The ``messagereference`` rows: the ids the message cites."""
+
+    def write_followers(
+        self, conversation_id: int, row_id: int, plan: FollowerPlan, now: str
+    ) -> dict[str, int]:
+        """Insert and update followers and the message's followers; email -> follower id."""
+
+    def link_followers(self, links: Sequence[FollowerLink]) -> None:
+        """Set followers' follower-parent links and names."""
+
+    def insert_files(
+        self,
+        row_id: int,
+        attachments: Sequence[Attachment],
+        images: Sequence[Attachment],
+        now: str,
+    ) -> list[int]:
+        """The ``document`` and ``embeddedfile`` rows; the ids of the images, in order."""
+
+    def set_message_html(self, row_id: int, html: str) -> None:
+        """Replace the stored HTML (its cid: references rewritten)."""
+
+    def insert_parent(
+        self,
+        conversation_id: int,
+        table: str,
+        columns: Sequence[str],
+        values: Sequence[object],
+    ) -> int:
+        """A record of a conversation parent table, linked from the conversation; its id."""
+
+    def record_delivery_errors(
+        self, account: str, message: ParsedMessage, report: Bounce, now: str
+    ) -> tuple[int, int]:
+        """The ``conversationmessageerror`` rows of a delivery report, tied to the messages it
+        answers (:mod:`mailbridge.store.delivery_errors`); (rows written, rows matched)."""
+
+    def resolve_failures(self, account: str, keys: Sequence[str], now: str) -> None:
+        """Resolve the account's import failures of messages now stored (by message key)."""
 
 
 class Repository(Protocol):

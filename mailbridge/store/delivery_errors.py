@@ -1,4 +1,4 @@
-"""SQLite look-ups and writes for delivery errors (``conversationmessageerror``). No decisions:
+"""Look-ups and writes for delivery errors (``conversationmessageerror``). No decisions:
 what a report is, and that it is one, was settled in ``core`` (bounce.py, policy.py).
 
 A report's failed recipient is tied to the message it answers, in this order:
@@ -17,7 +17,6 @@ sees it in ``mailbridge errors``. Re-importing the same report writes nothing tw
 
 from __future__ import annotations
 
-import sqlite3
 from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import datetime, timedelta
@@ -42,72 +41,88 @@ class _Match:
     matched_by: str
 
 
+def _first(sql: Sql, statement: str, params: tuple[Any, ...]) -> tuple[Any, ...] | None:
+    """The first row of a query as a tuple, or None."""
+    rows = sql.rows(statement, params)
+    return tuple(rows[0].values()) if rows else None
+
+
 def _follower_on(
-    conn: sqlite3.Connection, message_row: int, conversation: int, recipient: str | None
+    sql: Sql, message_row: int, conversation: int, recipient: str | None
 ) -> tuple[int | None, int | None]:
     """(messagefollower id, follower id) of ``recipient`` on a message (a recipient level
     before From); the conversation's follower alone when it is not on that message."""
     if not recipient:
         return None, None
-    row = conn.execute(
-        "SELECT mf.id, f.id FROM messagefollower AS mf JOIN follower AS f ON f.id = mf.follower"
+    row = _first(
+        sql,
+        "SELECT mf.id, f.id AS fid FROM messagefollower AS mf"
+        " JOIN follower AS f ON f.id = mf.follower"
         " WHERE mf.conversationmessage = ? AND f.email = ?"
         " ORDER BY mf.participationlevel NOT IN ('to', 'cc', 'bcc'), mf.id LIMIT 1",
         (message_row, recipient),
-    ).fetchone()
+    )
     if row is not None:
         return int(row[0]), int(row[1])
-    row = conn.execute(
-        "SELECT id FROM follower WHERE conversation = ? AND email = ?", (conversation, recipient)
-    ).fetchone()
+    row = _first(
+        sql,
+        "SELECT id FROM follower WHERE conversation = ? AND email = ?",
+        (conversation, recipient),
+    )
     return None, (int(row[0]) if row is not None else None)
 
 
 def _find_original(
-    conn: sqlite3.Connection,
+    sql: Sql,
     account: str,
     original_id: str | None,
     recipient: str | None,
     window: tuple[str, str],
 ) -> _Match | None:
     if original_id:
-        rows = conn.execute(
-            "SELECT mf.id, m.id, m.conversation, f.id, f.email FROM messagefollower AS mf"
-            " JOIN conversationmessage AS m ON m.id = mf.conversationmessage"
-            " JOIN follower AS f ON f.id = mf.follower"
-            " WHERE mf.messageid = ? AND m.account = ? ORDER BY mf.id",
-            (original_id, account),
-        ).fetchall()
+        rows = [
+            tuple(found.values())
+            for found in sql.rows(
+                "SELECT mf.id, m.id AS mid, m.conversation, f.id AS fid, f.email"
+                " FROM messagefollower AS mf"
+                " JOIN conversationmessage AS m ON m.id = mf.conversationmessage"
+                " JOIN follower AS f ON f.id = mf.follower"
+                " WHERE mf.messageid = ? AND m.account = ? ORDER BY mf.id",
+                (original_id, account),
+            )
+        ]
         if rows:
             chosen = next((r for r in rows if r[4] == recipient), rows[0])
             return _Match(int(chosen[2]), int(chosen[1]), int(chosen[0]), int(chosen[3]),
                           "message_id")  # fmt: skip
-        row = conn.execute(
+        row = _first(
+            sql,
             "SELECT id, conversation FROM conversationmessage WHERE account = ? AND messageid = ?"
             " ORDER BY direction = 'outgoing' DESC, id LIMIT 1",
             (account, original_id),
-        ).fetchone()
+        )
         if row is not None:
-            message_follower, follower = _follower_on(conn, int(row[0]), int(row[1]), recipient)
+            message_follower, follower = _follower_on(sql, int(row[0]), int(row[1]), recipient)
             return _Match(int(row[1]), int(row[0]), message_follower, follower, "message_id")
     if not recipient:
         return None
-    row = conn.execute(
-        "SELECT mf.id, m.id, m.conversation, f.id FROM follower AS f"
+    row = _first(
+        sql,
+        "SELECT mf.id, m.id AS mid, m.conversation, f.id AS fid FROM follower AS f"
         " JOIN messagefollower AS mf ON mf.follower = f.id"
         " JOIN conversationmessage AS m ON m.id = mf.conversationmessage"
         " WHERE f.email = ? AND m.account = ? AND m.direction = 'outgoing'"
         " AND mf.participationlevel IN ('to', 'cc', 'bcc') AND m.date BETWEEN ? AND ?"
         " ORDER BY m.date DESC, m.id DESC LIMIT 1",
         (recipient, account, *window),
-    ).fetchone()
+    )
     if row is None:
         return None
     return _Match(int(row[2]), int(row[1]), int(row[0]), int(row[3]), "recipient")
 
 
 def record_delivery_errors(
-    conn: sqlite3.Connection,
+    sql: Sql,
     account: str,
     message: ParsedMessage,
     report: Bounce,
@@ -123,19 +138,20 @@ def record_delivery_errors(
     sender = message.from_address.email if message.from_address is not None else ""
     for recipient in recipients:
         address = recipient.address if recipient is not None else None
-        found = _find_original(conn, account, report.original_message_id, address, window)
+        found = _find_original(sql, account, report.original_message_id, address, window)
         if report.kind == "feedback":
             kind = "complaint"
         elif recipient is None or recipient.permanent:
             kind = "permanent"
         else:
             kind = "temporary"
-        cursor = conn.execute(
-            "INSERT OR IGNORE INTO conversationmessageerror (account, conversation,"
+        inserted = sql.execute(
+            "INSERT INTO conversationmessageerror (account, conversation,"
             " conversationmessage, messagefollower, follower, recipient, type, status,"
             " diagnostic, originalmessageid, matchedby, reportkind, reportmessageid, reportkey,"
             " reportsubject, reportfrom, date, createdtime)"
-            " VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+            " VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)"
+            " ON CONFLICT DO NOTHING",
             (
                 account,
                 found.conversation if found else None,
@@ -157,14 +173,14 @@ def record_delivery_errors(
                 now,
             ),
         )
-        if cursor.rowcount <= 0:
+        if inserted <= 0:
             continue  # the same report imported before
         written += 1
         if found is not None:
             matched += 1
         if found is not None and found.follower is not None:
             # A delay never hides a permanent failure already known.
-            conn.execute(
+            sql.execute(
                 "UPDATE follower SET deliveryerror = CASE WHEN deliveryerror = 'permanent'"
                 " AND ? = 'temporary' THEN deliveryerror ELSE ? END, updatedtime = ?"
                 " WHERE id = ?",

@@ -11,19 +11,11 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from mailbridge.errors import ConfigError
 from mailbridge.store.asyncrepo import AsyncRepository
 
 if TYPE_CHECKING:
     from mailbridge.config import PostgresUrl, Settings
     from mailbridge.store.base import Repository
-
-# What `run`, `sync` and `failed retry` say with a postgresql:// database until importing
-# there is built (the import planner step of issue 12).
-POSTGRES_IMPORT_PENDING = (
-    "importing into PostgreSQL is not finished yet (the read commands - status, "
-    "conversations, failed - work): use a SQLite file path for the daemon for now"
-)
 
 
 def _is_postgres(database: object) -> bool:
@@ -81,13 +73,10 @@ async def open_repository(
     """Open (creating if needed) and migrate the database for importing (the daemon, ``sync``,
     ``failed retry``); with ``settings``, also prepare (create or check) the configured parent
     tables, so a config that does not fit the database stops the start with a ConfigError.
-
-    A PostgreSQL database is refused with a ConfigError on ``database`` until its import path
-    exists (:data:`POSTGRES_IMPORT_PENDING`).
+    A PostgreSQL database's password comes from ``settings`` (ConfigError when unreadable).
     """
-    if _is_postgres(database):
-        raise ConfigError(f"database: {POSTGRES_IMPORT_PENDING}", path="database")
-    repo = AsyncRepository(connector(database))
+    password = settings.database_password() if settings is not None else None
+    repo = AsyncRepository(connector(database, password))
     try:
         await repo.migrate()
         if settings is not None:

@@ -36,6 +36,8 @@ from psycopg_pool import ConnectionPool, PoolTimeout
 from mailbridge.config import PostgresUrl
 from mailbridge.errors import StoreError
 from mailbridge.store.base import ImportContext, ImportItem, ImportResult, LeaseRow
+from mailbridge.store.importer import import_items
+from mailbridge.store.importsql import SqlImport
 from mailbridge.store.schema import (
     MIGRATIONS,
     POSTGRES_NOW,
@@ -43,7 +45,7 @@ from mailbridge.store.schema import (
     SCHEMA_VERSION,
     for_postgres,
 )
-from mailbridge.store.sql import Sql, SqlRepository
+from mailbridge.store.sql import Sql, SqlRepository, now_text
 
 if TYPE_CHECKING:
     from mailbridge.config import ConversationParentSettings, FollowerParentSettings
@@ -54,6 +56,12 @@ DEFAULT_POOL_SIZE: Final = 4  # the import thread, the lease thread, a sweep, a 
 DEFAULT_CONNECT_TIMEOUT: Final = 10.0  # seconds to connect, or to wait for a free connection
 # pg_advisory_lock keys (one bigint namespace per database): migrations run one at a time.
 _MIGRATE_LOCK: Final = 0x6D62_0001
+# With the two-int form, (this class, hashtext(account)): one account's imports at a time.
+_IMPORT_LOCK: Final = 0x6D62_0002
+
+# Errors that concern one message's rows (a constraint, a value out of range); any other
+# psycopg error is about the connection or the database and fails the whole batch.
+_MESSAGE_LEVEL_ERRORS: Final = (psycopg.IntegrityError, psycopg.DataError, psycopg.ProgrammingError)
 
 # now() + the lease's seconds (a %s parameter) as timestamp text: the database's clock, so that
 # the hosts' clocks never matter.
@@ -130,6 +138,20 @@ class _PostgresSql:
 
     def nocase(self, column: str) -> str:
         return f"lower({column})"
+
+    def is_batch_error(self, exc: BaseException) -> bool:
+        """The connection or the transaction failed (or the database did: a full disk, a
+        lock timeout), not one message's rows: the batch fails as a whole."""
+        if self.conn.broken or self.conn.closed:
+            return True
+        if isinstance(exc, psycopg.Error):
+            return not isinstance(exc, _MESSAGE_LEVEL_ERRORS)
+        return isinstance(exc, OSError | StoreError)
+
+    def is_refusal(self, exc: BaseException) -> bool:
+        """The database refused the message's rows (a constraint, a value out of range): an
+        error of the message, not a bug in mailbridge."""
+        return isinstance(exc, psycopg.Error | OverflowError)
 
 
 class PostgresRepository(SqlRepository):
@@ -293,21 +315,24 @@ class PostgresRepository(SqlRepository):
     def import_batch(
         self, context: ImportContext, items: Sequence[ImportItem]
     ) -> list[ImportResult]:
-        """Not built yet: see :meth:`import_batch_with_planner`."""
-        return self.import_batch_with_planner(context, items)
+        """The batch in one transaction, a savepoint per message, with the shared driver and
+        SQL (:func:`mailbridge.store.importer.import_items`): the same rules as SQLite.
 
-    def import_batch_with_planner(
-        self, context: ImportContext, items: Sequence[ImportItem]
-    ) -> list[ImportResult]:
-        """The import path on PostgreSQL, to be written with the pure import planner of
-        ``core/`` (issue 12, second half): the batch in one transaction with a savepoint per
-        message, an advisory lock per account and the lease's fencing check
-        (:meth:`holds_lease`) inside it. Until then ``run``/``sync``/``failed retry`` refuse a
-        postgresql:// database with a config error (store.factory.POSTGRES_IMPORT_PENDING)."""
-        raise NotImplementedError(
-            "PostgresRepository.import_batch_with_planner: importing into PostgreSQL comes "
-            "with the import planner"
-        )
+        An advisory lock per account, held until the commit, serialises imports of one
+        account: two daemons (or a daemon and ``sync``) that import mail of one thread at once
+        cannot both miss the other's conversation and create a second one; the second waits
+        and then sees the first one's rows.
+        """
+        if not items:
+            return []
+        action = f"import {len(items)} message(s) for {context.account}"
+        with self._transaction(action, write=True) as conn:
+            conn.execute(
+                "SELECT pg_advisory_xact_lock(%s, hashtext(%s))", (_IMPORT_LOCK, context.account)
+            )
+            sql = _PostgresSql(conn)
+            self._prepare(sql, context.follower_parents, context.conversation_parents)
+            return import_items(SqlImport(sql), context, items, now_text())
 
     # -- leases (several daemons) ---------------------------------------------------------------
 

@@ -19,6 +19,7 @@ from collections.abc import Collection, Sequence
 from datetime import UTC, datetime
 from typing import TYPE_CHECKING, Any, Final, Protocol
 
+from mailbridge.core.planner import timestamp_text
 from mailbridge.errors import ConfigError
 from mailbridge.store.base import (
     RESOLVED_REMOVED,
@@ -37,13 +38,9 @@ if TYPE_CHECKING:
     from mailbridge.config import ConversationParentSettings, FollowerParentSettings
 
 
-def iso(value: datetime) -> str:
-    """``value`` as ISO-8601 UTC text in the one shape the schema uses (naive means UTC)."""
-    if value.tzinfo is None:
-        value = value.replace(tzinfo=UTC)
-    # isoformat, not strftime: strftime does not zero-pad years before 1000 on glibc, and text
-    # order must stay time order.
-    return value.astimezone(UTC).replace(microsecond=0, tzinfo=None).isoformat() + "Z"
+# ``value`` as ISO-8601 UTC text in the one shape the schema uses (naive means UTC): the
+# planner's rule, since it compares dates as that text.
+iso = timestamp_text
 
 
 def parse_time(value: object) -> datetime | None:

@@ -16,93 +16,42 @@ Every ``sqlite3``/``OSError`` leaving this module is mapped to
 :class:`~mailbridge.errors.StoreError` (``database_locked``, ``disk_full`` or
 ``database_error``) after the transaction has been rolled back.
 
-Threading rules (see "The database schema" in README.md for the integrator's view):
-
-* Whether a message is already stored, and under which ``messagekey``, is decided by
-  :func:`mailbridge.core.messagekey.decide_message_key` from its content fingerprint: the same
-  message fetched again is a duplicate; a different one reusing a stored Message-ID is stored
-  under a derived key and, since the id names another message, replies citing that id do not
-  pull it in.
-* When the id a reply cites names several stored messages (a reused id), the reply joins the
-  conversation of the newest one dated no later than the reply
-  (:func:`mailbridge.core.messagekey.choose_parent`).
-* A message joins the conversation of the first of its thread candidates (In-Reply-To, then
-  References newest first) stored for the same account; failing that, the conversation of a
-  stored message that cites it (its reply arrived first); failing that, of a stored message
-  citing one of the same ancestors (a sibling). Otherwise it starts a new conversation.
-* Before that, with ``identification: plus_address`` or ``subject``, a conversation key found in
-  the message (a plus-variant of an own address in To/Cc/Bcc/Delivered-To, or an ``[ID-KEY]``
-  subject tag) joins that conversation, but only if it exists and belongs to the same account.
-  Message-IDs cited are matched against every stored Message-ID, including the per-recipient
-  ids of sent copies (``messagefollower.messageid``).
-* A message in which only the account's own identity takes part (From, every recipient and every
-  Reply-To address one of its addresses or aliases) and that continues nothing is not stored
-  (``ignored``): that is how loops start. Mail from the account to an outside person may start a
-  conversation. A message from an own address is ``outgoing`` unless its Reply-To names someone
-  else (a web form writing for a customer): see :mod:`mailbridge.core.participants`.
-* A new conversation gets one new record in each configured conversation parent table, with
-  the configured properties; followers link to the follower parent rows with their address.
-* Followers: every participant (From, To, Cc, Bcc and Reply-To, the last at participation
-  level ``replyto``) other than the account's own addresses (and their plus-variants).
-  After the newest message of a conversation, the active followers are exactly that message's
-  participants: someone it leaves out becomes inactive, someone it names is active again. Bcc
-  counts as present, because the person received the message. A message older than the newest
-  one already stored (it arrived late) adds followers but deactivates no one, and a follower it
-  introduces starts inactive, since the newer message did not name them; so the result does
-  not depend on the order messages arrive in. For the same reason a follower's display name is
-  the non-empty name of a message at least as new as every other message they took part in;
-  an older message only names a follower who has no name yet.
+Importing: :meth:`SqliteRepository.import_batch` opens the transaction and hands its cursor to
+the shared driver (:func:`mailbridge.store.importer.import_items`) and SQL primitives
+(:class:`mailbridge.store.importsql.SqlImport`); which conversation a message joins, followers,
+parents and duplicates are decided by :mod:`mailbridge.core.planner` (its docstring lists the
+rules). This module holds SQL and nothing that decides.
 """
 
 from __future__ import annotations
 
-import base64
 import contextlib
 import errno
 import os
-import secrets
 import sqlite3
-import traceback
 from collections.abc import Iterator, Sequence
-from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Final, TypeVar
 
 from sqlite_utils import Database
 
-from mailbridge.core.automatic import AutomaticVerdict
-from mailbridge.core.html import rewrite_inline_images, text_to_html
-from mailbridge.core.identify import (
-    is_own_address,
-    new_conversation_key,
-    plus_keys,
-    subject_key,
-    thread_candidates,
-)
+from mailbridge.core import planner
 from mailbridge.core.messagekey import (
-    KeyDecision,
-    ParentCandidate,
     StoredIdentity,
-    choose_parent,
-    decide_message_key,
-    failure_key,
 )
-from mailbridge.core.model import ParsedMessage
-from mailbridge.core.participants import is_outgoing, only_own_identity, reached_address
-from mailbridge.core.policy import Disposition, decide
 from mailbridge.errors import StoreError
-from mailbridge.store import delivery_errors as _delivery_errors
 from mailbridge.store.asyncrepo import AsyncRepository
 from mailbridge.store.base import (
-    RESOLVED_IMPORTED,
     AccountState,
     ImportContext,
     ImportItem,
     ImportResult,
-    Outcome,
 )
 from mailbridge.store.factory import open_repository
+from mailbridge.store.importer import import_items, import_one
+from mailbridge.store.importsql import SqlImport
+from mailbridge.store.importsql import marks as _marks
 from mailbridge.store.outbox import (
     OutboxCopy,
     OutboxFile,
@@ -124,7 +73,6 @@ from mailbridge.store.sql import (
     Sql,
     SqlRepository,
     iso,
-    join_defects,
     like_pattern,
     now_text,
     parse_time,
@@ -139,23 +87,10 @@ if TYPE_CHECKING:
     from mailbridge.config import (
         ConversationParentSettings,
         FollowerParentSettings,
-        ParentPropertySettings,
     )
 
 T = TypeVar("T")
 
-
-@dataclass(frozen=True, slots=True)
-class _NotStored:
-    """What _import_one answers for a message the policy keeps out of the conversations."""
-
-    outcome: Outcome  # DISCARDED or BOUNCE
-    reason: str | None
-    delivery_errors: int = 0
-    delivery_errors_matched: int = 0
-
-
-_PERSON: Final = AutomaticVerdict(automatic=False)
 
 DEFAULT_BUSY_TIMEOUT: Final = 10.0  # seconds a writer waits for an integrator's transaction
 
@@ -210,20 +145,6 @@ def _is_batch_error(exc: BaseException) -> bool:
 _now = now_text
 
 
-def _message_uniqueid() -> str:
-    # 160 random bits, lower-case base32 like the conversation keys.
-    return base64.b32encode(secrets.token_bytes(20)).decode("ascii").lower()
-
-
-def _chunks(values: Sequence[T], size: int = _CHUNK) -> Iterator[Sequence[T]]:
-    for start in range(0, len(values), size):
-        yield values[start : start + size]
-
-
-def _marks(count: int) -> str:
-    return ", ".join("?" * count)
-
-
 _q = q
 
 
@@ -259,24 +180,6 @@ def _connect(path: Path, busy_timeout: float) -> sqlite3.Connection:
     return conn
 
 
-@dataclass(frozen=True, slots=True)
-class _StoredRow:
-    """A stored message a batch's message may be: key, fingerprint, conversation, row."""
-
-    key: str
-    fingerprint: str | None
-    conversation_id: int
-    row_id: int
-    summary: tuple[str, str] | None = None  # (date, subject) of an imported row
-
-
-@dataclass(slots=True)
-class _FollowerRow:
-    id: int
-    name: str
-    active: int
-
-
 class _SqliteSql:
     """The :class:`~mailbridge.store.sql.Sql` view of a SQLite transaction."""
 
@@ -304,6 +207,13 @@ class _SqliteSql:
 
     def nocase(self, column: str) -> str:
         return f"{column} COLLATE NOCASE"
+
+    def is_batch_error(self, exc: BaseException) -> bool:
+        # SQLite may roll the whole transaction back on its own (a full disk, say).
+        return _is_batch_error(exc) or not self._conn.in_transaction
+
+    def is_refusal(self, exc: BaseException) -> bool:
+        return isinstance(exc, _REFUSALS)
 
 
 class SqliteRepository(SqlRepository):
@@ -407,706 +317,13 @@ class SqliteRepository(SqlRepository):
     def import_batch(
         self, context: ImportContext, items: Sequence[ImportItem]
     ) -> list[ImportResult]:
-        account = context.account
-        results: list[ImportResult | None] = [None] * len(items)
         if not items:
             return []
-        with self._transaction(f"import {len(items)} message(s) for {account}", write=True) as conn:
-            self._prepare(_SqliteSql(conn), context.follower_parents, context.conversation_parents)
-            now = _now()
-            stored = self._stored_identities(conn, account, [item.message for item in items])
-            settled: list[str] = []  # keys now in the database: their failures are resolved
-            # UID order, so that a reply in the same batch finds its parent already stored.
-            for index in sorted(range(len(items)), key=lambda i: items[i].uid):
-                item = items[index]
-                message = item.message
-                same_id = stored.setdefault(message.message_id or message.message_key, [])
-                # The rule (same message or a reused Message-ID) is core's.
-                decision = decide_message_key(
-                    message.message_key,
-                    message.message_id,
-                    message.fingerprint,
-                    [StoredIdentity(row.key, row.fingerprint, row.summary) for row in same_id],
-                    (iso(message.date), message.subject),
-                )
-                if decision.duplicate:
-                    known = next(row for row in same_id if row.key == decision.key)
-                    results[index] = ImportResult(
-                        uid=item.uid,
-                        message_key=decision.key,
-                        outcome=Outcome.DUPLICATE,
-                        conversation_id=known.conversation_id,
-                        message_row_id=known.row_id,
-                    )
-                    settled += (decision.key, failure_key(message.message_id, message.fingerprint))
-                    continue
-                result, written = self._import_in_savepoint(conn, context, item, now, decision)
-                results[index] = result
-                if written is not None:
-                    # A second copy later in the same batch is a duplicate of this one.
-                    same_id.append(_StoredRow(decision.key, message.fingerprint or None, *written))
-                    settled += (decision.key, failure_key(message.message_id, message.fingerprint))
-                elif result.outcome in {Outcome.DISCARDED, Outcome.BOUNCE}:
-                    # Dealt with for good: a failure of it is resolved.
-                    settled += (decision.key, failure_key(message.message_id, message.fingerprint))
-            self._resolve_failures(conn, account, settled, now)
-        return [result for result in results if result is not None]
-
-    def _import_in_savepoint(
-        self,
-        conn: sqlite3.Connection,
-        context: ImportContext,
-        item: ImportItem,
-        now: str,
-        decision: KeyDecision,
-    ) -> tuple[ImportResult, tuple[int, int] | None]:
-        """Import one message all-or-nothing under ``decision.key``; the result, and
-        (conversation, row) if written."""
-        conn.execute("SAVEPOINT message")
-        try:
-            written = self._import_one(conn, context, item, now, decision)
-        except Exception as exc:
-            if _is_batch_error(exc) or not conn.in_transaction:
-                # The database itself failed (or SQLite already rolled everything back): the
-                # batch fails as a whole and the caller retries it.
-                raise
-            conn.execute("ROLLBACK TO SAVEPOINT message")
-            conn.execute("RELEASE SAVEPOINT message")
-            # The database refusing this one message (a constraint, a value it cannot store) is
-            # import_failed; any other exception is a bug in mailbridge: internal, with its
-            # traceback for the log.
-            refused = isinstance(exc, _REFUSALS)
-            reason = (
-                f"{type(exc).__name__}: {exc}"
-                if refused
-                else f"unexpected {type(exc).__name__} while importing: {exc}"
-            )[:_MAX_REASON]
-            failed = ImportResult(
-                uid=item.uid,
-                message_key=decision.key,
-                outcome=Outcome.FAILED,
-                error_code="import_failed" if refused else "internal",
-                error_reason=reason,
-                traceback=None if refused else traceback.format_exc(),
-            )
-            return failed, None
-        conn.execute("RELEASE SAVEPOINT message")
-        if isinstance(written, _NotStored):
-            skipped = ImportResult(
-                uid=item.uid,
-                message_key=decision.key,
-                outcome=written.outcome,
-                error_reason=written.reason,
-                delivery_errors=written.delivery_errors,
-                delivery_errors_matched=written.delivery_errors_matched,
-            )
-            return skipped, None
-        if written is None:
-            ignored = ImportResult(
-                uid=item.uid,
-                message_key=decision.key,
-                outcome=Outcome.IGNORED,
-                error_reason="only the account's own addresses take part and it continues no"
-                " conversation",
-            )
-            return ignored, None
-        conversation_id, row_id, new = written
-        imported = ImportResult(
-            uid=item.uid,
-            message_key=decision.key,
-            outcome=Outcome.IMPORTED,
-            conversation_id=conversation_id,
-            message_row_id=row_id,
-            new_conversation=new,
-            reused_key=decision.reused,
-        )
-        return imported, (conversation_id, row_id)
-
-    @staticmethod
-    def _stored_identities(
-        conn: sqlite3.Connection, account: str, messages: Sequence[ParsedMessage]
-    ) -> dict[str, list[_StoredRow]]:
-        """The stored messages the batch's messages may be, oldest first, grouped by the
-        Message-ID (or, without one, the key) they share with a message of the batch."""
-        ids = list(dict.fromkeys(m.message_id for m in messages if m.message_id))
-        keys = list(dict.fromkeys(m.message_key for m in messages))
-        found: dict[str, dict[int, _StoredRow]] = {}
-        for column, values in (("messageid", ids), ("messagekey", keys)):
-            for chunk in _chunks(values):
-                rows = conn.execute(
-                    f"SELECT {column}, messagekey, fingerprint, conversation, id, date, subject,"
-                    " uid"
-                    f" FROM conversationmessage WHERE account = ? AND {column} IN"
-                    f" ({_marks(len(chunk))})",
-                    (account, *chunk),
-                )
-                for group, key, fingerprint, conversation_id, row_id, date, subject, uid in rows:
-                    # Only imported rows (uid set) hold what the parser read: an integrator's
-                    # or a sent row's date and subject need not match the copy coming back.
-                    summary = (date or "", subject or "") if uid is not None else None
-                    found.setdefault(group, {})[row_id] = _StoredRow(
-                        key, fingerprint, conversation_id, row_id, summary
-                    )
-        return {group: [rows[i] for i in sorted(rows)] for group, rows in found.items()}
-
-    @staticmethod
-    def _resolve_failures(
-        conn: sqlite3.Connection, account: str, keys: Sequence[str], now: str
-    ) -> None:
-        for chunk in _chunks(keys):
-            conn.execute(
-                "UPDATE importfailure SET resolved = ?, resolution = ?"
-                f" WHERE account = ? AND resolved IS NULL AND messagekey IN ({_marks(len(chunk))})",
-                (now, RESOLVED_IMPORTED, account, *chunk),
-            )
-
-    @staticmethod
-    def _find_by_key(
-        conn: sqlite3.Connection, context: ImportContext, message: ParsedMessage
-    ) -> int | None:
-        """The conversation named by the configured marker (plus-address or subject tag)."""
-        if context.identification == "plus_address":
-            addresses = (
-                *message.delivered_to,
-                *(a.email for a in (*message.to, *message.cc, *message.bcc)),
-            )
-            keys: tuple[str, ...] = plus_keys(addresses, context.own_addresses)
-        elif context.identification == "subject":
-            key = subject_key(message.subject)
-            keys = (key,) if key else ()
-        else:
-            return None
-        for key in keys:
-            # The account check is what makes a forged or foreign key harmless: a key only
-            # ever reaches a conversation this account already holds.
-            row = conn.execute(
-                "SELECT id FROM conversation WHERE uniqueid = ? AND account = ?",
-                (key, context.account),
-            ).fetchone()
-            if row is not None:
-                return int(row[0])
-        return None
-
-    @staticmethod
-    def _find_conversation(
-        conn: sqlite3.Connection,
-        account: str,
-        message_id: str | None,
-        candidates: Sequence[str],
-        date: str,
-        *,
-        reused: bool = False,
-    ) -> int | None:
-        """The conversation ``message`` continues, by the rules in the module docstring.
-
-        ``reused``: the message's id already names another stored message, so messages citing
-        that id answer the other one and do not pull this one in.
-        """
-        if candidates:
-            parents: dict[str, int] = {}
-            carrying: dict[str, list[ParentCandidate]] = {}
-            for chunk in _chunks(candidates):
-                rows = conn.execute(
-                    "SELECT messageid, date, id, conversation FROM conversationmessage"
-                    f" WHERE account = ? AND messageid IN ({_marks(len(chunk))})",
-                    (account, *chunk),
-                )
-                for mid, stored_date, row_id, conversation_id in rows:
-                    carrying.setdefault(mid, []).append(
-                        ParentCandidate(stored_date, row_id, conversation_id)
-                    )
-                for mid, found in carrying.items():
-                    # Several only when a sender reuses its Message-IDs (core decides).
-                    chosen = choose_parent(found, date)
-                    if chosen is not None:
-                        parents.setdefault(mid, chosen)
-                # Personalised sending gives each recipient a copy with its own Message-ID,
-                # kept on the messagefollower row; a reply cites that one.
-                rows = conn.execute(
-                    "SELECT mf.messageid, m.conversation FROM messagefollower AS mf"
-                    " JOIN conversationmessage AS m ON m.id = mf.conversationmessage"
-                    f" WHERE mf.messageid IN ({_marks(len(chunk))}) AND m.account = ?"
-                    " ORDER BY mf.id",
-                    (*chunk, account),
-                )
-                for mid, conversation_id in rows:
-                    parents.setdefault(mid, conversation_id)
-            for candidate in candidates:
-                if candidate in parents:
-                    return parents[candidate]
-        # Messages citing this one (its reply came first) or citing one of its ancestors.
-        cited = ([message_id] if message_id and not reused else []) + list(candidates)
-        citing: dict[str, int] = {}
-        for chunk in _chunks(cited):
-            rows = conn.execute(
-                "SELECT r.messageid, m.conversation FROM messagereference AS r"
-                " JOIN conversationmessage AS m ON m.id = r.conversationmessage"
-                f" WHERE r.messageid IN ({_marks(len(chunk))}) AND m.account = ?"
-                " ORDER BY m.date, m.id",
-                (*chunk, account),
-            )
-            for mid, conversation_id in rows:
-                citing.setdefault(mid, conversation_id)
-        for mid in cited:  # own id first (a child), then the nearest shared ancestor
-            if mid in citing:
-                return citing[mid]
-        return None
-
-    def _import_one(
-        self,
-        conn: sqlite3.Connection,
-        context: ImportContext,
-        item: ImportItem,
-        now: str,
-        decision: KeyDecision,
-        *,
-        conversation: int | None = None,
-        new_key: str | None = None,
-    ) -> tuple[int, int, bool] | _NotStored | None:
-        """Write one message under ``decision.key``; (conversation id, message row id, new
-        conversation), or None when the message is the account's own and continues nothing
-        (not written), or _NotStored when core/policy.py keeps it out (discarded; a bounce:
-        errors written).
-
-        Sent mail (the outbox) names its ``conversation``, or the ``new_key`` of the one it
-        starts: what it was composed for, whatever the threading rules would find."""
-        account = context.account
-        own = context.own_addresses
-        message = item.message
-        date = iso(message.date)
-        sender = message.from_address
-        # Mail from the account's own address (sent by another client, Bcc to self) is ours,
-        # unless its Reply-To names someone else (a web form writing for a customer).
-        outgoing = is_outgoing(message, own)
-        candidates = tuple(c for c in thread_candidates(message) if c and c != message.message_id)
-        own_email = reached_address(message, own)
-
-        threaded_by: str = context.identification
-        if conversation is not None or new_key is not None:
-            threaded_by, conversation_id = "outbox", conversation
-        else:
-            conversation_id = self._find_by_key(conn, context, message)
-        if conversation_id is None and new_key is None:
-            threaded_by = "message_id"
-            conversation_id = self._find_conversation(
-                conn,
-                account,
-                message.message_id,
-                candidates,
-                date,
-                reused=decision.reused is not None,
-            )
-        verdict = item.automatic or _PERSON
-        disposition = decide(
-            verdict,
-            item.report,
-            conversation_found=conversation_id is not None,
-            sender=sender.email if sender is not None else None,
-            policy=context.automatic_policy,
-        )
-        if disposition.disposition is Disposition.DISCARD:
-            return _NotStored(Outcome.DISCARDED, disposition.reason)
-        if disposition.disposition is Disposition.BOUNCE and item.report is not None:
-            written, matched = _delivery_errors.record_delivery_errors(
-                conn, account, message, item.report, now, iso
-            )
-            return _NotStored(Outcome.BOUNCE, disposition.reason, written, matched)
-        new = conversation_id is None
-        if conversation_id is None:
-            if new_key is None and outgoing and only_own_identity(message, own):
-                # Only the account's own identity takes part: a loop, or mail to itself.
-                return None
-            threaded_by = "new"
-            conversation_id = self._new_conversation(
-                conn, account, own_email, message, date, outgoing=outgoing, now=now, key=new_key
-            )
-            latest = True
-        else:
-            latest = self._update_conversation(
-                conn, conversation_id, own_email, message, date, outgoing=outgoing, now=now
-            )
-
-        html = message.html or text_to_html(message.plain_text)
-        cursor = conn.execute(
-            "INSERT INTO conversationmessage (conversation, account, uid, messageid, messagekey,"
-            " uniqueid, direction, subject, fromaddress, fromname, date, message, plaintext,"
-            ' inreplyto, "references", size, createdtime, threadedby, fingerprint, defects)'
-            " VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
-            (
-                conversation_id,
-                account,
-                item.uid or None,  # 0: sent by mailbridge, never in the Inbox
-                message.message_id,
-                decision.key,
-                _message_uniqueid(),
-                "outgoing" if outgoing else "incoming",
-                message.subject,
-                sender.email.strip().lower() if sender is not None else "",
-                sender.name if sender is not None else "",
-                date,
-                html,
-                message.plain_text,
-                " ".join(message.in_reply_to) or None,
-                " ".join(message.references) or None,
-                message.size,
-                now,
-                threaded_by,
-                message.fingerprint or None,
-                join_defects(message.defects),
-            ),
-        )
-        row_id = int(cursor.lastrowid or 0)
-        if verdict.automatic:
-            conn.execute(
-                "UPDATE conversationmessage SET automatic = 1, automaticreason = ? WHERE id = ?",
-                (verdict.reason, row_id),
-            )
-        if candidates:
-            conn.executemany(
-                "INSERT OR IGNORE INTO messagereference (messageid, conversationmessage)"
-                " VALUES (?, ?)",
-                [(candidate, row_id) for candidate in candidates],
-            )
-        follower_ids = self._write_followers(
-            conn, conversation_id, row_id, message, own, date, latest=latest, new=new, now=now
-        )
-        self._link_follower_parents(conn, context.follower_parents, follower_ids)
-        self._write_files(conn, row_id, message, html, now)
-        if new:
-            self._create_parents(conn, context, conversation_id, message, html, date)
-        return conversation_id, row_id, new
-
-    @staticmethod
-    def _link_follower_parents(
-        conn: sqlite3.Connection,
-        follower_parents: Sequence[FollowerParentSettings],
-        follower_ids: Sequence[int],
-    ) -> None:
-        """Point each follower at the row of every follower parent table with its address.
-
-        A link the integrator set by hand (to a row with another address) is kept when no row
-        matches; a follower without a display name takes the parent's name.
-        """
-        if not follower_parents or not follower_ids:
-            return
-        for chunk in _chunks(follower_ids):
-            marks = _marks(len(chunk))
-            for fp in follower_parents:
-                table, address = _q(fp.table), _q(fp.address_column)
-                match = (
-                    f"SELECT p.id FROM {table} AS p WHERE p.{address} = follower.email"
-                    " COLLATE NOCASE ORDER BY p.id LIMIT 1"
-                )
-                conn.execute(
-                    f"UPDATE follower SET {table} = COALESCE(({match}), {table})"
-                    f" WHERE id IN ({marks})",
-                    tuple(chunk),
-                )
-                if fp.name_column is not None:
-                    name = _q(fp.name_column)
-                    conn.execute(
-                        f"UPDATE follower SET name = COALESCE((SELECT p.{name} FROM {table} AS p"
-                        f" WHERE p.id = follower.{table}), '')"
-                        f" WHERE id IN ({marks}) AND name = '' AND {table} IS NOT NULL",
-                        tuple(chunk),
-                    )
-
-    def _create_parents(
-        self,
-        conn: sqlite3.Connection,
-        context: ImportContext,
-        conversation_id: int,
-        message: ParsedMessage,
-        html: str,
-        date: str,
-    ) -> None:
-        """One new record per conversation parent table; conversation.<table> points to it."""
-        for cp in context.conversation_parents:
-            columns: list[str] = []
-            values: list[object] = []
-            for prop in cp.properties:
-                columns.append(_q(prop.column))
-                values.append(self._property_value(conn, context, prop, message, html, date))
-            if columns:
-                cursor = conn.execute(
-                    f"INSERT INTO {_q(cp.table)} ({', '.join(columns)})"
-                    f" VALUES ({_marks(len(values))})",
-                    values,
-                )
-            else:
-                cursor = conn.execute(f"INSERT INTO {_q(cp.table)} DEFAULT VALUES")
-            conn.execute(
-                f"UPDATE conversation SET {_q(cp.table)} = ? WHERE id = ?",
-                (cursor.lastrowid, conversation_id),
-            )
-
-    @staticmethod
-    def _property_value(
-        conn: sqlite3.Connection,
-        context: ImportContext,
-        prop: ParentPropertySettings,
-        message: ParsedMessage,
-        html: str,
-        date: str,
-    ) -> object:
-        """The value of one parent property: the message's, looked up, or the default."""
-        sender = message.from_address
-        from_address = sender.email.strip().lower() if sender is not None else ""
-        value: object = None
-        if prop.message_property is not None:
-            value = {
-                "subject": message.subject,
-                "plain_text": message.plain_text,
-                "html": html,
-                "from_address": from_address,
-                "from_name": sender.name if sender is not None else "",
-                "date": date,
-                "account": context.account,
-                "message_id": message.message_id,
-                "to_addresses": ", ".join(a.email for a in message.to),
-            }[prop.message_property]
-        table, column = prop.search_table, prop.search_column
-        if table is not None and column is not None:
-            if prop.message_property is not None:
-                # The record whose column holds the message's value: person.email -> person id.
-                row = (
-                    conn.execute(
-                        f"SELECT id FROM {_q(table)} WHERE {_q(column)} = ? COLLATE NOCASE"
-                        " ORDER BY id LIMIT 1",
-                        (value,),
-                    ).fetchone()
-                    if value not in (None, "")
-                    else None
-                )
-            else:
-                # A column of the sender's follower parent record: person.company.
-                parent = next((fp for fp in context.follower_parents if fp.table == table), None)
-                row = (
-                    conn.execute(
-                        f"SELECT {_q(column)} FROM {_q(table)}"
-                        f" WHERE {_q(parent.address_column)} = ? COLLATE NOCASE"
-                        " ORDER BY id LIMIT 1",
-                        (from_address,),
-                    ).fetchone()
-                    if from_address and parent is not None
-                    else None
-                )
-            value = row[0] if row is not None else None
-        if value in (None, "") and prop.default is not None:
-            return prop.default
-        return value
-
-    @staticmethod
-    def _new_conversation(
-        conn: sqlite3.Connection,
-        account: str,
-        own_email: str | None,
-        message: ParsedMessage,
-        date: str,
-        *,
-        outgoing: bool,
-        now: str,
-        key: str | None = None,
-    ) -> int:
-        cursor = conn.execute(
-            "INSERT INTO conversation (uniqueid, account, email, subject, threadid, replytoid,"
-            " earliestunread, firstmessagedate, lastmessagedate, createdtime, updatedtime)"
-            " VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
-            (
-                key or new_conversation_key(),
-                account,
-                own_email,
-                message.subject,
-                message.message_id,
-                message.message_id,
-                None if outgoing else date,
-                date,
-                date,
-                now,
-                now,
-            ),
-        )
-        return int(cursor.lastrowid or 0)
-
-    @staticmethod
-    def _update_conversation(
-        conn: sqlite3.Connection,
-        conversation_id: int,
-        own_email: str | None,
-        message: ParsedMessage,
-        date: str,
-        *,
-        outgoing: bool,
-        now: str,
-    ) -> bool:
-        """Fold the message into the conversation row; True when it is the newest message."""
-        row = conn.execute(
-            "SELECT email, firstmessagedate, lastmessagedate, earliestunread, subject, threadid,"
-            " replytoid FROM conversation WHERE id = ?",
-            (conversation_id,),
-        ).fetchone()
-        email, first, last, unread, subject, threadid, replytoid = row
-        latest = last is None or date >= last
-        earliest = first is None or date < first
-        if earliest:
-            # The real start of the thread arrived after a reply: it names the conversation.
-            first = date
-            threadid = message.message_id or threadid
-            subject = message.subject or subject
-        if latest:
-            last = date
-            replytoid = message.message_id or replytoid
-        if not outgoing and (unread is None or date < unread):
-            unread = date
-        conn.execute(
-            "UPDATE conversation SET email = ?, firstmessagedate = ?, lastmessagedate = ?,"
-            " earliestunread = ?, subject = ?, threadid = ?, replytoid = ?, updatedtime = ?"
-            " WHERE id = ?",
-            (
-                email or own_email,
-                first,
-                last,
-                unread,
-                subject,
-                threadid,
-                replytoid,
-                now,
-                conversation_id,
-            ),
-        )
-        return latest
-
-    @staticmethod
-    def _write_followers(
-        conn: sqlite3.Connection,
-        conversation_id: int,
-        row_id: int,
-        message: ParsedMessage,
-        own: frozenset[str],
-        date: str,
-        *,
-        latest: bool,
-        new: bool,
-        now: str,
-    ) -> list[int]:
-        """Write the message's followers; returns the ids of its participants.
-
-        A name the message gives replaces the stored one only when the message is at least as
-        new as the newest message the follower took part in: a late-arriving older message
-        must not undo a newer name. (Per-message names are not stored for To/Cc, so "newest"
-        is judged by the follower's newest message, named or not.)
-        """
-        names: dict[str, str] = {}  # email -> first non-empty name, in order of appearance
-        levels: list[tuple[str, str]] = []
-        for address, level in message.participants():
-            email = address.email.strip().lower()
-            # support+KEY@ is the account itself, reached through a plus-address.
-            if not email or is_own_address(email, own):
-                continue
-            if not names.get(email):
-                names[email] = address.name.strip()
-            levels.append((email, level.value))
-        existing: dict[str, _FollowerRow] = {}
-        if not new:
-            for fid, email, name, active in conn.execute(
-                "SELECT id, email, name, active FROM follower WHERE conversation = ?",
-                (conversation_id,),
-            ):
-                existing[email] = _FollowerRow(fid, name, active)
-        # Only a late (older) message that brings a different name needs the followers'
-        # newest dates; the newest message of the conversation is newer than all of them.
-        renamed = [
-            existing[email].id
-            for email, name in names.items()
-            if name and email in existing and existing[email].name not in ("", name)
-        ]
-        newest: dict[int, str] = {}
-        if renamed and not latest:
-            for chunk in _chunks(renamed):
-                newest.update(
-                    conn.execute(
-                        "SELECT mf.follower, MAX(m.date) FROM messagefollower AS mf"
-                        " JOIN conversationmessage AS m ON m.id = mf.conversationmessage"
-                        f" WHERE mf.follower IN ({_marks(len(chunk))}) GROUP BY mf.follower",
-                        tuple(chunk),
-                    ).fetchall()
-                )
-        ids: dict[str, int] = {}
-        updates: list[tuple[str, int, str, int]] = []
-        for email, name in names.items():
-            row = existing.get(email)
-            if row is None:
-                # Introduced by a message older than the newest one, which left them out.
-                cursor = conn.execute(
-                    "INSERT INTO follower (conversation, email, name, active, subscribed,"
-                    " createdtime, updatedtime) VALUES (?, ?, ?, ?, 1, ?, ?)",
-                    (conversation_id, email, name, 1 if latest else 0, now, now),
-                )
-                ids[email] = int(cursor.lastrowid or 0)
-                continue
-            ids[email] = row.id
-            # A follower's dates come from their messages; one with none (a row an integrator
-            # wrote) takes any name. An empty stored name takes any name too.
-            follower_newest = newest.get(row.id)
-            newer = latest or follower_newest is None or date >= follower_newest
-            new_name = name if name and (newer or not row.name) else row.name
-            new_active = 1 if latest else row.active
-            if new_name != row.name or new_active != row.active:
-                updates.append((new_name, new_active, now, row.id))
-        if latest:
-            updates.extend(
-                (row.name, 0, now, row.id)
-                for email, row in existing.items()
-                if row.active and email not in names
-            )
-        if updates:
-            conn.executemany(
-                "UPDATE follower SET name = ?, active = ?, updatedtime = ? WHERE id = ?", updates
-            )
-        if levels:
-            conn.executemany(
-                "INSERT OR IGNORE INTO messagefollower (conversationmessage, follower,"
-                " participationlevel) VALUES (?, ?, ?)",
-                [(row_id, ids[email], level) for email, level in levels],
-            )
-        return list(ids.values())
-
-    @staticmethod
-    def _write_files(
-        conn: sqlite3.Connection, row_id: int, message: ParsedMessage, html: str, now: str
-    ) -> None:
-        if message.attachments:
-            conn.executemany(
-                "INSERT INTO document (conversationmessage, filename, contenttype, size, document,"
-                " createdtime) VALUES (?, ?, ?, ?, ?, ?)",
-                [
-                    (row_id, a.filename, a.content_type, a.size, a.data, now)
-                    for a in message.attachments
-                ],
-            )
-        mapping: dict[str, str] = {}
-        for image in message.inline_images:
-            cursor = conn.execute(
-                "INSERT INTO embeddedfile (conversationmessage, contentid, filename, contenttype,"
-                " size, document, createdtime) VALUES (?, ?, ?, ?, ?, ?, ?)",
-                (
-                    row_id,
-                    image.content_id,
-                    image.filename,
-                    image.content_type,
-                    image.size,
-                    image.data,
-                    now,
-                ),
-            )
-            if image.content_id:
-                mapping.setdefault(image.content_id, f"embeddedfile:{cursor.lastrowid}")
-        if mapping and message.html:
-            rewritten = rewrite_inline_images(html, mapping)
-            if rewritten != html:
-                conn.execute(
-                    "UPDATE conversationmessage SET message = ? WHERE id = ?", (rewritten, row_id)
-                )
+        action = f"import {len(items)} message(s) for {context.account}"
+        with self._transaction(action, write=True) as conn:
+            sql = _SqliteSql(conn)
+            self._prepare(sql, context.follower_parents, context.conversation_parents)
+            return import_items(SqlImport(sql), context, items, _now())
 
     # -- outbox (see mailbridge.store.outbox) -------------------------------------------------
 
@@ -1364,27 +581,27 @@ class SqliteRepository(SqlRepository):
             raise StoreError(f"outbox row {outbox_id} is gone", code="database_error")
         conversation, key, coworker, coworker_address = row
         stamp = iso(record.sent)
-        same_id = self._stored_identities(conn, context.account, [message]).get(
-            message.message_id or message.message_key, []
-        )
-        decision = decide_message_key(
-            message.message_key,
-            message.message_id,
-            message.fingerprint,
-            [StoredIdentity(r.key, r.fingerprint) for r in same_id],
+        db = SqlImport(_SqliteSql(conn))
+        same_id = db.stored_identities(
+            context.account,
+            [message.message_id] if message.message_id else [],
+            [message.message_key],
+        ).get(planner.identity_group(message), [])
+        # Stored rows without their summary: sent mail is matched by key and fingerprint only.
+        decision = planner.decide_key(
+            message, [StoredIdentity(r.key, r.fingerprint) for r in same_id]
         )
         if decision.duplicate:  # sent again after a crash: stored already
             known = next(r for r in same_id if r.key == decision.key)
             conversation, row_id = known.conversation_id, known.row_id
         else:
-            written = self._import_one(
-                conn,
+            written = import_one(
+                db,
                 context,
                 ImportItem(uid=0, message=message),
                 stamp,
                 decision,
-                conversation=conversation,
-                new_key=None if conversation is not None else key,
+                sent=planner.route_sent(conversation, None if conversation is not None else key),
             )
             # A named conversation is always written (sent mail is never discarded).
             assert isinstance(written, tuple)

@@ -23,7 +23,8 @@ from mailbridge.daemon.supervisor import once_exit_code, run_once
 from mailbridge.daemon.sweep import SweepSummary, sweep_and_record
 from mailbridge.mail import net
 from mailbridge.mail.imap import ImapSession
-from mailbridge.store.sqlite import SqliteRepository, open_repository
+from mailbridge.store import importer
+from mailbridge.store.sqlite import open_repository
 from mailbridge.testing.faultproxy import Fault, FaultProxy
 from tests.integration.test_import_loop import (
     config_data,
@@ -322,16 +323,15 @@ async def test_a_bug_importing_one_message_is_logged_with_traceback_and_code_int
     login, password = imap_user.login, imap_user.password
     for subject in ("Fine 1", "Boom", "Fine 2"):
         dovecot.append(login, password, mail(subject, to=imap_user.address).as_bytes())
-    original = SqliteRepository._import_one
+    original = importer.import_one
 
-    def buggy(
-        self: SqliteRepository, conn: Any, context: Any, item: Any, *args: Any, **kwargs: Any
-    ) -> Any:
+    def buggy(db: Any, context: Any, item: Any, *args: Any, **kwargs: Any) -> Any:
         if item.message.subject == "Boom":
             raise KeyError("a bug in the import code")
-        return original(self, conn, context, item, *args, **kwargs)
+        return original(db, context, item, *args, **kwargs)
 
-    monkeypatch.setattr(SqliteRepository, "_import_one", buggy)
+    # The one step that writes a message (store/importer.py, on every backend).
+    monkeypatch.setattr(importer, "import_one", buggy)
     settings = make_settings(tmp_path, dovecot, imap_user)
     with structlog.testing.capture_logs() as logs:
         results = await run_once(settings)

@@ -1,8 +1,8 @@
 """The operator's commands with ``database: postgresql://...`` against a real PostgreSQL.
 
 The password comes from ``database_password_file`` (the cluster refuses TCP logins without
-it). ``status`` names the daemon holding each account (``holder``); ``run`` refuses with a
-config error until importing into PostgreSQL is built.
+it). ``status`` names the daemon holding each account (``holder``); ``run --once`` imports
+mail from a real Dovecot into it.
 """
 
 from __future__ import annotations
@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import textwrap
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -19,6 +20,7 @@ from mailbridge.daemon.doctor import check_database
 from mailbridge.store.postgres import PostgresRepository
 from mailbridge.store.sql import SqlRepository
 from tests.conftest import PostgresDatabase
+from tests.integration.test_import_loop import config_data, thread_of_three
 
 pytestmark = pytest.mark.postgres
 
@@ -101,13 +103,39 @@ def test_read_commands_work_on_postgresql(
     assert "0 failed message(s)" in capsys.readouterr().out
 
 
-def test_run_refuses_postgresql_until_importing_there_is_built(
-    config: Path, capsys: pytest.CaptureFixture[str]
+def test_run_once_imports_a_thread_into_postgresql(
+    tmp_path: Path,
+    postgres_database: PostgresDatabase,
+    dovecot: Any,
+    imap_user: Any,
+    capsys: pytest.CaptureFixture[str],
 ) -> None:
-    assert cli_main(["-c", str(config), "run", "--once"]) == 78
-    err = capsys.readouterr().err
-    assert "database:" in err
-    assert "importing into PostgreSQL is not finished" in err
+    secret = tmp_path / "db.pw"
+    secret.write_text(postgres_database.password + "\n", encoding="utf-8")
+    secret.chmod(0o600)
+    data = config_data(tmp_path, dovecot, imap_user)
+    data.update(database=postgres_database.url, database_password_file=str(secret))
+    path = tmp_path / "run.yaml"
+    path.write_text(json.dumps(data), encoding="utf-8")  # JSON is YAML
+    thread = thread_of_three(imap_user.address)
+    for msg in (thread[2], thread[0], thread[1]):  # the last reply first: UID order != date
+        dovecot.append(imap_user.login, imap_user.password, msg.as_bytes())
+    assert cli_main(["-c", str(path), "run", "--once"]) == 0
+    assert dovecot.folder_uids(imap_user.login, imap_user.password, "INBOX") == []
+    repo = _repo(postgres_database)
+    try:
+        [summary] = repo.conversations()
+        # One conversation although the last reply came first (all three share one Date).
+        assert (summary.messages, summary.followers) == (3, 2)
+        assert summary.subject.endswith("Order 1042")
+    finally:
+        repo.close()
+    # The same mail again (a crash before the move): duplicates, nothing stored twice.
+    for msg in thread:
+        dovecot.append(imap_user.login, imap_user.password, msg.as_bytes())
+    assert cli_main(["-c", str(path), "run", "--once"]) == 0
+    assert cli_main(["-c", str(path), "conversations"]) == 0
+    assert "1 conversation(s)" in capsys.readouterr().out
 
 
 def test_doctor_checks_the_postgresql_database(config: Path) -> None:

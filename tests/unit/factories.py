@@ -13,9 +13,31 @@ import hashlib
 from collections.abc import Iterable
 from datetime import UTC, datetime, timedelta
 
+from mailbridge.config import ConversationParentSettings, FollowerParentSettings
 from mailbridge.core.model import Address, Attachment, ParsedMessage
 
 BASE_DATE = datetime(2024, 3, 1, 9, 0, tzinfo=UTC)
+
+# Parent tables as an integrator configures them: people, coworkers, and a ticket per
+# conversation with a property of every source (message, look-up, follower parent, default).
+PERSON = FollowerParentSettings(table="person", address_column="email", name_column="name")
+COWORKER = FollowerParentSettings(table="coworker", address_column="email", name_column="name")
+TICKET = ConversationParentSettings.model_validate(
+    {
+        "table": "ticket",
+        "properties": [
+            {"column": "subject", "message_property": "subject"},
+            {"column": "description", "message_property": "plain_text"},
+            {"column": "person", "message_property": "from_address", "search_path": "person.email"},
+            {"column": "company", "search_path": "person.company"},
+            {"column": "source", "default": "email"},
+            {"column": "sender", "message_property": "from_name", "default": "unknown"},
+            {"column": "received", "message_property": "date"},
+            {"column": "mailbox", "message_property": "account"},
+            {"column": "recipients", "message_property": "to_addresses"},
+        ],
+    }
+)
 
 
 def addr(text: str) -> Address:

@@ -1,11 +1,15 @@
 """Contract tests of the Repository protocol, run against every backend.
 
-Two fixtures: ``store`` runs on every backend (SQLite and a throwaway PostgreSQL) and serves
-the tests of everything outside the import path; ``repo`` (``make_repo``) serves the import
-tests and is SQLite only until PostgreSQL's import path is built (the import planner step of
-issue 12), when PostgreSQL joins ``BACKENDS``. Tests that check SQLite specifics (file
-permissions, locking, the raw rows) say so in their names and use :class:`SqliteRepository`
-directly.
+The ``backend`` fixture (and ``make_repo`` and ``repo`` on it) is parametrised over
+:data:`BACKENDS` (SQLite, and PostgreSQL on a throwaway cluster); a backend joins with one
+line there. Every
+conversation rule is run here through the Repository protocol (threading by each
+identification method, late parents, siblings, followers, parents, follower parents,
+duplicates, reused ids, ignored own mail, failures), the database read and written beside it
+as an integrator would (``Backend.query``/``Backend.execute``). Tests that check SQLite
+specifics (file permissions, locking, the raw rows) say so in their names and use
+:class:`SqliteRepository` directly. The ``store`` fixture serves the tests of the methods
+outside the import path on every backend.
 """
 
 from __future__ import annotations
@@ -20,12 +24,18 @@ import threading
 from collections.abc import Callable, Iterator
 from datetime import UTC, datetime
 from pathlib import Path
+from typing import Any, Protocol
 
+import psycopg
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
+from psycopg.conninfo import make_conninfo
 
+from mailbridge.config import ConversationParentSettings, Identification
+from mailbridge.core import planner
 from mailbridge.core.html import rewrite_inline_images
+from mailbridge.core.identify import plus_address, tag_subject
 from mailbridge.core.model import ParsedMessage
 from mailbridge.core.policy import AutomaticPolicy
 from mailbridge.errors import ConfigError, StoreError
@@ -53,8 +63,18 @@ from mailbridge.store.schema import (
 )
 from mailbridge.store.sql import SqlRepository
 from mailbridge.store.sqlite import SqliteRepository
+from mailbridge.testing.postgres import PostgresCluster
 from tests.conftest import PostgresDatabase
-from tests.unit.factories import at, attachment, inline_image, message, reply
+from tests.unit.factories import (
+    COWORKER,
+    PERSON,
+    TICKET,
+    at,
+    attachment,
+    inline_image,
+    message,
+    reply,
+)
 
 ACCOUNT = "support"
 # Mixed case on purpose: the account's identity must not depend on how the config spells it.
@@ -64,20 +84,108 @@ CTX = ImportContext(ACCOUNT, own_addresses=OWN)
 MakeRepo = Callable[[Path], Repository]
 
 
-def _make_sqlite(directory: Path) -> Repository:
-    repo = SqliteRepository(directory / "data" / "mailbridge.db")
-    repo.migrate()
-    return repo
+class Backend(Protocol):
+    """A backend as the contract tests drive it: fresh repositories, and the database read and
+    written on a separate connection, as an integrator would (statements with ``?``
+    placeholders, in SQL every backend accepts)."""
+
+    def make(self, directory: Path) -> Repository:
+        """A fresh, migrated repository (``directory`` is the test's own)."""
+
+    def again(self, repo: Repository) -> Repository:
+        """A second repository on the same database (another daemon)."""
+
+    def refusal(self, text: str) -> Exception:
+        """The error the database raises when it refuses one row (a constraint)."""
+
+    def query(self, repo: Repository, sql: str, *params: object) -> list[tuple[Any, ...]]:
+        """Rows of a query, read beside ``repo`` on another connection."""
+
+    def execute(self, repo: Repository, sql: str, *params: object) -> None:
+        """One committed statement, written beside ``repo`` on another connection."""
 
 
-BACKENDS: dict[str, MakeRepo] = {"sqlite": _make_sqlite}
+class SqliteBackend:
+    def make(self, directory: Path) -> Repository:
+        repo = SqliteRepository(directory / "data" / "mailbridge.db")
+        repo.migrate()
+        return repo
+
+    def again(self, repo: Repository) -> Repository:
+        assert isinstance(repo, SqliteRepository)
+        return SqliteRepository(repo.path)
+
+    def refusal(self, text: str) -> Exception:
+        return sqlite3.IntegrityError(text)
+
+    def query(self, repo: Repository, sql: str, *params: object) -> list[tuple[Any, ...]]:
+        assert isinstance(repo, SqliteRepository)
+        return raw(repo.path, sql, params)
+
+    def execute(self, repo: Repository, sql: str, *params: object) -> None:
+        assert isinstance(repo, SqliteRepository)
+        conn = sqlite3.connect(repo.path)
+        try:
+            with conn:
+                conn.execute(sql, params)
+        finally:
+            conn.close()
+
+
+class PostgresBackend:
+    """A fresh database on the session's throwaway cluster for each repository."""
+
+    def __init__(self, cluster: PostgresCluster) -> None:
+        self.cluster = cluster
+        self.numbers = itertools.count(1)
+
+    def make(self, directory: Path) -> Repository:
+        url = self.cluster.create_database(f"contract{next(self.numbers)}")
+        repo = PostgresRepository(url, password=self.cluster.password)
+        repo.migrate()
+        return repo
+
+    def again(self, repo: Repository) -> Repository:
+        assert isinstance(repo, PostgresRepository)
+        return PostgresRepository(repo.url, password=self.cluster.password)
+
+    def refusal(self, text: str) -> Exception:
+        return psycopg.errors.CheckViolation(text)
+
+    def _connect(self, repo: Repository) -> psycopg.Connection[tuple[Any, ...]]:
+        assert isinstance(repo, PostgresRepository)
+        conninfo = make_conninfo("", **repo.url.connection_parameters())
+        return psycopg.connect(conninfo, password=self.cluster.password, autocommit=True)
+
+    def query(self, repo: Repository, sql: str, *params: object) -> list[tuple[Any, ...]]:
+        with self._connect(repo) as conn:
+            return conn.execute(
+                sql.replace("%", "%%").replace("?", "%s").encode(), params
+            ).fetchall()
+
+    def execute(self, repo: Repository, sql: str, *params: object) -> None:
+        with self._connect(repo) as conn:
+            conn.execute(sql.replace("%", "%%").replace("?", "%s").encode(), params)
+
+
+# Backend name -> how to get one (a fixture request, for backends that need a server fixture).
+# A backend joins every contract test with one line here.
+BACKENDS: dict[str, Callable[[pytest.FixtureRequest], Backend]] = {
+    "sqlite": lambda _request: SqliteBackend(),
+    "postgres": lambda request: PostgresBackend(request.getfixturevalue("postgres")),
+}
 
 
 @pytest.fixture(scope="session", params=sorted(BACKENDS))
-def make_repo(request: pytest.FixtureRequest) -> MakeRepo:
-    """A factory of fresh, migrated repositories in a given directory (session-scoped so that
-    hypothesis tests can use it)."""
-    return BACKENDS[str(request.param)]
+def backend(request: pytest.FixtureRequest) -> Backend:
+    """Each backend in turn (session-scoped so that hypothesis tests can use it)."""
+    return BACKENDS[str(request.param)](request)
+
+
+@pytest.fixture(scope="session")
+def make_repo(backend: Backend) -> MakeRepo:
+    """A factory of fresh, migrated repositories in a given directory."""
+    return backend.make
 
 
 @pytest.fixture
@@ -108,12 +216,21 @@ def sqlite_path(tmp_path: Path) -> Path:
     return tmp_path / "data" / "mailbridge.db"
 
 
+@pytest.fixture
+def sqlite_repo(sqlite_path: Path) -> Iterator[SqliteRepository]:
+    """A SQLite repository, for the tests of SQLite specifics."""
+    repository = SqliteRepository(sqlite_path)
+    repository.migrate()
+    yield repository
+    repository.close()
+
+
 def run(repo: Repository, *messages: ParsedMessage, first_uid: int = 1) -> list[ImportResult]:
     items = [ImportItem(uid=first_uid + i, message=m) for i, m in enumerate(messages)]
     return repo.import_batch(CTX, items)
 
 
-def detail(repo: Repository, conversation_id: int | None) -> ConversationDetail:
+def detail(repo: Repository | SqlRepository, conversation_id: int | None) -> ConversationDetail:
     assert conversation_id is not None
     found = repo.conversation(conversation_id)
     assert found is not None
@@ -372,6 +489,366 @@ def test_threading_stays_within_the_account(repo: Repository) -> None:
     assert rc.conversation_id != rp.conversation_id
 
 
+# -- threading by each identification method --------------------------------------------------
+
+
+def ctx_for(
+    identification: Identification = "message_id", account: str = ACCOUNT, **kw: Any
+) -> ImportContext:
+    own = OWN if account == ACCOUNT else frozenset({f"{account}@acme.test"})
+    return ImportContext(account, own_addresses=own, identification=identification, **kw)
+
+
+_uids = itertools.count(1000)
+
+
+def imp(repo: Repository, ctx: ImportContext, *messages: ParsedMessage) -> list[ImportResult]:
+    return repo.import_batch(ctx, [ImportItem(next(_uids), m) for m in messages])
+
+
+def key_of(repo: Repository, conversation_id: int | None) -> str:
+    return detail(repo, conversation_id).summary.uniqueid
+
+
+def test_cc_replying_to_the_original_lands_in_the_same_conversation(repo: Repository) -> None:
+    original = message("orig@customer.test", to=["support@acme.test"], cc=["Jane <jane@x.test>"])
+    ours = reply(
+        original, "ours@acme.test", minutes=1, sender="support@acme.test", to=["ann@example.com"]
+    )
+    # Jane answers the original (not our reply); Ann answers ours.
+    jane = reply(original, "jane1@x.test", minutes=2, sender="Jane <jane@x.test>")
+    ann = reply(ours, "ann2@customer.test", minutes=3)
+    results = imp(repo, ctx_for(), original, ours, jane, ann)
+    assert [r.outcome for r in results] == [Outcome.IMPORTED] * 4
+    assert {r.conversation_id for r in results} == {results[0].conversation_id}
+    assert len(repo.conversations()) == 1
+    found = detail(repo, results[0].conversation_id)
+    assert [m.threaded_by for m in found.messages] == ["new"] + ["message_id"] * 3
+
+
+def test_reply_to_a_message_inserted_by_the_integrator_threads_to_it(
+    repo: Repository, backend: Backend
+) -> None:
+    [first] = imp(repo, ctx_for(), message("first@customer.test"))
+    # The integrator's sending code stored the message it sent, with a per-recipient copy id.
+    backend.execute(
+        repo,
+        "INSERT INTO conversationmessage (conversation, account, messageid, messagekey, uniqueid,"
+        " direction, date) VALUES (?, 'support', 'sent@acme.test', 'sent@acme.test', 'u1',"
+        " 'outgoing', ?)",
+        first.conversation_id,
+        "2024-03-01T09:05:00Z",
+    )
+    [(mid,)] = backend.query(
+        repo, "SELECT id FROM conversationmessage WHERE messageid = 'sent@acme.test'"
+    )
+    [(fid,)] = backend.query(repo, "SELECT id FROM follower")
+    backend.execute(
+        repo,
+        "INSERT INTO messagefollower (conversationmessage, follower, participationlevel,"
+        " messageid) VALUES (?, ?, 'to', 'copy-for-ann@acme.test')",
+        mid,
+        fid,
+    )
+    to_sent = message("r1@customer.test", in_reply_to=["sent@acme.test"], date=at(10))
+    to_copy = message("r2@customer.test", in_reply_to=["copy-for-ann@acme.test"], date=at(11))
+    results = imp(repo, ctx_for(), to_sent, to_copy)
+    assert [r.conversation_id for r in results] == [first.conversation_id] * 2
+    assert backend.query(
+        repo,
+        "SELECT threadedby FROM conversationmessage WHERE messageid LIKE 'r%' ORDER BY id",
+    ) == [("message_id",), ("message_id",)]
+
+
+def test_plus_address_joins_the_conversation_without_any_message_id(repo: Repository) -> None:
+    ctx = ctx_for("plus_address")
+    [first] = imp(repo, ctx, message("p1@customer.test", subject="Broken"))
+    key = key_of(repo, first.conversation_id)
+    # A client that drops In-Reply-To and References, writing to our Reply-To.
+    answer = message(
+        "p2@customer.test", subject="other words", to=[plus_address("help@acme.test", key)]
+    )
+    delivered = message(
+        "p3@customer.test", to=["someone@else.test"], delivered_to=[f"support+{key}@acme.test"]
+    )
+    results = imp(repo, ctx, answer, delivered)
+    assert [r.conversation_id for r in results] == [first.conversation_id] * 2
+    found = detail(repo, first.conversation_id)
+    # The plus-address is the account itself: no follower, and the reply-from address is plain.
+    assert all("+" not in email for email, _n, _a in found.followers)
+    assert [m.threaded_by for m in found.messages] == ["new", "plus_address", "plus_address"]
+
+
+def test_plus_address_key_wins_over_message_id_threading(repo: Repository) -> None:
+    ctx = ctx_for("plus_address")
+    a, b = imp(repo, ctx, message("a@customer.test"), message("b@customer.test", date=at(1)))
+    key_b = key_of(repo, b.conversation_id)
+    cross = message(
+        "c@customer.test", in_reply_to=["a@customer.test"], to=[f"support+{key_b}@acme.test"]
+    )
+    [result] = imp(repo, ctx, cross)
+    assert result.conversation_id == b.conversation_id != a.conversation_id
+
+
+@pytest.mark.parametrize("prefix", ["Re: ", "AW: ", "SV: ", "Antw: ", "回复：", "Re[2]: Fwd: ", ""])
+def test_subject_tag_joins_whatever_the_prefixes(repo: Repository, prefix: str) -> None:
+    ctx = ctx_for("subject")
+    [first] = imp(repo, ctx, message("s1@customer.test", subject="Invoice " + "x" * 200))
+    tagged = tag_subject("Invoice " + "x" * 200, key_of(repo, first.conversation_id))
+    assert len(tagged) == 128
+    [answer] = imp(repo, ctx, message("s2@customer.test", subject=prefix + tagged, date=at(5)))
+    assert answer.conversation_id == first.conversation_id
+    assert answer.new_conversation is False
+    assert detail(repo, first.conversation_id).messages[-1].threaded_by == "subject"
+
+
+def test_the_chosen_marker_only_is_read(repo: Repository) -> None:
+    [first] = imp(repo, ctx_for("message_id"), message("m1@customer.test"))
+    key = key_of(repo, first.conversation_id)
+    # With message_id identification a tag or plus-address alone starts a new conversation.
+    tagged = message("m2@customer.test", subject=f"Hi [ID-{key}]", to=[f"support+{key}@acme.test"])
+    [result] = imp(repo, ctx_for("message_id"), tagged)
+    assert result.new_conversation
+
+
+@pytest.mark.parametrize("identification", ["plus_address", "subject"])
+def test_a_forged_or_foreign_key_never_joins_someone_elses_conversation(
+    repo: Repository, identification: Identification
+) -> None:
+    ours, theirs = ctx_for(identification), ctx_for(identification, account="sales")
+    [victim] = imp(repo, theirs, message("v@customer.test", to=["sales@acme.test"]))
+    foreign = key_of(repo, victim.conversation_id)
+    [mine] = imp(repo, ours, message("mine@customer.test", date=at(1)))
+
+    def carrying(mid: str, key: str, **kw: Any) -> ParsedMessage:
+        if identification == "subject":
+            return message(mid, subject=f"Re: hello [ID-{key}]", date=at(9), **kw)
+        return message(mid, to=[f"support+{key}@acme.test"], date=at(9), **kw)
+
+    # Another account's real key, and a well-formed key nobody was given: both start anew.
+    stolen, guessed = imp(
+        repo, ours, carrying("f1@evil.test", foreign), carrying("f2@evil.test", "a" * 16)
+    )
+    assert stolen.new_conversation
+    assert guessed.new_conversation
+    assert stolen.conversation_id != victim.conversation_id
+    # A forged key next to a real In-Reply-To falls back to Message-ID threading.
+    [fallback] = imp(
+        repo, ours, carrying("f3@evil.test", foreign, in_reply_to=["mine@customer.test"])
+    )
+    assert fallback.conversation_id == mine.conversation_id
+    assert detail(repo, victim.conversation_id).summary.messages == 1
+
+
+def test_a_reply_after_its_parent_in_one_batch_sees_the_parents_writes(repo: Repository) -> None:
+    parent = message("bp@example.com", subject="Order", cc=["Bob <bob@example.com>"], date=at(0))
+    child = reply(parent, "bc@example.com", minutes=1, cc=["carol@example.com"])
+    grandchild = reply(child, "bg@example.com", minutes=2, sender="Bob <bob@example.com>")
+    results = run(repo, grandchild, child, parent)  # UIDs 1-3; imported in UID order
+    assert [r.new_conversation for r in results] == [True, False, False]
+    found = detail(repo, results[0].conversation_id)
+    assert found.summary.messages == 3
+    assert found.summary.subject == "Order"  # the real start names the conversation
+    assert found.summary.last_message == at(2)
+    # The newest message (grandchild) decides who is active, whatever the UID order.
+    assert active_followers(found) == {"bob@example.com"}
+
+
+def _import_beside(
+    backend: Backend,
+    repo: Repository,
+    start: threading.Barrier,
+    item: ImportItem,
+    found: dict[int, list[ImportResult]],
+) -> None:
+    """Import ``item`` through a repository of its own (another daemon), opened on this
+    thread, once every importer is ready."""
+    other = backend.again(repo)
+    try:
+        start.wait(timeout=30)
+        found[item.uid] = other.import_batch(CTX, [item])
+    finally:
+        other.close()
+
+
+def test_two_daemons_importing_one_thread_at_once_make_one_conversation(
+    repo: Repository, backend: Backend
+) -> None:
+    """Per-account serialisation: two repositories (two daemons, or a daemon and ``sync``)
+    each import one message of a thread at the same moment; neither may miss the other's rows
+    and start a second conversation."""
+    for round_ in range(8):
+        parent = message(f"race{round_}@example.com", subject=f"Race {round_}", date=at(0))
+        child = reply(parent, f"race{round_}-re@example.com", minutes=1)
+        start = threading.Barrier(2)
+        found: dict[int, list[ImportResult]] = {}
+        workers = [
+            threading.Thread(
+                target=_import_beside, args=(backend, repo, start, ImportItem(uid, m), found)
+            )
+            for uid, m in ((2 * round_ + 1, parent), (2 * round_ + 2, child))
+        ]
+        for worker in workers:
+            worker.start()
+        for worker in workers:
+            worker.join(timeout=60)
+        [p], [c] = found[2 * round_ + 1], found[2 * round_ + 2]
+        assert p.outcome is c.outcome is Outcome.IMPORTED
+        assert p.conversation_id == c.conversation_id, f"round {round_}: two conversations"
+        assert [p.new_conversation, c.new_conversation].count(True) == 1
+    assert len(repo.conversations()) == 8
+
+
+# -- conversation parents and follower parents ------------------------------------------------
+
+
+def _text(row: tuple[Any, ...]) -> tuple[str | None, ...]:
+    # Property columns are untyped in SQLite and text in PostgreSQL: compare as text.
+    return tuple(None if value is None else str(value) for value in row)
+
+
+def test_conversation_parent_gets_a_record_with_every_property_source(
+    repo: Repository, backend: Backend
+) -> None:
+    ctx = ctx_for(follower_parents=(PERSON,), conversation_parents=(TICKET,))
+    repo.prepare(ctx.follower_parents, ctx.conversation_parents)
+    # Tables mailbridge created, with the columns search paths read; the integrator fills them.
+    assert backend.query(repo, "SELECT id, email, name, company FROM person") == []
+    backend.execute(
+        repo,
+        "INSERT INTO person (id, email, name, company) VALUES (7, 'Ann@Example.com', 'Ann', 42)",
+    )
+    first = message(
+        "t1@customer.test", subject="Printer on fire", text="Help!", sender="ann@example.com"
+    )
+    nameless = message("t2@customer.test", subject="Who", sender="nobody@else.test", date=at(3))
+    a, b = imp(repo, ctx, first, nameless)
+    select = (
+        "SELECT id, subject, description, person, company, source, sender, received, mailbox"
+        " FROM ticket WHERE id = (SELECT ticket FROM conversation WHERE id = ?)"
+    )
+    [ticket] = backend.query(repo, select, a.conversation_id)
+    assert _text(ticket[1:]) == (
+        "Printer on fire",
+        "Help!",
+        "7",
+        "42",
+        "email",
+        "unknown",
+        "2024-03-01T09:00:00Z",
+        "support",
+    )
+    [other] = backend.query(repo, select, b.conversation_id)
+    assert _text(other[3:7]) == (None, None, "email", "unknown")  # unknown sender
+    # A reply creates no second ticket.
+    imp(repo, ctx, reply(first, "t3@customer.test", minutes=5))
+    assert backend.query(repo, "SELECT COUNT(*) FROM ticket") == [(2,)]
+    found = detail(repo, a.conversation_id)
+    assert found.parents == (("ticket", ticket[0]),)
+    assert ("ann@example.com", "person", 7) in found.follower_parents
+
+
+def test_a_parent_without_properties_still_gets_a_record(
+    repo: Repository, backend: Backend
+) -> None:
+    bare = ConversationParentSettings.model_validate({"table": "lead"})
+    ctx = ctx_for(conversation_parents=(bare,))
+    repo.prepare((), ctx.conversation_parents)
+    [result] = imp(repo, ctx, message("lead@customer.test"))
+    [(record,)] = backend.query(repo, "SELECT id FROM lead")
+    assert detail(repo, result.conversation_id).parents == (("lead", record),)
+
+
+def test_follower_parents_link_every_conversation_of_a_person(
+    repo: Repository, backend: Backend
+) -> None:
+    ctx = ctx_for(follower_parents=(PERSON, COWORKER))
+    repo.prepare(ctx.follower_parents, ())
+    backend.execute(
+        repo, "INSERT INTO person (id, email, name) VALUES (3, 'ann@example.com', 'Ann Person')"
+    )
+    backend.execute(
+        repo, "INSERT INTO coworker (id, email, name) VALUES (9, 'BOB@acme.test', 'Bob')"
+    )
+    one = message("f1@customer.test", sender="ann@example.com", cc=["bob@acme.test"])
+    two = message("f2@customer.test", sender="Ann <ann@example.com>", date=at(2))
+    results = imp(repo, ctx, one, two)
+    rows = backend.query(
+        repo, "SELECT conversation, email, name, person, coworker FROM follower ORDER BY id"
+    )
+    assert rows == [
+        (results[0].conversation_id, "ann@example.com", "Ann Person", 3, None),
+        (results[0].conversation_id, "bob@acme.test", "Bob", None, 9),
+        (results[1].conversation_id, "ann@example.com", "Ann", 3, None),
+    ]
+
+
+def test_a_follower_parent_link_set_by_hand_is_kept_and_lends_its_name(
+    repo: Repository, backend: Backend
+) -> None:
+    ctx = ctx_for(follower_parents=(PERSON,))
+    repo.prepare(ctx.follower_parents, ())
+    backend.execute(repo, "INSERT INTO person (id, email, name) VALUES (4, 'robert@x.test', 'Rob')")
+    first = message("h1@customer.test", sender="bob@example.com", date=at(0))
+    [r1] = imp(repo, ctx, first)
+    # The integrator knows bob@ is Robert and links him by hand; no person has bob's address.
+    backend.execute(repo, "UPDATE follower SET person = 4 WHERE email = 'bob@example.com'")
+    imp(repo, ctx, reply(first, "h2@customer.test", minutes=1, sender="bob@example.com"))
+    found = detail(repo, r1.conversation_id)
+    assert found.follower_parents == (("bob@example.com", "person", 4),)
+    assert found.followers == (("bob@example.com", "Rob", True),)
+    # A person with his address appears: the next message links him to it.
+    backend.execute(repo, "INSERT INTO person (id, email, name) VALUES (5, 'BOB@example.com', 'B')")
+    imp(repo, ctx, reply(first, "h3@customer.test", minutes=2, sender="Bobby <bob@example.com>"))
+    found = detail(repo, r1.conversation_id)
+    assert found.follower_parents == (("bob@example.com", "person", 5),)
+    assert found.followers == (("bob@example.com", "Bobby", True),)
+
+
+def test_parent_only_for_the_accounts_it_names(repo: Repository, backend: Backend) -> None:
+    only_sales = ConversationParentSettings.model_validate(
+        {
+            "table": "deal",
+            "accounts": ["sales"],
+            "properties": [{"column": "title", "message_property": "subject"}],
+        }
+    )
+    repo.prepare((), (only_sales,))
+    imp(repo, ctx_for(), message("d1@customer.test"))
+    imp(
+        repo,
+        ctx_for(account="sales", conversation_parents=(only_sales,)),
+        message("d2@customer.test", subject="Big deal"),
+    )
+    assert backend.query(repo, "SELECT title FROM deal") == [("Big deal",)]
+    assert backend.query(
+        repo,
+        "SELECT account, CASE WHEN deal IS NULL THEN 0 ELSE 1 END FROM conversation ORDER BY id",
+    ) == [("support", 0), ("sales", 1)]
+
+
+# -- unread -----------------------------------------------------------------------------------
+
+
+def test_earliest_unread_is_the_oldest_incoming_and_mark_read_clears_it(repo: Repository) -> None:
+    first = message("u1@customer.test", date=at(10))
+    late_older = reply(first, "u0@customer.test", minutes=5)
+    [a] = imp(repo, ctx_for(), first)
+    imp(repo, ctx_for(), late_older)
+    [summary] = repo.conversations()
+    assert summary.earliest_unread == at(5)
+    assert repo.mark_read(a.conversation_id or 0)
+    [summary] = repo.conversations()
+    assert summary.earliest_unread is None
+    ours = reply(first, "u3@acme.test", minutes=15, sender="support@acme.test")
+    imp(repo, ctx_for(), ours)  # our own answer leaves it read
+    assert repo.conversations()[0].earliest_unread is None
+    imp(repo, ctx_for(), reply(first, "u2@customer.test", minutes=20))
+    [summary] = repo.conversations()
+    assert summary.earliest_unread == at(20)
+    assert not repo.mark_read(12345)
+
+
 # -- de-duplication ---------------------------------------------------------------------------
 
 
@@ -531,15 +1008,10 @@ def test_the_same_message_with_other_transport_headers_is_one_message(repo: Repo
     assert (first.outcome, second.outcome) == (Outcome.IMPORTED, Outcome.DUPLICATE)
 
 
-def test_sqlite_rows_without_a_fingerprint_keep_the_old_rule(
-    repo: Repository, tmp_path: Path
-) -> None:
-    if not isinstance(repo, SqliteRepository):
-        pytest.skip("SQLite-specific: rows written before schema version 5")
+def test_rows_without_a_fingerprint_keep_the_old_rule(repo: Repository, backend: Backend) -> None:
     [a] = run(repo, parcel(1111, 0))
-    conn = sqlite3.connect(tmp_path / "data" / "mailbridge.db")
-    conn.execute("UPDATE conversationmessage SET fingerprint = NULL")
-    conn.commit()
+    # A row written before fingerprints were stored (schema 4), or by an integrator.
+    backend.execute(repo, "UPDATE conversationmessage SET fingerprint = NULL")
     # The same message fetched again (a crash before the move, across the upgrade).
     [again] = run(repo, parcel(1111, 0), first_uid=2)
     assert again.outcome is Outcome.DUPLICATE
@@ -551,9 +1023,7 @@ def test_sqlite_rows_without_a_fingerprint_keep_the_old_rule(
     assert (b.message_key, b.reused_key) == (f"{PARCEL_ID}#{b.message_key[-16:]}", PARCEL_ID)
     # A row not imported by mailbridge (uid NULL: an integrator's or a sent message) keeps the
     # documented rule: the copy coming back under its key is that message, whatever it says.
-    conn.execute("UPDATE conversationmessage SET uid = NULL, fingerprint = NULL")
-    conn.commit()
-    conn.close()
+    backend.execute(repo, "UPDATE conversationmessage SET uid = NULL, fingerprint = NULL")
     [c] = run(repo, parcel(3333, 120), first_uid=4)
     assert c.outcome is Outcome.DUPLICATE
     assert c.message_row_id == a.message_row_id
@@ -748,7 +1218,7 @@ def test_reply_to_equal_to_from_is_one_follower_with_both_levels(repo: Repositor
 # -- defects ----------------------------------------------------------------------------------
 
 
-def test_defects_are_stored_on_the_message(repo: Repository, tmp_path: Path) -> None:
+def test_defects_are_stored_on_the_message(repo: Repository, backend: Backend) -> None:
     noted = ("unparseable Date 'Tue, 18 Sep 101'; the time of parsing is used", "base64 padding")
     [with_defects, clean, folded] = run(
         repo,
@@ -760,11 +1230,10 @@ def test_defects_are_stored_on_the_message(repo: Repository, tmp_path: Path) -> 
     # One defect per line: a defect is made one line, an empty one dropped.
     assert detail(repo, folded.conversation_id).messages[0].defects == ("two lines", "spaced out")
     assert detail(repo, clean.conversation_id).messages[0].defects == ()
-    if isinstance(repo, SqliteRepository):
-        rows = raw(tmp_path / "data" / "mailbridge.db", "SELECT defects FROM conversationmessage")
-        assert sorted(rows, key=str) == sorted(
-            [("\n".join(noted),), (None,), ("two lines\nspaced out",)], key=str
-        )
+    rows = backend.query(repo, "SELECT defects FROM conversationmessage")
+    assert sorted(rows, key=str) == sorted(
+        [("\n".join(noted),), (None,), ("two lines\nspaced out",)], key=str
+    )
 
 
 def test_sqlite_migration_5_keeps_message_followers(sqlite_path: Path) -> None:
@@ -822,7 +1291,7 @@ def test_sqlite_migration_5_keeps_message_followers(sqlite_path: Path) -> None:
 
 
 def test_attachments_and_inline_images_are_stored_and_cid_rewritten(
-    repo: Repository, tmp_path: Path
+    repo: Repository, backend: Backend
 ) -> None:
     pdf = attachment("report.pdf", b"%PDF-1.4 \x00\x01\x02 bytes")
     logo = inline_image("logo@acme.test", b"\x89PNG logo")
@@ -840,13 +1309,11 @@ def test_attachments_and_inline_images_are_stored_and_cid_rewritten(
     assert "embeddedfile:" in stored.html
     assert "cid:unknown@x" in stored.html  # an image we do not have stays as it was
 
-    if isinstance(repo, SqliteRepository):
-        path = tmp_path / "data" / "mailbridge.db"
-        [(doc,)] = raw(path, "SELECT document FROM document")
-        assert doc == pdf.data
-        [(fid, blob)] = raw(path, "SELECT id, document FROM embeddedfile")
-        assert blob == logo.data
-        assert f'src="embeddedfile:{fid}"' in stored.html
+    [(doc,)] = backend.query(repo, "SELECT document FROM document")
+    assert bytes(doc) == pdf.data
+    [(fid, blob)] = backend.query(repo, "SELECT id, document FROM embeddedfile")
+    assert bytes(blob) == logo.data
+    assert f'src="embeddedfile:{fid}"' in stored.html
 
 
 # -- followers --------------------------------------------------------------------------------
@@ -951,36 +1418,23 @@ def test_a_late_older_message_names_only_followers_without_a_name(repo: Reposito
     assert ("dave@example.com", "Dave D", True) in found.followers
 
 
-def test_sqlite_followers_are_subscribed_and_only_the_integrator_changes_that(
-    sqlite_path: Path,
+def test_followers_are_subscribed_and_only_the_integrator_changes_that(
+    repo: Repository, backend: Backend
 ) -> None:
-    repo = SqliteRepository(sqlite_path)
-    try:
-        repo.migrate()
-        m1 = message("s1@example.com", cc=["Bob <bob@example.com>"], date=at(0))
-        [r1] = run(repo, m1)
-        assert raw(sqlite_path, "SELECT email, subscribed FROM follower ORDER BY id") == [
-            ("ann@example.com", 1),
-            ("bob@example.com", 1),
-        ]
-        # Bob follows an unsubscribe link; then he is left out, then named again.
-        conn = sqlite3.connect(sqlite_path)
-        with conn:
-            conn.execute("UPDATE follower SET subscribed = 0 WHERE email = 'bob@example.com'")
-        conn.close()
-        m2 = reply(m1, "s2@example.com", minutes=1)
-        m3 = reply(m2, "s3@example.com", minutes=2, cc=["Bob B <bob@example.com>"])
-        run(repo, m2, m3, first_uid=2)
-        assert detail(repo, r1.conversation_id).followers == (
-            ("ann@example.com", "Ann Example", True),
-            ("bob@example.com", "Bob B", True),
-        )
-    finally:
-        repo.close()
-    assert raw(sqlite_path, "SELECT email, subscribed FROM follower ORDER BY id") == [
-        ("ann@example.com", 1),
-        ("bob@example.com", 0),
-    ]
+    m1 = message("s1@example.com", cc=["Bob <bob@example.com>"], date=at(0))
+    [r1] = run(repo, m1)
+    subscribed = "SELECT email, subscribed FROM follower ORDER BY id"
+    assert backend.query(repo, subscribed) == [("ann@example.com", 1), ("bob@example.com", 1)]
+    # Bob follows an unsubscribe link; then he is left out, then named again.
+    backend.execute(repo, "UPDATE follower SET subscribed = 0 WHERE email = 'bob@example.com'")
+    m2 = reply(m1, "s2@example.com", minutes=1)
+    m3 = reply(m2, "s3@example.com", minutes=2, cc=["Bob B <bob@example.com>"])
+    run(repo, m2, m3, first_uid=2)
+    assert detail(repo, r1.conversation_id).followers == (
+        ("ann@example.com", "Ann Example", True),
+        ("bob@example.com", "Bob B", True),
+    )
+    assert backend.query(repo, subscribed) == [("ann@example.com", 1), ("bob@example.com", 0)]
 
 
 # -- failures inside a batch ------------------------------------------------------------------
@@ -1007,19 +1461,20 @@ def test_one_bad_item_fails_alone_and_the_rest_commit(repo: Repository) -> None:
     assert retry.outcome is Outcome.IMPORTED
 
 
-def test_sqlite_constraint_error_in_one_message_rolls_back_only_its_rows(
-    repo: Repository, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+@pytest.mark.parametrize("kind", ["python", "database"])
+def test_an_error_in_one_message_rolls_back_only_its_rows(
+    repo: Repository, backend: Backend, monkeypatch: pytest.MonkeyPatch, kind: str
 ) -> None:
-    if not isinstance(repo, SqliteRepository):
-        pytest.skip("SQLite specifics")
     real = rewrite_inline_images
 
     def explode(html: str, mapping: dict[str, str]) -> str:
         if "boom" in html:
-            raise sqlite3.IntegrityError("CHECK constraint failed: forced by the test")
+            text = "CHECK constraint failed: forced by the test"
+            raise KeyError(text) if kind == "python" else backend.refusal(text)
         return real(html, mapping)
 
-    monkeypatch.setattr(sqlite_backend, "rewrite_inline_images", explode)
+    # Fails after the message's conversation, row, follower and files are written.
+    monkeypatch.setattr(planner, "rewrite_inline_images", explode)
     ok = message("ok@example.com", html='<img src="cid:a@x">', inline_images=[inline_image("a@x")])
     boom = message(
         "boom@example.com",
@@ -1028,26 +1483,27 @@ def test_sqlite_constraint_error_in_one_message_rolls_back_only_its_rows(
         inline_images=[inline_image("b@x")],
         attachments=[attachment()],
     )
-    results = run(repo, ok, boom)
-    assert [r.outcome for r in results] == [Outcome.IMPORTED, Outcome.FAILED]
+    after = message("after@example.com", date=at(5))
+    results = run(repo, ok, boom, after)
+    assert [r.outcome for r in results] == [Outcome.IMPORTED, Outcome.FAILED, Outcome.IMPORTED]
+    # The database refusing the rows is the message's fault; any other error is a bug.
+    assert results[1].error_code == ("import_failed" if kind == "database" else "internal")
     assert "forced by the test" in (results[1].error_reason or "")
-    path = tmp_path / "data" / "mailbridge.db"
     for table, expected in (
-        ("conversation", 1),
-        ("conversationmessage", 1),
+        ("conversation", 2),
+        ("conversationmessage", 2),
         ("embeddedfile", 1),
         ("document", 0),
-        ("follower", 1),
-        ("messagefollower", 1),
+        ("follower", 2),  # Ann in each conversation; Zed (only in the failed one) in none
+        ("messagefollower", 2),
     ):
-        assert raw(path, f"SELECT COUNT(*) FROM {table}") == [(expected,)], table
+        assert backend.query(repo, f"SELECT COUNT(*) FROM {table}") == [(expected,)], table
 
 
 def test_sqlite_batch_level_error_raises_and_commits_nothing(
-    repo: Repository, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+    sqlite_repo: SqliteRepository, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    if not isinstance(repo, SqliteRepository):
-        pytest.skip("SQLite specifics")
+    repo = sqlite_repo
     real = rewrite_inline_images
 
     def disk_full(html: str, mapping: dict[str, str]) -> str:
@@ -1055,7 +1511,7 @@ def test_sqlite_batch_level_error_raises_and_commits_nothing(
             raise sqlite3.OperationalError("database or disk is full")
         return real(html, mapping)
 
-    monkeypatch.setattr(sqlite_backend, "rewrite_inline_images", disk_full)
+    monkeypatch.setattr(planner, "rewrite_inline_images", disk_full)
     first = message("one@example.com", html="<p>first</p>", inline_images=[inline_image("a@x")])
     second = message("two@example.com", html="<p>second</p>", inline_images=[inline_image("b@x")])
     repo.record_failures(
@@ -1070,7 +1526,7 @@ def test_sqlite_batch_level_error_raises_and_commits_nothing(
     assert raw(tmp_path / "data" / "mailbridge.db", "SELECT COUNT(*) FROM embeddedfile") == [(0,)]
     assert len(repo.failures(ACCOUNT)) == 1  # not resolved either
     # The connection is usable afterwards.
-    monkeypatch.setattr(sqlite_backend, "rewrite_inline_images", real)
+    monkeypatch.setattr(planner, "rewrite_inline_images", real)
     assert [r.outcome for r in run(repo, first, second)] == [Outcome.IMPORTED] * 2
 
 
