@@ -834,11 +834,12 @@ def table(results: dict[str, Any]) -> Table:
             f"{_f(sending['msgs_per_s'])} msgs/s",
             f"{sending['ratio_to_bare']:.2f}x bare",
         )
-        out.add_row(
-            "  outbox INSERT -> end of DATA p50/p95/p99",
-            f"{_f(lat['p50_ms'])}/{_f(lat['p95_ms'])}/{_f(lat['p99_ms'])} ms",
-            f"n={lat['n']}",
-        )
+        if "p50_ms" in lat:  # measured unless --latency-messages 0
+            out.add_row(
+                "  outbox INSERT -> end of DATA p50/p95/p99",
+                f"{_f(lat['p50_ms'])}/{_f(lat['p95_ms'])}/{_f(lat['p99_ms'])} ms",
+                f"n={lat['n']}",
+            )
     else:
         out.add_row("sending: outbox -> SMTP sink", sending["status"], "")
     return out

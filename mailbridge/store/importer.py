@@ -68,7 +68,7 @@ def import_items(
             continue
         result = _import_in_savepoint(db, context, item, now, decision)
         results[index] = result
-        if result.outcome in (Outcome.DISCARDED, Outcome.BOUNCE):
+        if result.outcome in (Outcome.IGNORED, Outcome.DISCARDED, Outcome.BOUNCE):
             settled += planner.settled_keys(message, decision)  # dealt with for good
         if result.conversation_id is not None and result.message_row_id is not None:
             # Imported: a second copy later in the same batch is a duplicate of this one.

@@ -1530,6 +1530,20 @@ def test_sqlite_batch_level_error_raises_and_commits_nothing(
     assert [r.outcome for r in run(repo, first, second)] == [Outcome.IMPORTED] * 2
 
 
+def test_own_mail_that_is_ignored_resolves_its_earlier_failure(repo: Repository) -> None:
+    """Own mail continuing nothing is moved to Processed without being stored (ignored): dealt
+    with for good, so a failure recorded for it earlier is resolved, not left in `failed`."""
+    looped = message("loop@acme.test", sender="help@acme.test", to=["support@acme.test"])
+    repo.record_failures(
+        ACCOUNT,
+        [FailureInfo(uid=4, message_key="loop@acme.test", code="unparseable", reason="earlier")],
+    )
+    assert len(repo.failures(ACCOUNT)) == 1
+    [ignored] = run(repo, looped)
+    assert ignored.outcome is Outcome.IGNORED
+    assert repo.failures(ACCOUNT) == []
+
+
 # -- import failures and account state --------------------------------------------------------
 
 
