@@ -373,6 +373,7 @@ def _retry(settings: Settings, uids: list[int] | None, account_name: str | None)
     out = console()
     results = asyncio.run(_retry_all(settings, list(plan.values())))
     errors: list[MailbridgeError] = []
+    missing = 0
     for name, outcome in results:
         if isinstance(outcome, MailbridgeError):
             errors.append(outcome)
@@ -383,8 +384,10 @@ def _retry(settings: Settings, uids: list[int] | None, account_name: str | None)
         _print_reconciled(out, name, outcome)
         asked = len(plan[name][1] or ())
         if asked > outcome.retried:
+            missing += asked - outcome.retried
             out.print(f"{name}: {asked - outcome.retried} UID(s) not in the Failed folder")
-    return _exit_code(errors)
+    # A UID asked for that is not there is "not found" (exit 1), as for `failed show UID`.
+    return _exit_code(errors) or (1 if missing else 0)
 
 
 async def _retry_all(

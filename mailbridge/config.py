@@ -682,7 +682,7 @@ def _cron(value: str) -> str:
     if not croniter.is_valid(value):
         raise ValueError(
             f"{value!r} is not a cron expression (five fields: minute hour day month weekday, "
-            "e.g. '*/20 * * * *')"
+            "and an optional sixth for seconds; e.g. '*/20 * * * *')"
         )
     return value
 

@@ -350,6 +350,9 @@ def test_cli_failed_list_show_retry_and_sync(
     out = capsys.readouterr().out
     assert "recovered 1" in out
     assert dovecot.folder_uids(login, password, FAILED) == [uids[1]]
+    # A UID that is not (or no longer) in Failed is "not found": said, and exit 1.
+    assert cli_main(["-c", str(path), "failed", "retry", str(uids[0])]) == 1
+    assert "1 UID(s) not in the Failed folder" in capsys.readouterr().out
 
     assert cli_main(["-c", str(path), "sync"]) == 0
     out = capsys.readouterr().out
