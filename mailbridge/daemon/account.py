@@ -138,7 +138,6 @@ class AccountWorker:
         # Set by wake() (the supervisor, on SIGHUP): ends a backoff so a fixed password file is
         # tried at once instead of after up to 30 minutes.
         self._wake = asyncio.Event()
-        self.busy = False  # True while a batch is between fetch and move: the drain waits for it
         # The import step, shared with the recovery sweep (daemon/importstep.py).
         self.step = ImportStep(settings, account, repo, stopping=self.stopping, log=self.log)
         self._backlog_checked = False  # the Inbox backlog is looked at once per worker
@@ -416,18 +415,6 @@ class AccountWorker:
         return fetched, parsed
 
     async def _import_batch(
-        self,
-        session: ImapSession,
-        uids: Sequence[int],
-        prefetched: tuple[list[FetchedMessage], tuple[list[ImportItem], list[FailureInfo]]],
-    ) -> PassSummary:
-        self.busy = True
-        try:
-            return await self._import_batch_inner(session, uids, prefetched)
-        finally:
-            self.busy = False
-
-    async def _import_batch_inner(
         self,
         session: ImapSession,
         uids: Sequence[int],
