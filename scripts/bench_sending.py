@@ -35,7 +35,7 @@ from mailbridge.core.identify import new_conversation_key
 from mailbridge.core.outbox import build_message
 from mailbridge.daemon.outbox import OutboxWorker
 from mailbridge.log import configure_logging
-from mailbridge.store.sqlite import open_repository
+from mailbridge.store.factory import open_repository
 from mailbridge.testing.dovecot import free_port
 
 _BODY = "Thank you for your message. " * 30

@@ -72,6 +72,7 @@ from mailbridge.core.templates import HistoryMessage, MergeData, has_codes, rend
 from mailbridge.errors import ConfigError, MailbridgeError, StoreError
 from mailbridge.mail.imap import ImapSession, quote
 from mailbridge.mail.smtp import SendError, SmtpSender
+from mailbridge.store.asyncrepo import AsyncRepository
 from mailbridge.store.base import ImportContext
 from mailbridge.store.outbox import (
     OutboxCopy,
@@ -82,7 +83,6 @@ from mailbridge.store.outbox import (
     SentRecord,
     TemplateRecords,
 )
-from mailbridge.store.sqlite import AsyncRepository
 
 log = structlog.get_logger("mailbridge.outbox")
 

@@ -41,14 +41,12 @@ from mailbridge.core.messagekey import (
     StoredIdentity,
 )
 from mailbridge.errors import StoreError
-from mailbridge.store.asyncrepo import AsyncRepository
 from mailbridge.store.base import (
     AccountState,
     ImportContext,
     ImportItem,
     ImportResult,
 )
-from mailbridge.store.factory import open_repository
 from mailbridge.store.importer import import_items, import_one
 from mailbridge.store.importsql import SqlImport
 from mailbridge.store.importsql import marks as _marks
@@ -79,9 +77,6 @@ from mailbridge.store.sql import (
     q,
     write_account_state,
 )
-
-# Re-exported while branches written before the move still import them from here.
-__all__ = ["AsyncRepository", "SqliteRepository", "iso", "open_repository", "parse_time"]
 
 if TYPE_CHECKING:
     from mailbridge.config import (

@@ -35,7 +35,8 @@ import structlog
 
 from mailbridge.config import Settings, parse_config
 from mailbridge.daemon.account import AccountWorker
-from mailbridge.store.sqlite import AsyncRepository, SqliteRepository
+from mailbridge.store.asyncrepo import AsyncRepository
+from mailbridge.store.sqlite import SqliteRepository
 from mailbridge.testing.dovecot import Dovecot
 from mailbridge.testing.faultproxy import Fault, FaultProxy
 from tests.integration.test_import_loop import eventually as _eventually

@@ -30,7 +30,7 @@ from mailbridge.daemon.account import AccountWorker
 from mailbridge.daemon.supervisor import Supervisor, once_exit_code, run_once
 from mailbridge.errors import ServerError
 from mailbridge.mail.imap import ImapSession
-from mailbridge.store.sqlite import open_repository
+from mailbridge.store.factory import open_repository
 
 pytestmark = pytest.mark.dovecot
 

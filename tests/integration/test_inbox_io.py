@@ -24,7 +24,7 @@ from mailbridge.daemon.sweep import SweepSummary, sweep_and_record
 from mailbridge.mail import net
 from mailbridge.mail.imap import ImapSession
 from mailbridge.store import importer
-from mailbridge.store.sqlite import open_repository
+from mailbridge.store.factory import open_repository
 from mailbridge.testing.faultproxy import Fault, FaultProxy
 from tests.integration.test_import_loop import (
     config_data,

@@ -41,7 +41,7 @@ from mailbridge.errors import AuthError, ServerError
 from mailbridge.mail.auth.tokens import provider_for, sasl_oauthbearer, sasl_xoauth2
 from mailbridge.mail.imap import ImapSession
 from mailbridge.mail.smtp import check_smtp
-from mailbridge.store.sqlite import open_repository
+from mailbridge.store.factory import open_repository
 from mailbridge.testing.dovecot import Dovecot, free_port
 from mailbridge.testing.oauth import OAuthTestServer
 from tests.conftest import running_dovecot

@@ -35,8 +35,9 @@ from mailbridge.core.parse import parse_message
 from mailbridge.daemon.outbox import OutboxWorker
 from mailbridge.daemon.supervisor import run_once
 from mailbridge.store.base import ImportContext, ImportItem
+from mailbridge.store.factory import open_repository
 from mailbridge.store.outbox import OutboxFile, OutgoingRequest
-from mailbridge.store.sqlite import SqliteRepository, open_repository
+from mailbridge.store.sqlite import SqliteRepository
 from mailbridge.testing.dovecot import free_port
 from mailbridge.testing.smtpsink import SmtpSink
 from tests.integration.test_import_loop import config_data, eventually, mail

@@ -41,7 +41,7 @@ from mailbridge.daemon.supervisor import Supervisor, run_once
 from mailbridge.daemon.sweep import retry_failed, since_date, sweep, sweep_and_record
 from mailbridge.mail.imap import ImapSession
 from mailbridge.store.base import RESOLVED_IMPORTED, RESOLVED_REMOVED
-from mailbridge.store.sqlite import open_repository
+from mailbridge.store.factory import open_repository
 from tests.integration.test_import_loop import (
     FAILED,
     PROCESSED,

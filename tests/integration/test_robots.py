@@ -255,7 +255,7 @@ async def test_the_recovery_sweep_applies_the_policy_and_counts_it(
     from datetime import UTC, datetime, timedelta
 
     from mailbridge.daemon.sweep import sweep_and_record
-    from mailbridge.store.sqlite import open_repository
+    from mailbridge.store.factory import open_repository
 
     now = datetime.now(UTC)
     login, password = imap_user.login, imap_user.password

@@ -7,8 +7,9 @@ import threading
 from datetime import UTC, datetime
 from pathlib import Path
 
+from mailbridge.store.asyncrepo import AsyncRepository
 from mailbridge.store.base import AccountState
-from mailbridge.store.sqlite import AsyncRepository, SqliteRepository
+from mailbridge.store.sqlite import SqliteRepository
 
 
 async def test_concurrent_state_changes_are_one_transaction_without_fsync(
