@@ -512,6 +512,13 @@ def _conversations(settings: Settings, account: str | None, search: str | None, 
         found = repo.conversations(account=account, search=search, limit=limit)
     finally:
         repo.close()
+    configured = {a.name for a in settings.accounts}
+    if account is not None and account not in configured and not found:
+        # A typo must not read as "no conversations" (an account removed from the config
+        # still lists what it stored, so only an unknown name with nothing stored is refused).
+        names = ", ".join(sorted(configured))
+        print(f"mailbridge: no account named {account!r} (configured: {names})", file=sys.stderr)
+        return 1
     table = Table(title=f"{len(found)} conversation(s)")
     for column in ("id", "account", "subject", "messages", "followers", "last message", "key"):
         table.add_column(column)

@@ -1093,7 +1093,15 @@ def _explain(error: Any) -> str:
     if kind in {"greater_than_equal", "less_than_equal", "greater_than", "less_than"}:
         return f"{error['msg'].lower()}, got {error.get('input')!r}"
     if kind == "literal_error":
-        return f"{error['msg'].lower()}, got {error.get('input')!r}"
+        given = error.get("input")
+        if isinstance(given, bool):
+            # YAML 1.1 reads yes/no/on/off/true/false as booleans, so `tls: yes` never arrives
+            # as the word the operator typed: say so instead of the bare "got True".
+            return (
+                f"{error['msg'].lower()}, got the YAML boolean {str(given).lower()} "
+                "(yes/no/on/off/true/false are booleans in YAML: write one of the words above)"
+            )
+        return f"{error['msg'].lower()}, got {given!r}"
     if kind == "string_pattern_mismatch":
         return f"not a valid value: {error.get('input')!r}"
     msg = str(error["msg"])
@@ -1229,9 +1237,12 @@ def load_config(path: Path | str | None = None) -> Settings:
         raise ConfigError(
             f"config file {resolved} does not exist (pass -c FILE or set {CONFIG_ENV})",
             path=str(resolved),
+            code="config_missing",
         ) from exc
     except OSError as exc:
-        raise ConfigError(f"cannot read {resolved}: {exc.strerror}", path=str(resolved)) from exc
+        raise ConfigError(
+            f"cannot read {resolved}: {exc.strerror}", path=str(resolved), code="config_missing"
+        ) from exc
     try:
         data = yaml.safe_load(text)
     except yaml.YAMLError as exc:

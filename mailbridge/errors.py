@@ -58,6 +58,13 @@ CATALOGUE: Final[dict[str, ErrorInfo]] = dict(
             transient=False,
         ),
         _info(
+            "config_missing",
+            "The config file cannot be read",
+            "Pass the config file with -c FILE or set MAILBRIDGE_CONFIG (config.example.yaml is a "
+            "starting point) and make it readable by the user the daemon runs as.",
+            transient=False,
+        ),
+        _info(
             "secret_missing",
             "A password or token could not be read",
             "Check that the file, environment variable or systemd credential named by "
@@ -320,7 +327,8 @@ CATALOGUE: Final[dict[str, ErrorInfo]] = dict(
         _info(
             "database_locked",
             "The database is locked by another writer",
-            "Keep integrators' write transactions short; it is retried by itself.",
+            "Keep integrators' write transactions short; the daemon retries by itself, a command "
+            "can simply be run again.",
             transient=True,
         ),
         _info(

@@ -8,6 +8,7 @@ rich markup: "[external] Invoice" would lose its tag, "[/quote]" would raise Mar
 
 from __future__ import annotations
 
+import os
 import re
 import sys
 
@@ -20,10 +21,13 @@ _TERMINAL_CONTROL = re.compile(r"[\x00-\x08\x0b-\x1f\x7f-\x9f]")
 
 
 def console() -> Console:
-    # Piped output (scripts, tests, journald) gets wide lines instead of wrapped table cells.
-    return Console(
-        markup=False, emoji=False, highlight=False, width=None if sys.stdout.isatty() else 240
-    )
+    # Piped output (scripts, tests, journald) gets wide lines instead of wrapped table cells,
+    # unless the operator set COLUMNS, which wins as it does for the terminal (POSIX sh).
+    width: int | None = None
+    if not sys.stdout.isatty():
+        columns = os.environ.get("COLUMNS", "")
+        width = int(columns) if columns.isdigit() and int(columns) > 0 else 240
+    return Console(markup=False, emoji=False, highlight=False, width=width)
 
 
 def mail_text(value: str) -> Text:

@@ -38,6 +38,12 @@ class ImapUser:
 
 
 @pytest.fixture(autouse=True)
+def _no_ambient_columns(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Commands' tables are as wide as ``COLUMNS`` says; a terminal's value must not narrow them."""
+    monkeypatch.delenv("COLUMNS", raising=False)
+
+
+@pytest.fixture(autouse=True)
 def _detach_cli_log_handler() -> Iterator[None]:
     """Undo what a CLI test's ``configure_logging(stream=sys.stderr)`` left on the root logger.
 

@@ -496,6 +496,9 @@ def test_cli_conversations_lists_filters_and_prints_mail_text_as_written(
     assert listed("--search", "[/quote]") == ("1 conversation(s)", [invoice_row])  # the body
     assert listed("--search", "zoe@buyer") == ("1 conversation(s)", [quote_row])  # an address
     assert listed("--account", "sales", "--search", "invoice") == ("0 conversation(s)", [])
+    # A name that is neither configured nor stored is a typo, not an empty list.
+    assert cli_main(["-c", str(path), "conversations", "--account", "slaes"]) == 1
+    assert "no account named 'slaes' (configured: sales, support)" in capsys.readouterr().err
 
     assert cli_main(["-c", str(path), "conversation", "show", invoice_row[0]]) == 0
     out = capsys.readouterr().out

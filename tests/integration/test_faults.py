@@ -9,7 +9,8 @@ between mailbridge and Dovecot. Every test checks the same three promises:
 * the loop recovered by itself: nobody restarted the worker, it is back to ``idle``;
 * the fault was logged with its catalogue code (``account_backoff`` with ``code``).
 
-Sending (an SMTP connection cut mid-DATA) is not tested here: sending does not exist yet.
+Sending under a connection cut mid-DATA is tested beside the other outbox guarantees, in
+``test_outbox.py``.
 """
 
 from __future__ import annotations

@@ -39,6 +39,7 @@ from mailbridge.store.factory import open_repository
 from mailbridge.store.outbox import OutboxFile, OutgoingRequest
 from mailbridge.store.sqlite import SqliteRepository
 from mailbridge.testing.dovecot import free_port
+from mailbridge.testing.faultproxy import Fault, FaultProxy
 from mailbridge.testing.smtpsink import SmtpSink
 from tests.integration.test_import_loop import config_data, eventually, mail
 
@@ -1024,3 +1025,53 @@ async def test_an_interrupted_attempt_is_stored_resolved_before_it_is_logged(
     finally:
         await repo.aclose()
     assert seen == ["queued"]
+
+
+@pytest.mark.parametrize("server_got_it", [False, True], ids=["before-end", "reply-lost"])
+async def test_a_connection_cut_mid_data_is_retried_with_the_same_message_id(
+    tmp_path: Path, sink: SmtpSink, server_got_it: bool
+) -> None:
+    """The SMTP connection is reset at the end of DATA (RFC 5321 4.1.1.4): either before the
+    server saw the final "." (nothing was delivered) or after (the server took the message but
+    its 250 never arrived). Both are a temporary failure of the attempt; the retry sends the very
+    same bytes, so the customer gets the mail once — or, when the reply was lost, twice with one
+    Message-ID (the documented at-least-once guarantee), never a different mail."""
+    data = offline_config(tmp_path, sink)
+    async with FaultProxy(sink.host, sink.port) as proxy:
+        data["accounts"][0]["smtp"]["port"] = proxy.port
+        settings = parse_config(data)
+        conversation = seed_conversation(settings)
+        outbox_id = queue(
+            settings,
+            OutgoingRequest(account="support", conversation_id=conversation, body_text="On it."),
+        )
+        fired = proxy.inject(Fault("cut", on_client=b"\r\n.\r\n", forward_trigger=server_got_it))
+        await send_pass(settings)
+        assert fired.is_set()
+        first = row(settings, outbox_id)
+        assert (first["state"], first["attempts"]) == ("queued", 1)
+        assert first["lasterrorcode"] == "connection_lost"
+        assert first["nextattempt"] is not None
+        if server_got_it:
+            await eventually_async(lambda: len(sink.received) == 1)
+        else:
+            assert sink.received == []
+
+        deadline = time.monotonic() + 30
+        while row(settings, outbox_id)["state"] != "sent":
+            assert time.monotonic() < deadline, "not sent after the retry"
+            await asyncio.sleep(0.2)
+            await send_pass(settings)
+    done = row(settings, outbox_id)
+    assert done["attempts"] == 2
+    assert done["messageid"] == first["messageid"]
+    copies = [r.data for r in sink.received]
+    assert len(copies) == (2 if server_got_it else 1)
+    assert all(c == first["raw"] for c in copies)  # the bytes fixed before the first attempt
+
+
+async def eventually_async(check: Any, timeout: float = 30.0) -> None:
+    deadline = time.monotonic() + timeout
+    while not check():
+        assert time.monotonic() < deadline, "condition not met in time"
+        await asyncio.sleep(0.05)

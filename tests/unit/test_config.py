@@ -497,3 +497,18 @@ def test_check_config_checks_the_parent_tables_of_an_existing_database(
     err = capsys.readouterr().err
     assert "conversation_parents[0].properties[1].column" in err
     assert "description" in err
+
+
+def test_a_yaml_boolean_where_a_word_is_expected_is_explained(tmp_path: Path) -> None:
+    # `tls: yes` is the boolean true in YAML 1.1; the error must say so, not just "got True".
+    password = tmp_path / "pw"
+    password.write_text("s3cret")
+    text = MINIMAL.format(password_file=password).replace(
+        "host: imap.example.com", "host: imap.example.com\n      tls: yes"
+    )
+    with pytest.raises(ConfigError) as caught:
+        load_config(_write(tmp_path, text))
+    message = str(caught.value)
+    assert "accounts[0].imap.tls" in message
+    assert "YAML boolean true" in message
+    assert "got True" not in message

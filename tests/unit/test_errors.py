@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import re
 import typing
+from pathlib import Path
 
 import pytest
 from pydantic import BaseModel
@@ -341,3 +342,18 @@ def test_every_rule_is_exercised_by_a_real_response() -> None:
     for index, (code, pattern) in enumerate(errors._RULES):
         hits = [text for text, expected in REAL_RESPONSES if pattern.search(text)]
         assert hits, f"rule {index} ({code}) matches none of the real responses"
+
+
+def test_the_readme_troubleshooting_table_is_the_catalogue() -> None:
+    """Operators read the README's table; it must say what the code says, row for row."""
+    readme = (Path(__file__).resolve().parents[2] / "README.md").read_text(encoding="utf-8")
+    rows = {
+        cells[0].strip("`"): cells[1:]
+        for line in readme.splitlines()
+        if line.startswith("| `")
+        for cells in [[c.strip() for c in line.strip().strip("|").split("|")]]
+        if len(cells) == 4
+    }
+    for code, info in CATALOGUE.items():
+        assert code in rows, f"README troubleshooting table lacks {code}"
+        assert rows[code] == [info.title, "yes" if info.transient else "no", info.remedy], code
