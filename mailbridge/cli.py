@@ -120,6 +120,15 @@ def _parser() -> argparse.ArgumentParser:
     resolve = errors_sub.add_parser("resolve", help="mark a delivery error resolved")
     resolve.add_argument("id", type=int)
 
+    discarded = sub.add_parser(
+        "discarded",
+        help="mail moved to Processed without being stored (automatic mail the policy discards, "
+        "the account's own mail), newest first",
+    )
+    discarded.add_argument("--account", help="only this account")
+    discarded.add_argument("--limit", type=int, default=50, help="at most this many (default 50)")
+    discarded.add_argument("--json", action="store_true", help="machine-readable output")
+
     inspect = sub.add_parser(
         "inspect",
         help="what mailbridge makes of one message (addresses, threading keys, automatic "
@@ -247,6 +256,8 @@ def _dispatch(args: argparse.Namespace, settings: Settings) -> int:
         return _errors(
             settings, unresolved=args.unresolved, conversation=args.conversation, as_json=args.json
         )
+    if command == "discarded":
+        return _discarded(settings, args.account, limit=args.limit, as_json=args.json)
     if command == "inspect":
         account = settings.account(args.account)
         return _inspect(
@@ -738,6 +749,50 @@ def _errors(
             where,
             mail_text(e.diagnostic[:120] or e.report_subject),
             _iso(e.resolved) if e.resolved else "",
+        )
+    console().print(table)
+    return 0
+
+
+def _discarded(settings: Settings, account: str | None, *, limit: int, as_json: bool) -> int:
+    """``mailbridge discarded``: what was moved to Processed without a conversation row, and why
+    (README "Automatic mail"); the message itself is in the Processed folder."""
+    repo = _open_store(settings)
+    found = []
+    if repo is not None:
+        try:
+            found = repo.not_stored(account, limit=limit)
+        finally:
+            repo.close()
+    if as_json:
+        rows = [
+            {
+                "id": d.id,
+                "account": d.account,
+                "route": d.route,
+                "reason": d.reason,
+                "message_id": d.message_id,
+                "messagekey": d.message_key,
+                "from": d.from_address,
+                "subject": d.subject,
+                "date": _iso(d.date) or None,
+                "moved": _iso(d.at),
+            }
+            for d in found
+        ]
+        print(json.dumps({"discarded": rows}, indent=2, ensure_ascii=False))
+        return 0
+    table = Table(title=f"{len(found)} message(s) moved to Processed without being stored")
+    for column in ("moved", "account", "route", "from", "subject", "reason"):
+        table.add_column(column)
+    for d in found:
+        table.add_row(
+            _iso(d.at),
+            d.account,
+            d.route,
+            mail_text(d.from_address or "(none)"),
+            mail_text(d.subject),
+            mail_text(d.reason),
         )
     console().print(table)
     return 0

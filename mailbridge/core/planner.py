@@ -493,6 +493,39 @@ def message_values(
     )
 
 
+@dataclass(frozen=True, slots=True)
+class NotStoredValues:
+    """The ``discardedmessage`` row of a message moved to Processed without being stored
+    (routes IGNORED and DISCARDED): enough to find it in the Processed folder and to say why."""
+
+    key: str
+    message_id: str | None
+    from_address: str
+    subject: str
+    date: str
+    route: str  # Route.IGNORED or Route.DISCARDED
+    reason: str
+
+
+def not_stored_values(
+    message: ParsedMessage, key: str, date: str, routing: Routing
+) -> NotStoredValues | None:
+    """The row recording why ``message`` is not stored, or None for a route that stores it or
+    records it elsewhere (a bounce's delivery errors are its record)."""
+    if routing.route not in (Route.IGNORED, Route.DISCARDED):
+        return None
+    sender = message.from_address
+    return NotStoredValues(
+        key=key,
+        message_id=message.message_id,
+        from_address=sender.email.strip().lower() if sender is not None else "",
+        subject=message.subject,
+        date=date,
+        route=routing.route.value,
+        reason=routing.reason or "",
+    )
+
+
 # -- 5. followers -----------------------------------------------------------------------------
 
 

@@ -41,6 +41,7 @@ from mailbridge.core.planner import (
     FollowerPlan,
     FollowerRow,
     MessageValues,
+    NotStoredValues,
     ParentRecord,
     PropertyLookup,
 )
@@ -238,6 +239,22 @@ class DeliveryErrorRecord:
 
 
 @dataclass(frozen=True, slots=True)
+class NotStoredRecord:
+    """A row of ``discardedmessage``: a message moved to Processed without being stored."""
+
+    id: int
+    account: str
+    message_key: str
+    message_id: str | None
+    from_address: str
+    subject: str
+    date: datetime | None
+    route: str  # discarded (automatic mail the policy keeps out) or ignored (own mail)
+    reason: str
+    at: datetime  # when it was moved
+
+
+@dataclass(frozen=True, slots=True)
 class LeaseRow:
     """An unexpired lease (PostgreSQL, several daemons): ``holder`` serves ``account``."""
 
@@ -380,6 +397,10 @@ class ImportPrimitives(Protocol):
     def resolve_failures(self, account: str, keys: Sequence[str], now: str) -> None:
         """Resolve the account's import failures of messages now stored (by message key)."""
 
+    def record_not_stored(self, account: str, values: NotStoredValues, now: str) -> None:
+        """The ``discardedmessage`` row of a message moved to Processed without being stored;
+        a second import of the same message (a crash before the move) writes nothing."""
+
 
 class Repository(Protocol):
     """The database as mailbridge sees it. See the module docstring for the guarantees.
@@ -470,6 +491,10 @@ class Repository(Protocol):
         self, *, unresolved: bool = False, conversation: int | None = None
     ) -> list[DeliveryErrorRecord]:
         """Delivery errors (bounces, complaints), newest first."""
+
+    def not_stored(self, account: str | None = None, *, limit: int = 50) -> list[NotStoredRecord]:
+        """Messages moved to Processed without being stored (discarded, ignored), newest first,
+        at most ``limit``."""
 
     def resolve_delivery_error(self, error_id: int) -> bool:
         """Mark one resolved now (its follower's mark cleared when no other unresolved error

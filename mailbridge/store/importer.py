@@ -199,6 +199,9 @@ def import_one(
             delivery_errors_matched=matched,
         )
     if not routing.stored:
+        not_stored = planner.not_stored_values(message, decision.key, date, routing)
+        if not_stored is not None:
+            db.record_not_stored(account, not_stored, now)
         return routing
     if routing.conversation_id is None:
         conversation_id = db.insert_conversation(

@@ -24,6 +24,7 @@ from mailbridge.core.planner import (
     FollowerPlan,
     FollowerRow,
     MessageValues,
+    NotStoredValues,
     ParentRecord,
     PropertyLookup,
 )
@@ -437,6 +438,24 @@ class SqlImport:
         self, account: str, message: ParsedMessage, report: Bounce, now: str
     ) -> tuple[int, int]:
         return delivery_errors.record_delivery_errors(self.sql, account, message, report, now, iso)
+
+    def record_not_stored(self, account: str, values: NotStoredValues, now: str) -> None:
+        self.sql.execute(
+            "INSERT INTO discardedmessage (account, messagekey, messageid, fromaddress, subject,"
+            " date, route, reason, createdtime) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)"
+            " ON CONFLICT (account, messagekey) DO NOTHING",
+            (
+                account,
+                values.key,
+                values.message_id,
+                values.from_address,
+                values.subject,
+                values.date,
+                values.route,
+                values.reason,
+                now,
+            ),
+        )
 
     def resolve_failures(self, account: str, keys: Sequence[str], now: str) -> None:
         for chunk in chunks(keys):

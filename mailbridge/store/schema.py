@@ -414,6 +414,29 @@ _V8: Final[tuple[str, ...]] = (
     """,
 )
 
+# Version 9: mail the daemon moved to Processed without storing it — automatic mail the policy
+# discards (core/policy.py) and the account's own mail continuing nothing — one row per message,
+# so that what is not imported is visible in a command (``mailbridge discarded``) and a table, not
+# only in the log. ``route`` is the planner's Route; ``reason`` its words.
+_V9: Final[tuple[str, ...]] = (
+    f"""
+    CREATE TABLE discardedmessage (
+        id          INTEGER PRIMARY KEY,
+        account     TEXT NOT NULL,
+        messagekey  TEXT NOT NULL,
+        messageid   TEXT,
+        fromaddress TEXT NOT NULL DEFAULT '',
+        subject     TEXT NOT NULL DEFAULT '',
+        date        TEXT,
+        route       TEXT NOT NULL CHECK (route IN ('discarded', 'ignored')),
+        reason      TEXT NOT NULL DEFAULT '',
+        createdtime TEXT NOT NULL DEFAULT {_NOW},
+        UNIQUE (account, messagekey)
+    )
+    """,
+    "CREATE INDEX discardedmessage_createdtime ON discardedmessage (createdtime)",
+)
+
 MIGRATIONS: Final[tuple[Migration, ...]] = (
     Migration(1, "conversations, messages, followers, files, import failures", _V1),
     Migration(2, "threadedby, per-recipient Message-ID and unread indexes", _V2),
@@ -423,6 +446,7 @@ MIGRATIONS: Final[tuple[Migration, ...]] = (
     Migration(6, "automatic mail; delivery errors (bounces, complaints) per message follower", _V6),
     Migration(7, "leases of accounts for several daemons on one database", _V7),
     Migration(8, "sending: outbox, its attachments and copies, text snippets", _V8),
+    Migration(9, "mail moved to Processed without being stored (discarded, ignored)", _V9),
 )
 
 # The version a fully migrated database reports in PRAGMA user_version.
@@ -445,6 +469,7 @@ TABLES: Final[tuple[str, ...]] = (
     "outboxattachment",
     "outboxcopy",
     "textsnippet",
+    "discardedmessage",
 )
 
 # -- PostgreSQL -------------------------------------------------------------------------------

@@ -29,6 +29,7 @@ from mailbridge.store.base import (
     DeliveryErrorRecord,
     FailureInfo,
     FailureRecord,
+    NotStoredRecord,
     Reconciliation,
     StoredMessage,
 )
@@ -485,6 +486,30 @@ class SqlRepository:
         with self._sql("read delivery errors", write=False) as sql:
             rows = list_delivery_errors(sql, unresolved=unresolved, conversation=conversation)
         return [_delivery_error_record(row) for row in rows]
+
+    def not_stored(self, account: str | None = None, *, limit: int = 50) -> list[NotStoredRecord]:
+        where, params = ("WHERE account = ?", [account]) if account is not None else ("", [])
+        with self._sql("read discarded messages", write=False) as sql:
+            rows = sql.rows(
+                f"SELECT * FROM discardedmessage {where} ORDER BY createdtime DESC, id DESC"
+                " LIMIT ?",
+                [*params, limit],
+            )
+        return [
+            NotStoredRecord(
+                id=int(row["id"]),
+                account=row["account"],
+                message_key=row["messagekey"],
+                message_id=row["messageid"],
+                from_address=row["fromaddress"],
+                subject=row["subject"],
+                date=parse_time(row["date"]),
+                route=row["route"],
+                reason=row["reason"],
+                at=parse_time(row["createdtime"]) or datetime(1970, 1, 1, tzinfo=UTC),
+            )
+            for row in rows
+        ]
 
     def resolve_delivery_error(self, error_id: int) -> bool:
         with self._sql(f"resolve delivery error {error_id}", write=True) as sql:

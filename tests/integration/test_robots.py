@@ -8,6 +8,7 @@ on the right message follower and creates nothing else; a bounce that matches no
 
 from __future__ import annotations
 
+import json
 import sqlite3
 from email.message import EmailMessage
 from pathlib import Path
@@ -16,10 +17,11 @@ from typing import Any
 import pytest
 from structlog.testing import capture_logs
 
-from mailbridge.config import Settings
+from mailbridge.cli import main as cli_main
+from mailbridge.config import Settings, parse_config
 from mailbridge.daemon.supervisor import run_once
 from tests.integration.test_conversation_model import deliver, rows, settings_for
-from tests.integration.test_import_loop import PROCESSED, mail
+from tests.integration.test_import_loop import PROCESSED, config_data, mail, write_config
 
 pytestmark = pytest.mark.dovecot
 
@@ -48,9 +50,10 @@ def _processed(dovecot: Any, user: Any) -> int:
 
 
 async def test_out_of_office_discarded_when_new_imported_when_it_answers(
-    tmp_path: Path, dovecot: Any, imap_user: Any
+    tmp_path: Path, dovecot: Any, imap_user: Any, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    settings = settings_for(tmp_path, dovecot, imap_user)
+    data = config_data(tmp_path, dovecot, imap_user)
+    settings = parse_config(data)
     deliver(dovecot, imap_user, _out_of_office(imap_user.address, "Hello"))
     summary, logs = await _pass(settings)
     assert (summary.imported, summary.discarded) == (0, 1)
@@ -61,6 +64,25 @@ async def test_out_of_office_discarded_when_new_imported_when_it_answers(
     assert _processed(dovecot, imap_user) == 1
     [discarded] = [e for e in logs if e["event"] == "message_discarded"]
     assert discarded["reason"] == "automatic: out-of-office subject (en)"
+    # ... and in a table and a command, not only in the log.
+    assert rows(
+        settings, "SELECT account, route, reason, fromaddress, subject FROM discardedmessage"
+    ) == [
+        (
+            "support",
+            "discarded",
+            "automatic: out-of-office subject (en)",
+            "carl@partner.example",
+            "Automatic reply: Hello",
+        )
+    ]
+    assert cli_main(["-c", str(write_config(tmp_path, data)), "discarded", "--json"]) == 0
+    [listed] = json.loads(capsys.readouterr().out)["discarded"]
+    assert (listed["route"], listed["from"], listed["reason"]) == (
+        "discarded",
+        "carl@partner.example",
+        "automatic: out-of-office subject (en)",
+    )
 
     first = mail("Order 1042", sender="Carl Berg <carl@partner.example>", to=imap_user.address)
     deliver(dovecot, imap_user, first)

@@ -1544,6 +1544,26 @@ def test_own_mail_that_is_ignored_resolves_its_earlier_failure(repo: Repository)
     assert repo.failures(ACCOUNT) == []
 
 
+def test_mail_not_stored_is_listed_with_its_reason_once(repo: Repository) -> None:
+    """What is moved to Processed without a conversation row is visible (``mailbridge
+    discarded``): one row per message, even when a crash before the move imports it again."""
+    looped = message("loop@acme.test", sender="Help <HELP@acme.test>", to=["support@acme.test"])
+    [ignored] = run(repo, looped)
+    [again] = run(repo, looped, first_uid=2)
+    assert (ignored.outcome, again.outcome) == (Outcome.IGNORED, Outcome.IGNORED)
+    [listed] = repo.not_stored(ACCOUNT)
+    assert (listed.account, listed.route, listed.message_id) == (
+        ACCOUNT,
+        "ignored",
+        "loop@acme.test",
+    )
+    assert listed.from_address == "help@acme.test"
+    assert listed.reason == ignored.error_reason
+    assert listed.message_key == ignored.message_key
+    assert repo.not_stored("another") == []
+    assert repo.not_stored(limit=0) == []
+
+
 # -- import failures and account state --------------------------------------------------------
 
 
