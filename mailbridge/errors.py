@@ -246,6 +246,15 @@ CATALOGUE: Final[dict[str, ErrorInfo]] = dict(
             transient=True,
         ),
         _info(
+            "message_unreadable",
+            "The server broke the connection every time it sent this message",
+            "The message's file on the server is probably damaged: ask the mail administrator to "
+            "repair the mailbox (Dovecot: doveadm force-resync), then run "
+            "'mailbridge failed retry UID --account ACCOUNT'. The scheduled sweep does not "
+            "retry it.",
+            transient=False,
+        ),
+        _info(
             "fd_limit",
             "Too few open files allowed for the number of accounts",
             "Raise the open-files limit: LimitNOFILE= in the service unit (the shipped "

@@ -40,7 +40,7 @@ import structlog
 from tenacity import RetryCallState, wait_random_exponential
 
 from mailbridge.config import AccountSettings, Settings
-from mailbridge.daemon.importstep import ImportStep
+from mailbridge.daemon.importstep import UNREADABLE_AFTER, ImportStep
 from mailbridge.daemon.importstep import PassSummary as PassSummary  # moved there
 from mailbridge.daemon.importstep import plan_batches as plan_batches  # moved there
 from mailbridge.daemon.parse_step import parse_batch as _parse_batch
@@ -350,7 +350,23 @@ class AccountWorker:
         await self._set_state(state, code=exc.code, detail=f"{exc} | {exc.remedy}")
 
     async def run_once(self) -> PassSummary:
-        """Connect, import the whole Inbox, disconnect. Raises ServerError if it cannot."""
+        """Connect, import the whole Inbox, disconnect. Raises ServerError if it cannot.
+
+        A FETCH that broke the connection is tried again at once on a new connection, its
+        messages alone (:meth:`ImportStep.fetch`), until a damaged message has gone to Failed:
+        one such message must not fail ``run --once`` for the whole Inbox."""
+        retries = 0
+        total = PassSummary()  # what the broken passes did too: they commit batch by batch
+        while True:
+            try:
+                return await self._run_pass(total)
+            except MailbridgeError as exc:
+                if not self.step.may_refetch(exc) or retries > UNREADABLE_AFTER:
+                    raise
+                retries += 1
+                self.log.warning("fetch_retried", code=exc.code, error=str(exc))
+
+    async def _run_pass(self, total: PassSummary) -> PassSummary:
         self.warn_secret_expiry()
         await self._set_state("connecting")
         try:
@@ -360,7 +376,7 @@ class AccountWorker:
             raise
         try:
             await self._prepare(session)
-            summary = await self._import_pending(session)
+            summary = await self._import_pending(session, total)
         except MailbridgeError as exc:
             await self._set_failed_state(exc)
             raise
@@ -369,14 +385,19 @@ class AccountWorker:
         await self._set_state("stopped")
         return summary
 
-    async def _import_pending(self, session: ImapSession) -> PassSummary:
-        """Import every Inbox message that is not \\Deleted, batch by batch."""
+    async def _import_pending(
+        self, session: ImapSession, summary: PassSummary | None = None
+    ) -> PassSummary:
+        """Import every Inbox message that is not \\Deleted, batch by batch, adding to
+        ``summary`` (a new one by default) as each batch is done."""
+        summary = summary if summary is not None else PassSummary()
         uids = await session.undeleted_uids()
         if not uids:
-            return PassSummary()
+            return summary
         self.log.info("import_pending", messages=len(uids))
         metas = await session.fetch_meta(uids)
-        summary, batches = await self.step.fail_too_large(session, metas)
+        unfetched, batches = await self.step.fail_too_large(session, metas)
+        summary.add(unfetched)
         if not batches:
             return summary
         if len(metas) >= POOL_MIN_BATCH:
@@ -407,7 +428,7 @@ class AccountWorker:
     async def _fetch_and_parse(
         self, session: ImapSession, uids: Sequence[int]
     ) -> tuple[list[FetchedMessage], tuple[list[ImportItem], list[FailureInfo]]]:
-        fetched = await session.fetch(uids)
+        fetched = await self.step.fetch(session, uids)
         # A thread for a few messages, worker processes for a backlog (see daemon/parsing.py).
         parsed = await parse_off_loop(
             _parse_batch, portable(fetched), self.settings.limits.max_message_bytes

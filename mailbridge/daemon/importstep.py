@@ -24,7 +24,7 @@ from mailbridge.daemon.autoreply import queue_auto_replies
 from mailbridge.daemon.parse_step import parse_batch as _parse_batch
 from mailbridge.daemon.parse_step import portable
 from mailbridge.daemon.parsing import parse_off_loop
-from mailbridge.errors import describe
+from mailbridge.errors import MailbridgeError, describe
 from mailbridge.mail.imap import FetchedMessage, ImapSession, MessageMeta
 from mailbridge.store.asyncrepo import AsyncRepository
 from mailbridge.store.base import (
@@ -103,6 +103,33 @@ def _failure_too_large(meta: MessageMeta, headers: bytes | None, limit_bytes: in
     )
 
 
+# A message whose FETCH broke the connection this many times in a row, fetched on its own each
+# time, is sent to Failed (message_unreadable) without its body, so that one damaged message on
+# the server (Dovecot drops the session when a mail file is shorter than its index says) stops
+# only itself, not the account's Inbox.
+UNREADABLE_AFTER = 3
+# The codes of a FETCH that broke the session: the message's doing or the network's, which a
+# message fetched on its own tells apart.
+_BROKEN_FETCH = frozenset({"connection_lost", "timeout"})
+
+
+def _failure_unreadable(meta: MessageMeta, attempts: int) -> FailureInfo:
+    """The failure of a message whose FETCH broke the connection ``attempts`` times in a row
+    (the last ``UNREADABLE_AFTER`` with it alone in the FETCH), from its
+    RFC822.SIZE and arrival time only (fetching even its header fields might break it again).
+    Its key hashes those and the UID: the message itself was never read."""
+    seed = f"{meta.uid}\0{meta.size}\0{meta.internaldate.isoformat() if meta.internaldate else ''}"
+    return FailureInfo(
+        uid=meta.uid,
+        message_key="sha256:" + hashlib.sha256(seed.encode()).hexdigest(),
+        code="message_unreadable",
+        reason=f"the server broke the connection the {attempts} times in a row this message "
+        f"({meta.size} bytes) was fetched, the last {UNREADABLE_AFTER} on its own; it was not read",
+        date=meta.internaldate,
+        size=meta.size,
+    )
+
+
 def plan_batches(
     sizes: Sequence[tuple[int, int]], max_count: int, max_bytes: int
 ) -> list[list[int]]:
@@ -142,6 +169,28 @@ class ImportStep:
         self.repo = repo
         self.stopping = stopping
         self.log = log
+        # Inbox UID -> FETCHes in a row that broke the connection with it in the batch; kept
+        # across passes and reconnections (the step lives as long as the account's worker).
+        self.broken_fetches: dict[int, int] = {}
+
+    def may_refetch(self, exc: MailbridgeError) -> bool:
+        """Whether ``exc`` broke a FETCH whose messages are now to be fetched alone."""
+        return exc.code in _BROKEN_FETCH and bool(self.broken_fetches)
+
+    async def fetch(self, session: ImapSession, uids: Sequence[int]) -> list[FetchedMessage]:
+        """``session.fetch(uids)``, remembering the UIDs of a FETCH that broke the connection so
+        that :meth:`fail_too_large` fetches them alone next time and, after
+        ``UNREADABLE_AFTER`` breaks alone, sends them to Failed unread. Raises as the fetch."""
+        try:
+            fetched = await session.fetch(uids)
+        except MailbridgeError as exc:
+            if exc.code in _BROKEN_FETCH:
+                for uid in uids:
+                    self.broken_fetches[uid] = self.broken_fetches.get(uid, 0) + 1
+            raise
+        for uid in uids:
+            self.broken_fetches.pop(uid, None)
+        return fetched
 
     async def fail_too_large(
         self, session: ImapSession, metas: Sequence[MessageMeta], *, in_failed: bool = False
@@ -155,6 +204,22 @@ class ImportStep:
         limit = limits.message_max_bytes
         too_large = [m for m in metas if m.size > limit]
         summary = PassSummary()
+        suspects: list[int] = []
+        if not in_failed and self.broken_fetches:
+            # UIDs of a FETCH that broke the connection: alone this time, and unread to Failed
+            # once they broke it alone UNREADABLE_AFTER times.
+            broken = self.broken_fetches
+            unreadable = [
+                m for m in metas if m.size <= limit and broken.get(m.uid, 0) > UNREADABLE_AFTER
+            ]
+            if unreadable:
+                failures = [_failure_unreadable(m, broken[m.uid]) for m in unreadable]
+                summary.add(await self.process_fetched(session, [], parsed=([], failures)))
+                for m in unreadable:
+                    del broken[m.uid]
+                gone = {m.uid for m in unreadable}
+                metas = [m for m in metas if m.uid not in gone]
+            suspects = [m.uid for m in metas if m.size <= limit and m.uid in broken]
         for start in range(0, len(too_large), limits.fetch_batch_size):
             chunk = too_large[start : start + limits.fetch_batch_size]
             headers = {m.uid: m.raw for m in await session.fetch_headers([m.uid for m in chunk])}
@@ -162,8 +227,11 @@ class ImportStep:
             summary.add(
                 await self.process_fetched(session, [], in_failed=in_failed, parsed=([], failures))
             )
-        fits = [(m.uid, m.size) for m in metas if m.size <= limit]
-        return summary, plan_batches(fits, limits.fetch_batch_size, limits.fetch_batch_max_bytes)
+        alone = set(suspects)
+        fits = [(m.uid, m.size) for m in metas if m.size <= limit and m.uid not in alone]
+        batches = [[uid] for uid in suspects]
+        batches += plan_batches(fits, limits.fetch_batch_size, limits.fetch_batch_max_bytes)
+        return summary, batches
 
     async def process_fetched(
         self,

@@ -16,7 +16,8 @@ One sweep of an account, on its own IMAP connection (the live loop keeps its IDL
    show what *is* in the Failed folder. ``failed retry`` does the same.
    A message whose last failure was a bug in mailbridge (code ``internal``) is held: retrying it
    every sweep would only log the same traceback again; ``failed retry`` retries it (after an
-   upgrade, say).
+   upgrade, say). So is a message the server could not send (``message_unreadable``): fetching
+   it would break the sweep's connection before the messages after it.
 2. **Inbox.** Mail (read or not, not ``\\Deleted``) older than ``recovery.grace_period_minutes``
    by INTERNALDATE is imported as the live loop would: mail it missed, e.g. a message whose move
    failed after the commit, or mail put back into the Inbox by hand. Younger mail is the live
@@ -41,6 +42,7 @@ import hashlib
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
+from typing import Final
 
 import structlog
 
@@ -98,7 +100,7 @@ class SweepSummary:
         if self.left_old:
             parts.append(f"older failures left {self.left_old}")
         if self.held_internal:
-            parts.append(f"held (internal error) {self.held_internal}")
+            parts.append(f"held (internal error or unreadable) {self.held_internal}")
         if self.reconciled:
             parts.append(f"gone from the Failed folder {self.reconciled}")
         if self.discarded:
@@ -312,6 +314,10 @@ def spread_offset(account: str, gap: timedelta) -> float:
     return share * max(0.0, window)
 
 
+# Failures the scheduled sweep does not retry (README "Failed messages and the recovery sweep").
+HELD_CODES: Final = frozenset({"internal", "message_unreadable"})
+
+
 # -- internals ---------------------------------------------------------------------------------
 
 
@@ -358,8 +364,9 @@ async def _retry_failed(
     if since is not None:
         recent = [m for m in metas if m.internaldate is None or m.internaldate >= since]
         summary.left_old += len(metas) - len(recent)
-        # A bug (code internal) fails again on every sweep; `failed retry` names it instead.
-        held = {r.folder_uid for r in known if r.code == "internal" and r.folder_uid is not None}
+        # A bug (code internal) fails again on every sweep, and an unreadable message would break
+        # the sweep's connection each time; `failed retry` names them instead.
+        held = {r.folder_uid for r in known if r.code in HELD_CODES and r.folder_uid is not None}
         metas = [m for m in recent if m.uid not in held]
         summary.held_internal += len(recent) - len(metas)
     if progress is not None:

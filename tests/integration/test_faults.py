@@ -36,6 +36,7 @@ import structlog
 
 from mailbridge.config import Settings, parse_config
 from mailbridge.daemon.account import AccountWorker
+from mailbridge.daemon.supervisor import run_once
 from mailbridge.store.asyncrepo import AsyncRepository
 from mailbridge.store.sqlite import SqliteRepository
 from mailbridge.testing.dovecot import Dovecot
@@ -258,6 +259,75 @@ async def test_stalled_read_times_out_and_recovers(
 
 
 # -- the server, the database and the disk ----------------------------------------------------
+
+
+def damage(dovecot: Dovecot, user: Any, message_id: str) -> None:
+    """Truncate the maildir file of one message: Dovecot then drops the session whenever a FETCH
+    reads its body ("Cached message size larger than expected"), as with a damaged mail file."""
+    mail_dir = Path(dovecot.mail_root) / user.login
+    for path in [*mail_dir.glob("new/*"), *mail_dir.glob("cur/*")]:
+        if f"<{message_id}>".encode() in path.read_bytes():
+            with path.open("r+b") as handle:
+                handle.truncate(200)
+            return
+    raise AssertionError(f"no mail file holds {message_id}")
+
+
+async def test_a_message_the_server_cannot_send_stops_only_itself(
+    tmp_path: Path, dovecot: Dovecot, imap_user: Any
+) -> None:
+    """One damaged message in a batch breaks every FETCH that includes it. The batch's other
+    messages are imported (each fetched alone once), and the damaged one goes to Failed unread
+    (message_unreadable) after breaking the connection three times on its own."""
+    ids = load(dovecot, imap_user, 12)
+    victim = ids[2]
+    damage(dovecot, imap_user, victim)
+    settings = settings_for(tmp_path, imap_user, dovecot.host, dovecot.port)
+    others = [i for i in ids if i != victim]
+    with structlog.testing.capture_logs() as logs:
+        async with running(settings) as run:
+
+            def done() -> bool:
+                if set(db_ids(settings)) != set(others):
+                    return False
+                return not dovecot.folder_uids(imap_user.login, imap_user.password, "INBOX")
+
+            await eventually(done, within=90.0, what="the others imported, the Inbox empty")
+            await eventually(lambda: run.worker.state.state == "idle", what="back to idle")
+    assert backoff_codes(logs).count("connection_lost") >= 4
+    assert len(dovecot.folder_uids(imap_user.login, imap_user.password, FAILED)) == 1
+    conn = sqlite3.connect(settings.database)
+    try:
+        [(code, reason, size)] = conn.execute(
+            "SELECT code, reason, size FROM importfailure WHERE resolved IS NULL"
+        ).fetchall()
+    finally:
+        conn.close()
+    assert code == "message_unreadable"
+    assert "broke the connection" in reason
+    assert size > 0
+    [failed] = [e for e in logs if e["event"] == "message_failed"]
+    assert failed["code"] == "message_unreadable"
+
+
+async def test_run_once_gets_past_a_message_the_server_cannot_send(
+    tmp_path: Path, dovecot: Dovecot, imap_user: Any
+) -> None:
+    """``run --once`` retries a broken FETCH at once, its messages alone, instead of failing
+    the whole pass: one pass imports the others and fails the damaged message."""
+    ids = load(dovecot, imap_user, 4)
+    damage(dovecot, imap_user, ids[1])
+    settings = settings_for(tmp_path, imap_user, dovecot.host, dovecot.port, batch=50)
+    with structlog.testing.capture_logs() as logs:
+        [result] = await run_once(settings)
+    assert result.error is None, result.error
+    # A batch committed while the next FETCH broke the connection is moved by the next pass, as
+    # a duplicate: stored once all the same.
+    summary = result.summary
+    assert (summary.imported + summary.duplicates, summary.failed) == (3, 1)
+    assert sorted(db_ids(settings)) == sorted(ids[:1] + ids[2:])
+    assert dovecot.folder_uids(imap_user.login, imap_user.password, "INBOX") == []
+    assert len([e for e in logs if e["event"] == "fetch_retried"]) == 4
 
 
 async def test_dovecot_restarted_mid_import(
