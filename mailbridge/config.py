@@ -35,9 +35,9 @@ from pydantic import (
 )
 
 from mailbridge.core.policy import AutomaticEmails, AutomaticPolicy, BotLists
+from mailbridge.core.tables import CONVERSATION_COLUMNS, FOLLOWER_COLUMNS, TABLES
 from mailbridge.errors import ConfigError
 from mailbridge.log import register_secret
-from mailbridge.store.schema import CONVERSATION_COLUMNS, FOLLOWER_COLUMNS, TABLES
 
 DEFAULT_CONFIG_PATH = Path("/etc/mailbridge/config.yaml")
 CONFIG_ENV = "MAILBRIDGE_CONFIG"

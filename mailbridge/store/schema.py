@@ -21,6 +21,10 @@ import re
 from dataclasses import dataclass
 from typing import Final
 
+from mailbridge.core.tables import CONVERSATION_COLUMNS as CONVERSATION_COLUMNS
+from mailbridge.core.tables import FOLLOWER_COLUMNS as FOLLOWER_COLUMNS
+from mailbridge.core.tables import TABLES as TABLES
+
 # The ISO-8601 UTC form every timestamp column uses; the SQL defaults below write the same shape.
 TIMESTAMP_FORMAT: Final = "%Y-%m-%dT%H:%M:%SZ"
 _NOW: Final = "(strftime('%Y-%m-%dT%H:%M:%SZ', 'now'))"
@@ -452,25 +456,6 @@ MIGRATIONS: Final[tuple[Migration, ...]] = (
 # The version a fully migrated database reports in PRAGMA user_version.
 SCHEMA_VERSION: Final[int] = MIGRATIONS[-1].version
 
-TABLES: Final[tuple[str, ...]] = (
-    "conversation",
-    "conversationmessage",
-    "messagereference",
-    "follower",
-    "messagefollower",
-    "document",
-    "embeddedfile",
-    "importfailure",
-    "accountstate",
-    "conversationmessageerror",
-    "lease",
-    "leaseholder",
-    "outbox",
-    "outboxattachment",
-    "outboxcopy",
-    "textsnippet",
-    "discardedmessage",
-)
 
 # -- PostgreSQL -------------------------------------------------------------------------------
 # The migrations above are written once, in SQLite's dialect; for_postgres() translates a
@@ -509,38 +494,3 @@ def for_postgres(statement: str) -> str | None:
     for pattern, replacement in _POSTGRES_TYPES:
         out = re.sub(pattern, replacement, out)
     return out
-
-
-# Columns of the two tables that config-named link columns are added to (``follower.<table>``,
-# ``conversation.<table>``): a configured table name must not collide with them.
-CONVERSATION_COLUMNS: Final[frozenset[str]] = frozenset(
-    {
-        "id",
-        "uniqueid",
-        "account",
-        "email",
-        "subject",
-        "threadid",
-        "replytoid",
-        "earliestunread",
-        "firstmessagedate",
-        "lastmessagedate",
-        "language",
-        "source",
-        "createdtime",
-        "updatedtime",
-    }
-)
-FOLLOWER_COLUMNS: Final[frozenset[str]] = frozenset(
-    {
-        "id",
-        "conversation",
-        "email",
-        "name",
-        "active",
-        "subscribed",
-        "createdtime",
-        "updatedtime",
-        "deliveryerror",
-    }
-)

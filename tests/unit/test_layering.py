@@ -97,6 +97,20 @@ def test_core_imports_nothing_forbidden(path: Path) -> None:
     assert not forbidden_in(names), f"{path} imports {sorted(forbidden_in(names))}"
 
 
+def test_config_knows_nothing_of_the_backends() -> None:
+    """config.py validates names against core's table list, not the store's DDL module."""
+    path = PACKAGE_ROOT / "config.py"
+    names = imported_modules(
+        path.read_text(encoding="utf-8"), "mailbridge.config", is_package=False
+    )
+    outer = {
+        n
+        for n in names
+        if n.startswith(("mailbridge.store", "mailbridge.mail", "mailbridge.daemon"))
+    }
+    assert not outer, f"config.py imports {sorted(outer)}"
+
+
 # The checker itself must catch each form, or the test above could pass vacuously.
 @pytest.mark.parametrize(
     ("source", "module", "is_package", "expected"),
