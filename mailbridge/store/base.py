@@ -52,6 +52,7 @@ if TYPE_CHECKING:
     )
 
 from mailbridge.core.planner import ImportContext as ImportContext  # moved to the planner
+from mailbridge.store.outbox import OutboxRepository
 
 
 class Outcome(enum.StrEnum):
@@ -381,10 +382,9 @@ class ImportPrimitives(Protocol):
         """Resolve the account's import failures of messages now stored (by message key)."""
 
 
-class Repository(Protocol):
+class Repository(OutboxRepository, Protocol):
     """The database as mailbridge sees it. See the module docstring for the guarantees.
-    Sending's methods are :class:`mailbridge.store.outbox.OutboxRepository` (SQLite only for
-    now)."""
+    Sending's methods are :class:`mailbridge.store.outbox.OutboxRepository`."""
 
     def migrate(self) -> None:
         """Create or upgrade the schema. Idempotent."""

@@ -949,7 +949,7 @@ async def test_run_once_beside_a_running_daemon_leaves_the_daemons_attempt_alone
         prepared = await daemon._prepare(settings.accounts[0], due)
         began = await repo.outbox_begin([(outbox_id, prepared.fix)], datetime.now(UTC))
         assert began == {outbox_id}  # the daemon is now between MAIL FROM and DATA's reply
-        watch = Watch(settings.outbox_database())  # the daemon's wake socket
+        watch = Watch(settings)  # the daemon's wake socket
         watch.open()
         try:
             await OutboxWorker(settings, repo).run_once()
