@@ -25,7 +25,6 @@ Guarantees every backend must give:
 
 from __future__ import annotations
 
-import enum
 from collections.abc import Collection, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime
@@ -52,16 +51,8 @@ if TYPE_CHECKING:
     )
 
 from mailbridge.core.planner import ImportContext as ImportContext  # moved to the planner
+from mailbridge.core.planner import Outcome as Outcome  # moved to the planner
 from mailbridge.store.outbox import OutboxRepository
-
-
-class Outcome(enum.StrEnum):
-    IMPORTED = "imported"
-    DUPLICATE = "duplicate"
-    FAILED = "failed"
-    IGNORED = "ignored"  # only the account's own identity, continuing nothing: not stored
-    DISCARDED = "discarded"  # automatic mail the policy does not import (error_reason: why)
-    BOUNCE = "bounce"  # a delivery report: delivery errors recorded, no message stored
 
 
 @dataclass(frozen=True, slots=True)
