@@ -252,7 +252,6 @@ class Watch:
             await self._listen()
             if self._listener is None:  # no NOTIFY to wait for: look again soon
                 deadline = min(deadline, time.monotonic() + LISTEN_POLL_SECONDS)
-        step = DATA_VERSION_SECONDS if self._conn is not None else MAX_SLEEP_SECONDS
         while not stopping.is_set():
             if self._event.is_set():
                 self._event.clear()
@@ -263,7 +262,20 @@ class Watch:
             if left <= 0:
                 return
             with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self._event.wait(), min(left, step))
+                if self._conn is not None:  # SQLite: read data_version again soon
+                    await asyncio.wait_for(self._event.wait(), min(left, DATA_VERSION_SECONDS))
+                else:  # nothing to poll (PostgreSQL's NOTIFY sets the event): news or the stop
+                    await asyncio.wait_for(_first_of(self._event, stopping), left)
+
+
+async def _first_of(*events: asyncio.Event) -> None:
+    """Return when any of ``events`` is set."""
+    waits = [asyncio.ensure_future(event.wait()) for event in events]
+    try:
+        await asyncio.wait(waits, return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        for waiting in waits:
+            waiting.cancel()
 
 
 @dataclass

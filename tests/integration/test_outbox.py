@@ -35,7 +35,7 @@ from mailbridge.core.parse import parse_message
 from mailbridge.daemon.outbox import OutboxWorker
 from mailbridge.daemon.supervisor import run_once
 from mailbridge.store.base import ImportContext, ImportItem
-from mailbridge.store.factory import open_repository
+from mailbridge.store.factory import connector, open_repository
 from mailbridge.store.outbox import OutboxFile, OutgoingRequest
 from mailbridge.store.sqlite import SqliteRepository
 from mailbridge.testing.dovecot import free_port
@@ -75,9 +75,10 @@ def offline_config(tmp_path: Path, sink: SmtpSink, **account: Any) -> dict[str, 
 
 
 def seed_conversation(settings: Settings, message: EmailMessage | None = None) -> int:
-    """Import one customer message the way the account loop does; its conversation id."""
+    """Import one customer message the way the account loop does (into the configured
+    database: SQLite or PostgreSQL); its conversation id."""
     message = message or mail("Order 1042", to="support@example.test", Cc="Jane <jane@x.example>")
-    repo = SqliteRepository(settings.database)
+    repo = connector(settings.database, settings.database_password())()
     try:
         repo.migrate()
         context = ImportContext.for_account(settings, settings.accounts[0])

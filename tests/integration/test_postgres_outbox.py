@@ -16,7 +16,6 @@ import subprocess
 import sys
 import threading
 import time
-from collections.abc import Iterator
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
@@ -26,30 +25,18 @@ import pytest
 from psycopg.conninfo import make_conninfo
 
 from mailbridge.cli import main as cli_main
-from mailbridge.config import PostgresUrl, Settings, parse_config
-from mailbridge.core.parse import parse_message
-from mailbridge.daemon.outbox import OutboxWorker
-from mailbridge.store.base import ImportContext, ImportItem
-from mailbridge.store.factory import open_repository
+from mailbridge.config import PostgresUrl, parse_config
 from mailbridge.store.outbox import OutgoingRequest
 from mailbridge.store.postgres import OutboxListener, PostgresRepository
 from mailbridge.testing.smtpsink import SmtpSink
 from tests.conftest import PostgresDatabase
-from tests.integration.test_import_loop import mail, write_config
-from tests.integration.test_outbox import offline_config
+from tests.integration.test_import_loop import write_config
+from tests.integration.test_outbox import offline_config, seed_conversation, send_pass
+from tests.integration.test_outbox import sink as sink  # the SMTP sink fixture, shared
 
 pytestmark = pytest.mark.postgres
 
 CUSTOMER = "john@customer.example"
-
-
-@pytest.fixture
-def sink() -> Iterator[SmtpSink]:
-    server = SmtpSink().start()
-    try:
-        yield server
-    finally:
-        server.stop()
 
 
 def pg_config(tmp_path: Path, db: PostgresDatabase, sink: SmtpSink) -> dict[str, Any]:
@@ -75,31 +62,9 @@ def execute(db: PostgresDatabase, sql: str, *params: object) -> list[tuple[Any, 
         return cursor.fetchall() if cursor.description else []
 
 
-def seed_conversation(settings: Settings, db: PostgresDatabase) -> int:
-    message = mail("Order 1042", to="support@example.test", Cc="Jane <jane@x.example>")
-    repo = repository(db)
-    try:
-        context = ImportContext.for_account(settings, settings.accounts[0])
-        [result] = repo.import_batch(
-            context, [ImportItem(uid=1, message=parse_message(message.as_bytes()))]
-        )
-    finally:
-        repo.close()
-    assert result.conversation_id is not None
-    return result.conversation_id
-
-
 def state(db: PostgresDatabase, outbox_id: int) -> str:
     [(found,)] = execute(db, "SELECT state FROM outbox WHERE id = ?", outbox_id)
     return str(found)
-
-
-async def send_pass(settings: Settings) -> None:
-    repo = await open_repository(settings.database, settings)
-    try:
-        await OutboxWorker(settings, repo).run_once()
-    finally:
-        await repo.aclose()
 
 
 def wait_for(check: Any, within: float, what: str) -> None:
@@ -210,7 +175,7 @@ def test_sending_commands_work_on_postgresql(
     data = pg_config(tmp_path, postgres_database, sink)
     settings = parse_config(data)
     path = str(write_config(tmp_path, data))
-    conversation = seed_conversation(settings, postgres_database)
+    conversation = seed_conversation(settings)
     execute(
         postgres_database,
         "INSERT INTO textsnippet (name, text, description, pinned)"
