@@ -10,6 +10,7 @@ daemons claiming the same rows at once, exactly one begins each.
 from __future__ import annotations
 
 import asyncio
+import json
 import os
 import signal
 import subprocess
@@ -231,6 +232,9 @@ def test_sending_commands_work_on_postgresql(
     out = capsys.readouterr().out
     assert "message_rejected" in out
     assert "Recipient address rejected" in out
+    assert cli_main(["-c", path, "status", "--json"]) == 0
+    [account] = json.loads(capsys.readouterr().out)["accounts"]
+    assert account["outbox"] == {"failed": 1}
     assert cli_main(["-c", path, "outbox", "cancel", "4"]) == 0
     assert state(postgres_database, 4) == "cancelled"
     assert cli_main(["-c", path, "outbox", "retry", "4"]) == 0
