@@ -1,9 +1,11 @@
 """The sending commands: ``reply``, ``send``, ``outbox`` (list, retry, cancel) and ``snippets``.
 
 ``reply`` and ``send`` only queue: they insert an ``outbox`` row (exactly what an integrator's
-INSERT does) and nudge a running daemon (:func:`mailbridge.daemon.outbox.notify_daemon`), which
-sends it within a second. Without a running daemon, ``mailbridge run --once`` sends it. Exit
-codes as in :mod:`mailbridge.cli`: 0 fine, 1 no such row or conversation, 64 usage.
+INSERT does) into the configured database (SQLite or PostgreSQL), and a running daemon sends it
+within a second: with SQLite nudged on its wake socket
+(:func:`mailbridge.daemon.outbox.notify_daemon`), with PostgreSQL by the outbox trigger's
+NOTIFY. Without a running daemon, ``mailbridge run --once`` sends it. Exit codes as in
+:mod:`mailbridge.cli`: 0 fine, 1 no such row or conversation, 64 usage.
 """
 
 from __future__ import annotations
