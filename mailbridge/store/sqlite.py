@@ -5,7 +5,8 @@ from one thread only. The daemon reaches it through
 :class:`~mailbridge.store.asyncrepo.AsyncRepository`, which creates the repository on a
 dedicated writer thread and runs every call there, so SQLite sees a single writer and the event
 loop never blocks on disk. The methods outside the import path are shared with PostgreSQL
-(:class:`~mailbridge.store.sql.SqlRepository`).
+(:class:`~mailbridge.store.sql.SqlRepository`), the outbox too
+(:class:`~mailbridge.store.outboxsql.SqlOutbox`).
 
 Durability: WAL journal with ``synchronous=FULL``, so a returned ``import_batch`` has been synced
 to disk and survives a power cut; only then does the daemon move the messages out of the Inbox.
