@@ -149,6 +149,7 @@ class Watch:
         self._socket: socket.socket | None = None
         self._listener: OutboxListener | None = None
         self._listen_at = 0.0  # monotonic time of the next attempt to LISTEN
+        self._listen_fd = -1
 
     def open(self) -> None:
         if self.database is None:
@@ -187,7 +188,8 @@ class Watch:
                 remedy=f"the outbox is looked at every {LISTEN_POLL_SECONDS:g} s meanwhile",
             )
             return
-        asyncio.get_running_loop().add_reader(listener.fileno(), self._on_notify)
+        self._listen_fd = listener.fileno()  # kept: a lost session may not say it any more
+        asyncio.get_running_loop().add_reader(self._listen_fd, self._on_notify)
         self._listener = listener
         self._event.set()  # rows queued before LISTEN began: look once more
 
@@ -204,8 +206,7 @@ class Watch:
 
     def _unlisten(self) -> None:
         if self._listener is not None:
-            with contextlib.suppress(Exception):
-                asyncio.get_running_loop().remove_reader(self._listener.fileno())
+            asyncio.get_running_loop().remove_reader(self._listen_fd)
             self._listener.close()
             self._listener = None
 

@@ -27,11 +27,13 @@ from psycopg.conninfo import make_conninfo
 
 from mailbridge.cli import main as cli_main
 from mailbridge.config import PostgresUrl, parse_config
+from mailbridge.daemon.outbox import OutboxWorker
+from mailbridge.store.factory import open_repository
 from mailbridge.store.outbox import OutgoingRequest
-from mailbridge.store.postgres import OutboxListener, PostgresRepository
+from mailbridge.store.postgres import LISTENER_NAME, OutboxListener, PostgresRepository
 from mailbridge.testing.smtpsink import SmtpSink
 from tests.conftest import PostgresDatabase
-from tests.integration.test_import_loop import write_config
+from tests.integration.test_import_loop import eventually, write_config
 from tests.integration.test_outbox import offline_config, seed_conversation, send_pass
 from tests.integration.test_outbox import sink as sink  # the SMTP sink fixture, shared
 
@@ -165,6 +167,47 @@ def test_a_row_inserted_into_postgresql_is_sent_by_the_running_daemon(
             proc.kill()
             proc.communicate(timeout=30)
     assert proc.returncode == 0
+
+
+async def test_the_worker_listens_again_after_losing_its_session(
+    tmp_path: Path, postgres_database: PostgresDatabase, sink: SmtpSink
+) -> None:
+    """The server ends the LISTENing session (a restart, a fail-over, an administrator): rows
+    are still sent, and the worker LISTENs again."""
+    settings = parse_config(pg_config(tmp_path, postgres_database, sink))
+    repo = await open_repository(settings.database, settings)
+    worker = OutboxWorker(settings, repo)
+    task = asyncio.create_task(worker.run())
+    try:
+        await eventually(lambda: _watchers(postgres_database) == 1, 30, "the worker LISTENs")
+        execute(
+            postgres_database,
+            "SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE application_name = ?",
+            LISTENER_NAME,
+        )
+        await eventually(lambda: _watchers(postgres_database) == 0, 30, "the session ended")
+        execute(
+            postgres_database,
+            "INSERT INTO outbox (account, toaddresses, subject, bodytext) VALUES (?, ?, ?, ?)",
+            *("support", CUSTOMER, "Still there?", "Sent without a NOTIFY"),
+        )
+        await eventually(lambda: len(sink.received) == 1, 30, "the row sent")
+        await eventually(lambda: _watchers(postgres_database) == 1, 30, "LISTENing again")
+    finally:
+        worker.stopping.set()
+        await asyncio.wait_for(task, 30)
+        await repo.aclose()
+    assert _watchers(postgres_database) == 0  # the stop closed the session
+
+
+def _watchers(db: PostgresDatabase) -> int:
+    [(count,)] = execute(
+        db,
+        "SELECT COUNT(*) FROM pg_stat_activity WHERE datname = ? AND application_name = ?",
+        db.name,
+        LISTENER_NAME,
+    )
+    return int(count)
 
 
 def test_sending_commands_work_on_postgresql(
