@@ -37,7 +37,6 @@ from mailbridge.errors import ConfigError, StoreError, describe
 from mailbridge.log import configure_logging
 from mailbridge.store.base import AccountState, Repository
 from mailbridge.store.factory import open_store
-from mailbridge.store.outbox import OutboxRepository
 from mailbridge.term import console, mail_text
 
 EX_USAGE = 64
@@ -454,8 +453,7 @@ def _status(settings: Settings, *, as_json: bool) -> int:
         try:
             stored = {s.account: s for s in repo.account_states()}
             holders = repo.lease_holders()
-            if isinstance(repo, OutboxRepository):  # SQLite: sending is built there
-                outbox = repo.outbox_counts()
+            outbox = repo.outbox_counts()
         finally:
             repo.close()
     rows: list[dict[str, Any]] = []

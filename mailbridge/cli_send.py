@@ -1,9 +1,11 @@
 """The sending commands: ``reply``, ``send``, ``outbox`` (list, retry, cancel) and ``snippets``.
 
 ``reply`` and ``send`` only queue: they insert an ``outbox`` row (exactly what an integrator's
-INSERT does) and nudge a running daemon (:func:`mailbridge.daemon.outbox.notify_daemon`), which
-sends it within a second. Without a running daemon, ``mailbridge run --once`` sends it. Exit
-codes as in :mod:`mailbridge.cli`: 0 fine, 1 no such row or conversation, 64 usage.
+INSERT does) into the configured database (SQLite or PostgreSQL), and a running daemon sends it
+within a second: with SQLite nudged on its wake socket
+(:func:`mailbridge.daemon.outbox.notify_daemon`), with PostgreSQL by the outbox trigger's
+NOTIFY. Without a running daemon, ``mailbridge run --once`` sends it. Exit codes as in
+:mod:`mailbridge.cli`: 0 fine, 1 no such row or conversation, 64 usage.
 """
 
 from __future__ import annotations
@@ -18,21 +20,42 @@ from rich.table import Table
 from mailbridge.config import Settings
 from mailbridge.daemon.outbox import notify_daemon
 from mailbridge.errors import describe
+from mailbridge.store.base import Repository
+from mailbridge.store.factory import connector
 from mailbridge.store.outbox import OutgoingRequest
-from mailbridge.store.sqlite import SqliteRepository
 from mailbridge.term import console, mail_text
 
 EX_USAGE = 64
 
 
-def _open(settings: Settings) -> SqliteRepository:
-    repo = SqliteRepository(settings.outbox_database())
+def _open(settings: Settings) -> Repository:
+    """The configured database (SQLite or PostgreSQL), created and migrated if need be."""
+    repo = connector(settings.database, settings.database_password())()
     try:
         repo.migrate()
     except BaseException:
         repo.close()
         raise
     return repo
+
+
+def _no_database(settings: Settings) -> bool:
+    """True (said on stderr) when ``database`` is a SQLite file not created yet."""
+    path = settings.sqlite_path
+    if path is not None and not path.exists():
+        print(f"no database yet at {settings.database}", file=sys.stderr)
+        return True
+    return False
+
+
+def _wake(settings: Settings, repo: Repository) -> bool:
+    """Nudge a running daemon; False when none listens. PostgreSQL's trigger has NOTIFYed
+    the daemons already: this only asks whether any listens."""
+    watchers = repo.outbox_watchers()
+    if watchers is not None:
+        return watchers > 0
+    path = settings.sqlite_path
+    return path is not None and notify_daemon(path)
 
 
 def _read_body(body_file: Path | None) -> str | None:
@@ -44,8 +67,7 @@ def _read_body(body_file: Path | None) -> str | None:
     return None
 
 
-def _queued(settings: Settings, outbox_id: int, what: str, account: str) -> None:
-    woke = notify_daemon(settings.outbox_database())
+def _queued(settings: Settings, outbox_id: int, what: str, account: str, woke: bool) -> None:
     print(f"queued {what} as outbox row {outbox_id}")
     if settings.account(account).smtp is None:
         print(
@@ -103,9 +125,11 @@ def reply(
                 actions=actions,
             )
         )
+        woke = _wake(settings, repo)
     finally:
         repo.close()
-    _queued(settings, outbox_id, f"a reply to conversation {conversation_id}", context.account)
+    what = f"a reply to conversation {conversation_id}"
+    _queued(settings, outbox_id, what, context.account, woke)
     return 0
 
 
@@ -143,9 +167,10 @@ def send(
                 coworker_address=coworker_address,
             )
         )
+        woke = _wake(settings, repo)
     finally:
         repo.close()
-    _queued(settings, outbox_id, "a new conversation", account)
+    _queued(settings, outbox_id, "a new conversation", account, woke)
     return 0
 
 
@@ -162,6 +187,8 @@ def outbox(
         try:
             done = (repo.outbox_retry if words[0] == "retry" else repo.outbox_cancel)(outbox_id)
             row = repo.outbox_row(outbox_id)
+            if done and words[0] == "retry":
+                _wake(settings, repo)
         finally:
             repo.close()
         if not done:
@@ -172,15 +199,12 @@ def outbox(
                 file=sys.stderr,
             )
             return 1
-        if words[0] == "retry":
-            notify_daemon(settings.outbox_database())
         print(f"outbox row {outbox_id}: {'queued again' if words[0] == 'retry' else 'cancelled'}")
         return 0
     if words:
         print("usage: mailbridge outbox [--failed | --all] | retry ID | cancel ID", file=sys.stderr)
         return EX_USAGE
-    if not settings.outbox_database().exists():
-        print(f"no database yet at {settings.database}", file=sys.stderr)
+    if _no_database(settings):
         return 0
     states = ["failed"] if failed else None if every else ["queued", "sending", "failed"]
     repo = _open(settings)
@@ -214,8 +238,7 @@ def outbox(
 
 def snippets(settings: Settings, search: str | None) -> int:
     """``mailbridge snippets [--search TEXT]``: active snippets, pinned first."""
-    if not settings.outbox_database().exists():
-        print(f"no database yet at {settings.database}", file=sys.stderr)
+    if _no_database(settings):
         return 0
     repo = _open(settings)
     try:

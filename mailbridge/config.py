@@ -1012,17 +1012,6 @@ class Settings(_Model):
         """The SQLite file, or None when ``database`` is a PostgreSQL URL."""
         return self.database if isinstance(self.database, Path) else None
 
-    def outbox_database(self) -> Path:
-        """The SQLite file the outbox lives in. Raises ConfigError (exit 78) for a PostgreSQL
-        ``database``: sending through PostgreSQL is not built yet."""
-        if self.sqlite_path is None:
-            raise ConfigError(
-                "database: sending (the outbox) works with a SQLite database only for now; "
-                "PostgreSQL support for it is not built yet",
-                path="database",
-            )
-        return self.sqlite_path
-
     def database_password(self) -> str | None:
         """Read the PostgreSQL password now (None when no source is configured). Raises
         ConfigError(code=secret_missing) naming the key; the value is registered with the log

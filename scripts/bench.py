@@ -9,6 +9,8 @@ mailbox (2 KB - 200 KB; plain, multipart HTML, attachments, inline images, reply
   per message (a commit per batch) - what a straightforward Python importer costs;
 * import: ``mailbridge run --once`` from a full Inbox to an empty one (a fresh process, so start-up
   is included), msgs/s, ratio to raw and to the floor, peak RSS;
+* import into PostgreSQL: the same messages, the same command, into a throwaway local cluster
+  (``fsync=on``, TCP with a password: ``scripts/bench_postgres.py``), beside the SQLite import;
 * IDLE: APPEND to committed row (the ``message_imported`` log line, written after the commit) for
   the daemon, beside the server's own push latency (APPEND to ``* EXISTS`` on a bare IDLE session);
 * fleets: N idle accounts in one daemon: RSS, CPU while idle, IDLE latency with the fleet connected;
@@ -302,9 +304,23 @@ def run_watched(config: Path, log_path: Path, *args: str) -> Watched:
     return Watched(seconds, peak, peak_total, cpu, sum(workers_cpu.values()))
 
 
-def measure_import(dovecot: Dovecot, user: str, workdir: Path, count: int) -> dict[str, float]:
-    config = write_config(workdir, dovecot, [user], mode="poll", name="import")
-    log_path = workdir / "import.log"
+def measure_import(
+    dovecot: Dovecot,
+    user: str,
+    workdir: Path,
+    count: int,
+    *,
+    name: str = "import",
+    database: dict[str, str] | None = None,
+) -> dict[str, float]:
+    """``run --once`` over ``user``'s full Inbox; ``database``: config keys replacing the SQLite
+    file (PostgreSQL)."""
+    config = write_config(workdir, dovecot, [user], mode="poll", name=name)
+    if database is not None:
+        data = yaml.safe_load(config.read_text(encoding="utf-8"))
+        data.update(database)
+        config.write_text(yaml.safe_dump(data), encoding="utf-8")
+    log_path = workdir / f"{name}.log"
     run = run_watched(config, log_path, "run", "--once")
     imported = sum(1 for event in read_events(log_path) if event["event"] == "message_imported")
     left = len(dovecot.folder_uids(user, PASSWORD, "INBOX"))
@@ -765,6 +781,9 @@ def measure_messages(
         "max_kb": sizes[-1] / 1e3,
     }
     append_parallel(dovecot, "bulk", corpus)
+    if args.postgresql:  # the same messages, for the import into PostgreSQL
+        dovecot.add_user("bulkpg", PASSWORD)
+        append_parallel(dovecot, "bulkpg", corpus)
     del corpus
     say("raw fetch baseline")
     results["raw"] = measure_raw(dovecot, "bulk")
@@ -775,6 +794,30 @@ def measure_messages(
     imported["ratio_to_raw"] = imported["msgs_per_s"] / results["raw"]["msgs_per_s"]
     imported["ratio_to_naive"] = imported["msgs_per_s"] / results["naive"]["msgs_per_s"]
     results["import"] = imported
+    results["import_postgresql"] = measure_postgresql(args, dovecot, workdir, results)
+
+
+def measure_postgresql(
+    args: argparse.Namespace, dovecot: Dovecot, workdir: Path, results: dict[str, Any]
+) -> dict[str, Any]:
+    """``run --once`` over the same messages into PostgreSQL (scripts/bench_postgres.py)."""
+    if not args.postgresql:
+        return {"status": "skipped"}
+    sys.path.insert(0, str(Path(__file__).resolve().parent))
+    from bench_postgres import throwaway_database
+
+    say("mailbridge run --once into PostgreSQL (the same messages)")
+    with throwaway_database(workdir) as database:
+        if database is None:
+            return {"status": "skipped: PostgreSQL is not installed"}
+        imported: dict[str, Any] = dict(
+            measure_import(dovecot, "bulkpg", workdir, args.messages, name="import-pg",
+                           database=database)
+        )  # fmt: skip
+    imported["status"] = "measured"
+    imported["ratio_to_sqlite"] = imported["msgs_per_s"] / results["import"]["msgs_per_s"]
+    imported["ratio_to_naive"] = imported["msgs_per_s"] / results["naive"]["msgs_per_s"]
+    return imported
 
 
 def _f(value: Any, digits: int = 0) -> str:
@@ -863,6 +906,19 @@ def _message_rows(out: Table, results: dict[str, Any]) -> None:
     cpu = f"{imp['cpu_seconds']:.1f} s (+{imp['workers_cpu_seconds']:.1f} s)"
     out.add_row("  peak RSS / CPU time (with parse workers)", peak, cpu)
     out.add_row("  imported / left in Inbox", f"{imp['imported']:,}", f"{imp['left_in_inbox']:,}")
+    pg = results.get("import_postgresql", {"status": "skipped"})
+    if pg["status"] != "measured":
+        out.add_row("mailbridge run --once into PostgreSQL", pg["status"], "")
+        return
+    out.add_row(
+        "mailbridge run --once into PostgreSQL (same messages)",
+        f"{_f(pg['msgs_per_s'])} msgs/s",
+        f"{pg['ratio_to_sqlite']:.2f}x SQLite, {pg['ratio_to_naive']:.2f}x floor",
+    )
+    out.add_row(
+        "  imported / left in Inbox; peak RSS", f"{pg['imported']:,} / {pg['left_in_inbox']:,}",
+        f"{_f(pg['peak_rss_mb'])} MB",
+    )  # fmt: skip
 
 
 def _latency_rows(out: Table, idle: dict[str, Any]) -> None:
@@ -926,6 +982,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     )
     parser.add_argument(
         "--sending-messages", type=int, default=1000, help="outbox rows to send (0 skips)"
+    )
+    parser.add_argument(
+        "--no-postgresql",
+        dest="postgresql",
+        action="store_false",
+        help="skip the import into PostgreSQL (a throwaway local cluster, fsync on)",
     )
     parser.add_argument("--json", action="store_true", help="print only the JSON line")
     parser.add_argument(

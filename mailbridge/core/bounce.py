@@ -21,9 +21,12 @@ Nothing here raises on hostile input: a detector that fails costs its own answer
 
 from __future__ import annotations
 
+import enum
 import logging
 import re
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
+from datetime import datetime, timedelta
 from email.header import decode_header, make_header
 from email.message import Message
 from email.parser import BytesParser, Parser
@@ -36,16 +39,27 @@ from mailbridge.core.identify import normalize_message_id, parse_id_list
 from mailbridge.core.model import ParsedMessage
 
 __all__ = [
+    "RECIPIENT_LEVELS",
+    "RECIPIENT_WINDOW",
     "Bounce",
     "BounceRecipient",
     "FeedbackReport",
+    "MatchStep",
+    "choose_copy",
+    "choose_message",
     "detect_bounce",
     "detect_challenge",
     "detect_feedback_report",
+    "error_type",
     "feedback_as_bounce",
+    "follower_mark",
     "is_valid_address",
+    "match_steps",
+    "matched_by",
     "might_be_report",
     "parse_raw",
+    "recipient_window",
+    "remaining_mark",
 ]
 
 BounceKind = Literal["dsn", "non-standard", "feedback"]
@@ -678,3 +692,95 @@ def detect_challenge(msg: Message | bytes) -> str | None:
     if marked and _CHALLENGE_SUBJECT.search(subject) and not REPLY_PREFIX.match(subject):
         return "challenge-response: subject"
     return None
+
+
+# -- tying a report to the mail it answers ---------------------------------------------------
+# The rules of mailbridge.store.delivery_errors, which only looks up and writes: a report's
+# failed recipient is tied to the message it answers in the order of match_steps().
+
+# How far back a report without a usable Message-ID is matched to what we sent its recipient
+# (delays are reported days later), and how far ahead (a report dated a little before the mail:
+# clock skew between the hosts).
+RECIPIENT_WINDOW: Final = timedelta(days=14)
+CLOCK_SKEW: Final = timedelta(hours=1)
+# The participation levels (``messagefollower.participationlevel``) of a message's recipients.
+RECIPIENT_LEVELS: Final = ("to", "cc", "bcc")
+# A follower's mark for each delivery error type, worst first.
+_SEVERITY: Final = ("permanent", "complaint", "temporary")
+
+
+class MatchStep(enum.StrEnum):
+    """One way of finding the message a report answers, tried in :func:`match_steps` order."""
+
+    # The returned Message-ID (RFC 3464 2.1, or the report's In-Reply-To) as the per-recipient
+    # id of a personalised copy (``messagefollower.messageid``): that copy's follower.
+    COPY_ID = "copy_id"
+    # The returned Message-ID as a stored message's id (imported, sent, or an integrator's;
+    # outgoing rows first: :func:`choose_message`), then the recipient's follower on it.
+    MESSAGE_ID = "message_id"
+    # No usable id: the latest outgoing message to the recipient within recipient_window().
+    RECIPIENT = "recipient"
+
+
+def match_steps(original_message_id: str | None, recipient: str | None) -> tuple[MatchStep, ...]:
+    """The look-ups to try, in order, for one failed recipient of a report; the first that
+    finds a message wins. Empty: the row is recorded unmatched (``matchedby = 'none'``)."""
+    steps: list[MatchStep] = []
+    if original_message_id:
+        steps += (MatchStep.COPY_ID, MatchStep.MESSAGE_ID)
+    if recipient:
+        steps.append(MatchStep.RECIPIENT)
+    return tuple(steps)
+
+
+def matched_by(step: MatchStep) -> str:
+    """``conversationmessageerror.matchedby`` for a match found by ``step``."""
+    return "recipient" if step is MatchStep.RECIPIENT else "message_id"
+
+
+def choose_copy(copy_recipients: Sequence[str], recipient: str | None) -> int | None:
+    """Of the personalised copies carrying the returned Message-ID (their recipients, in
+    row order), the index of the failed recipient's own copy, else the first; None for none."""
+    if not copy_recipients:
+        return None
+    return next((i for i, email in enumerate(copy_recipients) if email == recipient), 0)
+
+
+def choose_message(directions: Sequence[str]) -> int | None:
+    """Of the stored messages with the returned Message-ID (their ``direction``, in row
+    order), the index of the first outgoing one (we sent what bounced), else the first."""
+    if not directions:
+        return None
+    return next((i for i, d in enumerate(directions) if d == "outgoing"), 0)
+
+
+def recipient_window(report_date: datetime) -> tuple[datetime, datetime]:
+    """The dates (inclusive) a message matched by recipient alone may have been sent."""
+    return report_date - RECIPIENT_WINDOW, report_date + CLOCK_SKEW
+
+
+def error_type(report: Bounce, recipient: BounceRecipient | None) -> str:
+    """``conversationmessageerror.type``: complaint (an ARF report, RFC 5965), permanent (a
+    hard failure, or a report naming no recipient), or temporary (a delay, RFC 3464 2.3.3)."""
+    if report.kind == "feedback":
+        return "complaint"
+    if recipient is None or recipient.permanent:
+        return "permanent"
+    return "temporary"
+
+
+def follower_mark(current: str | None, new: str) -> str:
+    """The follower's ``deliveryerror`` after a new error of type ``new``: the new type,
+    except that a delay never hides a permanent failure already known."""
+    if current == "permanent" and new == "temporary":
+        return current
+    return new
+
+
+def remaining_mark(unresolved: Iterable[str]) -> str | None:
+    """The follower's ``deliveryerror`` once an error is resolved: the worst type among its
+    errors still unresolved (permanent, then complaint, then temporary); None for none."""
+    types = list(unresolved)
+    if not types:
+        return None
+    return min(types, key=lambda t: _SEVERITY.index(t) if t in _SEVERITY else len(_SEVERITY))

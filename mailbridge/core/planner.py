@@ -151,6 +151,17 @@ class ImportContext:
         )
 
 
+class Outcome(enum.StrEnum):
+    """What importing one message came to (``ImportResult.outcome``)."""
+
+    IMPORTED = "imported"
+    DUPLICATE = "duplicate"
+    FAILED = "failed"
+    IGNORED = "ignored"  # only the account's own identity, continuing nothing: not stored
+    DISCARDED = "discarded"  # automatic mail the policy does not import (error_reason: why)
+    BOUNCE = "bounce"  # a delivery report: delivery errors recorded, no message stored
+
+
 # -- 1. key -----------------------------------------------------------------------------------
 
 
@@ -174,6 +185,21 @@ def settled_keys(message: ParsedMessage, decision: KeyDecision) -> tuple[str, st
     """The import-failure keys a stored (or for good dealt-with) message resolves: its stored
     key and its :func:`~mailbridge.core.messagekey.failure_key`."""
     return decision.key, failure_key(message.message_id, message.fingerprint)
+
+
+# Outcomes after which an earlier import failure of the message is resolved for good: it is in
+# the database (imported, or a duplicate of a stored message), or it was dealt with without
+# being stored (own mail ignored, automatic mail discarded, a bounce's delivery errors
+# recorded). Only a new failure leaves it open, for the recovery sweep.
+SETTLING_OUTCOMES: Final = frozenset(
+    {Outcome.IMPORTED, Outcome.DUPLICATE, Outcome.IGNORED, Outcome.DISCARDED, Outcome.BOUNCE}
+)
+
+
+def settles_failure(outcome: Outcome) -> bool:
+    """Whether ``outcome`` resolves the message's earlier import failures
+    (:func:`settled_keys` names them)."""
+    return outcome in SETTLING_OUTCOMES
 
 
 # -- 2. route ---------------------------------------------------------------------------------

@@ -24,8 +24,9 @@ Message-ID, which clients that de-duplicate by Message-ID (Gmail) show once.
 **Pick-up** without a felt delay: the worker sleeps until the next row is due, and wakes when
 the database changes (SQLite's ``PRAGMA data_version``, read every 25 ms on its own
 connection: a read of shared memory, no disk I/O) or when a command that queued mail sends a
-datagram to the daemon's wake socket (:func:`notify_daemon`). A PostgreSQL backend would wait on
-``LISTEN`` instead; :class:`Watch` is the one place that knows.
+datagram to the daemon's wake socket (:func:`notify_daemon`). On PostgreSQL it waits on
+``LISTEN``: a trigger NOTIFYs whenever a row is queued, whoever wrote it (the CLI, an
+integrator's INSERT, on any host). :class:`Watch` is the one place that knows.
 """
 
 from __future__ import annotations
@@ -46,6 +47,7 @@ from email.message import EmailMessage
 from email.parser import BytesHeaderParser
 from email.utils import getaddresses, make_msgid
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import structlog
 
@@ -69,7 +71,7 @@ from mailbridge.core.outbox import (
 )
 from mailbridge.core.parse import parse_message
 from mailbridge.core.templates import HistoryMessage, MergeData, has_codes, render, render_text
-from mailbridge.errors import ConfigError, MailbridgeError, StoreError
+from mailbridge.errors import MailbridgeError, StoreError
 from mailbridge.mail.imap import ImapSession, quote
 from mailbridge.mail.smtp import SendError, SmtpSender
 from mailbridge.store.asyncrepo import AsyncRepository
@@ -84,6 +86,9 @@ from mailbridge.store.outbox import (
     TemplateRecords,
 )
 
+if TYPE_CHECKING:
+    from mailbridge.store.postgres import OutboxListener
+
 log = structlog.get_logger("mailbridge.outbox")
 
 # How often the database's change counter is read while waiting: a read of SQLite's shared
@@ -93,6 +98,10 @@ DATA_VERSION_SECONDS = 0.025
 # The longest sleep without looking at the table (a row whose next attempt an integrator
 # moved forward by hand is seen within this, or at once when the database changes).
 MAX_SLEEP_SECONDS = 60.0
+# PostgreSQL without a LISTENing session (the server unreachable): how often the table is
+# looked at, and how often a new session is tried.
+LISTEN_POLL_SECONDS = 1.0
+LISTEN_RETRY_SECONDS = 5.0
 BATCH_SIZE = 50
 # Rows composed, marked sending and sent together; the next chunk is composed meanwhile.
 PIPELINE_CHUNK = 10
@@ -127,16 +136,24 @@ def notify_daemon(database: Path) -> bool:
 
 
 class Watch:
-    """Waits for news of the outbox: a database change, a wake datagram, or :meth:`wake`."""
+    """Waits for news of the outbox: a database change, a wake datagram, or :meth:`wake`
+    (SQLite); a NOTIFY on a LISTENing session, or :meth:`wake` (PostgreSQL)."""
 
-    def __init__(self, database: Path) -> None:
-        self.database = database
+    def __init__(self, settings: Settings) -> None:
+        self.database = settings.sqlite_path  # None: PostgreSQL
+        self._postgres = settings.postgres
+        self._password = settings.database_password() if settings.postgres else None
         self._event = asyncio.Event()
         self._conn: sqlite3.Connection | None = None
         self._version: int | None = None
         self._socket: socket.socket | None = None
+        self._listener: OutboxListener | None = None
+        self._listen_at = 0.0  # monotonic time of the next attempt to LISTEN
+        self._listen_fd = -1
 
     def open(self) -> None:
+        if self.database is None:
+            return  # PostgreSQL: the first wait() starts to LISTEN (off the event loop)
         try:
             self._conn = sqlite3.connect(self.database, isolation_level=None)
             self._version = self._data_version()
@@ -154,7 +171,47 @@ class Watch:
         asyncio.get_running_loop().add_reader(sock.fileno(), self._on_datagram)
         self._socket = sock
 
+    async def _listen(self) -> None:
+        """PostgreSQL: open the LISTENing session, at most every LISTEN_RETRY_SECONDS."""
+        if self._postgres is None or time.monotonic() < self._listen_at:
+            return
+        from mailbridge.store.postgres import OutboxListener  # psycopg only with PostgreSQL
+
+        self._listen_at = time.monotonic() + LISTEN_RETRY_SECONDS
+        try:
+            listener = await asyncio.to_thread(OutboxListener, self._postgres, self._password)
+        except StoreError as exc:
+            log.warning(
+                "outbox_listen_unavailable",
+                code=exc.code,
+                error=str(exc),
+                remedy=f"the outbox is looked at every {LISTEN_POLL_SECONDS:g} s meanwhile",
+            )
+            return
+        self._listen_fd = listener.fileno()  # kept: a lost session may not say it any more
+        asyncio.get_running_loop().add_reader(self._listen_fd, self._on_notify)
+        self._listener = listener
+        self._event.set()  # rows queued before LISTEN began: look once more
+
+    def _on_notify(self) -> None:
+        assert self._listener is not None
+        try:
+            news = self._listener.drain()
+        except StoreError as exc:
+            log.warning("outbox_listen_lost", code=exc.code, error=str(exc))
+            self._unlisten()
+            news = True  # nobody listened for a while: look
+        if news:
+            self._event.set()
+
+    def _unlisten(self) -> None:
+        if self._listener is not None:
+            asyncio.get_running_loop().remove_reader(self._listen_fd)
+            self._listener.close()
+            self._listener = None
+
     def close(self) -> None:
+        self._unlisten()
         if self._socket is not None:
             with contextlib.suppress(Exception):
                 asyncio.get_running_loop().remove_reader(self._socket.fileno())
@@ -192,6 +249,10 @@ class Watch:
     async def wait(self, seconds: float, stopping: asyncio.Event) -> None:
         """Return after ``seconds``, on news, or when ``stopping`` is set."""
         deadline = time.monotonic() + max(seconds, 0.0)
+        if self.database is None and self._listener is None:
+            await self._listen()
+            if self._listener is None:  # no NOTIFY to wait for: look again soon
+                deadline = min(deadline, time.monotonic() + LISTEN_POLL_SECONDS)
         while not stopping.is_set():
             if self._event.is_set():
                 self._event.clear()
@@ -202,7 +263,20 @@ class Watch:
             if left <= 0:
                 return
             with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self._event.wait(), min(left, DATA_VERSION_SECONDS))
+                if self._conn is not None:  # SQLite: read data_version again soon
+                    await asyncio.wait_for(self._event.wait(), min(left, DATA_VERSION_SECONDS))
+                else:  # nothing to poll (PostgreSQL's NOTIFY sets the event): news or the stop
+                    await asyncio.wait_for(_first_of(self._event, stopping), left)
+
+
+async def _first_of(*events: asyncio.Event) -> None:
+    """Return when any of ``events`` is set."""
+    waits = [asyncio.ensure_future(event.wait()) for event in events]
+    try:
+        await asyncio.wait(waits, return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        for waiting in waits:
+            waiting.cancel()
 
 
 @dataclass
@@ -276,7 +350,7 @@ class OutboxWorker:
     async def run(self) -> None:
         """Until ``stopping``: resolve rows left ``sending``, then send what is due, sleeping
         until the next row is due or news arrives."""
-        self.watch = Watch(self.settings.outbox_database())
+        self.watch = Watch(self.settings)
         self.watch.open()
         try:
             recover = True
@@ -299,19 +373,21 @@ class OutboxWorker:
         attempts in flight, not a crash's: they are left to it (it resolves its own at start).
         """
         summary = OutboxSummary()
-        if self._daemon_running():
+        if await self._daemon_running():
             log.info("outbox_recovery_left_to_daemon", reason="a daemon serves this database")
         else:
             await self.recover(summary)
         await self.send_due(summary)
         return summary
 
-    def _daemon_running(self) -> bool:
-        try:
-            database = self.settings.outbox_database()
-        except ConfigError:
-            return False
-        return notify_daemon(database)
+    async def _daemon_running(self) -> bool:
+        """A daemon serves this database: PostgreSQL counts the LISTENing daemons (any host);
+        with SQLite the daemon's wake socket answers."""
+        watchers = await self.repo.outbox_watchers()
+        if watchers is not None:
+            return watchers > 0
+        path = self.settings.sqlite_path
+        return path is not None and notify_daemon(path)
 
     async def _guarded(self, work: Awaitable[object]) -> bool:
         """Run ``work``; False (logged, after a 5 s pause) when it failed."""

@@ -74,14 +74,6 @@ METRICS_REFRESH_SECONDS = 30.0
 # connecting make tens of thousands of changes, and systemd needs to show only the latest line.
 STATUS_MIN_INTERVAL_SECONDS = 1.0
 
-# Why a PostgreSQL daemon does not send (the outbox is built on SQLite only so far).
-_NO_OUTBOX = "sending (the outbox) works with a SQLite database only for now"
-
-
-async def _until(event: asyncio.Event) -> None:
-    """The outbox task of a daemon that cannot send: it only waits for the drain."""
-    await event.wait()
-
 
 @dataclass
 class _Running:
@@ -159,15 +151,10 @@ class Supervisor:
             for account in self.settings.accounts:
                 if account.enabled:
                     self._start(account)
-            # Sending: one task for every account's outbox rows (daemon/outbox.py); SQLite only
-            # for now, so with PostgreSQL a task that only waits for the drain.
+            # Sending: one task for every account's outbox rows (daemon/outbox.py).
             outbox = OutboxWorker(lambda: self.settings, self.repo, only=self.only)
             self.outbox = outbox
-            if self.settings.sqlite_path is not None:
-                outbox_task = asyncio.create_task(outbox.run(), name="outbox")
-            else:
-                log.warning("outbox_unavailable", reason=_NO_OUTBOX)
-                outbox_task = asyncio.create_task(_until(outbox.stopping), name="outbox")
+            outbox_task = asyncio.create_task(outbox.run(), name="outbox")
             log.info("daemon_started", accounts=len(self.running))
             self.notifier.ready()
             self._publish_status()
@@ -557,10 +544,6 @@ async def run_once(settings: Settings, accounts: list[str] | None = None) -> lis
         results = list(await asyncio.gather(*(one(a) for a in chosen)))
         # Then what is due in the outbox (replies to what was just imported included).
         only = frozenset(accounts) if accounts is not None else None
-        if settings.sqlite_path is None:
-            # PostgreSQL: the outbox is SQLite-only for now (Settings.outbox_database).
-            log.warning("outbox_unavailable", reason=_NO_OUTBOX)
-            return results
         outbox = await OutboxWorker(settings, repo, only=only).run_once()
         if outbox.sent or outbox.retrying or outbox.failed:
             results.append(OnceResult("outbox", None, None, outbox))

@@ -34,7 +34,6 @@ from mailbridge.store.outbox import (
     OutboxCopy,
     OutboxFile,
     OutboxFix,
-    OutboxRepository,
     OutboxRow,
     OutgoingRequest,
     ReplyContext,
@@ -196,42 +195,42 @@ class AsyncRepository:
         self, request: OutgoingRequest, files: Sequence[OutboxFile] = ()
     ) -> int:
         items = tuple(files)
-        return await self._run(lambda repo: _outbox(repo).queue_outgoing(request, items))
+        return await self._run(lambda repo: repo.queue_outgoing(request, items))
 
     async def outbox_row(self, outbox_id: int) -> OutboxRow | None:
-        return await self._run(lambda repo: _outbox(repo).outbox_row(outbox_id))
+        return await self._run(lambda repo: repo.outbox_row(outbox_id))
 
     async def outbox_due(
         self, accounts: Sequence[str], now: datetime, limit: int
     ) -> list[OutboxRow]:
         names = tuple(accounts)
-        return await self._run(lambda repo: _outbox(repo).outbox_due(names, now, limit))
+        return await self._run(lambda repo: repo.outbox_due(names, now, limit))
 
     async def outbox_next_due(self, accounts: Sequence[str]) -> datetime | None:
         names = tuple(accounts)
-        return await self._run(lambda repo: _outbox(repo).outbox_next_due(names))
+        return await self._run(lambda repo: repo.outbox_next_due(names))
 
     async def outbox_in_flight(self, accounts: Sequence[str]) -> list[OutboxRow]:
         names = tuple(accounts)
-        return await self._run(lambda repo: _outbox(repo).outbox_in_flight(names))
+        return await self._run(lambda repo: repo.outbox_in_flight(names))
 
     async def outbox_files(self, outbox_id: int) -> list[OutboxFile]:
-        return await self._run(lambda repo: _outbox(repo).outbox_files(outbox_id))
+        return await self._run(lambda repo: repo.outbox_files(outbox_id))
 
     async def reply_context(self, conversation_id: int) -> ReplyContext | None:
-        return await self._run(lambda repo: _outbox(repo).reply_context(conversation_id))
+        return await self._run(lambda repo: repo.reply_context(conversation_id))
 
     async def outbox_copies(self, outbox_id: int) -> list[OutboxCopy]:
-        return await self._run(lambda repo: _outbox(repo).outbox_copies(outbox_id))
+        return await self._run(lambda repo: repo.outbox_copies(outbox_id))
 
     async def outbox_copy_sent(self, outbox_id: int, recipient: str, now: datetime) -> None:
-        await self._run(lambda repo: _outbox(repo).outbox_copy_sent(outbox_id, recipient, now))
+        await self._run(lambda repo: repo.outbox_copy_sent(outbox_id, recipient, now))
 
     async def outbox_begin(
         self, rows: Sequence[tuple[int, OutboxFix | None]], now: datetime
     ) -> set[int]:
         items = tuple(rows)
-        return await self._run(lambda repo: _outbox(repo).outbox_begin(items, now))
+        return await self._run(lambda repo: repo.outbox_begin(items, now))
 
     async def outbox_failed_attempt(
         self,
@@ -244,30 +243,31 @@ class AsyncRepository:
         now: datetime,
     ) -> None:
         await self._run(
-            lambda repo: _outbox(repo).outbox_failed_attempt(
+            lambda repo: repo.outbox_failed_attempt(
                 outbox_id, state=state, next_attempt=next_attempt, code=code, error=error, now=now
             )
         )
 
     async def outbox_sent(self, context: ImportContext, records: Sequence[SentRecord]) -> list[int]:
         items = tuple(records)
-        return await self._run(lambda repo: _outbox(repo).outbox_sent(context, items))
+        return await self._run(lambda repo: repo.outbox_sent(context, items))
 
     async def table_columns(self, tables: Sequence[str]) -> dict[str, frozenset[str]]:
         names = tuple(tables)
-        return await self._run(lambda repo: _outbox(repo).table_columns(names))
+        return await self._run(lambda repo: repo.table_columns(names))
 
     async def template_records(
         self, conversation_id: int, recipient: str, history_limit: int = 20
     ) -> TemplateRecords:
         return await self._run(
-            lambda repo: _outbox(repo).template_records(conversation_id, recipient, history_limit)
+            lambda repo: repo.template_records(conversation_id, recipient, history_limit)
         )
 
     async def automatic_replies_since(self, account: str, address: str, since: datetime) -> int:
-        return await self._run(
-            lambda repo: _outbox(repo).automatic_replies_since(account, address, since)
-        )
+        return await self._run(lambda repo: repo.automatic_replies_since(account, address, since))
+
+    async def outbox_watchers(self) -> int | None:
+        return await self._run(lambda repo: repo.outbox_watchers())
 
     async def aclose(self) -> None:
         """Close the repository on its thread and stop the thread. Idempotent."""
@@ -284,14 +284,3 @@ class AsyncRepository:
     def _close_on_thread(self) -> None:
         if self._opened.exception() is None:
             self._opened.result().close()
-
-
-def _outbox(repo: Repository) -> OutboxRepository:
-    """``repo`` as the outbox's repository: SQLite's. Sending through PostgreSQL is not built
-    yet (``Settings.outbox_database`` refuses such a config before anything is sent)."""
-    if not isinstance(repo, OutboxRepository):
-        raise StoreError(
-            f"{type(repo).__name__} has no outbox: sending works with SQLite only for now",
-            code="database_error",
-        )
-    return repo

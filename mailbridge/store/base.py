@@ -25,7 +25,6 @@ Guarantees every backend must give:
 
 from __future__ import annotations
 
-import enum
 from collections.abc import Collection, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime
@@ -53,15 +52,8 @@ if TYPE_CHECKING:
     )
 
 from mailbridge.core.planner import ImportContext as ImportContext  # moved to the planner
-
-
-class Outcome(enum.StrEnum):
-    IMPORTED = "imported"
-    DUPLICATE = "duplicate"
-    FAILED = "failed"
-    IGNORED = "ignored"  # only the account's own identity, continuing nothing: not stored
-    DISCARDED = "discarded"  # automatic mail the policy does not import (error_reason: why)
-    BOUNCE = "bounce"  # a delivery report: delivery errors recorded, no message stored
+from mailbridge.core.planner import Outcome as Outcome  # moved to the planner
+from mailbridge.store.outbox import OutboxRepository
 
 
 @dataclass(frozen=True, slots=True)
@@ -402,10 +394,9 @@ class ImportPrimitives(Protocol):
         a second import of the same message (a crash before the move) writes nothing."""
 
 
-class Repository(Protocol):
+class Repository(OutboxRepository, Protocol):
     """The database as mailbridge sees it. See the module docstring for the guarantees.
-    Sending's methods are :class:`mailbridge.store.outbox.OutboxRepository` (SQLite only for
-    now)."""
+    Sending's methods are :class:`mailbridge.store.outbox.OutboxRepository`."""
 
     def migrate(self) -> None:
         """Create or upgrade the schema. Idempotent."""

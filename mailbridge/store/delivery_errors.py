@@ -1,14 +1,8 @@
 """Look-ups and writes for delivery errors (``conversationmessageerror``). No decisions:
-what a report is, and that it is one, was settled in ``core`` (bounce.py, policy.py).
-
-A report's failed recipient is tied to the message it answers, in this order:
-
-1. the returned Message-ID (RFC 3464 2.1, or the report's In-Reply-To) as the per-recipient id
-   of a personalised copy (``messagefollower.messageid``): that copy's follower;
-2. the returned Message-ID as a stored message's id (imported, sent, or inserted by an
-   integrator; outgoing rows first), then the recipient's message follower on it;
-3. without a usable id: the latest outgoing message to that recipient sent up to
-   :data:`RECIPIENT_WINDOW` before the report (delays come days later).
+what a report is, and that it is one, was settled in ``core`` (bounce.py, policy.py); how a
+failed recipient is tied to the message it answers (the order of the look-ups, which of several
+rows, the time window, the error type and the follower's mark) is decided by the functions at
+the end of :mod:`mailbridge.core.bounce` (:func:`~mailbridge.core.bounce.match_steps`).
 
 A recipient that matches nothing is still recorded (``matchedby = 'none'``), so an operator
 sees it in ``mailbridge errors``. Re-importing the same report writes nothing twice
@@ -19,17 +13,17 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass
-from datetime import datetime, timedelta
+from datetime import datetime
 from typing import TYPE_CHECKING, Any, Final
 
-from mailbridge.core.bounce import Bounce, BounceRecipient
+from mailbridge.core import bounce
+from mailbridge.core.bounce import Bounce, BounceRecipient, MatchStep
 from mailbridge.core.model import ParsedMessage
 
 if TYPE_CHECKING:
     from mailbridge.store.sql import Sql
 
-RECIPIENT_WINDOW: Final = timedelta(days=14)
-_SKEW: Final = timedelta(hours=1)  # a report dated a little before the mail (clock skew)
+_LEVELS: Final = ", ".join(f"'{level}'" for level in bounce.RECIPIENT_LEVELS)
 
 
 @dataclass(frozen=True, slots=True)
@@ -38,13 +32,6 @@ class _Match:
     message: int
     message_follower: int | None
     follower: int | None
-    matched_by: str
-
-
-def _first(sql: Sql, statement: str, params: tuple[Any, ...]) -> tuple[Any, ...] | None:
-    """The first row of a query as a tuple, or None."""
-    rows = sql.rows(statement, params)
-    return tuple(rows[0].values()) if rows else None
 
 
 def _follower_on(
@@ -54,22 +41,78 @@ def _follower_on(
     before From); the conversation's follower alone when it is not on that message."""
     if not recipient:
         return None, None
-    row = _first(
-        sql,
+    rows = sql.rows(
         "SELECT mf.id, f.id AS fid FROM messagefollower AS mf"
         " JOIN follower AS f ON f.id = mf.follower"
         " WHERE mf.conversationmessage = ? AND f.email = ?"
-        " ORDER BY mf.participationlevel NOT IN ('to', 'cc', 'bcc'), mf.id LIMIT 1",
+        f" ORDER BY mf.participationlevel NOT IN ({_LEVELS}), mf.id LIMIT 1",
         (message_row, recipient),
     )
-    if row is not None:
-        return int(row[0]), int(row[1])
-    row = _first(
-        sql,
-        "SELECT id FROM follower WHERE conversation = ? AND email = ?",
-        (conversation, recipient),
+    if rows:
+        return int(rows[0]["id"]), int(rows[0]["fid"])
+    rows = sql.rows(
+        "SELECT id FROM follower WHERE conversation = ? AND email = ?", (conversation, recipient)
     )
-    return None, (int(row[0]) if row is not None else None)
+    return None, (int(rows[0]["id"]) if rows else None)
+
+
+def _by_copy_id(
+    sql: Sql, account: str, original_id: str, recipient: str | None, window: tuple[str, str]
+) -> _Match | None:
+    rows = sql.rows(
+        "SELECT mf.id, m.id AS mid, m.conversation, f.id AS fid, f.email"
+        " FROM messagefollower AS mf"
+        " JOIN conversationmessage AS m ON m.id = mf.conversationmessage"
+        " JOIN follower AS f ON f.id = mf.follower"
+        " WHERE mf.messageid = ? AND m.account = ? ORDER BY mf.id",
+        (original_id, account),
+    )
+    chosen = bounce.choose_copy([r["email"] for r in rows], recipient)
+    if chosen is None:
+        return None
+    row = rows[chosen]
+    return _Match(int(row["conversation"]), int(row["mid"]), int(row["id"]), int(row["fid"]))
+
+
+def _by_message_id(
+    sql: Sql, account: str, original_id: str, recipient: str | None, window: tuple[str, str]
+) -> _Match | None:
+    rows = sql.rows(
+        "SELECT id, conversation, direction FROM conversationmessage"
+        " WHERE account = ? AND messageid = ? ORDER BY id",
+        (account, original_id),
+    )
+    chosen = bounce.choose_message([r["direction"] for r in rows])
+    if chosen is None:
+        return None
+    row_id, conversation = int(rows[chosen]["id"]), int(rows[chosen]["conversation"])
+    message_follower, follower = _follower_on(sql, row_id, conversation, recipient)
+    return _Match(conversation, row_id, message_follower, follower)
+
+
+def _by_recipient(
+    sql: Sql, account: str, original_id: str, recipient: str | None, window: tuple[str, str]
+) -> _Match | None:
+    rows = sql.rows(
+        "SELECT mf.id, m.id AS mid, m.conversation, f.id AS fid FROM follower AS f"
+        " JOIN messagefollower AS mf ON mf.follower = f.id"
+        " JOIN conversationmessage AS m ON m.id = mf.conversationmessage"
+        " WHERE f.email = ? AND m.account = ? AND m.direction = 'outgoing'"
+        f" AND mf.participationlevel IN ({_LEVELS}) AND m.date BETWEEN ? AND ?"
+        " ORDER BY m.date DESC, m.id DESC LIMIT 1",
+        (recipient, account, *window),
+    )
+    if not rows:
+        return None
+    row = rows[0]
+    return _Match(int(row["conversation"]), int(row["mid"]), int(row["id"]), int(row["fid"]))
+
+
+_LOOKUPS: Final[dict[MatchStep, Callable[..., _Match | None]]] = {
+    MatchStep.COPY_ID: _by_copy_id,
+    MatchStep.MESSAGE_ID: _by_message_id,
+    MatchStep.RECIPIENT: _by_recipient,
+}
 
 
 def _find_original(
@@ -78,47 +121,13 @@ def _find_original(
     original_id: str | None,
     recipient: str | None,
     window: tuple[str, str],
-) -> _Match | None:
-    if original_id:
-        rows = [
-            tuple(found.values())
-            for found in sql.rows(
-                "SELECT mf.id, m.id AS mid, m.conversation, f.id AS fid, f.email"
-                " FROM messagefollower AS mf"
-                " JOIN conversationmessage AS m ON m.id = mf.conversationmessage"
-                " JOIN follower AS f ON f.id = mf.follower"
-                " WHERE mf.messageid = ? AND m.account = ? ORDER BY mf.id",
-                (original_id, account),
-            )
-        ]
-        if rows:
-            chosen = next((r for r in rows if r[4] == recipient), rows[0])
-            return _Match(int(chosen[2]), int(chosen[1]), int(chosen[0]), int(chosen[3]),
-                          "message_id")  # fmt: skip
-        row = _first(
-            sql,
-            "SELECT id, conversation FROM conversationmessage WHERE account = ? AND messageid = ?"
-            " ORDER BY direction = 'outgoing' DESC, id LIMIT 1",
-            (account, original_id),
-        )
-        if row is not None:
-            message_follower, follower = _follower_on(sql, int(row[0]), int(row[1]), recipient)
-            return _Match(int(row[1]), int(row[0]), message_follower, follower, "message_id")
-    if not recipient:
-        return None
-    row = _first(
-        sql,
-        "SELECT mf.id, m.id AS mid, m.conversation, f.id AS fid FROM follower AS f"
-        " JOIN messagefollower AS mf ON mf.follower = f.id"
-        " JOIN conversationmessage AS m ON m.id = mf.conversationmessage"
-        " WHERE f.email = ? AND m.account = ? AND m.direction = 'outgoing'"
-        " AND mf.participationlevel IN ('to', 'cc', 'bcc') AND m.date BETWEEN ? AND ?"
-        " ORDER BY m.date DESC, m.id DESC LIMIT 1",
-        (recipient, account, *window),
-    )
-    if row is None:
-        return None
-    return _Match(int(row[2]), int(row[1]), int(row[0]), int(row[3]), "recipient")
+) -> tuple[_Match, str] | None:
+    """The message the report answers for ``recipient`` and how it was found, or None."""
+    for step in bounce.match_steps(original_id, recipient):
+        found = _LOOKUPS[step](sql, account, original_id, recipient, window)
+        if found is not None:
+            return found, bounce.matched_by(step)
+    return None
 
 
 def record_delivery_errors(
@@ -132,19 +141,16 @@ def record_delivery_errors(
     """Write one row per failed recipient of ``report`` (one row without a recipient when the
     report names none) and mark each matched follower; (rows written, rows matched).
     ``iso`` writes a time in the schema's one timestamp shape."""
-    window = (iso(message.date - RECIPIENT_WINDOW), iso(message.date + _SKEW))
+    earliest, latest = bounce.recipient_window(message.date)
+    window = (iso(earliest), iso(latest))
     recipients: tuple[BounceRecipient | None, ...] = report.recipients or (None,)
     written = matched = 0
     sender = message.from_address.email if message.from_address is not None else ""
     for recipient in recipients:
         address = recipient.address if recipient is not None else None
-        found = _find_original(sql, account, report.original_message_id, address, window)
-        if report.kind == "feedback":
-            kind = "complaint"
-        elif recipient is None or recipient.permanent:
-            kind = "permanent"
-        else:
-            kind = "temporary"
+        answer = _find_original(sql, account, report.original_message_id, address, window)
+        found, how = answer if answer is not None else (None, "none")
+        kind = bounce.error_type(report, recipient)
         inserted = sql.execute(
             "INSERT INTO conversationmessageerror (account, conversation,"
             " conversationmessage, messagefollower, follower, recipient, type, status,"
@@ -163,7 +169,7 @@ def record_delivery_errors(
                 recipient.status if recipient is not None else None,
                 (recipient.diagnostic or "") if recipient is not None else "",
                 report.original_message_id,
-                found.matched_by if found else "none",
+                how,
                 report.kind,
                 message.message_id,
                 message.message_key,
@@ -179,12 +185,11 @@ def record_delivery_errors(
         if found is not None:
             matched += 1
         if found is not None and found.follower is not None:
-            # A delay never hides a permanent failure already known.
+            rows = sql.rows("SELECT deliveryerror FROM follower WHERE id = ?", (found.follower,))
+            current = rows[0]["deliveryerror"] if rows else None
             sql.execute(
-                "UPDATE follower SET deliveryerror = CASE WHEN deliveryerror = 'permanent'"
-                " AND ? = 'temporary' THEN deliveryerror ELSE ? END, updatedtime = ?"
-                " WHERE id = ?",
-                (kind, kind, now, found.follower),
+                "UPDATE follower SET deliveryerror = ?, updatedtime = ? WHERE id = ?",
+                (bounce.follower_mark(current, kind), now, found.follower),
             )
     return written, matched
 
@@ -218,11 +223,12 @@ def resolve_delivery_error(sql: Sql, error_id: int, now: str) -> bool:
     follower = rows[0]["follower"]
     if follower is not None:
         # The follower keeps the mark of its worst remaining unresolved error, or none.
+        unresolved = sql.rows(
+            "SELECT type FROM conversationmessageerror WHERE follower = ? AND resolved IS NULL",
+            (follower,),
+        )
         sql.execute(
-            "UPDATE follower SET updatedtime = ?, deliveryerror = ("
-            " SELECT type FROM conversationmessageerror WHERE follower = ? AND resolved IS NULL"
-            " ORDER BY CASE type WHEN 'permanent' THEN 0 WHEN 'complaint' THEN 1 ELSE 2 END,"
-            " date DESC LIMIT 1) WHERE id = ?",
-            (now, follower, follower),
+            "UPDATE follower SET updatedtime = ?, deliveryerror = ? WHERE id = ?",
+            (now, bounce.remaining_mark(r["type"] for r in unresolved), follower),
         )
     return True

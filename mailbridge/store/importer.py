@@ -46,7 +46,7 @@ def import_items(
         list(dict.fromkeys(m.message_id for m in messages if m.message_id)),
         list(dict.fromkeys(m.message_key for m in messages)),
     )
-    settled: list[str] = []  # keys now in the database: their failures are resolved
+    settled: list[str] = []  # keys whose import failures are now resolved (the planner's rule)
     # UID order, so that a reply in the same batch finds its parent already stored.
     for index in sorted(range(len(items)), key=lambda i: items[i].uid):
         item = items[index]
@@ -57,29 +57,27 @@ def import_items(
         )
         if decision.duplicate:
             known = next(row for row in same_id if row.key == decision.key)
-            results[index] = ImportResult(
+            result = ImportResult(
                 uid=item.uid,
                 message_key=decision.key,
                 outcome=Outcome.DUPLICATE,
                 conversation_id=known.conversation_id,
                 message_row_id=known.row_id,
             )
-            settled += planner.settled_keys(message, decision)
-            continue
-        result = _import_in_savepoint(db, context, item, now, decision)
-        results[index] = result
-        if result.outcome in (Outcome.IGNORED, Outcome.DISCARDED, Outcome.BOUNCE):
-            settled += planner.settled_keys(message, decision)  # dealt with for good
-        if result.conversation_id is not None and result.message_row_id is not None:
-            # Imported: a second copy later in the same batch is a duplicate of this one.
-            same_id.append(
-                StoredRow(
-                    decision.key,
-                    message.fingerprint or None,
-                    result.conversation_id,
-                    result.message_row_id,
+        else:
+            result = _import_in_savepoint(db, context, item, now, decision)
+            if result.conversation_id is not None and result.message_row_id is not None:
+                # Imported: a second copy later in the same batch is a duplicate of this one.
+                same_id.append(
+                    StoredRow(
+                        decision.key,
+                        message.fingerprint or None,
+                        result.conversation_id,
+                        result.message_row_id,
+                    )
                 )
-            )
+        results[index] = result
+        if planner.settles_failure(result.outcome):
             settled += planner.settled_keys(message, decision)
     db.resolve_failures(account, settled, now)
     return [result for result in results if result is not None]

@@ -1,13 +1,15 @@
 """What the outbox worker and the sending commands ask of the database, and the records.
 
-:class:`OutboxRepository` is part of :class:`~mailbridge.store.base.Repository`; the SQLite
-backend implements it in :mod:`mailbridge.store.sqlite`. Decisions (when to retry, what to
-send) are made in :mod:`mailbridge.core.outbox`; these methods only look up and write.
+:class:`OutboxRepository` is part of :class:`~mailbridge.store.base.Repository`; both
+backends share its implementation (:mod:`mailbridge.store.outboxsql`). Decisions (when to
+retry, what to send) are made in :mod:`mailbridge.core.outbox`; these methods only look up
+and write.
 
 Guarantees every backend must give:
 
 * :meth:`OutboxRepository.outbox_begin` moves a row from ``queued`` to ``sending`` (attempts + 1)
-  and is committed before the first SMTP command of the attempt. On the first attempt it also
+  and is committed before the first SMTP command of the attempt; of several daemons claiming
+  one row at once exactly one begins. On the first attempt it also
   fixes the row's Message-ID and bytes, once: a retry sends the very same message.
 * :meth:`OutboxRepository.outbox_sent` marks rows ``sent`` and stores their messages in their
   conversations (followers updated as for incoming mail, the parent's message actions applied)
@@ -252,3 +254,8 @@ class OutboxRepository(Protocol):
 
     def use_snippet(self, name: str, now: datetime) -> Snippet | None:
         """The active snippet named ``name``, its count + 1 and last used = now; or None."""
+
+    def outbox_watchers(self) -> int | None:
+        """How many daemons wait for outbox news on this database (PostgreSQL: the sessions
+        LISTENing, on any host); None when the database cannot tell (SQLite: the daemon's
+        wake socket says, :func:`mailbridge.daemon.outbox.notify_daemon`)."""

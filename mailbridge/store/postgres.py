@@ -8,7 +8,9 @@ never write by mistake and takes no write locks beside the daemons.
 Schema: the same tables and migrations as SQLite (:mod:`mailbridge.store.schema`, translated
 by :func:`~mailbridge.store.schema.for_postgres`), the version in the ``schemaversion`` table.
 Daemons starting together migrate one at a time (an advisory lock). Every
-method outside the import path is shared with SQLite (:class:`~mailbridge.store.sql.SqlRepository`).
+method outside the import path is shared with SQLite (:class:`~mailbridge.store.sql.SqlRepository`),
+the outbox too (:class:`~mailbridge.store.outboxsql.SqlOutbox`); the daemon's outbox worker
+wakes on ``LISTEN`` (:class:`OutboxListener`).
 
 Leases (several daemons, one database; see :mod:`mailbridge.daemon.leases`) live here too, on
 the database's clock: ``claim_leases``, ``renew_leases``, ``release_leases``, ``lease_holders``
@@ -38,8 +40,10 @@ from mailbridge.errors import StoreError
 from mailbridge.store.base import ImportContext, ImportItem, ImportResult, LeaseRow
 from mailbridge.store.importer import import_items
 from mailbridge.store.importsql import SqlImport
+from mailbridge.store.outboxsql import SqlOutbox
 from mailbridge.store.schema import (
     MIGRATIONS,
+    OUTBOX_CHANNEL,
     POSTGRES_NOW,
     POSTGRES_VERSION_TABLE,
     SCHEMA_VERSION,
@@ -58,6 +62,8 @@ DEFAULT_CONNECT_TIMEOUT: Final = 10.0  # seconds to connect, or to wait for a fr
 _MIGRATE_LOCK: Final = 0x6D62_0001
 # With the two-int form, (this class, hashtext(account)): one account's imports at a time.
 _IMPORT_LOCK: Final = 0x6D62_0002
+# The application_name of a daemon's session LISTENing for outbox news.
+LISTENER_NAME: Final = "mailbridge outbox listener"
 
 # Errors that concern one message's rows (a constraint, a value out of range); any other
 # psycopg error is about the connection or the database and fails the whole batch.
@@ -154,7 +160,62 @@ class _PostgresSql:
         return isinstance(exc, psycopg.Error | OverflowError)
 
 
-class PostgresRepository(SqlRepository):
+def connection_kwargs(
+    url: PostgresUrl, password: str | None, connect_timeout: float
+) -> dict[str, Any]:
+    """``psycopg.connect`` keyword arguments for ``url`` (autocommit, rows as dicts)."""
+    params: dict[str, Any] = dict(url.connection_parameters())
+    params.setdefault("connect_timeout", str(max(1, int(connect_timeout))))
+    params.setdefault("application_name", "mailbridge")
+    if password is not None:
+        params["password"] = password
+    return {"autocommit": True, "row_factory": dict_row, **params}
+
+
+class OutboxListener:
+    """One session that LISTENs on the outbox channel, which the trigger of migration 9
+    NOTIFYs whenever an ``outbox`` row becomes ``queued`` (an INSERT by the CLI or an
+    integrator, a retry): the daemon's outbox worker watches :meth:`fileno` in its event
+    loop and calls :meth:`drain` when it is readable. Its ``application_name`` is
+    :data:`LISTENER_NAME`, so that commands can see a daemon is listening
+    (:meth:`PostgresRepository.outbox_watchers`).
+
+    Raises StoreError (mapped as the repository's) when it cannot connect, and from
+    :meth:`drain` when the session is lost; the caller opens a new one.
+    """
+
+    def __init__(
+        self,
+        url: PostgresUrl,
+        password: str | None,
+        *,
+        connect_timeout: float = DEFAULT_CONNECT_TIMEOUT,
+    ) -> None:
+        self.where = str(url)
+        kwargs = connection_kwargs(url, password, connect_timeout)
+        kwargs["application_name"] = LISTENER_NAME
+        try:
+            self._conn = psycopg.connect(**kwargs)
+            self._conn.execute(f"LISTEN {OUTBOX_CHANNEL}")
+        except psycopg.Error as exc:
+            raise _store_error(exc, f"listen for outbox news on {self.where}") from exc
+
+    def fileno(self) -> int:
+        return self._conn.fileno()
+
+    def drain(self) -> bool:
+        """Read what the server sent without waiting; True when a notification was in it."""
+        try:
+            return any(True for _ in self._conn.notifies(timeout=0))
+        except psycopg.Error as exc:
+            raise _store_error(exc, f"listen for outbox news on {self.where}") from exc
+
+    def close(self) -> None:
+        with contextlib.suppress(psycopg.Error):
+            self._conn.close()
+
+
+class PostgresRepository(SqlRepository, SqlOutbox):
     """:class:`~mailbridge.store.base.Repository` on a PostgreSQL database. Thread-safe.
 
     ``url`` is a :class:`~mailbridge.config.PostgresUrl` or its text; ``password`` comes from
@@ -173,12 +234,7 @@ class PostgresRepository(SqlRepository):
     ) -> None:
         self.url = url if isinstance(url, PostgresUrl) else PostgresUrl.parse(url)
         self._timeout = connect_timeout
-        params: dict[str, Any] = dict(self.url.connection_parameters())
-        params.setdefault("connect_timeout", str(max(1, int(connect_timeout))))
-        params.setdefault("application_name", "mailbridge")
-        if password is not None:
-            params["password"] = password
-        kwargs: dict[str, Any] = {"autocommit": True, "row_factory": dict_row, **params}
+        kwargs = connection_kwargs(self.url, password, connect_timeout)
         where = str(self.url)
         if not self.url.tls_verified:
             log.warning(
@@ -289,6 +345,8 @@ class PostgresRepository(SqlRepository):
                     translated = for_postgres(statement)
                     if translated is not None:
                         conn.execute(translated.encode())
+                for statement in migration.postgres_only:
+                    conn.execute(statement.encode())
         conn.execute("DELETE FROM schemaversion")
         conn.execute("INSERT INTO schemaversion (version) VALUES (%s)", (SCHEMA_VERSION,))
 
@@ -327,12 +385,29 @@ class PostgresRepository(SqlRepository):
             return []
         action = f"import {len(items)} message(s) for {context.account}"
         with self._transaction(action, write=True) as conn:
-            conn.execute(
-                "SELECT pg_advisory_xact_lock(%s, hashtext(%s))", (_IMPORT_LOCK, context.account)
-            )
             sql = _PostgresSql(conn)
+            self._lock_account(sql, context.account)
             self._prepare(sql, context.follower_parents, context.conversation_parents)
             return import_items(SqlImport(sql), context, items, now_text())
+
+    def _lock_account(self, sql: Sql, account: str) -> None:
+        """Held until the transaction ends: one account's imports and recorded sent mail at a
+        time (see :meth:`import_batch`)."""
+        sql.execute("SELECT pg_advisory_xact_lock(?, hashtext(?))", (_IMPORT_LOCK, account))
+
+    # -- outbox wake-up ---------------------------------------------------------------------------
+
+    def outbox_watchers(self) -> int:
+        """How many daemons LISTEN for outbox news on this database, on any host (their
+        listening sessions carry :data:`LISTENER_NAME`; ``application_name`` is visible to
+        every user)."""
+        with self._transaction("count the daemons listening for outbox news", write=False) as c:
+            row = c.execute(
+                "SELECT COUNT(*) AS n FROM pg_stat_activity"
+                " WHERE datname = current_database() AND application_name = %s",
+                (LISTENER_NAME,),
+            ).fetchone()
+        return int(row["n"]) if row is not None else 0
 
     # -- leases (several daemons) ---------------------------------------------------------------
 

@@ -37,6 +37,9 @@ class Migration:
     version: int
     description: str
     statements: tuple[str, ...]
+    # PostgreSQL only, run after ``statements`` (which for_postgres translates) and not
+    # translated: what SQLite has no counterpart for.
+    postgres_only: tuple[str, ...] = ()
 
 
 # Child rows name their parent with ON DELETE CASCADE: an integrator deleting a conversation (or
@@ -441,6 +444,27 @@ _V9: Final[tuple[str, ...]] = (
     "CREATE INDEX discardedmessage_createdtime ON discardedmessage (createdtime)",
 )
 
+# Version 10 (PostgreSQL only): the channel the outbox trigger NOTIFYs (payload: the row's
+# account) whenever a row is queued (an INSERT, a retry, a due time changed): a daemon LISTENing
+# picks it up at once, whoever wrote it (the CLI, an integrator's plain INSERT). SQLite's daemon
+# watches PRAGMA data_version.
+OUTBOX_CHANNEL: Final = "mailbridge_outbox"
+_V10_POSTGRES: Final[tuple[str, ...]] = (
+    f"""
+    CREATE OR REPLACE FUNCTION mailbridge_outbox_notify() RETURNS trigger
+    LANGUAGE plpgsql AS $$
+    BEGIN
+        PERFORM pg_notify('{OUTBOX_CHANNEL}', NEW.account);
+        RETURN NULL;
+    END
+    $$
+    """,
+    """
+    CREATE TRIGGER outbox_notify AFTER INSERT OR UPDATE OF state, nextattempt ON outbox
+    FOR EACH ROW WHEN (NEW.state = 'queued') EXECUTE FUNCTION mailbridge_outbox_notify()
+    """,
+)
+
 MIGRATIONS: Final[tuple[Migration, ...]] = (
     Migration(1, "conversations, messages, followers, files, import failures", _V1),
     Migration(2, "threadedby, per-recipient Message-ID and unread indexes", _V2),
@@ -451,6 +475,7 @@ MIGRATIONS: Final[tuple[Migration, ...]] = (
     Migration(7, "leases of accounts for several daemons on one database", _V7),
     Migration(8, "sending: outbox, its attachments and copies, text snippets", _V8),
     Migration(9, "mail moved to Processed without being stored (discarded, ignored)", _V9),
+    Migration(10, "PostgreSQL: NOTIFY the daemons when an outbox row is queued", (), _V10_POSTGRES),
 )
 
 # The version a fully migrated database reports in PRAGMA user_version.

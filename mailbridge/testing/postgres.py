@@ -89,8 +89,11 @@ class PostgresCluster:
     host: str = HOST
     user: str = SUPERUSER
 
-    def __init__(self, workdir: Path) -> None:
+    def __init__(self, workdir: Path, *, fsync: bool = False) -> None:
+        """``fsync``: sync to disk as a production server does (``scripts/bench``); tests
+        leave it off (see the module docstring)."""
         self.workdir = Path(workdir)
+        self.fsync = fsync
         self.bindir = find_bindir()
         self.data_dir = self.workdir / "data"
         self.log_path = self.workdir / "postgresql.log"
@@ -132,7 +135,8 @@ class PostgresCluster:
                 "-t",
                 "60",
                 "-o",
-                f"-p {self.port} -k {self.workdir} -h {self.host} -c fsync=off",
+                f"-p {self.port} -k {self.workdir} -h {self.host}"
+                f" -c fsync={'on' if self.fsync else 'off'}",
                 "start",
             )
             if result.returncode == 0:

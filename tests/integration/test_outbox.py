@@ -35,7 +35,7 @@ from mailbridge.core.parse import parse_message
 from mailbridge.daemon.outbox import OutboxWorker
 from mailbridge.daemon.supervisor import run_once
 from mailbridge.store.base import ImportContext, ImportItem
-from mailbridge.store.factory import open_repository
+from mailbridge.store.factory import connector, open_repository
 from mailbridge.store.outbox import OutboxFile, OutgoingRequest
 from mailbridge.store.sqlite import SqliteRepository
 from mailbridge.testing.dovecot import free_port
@@ -76,9 +76,10 @@ def offline_config(tmp_path: Path, sink: SmtpSink, **account: Any) -> dict[str, 
 
 
 def seed_conversation(settings: Settings, message: EmailMessage | None = None) -> int:
-    """Import one customer message the way the account loop does; its conversation id."""
+    """Import one customer message the way the account loop does (into the configured
+    database: SQLite or PostgreSQL); its conversation id."""
     message = message or mail("Order 1042", to="support@example.test", Cc="Jane <jane@x.example>")
-    repo = SqliteRepository(settings.database)
+    repo = connector(settings.database, settings.database_password())()
     try:
         repo.migrate()
         context = ImportContext.for_account(settings, settings.accounts[0])
@@ -950,7 +951,7 @@ async def test_run_once_beside_a_running_daemon_leaves_the_daemons_attempt_alone
         prepared = await daemon._prepare(settings.accounts[0], due)
         began = await repo.outbox_begin([(outbox_id, prepared.fix)], datetime.now(UTC))
         assert began == {outbox_id}  # the daemon is now between MAIL FROM and DATA's reply
-        watch = Watch(settings.outbox_database())  # the daemon's wake socket
+        watch = Watch(settings)  # the daemon's wake socket
         watch.open()
         try:
             await OutboxWorker(settings, repo).run_once()

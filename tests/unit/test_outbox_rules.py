@@ -1,7 +1,9 @@
-"""The outbox's pure rules (core/outbox.py) and its repository methods (store, SQLite)."""
+"""The outbox's pure rules (core/outbox.py) and its repository methods (store/outboxsql.py),
+the latter on every backend (SQLite, and PostgreSQL on the session's throwaway cluster)."""
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
@@ -25,8 +27,11 @@ from mailbridge.core.outbox import (
     split_addresses,
 )
 from mailbridge.store.outbox import OutboxFile, OutboxFix, OutgoingRequest
+from mailbridge.store.postgres import PostgresRepository
 from mailbridge.store.sqlite import SqliteRepository
+from tests.conftest import PostgresDatabase
 
+Store = SqliteRepository | PostgresRepository
 NOW = datetime(2026, 11, 30, 12, 0, tzinfo=UTC)
 
 
@@ -153,14 +158,23 @@ def test_message_actions_parse_and_check() -> None:
 # -- the repository ------------------------------------------------------------------------------
 
 
-@pytest.fixture
-def repo(tmp_path: Path) -> SqliteRepository:
-    store = SqliteRepository(tmp_path / "m.db")
-    store.migrate()
-    return store
+@pytest.fixture(params=["sqlite", "postgres"])
+def repo(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[Store]:
+    """A fresh, migrated repository on each backend."""
+    store: Store
+    if request.param == "postgres":
+        database: PostgresDatabase = request.getfixturevalue("postgres_database")
+        store = PostgresRepository(database.url, password=database.password)
+    else:
+        store = SqliteRepository(tmp_path / "m.db")
+    try:
+        store.migrate()
+        yield store
+    finally:
+        store.close()
 
 
-def test_prepare_fixes_the_message_once(repo: SqliteRepository) -> None:
+def test_prepare_fixes_the_message_once(repo: Store) -> None:
     outbox_id = repo.queue_outgoing(
         OutgoingRequest(account="a", to="x@y.example", subject="s", body_text="b"),
         [OutboxFile("f.txt", "text/plain", None, b"data")],
@@ -178,7 +192,7 @@ def test_prepare_fixes_the_message_once(repo: SqliteRepository) -> None:
     assert repo.outbox_files(outbox_id) == [OutboxFile("f.txt", "text/plain", None, b"data")]
 
 
-def test_state_transitions(repo: SqliteRepository) -> None:
+def test_state_transitions(repo: Store) -> None:
     outbox_id = repo.queue_outgoing(OutgoingRequest(account="a", to="x@y.example", body_text="b"))
     assert [r.id for r in repo.outbox_due(["a"], NOW + timedelta(days=1), 10)] == [outbox_id]
     assert repo.outbox_due(["other"], NOW + timedelta(days=1), 10) == []
@@ -201,18 +215,20 @@ def test_state_transitions(repo: SqliteRepository) -> None:
     assert [r.state for r in repo.outbox(states=["queued"])] == ["queued"]
 
 
-def test_snippets_list_pinned_first_and_count_uses(repo: SqliteRepository) -> None:
-    conn = repo._conn
-    conn.executemany(
-        "INSERT INTO textsnippet (name, text, description, pinned, status) VALUES (?, ?, ?, ?, ?)",
-        [
-            ("apology", "Sorry for the wait.", "delay", 0, "active"),
-            ("thanks", "Thank you!", "closing", 1, "active"),
-            ("old", "Obsolete", "retired", 1, "inactive"),
-        ],
-    )
+def test_snippets_list_pinned_first_and_count_uses(repo: Store) -> None:
+    with repo._sql("seed snippets", write=True) as sql:
+        sql.executemany(
+            "INSERT INTO textsnippet (name, text, description, pinned, status)"
+            " VALUES (?, ?, ?, ?, ?)",
+            [
+                ("apology", "Sorry for the wait.", "delay", 0, "active"),
+                ("thanks", "Thank you!", "closing", 1, "active"),
+                ("old", "Obsolete", "retired", 1, "inactive"),
+            ],
+        )
     assert [s.name for s in repo.snippets()] == ["thanks", "apology"]
-    assert [s.name for s in repo.snippets("wait")] == ["apology"]
+    assert [s.name for s in repo.snippets("WAIT")] == ["apology"]  # case-insensitive
+    assert [s.name for s in repo.snippets("100%")] == []  # % is a character, not a wildcard
     used = repo.use_snippet("apology", NOW)
     assert used is not None
     assert (used.count, used.last_used) == (1, NOW)

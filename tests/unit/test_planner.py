@@ -472,3 +472,25 @@ def test_a_stored_message_settles_its_key_and_its_failure_key() -> None:
     stored, failure = planner.settled_keys(m, planner.decide_key(m, []))
     assert stored == "m@x.test"
     assert failure == f"m@x.test#{m.fingerprint[:16]}"
+
+
+# -- which outcomes settle an earlier import failure ----------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("outcome", "settles"),
+    [
+        (planner.Outcome.IMPORTED, True),  # now in the database
+        (planner.Outcome.DUPLICATE, True),  # was in the database already
+        (planner.Outcome.IGNORED, True),  # own mail: dealt with for good
+        (planner.Outcome.DISCARDED, True),  # automatic mail the policy keeps out
+        (planner.Outcome.BOUNCE, True),  # its delivery errors are recorded
+        (planner.Outcome.FAILED, False),  # still failing: the sweep retries it
+    ],
+)
+def test_which_outcomes_settle_an_earlier_failure(outcome: planner.Outcome, settles: bool) -> None:
+    assert planner.settles_failure(outcome) is settles
+
+
+def test_every_outcome_has_a_settling_rule() -> None:
+    assert set(planner.Outcome) - planner.SETTLING_OUTCOMES == {planner.Outcome.FAILED}
