@@ -1,0 +1,389 @@
+"""Several daemons, one fleet: real ``mailbridge run`` processes on one throwaway PostgreSQL and
+a real Dovecot.
+
+Two daemons share 20 accounts through leases (daemon/leases.py): every account is served by
+exactly one of them, mail to all 20 is imported exactly once; one daemon is killed with SIGKILL
+and the other takes its accounts over once their leases expire (``cluster.lease_seconds: 5``),
+importing what arrived after the kill. Nothing lost, nothing stored twice (rows per
+Message-ID). Then fencing: a daemon whose lease row is taken from under it stops the account's
+loop and commits no import with the old token.
+
+Every wait polls with a generous bound: the suite runs on a loaded 2-core machine.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import secrets
+import signal
+import subprocess
+import sys
+import time
+from collections import Counter
+from collections.abc import AsyncIterator, Callable, Iterator
+from datetime import UTC, datetime
+from email.message import EmailMessage
+from email.utils import format_datetime
+from pathlib import Path
+from typing import Any
+
+import psycopg
+import pytest
+import structlog
+import yaml
+
+from mailbridge.config import load_config
+from mailbridge.core.planner import ImportContext
+from mailbridge.daemon.supervisor import Supervisor
+from mailbridge.errors import StoreError
+from mailbridge.store.base import ImportItem
+from mailbridge.store.postgres import PostgresRepository
+from mailbridge.testing.dovecot import Dovecot
+from tests.conftest import ImapUser, PostgresDatabase
+from tests.integration.test_import_loop import eventually
+from tests.unit import factories
+
+pytestmark = [pytest.mark.postgres, pytest.mark.dovecot]
+
+LEASE = 5.0  # cluster.lease_seconds' minimum: the fastest take-over a test can wait for
+PROCESSED = "Mailbridge Processed"
+MAILBRIDGE = (sys.executable, "-m", "mailbridge")
+
+
+def wait_for(check: Callable[[], Any], within: float, what: str) -> Any:
+    """Poll ``check`` until truthy (the blocking twin of ``eventually``)."""
+    deadline = time.monotonic() + within
+    while True:
+        value = check()
+        if value:
+            return value
+        if time.monotonic() > deadline:
+            raise AssertionError(f"not within {within} s: {what}")
+        time.sleep(0.2)
+
+
+def new_users(dovecot: Dovecot, count: int) -> list[ImapUser]:
+    made = []
+    for _ in range(count):
+        login = f"fleet-{secrets.token_hex(4)}"
+        password = secrets.token_urlsafe(12)
+        dovecot.add_user(login, password)
+        made.append(ImapUser(login=login, password=password, address=f"{login}@example.test"))
+    return made
+
+
+def write_config(
+    tmp_path: Path,
+    db: PostgresDatabase,
+    dovecot: Dovecot,
+    users: list[ImapUser],
+    *,
+    recovery: bool = False,
+) -> Path:
+    secret = tmp_path / "db.pw"
+    secret.write_text(db.password + "\n", encoding="utf-8")
+    secret.chmod(0o600)
+    data = {
+        "database": db.url,
+        "database_password_file": str(secret),
+        "cluster": {"lease_seconds": LEASE},
+        "recovery": {"enabled": recovery},
+        "accounts": [
+            {
+                "name": f"acct{n:02d}",
+                "address": user.address,
+                "imap": {
+                    "host": dovecot.host,
+                    "port": dovecot.port,
+                    "tls": "none",
+                    "timeout_seconds": 10,
+                },
+                "auth": {"username": user.login, "password": user.password},
+                "mode": "idle",
+            }
+            for n, user in enumerate(users)
+        ],
+    }
+    path = tmp_path / "fleet.yaml"
+    path.write_text(yaml.safe_dump(data), encoding="utf-8")
+    path.chmod(0o600)
+    return path
+
+
+def message(user: ImapUser, tag: str) -> tuple[str, bytes]:
+    message_id = f"{tag}-{secrets.token_hex(6)}@customer.example"
+    msg = EmailMessage()
+    msg["From"] = "Customer <customer@customer.example>"
+    msg["To"] = user.address
+    msg["Subject"] = f"Fleet {tag}"
+    msg["Date"] = format_datetime(datetime.now(UTC))
+    msg["Message-ID"] = f"<{message_id}>"
+    msg.set_content(f"Message {tag} for {user.login}.\n")
+    return message_id, msg.as_bytes()
+
+
+def deliver(dovecot: Dovecot, users: list[ImapUser], tag: str) -> list[str]:
+    ids = []
+    for user in users:
+        message_id, raw = message(user, tag)
+        dovecot.append(user.login, user.password, raw)
+        ids.append(message_id)
+    return ids
+
+
+class Database:
+    """Reads of the shared database, as an integrator would make them."""
+
+    def __init__(self, db: PostgresDatabase) -> None:
+        self.conn = psycopg.connect(db.url, password=db.password, autocommit=True)
+
+    def rows(self, sql: str, params: tuple[Any, ...] = ()) -> list[tuple[Any, ...]]:
+        return self.conn.execute(sql.encode(), params).fetchall()
+
+    def execute(self, sql: str) -> int:
+        return self.conn.execute(sql.encode()).rowcount
+
+    def holders(self) -> dict[str, str]:
+        """account -> holder of its unexpired lease."""
+        return dict(
+            self.rows(
+                "SELECT account, holder FROM lease WHERE holder IS NOT NULL"
+                " AND expires::timestamptz >= now()"
+            )
+        )
+
+    def copies(self) -> Counter[str]:
+        """Message-ID -> rows in conversationmessage."""
+        return Counter(row[0] for row in self.rows("SELECT messageid FROM conversationmessage"))
+
+    def close(self) -> None:
+        self.conn.close()
+
+
+@contextlib.contextmanager
+def daemons(config: Path, tmp_path: Path, count: int) -> Iterator[list[subprocess.Popen[bytes]]]:
+    """``count`` real ``mailbridge run`` processes; whatever is left is killed at the end."""
+    procs = []
+    try:
+        for n in range(count):
+            log = (tmp_path / f"daemon{n}.log").open("ab")
+            procs.append(
+                subprocess.Popen(
+                    [*MAILBRIDGE, "-c", str(config), "--log-format", "json", "run"],
+                    stdout=subprocess.DEVNULL,
+                    stderr=log,
+                )
+            )
+            log.close()
+        yield procs
+    finally:
+        for proc in procs:
+            if proc.poll() is None:
+                proc.kill()
+                proc.wait()
+
+
+def holder_pid(holder: str) -> int:
+    return int(holder.split(":")[1])  # host:pid:random
+
+
+def test_two_daemons_share_20_accounts_and_one_takes_over_after_kill_9(
+    tmp_path: Path, dovecot: Dovecot, postgres_database: PostgresDatabase
+) -> None:
+    users = new_users(dovecot, 20)
+    names = [f"acct{n:02d}" for n in range(20)]
+    config = write_config(tmp_path, postgres_database, dovecot, users)
+    db = Database(postgres_database)
+    try:
+        with daemons(config, tmp_path, 2) as (first, second):
+            pids = {first.pid, second.pid}
+
+            def spread() -> dict[int, int] | None:
+                # Every account held, by both daemons in fair shares (10 each, after any
+                # rebalancing of a daemon that started first and took more).
+                try:
+                    holders = db.holders()
+                except psycopg.errors.UndefinedTable:
+                    return None  # not migrated yet
+                per_pid = Counter(holder_pid(h) for h in holders.values())
+                if set(holders) == set(names) and per_pid == dict.fromkeys(pids, 10):
+                    return dict(per_pid)
+                return None
+
+            wait_for(spread, 90, "20 accounts held, 10 by each daemon")
+            assert first.poll() is None
+            assert second.poll() is None
+
+            # `status --json` names each account's holder: one of the two daemons.
+            out = subprocess.run(
+                [sys.executable, "-m", "mailbridge", "-c", str(config), "status", "--json"],
+                capture_output=True,
+                check=True,
+            )
+            status = {row["account"]: row["holder"] for row in json.loads(out.stdout)["accounts"]}
+            assert set(status) == set(names)
+            assert {holder_pid(h) for h in status.values()} == pids
+
+            before = deliver(dovecot, users, "before")
+            wait_for(lambda: set(db.copies()) >= set(before), 90, "the 20 first messages imported")
+
+            # kill -9 one daemon: its accounts' leases are left to expire.
+            victim = first
+            held_by_victim = {a for a, h in db.holders().items() if holder_pid(h) == victim.pid}
+            assert len(held_by_victim) == 10
+            victim.send_signal(signal.SIGKILL)
+            victim.wait()
+            killed_at = time.monotonic()
+            after = deliver(dovecot, users, "after")
+
+            def taken_over() -> bool:
+                holders = db.holders()
+                return set(holders) == set(names) and all(
+                    holder_pid(h) == second.pid for h in holders.values()
+                )
+
+            wait_for(taken_over, 90, "every account held by the surviving daemon")
+            took = time.monotonic() - killed_at
+            # The leases lapse lease_seconds after the victim's last renewal; the survivor
+            # claims right after. A bound far above that, for a loaded machine.
+            assert took < LEASE * 6, f"take-over took {took:.1f} s"
+
+            everything = before + after
+            wait_for(lambda: set(db.copies()) >= set(everything), 90, "the 40 messages imported")
+            assert second.poll() is None
+
+            def all_moved() -> bool:
+                return all(not dovecot.folder_uids(u.login, u.password, "INBOX") for u in users)
+
+            wait_for(all_moved, 60, "every Inbox emptied")
+            copies = db.copies()
+            assert {m: copies[m] for m in everything} == dict.fromkeys(everything, 1)
+            on_server = Counter(
+                raw.split(b"Message-ID: <", 1)[1].split(b">", 1)[0].decode()
+                for u in users
+                for raw in dovecot.folder_messages(u.login, u.password, PROCESSED)
+            )
+            assert {m: on_server[m] for m in everything} == dict.fromkeys(everything, 1)
+
+            # A clean stop gives every lease back at once (others need not wait for expiry).
+            second.send_signal(signal.SIGTERM)
+            assert second.wait(timeout=60) == 0
+            assert db.holders() == {}
+    finally:
+        db.close()
+
+
+# -- fencing, and sweeps once per account: daemons in this process, to look inside --------------
+
+
+@contextlib.asynccontextmanager
+async def supervised(config: Path) -> AsyncIterator[Supervisor]:
+    supervisor = Supervisor(load_config(config), drain_seconds=5.0)
+    task = asyncio.create_task(supervisor.run())
+    try:
+        yield supervisor
+    finally:
+        supervisor.request_stop()
+        assert await asyncio.wait_for(task, timeout=60) == 0
+
+
+async def test_a_daemon_whose_lease_is_taken_stops_the_loop_and_commits_nothing(
+    tmp_path: Path, dovecot: Dovecot, postgres_database: PostgresDatabase
+) -> None:
+    (user,) = new_users(dovecot, 1)
+    config = write_config(tmp_path, postgres_database, dovecot, [user])
+    db = Database(postgres_database)
+    try:
+        with structlog.testing.capture_logs() as logs:
+            async with supervised(config) as supervisor:
+                await eventually(
+                    lambda: (
+                        "acct00" in supervisor.running
+                        and supervisor.states.get("acct00") is not None
+                        and supervisor.states["acct00"].state == "idle"
+                    ),
+                    within=60,
+                    what="acct00 served and idle",
+                )
+                first_id = deliver(dovecot, [user], "held")[0]
+                await eventually(lambda: first_id in db.copies(), 60, "imported while held")
+
+                # Another daemon takes the lease (as a claim after expiry would: a new token).
+                db.execute(
+                    "UPDATE lease SET holder = 'thief:1:x', token = token + 1, expires ="
+                    " to_char((now() + interval '1 hour') AT TIME ZONE 'UTC',"
+                    " 'YYYY-MM-DD\"T\"HH24:MI:SS\"Z\"') WHERE account = 'acct00'"
+                )
+                await eventually(
+                    lambda: "acct00" not in supervisor.running, 60, "the loop of acct00 stopped"
+                )
+                assert any(
+                    e["event"] == "lease_lost" and e.get("account") == "acct00" for e in logs
+                )
+                # Mail now is the thief's to import: this daemon neither imports nor moves it.
+                stolen_id = deliver(dovecot, [user], "stolen")[0]
+                await asyncio.sleep(LEASE / 2)  # no event to poll for: time for a wrong import
+                assert stolen_id not in db.copies()
+                assert len(dovecot.folder_uids(user.login, user.password, "INBOX")) == 1
+
+                # The thief's lease lapses: the daemon claims it again and imports.
+                db.execute(
+                    "UPDATE lease SET expires = '2000-01-01T00:00:00Z' WHERE account = 'acct00'"
+                )
+                await eventually(
+                    lambda: db.copies()[stolen_id] == 1, 60, "imported after the re-claim"
+                )
+                assert db.copies()[first_id] == 1
+    finally:
+        db.close()
+
+
+def test_the_import_transaction_refuses_a_lost_lease(postgres_database: PostgresDatabase) -> None:
+    """Fencing in the database: an import under a (holder, token) the lease row no longer shows
+    raises lease_lost and writes nothing; under the current one it commits."""
+    repo = PostgresRepository(postgres_database.url, password=postgres_database.password)
+    repo.migrate()
+    db = Database(postgres_database)
+    try:
+        old = repo.claim_leases("a:1:x", ["acct00"], 60, 1)["acct00"]
+        db.execute("UPDATE lease SET expires = '2000-01-01T00:00:00Z' WHERE account = 'acct00'")
+        new = repo.claim_leases("b:2:y", ["acct00"], 60, 1)["acct00"]
+        assert new == old + 1
+        item = ImportItem(uid=1, message=factories.message("fenced@customer.example"))
+        stale = ImportContext(account="acct00", lease_holder="a:1:x", lease_token=old)
+        with pytest.raises(StoreError) as caught:
+            repo.import_batch(stale, [item])
+        assert caught.value.code == "lease_lost"
+        assert db.copies() == Counter()
+        current = ImportContext(account="acct00", lease_holder="b:2:y", lease_token=new)
+        (result,) = repo.import_batch(current, [item])
+        assert result.conversation_id is not None
+        assert db.copies() == Counter({"fenced@customer.example": 1})
+    finally:
+        db.close()
+        repo.close()
+
+
+async def test_each_account_is_swept_by_its_holder_only(
+    tmp_path: Path, dovecot: Dovecot, postgres_database: PostgresDatabase
+) -> None:
+    users = new_users(dovecot, 4)
+    config = write_config(tmp_path, postgres_database, dovecot, users, recovery=True)
+    names = {f"acct{n:02d}" for n in range(4)}
+    async with supervised(config) as one, supervised(config) as two:
+
+        def served() -> bool:
+            return set(one.running) | set(two.running) == names and not (
+                set(one.running) & set(two.running)
+            )
+
+        await eventually(served, 60, "each account served by one of the two daemons")
+        for supervisor in (one, two):
+            assert supervisor.leases is not None
+            assert set(supervisor.running) == set(supervisor.leases.held)
+            for entry in supervisor.running.values():
+                # The sweep schedule runs beside the loop of the holder, and nowhere else.
+                assert entry.sweep is not None
+                assert not entry.sweep.done()
