@@ -324,13 +324,6 @@ CATALOGUE: Final[dict[str, ErrorInfo]] = dict(
             transient=True,
         ),
         _info(
-            "lease_lost",
-            "Another daemon took over the account: this one lost its lease",
-            "Nothing to do: the batch was rolled back and the new holder imports it; if it "
-            "happens often, look for database latency or raise cluster.lease_seconds.",
-            transient=True,
-        ),
-        _info(
             "disk_full",
             "The disk holding the database is full",
             "Free space on the file system that holds the database file; it is retried by itself.",

@@ -74,6 +74,25 @@ def new_users(dovecot: Dovecot, count: int) -> list[ImapUser]:
     return made
 
 
+def entries(dovecot: Dovecot, users: list[ImapUser]) -> list[dict[str, Any]]:
+    """The config's accounts: ``acct00``, ``acct01`` ... for ``users`` in order."""
+    return [
+        {
+            "name": f"acct{n:02d}",
+            "address": user.address,
+            "imap": {
+                "host": dovecot.host,
+                "port": dovecot.port,
+                "tls": "none",
+                "timeout_seconds": 10,
+            },
+            "auth": {"username": user.login, "password": user.password},
+            "mode": "idle",
+        }
+        for n, user in enumerate(users)
+    ]
+
+
 def write_config(
     tmp_path: Path,
     db: PostgresDatabase,
@@ -90,21 +109,7 @@ def write_config(
         "database_password_file": str(secret),
         "cluster": {"lease_seconds": LEASE},
         "recovery": {"enabled": recovery},
-        "accounts": [
-            {
-                "name": f"acct{n:02d}",
-                "address": user.address,
-                "imap": {
-                    "host": dovecot.host,
-                    "port": dovecot.port,
-                    "tls": "none",
-                    "timeout_seconds": 10,
-                },
-                "auth": {"username": user.login, "password": user.password},
-                "mode": "idle",
-            }
-            for n, user in enumerate(users)
-        ],
+        "accounts": entries(dovecot, users),
     }
     path = tmp_path / "fleet.yaml"
     path.write_text(yaml.safe_dump(data), encoding="utf-8")
@@ -387,3 +392,33 @@ async def test_each_account_is_swept_by_its_holder_only(
                 # The sweep schedule runs beside the loop of the holder, and nowhere else.
                 assert entry.sweep is not None
                 assert not entry.sweep.done()
+
+
+async def test_reload_changes_the_accounts_competed_for(
+    tmp_path: Path, dovecot: Dovecot, postgres_database: PostgresDatabase
+) -> None:
+    users = new_users(dovecot, 3)
+    config = write_config(tmp_path, postgres_database, dovecot, users[:2])
+    db = Database(postgres_database)
+    try:
+        async with supervised(config) as supervisor:
+            await eventually(
+                lambda: set(supervisor.running) == {"acct00", "acct01"}, 60, "both served"
+            )
+            # acct00 leaves the config, acct02 (a new user) joins it.
+            data = yaml.safe_load(config.read_text(encoding="utf-8"))
+            data["accounts"] = entries(dovecot, users)[1:]
+            config.write_text(yaml.safe_dump(data), encoding="utf-8")
+            supervisor.request_reload()
+            await eventually(
+                lambda: set(supervisor.running) == {"acct01", "acct02"}, 60, "acct02 claimed"
+            )
+            assert supervisor.leases is not None
+            assert set(supervisor.leases.held) == {"acct01", "acct02"}
+            await eventually(
+                lambda: set(db.holders()) == {"acct01", "acct02"}, 60, "acct00's lease freed"
+            )
+            message_id = deliver(dovecot, users[2:], "added")[0]
+            await eventually(lambda: db.copies()[message_id] == 1, 60, "acct02 imports")
+    finally:
+        db.close()
