@@ -369,6 +369,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             with log_path.open("ab") as combined:
                 for path in logs:
                     combined.write(path.read_bytes())
+        # How much the daemons did themselves, before the clean pass finishes the rest.
+        by_daemons = len(database.rows("SELECT account, messageid FROM conversationmessage"))
         say("final clean pass (run --once)")
         with log_path.open("ab") as log:
             final = subprocess.run(
@@ -381,6 +383,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             database=args.database,
             daemons=args.daemons,
             accounts=accounts,
+            imported_before_final_pass=by_daemons,
             orphans=orphans,
             final_exit=final.returncode,
             seconds=round(time.monotonic() - started, 1),
@@ -393,7 +396,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             f"{result['database']}, {result['daemons']} daemon(s), "
             f"{result['accounts']} account(s), cycles: {result['cycles']}  "
             f"messages: {result['messages']}  "
-            f"imported: {result['imported']}  failed (too large): {result['failed']}\n"
+            f"imported: {result['imported']} ({by_daemons} before the final pass)  "
+            f"failed (too large): {result['failed']}\n"
             f"lost: {result['lost']}  duplicated: {result['duplicated']}  "
             f"misplaced: {result['misplaced']}  left in Inbox: {result['left_in_inbox']}  "
             f"orphaned processes: {result['orphans']}  ({result['seconds']} s, seed {seed})"

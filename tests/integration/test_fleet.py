@@ -22,7 +22,7 @@ import subprocess
 import sys
 import time
 from collections import Counter
-from collections.abc import AsyncIterator, Callable, Iterator
+from collections.abc import AsyncIterator, Iterator
 from datetime import UTC, datetime
 from email.message import EmailMessage
 from email.utils import format_datetime
@@ -43,6 +43,7 @@ from mailbridge.store.postgres import PostgresRepository
 from mailbridge.testing.dovecot import Dovecot
 from tests.conftest import ImapUser, PostgresDatabase
 from tests.integration.test_import_loop import eventually
+from tests.integration.test_reload import account
 from tests.unit import factories
 
 pytestmark = [pytest.mark.postgres, pytest.mark.dovecot]
@@ -50,18 +51,6 @@ pytestmark = [pytest.mark.postgres, pytest.mark.dovecot]
 LEASE = 5.0  # cluster.lease_seconds' minimum: the fastest take-over a test can wait for
 PROCESSED = "Mailbridge Processed"
 MAILBRIDGE = (sys.executable, "-m", "mailbridge")
-
-
-def wait_for(check: Callable[[], Any], within: float, what: str) -> Any:
-    """Poll ``check`` until truthy (the blocking twin of ``eventually``)."""
-    deadline = time.monotonic() + within
-    while True:
-        value = check()
-        if value:
-            return value
-        if time.monotonic() > deadline:
-            raise AssertionError(f"not within {within} s: {what}")
-        time.sleep(0.2)
 
 
 def new_users(dovecot: Dovecot, count: int) -> list[ImapUser]:
@@ -76,21 +65,7 @@ def new_users(dovecot: Dovecot, count: int) -> list[ImapUser]:
 
 def entries(dovecot: Dovecot, users: list[ImapUser]) -> list[dict[str, Any]]:
     """The config's accounts: ``acct00``, ``acct01`` ... for ``users`` in order."""
-    return [
-        {
-            "name": f"acct{n:02d}",
-            "address": user.address,
-            "imap": {
-                "host": dovecot.host,
-                "port": dovecot.port,
-                "tls": "none",
-                "timeout_seconds": 10,
-            },
-            "auth": {"username": user.login, "password": user.password},
-            "mode": "idle",
-        }
-        for n, user in enumerate(users)
-    ]
+    return [account(f"acct{n:02d}", dovecot, user) for n, user in enumerate(users)]
 
 
 def write_config(
@@ -194,7 +169,7 @@ def holder_pid(holder: str) -> int:
     return int(holder.split(":")[1])  # host:pid:random
 
 
-def test_two_daemons_share_20_accounts_and_one_takes_over_after_kill_9(
+async def test_two_daemons_share_20_accounts_and_one_takes_over_after_kill_9(
     tmp_path: Path, dovecot: Dovecot, postgres_database: PostgresDatabase
 ) -> None:
     users = new_users(dovecot, 20)
@@ -217,22 +192,24 @@ def test_two_daemons_share_20_accounts_and_one_takes_over_after_kill_9(
                     return dict(per_pid)
                 return None
 
-            wait_for(spread, 90, "20 accounts held, 10 by each daemon")
+            await eventually(spread, 90, "20 accounts held, 10 by each daemon")
             assert first.poll() is None
             assert second.poll() is None
 
             # `status --json` names each account's holder: one of the two daemons.
-            out = subprocess.run(
-                [sys.executable, "-m", "mailbridge", "-c", str(config), "status", "--json"],
-                capture_output=True,
-                check=True,
+            status_run = await asyncio.create_subprocess_exec(
+                *MAILBRIDGE, "-c", str(config), "status", "--json", stdout=subprocess.PIPE
             )
-            status = {row["account"]: row["holder"] for row in json.loads(out.stdout)["accounts"]}
+            out, _ = await status_run.communicate()
+            assert status_run.returncode == 0
+            status = {row["account"]: row["holder"] for row in json.loads(out)["accounts"]}
             assert set(status) == set(names)
             assert {holder_pid(h) for h in status.values()} == pids
 
             before = deliver(dovecot, users, "before")
-            wait_for(lambda: set(db.copies()) >= set(before), 90, "the 20 first messages imported")
+            await eventually(
+                lambda: set(db.copies()) >= set(before), 90, "the 20 first messages imported"
+            )
 
             # kill -9 one daemon: its accounts' leases are left to expire.
             victim = first
@@ -249,20 +226,22 @@ def test_two_daemons_share_20_accounts_and_one_takes_over_after_kill_9(
                     holder_pid(h) == second.pid for h in holders.values()
                 )
 
-            wait_for(taken_over, 90, "every account held by the surviving daemon")
+            await eventually(taken_over, 90, "every account held by the surviving daemon")
             took = time.monotonic() - killed_at
             # The leases lapse lease_seconds after the victim's last renewal; the survivor
             # claims right after. A bound far above that, for a loaded machine.
             assert took < LEASE * 6, f"take-over took {took:.1f} s"
 
             everything = before + after
-            wait_for(lambda: set(db.copies()) >= set(everything), 90, "the 40 messages imported")
+            await eventually(
+                lambda: set(db.copies()) >= set(everything), 90, "the 40 messages imported"
+            )
             assert second.poll() is None
 
             def all_moved() -> bool:
                 return all(not dovecot.folder_uids(u.login, u.password, "INBOX") for u in users)
 
-            wait_for(all_moved, 60, "every Inbox emptied")
+            await eventually(all_moved, 60, "every Inbox emptied")
             copies = db.copies()
             assert {m: copies[m] for m in everything} == dict.fromkeys(everything, 1)
             on_server = Counter(
