@@ -285,6 +285,7 @@ class Supervisor:
             return
         held = frozenset(self.leases.held)
         self.outbox.only = held if self.only is None else held & self.only
+        self.outbox.wake()  # an account just taken may have rows due
 
     async def _refresh_metrics(self) -> None:
         """Every METRICS_REFRESH_SECONDS: the Failed-folder size of each account, for metrics."""
