@@ -165,6 +165,17 @@ def daemons(config: Path, tmp_path: Path, count: int) -> Iterator[list[subproces
                 proc.wait()
 
 
+def imported_accounts(log: Path) -> set[str]:
+    """The accounts a daemon logged ``message_imported`` for (its JSON log lines)."""
+    accounts = set()
+    for line in log.read_text(encoding="utf-8", errors="replace").splitlines():
+        with contextlib.suppress(ValueError):
+            event = json.loads(line)
+            if event.get("event") == "message_imported":
+                accounts.add(event["account"])
+    return accounts
+
+
 def holder_pid(holder: str) -> int:
     return int(holder.split(":")[1])  # host:pid:random
 
@@ -210,6 +221,12 @@ async def test_two_daemons_share_20_accounts_and_one_takes_over_after_kill_9(
             await eventually(
                 lambda: set(db.copies()) >= set(before), 90, "the 20 first messages imported"
             )
+            # Served, not only leased: each daemon's log shows imports for its accounts only.
+            by_daemon = {n: imported_accounts(tmp_path / f"daemon{n}.log") for n in (0, 1)}
+            assert by_daemon[0].isdisjoint(by_daemon[1])
+            assert by_daemon[0] | by_daemon[1] == set(names)
+            for n, proc in enumerate((first, second)):
+                assert {a for a, h in status.items() if holder_pid(h) == proc.pid} == by_daemon[n]
 
             # kill -9 one daemon: its accounts' leases are left to expire.
             victim = first
