@@ -32,6 +32,7 @@ With SQLite there is one daemon, and no leases are used.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import math
 import os
 import random
@@ -246,7 +247,28 @@ class LeaseManager:
     async def _drop_expiring(self) -> None:
         now = asyncio.get_running_loop().time()
         expiring = [a for a, held in self.held.items() if held.valid_until - self.margin <= now]
+        if not expiring:
+            return
         await self._lose_many(expiring, "the lease could not be renewed in time")
+        # A renewal still pending (the database slow, a lock) may yet extend these leases
+        # after they were given up here, keeping every daemon - this one too - off them until
+        # they expire again. A release queued behind it on the lease thread undoes that.
+        self._release_later(expiring)
+
+    def _release_later(self, accounts: Sequence[str]) -> None:
+        """Release ``accounts`` on the lease thread after what is queued there; not awaited
+        (nobody waits for a database that is slow to answer), errors logged."""
+        holder, store = self.holder, self.store
+        gone = list(accounts)
+
+        def release() -> None:
+            try:
+                store.release_leases(holder, gone)
+            except MailbridgeError as exc:  # the leases expire instead
+                log.warning("lease_release_failed", holder=holder, error=str(exc))
+
+        with contextlib.suppress(RuntimeError):  # the thread is gone: the daemon is stopping
+            self._executor.submit(release)
 
     async def _claim(self) -> None:
         loop = asyncio.get_running_loop()

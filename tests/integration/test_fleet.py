@@ -75,6 +75,7 @@ def write_config(
     users: list[ImapUser],
     *,
     recovery: bool = False,
+    lease: float = LEASE,
 ) -> Path:
     secret = tmp_path / "db.pw"
     secret.write_text(db.password + "\n", encoding="utf-8")
@@ -82,7 +83,7 @@ def write_config(
     data = {
         "database": db.url,
         "database_password_file": str(secret),
-        "cluster": {"lease_seconds": LEASE},
+        "cluster": {"lease_seconds": lease},
         "recovery": {"enabled": recovery},
         "accounts": entries(dovecot, users),
     }
@@ -338,6 +339,51 @@ async def test_a_daemon_whose_lease_is_taken_stops_the_loop_and_commits_nothing(
                 )
                 assert db.copies()[first_id] == 1
     finally:
+        db.close()
+
+
+async def test_a_daemon_that_cannot_renew_stops_the_loop_before_the_lease_lapses(
+    tmp_path: Path, dovecot: Dovecot, postgres_database: PostgresDatabase
+) -> None:
+    """The daemon's promise: renewals that do not get through (here a transaction holding the
+    lease row locked, as a database too slow to answer) end the account's loop while the
+    database still shows the lease unexpired, so no other daemon can have started it. Then,
+    unlocked, the daemon takes the account again (its late renewal does not strand it)."""
+    (user,) = new_users(dovecot, 1)
+    lease = 20.0  # room on a loaded machine: given up a quarter of this before it lapses
+    config = write_config(tmp_path, postgres_database, dovecot, [user], lease=lease)
+    db = Database(postgres_database)
+    blocker = psycopg.connect(
+        postgres_database.url, password=postgres_database.password, autocommit=True
+    )
+    try:
+        async with supervised(config) as supervisor:
+            await eventually(lambda: "acct00" in supervisor.running, 60, "acct00 served")
+            served = supervisor.running["acct00"]
+            with blocker.transaction():
+                blocker.execute("SELECT 1 FROM lease WHERE account = 'acct00' FOR UPDATE")
+                await eventually(
+                    lambda: served.task.done() and (served.sweep is None or served.sweep.done()),
+                    lease * 2,
+                    "the loop of acct00 ended",
+                )
+                # Not claimable by anyone yet (the claim's own condition, on the database's clock).
+                ((unexpired,),) = db.rows(
+                    "SELECT expires >= to_char(now() AT TIME ZONE 'UTC',"
+                    " 'YYYY-MM-DD\"T\"HH24:MI:SS\"Z\"') FROM lease WHERE account = 'acct00'"
+                )
+                assert unexpired, "the loop outlived the lease"
+            await eventually(
+                lambda: (
+                    "acct00" in supervisor.running and supervisor.running["acct00"] is not served
+                ),
+                lease * 3,
+                "acct00 served again once the database answers",
+            )
+            message_id = deliver(dovecot, [user], "again")[0]
+            await eventually(lambda: db.copies()[message_id] == 1, 60, "imported again")
+    finally:
+        blocker.close()
         db.close()
 
 
