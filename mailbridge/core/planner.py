@@ -130,6 +130,11 @@ class ImportContext:
     conversation_parents: tuple[ConversationParentSettings, ...] = ()
     follower_parents: tuple[FollowerParentSettings, ...] = ()
     automatic_policy: AutomaticPolicy = field(default_factory=AutomaticPolicy)
+    # Several daemons on PostgreSQL: the lease this daemon serves the account under (holder,
+    # fencing token). The import transaction commits only while the lease is still this one
+    # (daemon/leases.py); None with SQLite and for the CLI, which hold no lease.
+    lease_holder: str | None = None
+    lease_token: int | None = None
 
     def __post_init__(self) -> None:
         # Config lower-cases addresses already; contexts built by hand (tests, tools) may not.

@@ -32,6 +32,7 @@ With SQLite there is one daemon, and no leases are used.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import math
 import os
 import random
@@ -40,7 +41,7 @@ import socket
 from collections.abc import Awaitable, Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
-from typing import Final, Protocol, TypeVar
+from typing import Final, Protocol, TypeVar, runtime_checkable
 
 import structlog
 
@@ -57,6 +58,7 @@ CLAIM_STEPS: Final = 4
 STEP_PAUSE: Final = (0.05, 0.3)
 
 
+@runtime_checkable
 class LeaseStore(Protocol):
     """What leases need of the database (:class:`~mailbridge.store.postgres.PostgresRepository`
     gives it). Blocking calls: the manager runs them on a thread of its own."""
@@ -134,6 +136,7 @@ class LeaseManager:
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="mailbridge-lease")
         self._next_renew = 0.0
         self._next_claim = 0.0
+        self._wake = asyncio.Event()  # set_accounts: claim at once instead of at the next round
 
     @property
     def renew_interval(self) -> float:
@@ -143,6 +146,14 @@ class LeaseManager:
     def margin(self) -> float:
         """A lease this close to expiry without a successful renewal is given up locally."""
         return self.lease_seconds / 4
+
+    def set_accounts(self, accounts: Sequence[str]) -> None:
+        """The accounts to compete for from now on (a reload). Held ones no longer among them
+        are given up (loops stopped first) and new ones claimed at the next round, which is
+        now."""
+        self.accounts = tuple(dict.fromkeys(accounts))
+        self._next_claim = 0.0
+        self._wake.set()
 
     def token(self, account: str) -> int | None:
         """The fencing token of ``account``'s lease, None when not held."""
@@ -163,11 +174,21 @@ class LeaseManager:
         try:
             while not stop.is_set():
                 delay = await self.step()
-                with_stop = asyncio.ensure_future(stop.wait())
+                if self._wake.is_set():
+                    self._wake.clear()
+                    continue
+                waiters = {
+                    asyncio.ensure_future(stop.wait()),
+                    asyncio.ensure_future(self._wake.wait()),
+                }
                 try:
-                    await asyncio.wait({with_stop}, timeout=max(delay, 0.0))
+                    await asyncio.wait(
+                        waiters, timeout=max(delay, 0.0), return_when=asyncio.FIRST_COMPLETED
+                    )
                 finally:
-                    with_stop.cancel()
+                    for waiter in waiters:
+                        waiter.cancel()
+                self._wake.clear()
         finally:
             await self.release_all()
 
@@ -175,6 +196,16 @@ class LeaseManager:
         """One round: renew when due, give up what is too close to expiry, claim. Returns the
         seconds until the next round is due."""
         loop = asyncio.get_running_loop()
+        removed = [account for account in self.held if account not in self.accounts]
+        if removed:  # gone from the config (a reload): loops stopped, then the leases freed
+            await self._lose_many(removed, "the account was removed from the config")
+            try:
+                await self._call(
+                    lambda: self.store.release_leases(self.holder, removed),
+                    within=self.renew_interval,
+                )
+            except (MailbridgeError, TimeoutError) as exc:  # they expire instead
+                log.warning("lease_release_failed", holder=self.holder, error=str(exc))
         if self.held and loop.time() >= self._next_renew:
             await self._renew()
         await self._drop_expiring()
@@ -205,17 +236,39 @@ class LeaseManager:
             self._next_renew = started + min(self.renew_interval, 1.0)
             return
         self._next_renew = started + self.renew_interval
+        gone = []
         for account in list(self.held):
             if account in kept:
                 self.held[account].valid_until = started + self.lease_seconds
             else:
-                await self._lose(account, "the lease expired and another daemon took it")
+                gone.append(account)
+        await self._lose_many(gone, "the lease expired and another daemon took it")
 
     async def _drop_expiring(self) -> None:
         now = asyncio.get_running_loop().time()
-        for account, held in list(self.held.items()):
-            if held.valid_until - self.margin <= now:
-                await self._lose(account, "the lease could not be renewed in time")
+        expiring = [a for a, held in self.held.items() if held.valid_until - self.margin <= now]
+        if not expiring:
+            return
+        await self._lose_many(expiring, "the lease could not be renewed in time")
+        # A renewal still pending (the database slow, a lock) may yet extend these leases
+        # after they were given up here, keeping every daemon - this one too - off them until
+        # they expire again. A release queued behind it on the lease thread undoes that.
+        self._release_later(expiring)
+
+    def _release_later(self, accounts: Sequence[str]) -> None:
+        """Release ``accounts`` on the lease thread after what is queued there; not awaited
+        (nobody waits for a database that is slow to answer), errors logged."""
+        holder, store = self.holder, self.store
+        gone = list(accounts)
+
+        def release() -> None:
+            try:
+                store.release_leases(holder, gone)
+            except MailbridgeError as exc:  # the leases expire instead
+                log.warning("lease_release_failed", holder=holder, error=str(exc))
+
+        with contextlib.suppress(RuntimeError):  # the thread is gone: the daemon is stopping
+            self._executor.submit(release)
 
     async def _claim(self) -> None:
         loop = asyncio.get_running_loop()
@@ -236,8 +289,7 @@ class LeaseManager:
             # More than a fair share while others run (one started later): give some back,
             # loops stopped first, a step at a time; the newcomers take them.
             extra = sorted(self.held)[-min(len(self.held) - share, step) :]
-            for account in extra:
-                await self._lose(account, "rebalancing: another daemon has room for it")
+            await self._lose_many(extra, "rebalancing: another daemon has room for it")
             await self._call(lambda: self.store.release_leases(self.holder, extra))
             self._next_claim = loop.time() + self._rng.uniform(*STEP_PAUSE)
             return
@@ -278,10 +330,18 @@ class LeaseManager:
         self._next_claim = min(self._next_claim, soonest)
 
     async def _lose(self, account: str, why: str) -> None:
-        self.held.pop(account, None)
-        log.warning("lease_lost", account=account, holder=self.holder, reason=why)
-        if self.on_lost is not None:
-            await self.on_lost(account, why)
+        await self._lose_many([account], why)
+
+    async def _lose_many(self, accounts: Sequence[str], why: str) -> None:
+        """Forget ``accounts`` and stop their loops, all at once: the time left before another
+        daemon may take them (``margin``) is shared by all, not spent one account after
+        another."""
+        for account in accounts:
+            self.held.pop(account, None)
+            log.warning("lease_lost", account=account, holder=self.holder, reason=why)
+        if self.on_lost is not None and accounts:
+            lost = self.on_lost
+            await asyncio.gather(*(lost(account, why) for account in accounts))
 
     async def release_all(self) -> None:
         """Stop every account's loop, then give the leases back and leave the live daemons, so
@@ -290,8 +350,9 @@ class LeaseManager:
         accounts = sorted(self.held)
         for account in accounts:
             self.held.pop(account, None)
-            if self.on_lost is not None:
-                await self.on_lost(account, "the daemon is stopping")
+        if self.on_lost is not None and accounts:
+            lost = self.on_lost
+            await asyncio.gather(*(lost(account, "the daemon is stopping") for account in accounts))
         try:
             await self._call(lambda: self.store.retire(self.holder), within=self.lease_seconds)
         except (MailbridgeError, TimeoutError) as exc:

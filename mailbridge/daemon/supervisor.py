@@ -20,6 +20,16 @@ A reload and the final drain may each wait ``drain_seconds`` for workers, so the
 beside the loop, which keeps pinging; one that overruns that bound by ``STUCK_GRACE_SECONDS``
 counts as a hung loop and the pings stop, so systemd restarts the service.
 
+Several daemons (PostgreSQL): accounts are not all started. A :class:`LeaseManager`
+(daemon/leases.py) competes for the enabled accounts with the other daemons sharing the
+database; an account's worker and its scheduled sweep start when this daemon acquires its
+lease (so each account is served, and swept, by exactly one daemon) and stop when the lease is
+lost, within a fraction of ``cluster.lease_seconds``, before any other daemon may take it. Every
+import of the account is fenced with the lease's token (AsyncRepository.fence). The outbox
+worker sends only for the accounts held. SIGTERM drains the workers, then releases every lease
+so that the others take over at once; SIGHUP changes the accounts competed for. With SQLite
+there is one daemon: every enabled account starts at once, no leases.
+
 ``run_once()`` is ``mailbridge run --once``: one pass over every account, concurrently.
 """
 
@@ -38,6 +48,7 @@ import structlog
 from mailbridge import metrics
 from mailbridge.config import AccountSettings, LogSettings, Settings, load_config
 from mailbridge.daemon.account import AccountWorker, PassSummary
+from mailbridge.daemon.leases import LeaseManager, LeaseStore
 from mailbridge.daemon.limits import raise_fd_limit
 from mailbridge.daemon.outbox import OutboxSummary, OutboxWorker
 from mailbridge.daemon.sweep import run_schedule
@@ -67,7 +78,10 @@ STUCK_GRACE_SECONDS = 60.0
 # database path needs a service restart, and log is applied on its own (reconfigure_log, where
 # flags override it). Every other key, including one added later, restarts every account.
 # The outbox worker reads `outbox` afresh at every look, so it needs no restart either.
-_NOT_IMPORT_GLOBALS = frozenset({"accounts", "database", "log", "metrics", "source", "outbox"})
+# `cluster` (lease_seconds) is handed to the lease manager at once.
+_NOT_IMPORT_GLOBALS = frozenset(
+    {"accounts", "database", "log", "metrics", "source", "outbox", "cluster"}
+)
 # How often the Failed-folder sizes shown by the metrics endpoint are read from the database.
 METRICS_REFRESH_SECONDS = 30.0
 # At most one STATUS= datagram per this many seconds from state changes: 10,000 accounts
@@ -116,6 +130,10 @@ class Supervisor:
         self._stop = asyncio.Event()
         self._reload = asyncio.Event()
         self.outbox: OutboxWorker | None = None
+        # PostgreSQL: the leases of the accounts this daemon serves (None with SQLite).
+        self.leases: LeaseManager | None = None
+        self._lease_stop = asyncio.Event()
+        self.exit_code = EX_OK
 
     # -- public --------------------------------------------------------------------------------
 
@@ -147,20 +165,36 @@ class Supervisor:
             (signal.SIGHUP, self.request_reload),
         ):
             loop.add_signal_handler(sig, handler)
+        lease_task: asyncio.Task[None] | None = None
         try:
-            for account in self.settings.accounts:
-                if account.enabled:
-                    self._start(account)
             # Sending: one task for every account's outbox rows (daemon/outbox.py).
             outbox = OutboxWorker(lambda: self.settings, self.repo, only=self.only)
             self.outbox = outbox
+            if self.settings.sqlite_path is None:
+                # Several daemons may share the database: serve what this one holds a lease of.
+                outbox.only = frozenset()
+                lease_task = await self._start_leases()
+            else:
+                for account in self.settings.accounts:
+                    if account.enabled:
+                        self._start(account)
             outbox_task = asyncio.create_task(outbox.run(), name="outbox")
-            log.info("daemon_started", accounts=len(self.running))
+            log.info(
+                "daemon_started",
+                accounts=len(self.running),
+                holder=self.leases.holder if self.leases is not None else None,
+            )
             self.notifier.ready()
             self._publish_status()
             try:
                 await self._supervise()  # returns once SIGTERM's drain is done
             finally:
+                if lease_task is not None:
+                    # Loops are stopped (the drain): give every lease back, so that the other
+                    # daemons take the accounts at once instead of after lease_seconds.
+                    self._lease_stop.set()
+                    with contextlib.suppress(asyncio.CancelledError, Exception):
+                        await asyncio.wait_for(lease_task, self.drain_seconds)
                 # The message in hand is finished (its row recorded), then the worker stops.
                 outbox.stopping.set()
                 _, pending = await asyncio.wait({outbox_task}, timeout=self.drain_seconds)
@@ -169,7 +203,7 @@ class Supervisor:
                 with contextlib.suppress(asyncio.CancelledError, Exception):
                     await outbox_task
             log.info("daemon_stopped")
-            return EX_OK
+            return self.exit_code
         finally:
             for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
                 loop.remove_signal_handler(sig)
@@ -181,6 +215,64 @@ class Supervisor:
             await self.repo.aclose()
 
     # -- internals -----------------------------------------------------------------------------
+
+    async def _start_leases(self) -> asyncio.Task[None]:
+        """PostgreSQL: start competing for the enabled accounts (see the module docstring)."""
+        assert self.repo is not None
+        store = await self.repo.backend()
+        if not isinstance(store, LeaseStore):  # pragma: no cover - PostgresRepository is one
+            raise TypeError(f"{type(store).__name__} keeps no leases")
+        self.leases = LeaseManager(
+            store,
+            [a.name for a in self.settings.accounts if a.enabled],
+            lease_seconds=self.settings.cluster.lease_seconds,
+            on_acquired=self._lease_acquired,
+            on_lost=self._lease_lost,
+        )
+        task = asyncio.create_task(self.leases.run(self._lease_stop), name="leases")
+        task.add_done_callback(self._leases_ended)
+        return task
+
+    def _leases_ended(self, task: asyncio.Task[None]) -> None:
+        """The lease manager ended (its loops stopped by release_all): before SIGTERM's drain
+        asked for it, that is a bug - the daemon stops, with an error, rather than run without
+        leases."""
+        if self._lease_stop.is_set():
+            return
+        exc = task.exception() if not task.cancelled() else None
+        log.error("leases_failed", code="internal", error=repr(exc), remedy="report the bug")
+        self.exit_code = EX_SOFTWARE
+        self.request_stop()
+
+    async def _lease_acquired(self, account: str, token: int) -> None:
+        """This daemon now holds ``account``: fence its imports, start its loop and sweep."""
+        assert self.repo is not None
+        assert self.leases is not None
+        self.repo.fence(account, self.leases.holder, token)
+        settings = next((a for a in self.settings.accounts if a.name == account), None)
+        if self._stop.is_set() or settings is None or not settings.enabled:
+            return  # draining, or gone in a reload: the lease is given back at the next round
+        if account not in self.running:
+            self._start(settings)
+        self._outbox_follows_leases()
+
+    async def _lease_lost(self, account: str, why: str) -> None:
+        """``account``'s lease is lost (or given up): stop its loop and sweep well before
+        another daemon may start it - the batch in hand gets an eighth of the lease time, then
+        the tasks are cancelled (an import already sent to the database is fenced)."""
+        assert self.leases is not None
+        self._outbox_follows_leases()
+        if account in self.running:
+            await self._stop_workers([account], within=self.leases.lease_seconds / 8)
+            self._forget_state(account)
+
+    def _outbox_follows_leases(self) -> None:
+        """The outbox sends for the accounts this daemon holds (and --account allows)."""
+        if self.outbox is None or self.leases is None:
+            return
+        held = frozenset(self.leases.held)
+        self.outbox.only = held if self.only is None else held & self.only
+        self.outbox.wake()  # an account just taken may have rows due
 
     async def _refresh_metrics(self) -> None:
         """Every METRICS_REFRESH_SECONDS: the Failed-folder size of each account, for metrics."""
@@ -314,8 +406,9 @@ class Supervisor:
                 remedy="set imap.ca_file to the server's CA and verify_certificate: true",
             )
 
-    async def _stop_workers(self, names: list[str]) -> None:
-        """Bounded drain: ask workers to stop, wait for the batch in hand, then cancel."""
+    async def _stop_workers(self, names: list[str], within: float | None = None) -> None:
+        """Bounded drain: ask workers to stop, wait for the batch in hand (``within`` seconds,
+        ``drain_seconds`` by default), then cancel."""
         entries = [self.running.pop(name) for name in names if name in self.running]
         if not entries:
             return
@@ -323,7 +416,8 @@ class Supervisor:
             entry.worker.stopping.set()
         tasks = [entry.task for entry in entries]
         tasks += [entry.sweep for entry in entries if entry.sweep is not None]
-        _, pending = await asyncio.wait(tasks, timeout=self.drain_seconds)
+        timeout = self.drain_seconds if within is None else within
+        _, pending = await asyncio.wait(tasks, timeout=timeout)
         for task in pending:
             log.warning("drain_timeout_cancelling", task=task.get_name())
             task.cancel()
@@ -397,6 +491,11 @@ class Supervisor:
                 if recorder is not None:
                     recorder.forget(name)
         started = [name for name in new_accounts if name not in self.running]
+        if self.leases is not None:
+            # Only what this daemon holds starts now; the rest is the lease manager's to claim.
+            self.leases.lease_seconds = new.cluster.lease_seconds
+            self.leases.set_accounts(list(new_accounts))
+            started = [name for name in started if name in self.leases.held]
         if started:
             raise_fd_limit(len(new_accounts))  # says fd_limit if the new fleet is too large
         for name in started:

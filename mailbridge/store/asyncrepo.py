@@ -65,6 +65,9 @@ class AsyncRepository:
         self._states: dict[str, AccountState] = {}
         self._states_flush: asyncio.Future[None] | None = None
         self._states_lock = threading.Lock()
+        # account -> (holder, fencing token) of the lease this daemon serves it under
+        # (PostgreSQL, several daemons): every import of the account is fenced with it.
+        self._leases: dict[str, tuple[str, int]] = {}
 
     @classmethod
     def sqlite(
@@ -96,10 +99,25 @@ class AsyncRepository:
         fps, cps = tuple(follower_parents), tuple(conversation_parents)
         await self._run(lambda repo: repo.prepare(fps, cps))
 
+    async def backend(self) -> Repository:
+        """The repository itself, once opened, for a caller with a thread of its own: the
+        lease manager (PostgresRepository is thread-safe; SQLite's is not, never hand it out)."""
+        return await asyncio.wrap_future(self._opened)
+
+    def fence(self, account: str, holder: str, token: int) -> None:
+        """From now on import ``account``'s mail under this lease: the import transaction
+        commits only while the database still shows it (``lease_lost`` otherwise). Kept after
+        the lease is lost, so that a late import of the old holder fails its check."""
+        self._leases[account] = (holder, token)
+
     async def import_batch(
         self, context: ImportContext, items: Sequence[ImportItem]
     ) -> list[ImportResult]:
         batch = tuple(items)  # the caller may reuse its list while the thread works
+        lease = self._leases.get(context.account)
+        if lease is not None and context.lease_holder is None:
+            holder, token = lease
+            context = dataclasses.replace(context, lease_holder=holder, lease_token=token)
 
         def timed(repo: Repository) -> list[ImportResult]:
             started = time.perf_counter()

@@ -379,7 +379,10 @@ class PostgresRepository(SqlRepository, SqlOutbox):
         An advisory lock per account, held until the commit, serialises imports of one
         account: two daemons (or a daemon and ``sync``) that import mail of one thread at once
         cannot both miss the other's conversation and create a second one; the second waits
-        and then sees the first one's rows.
+        and then sees the first one's rows. A context carrying a lease (several daemons) is
+        fenced: the transaction first checks that the lease row still shows this holder and
+        token, unexpired, and locks it until the commit; a daemon that lost the lease gets a
+        StoreError ``lease_lost`` and nothing is written (the messages stay in the Inbox).
         """
         if not items:
             return []
@@ -387,6 +390,15 @@ class PostgresRepository(SqlRepository, SqlOutbox):
         with self._transaction(action, write=True) as conn:
             sql = _PostgresSql(conn)
             self._lock_account(sql, context.account)
+            if context.lease_holder is not None and not self.fence(
+                conn, context.account, context.lease_holder, context.lease_token or 0
+            ):
+                # Fencing: this daemon's lease is gone (expired, taken over): nothing commits.
+                raise StoreError(
+                    f"{context.account}: the lease of {context.lease_holder} (token "
+                    f"{context.lease_token}) is no longer held; the batch is not imported here",
+                    code="lease_lost",
+                )
             self._prepare(sql, context.follower_parents, context.conversation_parents)
             return import_items(SqlImport(sql), context, items, now_text())
 
@@ -513,11 +525,12 @@ class PostgresRepository(SqlRepository, SqlOutbox):
     def fence(
         conn: psycopg.Connection[dict[str, Any]], account: str, holder: str, token: int
     ) -> bool:
-        """:meth:`holds_lease` inside the caller's transaction; locks the lease row (FOR SHARE)
-        so that no one can take it before that transaction ends."""
+        """:meth:`holds_lease` inside the caller's transaction; locks the lease row (FOR KEY
+        SHARE) so that no claim (FOR UPDATE SKIP LOCKED) can take it before that transaction
+        ends, while the holder's own renewals (which change no key) still go through."""
         row = conn.execute(
             "SELECT 1 AS held FROM lease WHERE account = %s AND holder = %s AND token = %s"
-            f" AND expires >= {POSTGRES_NOW} FOR SHARE",
+            f" AND expires >= {POSTGRES_NOW} FOR KEY SHARE",
             (account, holder, token),
         ).fetchone()
         return row is not None
