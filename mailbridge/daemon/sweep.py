@@ -46,7 +46,7 @@ import structlog
 
 from mailbridge.config import AccountSettings, Settings
 from mailbridge.daemon.account import open_session
-from mailbridge.daemon.importstep import ImportStep
+from mailbridge.daemon.importstep import ImportStep, Prefetched
 from mailbridge.daemon.parsing import POOL_MIN_BATCH, warm_up_pool
 from mailbridge.errors import MailbridgeError
 from mailbridge.mail.imap import FetchedMessage, ImapSession, MessageMeta, imap_date
@@ -370,12 +370,12 @@ async def _retry_failed(
     summary.retried += large.failed
     summary.still_failing.extend(large.failures)
     done = large.failed
-    for batch in batches:
-        if worker.stopping.is_set():
-            break
-        fetched = await session.fetch(batch)
+
+    async def handle(batch: Sequence[int], prefetched: Prefetched) -> None:
+        nonlocal done
+        fetched, parsed = prefetched
         if fetched:
-            result = await worker.process_fetched(session, fetched, in_failed=True)
+            result = await worker.process_fetched(session, fetched, in_failed=True, parsed=parsed)
             summary.retried += len(fetched)
             summary.recovered += result.imported
             summary.already_imported += result.duplicates
@@ -384,6 +384,9 @@ async def _retry_failed(
         done += len(batch)
         if progress is not None:
             progress("failed", done, len(metas))
+
+    # Pipelined as the live loop: the next batch is fetched and parsed during this one's write.
+    await worker.pipelined(session, batches, handle)
 
 
 async def _reconcile(
@@ -446,12 +449,14 @@ async def _import_missed(
     large, batches = await worker.fail_too_large(session, old)
     summary.new_failures.extend(large.failures)
     done = large.failed
-    for batch in batches:
-        if worker.stopping.is_set():
-            break
-        fetched = await session.fetch(batch)
+    if len(old) >= POOL_MIN_BATCH:
+        warm_up_pool()  # parse workers start while the first batch is fetched
+
+    async def handle(batch: Sequence[int], prefetched: Prefetched) -> None:
+        nonlocal done
+        fetched, parsed = prefetched
         if fetched:
-            result = await worker.process_fetched(session, fetched)
+            result = await worker.process_fetched(session, fetched, parsed=parsed)
             summary.inbox_imported += result.imported
             summary.inbox_duplicates += result.duplicates
             summary.discarded += result.discarded + result.bounces
@@ -459,3 +464,5 @@ async def _import_missed(
         done += len(batch)
         if progress is not None:
             progress("inbox", done, len(old))
+
+    await worker.pipelined(session, batches, handle)
