@@ -54,7 +54,7 @@ async def _fetch_in_pieces(data: bytes, cuts: list[int]) -> tuple[list[Any], lis
         fed.append(len(piece))
         original(piece)
 
-    protocol._feed = feed  # type: ignore[method-assign]
+    protocol._feed = feed  # type: ignore[method-assign,assignment]
     command = _FetchCommand("A1", "101:199", "(UID BODY.PEEK[])", prefix="UID", loop=loop)
     pending = asyncio.ensure_future(protocol.execute(command))
     await asyncio.sleep(0)
