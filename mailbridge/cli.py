@@ -20,8 +20,6 @@ from pathlib import Path
 from typing import Any
 
 import structlog
-from rich.table import Table
-from rich.text import Text
 
 from mailbridge import __version__
 from mailbridge.config import (
@@ -316,6 +314,8 @@ def _run(
         settings.account(name)  # raises ConfigError naming the configured accounts
     if once:
         results = asyncio.run(run_once(settings, accounts))
+        from rich.text import Text  # not at start-up: rich costs ~0.1 s to import
+
         out = console()
         for result in results:
             if result.error is not None:
@@ -435,6 +435,7 @@ def _ago(value: datetime | None) -> str:
 
 
 def _status(settings: Settings, *, as_json: bool) -> int:
+    from rich.table import Table  # rich only for the commands that print it
     repo = _open_store(settings)
     stored: dict[str, AccountState] = {}
     holders: dict[str, str] = {}  # several daemons (PostgreSQL): who serves each account
@@ -504,6 +505,7 @@ def _status(settings: Settings, *, as_json: bool) -> int:
 
 
 def _conversations(settings: Settings, account: str | None, search: str | None, limit: int) -> int:
+    from rich.table import Table  # rich only for the commands that print it
     repo = _open_store(settings)
     if repo is None:
         print(f"no database yet at {settings.database}: run the daemon first", file=sys.stderr)
@@ -530,6 +532,7 @@ def _conversations(settings: Settings, account: str | None, search: str | None, 
 
 
 def _conversation_show(settings: Settings, conversation_id: int) -> int:
+    from rich.text import Text
     repo = _open_store(settings)
     detail = None
     if repo is not None:
@@ -683,6 +686,7 @@ def _errors(
     settings: Settings, *, unresolved: bool, conversation: int | None, as_json: bool
 ) -> int:
     """``mailbridge errors``: one row per failed recipient of a bounce or complaint."""
+    from rich.table import Table  # rich only for the commands that print it
     repo = _open_store(settings)
     found = []
     if repo is not None:
