@@ -316,16 +316,18 @@ class AccountWorker:
     async def _prepare(self, session: ImapSession) -> None:
         folders = self.account.folders
         await session.ensure_folders([folders.processed, folders.failed])
-        await session.select(folders.inbox)
+        exists = await session.select(folders.inbox)
         if not self._backlog_checked:
             self._backlog_checked = True
-            await self._warn_backlog(session)
+            await self._warn_backlog(session, exists)
 
-    async def _warn_backlog(self, session: ImapSession) -> None:
+    async def _warn_backlog(self, session: ImapSession, exists: int) -> None:
         """At an account's first start: warn when the Inbox holds more old mail than
-        ``limits.backlog_warning`` (it is all imported, read or not)."""
+        ``limits.backlog_warning`` (it is all imported, read or not). ``exists`` is the Inbox's
+        message count from SELECT: when it is within the threshold, so is the old mail, and
+        the SEARCH is spared (a round trip per account when a fleet starts)."""
         threshold = self.settings.limits.backlog_warning
-        if threshold <= 0:
+        if threshold <= 0 or exists <= threshold:
             return
         old = await inbox_backlog(session)
         if old > threshold:

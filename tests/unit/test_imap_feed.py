@@ -5,9 +5,11 @@ completeness test answers as aioimaplib's own scan does."""
 from __future__ import annotations
 
 import asyncio
+from pathlib import Path
 from typing import Any
 
 import aioimaplib
+import trustme
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
@@ -115,3 +117,78 @@ def test_fetch_completeness_answers_as_aioimaplib_does(lines: list[Any], split: 
             assert ours.wait_data() == theirs.wait_data()
     finally:
         ours._loop.close()
+
+
+async def _greet(greeting: bytes) -> tuple[_Protocol, _Transport]:
+    loop = asyncio.get_running_loop()
+    protocol = _Protocol(loop, lambda exc: None)
+    transport = _Transport()
+    protocol.connection_made(transport)
+    protocol.data_received(greeting + b"\r\n")
+    await asyncio.sleep(0)
+    return protocol, transport
+
+
+def test_capabilities_in_the_greeting_spare_a_capability_command() -> None:
+    async def check() -> None:
+        protocol, transport = await _greet(
+            b"* OK [CAPABILITY IMAP4rev1 SASL-IR LOGIN-REFERRALS ID IDLE AUTH=PLAIN] ready."
+        )
+        await asyncio.wait_for(protocol.greeted, 5)
+        assert transport.sent == []  # RFC 3501 7.1: the response code lists them already
+        assert protocol.welcome_error is None
+        assert protocol.state == aioimaplib.NONAUTH
+        assert {"IMAP4rev1", "IDLE", "AUTH=PLAIN"} <= protocol.capabilities
+        assert protocol.imap_version == "IMAP4REV1"
+
+    asyncio.run(check())
+
+
+def test_a_greeting_without_capabilities_still_asks() -> None:
+    async def check() -> None:
+        protocol, transport = await _greet(b"* OK IMAP4rev1 server ready")
+        assert transport.sent
+        assert transport.sent[0].split()[1:] == [b"CAPABILITY"]
+        tag = transport.sent[0].split()[0]
+        protocol.data_received(b"* CAPABILITY IMAP4rev1 IDLE\r\n" + tag + b" OK done\r\n")
+        await asyncio.wait_for(protocol.greeted, 5)
+        assert protocol.welcome_error is None
+        assert "IDLE" in protocol.capabilities
+
+    asyncio.run(check())
+
+
+def test_a_bye_greeting_is_an_error_whatever_it_lists() -> None:
+    async def check() -> None:
+        protocol, transport = await _greet(b"* BYE [CAPABILITY IMAP4rev1] too many connections")
+        await asyncio.wait_for(protocol.greeted, 5)
+        assert protocol.welcome_error is not None
+        assert transport.sent == []
+
+    asyncio.run(check())
+
+
+def _tls_account(name: str, ca_file: Path | None) -> Any:
+    from mailbridge.config import parse_config
+
+    imap: dict[str, Any] = {"host": "imap.example.com", "tls": "implicit"}
+    if ca_file is not None:
+        imap["ca_file"] = str(ca_file)
+    account = {"name": name, "address": f"{name}@example.com", "imap": imap}
+    account["auth"] = {"username": name, "password": "pw"}
+    return parse_config({"accounts": [account]}).accounts[0]
+
+
+def test_one_tls_context_serves_every_connection_until_its_ca_file_changes(
+    tmp_path: Path,
+) -> None:
+    from mailbridge.mail.imap import _ssl_context
+
+    # The system store: built once for a fleet, not per connect.
+    assert _ssl_context(_tls_account("a", None)) is _ssl_context(_tls_account("b", None))
+    ca = tmp_path / "ca.pem"
+    trustme.CA().cert_pem.write_to_path(str(ca))
+    first = _ssl_context(_tls_account("a", ca))
+    assert _ssl_context(_tls_account("b", ca)) is first
+    trustme.CA().cert_pem.write_to_path(str(ca))  # replaced (a renewed CA): read again
+    assert _ssl_context(_tls_account("a", ca)) is not first
