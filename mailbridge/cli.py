@@ -436,6 +436,7 @@ def _ago(value: datetime | None) -> str:
 
 def _status(settings: Settings, *, as_json: bool) -> int:
     from rich.table import Table  # rich only for the commands that print it
+
     repo = _open_store(settings)
     stored: dict[str, AccountState] = {}
     holders: dict[str, str] = {}  # several daemons (PostgreSQL): who serves each account
@@ -506,6 +507,7 @@ def _status(settings: Settings, *, as_json: bool) -> int:
 
 def _conversations(settings: Settings, account: str | None, search: str | None, limit: int) -> int:
     from rich.table import Table  # rich only for the commands that print it
+
     repo = _open_store(settings)
     if repo is None:
         print(f"no database yet at {settings.database}: run the daemon first", file=sys.stderr)
@@ -533,6 +535,7 @@ def _conversations(settings: Settings, account: str | None, search: str | None, 
 
 def _conversation_show(settings: Settings, conversation_id: int) -> int:
     from rich.text import Text
+
     repo = _open_store(settings)
     detail = None
     if repo is not None:
@@ -687,6 +690,7 @@ def _errors(
 ) -> int:
     """``mailbridge errors``: one row per failed recipient of a bounce or complaint."""
     from rich.table import Table  # rich only for the commands that print it
+
     repo = _open_store(settings)
     found = []
     if repo is not None:
