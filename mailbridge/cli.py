@@ -20,8 +20,6 @@ from pathlib import Path
 from typing import Any
 
 import structlog
-from rich.table import Table
-from rich.text import Text
 
 from mailbridge import __version__
 from mailbridge.config import (
@@ -326,6 +324,8 @@ def _run(
         settings.account(name)  # raises ConfigError naming the configured accounts
     if once:
         results = asyncio.run(run_once(settings, accounts))
+        from rich.text import Text  # not at start-up: rich costs ~0.1 s to import
+
         out = console()
         for result in results:
             if result.error is not None:
@@ -445,6 +445,8 @@ def _ago(value: datetime | None) -> str:
 
 
 def _status(settings: Settings, *, as_json: bool) -> int:
+    from rich.table import Table  # rich only for the commands that print it
+
     repo = _open_store(settings)
     stored: dict[str, AccountState] = {}
     holders: dict[str, str] = {}  # several daemons (PostgreSQL): who serves each account
@@ -513,6 +515,8 @@ def _status(settings: Settings, *, as_json: bool) -> int:
 
 
 def _conversations(settings: Settings, account: str | None, search: str | None, limit: int) -> int:
+    from rich.table import Table  # rich only for the commands that print it
+
     repo = _open_store(settings)
     if repo is None:
         print(f"no database yet at {settings.database}: run the daemon first", file=sys.stderr)
@@ -546,6 +550,8 @@ def _conversations(settings: Settings, account: str | None, search: str | None, 
 
 
 def _conversation_show(settings: Settings, conversation_id: int) -> int:
+    from rich.text import Text
+
     repo = _open_store(settings)
     detail = None
     if repo is not None:
@@ -699,6 +705,8 @@ def _errors(
     settings: Settings, *, unresolved: bool, conversation: int | None, as_json: bool
 ) -> int:
     """``mailbridge errors``: one row per failed recipient of a bounce or complaint."""
+    from rich.table import Table  # rich only for the commands that print it
+
     repo = _open_store(settings)
     found = []
     if repo is not None:
@@ -755,6 +763,8 @@ def _errors(
 def _discarded(settings: Settings, account: str | None, *, limit: int, as_json: bool) -> int:
     """``mailbridge discarded``: what was moved to Processed without a conversation row, and why
     (README "Automatic mail"); the message itself is in the Processed folder."""
+    from rich.table import Table  # rich only for the commands that print it
+
     repo = _open_store(settings)
     found = []
     if repo is not None:

@@ -1233,13 +1233,27 @@ def load_config(path: Path | str | None = None) -> Settings:
             f"cannot read {resolved}: {exc.strerror}", path=str(resolved), code="config_missing"
         ) from exc
     try:
-        data = yaml.safe_load(text)
+        data = _safe_load(text)
     except yaml.YAMLError as exc:
         mark = getattr(exc, "problem_mark", None)
         where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
         problem = getattr(exc, "problem", None) or "invalid YAML"
         raise ConfigError(f"{resolved}{where}: {problem}", path=str(resolved)) from exc
     return parse_config(data, source=resolved)
+
+
+def _safe_load(text: str) -> Any:
+    """``yaml.safe_load`` with libyaml's parser when PyYAML has it (``CSafeLoader``: the same
+    constructors, ~10x faster; a 10,000-account config took seconds of start-up in pure
+    Python). A document it refuses is read again by the pure-Python parser, whose error
+    (problem and line) the operator is shown, as before."""
+    loader = getattr(yaml, "CSafeLoader", None)
+    if loader is not None:
+        try:
+            return yaml.load(text, Loader=loader)  # noqa: S506 - CSafeLoader is the safe loader
+        except yaml.YAMLError:
+            pass
+    return yaml.safe_load(text)
 
 
 def resolve_config_path(path: Path | str | None) -> Path:

@@ -11,9 +11,11 @@ from __future__ import annotations
 import os
 import re
 import sys
+from typing import TYPE_CHECKING
 
-from rich.console import Console
-from rich.text import Text
+if TYPE_CHECKING:  # rich is imported when a command prints, not at start-up (issue 10)
+    from rich.console import Console
+    from rich.text import Text
 
 # Terminal control sequences (ESC, CSI, BEL ...) in mail text: a message must not be able to
 # drive the operator's terminal. Tabs and line breaks stay.
@@ -21,6 +23,8 @@ _TERMINAL_CONTROL = re.compile(r"[\x00-\x08\x0b-\x1f\x7f-\x9f]")
 
 
 def console() -> Console:
+    from rich.console import Console
+
     # Piped output (scripts, tests, journald) gets wide lines instead of wrapped table cells,
     # unless the operator set COLUMNS, which wins as it does for the terminal (POSIX sh).
     width: int | None = None
@@ -32,4 +36,6 @@ def console() -> Console:
 
 def mail_text(value: str) -> Text:
     """Mail text (subject, names, body) to print exactly as written, without control bytes."""
+    from rich.text import Text
+
     return Text(_TERMINAL_CONTROL.sub("", value))

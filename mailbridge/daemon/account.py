@@ -40,21 +40,16 @@ import structlog
 from tenacity import RetryCallState, wait_random_exponential
 
 from mailbridge.config import AccountSettings, Settings
-from mailbridge.daemon.importstep import UNREADABLE_AFTER, ImportStep
+from mailbridge.daemon.importstep import UNREADABLE_AFTER, ImportStep, Prefetched
 from mailbridge.daemon.importstep import PassSummary as PassSummary  # moved there
 from mailbridge.daemon.importstep import plan_batches as plan_batches  # moved there
-from mailbridge.daemon.parse_step import parse_batch as _parse_batch
-from mailbridge.daemon.parse_step import portable
-from mailbridge.daemon.parsing import POOL_MIN_BATCH, parse_off_loop, warm_up_pool
+from mailbridge.daemon.parse_step import parse_batch as _parse_batch  # noqa: F401 - tests use it
+from mailbridge.daemon.parsing import POOL_MIN_BATCH, warm_up_pool
 from mailbridge.errors import MailbridgeError, StoreError
 from mailbridge.mail.auth.tokens import provider_for
-from mailbridge.mail.imap import FetchedMessage, ImapSession, imap_date
+from mailbridge.mail.imap import ImapSession, imap_date
 from mailbridge.store.asyncrepo import AsyncRepository
-from mailbridge.store.base import (
-    AccountState,
-    FailureInfo,
-    ImportItem,
-)
+from mailbridge.store.base import AccountState
 
 log = structlog.get_logger("mailbridge.account")
 
@@ -321,16 +316,18 @@ class AccountWorker:
     async def _prepare(self, session: ImapSession) -> None:
         folders = self.account.folders
         await session.ensure_folders([folders.processed, folders.failed])
-        await session.select(folders.inbox)
+        exists = await session.select(folders.inbox)
         if not self._backlog_checked:
             self._backlog_checked = True
-            await self._warn_backlog(session)
+            await self._warn_backlog(session, exists)
 
-    async def _warn_backlog(self, session: ImapSession) -> None:
+    async def _warn_backlog(self, session: ImapSession, exists: int) -> None:
         """At an account's first start: warn when the Inbox holds more old mail than
-        ``limits.backlog_warning`` (it is all imported, read or not)."""
+        ``limits.backlog_warning`` (it is all imported, read or not). ``exists`` is the Inbox's
+        message count from SELECT: when it is within the threshold, so is the old mail, and
+        the SEARCH is spared (a round trip per account when a fleet starts)."""
         threshold = self.settings.limits.backlog_warning
-        if threshold <= 0:
+        if threshold <= 0 or exists <= threshold:
             return
         old = await inbox_backlog(session)
         if old > threshold:
@@ -402,44 +399,19 @@ class AccountWorker:
             return summary
         if len(metas) >= POOL_MIN_BATCH:
             warm_up_pool()  # worker processes start while the first batch is fetched
-        # Pipelined: the next batch is fetched and parsed while this one is written and moved,
-        # so IMAP, parsing and SQLite overlap (at most two batches, i.e. twice
-        # limits.fetch_batch_max_mb of raw mail, are in memory). Reading ahead risks nothing
-        # (BODY.PEEK[]: nothing is committed or moved), the session lock keeps IMAP commands in
-        # order, and each batch is still committed before it is moved.
-        ahead = asyncio.ensure_future(self._fetch_and_parse(session, batches[0]))
-        try:
-            for index, batch_uids in enumerate(batches):
-                if self.stopping.is_set():
-                    break  # the drain: finish the batch in hand, start no new one
-                prefetched = await ahead
-                if index + 1 < len(batches):
-                    ahead = asyncio.ensure_future(
-                        self._fetch_and_parse(session, batches[index + 1])
-                    )
-                summary.add(await self._import_batch(session, batch_uids, prefetched))
-        finally:
-            if not ahead.done():
-                ahead.cancel()  # drops the connection if mid-FETCH; nothing was committed
-            with contextlib.suppress(asyncio.CancelledError, Exception):
-                await ahead  # retrieve its outcome; an error was raised above already
-        return summary
 
-    async def _fetch_and_parse(
-        self, session: ImapSession, uids: Sequence[int]
-    ) -> tuple[list[FetchedMessage], tuple[list[ImportItem], list[FailureInfo]]]:
-        fetched = await self.step.fetch(session, uids)
-        # A thread for a few messages, worker processes for a backlog (see daemon/parsing.py).
-        parsed = await parse_off_loop(
-            _parse_batch, portable(fetched), self.settings.limits.max_message_bytes
-        )
-        return fetched, parsed
+        async def handle(uids: Sequence[int], prefetched: Prefetched) -> None:
+            summary.add(await self._import_batch(session, uids, prefetched))
+
+        # Pipelined: the next batch is fetched and parsed while this one is written and moved.
+        await self.step.pipelined(session, batches, handle)
+        return summary
 
     async def _import_batch(
         self,
         session: ImapSession,
         uids: Sequence[int],
-        prefetched: tuple[list[FetchedMessage], tuple[list[ImportItem], list[FailureInfo]]],
+        prefetched: Prefetched,
     ) -> PassSummary:
         started = time.monotonic()
         await self._set_state("importing")

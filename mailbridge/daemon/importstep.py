@@ -9,9 +9,10 @@ keeps mail from being lost or duplicated).
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import dataclasses
 import hashlib
-from collections.abc import Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Any
@@ -150,6 +151,10 @@ def plan_batches(
     return batches
 
 
+# A fetched batch and what parsing it gave: the items to import and the messages that failed.
+Prefetched = tuple[list[FetchedMessage], tuple[list[ImportItem], list[FailureInfo]]]
+
+
 class ImportStep:
     """One account's import step: ``log`` is bound to the account (and ``sweep=True`` when the
     recovery sweep uses it); ``stopping`` is the drain's event, read by the sweep between
@@ -232,6 +237,49 @@ class ImportStep:
         batches = [[uid] for uid in suspects]
         batches += plan_batches(fits, limits.fetch_batch_size, limits.fetch_batch_max_bytes)
         return summary, batches
+
+    async def fetch_and_parse(self, session: ImapSession, uids: Sequence[int]) -> Prefetched:
+        """``UID FETCH`` the batch ``uids`` and parse it off the event loop."""
+        fetched = await self.fetch(session, uids)
+        # A thread for a few messages, worker processes for a backlog (see daemon/parsing.py).
+        parsed = await parse_off_loop(
+            _parse_batch, portable(fetched), self.settings.limits.max_message_bytes
+        )
+        return fetched, parsed
+
+    async def pipelined(
+        self,
+        session: ImapSession,
+        batches: Sequence[Sequence[int]],
+        handle: Callable[[Sequence[int], Prefetched], Awaitable[None]],
+    ) -> None:
+        """Fetch and parse ``batches`` (UIDs) in order, handing each to ``handle`` (which
+        imports and moves it, :meth:`process_fetched`) while the next one is fetched and parsed,
+        so IMAP, parsing and the database overlap. The live loop and the recovery sweep both
+        import a backlog through this.
+
+        At most two batches (twice ``limits.fetch_batch_max_mb`` of raw mail) are in memory.
+        Reading ahead risks nothing (``BODY.PEEK[]``: nothing is committed or moved), the
+        session lock keeps IMAP commands in order, and each batch is still committed before it
+        is moved. ``stopping`` (the drain) is read between batches: the batch in hand is
+        finished, no new one is started.
+        """
+        if not batches:
+            return
+        ahead = asyncio.ensure_future(self.fetch_and_parse(session, batches[0]))
+        try:
+            for index, uids in enumerate(batches):
+                if self.stopping.is_set():
+                    break
+                prefetched = await ahead
+                if index + 1 < len(batches):
+                    ahead = asyncio.ensure_future(self.fetch_and_parse(session, batches[index + 1]))
+                await handle(uids, prefetched)
+        finally:
+            if not ahead.done():
+                ahead.cancel()  # drops the connection if mid-FETCH; nothing was committed
+            with contextlib.suppress(asyncio.CancelledError, Exception):
+                await ahead  # retrieve its outcome; an error was raised above already
 
     async def process_fetched(
         self,

@@ -21,9 +21,9 @@ from mailbridge.config import (
     parse_config,
 )
 from mailbridge.errors import AuthError, ConfigError
+from mailbridge.mail.auth.httpsession import CaSession
 from mailbridge.mail.auth.tokens import (
     AccessToken,
-    CaSession,
     oauth_error,
     read_cache_file,
     sasl_error_text,

@@ -33,8 +33,8 @@ import google.oauth2.service_account
 from mailbridge.config import GOOGLE_AUTH_URI, GOOGLE_TOKEN_URI, AccountSettings
 from mailbridge.errors import AuthError, ConfigError, ServerError
 from mailbridge.log import register_secret
+from mailbridge.mail.auth.httpsession import CaSession
 from mailbridge.mail.auth.tokens import (
-    CaSession,
     http_error,
     oauth_error,
     oauth_error_from,

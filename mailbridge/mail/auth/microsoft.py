@@ -26,8 +26,8 @@ import msal
 from mailbridge.config import AccountSettings
 from mailbridge.errors import AuthError, ServerError
 from mailbridge.log import register_secret, unregister_secret
+from mailbridge.mail.auth.httpsession import CaSession
 from mailbridge.mail.auth.tokens import (
-    CaSession,
     cache_mtime,
     http_error,
     oauth_error_from,

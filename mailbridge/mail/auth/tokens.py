@@ -38,7 +38,6 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Final, Protocol, TypeVar
 
-import requests
 import structlog
 
 from mailbridge.config import AccountSettings
@@ -111,6 +110,8 @@ def oauth_error_from(
 
 def http_error(exc: Exception, where: str, timeout: float) -> ServerError:
     """A requests/transport failure talking to the identity provider (transient)."""
+    import requests  # imported already by whoever raised ``exc`` (not at start-up)
+
     for cause in exception_chain(exc):
         if isinstance(cause, requests.exceptions.SSLError):
             return ServerError(
@@ -135,30 +136,6 @@ def exception_chain(exc: BaseException) -> list[BaseException]:
         seen.append(current)
         current = current.__cause__ or current.__context__
     return seen
-
-
-class CaSession(requests.Session):
-    """A requests session that trusts exactly ``ca_file`` when one is configured.
-
-    requests lets ``REQUESTS_CA_BUNDLE`` / ``CURL_CA_BUNDLE`` override ``Session.verify``; with
-    ``auth.ca_file`` the file must win, while proxies from the environment still apply.
-    """
-
-    def __init__(self, ca_file: Path | None) -> None:
-        super().__init__()
-        self._ca_file = str(ca_file) if ca_file is not None else None
-        if self._ca_file is not None:
-            self.verify = self._ca_file
-
-    def merge_environment_settings(
-        self, url: Any, proxies: Any, stream: Any, verify: Any, cert: Any
-    ) -> dict[str, Any]:
-        settings: dict[str, Any] = super().merge_environment_settings(
-            url, proxies, stream, verify, cert
-        )
-        if self._ca_file is not None:
-            settings["verify"] = self._ca_file
-        return settings
 
 
 # -- owner-only, atomic token cache files --------------------------------------------------
