@@ -17,9 +17,12 @@ One task in the daemon (beside the account loops) and one pass in ``run --once``
 **After a crash** (kill -9, power cut) between the end of DATA and step 4 the server may have
 the message while the row says ``sending``. At start-up every such row is resolved first: with
 ``folders.sent`` set, the Sent folder is searched for its Message-ID (``UID SEARCH HEADER
-Message-ID``); found, the row is recorded as sent. Otherwise it is sent again, with the same
-Message-ID and bytes: **at-least-once**. The recipient may get a second copy with the same
-Message-ID, which clients that de-duplicate by Message-ID (Gmail) show once.
+Message-ID``); found, the row is recorded as sent. A personalised row (one copy per
+recipient, each with its own Message-ID) is checked copy by copy: a copy recorded as accepted,
+or found in the Sent folder by its own Message-ID, is not sent again. Otherwise it (each copy
+not found) is sent again, with the same Message-ID and bytes: **at-least-once**. The
+recipient may get a second copy with the same Message-ID, which clients that de-duplicate by
+Message-ID (Gmail) show once.
 
 **Pick-up** without a felt delay: the worker sleeps until the next row is due, and wakes when
 the database changes (SQLite's ``PRAGMA data_version``, read every 25 ms on its own
@@ -94,6 +97,10 @@ DATA_VERSION_SECONDS = 0.025
 # moved forward by hand is seen within this, or at once when the database changes).
 MAX_SLEEP_SECONDS = 60.0
 BATCH_SIZE = 50
+# How long an account's SMTP connection is kept open after its last message, for the next row
+# (RSET first, RFC 5321 section 4.1.1.5): well below the 5 minutes a server waits for the
+# next command (RFC 5321 section 4.5.3.2.7) before it closes the connection.
+SESSION_IDLE_SECONDS = 30.0
 # Rows composed, marked sending and sent together; the next chunk is composed meanwhile.
 PIPELINE_CHUNK = 10
 
@@ -255,6 +262,12 @@ class OutboxWorker:
         # Account -> monotonic time before which it is not tried (after a connection failure).
         self._paused: dict[str, float] = {}
         self._failures: Counter[str] = Counter()
+        # Account -> (its logged-in SMTP connection, monotonic time of its last use), kept
+        # between rounds so that a row queued alone is not delayed by connect, EHLO and AUTH.
+        self._sessions: dict[str, tuple[SmtpSender, float]] = {}
+        # Template file -> its text, for the settings object it was read under.
+        self._templates: dict[Path, str] = {}
+        self._templates_of: Settings | None = None
 
     @property
     def settings(self) -> Settings:
@@ -289,8 +302,10 @@ class OutboxWorker:
                 # PostgreSQL).
                 recover = not await self._guarded(self.send_due()) or recover
                 await self.watch.wait(await self._sleep_seconds(), self.stopping)
+                await self._close_sessions(idle_for=SESSION_IDLE_SECONDS)
         finally:
             self.watch.close()
+            await self._close_sessions()
 
     async def run_once(self) -> OutboxSummary:
         """Resolve rows left ``sending``, then send every row due now (``run --once``).
@@ -303,7 +318,10 @@ class OutboxWorker:
             log.info("outbox_recovery_left_to_daemon", reason="a daemon serves this database")
         else:
             await self.recover(summary)
-        await self.send_due(summary)
+        try:
+            await self.send_due(summary)
+        finally:
+            await self._close_sessions()
         return summary
 
     def _daemon_running(self) -> bool:
@@ -339,7 +357,35 @@ class OutboxWorker:
         for until in self._paused.values():
             if until > now:
                 sleep = min(sleep, until - now)
+        for _sender, used in self._sessions.values():
+            sleep = min(sleep, used + SESSION_IDLE_SECONDS - now)
         return max(sleep, 0.0)
+
+    async def _kept_session(self, account: AccountSettings) -> SmtpSender | None:
+        """The account's connection kept from an earlier round, reset and ready; or None."""
+        kept = self._sessions.pop(account.name, None)
+        if kept is None:
+            return None
+        sender, _used = kept
+        if sender.account != account:  # the settings were reloaded: sign in anew
+            await sender.close()
+            return None
+        return sender if await sender.reset() else None
+
+    def _keep_session(self, account: AccountSettings, sender: SmtpSender) -> bool:
+        """Keep ``sender`` for the account's next round; False when it cannot be kept."""
+        if not sender.usable or self.stopping.is_set():
+            return False
+        self._sessions[account.name] = (sender, time.monotonic())
+        return True
+
+    async def _close_sessions(self, idle_for: float | None = None) -> None:
+        """QUIT the kept connections (only those idle for ``idle_for`` seconds, if given)."""
+        now = time.monotonic()
+        for name, (sender, used) in list(self._sessions.items()):
+            if idle_for is None or now - used >= idle_for:
+                del self._sessions[name]
+                await sender.close()
 
     def _is_paused(self, account: str) -> bool:
         return self._paused.get(account, 0.0) > time.monotonic()
@@ -353,14 +399,12 @@ class OutboxWorker:
         for row in await self.repo.outbox_in_flight(list(accounts)):
             account = accounts[row.account]
             found: bool | None = None
-            # Personalised copies are recorded one by one: the unsent ones are sent again.
-            if (
-                account.folders.sent is not None
-                and row.message_id
-                and row.raw is not None
-                and not row.copies
-            ):
-                found = await self._in_sent_folder(account, row.message_id)
+            copies_found: int | None = None
+            if row.raw is not None and row.copies:
+                found, copies_found = await self._recover_copies(account, row)
+            elif account.folders.sent is not None and row.message_id and row.raw is not None:
+                ids = await self._in_sent_folder(account, [row.message_id])
+                found = None if ids is None else row.message_id in ids
             outcome = recovered_state(found) if row.raw is not None else "queued"
             # Stored, then logged: the row reads as the line says.
             if outcome == "sent" and row.raw is not None:
@@ -381,11 +425,36 @@ class OutboxWorker:
                 outbox=row.id,
                 message_id=row.message_id,
                 found_in_sent=found,
+                **({} if copies_found is None else {"copies_found_in_sent": copies_found}),
                 outcome="recorded as sent" if outcome == "sent" else "sent again, same Message-ID",
             )
 
-    async def _in_sent_folder(self, account: AccountSettings, message_id: str) -> bool | None:
-        """Whether the Sent folder holds ``message_id``; None when it cannot be told."""
+    async def _recover_copies(
+        self, account: AccountSettings, row: OutboxRow
+    ) -> tuple[bool | None, int | None]:
+        """A personalised row's copies not yet recorded as accepted, looked for in the Sent
+        folder by their own Message-IDs: each one found is recorded as accepted (not sent
+        again). Returns (whether every copy is accepted now, None without a Sent folder to
+        tell; how many were found there, None when not looked)."""
+        pending = [c for c in await self.repo.outbox_copies(row.id) if c.sent is None]
+        if not pending:
+            return True, None  # every copy was accepted: only the status update is missing
+        if account.folders.sent is None:
+            return None, None
+        ids = await self._in_sent_folder(account, [c.message_id for c in pending])
+        if ids is None:
+            return None, None
+        now = datetime.now(UTC)
+        found = [c for c in pending if c.message_id in ids]
+        for copy in found:
+            await self.repo.outbox_copy_sent(row.id, copy.recipient, now)
+        return len(found) == len(pending), len(found)
+
+    async def _in_sent_folder(
+        self, account: AccountSettings, message_ids: Sequence[str]
+    ) -> set[str] | None:
+        """Which of ``message_ids`` the Sent folder holds (``UID SEARCH HEADER Message-ID``,
+        RFC 3501 section 6.4.4, one session for all); None when it cannot be told."""
         assert account.folders.sent is not None
         try:
             session = await ImapSession.open(account)
@@ -394,8 +463,11 @@ class OutboxWorker:
             return None
         try:
             await session.select(account.folders.sent)
-            uids = await session.search("HEADER", "Message-ID", quote(f"<{message_id}>"))
-            return bool(uids)
+            found: set[str] = set()
+            for message_id in message_ids:
+                if await session.search("HEADER", "Message-ID", quote(f"<{message_id}>")):
+                    found.add(message_id)
+            return found
         except MailbridgeError as exc:
             log.warning("outbox_sent_folder_unreadable", account=account.name, code=exc.code)
             return None
@@ -436,13 +508,15 @@ class OutboxWorker:
     async def _send_account(
         self, account: AccountSettings, rows: Sequence[OutboxRow], summary: OutboxSummary
     ) -> None:
-        """Send ``rows`` on one connection, in chunks: each chunk is composed (on a thread,
-        while the previous chunk is being sent), marked ``sending`` in one transaction, then
-        sent message by message; accepted rows are recorded by group commit."""
+        """Send ``rows`` on one connection (kept from the account's last round, RSET, or new;
+        kept afterwards for SESSION_IDLE_SECONDS), in chunks: each chunk is composed (while
+        the previous chunk is being sent), marked ``sending`` in one transaction, then sent
+        message by message; accepted rows are recorded by group commit."""
         chunks = [rows[i : i + PIPELINE_CHUNK] for i in range(0, len(rows), PIPELINE_CHUNK)]
         recorder = _SentRecorder(self, account, summary)
-        sender: SmtpSender | None = None
+        sender = await self._kept_session(account)
         ahead = asyncio.ensure_future(self._prepare_chunk(account, chunks[0], summary))
+        finished = False
         try:
             for number, _chunk in enumerate(chunks):
                 ready = await ahead
@@ -460,6 +534,7 @@ class OutboxWorker:
                 sender, go_on = await self._send_chunk(account, ready, sender, recorder, summary)
                 if not go_on:
                     break
+            finished = True  # no exception: the connection is between transactions
         finally:
             if not ahead.done():
                 ahead.cancel()
@@ -468,7 +543,7 @@ class OutboxWorker:
             try:
                 await recorder.flush()
             finally:
-                if sender is not None:
+                if sender is not None and not (finished and self._keep_session(account, sender)):
                     await sender.close()
 
     async def _prepare_chunk(
@@ -609,14 +684,13 @@ class OutboxWorker:
                 raise InvalidRowError(problem)
         fix: OutboxFix | None = None
         if row.raw is None:
-            fix = await self._compose(account, row, context)
+            # The envelope comes from the message as composed: its bytes are not parsed back.
+            fix, recipients = await self._compose(account, row, context)
             raw, fixed_copies = fix.raw, list(fix.copies)
         else:
             raw = row.raw
             fixed_copies = await self.repo.outbox_copies(row.id) if row.copies else []
-        bcc = split_addresses(row.bcc)
-        message = parse_for_envelope(raw)
-        recipients = envelope_recipients(message, bcc)
+            recipients = envelope_recipients(parse_for_envelope(raw), split_addresses(row.bcc))
         if not recipients:
             raise InvalidRowError(
                 "no recipient left (the account's own addresses are never sent to)"
@@ -646,8 +720,9 @@ class OutboxWorker:
 
     async def _compose(
         self, account: AccountSettings, row: OutboxRow, context: ReplyContext | None
-    ) -> OutboxFix:
-        """The row's message, to be fixed by :meth:`outbox_begin` before its first attempt."""
+    ) -> tuple[OutboxFix, list[str]]:
+        """The row's message, to be fixed by :meth:`outbox_begin` before its first attempt,
+        and its envelope recipients (To, Cc, then Bcc)."""
         settings = self.settings
         own = account.own_addresses()
         to, cc = split_addresses(row.to), split_addresses(row.cc)
@@ -720,7 +795,15 @@ class OutboxWorker:
                 )
             return message, raw
 
-        message, raw = await asyncio.to_thread(build, *await bodies([*to, *cc]))
+        async def built(recipient: Sequence[str]) -> tuple[EmailMessage, bytes]:
+            html, text = await bodies(recipient)
+            if files:  # attachments: encoding them is long work, beside the SMTP dialogue
+                return await asyncio.to_thread(build, html, text)
+            # A short message (about 1 ms) is built in place: a thread would hold the GIL
+            # while the loop waits for it to read the server's replies (scripts/bench).
+            return build(html, text)
+
+        message, raw = await built([*to, *cc])
         message_id = normalize_message_id(str(message["Message-ID"]))
         assert message_id is not None
         copies: list[OutboxCopy] = []
@@ -732,10 +815,10 @@ class OutboxWorker:
                 # Each recipient's own rendering: {{ recipient_name }} is theirs.
                 copies = [OutboxCopy(recipients[0], message_id, raw)]
                 for recipient in recipients[1:]:
-                    own_copy, own_raw = await asyncio.to_thread(build, *await bodies([recipient]))
+                    own_copy, own_raw = await built([recipient])
                     own_id = normalize_message_id(str(own_copy["Message-ID"])) or ""
                     copies.append(OutboxCopy(recipient, own_id, own_raw))
-        return OutboxFix(message_id, key, raw, tuple(copies))
+        return OutboxFix(message_id, key, raw, tuple(copies)), recipients
 
     async def _merge_data(
         self,
@@ -768,19 +851,32 @@ class OutboxWorker:
             time_zone=account.time_zone,
         )
 
-    @staticmethod
+    async def _template_source(self, path: Path) -> str:
+        """The template file's text, read once for the settings in force: a reload (SIGHUP)
+        gives new settings, and the files are read again on their next use."""
+        settings = self.settings
+        if self._templates_of is not settings:
+            self._templates_of, self._templates = settings, {}
+        source = self._templates.get(path)
+        if source is None:
+            try:
+                source = await asyncio.to_thread(path.read_text, "utf-8")
+            except OSError as exc:
+                raise InvalidRowError(f"cannot read template_file {path}: {exc.strerror}") from exc
+            self._templates[path] = source
+        return source
+
     async def _apply_template(
-        account: AccountSettings, body_html: str | None, body_text: str | None, data: MergeData
+        self,
+        account: AccountSettings,
+        body_html: str | None,
+        body_text: str | None,
+        data: MergeData,
     ) -> tuple[str | None, str | None]:
         """(html, text) with the account's template, signature and merge codes applied."""
         try:
             if account.template_file is not None:
-                try:
-                    source = await asyncio.to_thread(account.template_file.read_text, "utf-8")
-                except OSError as exc:
-                    raise InvalidRowError(
-                        f"cannot read template_file {account.template_file}: {exc.strerror}"
-                    ) from exc
+                source = await self._template_source(account.template_file)
                 body = body_html if body_html is not None else text_to_html(body_text or "")
                 return render(source, body, data), None
             if body_html is not None:

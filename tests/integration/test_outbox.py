@@ -518,6 +518,52 @@ def test_kill_9_after_data_then_found_in_sent_is_not_resent(
     assert len(sink.received) == 1  # not sent again
 
 
+@pytest.mark.dovecot
+def test_kill_9_during_personalised_copies_resends_only_those_not_in_sent(
+    tmp_path: Path, sink: SmtpSink, dovecot: Any, imap_user: Any
+) -> None:
+    """personalized_emails: killed while the server holds its 250 to the first copy, which
+    the server then files in Sent under that copy's own Message-ID. The restart finds it
+    there and does not send it again; the second copy, never sent, is."""
+    data = config_data(
+        tmp_path, dovecot, imap_user, smtp=sink.smtp_settings(),
+        folders={"sent": "Sent", "append_sent": False}, personalized_emails=True,
+    )  # fmt: skip
+    data["recovery"] = {"enabled": False}
+    settings = parse_config(data)
+    path = write_config(tmp_path, data)
+    conversation = seed_conversation(
+        settings, mail("Order", to=imap_user.address, Cc="Jane <jane@x.example>")
+    )
+    outbox_id = queue(
+        settings,
+        OutgoingRequest(account="support", conversation_id=conversation, body_text="x",
+                        coworker="Ann Agent"),
+    )  # fmt: skip
+    first = _killed_mid_send(path, settings, sink, outbox_id)
+    assert parsed(first)["To"] is not None
+    first_id = normalize_message_id(str(parsed(first)["Message-ID"]))
+    dovecot.append(imap_user.login, imap_user.password, first, folder="Sent")  # the server's copy
+    assert cli_main(["-c", str(path), "run", "--once"]) == 0
+    done = row(settings, outbox_id)
+    assert done["state"] == "sent"
+    received = [(r.recipients, normalize_message_id(str(parsed(r.data)["Message-ID"])))
+                for r in sink.received]  # fmt: skip
+    # The first copy once (before the kill), the second once (after it), each its own id.
+    assert [r for r, _id in received] == [(CUSTOMER,), ("jane@x.example",)]
+    assert received[0][1] == first_id
+    assert received[1][1] != first_id
+    conn = sqlite3.connect(settings.database)
+    try:
+        copies = conn.execute(
+            "SELECT recipient, senttime IS NOT NULL FROM outboxcopy WHERE outbox = ? ORDER BY id",
+            (outbox_id,),
+        ).fetchall()
+    finally:
+        conn.close()
+    assert copies == [(CUSTOMER, 1), ("jane@x.example", 1)]
+
+
 # -- the customer's answer threads back ---------------------------------------------------------
 
 
@@ -845,6 +891,40 @@ async def test_template_wraps_the_reply_with_merge_codes_and_relations(
         conn.close()
     assert uses[0] == 1
     assert uses[1] is not None
+
+
+async def test_the_template_is_read_once_and_again_after_a_reload(
+    tmp_path: Path, sink: SmtpSink
+) -> None:
+    """The template file is read at its first use, not per message; a reload (new settings,
+    as SIGHUP gives the worker) reads it again."""
+    template = tmp_path / "support.html"
+    template.write_text("<p>{{ body }}</p><p>first version</p>")
+    data = offline_config(tmp_path, sink, template_file=str(template))
+    current = parse_config(data)
+    conversation = seed_conversation(current)
+    repo = await open_repository(current.database, current)
+    worker = OutboxWorker(lambda: current, repo)
+
+    async def send(text: str) -> str:
+        queue(current, OutgoingRequest(account="support", conversation_id=conversation,
+                                       body_text=text))  # fmt: skip
+        await worker.run_once()
+        html = parsed(sink.received[-1].data).get_body(("html",))
+        assert html is not None
+        return str(html.get_content())
+
+    try:
+        assert "first version" in await send("one")
+        template.write_text("<p>{{ body }}</p><p>second version</p>")
+        assert "first version" in await send("two")  # not read again
+        current = parse_config(data)  # the reload
+        assert "second version" in await send("three")
+        template.unlink()
+        assert "second version" in await send("four")  # kept: no read per message
+    finally:
+        await repo.aclose()
+    assert len(sink.received) == 4
 
 
 async def test_attachments_by_path_only_from_the_configured_directories(

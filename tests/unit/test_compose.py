@@ -530,3 +530,42 @@ def test_plain_text_only_is_a_single_part() -> None:
     ours = compose(html=None)
     assert ours.get_content_type() == "text/plain"
     assert parsed(ours).plain_text == "We are on it."
+
+
+@given(
+    name=st.text(min_size=0, max_size=40),
+    subject=st.text(min_size=0, max_size=200),
+    text=st.text(min_size=0, max_size=300),
+)
+def test_the_kept_header_classes_write_what_the_stdlib_writes(
+    name: str, subject: str, text: str
+) -> None:
+    """POLICY keeps the header classes the stdlib makes per header (a quarter of composing):
+    the bytes are those of the same policy with the stdlib's own registry."""
+    from mailbridge.core import compose
+
+    kwargs: dict[str, Any] = {
+        "address": "support@example.test",
+        "display_name": name,
+        "identification": "subject",
+        "conversation_key": new_conversation_key(),
+        "subject": subject,
+        "to": ["Jöhn Doe <john@customer.example>", "jane@x.example"],
+        "text": text,  # no HTML: a multipart's boundary is random
+        "parent_message_id": "<parent@customer.example>",
+        "now": datetime(2026, 11, 23, 9, 0, tzinfo=UTC),
+    }
+
+    def composed() -> bytes:
+        message = compose_reply(**kwargs)
+        del message["Message-ID"]  # random per message
+        return message.as_bytes()
+
+    kept = composed()
+    stdlib = compose._Policy(linesep="\r\n")
+    original = compose.POLICY
+    compose.POLICY = stdlib  # type: ignore[misc]
+    try:
+        assert composed() == kept
+    finally:
+        compose.POLICY = original  # type: ignore[misc]
