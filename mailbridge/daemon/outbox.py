@@ -55,7 +55,7 @@ import structlog
 from mailbridge.config import AccountSettings, Settings
 from mailbridge.core.html import html_to_text, text_to_html
 from mailbridge.core.identify import new_conversation_key, normalize_message_id
-from mailbridge.core.model import Address
+from mailbridge.core.model import Address, ParsedMessage
 from mailbridge.core.outbox import (
     MessageAction,
     OutgoingFile,
@@ -97,6 +97,9 @@ DATA_VERSION_SECONDS = 0.025
 # moved forward by hand is seen within this, or at once when the database changes).
 MAX_SLEEP_SECONDS = 60.0
 BATCH_SIZE = 50
+# Messages up to this size are composed and read back on the event loop (about a millisecond);
+# longer ones on a thread.
+INLINE_BYTES = 64 * 1024
 # How long an account's SMTP connection is kept open after its last message, for the next row
 # (RSET first, RFC 5321 section 4.1.1.5): well below the 5 minutes a server waits for the
 # next command (RFC 5321 section 4.5.3.2.7) before it closes the connection.
@@ -265,6 +268,8 @@ class OutboxWorker:
         # Account -> (its logged-in SMTP connection, monotonic time of its last use), kept
         # between rounds so that a row queued alone is not delayed by connect, EHLO and AUTH.
         self._sessions: dict[str, tuple[SmtpSender, float]] = {}
+        # Outbox id -> its message as stored once sent, read back when it was prepared.
+        self._parsed: dict[int, ParsedMessage] = {}
         # Template file -> its text, for the settings object it was read under.
         self._templates: dict[Path, str] = {}
         self._templates_of: Settings | None = None
@@ -540,6 +545,8 @@ class OutboxWorker:
                 ahead.cancel()
             with contextlib.suppress(asyncio.CancelledError, Exception):
                 await ahead  # composed, never marked sending: still queued, nothing to undo
+            for row in rows:  # prepared but not sent (failed, cancelled, released)
+                self._parsed.pop(row.id, None)
             try:
                 await recorder.flush()
             finally:
@@ -696,6 +703,13 @@ class OutboxWorker:
                 "no recipient left (the account's own addresses are never sent to)"
             )
         copies = [(c.recipient, c.raw) for c in fixed_copies if not c.sent]
+        # What is stored once the server accepts it: read back now, on the loop for a short
+        # message (well under a millisecond; a thread would hold the GIL while the loop waits
+        # to read the server's replies), so recording a batch waits for no parsing.
+        self._parsed[row.id] = (
+            parse_message(raw) if len(raw) <= INLINE_BYTES
+            else await asyncio.to_thread(parse_message, raw)
+        )  # fmt: skip
         return _Prepared(raw, recipients, actions, copies, bool(fixed_copies), fix)
 
     async def _send(
@@ -797,7 +811,8 @@ class OutboxWorker:
 
         async def built(recipient: Sequence[str]) -> tuple[EmailMessage, bytes]:
             html, text = await bodies(recipient)
-            if files:  # attachments: encoding them is long work, beside the SMTP dialogue
+            if files or len(html or "") + len(text or "") > INLINE_BYTES:
+                # Attachments or a long text: long work, on a thread beside the SMTP dialogue.
                 return await asyncio.to_thread(build, html, text)
             # A short message (about 1 ms) is built in place: a thread would hold the GIL
             # while the loop waits for it to read the server's replies (scripts/bench).
@@ -919,7 +934,13 @@ class OutboxWorker:
         if not sent:
             return
         now = datetime.now(UTC)
-        parsed = await asyncio.to_thread(lambda: [parse_message(raw) for _row, raw, _a in sent])
+        # Read back when the row was prepared (see _prepare), else here (crash recovery).
+        kept = [self._parsed.pop(row.id, None) for row, _raw, _a in sent]
+
+        def read_back() -> list[ParsedMessage]:
+            return [p or parse_message(r) for p, (_row, r, _a) in zip(kept, sent, strict=True)]
+
+        parsed = read_back() if all(kept) else await asyncio.to_thread(read_back)
         records = []
         for (row, _raw, actions), message in zip(sent, parsed, strict=True):
             bcc = tuple(Address(a) for a in map(address_of, split_addresses(row.bcc)))
