@@ -104,8 +104,9 @@ INLINE_BYTES = 64 * 1024
 # (RSET first, RFC 5321 section 4.1.1.5): well below the 5 minutes a server waits for the
 # next command (RFC 5321 section 4.5.3.2.7) before it closes the connection.
 SESSION_IDLE_SECONDS = 30.0
-# Rows composed, marked sending and sent together; the next chunk is composed meanwhile.
-PIPELINE_CHUNK = 10
+# The most rows composed, marked sending and sent together; the next chunk is composed and
+# marked meanwhile.
+PIPELINE_CHUNK = 16
 
 
 class InvalidRowError(Exception):
@@ -514,37 +515,40 @@ class OutboxWorker:
         self, account: AccountSettings, rows: Sequence[OutboxRow], summary: OutboxSummary
     ) -> None:
         """Send ``rows`` on one connection (kept from the account's last round, RSET, or new;
-        kept afterwards for SESSION_IDLE_SECONDS), in chunks: each chunk is composed (while
-        the previous chunk is being sent), marked ``sending`` in one transaction, then sent
-        message by message; accepted rows are recorded by group commit."""
-        chunks = [rows[i : i + PIPELINE_CHUNK] for i in range(0, len(rows), PIPELINE_CHUNK)]
+        kept afterwards for SESSION_IDLE_SECONDS), in chunks: while a chunk is being sent, the
+        next is composed and marked ``sending`` in one transaction; accepted rows are recorded
+        by group commit. Chunks grow (1, 2, 4 ... PIPELINE_CHUNK rows): the first row goes
+        out at once, later ones share their transactions."""
+        chunks = pipeline_chunks(rows)
         recorder = _SentRecorder(self, account, summary)
         sender = await self._kept_session(account)
-        ahead = asyncio.ensure_future(self._prepare_chunk(account, chunks[0], summary))
+        ahead: asyncio.Future[list[tuple[OutboxRow, _Prepared]]] | None
+        ahead = asyncio.ensure_future(self._begin_chunk(account, chunks[0], summary))
         finished = False
         try:
-            for number, _chunk in enumerate(chunks):
-                ready = await ahead
+            for number in range(len(chunks)):
+                assert ahead is not None
+                ready, ahead = await ahead, None
                 if number + 1 < len(chunks):
                     ahead = asyncio.ensure_future(
-                        self._prepare_chunk(account, chunks[number + 1], summary)
+                        self._begin_chunk(account, chunks[number + 1], summary)
                     )
                 if not ready:
                     continue
-                began = await self.repo.outbox_begin(
-                    [(row.id, prepared.fix) for row, prepared in ready], datetime.now(UTC)
-                )
-                # Cancelled (or fixed by another attempt) meanwhile: left for the next round.
-                ready = [(row, prepared) for row, prepared in ready if row.id in began]
                 sender, go_on = await self._send_chunk(account, ready, sender, recorder, summary)
                 if not go_on:
                     break
             finished = True  # no exception: the connection is between transactions
         finally:
-            if not ahead.done():
-                ahead.cancel()
-            with contextlib.suppress(asyncio.CancelledError, Exception):
-                await ahead  # composed, never marked sending: still queued, nothing to undo
+            if ahead is not None:
+                # Never cancelled: a transaction on the database thread would commit anyway,
+                # leaving rows marked sending that nobody sends. Its rows go back to queued.
+                with contextlib.suppress(Exception):
+                    left = await ahead
+                    why = "the daemon is stopping" if self.stopping.is_set() else (
+                        "the account's sending stopped before this row (see the error before)"
+                    )  # fmt: skip
+                    await self._release([r for r, _p in left], why)
             for row in rows:  # prepared but not sent (failed, cancelled, released)
                 self._parsed.pop(row.id, None)
             try:
@@ -552,6 +556,20 @@ class OutboxWorker:
             finally:
                 if sender is not None and not (finished and self._keep_session(account, sender)):
                     await sender.close()
+
+    async def _begin_chunk(
+        self, account: AccountSettings, rows: Sequence[OutboxRow], summary: OutboxSummary
+    ) -> list[tuple[OutboxRow, _Prepared]]:
+        """Compose ``rows`` (fixing the message of each on its first attempt) and mark them
+        ``sending`` in one transaction, committed before any of them is sent; returns those
+        that began (not those cancelled meanwhile, left for the next round)."""
+        ready = await self._prepare_chunk(account, rows, summary)
+        if not ready:
+            return []
+        began = await self.repo.outbox_begin(
+            [(row.id, prepared.fix) for row, prepared in ready], datetime.now(UTC)
+        )
+        return [(row, prepared) for row, prepared in ready if row.id in began]
 
     async def _prepare_chunk(
         self, account: AccountSettings, rows: Sequence[OutboxRow], summary: OutboxSummary
@@ -819,7 +837,7 @@ class OutboxWorker:
             return build(html, text)
 
         message, raw = await built([*to, *cc])
-        message_id = normalize_message_id(str(message["Message-ID"]))
+        message_id = message_id_of(message)
         assert message_id is not None
         copies: list[OutboxCopy] = []
         recipients = envelope_recipients(message, split_addresses(row.bcc))
@@ -831,7 +849,7 @@ class OutboxWorker:
                 copies = [OutboxCopy(recipients[0], message_id, raw)]
                 for recipient in recipients[1:]:
                     own_copy, own_raw = await built([recipient])
-                    own_id = normalize_message_id(str(own_copy["Message-ID"])) or ""
+                    own_id = message_id_of(own_copy) or ""
                     copies.append(OutboxCopy(recipient, own_id, own_raw))
         return OutboxFix(message_id, key, raw, tuple(copies)), recipients
 
@@ -1026,6 +1044,27 @@ class _SentRecorder:
             raise error
 
 
+def message_id_of(message: EmailMessage) -> str | None:
+    """The Message-ID of a message composed here, normalised (read as stored: no header
+    object is built for it)."""
+    for name, value in message.raw_items():
+        if name.lower() == "message-id":
+            return normalize_message_id(str(value))
+    return None
+
+
+def pipeline_chunks(rows: Sequence[OutboxRow]) -> list[Sequence[OutboxRow]]:
+    """``rows`` in chunks of 1, 2, 4 ... then PIPELINE_CHUNK rows: the first row is sent as
+    soon as it alone is composed and marked, later chunks share one transaction each."""
+    chunks: list[Sequence[OutboxRow]] = []
+    start, size = 0, 1
+    while start < len(rows):
+        chunks.append(rows[start : start + size])
+        start += size
+        size = min(size * 2, PIPELINE_CHUNK)
+    return chunks
+
+
 def attachment_allowed(path: Path, directories: Sequence[Path]) -> bool:
     """Whether ``path``, symbolic links and ``..`` resolved, lies in one of ``directories``."""
     try:
@@ -1047,7 +1086,7 @@ def personal_copies(message: EmailMessage, recipients: Sequence[str]) -> list[Ou
             del message["Message-ID"]
             # RFC 5322 section 3.6.4: globally unique; on our domain, no resolver asked.
             message["Message-ID"] = make_msgid(domain=domain)
-        message_id = normalize_message_id(str(message["Message-ID"])) or ""
+        message_id = message_id_of(message) or ""
         copies.append(OutboxCopy(recipient, message_id, message.as_bytes()))
     return copies
 

@@ -436,6 +436,39 @@ async def test_the_running_worker_picks_up_an_integrators_insert_at_once(
         await repo.aclose()
 
 
+async def test_stopping_mid_batch_leaves_no_row_marked_sending(
+    tmp_path: Path, sink: SmtpSink
+) -> None:
+    """The next chunk is composed and marked sending while one is sent: stopped meanwhile,
+    every row not attempted goes back to queued (none is left in sending for a restart)."""
+    settings = parse_config(offline_config(tmp_path, sink))
+    conversation = seed_conversation(settings)
+    ids = [
+        queue(settings, OutgoingRequest("support", conversation_id=conversation, body_text=f"{n}"))
+        for n in range(4)
+    ]
+    repo = await open_repository(settings.database, settings)
+    worker = OutboxWorker(settings, repo)
+    sink.hold()
+    try:
+        task = asyncio.create_task(worker.send_due())
+        await eventually(sink.holding.is_set, within=30, what="the first DATA held")
+        # Rows 2 and 3 (the second chunk) are marked sending while the first is in DATA.
+        await eventually(
+            lambda: row(settings, ids[2])["state"] == "sending", within=30, what="chunk 2 began"
+        )
+        worker.stopping.set()
+        sink.release()
+        await asyncio.wait_for(task, 30)
+    finally:
+        sink.release()
+        await repo.aclose()
+    states = [row(settings, i)["state"] for i in ids]
+    assert states == ["sent", "queued", "queued", "queued"]
+    assert all("not attempted" in row(settings, i)["lasterror"] for i in ids[1:])
+    assert len(sink.received) == 1
+
+
 # -- kill -9 between the end of DATA and the status update --------------------------------------
 
 
