@@ -25,10 +25,11 @@ recipient may get a second copy with the same Message-ID, which clients that de-
 Message-ID (Gmail) show once.
 
 **Pick-up** without a felt delay: the worker sleeps until the next row is due, and wakes when
-the database changes (SQLite's ``PRAGMA data_version``, read every 25 ms on its own
-connection: a read of shared memory, no disk I/O) or when a command that queued mail sends a
-datagram to the daemon's wake socket (:func:`notify_daemon`). A PostgreSQL backend would wait on
-``LISTEN`` instead; :class:`Watch` is the one place that knows.
+the database changes (inotify on the database file and its WAL: any commit writes one of
+them; then SQLite's ``PRAGMA data_version`` on its own connection tells; without inotify that
+counter is read every 25 ms: a read of shared memory, no disk I/O) or when a command that
+queued mail sends a datagram to the daemon's wake socket (:func:`notify_daemon`). A
+PostgreSQL backend would wait on ``LISTEN`` instead; :class:`Watch` is the one place that knows.
 """
 
 from __future__ import annotations
@@ -49,6 +50,7 @@ from email.message import EmailMessage
 from email.parser import BytesHeaderParser
 from email.utils import getaddresses, make_msgid
 from pathlib import Path
+from typing import Any
 
 import structlog
 
@@ -93,6 +95,9 @@ log = structlog.get_logger("mailbridge.outbox")
 # memory (microseconds), so 40 a second cost nothing measurable and keep an integrator's INSERT
 # from waiting (scripts/bench: insert -> end of DATA).
 DATA_VERSION_SECONDS = 0.025
+# With inotify watching the database's files (the usual case on Linux), the counter is read
+# only this often, as a safety net (a lost event).
+WATCH_POLL_SECONDS = 1.0
 # The longest sleep without looking at the table (a row whose next attempt an integrator
 # moved forward by hand is seen within this, or at once when the database changes).
 MAX_SLEEP_SECONDS = 60.0
@@ -146,6 +151,8 @@ class Watch:
         self._conn: sqlite3.Connection | None = None
         self._version: int | None = None
         self._socket: socket.socket | None = None
+        self._notify: Any = None  # inotify_simple.INotify on the database's directory
+        self._poll_seconds = DATA_VERSION_SECONDS
 
     def open(self) -> None:
         try:
@@ -154,6 +161,7 @@ class Watch:
         except sqlite3.Error as exc:
             log.warning("outbox_watch_unavailable", error=str(exc))
             self._conn = None
+        self._watch_files()
         sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
         try:
             sock.bind(wake_address(self.database))
@@ -165,7 +173,37 @@ class Watch:
         asyncio.get_running_loop().add_reader(sock.fileno(), self._on_datagram)
         self._socket = sock
 
+    def _watch_files(self) -> None:
+        """Wake on any write to the database file or its WAL or journal
+        (https://sqlite.org/wal.html): every commit, by any process, writes one of them, so an
+        integrator's INSERT wakes the worker at once (inotify, Linux); the data_version read
+        then runs only as a safety net, every WATCH_POLL_SECONDS. Without inotify the change
+        counter is read every DATA_VERSION_SECONDS."""
+        try:
+            from inotify_simple import INotify, flags
+
+            notify = INotify(nonblocking=True)
+            notify.add_watch(self.database.parent, flags.MODIFY | flags.CREATE | flags.MOVED_TO)
+        except (ImportError, OSError) as exc:
+            log.info("outbox_file_watch_unavailable", error=str(exc))
+            return
+        names = {self.database.name + suffix for suffix in ("", "-wal", "-journal")}
+
+        def on_events() -> None:
+            with contextlib.suppress(OSError):
+                if any(event.name in names for event in notify.read(timeout=0)):
+                    self._event.set()
+
+        asyncio.get_running_loop().add_reader(notify.fileno(), on_events)
+        self._notify = notify
+        self._poll_seconds = WATCH_POLL_SECONDS
+
     def close(self) -> None:
+        if self._notify is not None:
+            with contextlib.suppress(Exception):
+                asyncio.get_running_loop().remove_reader(self._notify.fileno())
+            self._notify.close()
+            self._notify = None
         if self._socket is not None:
             with contextlib.suppress(Exception):
                 asyncio.get_running_loop().remove_reader(self._socket.fileno())
@@ -213,7 +251,7 @@ class Watch:
             if left <= 0:
                 return
             with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self._event.wait(), min(left, DATA_VERSION_SECONDS))
+                await asyncio.wait_for(self._event.wait(), min(left, self._poll_seconds))
 
 
 @dataclass

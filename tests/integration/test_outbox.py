@@ -469,6 +469,36 @@ async def test_stopping_mid_batch_leaves_no_row_marked_sending(
     assert len(sink.received) == 1
 
 
+async def test_a_commit_by_another_process_wakes_the_watch_without_polling(
+    tmp_path: Path, sink: SmtpSink
+) -> None:
+    """inotify on the database's files: an integrator's INSERT (another connection's commit)
+    wakes the worker, not the change counter's next read."""
+    from mailbridge.daemon.outbox import WATCH_POLL_SECONDS, Watch
+
+    settings = parse_config(offline_config(tmp_path, sink))
+    seed_conversation(settings)
+    watch = Watch(settings.outbox_database())
+    watch.open()
+    try:
+        assert watch._poll_seconds == WATCH_POLL_SECONDS  # inotify is watching
+        watch._poll_seconds = 3600.0  # so only a file event can end the wait below
+        stopping = asyncio.Event()
+        waiting = asyncio.create_task(watch.wait(7200, stopping))
+        await asyncio.sleep(0.2)
+        assert not waiting.done()
+        conn = sqlite3.connect(settings.database)
+        try:
+            conn.execute("INSERT INTO outbox (account, toaddresses, bodytext)"
+                         " VALUES ('support', 'a@x.example', 'x')")  # fmt: skip
+            conn.commit()
+        finally:
+            conn.close()
+        await asyncio.wait_for(waiting, 30)
+    finally:
+        watch.close()
+
+
 # -- kill -9 between the end of DATA and the status update --------------------------------------
 
 
