@@ -157,10 +157,14 @@ def _wire_addresses(name: str, addresses: Sequence[HeaderAddress]) -> _Wire | No
 
 
 def _wire_text(name: str, text: str) -> _Wire:
-    """An unstructured header (Subject): as it is when short plain ASCII, else folded
-    encoded-words (which also keep every line within RFC 5322's 998 characters)."""
-    if _plain_ascii(text) and len(name) + 2 + len(text) <= _FOLD_AT:
-        return _Wire(text)
+    """An unstructured header (Subject): plain ASCII as it is, folded at spaces past 78
+    characters; other text (or a word too long for a line) as folded encoded-words."""
+    if _plain_ascii(text):
+        if len(name) + 2 + len(text) <= _FOLD_AT:
+            return _Wire(text)
+        folded = str(Header(text, "us-ascii", header_name=name).encode(linesep=_CRLF))
+        if all(len(line) <= _LINE_LIMIT for line in folded.split(_CRLF)):
+            return _Wire(folded)
     return _Wire(_encoded_words(text, name))
 
 
