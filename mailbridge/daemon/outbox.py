@@ -98,6 +98,10 @@ DATA_VERSION_SECONDS = 0.025
 # With inotify watching the database's files (the usual case on Linux), the counter is read
 # only this often, as a safety net (a lost event).
 WATCH_POLL_SECONDS = 1.0
+# After a write to the database's files without a visible commit (yet), the counter is read
+# again this often, for this long (a commit becomes visible after the WAL is synced).
+RECHECK_SECONDS = 0.003
+RECHECK_FOR_SECONDS = 0.5
 # The longest sleep without looking at the table (a row whose next attempt an integrator
 # moved forward by hand is seen within this, or at once when the database changes).
 MAX_SLEEP_SECONDS = 60.0
@@ -153,6 +157,9 @@ class Watch:
         self._socket: socket.socket | None = None
         self._notify: Any = None  # inotify_simple.INotify on the database's directory
         self._poll_seconds = DATA_VERSION_SECONDS
+        # After a file event: until when the counter is read again, and whether a read is due.
+        self._recheck_until = 0.0
+        self._recheck_pending = False
 
     def open(self) -> None:
         try:
@@ -189,12 +196,28 @@ class Watch:
             return
         names = {self.database.name + suffix for suffix in ("", "-wal", "-journal")}
 
+        loop = asyncio.get_running_loop()
+
+        def look() -> None:
+            # Only a commit counts (not the page writes of a transaction still open, nor a
+            # checkpoint): the change counter tells, a read of shared memory. A writer makes its
+            # commit visible (in the -shm index, which raises no event) after writing the WAL
+            # and, with synchronous=FULL, syncing it: looked at again every few ms for a while.
+            self._recheck_pending = False
+            if self._conn is None or self._changed():
+                self._event.set()
+            elif loop.time() < self._recheck_until:
+                self._recheck_pending = True
+                loop.call_later(RECHECK_SECONDS, look)
+
         def on_events() -> None:
             with contextlib.suppress(OSError):
                 if any(event.name in names for event in notify.read(timeout=0)):
-                    self._event.set()
+                    self._recheck_until = loop.time() + RECHECK_FOR_SECONDS
+                    if not self._recheck_pending:
+                        look()
 
-        asyncio.get_running_loop().add_reader(notify.fileno(), on_events)
+        loop.add_reader(notify.fileno(), on_events)
         self._notify = notify
         self._poll_seconds = WATCH_POLL_SECONDS
 
