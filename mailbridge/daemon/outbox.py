@@ -199,12 +199,12 @@ class Watch:
         loop = asyncio.get_running_loop()
 
         def look() -> None:
-            # Only a commit counts (not the page writes of a transaction still open, nor a
-            # checkpoint): the change counter tells, a read of shared memory. A writer makes its
-            # commit visible (in the -shm index, which raises no event) after writing the WAL
-            # and, with synchronous=FULL, syncing it: looked at again every few ms for a while.
+            # A writer makes its commit visible (in the -shm index, which raises no event) only
+            # after writing the WAL and, with synchronous=FULL, syncing it: a round woken by the
+            # write may come too early, so the change counter (a read of shared memory) is read
+            # again every few ms for a while, and a change wakes the worker once more.
             self._recheck_pending = False
-            if self._conn is None or self._changed():
+            if self._conn is not None and self._changed():
                 self._event.set()
             elif loop.time() < self._recheck_until:
                 self._recheck_pending = True
@@ -213,9 +213,11 @@ class Watch:
         def on_events() -> None:
             with contextlib.suppress(OSError):
                 if any(event.name in names for event in notify.read(timeout=0)):
+                    self._event.set()
                     self._recheck_until = loop.time() + RECHECK_FOR_SECONDS
                     if not self._recheck_pending:
-                        look()
+                        self._recheck_pending = True
+                        loop.call_later(RECHECK_SECONDS, look)
 
         loop.add_reader(notify.fileno(), on_events)
         self._notify = notify
