@@ -74,7 +74,7 @@ from mailbridge.core.outbox import (
 )
 from mailbridge.core.parse import parse_message
 from mailbridge.core.templates import HistoryMessage, MergeData, has_codes, render, render_text
-from mailbridge.errors import ConfigError, MailbridgeError, StoreError
+from mailbridge.errors import ConfigError, MailbridgeError, MessageError, StoreError
 from mailbridge.mail.imap import ImapSession, quote
 from mailbridge.mail.smtp import SendError, SmtpSender
 from mailbridge.store.asyncrepo import AsyncRepository
@@ -612,11 +612,11 @@ class OutboxWorker:
                         "the account's sending stopped before this row (see the error before)"
                     )  # fmt: skip
                     await self._release([r for r, _p in left], why)
-            for row in rows:  # prepared but not sent (failed, cancelled, released)
-                self._parsed.pop(row.id, None)
             try:
                 await recorder.flush()
             finally:
+                for row in rows:  # prepared but not recorded (failed, cancelled, released)
+                    self._parsed.pop(row.id, None)
                 if sender is not None and not (finished and self._keep_session(account, sender)):
                     await sender.close()
 
@@ -787,10 +787,11 @@ class OutboxWorker:
         # What is stored once the server accepts it: read back now, on the loop for a short
         # message (well under a millisecond; a thread would hold the GIL while the loop waits
         # to read the server's replies), so recording a batch waits for no parsing.
-        self._parsed[row.id] = (
-            parse_message(raw) if len(raw) <= INLINE_BYTES
-            else await asyncio.to_thread(parse_message, raw)
-        )  # fmt: skip
+        with contextlib.suppress(MessageError):  # read back (and raised) when recorded
+            self._parsed[row.id] = (
+                parse_message(raw) if len(raw) <= INLINE_BYTES
+                else await asyncio.to_thread(parse_message, raw)
+            )  # fmt: skip
         return _Prepared(raw, recipients, actions, copies, bool(fixed_copies), fix)
 
     async def _send(
