@@ -28,10 +28,12 @@ from __future__ import annotations
 import re
 from collections.abc import Iterable, Sequence
 from datetime import UTC, datetime
+from email.header import Header
 from email.headerregistry import Address as HeaderAddress
+from email.headerregistry import BaseHeader, HeaderRegistry
 from email.message import EmailMessage
 from email.policy import EmailPolicy
-from email.utils import format_datetime, make_msgid, parseaddr
+from email.utils import format_datetime, formataddr, make_msgid, parseaddr
 from typing import Final, Literal
 
 from mailbridge.core.identify import (
@@ -66,27 +68,133 @@ _SENDABLE_ID = re.compile(r"[!-;=?-~]+")
 _ID_HEADERS: Final = frozenset({"message-id", "in-reply-to", "references"})
 
 
+class _Wire(str):
+    """A header value composed here in its final form (RFC 5322 section 2.2: printable ASCII,
+    folded with CRLF and a space; other text as RFC 2047 encoded-words): stored and written
+    as it is. The stdlib parses every value when it is set and folds it anew when written,
+    most of the time composing takes (scripts/bench, sending row); reading such a header
+    (``message["To"]``) still parses it as usual."""
+
+    __slots__ = ()
+
+
 class _Policy(EmailPolicy):
-    """``policy.SMTP`` (CRLF line ends), except that id headers are written on one line.
+    """``policy.SMTP`` (CRLF line ends), except that id headers are written on one line and
+    :class:`_Wire` values are written as they are.
 
     Folding between ids would be legal too, but the stdlib's folder cannot be told to break
     only at whitespace; writing them unfolded is safe because :func:`reference_chain` keeps
     them within the 998-character line limit.
     """
 
+    def header_store_parse(self, name: str, value: str) -> tuple[str, str]:
+        if isinstance(value, _Wire):
+            return (name, value)
+        return super().header_store_parse(name, value)
+
     def fold(self, name: str, value: str) -> str:
+        if isinstance(value, _Wire):
+            return f"{name}: {self.linesep.join(value.split(_CRLF))}{self.linesep}"
         if name.lower() in _ID_HEADERS and self.max_line_length is not None:
             return str(self.clone(max_line_length=None).fold(name, value))
         return str(super().fold(name, value))
 
     def fold_binary(self, name: str, value: str) -> bytes:
+        if isinstance(value, _Wire):
+            return self.fold(name, value).encode("ascii")
         if name.lower() in _ID_HEADERS and self.max_line_length is not None:
             return self.clone(max_line_length=None).fold_binary(name, value)
         return super().fold_binary(name, value)
 
 
+_CRLF: Final = "\r\n"
+# RFC 5322 section 2.1.1: lines SHOULD be at most 78 characters (folded where possible).
+_FOLD_AT: Final = 78
+
+
+def _plain_ascii(text: str) -> bool:
+    """Printable ASCII that no reader would take for an encoded-word (RFC 2047 section 6.1)."""
+    return text.isascii() and text.isprintable() and "=?" not in text
+
+
+def _encoded_words(text: str, name: str = "") -> str:
+    """``text`` as RFC 2047 encoded-words in UTF-8, folded between words."""
+    return str(Header(text, "utf-8", header_name=name or None).encode(linesep=_CRLF))
+
+
+def _wire_address(address: HeaderAddress) -> str | None:
+    """``Name <local@domain>`` for a header (RFC 5322 section 3.4), the name quoted where
+    its specials demand; None for a non-ASCII name or address, left to the stdlib (which
+    writes encoded-words that its own reader joins again)."""
+    spec, name = address.addr_spec, address.display_name
+    if not spec.isascii() or (name and not _plain_ascii(name)):
+        return None
+    return formataddr((name, spec)) if name else spec
+
+
+def _wire_addresses(name: str, addresses: Sequence[HeaderAddress]) -> _Wire | None:
+    """An address list, folded after a comma where a line would pass 78 characters."""
+    lines: list[str] = []
+    line = ""
+    indent = len(name) + 2  # "To: " before the first line, one space before the others
+
+    def width(text: str) -> int:
+        _head, folded, tail = text.rpartition(_CRLF)
+        return len(tail) + (1 if folded else indent)
+
+    for address in addresses:
+        text = _wire_address(address)
+        if text is None:
+            return None
+        joined = f"{line}, {text}" if line else text
+        if line and width(joined) > _FOLD_AT:
+            lines.append(line + ",")
+            line, indent = text, 1
+        else:
+            line = joined
+    lines.append(line)
+    return _Wire(f"{_CRLF} ".join(lines))
+
+
+def _wire_text(name: str, text: str) -> _Wire:
+    """An unstructured header (Subject): plain ASCII as it is, folded at spaces past 78
+    characters; other text (or a word too long for a line) as folded encoded-words."""
+    if _plain_ascii(text):
+        if len(name) + 2 + len(text) <= _FOLD_AT:
+            return _Wire(text)
+        folded = str(Header(text, "us-ascii", header_name=name).encode(linesep=_CRLF))
+        if all(len(line) <= _LINE_LIMIT for line in folded.split(_CRLF)):
+            return _Wire(folded)
+    return _Wire(_encoded_words(text, name))
+
+
+class _HeaderClasses(HeaderRegistry):
+    """The stdlib's header registry, with each header's class made once.
+
+    ``HeaderRegistry.__getitem__`` builds a new class (``type(...)``) on every header set or
+    read, about 60 us each: a quarter of composing a short reply (scripts/bench, sending row).
+    The classes depend only on the header name while the registry is not changed
+    (:meth:`map_to_type` clears the cache), so they are kept.
+    """
+
+    def __init__(self) -> None:
+        super().__init__()
+        self._classes: dict[str, type[BaseHeader]] = {}
+
+    def map_to_type(self, name: str, cls: type[BaseHeader]) -> None:
+        super().map_to_type(name, cls)
+        self._classes.clear()
+
+    def __getitem__(self, name: str) -> type[BaseHeader]:
+        key = name.lower()
+        cls = self._classes.get(key)
+        if cls is None:
+            cls = self._classes[key] = super().__getitem__(name)
+        return cls
+
+
 # policy.SMTP is policy.default with CRLF line ends; this is the same plus the id rule above.
-POLICY: Final = _Policy(linesep="\r\n")
+POLICY: Final = _Policy(linesep="\r\n", header_factory=_HeaderClasses())
 
 
 def _sendable_id(value: str) -> str | None:
@@ -246,43 +354,54 @@ def compose_reply(
         raise ValueError("no recipient left once the account's own addresses are dropped")
 
     message = EmailMessage(policy=POLICY)
-    message["From"] = sender
+
+    def addresses(name: str, values: Sequence[HeaderAddress]) -> None:
+        # Written by _wire_addresses; a non-ASCII address by the stdlib.
+        message[name] = _wire_addresses(name, values) or values
+
+    addresses("From", [sender])
     if to_list:
-        message["To"] = to_list
+        addresses("To", to_list)
     if cc_list:
-        message["Cc"] = cc_list
+        addresses("Cc", cc_list)
     if identification == "plus_address":
         # Answers go to support+KEY@domain, which the store reads from To/Cc/Delivered-To.
         # The display name is kept so the customer's client shows the account as usual.
-        message["Reply-To"] = HeaderAddress(
-            display_name=sender.display_name,
-            addr_spec=plus_address(sender.addr_spec, conversation_key),
+        addresses(
+            "Reply-To",
+            [
+                HeaderAddress(
+                    display_name=sender.display_name,
+                    addr_spec=plus_address(sender.addr_spec, conversation_key),
+                )
+            ],
         )
     if identification == "subject":
         # tag_subject cuts the subject so that the tag survives servers that shorten subjects.
-        message["Subject"] = tag_subject(subject, conversation_key)
+        message["Subject"] = _wire_text("Subject", tag_subject(subject, conversation_key))
     else:
-        message["Subject"] = _one_line(subject)
+        message["Subject"] = _wire_text("Subject", _one_line(subject))
     # RFC 5322 section 3.6.1: Date is required; section 3.3 date-time via the stdlib.
-    message["Date"] = format_datetime(now if now is not None else datetime.now(UTC))
+    message["Date"] = _Wire(format_datetime(now if now is not None else datetime.now(UTC)))
     # RFC 5322 section 3.6.4: a fresh, globally unique id on our own domain. Passing the domain
     # also keeps make_msgid from asking the resolver for this host's name (core does no I/O).
-    message["Message-ID"] = make_msgid(domain=sender.domain)
+    # Ids (checked by _sendable_id, printable ASCII) are written unfolded (see _Policy).
+    message["Message-ID"] = _Wire(make_msgid(domain=sender.domain))
     parent = _sendable_id(parent_message_id) if parent_message_id else None
     if parent is not None:
-        message["In-Reply-To"] = f"<{parent}>"
+        message["In-Reply-To"] = _Wire(f"<{parent}>")
     chain = reference_chain(parent_message_id, parent_references, parent_in_reply_to)
     if chain:
-        message["References"] = " ".join(f"<{i}>" for i in chain)
+        message["References"] = _Wire(" ".join(f"<{i}>" for i in chain))
     if automatic:
         # RFC 3834 section 5: a responder must not answer mail whose Auto-Submitted is other than
         # "no". Exchange/Outlook honour only their own header; "All" suppresses out-of-office
         # replies, delivery and read receipts alike.
-        message["Auto-Submitted"] = "auto-replied"
-        message["X-Auto-Response-Suppress"] = "All"
+        message["Auto-Submitted"] = _Wire("auto-replied")
+        message["X-Auto-Response-Suppress"] = _Wire("All")
         # Not standard (RFC 3834 section 5 discourages relying on it) but what many older
         # vacation programs and list servers still read; "auto_reply" as the reference sends.
-        message["Precedence"] = "auto_reply"
+        message["Precedence"] = _Wire("auto_reply")
 
     message.set_content(text)
     if html is not None:

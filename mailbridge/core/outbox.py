@@ -193,7 +193,9 @@ def envelope_recipients(message: Message, bcc: Sequence[str] = ()) -> list[str]:
     """RCPT TO addresses: To and Cc of the message, then ``bcc`` (never in a header), once
     each, lower-cased (RFC 5321 section 3.3)."""
     out: list[str] = []
-    values = [str(v) for name in ("To", "Cc") for v in message.get_all(name, [])]
+    # The values as stored (raw_items): reading them as header objects would parse each one
+    # into a header object first, for nothing (getaddresses reads the text).
+    values = [str(v) for name, v in message.raw_items() if name.lower() in ("to", "cc")]
     for _name, address in getaddresses([*values, *bcc]):
         address = address.strip().lower()
         if "@" in address and address not in out:

@@ -18,11 +18,14 @@ the reason when it is rendered.
 
 Fixed texts (reply_info, the history's "On DATE, NAME wrote:") come in the account's
 ``language`` (en, de, sv, fr, es); dates in the history in the account's ``time_zone``.
-Pure: no I/O; the worker reads the template file and looks up the records.
+Pure: no I/O; the worker reads the template file (once per account, again after a reload)
+and looks up the records. Compiled templates are kept (:func:`compiled`), so a template is
+compiled once, not per message.
 """
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import datetime
@@ -30,6 +33,7 @@ from typing import TYPE_CHECKING, Any, Final
 from zoneinfo import ZoneInfo
 
 if TYPE_CHECKING:  # imported where used: the daemon starts without Jinja2 unless it sends
+    from jinja2 import Template
     from jinja2.sandbox import SandboxedEnvironment
 
 # The reference product's merge codes (configuration.txt, "Templates").
@@ -88,15 +92,32 @@ _TEXTS: Final[dict[str, dict[str, str]]] = {
 }
 
 
+@functools.cache
 def environment(*, autoescape: bool = True) -> SandboxedEnvironment:
     """The one Jinja2 environment: sandboxed, HTML autoescaped (``autoescape=False`` for
-    plain text), undefined names are errors."""
+    plain text), undefined names are errors. Made once per process for each ``autoescape``
+    (its settings never change, and rendering does not change it)."""
     from jinja2 import StrictUndefined
     from jinja2.sandbox import SandboxedEnvironment
 
     return SandboxedEnvironment(
         autoescape=autoescape, undefined=StrictUndefined, keep_trailing_newline=True
     )
+
+
+# Compiled templates kept: an account's template and the bodies with merge codes that recur
+# (an automatic reply's, a snippet's). Compiling (Jinja2 parses the source and generates Python
+# code) costs far more than rendering; a changed source is a new key, compiled on its first use.
+TEMPLATE_CACHE_SIZE: Final = 256
+
+
+@functools.lru_cache(maxsize=TEMPLATE_CACHE_SIZE)
+def compiled(source: str, *, autoescape: bool = True) -> Template:
+    """``source`` compiled in :func:`environment` (kept, see TEMPLATE_CACHE_SIZE).
+
+    Raises :class:`jinja2.TemplateError` when it does not parse.
+    """
+    return environment(autoescape=autoescape).from_string(source)
 
 
 def unknown_codes(source: str, known: Iterable[str]) -> list[str]:
@@ -202,12 +223,11 @@ def render(source: str, body_html: str, data: MergeData) -> str:
 
     values = merge_values(data)
     values.update(data.records or {})
-    env = environment()
     try:
-        body = env.from_string(body_html).render(values) if "{" in body_html else body_html
+        body = compiled(body_html).render(values) if "{" in body_html else body_html
         # The row's HTML body (the integrator's or coworker's), meant as markup.
         values["body"] = Markup(body)  # noqa: S704
-        return env.from_string(source).render(values)
+        return compiled(source).render(values)
     except TemplateError as exc:
         line = getattr(exc, "lineno", None)
         raise ValueError(f"template: {exc}" + (f" (line {line})" if line else "")) from exc
@@ -222,9 +242,8 @@ def render_text(text: str, data: MergeData) -> str:
 
     values = merge_values(data)
     values.update(data.records or {})
-    env = environment(autoescape=False)
     try:
-        return env.from_string(text).render(values)
+        return compiled(text, autoescape=False).render(values)
     except TemplateError as exc:
         line = getattr(exc, "lineno", None)
         raise ValueError(f"template: {exc}" + (f" (line {line})" if line else "")) from exc

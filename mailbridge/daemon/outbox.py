@@ -17,16 +17,20 @@ One task in the daemon (beside the account loops) and one pass in ``run --once``
 **After a crash** (kill -9, power cut) between the end of DATA and step 4 the server may have
 the message while the row says ``sending``. At start-up every such row is resolved first: with
 ``folders.sent`` set, the Sent folder is searched for its Message-ID (``UID SEARCH HEADER
-Message-ID``); found, the row is recorded as sent. Otherwise it is sent again, with the same
-Message-ID and bytes: **at-least-once**. The recipient may get a second copy with the same
-Message-ID, which clients that de-duplicate by Message-ID (Gmail) show once.
+Message-ID``); found, the row is recorded as sent. A personalised row (one copy per
+recipient, each with its own Message-ID) is checked copy by copy: a copy recorded as accepted,
+or found in the Sent folder by its own Message-ID, is not sent again. Otherwise it (each copy
+not found) is sent again, with the same Message-ID and bytes: **at-least-once**. The
+recipient may get a second copy with the same Message-ID, which clients that de-duplicate by
+Message-ID (Gmail) show once.
 
 **Pick-up** without a felt delay: the worker sleeps until the next row is due, and wakes when
-the database changes (SQLite's ``PRAGMA data_version``, read every 25 ms on its own
-connection: a read of shared memory, no disk I/O) or when a command that queued mail sends a
-datagram to the daemon's wake socket (:func:`notify_daemon`). On PostgreSQL it waits on
-``LISTEN``: a trigger NOTIFYs whenever a row is queued, whoever wrote it (the CLI, an
-integrator's INSERT, on any host). :class:`Watch` is the one place that knows.
+the database changes (SQLite: inotify on the database file and its WAL, as any commit writes
+one of them, then ``PRAGMA data_version`` on its own connection tells; without inotify that
+counter is read every 25 ms: a read of shared memory, no disk I/O) or when a command that
+queued mail sends a datagram to the daemon's wake socket (:func:`notify_daemon`). On PostgreSQL
+it waits on ``LISTEN``: a trigger NOTIFYs whenever a row is queued, whoever wrote it (the CLI,
+an integrator's INSERT, on any host). :class:`Watch` is the one place that knows.
 """
 
 from __future__ import annotations
@@ -40,21 +44,21 @@ import socket
 import sqlite3
 import time
 from collections import Counter
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import Awaitable, Callable, Collection, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from email.message import EmailMessage
 from email.parser import BytesHeaderParser
 from email.utils import getaddresses, make_msgid
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import structlog
 
 from mailbridge.config import AccountSettings, Settings
 from mailbridge.core.html import html_to_text, text_to_html
 from mailbridge.core.identify import new_conversation_key, normalize_message_id
-from mailbridge.core.model import Address
+from mailbridge.core.model import Address, ParsedMessage
 from mailbridge.core.outbox import (
     MessageAction,
     OutgoingFile,
@@ -71,7 +75,7 @@ from mailbridge.core.outbox import (
 )
 from mailbridge.core.parse import parse_message
 from mailbridge.core.templates import HistoryMessage, MergeData, has_codes, render, render_text
-from mailbridge.errors import MailbridgeError, StoreError
+from mailbridge.errors import MailbridgeError, MessageError, StoreError
 from mailbridge.mail.imap import ImapSession, quote
 from mailbridge.mail.smtp import SendError, SmtpSender
 from mailbridge.store.asyncrepo import AsyncRepository
@@ -95,6 +99,13 @@ log = structlog.get_logger("mailbridge.outbox")
 # memory (microseconds), so 40 a second cost nothing measurable and keep an integrator's INSERT
 # from waiting (scripts/bench: insert -> end of DATA).
 DATA_VERSION_SECONDS = 0.025
+# With inotify watching the database's files (the usual case on Linux), the counter is read
+# only this often, as a safety net (a lost event).
+WATCH_POLL_SECONDS = 1.0
+# After a write to the database's files without a visible commit (yet), the counter is read
+# again this often, for this long (a commit becomes visible after the WAL is synced).
+RECHECK_SECONDS = 0.003
+RECHECK_FOR_SECONDS = 0.5
 # The longest sleep without looking at the table (a row whose next attempt an integrator
 # moved forward by hand is seen within this, or at once when the database changes).
 MAX_SLEEP_SECONDS = 60.0
@@ -103,8 +114,16 @@ MAX_SLEEP_SECONDS = 60.0
 LISTEN_POLL_SECONDS = 1.0
 LISTEN_RETRY_SECONDS = 5.0
 BATCH_SIZE = 50
-# Rows composed, marked sending and sent together; the next chunk is composed meanwhile.
-PIPELINE_CHUNK = 10
+# Messages up to this size are composed and read back on the event loop (about a millisecond);
+# longer ones on a thread.
+INLINE_BYTES = 64 * 1024
+# How long an account's SMTP connection is kept open after its last message, for the next row
+# (RSET first, RFC 5321 section 4.1.1.5): well below the 5 minutes a server waits for the
+# next command (RFC 5321 section 4.5.3.2.7) before it closes the connection.
+SESSION_IDLE_SECONDS = 30.0
+# The most rows composed, marked sending and sent together; the next chunk is composed and
+# marked meanwhile.
+PIPELINE_CHUNK = 16
 
 
 class InvalidRowError(Exception):
@@ -150,6 +169,11 @@ class Watch:
         self._listener: OutboxListener | None = None
         self._listen_at = 0.0  # monotonic time of the next attempt to LISTEN
         self._listen_fd = -1
+        self._notify: Any = None  # inotify_simple.INotify on the database's directory
+        self._poll_seconds = DATA_VERSION_SECONDS
+        # After a file event: until when the counter is read again, and whether a read is due.
+        self._recheck_until = 0.0
+        self._recheck_pending = False
 
     def open(self) -> None:
         if self.database is None:
@@ -160,6 +184,7 @@ class Watch:
         except sqlite3.Error as exc:
             log.warning("outbox_watch_unavailable", error=str(exc))
             self._conn = None
+        self._watch_files(self.database)
         sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
         try:
             sock.bind(wake_address(self.database))
@@ -170,6 +195,49 @@ class Watch:
         sock.setblocking(False)
         asyncio.get_running_loop().add_reader(sock.fileno(), self._on_datagram)
         self._socket = sock
+
+    def _watch_files(self, database: Path) -> None:
+        """Wake on any write to the database file or its WAL or journal
+        (https://sqlite.org/wal.html): every commit, by any process, writes one of them, so an
+        integrator's INSERT wakes the worker at once (inotify, Linux); the data_version read
+        then runs only as a safety net, every WATCH_POLL_SECONDS. Without inotify the change
+        counter is read every DATA_VERSION_SECONDS."""
+        try:
+            from inotify_simple import INotify, flags
+
+            notify = INotify(nonblocking=True)
+            notify.add_watch(database.parent, flags.MODIFY | flags.CREATE | flags.MOVED_TO)
+        except (ImportError, OSError) as exc:
+            log.info("outbox_file_watch_unavailable", error=str(exc))
+            return
+        names = {database.name + suffix for suffix in ("", "-wal", "-journal")}
+
+        loop = asyncio.get_running_loop()
+
+        def look() -> None:
+            # A writer makes its commit visible (in the -shm index, which raises no event) only
+            # after writing the WAL and, with synchronous=FULL, syncing it: a round woken by the
+            # write may come too early, so the change counter (a read of shared memory) is read
+            # again every few ms for a while, and a change wakes the worker once more.
+            self._recheck_pending = False
+            if self._conn is not None and self._changed():
+                self._event.set()
+            elif loop.time() < self._recheck_until:
+                self._recheck_pending = True
+                loop.call_later(RECHECK_SECONDS, look)
+
+        def on_events() -> None:
+            with contextlib.suppress(OSError):
+                if any(event.name in names for event in notify.read(timeout=0)):
+                    self._event.set()
+                    self._recheck_until = loop.time() + RECHECK_FOR_SECONDS
+                    if not self._recheck_pending:
+                        self._recheck_pending = True
+                        loop.call_later(RECHECK_SECONDS, look)
+
+        loop.add_reader(notify.fileno(), on_events)
+        self._notify = notify
+        self._poll_seconds = WATCH_POLL_SECONDS
 
     async def _listen(self) -> None:
         """PostgreSQL: open the LISTENing session, at most every LISTEN_RETRY_SECONDS."""
@@ -212,6 +280,11 @@ class Watch:
 
     def close(self) -> None:
         self._unlisten()
+        if self._notify is not None:
+            with contextlib.suppress(Exception):
+                asyncio.get_running_loop().remove_reader(self._notify.fileno())
+            self._notify.close()
+            self._notify = None
         if self._socket is not None:
             with contextlib.suppress(Exception):
                 asyncio.get_running_loop().remove_reader(self._socket.fileno())
@@ -263,8 +336,8 @@ class Watch:
             if left <= 0:
                 return
             with contextlib.suppress(TimeoutError):
-                if self._conn is not None:  # SQLite: read data_version again soon
-                    await asyncio.wait_for(self._event.wait(), min(left, DATA_VERSION_SECONDS))
+                if self._conn is not None:  # SQLite: read data_version again now and then
+                    await asyncio.wait_for(self._event.wait(), min(left, self._poll_seconds))
                 else:  # nothing to poll (PostgreSQL's NOTIFY sets the event): news or the stop
                     await asyncio.wait_for(_first_of(self._event, stopping), left)
 
@@ -329,7 +402,17 @@ class OutboxWorker:
         # Account -> monotonic time before which it is not tried (after a connection failure).
         self._paused: dict[str, float] = {}
         self._failures: Counter[str] = Counter()
-        self._served: tuple[Settings, dict[str, AccountSettings]] | None = None
+        self._served: tuple[Settings, frozenset[str] | None, dict[str, AccountSettings]] | None = (
+            None
+        )
+        # Account -> (its logged-in SMTP connection, monotonic time of its last use), kept
+        # between rounds so that a row queued alone is not delayed by connect, EHLO and AUTH.
+        self._sessions: dict[str, tuple[SmtpSender, float]] = {}
+        # Outbox id -> its message as stored once sent, read back when it was prepared.
+        self._parsed: dict[int, ParsedMessage] = {}
+        # Template file -> its text, for the settings object it was read under.
+        self._templates: dict[Path, str] = {}
+        self._templates_of: Settings | None = None
 
     @property
     def settings(self) -> Settings:
@@ -339,16 +422,17 @@ class OutboxWorker:
         # Once per settings object (a reload brings a new one): the loop asks after every
         # commit it sees, and while a 1,000-account fleet started (a state write every few
         # ms) this walk over all accounts was 3 % of the daemon's CPU (py-spy, issue 10).
-        settings = self.settings
+        # Keyed by the held accounts too: with several daemons ``only`` changes with the leases.
+        settings, only = self.settings, self.only
         cached = self._served
-        if cached is not None and cached[0] is settings:
-            return dict(cached[1])
+        if cached is not None and cached[0] is settings and cached[1] == only:
+            return dict(cached[2])
         served = {
             a.name: a
             for a in settings.accounts
-            if a.enabled and a.smtp is not None and (self.only is None or a.name in self.only)
+            if a.enabled and a.smtp is not None and (only is None or a.name in only)
         }
-        self._served = (settings, served)
+        self._served = (settings, only, served)
         return dict(served)
 
     def wake(self) -> None:
@@ -364,17 +448,27 @@ class OutboxWorker:
         self.watch.open()
         try:
             recover = True
+            recovered: set[str] = set()  # served accounts whose rows left sending are resolved
             while not self.stopping.is_set():
-                if recover:
-                    recover = not await self._guarded(self.recover())
+                # Rows left ``sending`` are resolved for every account the worker starts to
+                # serve: all at start; with several daemons, each account whose lease this
+                # daemon takes (its previous holder died mid-attempt, or handed it over).
+                served = set(self.accounts())
+                recovered &= served  # one given up and taken again is looked at again
+                pending = served if recover else served - recovered
+                if pending:
+                    recover = not await self._guarded(self.recover(accounts=pending))
+                    if not recover:
+                        recovered |= pending
                 # A round that failed (the database refused a write) may leave rows marked
                 # sending: between rounds nothing is in flight, so they are resolved as after a
-                # crash before the next round (one worker per database; leases come with
-                # PostgreSQL).
+                # crash before the next round.
                 recover = not await self._guarded(self.send_due()) or recover
                 await self.watch.wait(await self._sleep_seconds(), self.stopping)
+                await self._close_sessions(idle_for=SESSION_IDLE_SECONDS)
         finally:
             self.watch.close()
+            await self._close_sessions()
 
     async def run_once(self) -> OutboxSummary:
         """Resolve rows left ``sending``, then send every row due now (``run --once``).
@@ -387,7 +481,10 @@ class OutboxWorker:
             log.info("outbox_recovery_left_to_daemon", reason="a daemon serves this database")
         else:
             await self.recover(summary)
-        await self.send_due(summary)
+        try:
+            await self.send_due(summary)
+        finally:
+            await self._close_sessions()
         return summary
 
     async def _daemon_running(self) -> bool:
@@ -425,28 +522,57 @@ class OutboxWorker:
         for until in self._paused.values():
             if until > now:
                 sleep = min(sleep, until - now)
+        for _sender, used in self._sessions.values():
+            sleep = min(sleep, used + SESSION_IDLE_SECONDS - now)
         return max(sleep, 0.0)
+
+    async def _kept_session(self, account: AccountSettings) -> SmtpSender | None:
+        """The account's connection kept from an earlier round, reset and ready; or None."""
+        kept = self._sessions.pop(account.name, None)
+        if kept is None:
+            return None
+        sender, _used = kept
+        if sender.account != account:  # the settings were reloaded: sign in anew
+            await sender.close()
+            return None
+        return sender if await sender.reset() else None
+
+    def _keep_session(self, account: AccountSettings, sender: SmtpSender) -> bool:
+        """Keep ``sender`` for the account's next round; False when it cannot be kept."""
+        if not sender.usable or self.stopping.is_set():
+            return False
+        self._sessions[account.name] = (sender, time.monotonic())
+        return True
+
+    async def _close_sessions(self, idle_for: float | None = None) -> None:
+        """QUIT the kept connections (only those idle for ``idle_for`` seconds, if given)."""
+        now = time.monotonic()
+        for name, (sender, used) in list(self._sessions.items()):
+            if idle_for is None or now - used >= idle_for:
+                del self._sessions[name]
+                await sender.close()
 
     def _is_paused(self, account: str) -> bool:
         return self._paused.get(account, 0.0) > time.monotonic()
 
     # -- crash recovery -----------------------------------------------------------------------
 
-    async def recover(self, summary: OutboxSummary | None = None) -> None:
-        """Resolve rows a previous process left in ``sending`` (see the module docstring)."""
+    async def recover(
+        self, summary: OutboxSummary | None = None, *, accounts: Collection[str] | None = None
+    ) -> None:
+        """Resolve rows a previous process left in ``sending`` (see the module docstring), of
+        every served account or of those named."""
         summary = summary if summary is not None else OutboxSummary()
-        accounts = self.accounts()
-        for row in await self.repo.outbox_in_flight(list(accounts)):
-            account = accounts[row.account]
+        chosen = {n: a for n, a in self.accounts().items() if accounts is None or n in accounts}
+        for row in await self.repo.outbox_in_flight(list(chosen)):
+            account = chosen[row.account]
             found: bool | None = None
-            # Personalised copies are recorded one by one: the unsent ones are sent again.
-            if (
-                account.folders.sent is not None
-                and row.message_id
-                and row.raw is not None
-                and not row.copies
-            ):
-                found = await self._in_sent_folder(account, row.message_id)
+            copies_found: int | None = None
+            if row.raw is not None and row.copies:
+                found, copies_found = await self._recover_copies(account, row)
+            elif account.folders.sent is not None and row.message_id and row.raw is not None:
+                ids = await self._in_sent_folder(account, [row.message_id])
+                found = None if ids is None else row.message_id in ids
             outcome = recovered_state(found) if row.raw is not None else "queued"
             # Stored, then logged: the row reads as the line says.
             if outcome == "sent" and row.raw is not None:
@@ -467,11 +593,36 @@ class OutboxWorker:
                 outbox=row.id,
                 message_id=row.message_id,
                 found_in_sent=found,
+                **({} if copies_found is None else {"copies_found_in_sent": copies_found}),
                 outcome="recorded as sent" if outcome == "sent" else "sent again, same Message-ID",
             )
 
-    async def _in_sent_folder(self, account: AccountSettings, message_id: str) -> bool | None:
-        """Whether the Sent folder holds ``message_id``; None when it cannot be told."""
+    async def _recover_copies(
+        self, account: AccountSettings, row: OutboxRow
+    ) -> tuple[bool | None, int | None]:
+        """A personalised row's copies not yet recorded as accepted, looked for in the Sent
+        folder by their own Message-IDs: each one found is recorded as accepted (not sent
+        again). Returns (whether every copy is accepted now, None without a Sent folder to
+        tell; how many were found there, None when not looked)."""
+        pending = [c for c in await self.repo.outbox_copies(row.id) if c.sent is None]
+        if not pending:
+            return True, None  # every copy was accepted: only the status update is missing
+        if account.folders.sent is None:
+            return None, None
+        ids = await self._in_sent_folder(account, [c.message_id for c in pending])
+        if ids is None:
+            return None, None
+        now = datetime.now(UTC)
+        found = [c for c in pending if c.message_id in ids]
+        for copy in found:
+            await self.repo.outbox_copy_sent(row.id, copy.recipient, now)
+        return len(found) == len(pending), len(found)
+
+    async def _in_sent_folder(
+        self, account: AccountSettings, message_ids: Sequence[str]
+    ) -> set[str] | None:
+        """Which of ``message_ids`` the Sent folder holds (``UID SEARCH HEADER Message-ID``,
+        RFC 3501 section 6.4.4, one session for all); None when it cannot be told."""
         assert account.folders.sent is not None
         try:
             session = await ImapSession.open(account)
@@ -480,8 +631,11 @@ class OutboxWorker:
             return None
         try:
             await session.select(account.folders.sent)
-            uids = await session.search("HEADER", "Message-ID", quote(f"<{message_id}>"))
-            return bool(uids)
+            found: set[str] = set()
+            for message_id in message_ids:
+                if await session.search("HEADER", "Message-ID", quote(f"<{message_id}>")):
+                    found.add(message_id)
+            return found
         except MailbridgeError as exc:
             log.warning("outbox_sent_folder_unreadable", account=account.name, code=exc.code)
             return None
@@ -522,40 +676,62 @@ class OutboxWorker:
     async def _send_account(
         self, account: AccountSettings, rows: Sequence[OutboxRow], summary: OutboxSummary
     ) -> None:
-        """Send ``rows`` on one connection, in chunks: each chunk is composed (on a thread,
-        while the previous chunk is being sent), marked ``sending`` in one transaction, then
-        sent message by message; accepted rows are recorded by group commit."""
-        chunks = [rows[i : i + PIPELINE_CHUNK] for i in range(0, len(rows), PIPELINE_CHUNK)]
+        """Send ``rows`` on one connection (kept from the account's last round, RSET, or new;
+        kept afterwards for SESSION_IDLE_SECONDS), in chunks: while a chunk is being sent, the
+        next is composed and marked ``sending`` in one transaction; accepted rows are recorded
+        by group commit. Chunks grow (1, 2, 4 ... PIPELINE_CHUNK rows): the first row goes
+        out at once, later ones share their transactions."""
+        chunks = pipeline_chunks(rows)
         recorder = _SentRecorder(self, account, summary)
-        sender: SmtpSender | None = None
-        ahead = asyncio.ensure_future(self._prepare_chunk(account, chunks[0], summary))
+        sender = await self._kept_session(account)
+        ahead: asyncio.Future[list[tuple[OutboxRow, _Prepared]]] | None
+        ahead = asyncio.ensure_future(self._begin_chunk(account, chunks[0], summary))
+        finished = False
         try:
-            for number, _chunk in enumerate(chunks):
-                ready = await ahead
+            for number in range(len(chunks)):
+                assert ahead is not None
+                ready, ahead = await ahead, None
                 if number + 1 < len(chunks):
                     ahead = asyncio.ensure_future(
-                        self._prepare_chunk(account, chunks[number + 1], summary)
+                        self._begin_chunk(account, chunks[number + 1], summary)
                     )
                 if not ready:
                     continue
-                began = await self.repo.outbox_begin(
-                    [(row.id, prepared.fix) for row, prepared in ready], datetime.now(UTC)
-                )
-                # Cancelled (or fixed by another attempt) meanwhile: left for the next round.
-                ready = [(row, prepared) for row, prepared in ready if row.id in began]
                 sender, go_on = await self._send_chunk(account, ready, sender, recorder, summary)
                 if not go_on:
                     break
+            finished = True  # no exception: the connection is between transactions
         finally:
-            if not ahead.done():
-                ahead.cancel()
-            with contextlib.suppress(asyncio.CancelledError, Exception):
-                await ahead  # composed, never marked sending: still queued, nothing to undo
+            if ahead is not None:
+                # Never cancelled: a transaction on the database thread would commit anyway,
+                # leaving rows marked sending that nobody sends. Its rows go back to queued.
+                with contextlib.suppress(Exception):
+                    left = await ahead
+                    why = "the daemon is stopping" if self.stopping.is_set() else (
+                        "the account's sending stopped before this row (see the error before)"
+                    )  # fmt: skip
+                    await self._release([r for r, _p in left], why)
             try:
                 await recorder.flush()
             finally:
-                if sender is not None:
+                for row in rows:  # prepared but not recorded (failed, cancelled, released)
+                    self._parsed.pop(row.id, None)
+                if sender is not None and not (finished and self._keep_session(account, sender)):
                     await sender.close()
+
+    async def _begin_chunk(
+        self, account: AccountSettings, rows: Sequence[OutboxRow], summary: OutboxSummary
+    ) -> list[tuple[OutboxRow, _Prepared]]:
+        """Compose ``rows`` (fixing the message of each on its first attempt) and mark them
+        ``sending`` in one transaction, committed before any of them is sent; returns those
+        that began (not those cancelled meanwhile, left for the next round)."""
+        ready = await self._prepare_chunk(account, rows, summary)
+        if not ready:
+            return []
+        began = await self.repo.outbox_begin(
+            [(row.id, prepared.fix) for row, prepared in ready], datetime.now(UTC)
+        )
+        return [(row, prepared) for row, prepared in ready if row.id in began]
 
     async def _prepare_chunk(
         self, account: AccountSettings, rows: Sequence[OutboxRow], summary: OutboxSummary
@@ -695,19 +871,26 @@ class OutboxWorker:
                 raise InvalidRowError(problem)
         fix: OutboxFix | None = None
         if row.raw is None:
-            fix = await self._compose(account, row, context)
+            # The envelope comes from the message as composed: its bytes are not parsed back.
+            fix, recipients = await self._compose(account, row, context)
             raw, fixed_copies = fix.raw, list(fix.copies)
         else:
             raw = row.raw
             fixed_copies = await self.repo.outbox_copies(row.id) if row.copies else []
-        bcc = split_addresses(row.bcc)
-        message = parse_for_envelope(raw)
-        recipients = envelope_recipients(message, bcc)
+            recipients = envelope_recipients(parse_for_envelope(raw), split_addresses(row.bcc))
         if not recipients:
             raise InvalidRowError(
                 "no recipient left (the account's own addresses are never sent to)"
             )
         copies = [(c.recipient, c.raw) for c in fixed_copies if not c.sent]
+        # What is stored once the server accepts it: read back now, on the loop for a short
+        # message (well under a millisecond; a thread would hold the GIL while the loop waits
+        # to read the server's replies), so recording a batch waits for no parsing.
+        with contextlib.suppress(MessageError):  # read back (and raised) when recorded
+            self._parsed[row.id] = (
+                parse_message(raw) if len(raw) <= INLINE_BYTES
+                else await asyncio.to_thread(parse_message, raw)
+            )  # fmt: skip
         return _Prepared(raw, recipients, actions, copies, bool(fixed_copies), fix)
 
     async def _send(
@@ -732,8 +915,9 @@ class OutboxWorker:
 
     async def _compose(
         self, account: AccountSettings, row: OutboxRow, context: ReplyContext | None
-    ) -> OutboxFix:
-        """The row's message, to be fixed by :meth:`outbox_begin` before its first attempt."""
+    ) -> tuple[OutboxFix, list[str]]:
+        """The row's message, to be fixed by :meth:`outbox_begin` before its first attempt,
+        and its envelope recipients (To, Cc, then Bcc)."""
         settings = self.settings
         own = account.own_addresses()
         to, cc = split_addresses(row.to), split_addresses(row.cc)
@@ -806,8 +990,17 @@ class OutboxWorker:
                 )
             return message, raw
 
-        message, raw = await asyncio.to_thread(build, *await bodies([*to, *cc]))
-        message_id = normalize_message_id(str(message["Message-ID"]))
+        async def built(recipient: Sequence[str]) -> tuple[EmailMessage, bytes]:
+            html, text = await bodies(recipient)
+            if files or len(html or "") + len(text or "") > INLINE_BYTES:
+                # Attachments or a long text: long work, on a thread beside the SMTP dialogue.
+                return await asyncio.to_thread(build, html, text)
+            # A short message (about 1 ms) is built in place: a thread would hold the GIL
+            # while the loop waits for it to read the server's replies (scripts/bench).
+            return build(html, text)
+
+        message, raw = await built([*to, *cc])
+        message_id = message_id_of(message)
         assert message_id is not None
         copies: list[OutboxCopy] = []
         recipients = envelope_recipients(message, split_addresses(row.bcc))
@@ -818,10 +1011,10 @@ class OutboxWorker:
                 # Each recipient's own rendering: {{ recipient_name }} is theirs.
                 copies = [OutboxCopy(recipients[0], message_id, raw)]
                 for recipient in recipients[1:]:
-                    own_copy, own_raw = await asyncio.to_thread(build, *await bodies([recipient]))
-                    own_id = normalize_message_id(str(own_copy["Message-ID"])) or ""
+                    own_copy, own_raw = await built([recipient])
+                    own_id = message_id_of(own_copy) or ""
                     copies.append(OutboxCopy(recipient, own_id, own_raw))
-        return OutboxFix(message_id, key, raw, tuple(copies))
+        return OutboxFix(message_id, key, raw, tuple(copies)), recipients
 
     async def _merge_data(
         self,
@@ -854,19 +1047,32 @@ class OutboxWorker:
             time_zone=account.time_zone,
         )
 
-    @staticmethod
+    async def _template_source(self, path: Path) -> str:
+        """The template file's text, read once for the settings in force: a reload (SIGHUP)
+        gives new settings, and the files are read again on their next use."""
+        settings = self.settings
+        if self._templates_of is not settings:
+            self._templates_of, self._templates = settings, {}
+        source = self._templates.get(path)
+        if source is None:
+            try:
+                source = await asyncio.to_thread(path.read_text, "utf-8")
+            except OSError as exc:
+                raise InvalidRowError(f"cannot read template_file {path}: {exc.strerror}") from exc
+            self._templates[path] = source
+        return source
+
     async def _apply_template(
-        account: AccountSettings, body_html: str | None, body_text: str | None, data: MergeData
+        self,
+        account: AccountSettings,
+        body_html: str | None,
+        body_text: str | None,
+        data: MergeData,
     ) -> tuple[str | None, str | None]:
         """(html, text) with the account's template, signature and merge codes applied."""
         try:
             if account.template_file is not None:
-                try:
-                    source = await asyncio.to_thread(account.template_file.read_text, "utf-8")
-                except OSError as exc:
-                    raise InvalidRowError(
-                        f"cannot read template_file {account.template_file}: {exc.strerror}"
-                    ) from exc
+                source = await self._template_source(account.template_file)
                 body = body_html if body_html is not None else text_to_html(body_text or "")
                 return render(source, body, data), None
             if body_html is not None:
@@ -909,7 +1115,13 @@ class OutboxWorker:
         if not sent:
             return
         now = datetime.now(UTC)
-        parsed = await asyncio.to_thread(lambda: [parse_message(raw) for _row, raw, _a in sent])
+        # Read back when the row was prepared (see _prepare), else here (crash recovery).
+        kept = [self._parsed.pop(row.id, None) for row, _raw, _a in sent]
+
+        def read_back() -> list[ParsedMessage]:
+            return [p or parse_message(r) for p, (_row, r, _a) in zip(kept, sent, strict=True)]
+
+        parsed = read_back() if all(kept) else await asyncio.to_thread(read_back)
         records = []
         for (row, _raw, actions), message in zip(sent, parsed, strict=True):
             bcc = tuple(Address(a) for a in map(address_of, split_addresses(row.bcc)))
@@ -995,6 +1207,27 @@ class _SentRecorder:
             raise error
 
 
+def message_id_of(message: EmailMessage) -> str | None:
+    """The Message-ID of a message composed here, normalised (read as stored: no header
+    object is built for it)."""
+    for name, value in message.raw_items():
+        if name.lower() == "message-id":
+            return normalize_message_id(str(value))
+    return None
+
+
+def pipeline_chunks(rows: Sequence[OutboxRow]) -> list[Sequence[OutboxRow]]:
+    """``rows`` in chunks of 1, 2, 4 ... then PIPELINE_CHUNK rows: the first row is sent as
+    soon as it alone is composed and marked, later chunks share one transaction each."""
+    chunks: list[Sequence[OutboxRow]] = []
+    start, size = 0, 1
+    while start < len(rows):
+        chunks.append(rows[start : start + size])
+        start += size
+        size = min(size * 2, PIPELINE_CHUNK)
+    return chunks
+
+
 def attachment_allowed(path: Path, directories: Sequence[Path]) -> bool:
     """Whether ``path``, symbolic links and ``..`` resolved, lies in one of ``directories``."""
     try:
@@ -1016,7 +1249,7 @@ def personal_copies(message: EmailMessage, recipients: Sequence[str]) -> list[Ou
             del message["Message-ID"]
             # RFC 5322 section 3.6.4: globally unique; on our domain, no resolver asked.
             message["Message-ID"] = make_msgid(domain=domain)
-        message_id = normalize_message_id(str(message["Message-ID"])) or ""
+        message_id = message_id_of(message) or ""
         copies.append(OutboxCopy(recipient, message_id, message.as_bytes()))
     return copies
 

@@ -244,6 +244,19 @@ class SmtpSender:
             ) from exc
         return {address: f"{reply.code} {reply.message}" for address, reply in errors.items()}
 
+    async def reset(self) -> bool:
+        """RSET (RFC 5321 section 4.1.1.5) on a connection kept idle since an earlier batch:
+        True when the server answered 250, so the connection can carry the next message;
+        False (the connection closed) when it timed out, went away or refused."""
+        if not self._client.is_connected:
+            return False
+        try:
+            await self._client.rset()
+        except Exception:  # any failure only means: open a new connection
+            self._client.close()
+            return False
+        return True
+
     def _refusal(self, reply: str, permanent: bool) -> SendError:
         reply = _scrub(" ".join(reply.split()), self._secret)
         return SendError(f"{self._where} refused: {reply}", reply=reply, permanent=permanent)

@@ -438,6 +438,69 @@ async def test_the_running_worker_picks_up_an_integrators_insert_at_once(
         await repo.aclose()
 
 
+async def test_stopping_mid_batch_leaves_no_row_marked_sending(
+    tmp_path: Path, sink: SmtpSink
+) -> None:
+    """The next chunk is composed and marked sending while one is sent: stopped meanwhile,
+    every row not attempted goes back to queued (none is left in sending for a restart)."""
+    settings = parse_config(offline_config(tmp_path, sink))
+    conversation = seed_conversation(settings)
+    ids = [
+        queue(settings, OutgoingRequest("support", conversation_id=conversation, body_text=f"{n}"))
+        for n in range(4)
+    ]
+    repo = await open_repository(settings.database, settings)
+    worker = OutboxWorker(settings, repo)
+    sink.hold()
+    try:
+        task = asyncio.create_task(worker.send_due())
+        await eventually(sink.holding.is_set, within=30, what="the first DATA held")
+        # Rows 2 and 3 (the second chunk) are marked sending while the first is in DATA.
+        await eventually(
+            lambda: row(settings, ids[2])["state"] == "sending", within=30, what="chunk 2 began"
+        )
+        worker.stopping.set()
+        sink.release()
+        await asyncio.wait_for(task, 30)
+    finally:
+        sink.release()
+        await repo.aclose()
+    states = [row(settings, i)["state"] for i in ids]
+    assert states == ["sent", "queued", "queued", "queued"]
+    assert all("not attempted" in row(settings, i)["lasterror"] for i in ids[1:])
+    assert len(sink.received) == 1
+
+
+async def test_a_commit_by_another_process_wakes_the_watch_without_polling(
+    tmp_path: Path, sink: SmtpSink
+) -> None:
+    """inotify on the database's files: an integrator's INSERT (another connection's commit)
+    wakes the worker, not the change counter's next read."""
+    from mailbridge.daemon.outbox import WATCH_POLL_SECONDS, Watch
+
+    settings = parse_config(offline_config(tmp_path, sink))
+    seed_conversation(settings)
+    watch = Watch(settings.outbox_database())
+    watch.open()
+    try:
+        assert watch._poll_seconds == WATCH_POLL_SECONDS  # inotify is watching
+        watch._poll_seconds = 3600.0  # so only a file event can end the wait below
+        stopping = asyncio.Event()
+        waiting = asyncio.create_task(watch.wait(7200, stopping))
+        await asyncio.sleep(0.2)
+        assert not waiting.done()
+        conn = sqlite3.connect(settings.database)
+        try:
+            conn.execute("INSERT INTO outbox (account, toaddresses, bodytext)"
+                         " VALUES ('support', 'a@x.example', 'x')")  # fmt: skip
+            conn.commit()
+        finally:
+            conn.close()
+        await asyncio.wait_for(waiting, 30)
+    finally:
+        watch.close()
+
+
 # -- kill -9 between the end of DATA and the status update --------------------------------------
 
 
@@ -518,6 +581,52 @@ def test_kill_9_after_data_then_found_in_sent_is_not_resent(
     assert done["state"] == "sent"
     assert done["attempts"] == 1
     assert len(sink.received) == 1  # not sent again
+
+
+@pytest.mark.dovecot
+def test_kill_9_during_personalised_copies_resends_only_those_not_in_sent(
+    tmp_path: Path, sink: SmtpSink, dovecot: Any, imap_user: Any
+) -> None:
+    """personalized_emails: killed while the server holds its 250 to the first copy, which
+    the server then files in Sent under that copy's own Message-ID. The restart finds it
+    there and does not send it again; the second copy, never sent, is."""
+    data = config_data(
+        tmp_path, dovecot, imap_user, smtp=sink.smtp_settings(),
+        folders={"sent": "Sent", "append_sent": False}, personalized_emails=True,
+    )  # fmt: skip
+    data["recovery"] = {"enabled": False}
+    settings = parse_config(data)
+    path = write_config(tmp_path, data)
+    conversation = seed_conversation(
+        settings, mail("Order", to=imap_user.address, Cc="Jane <jane@x.example>")
+    )
+    outbox_id = queue(
+        settings,
+        OutgoingRequest(account="support", conversation_id=conversation, body_text="x",
+                        coworker="Ann Agent"),
+    )  # fmt: skip
+    first = _killed_mid_send(path, settings, sink, outbox_id)
+    assert parsed(first)["To"] is not None
+    first_id = normalize_message_id(str(parsed(first)["Message-ID"]))
+    dovecot.append(imap_user.login, imap_user.password, first, folder="Sent")  # the server's copy
+    assert cli_main(["-c", str(path), "run", "--once"]) == 0
+    done = row(settings, outbox_id)
+    assert done["state"] == "sent"
+    received = [(r.recipients, normalize_message_id(str(parsed(r.data)["Message-ID"])))
+                for r in sink.received]  # fmt: skip
+    # The first copy once (before the kill), the second once (after it), each its own id.
+    assert [r for r, _id in received] == [(CUSTOMER,), ("jane@x.example",)]
+    assert received[0][1] == first_id
+    assert received[1][1] != first_id
+    conn = sqlite3.connect(settings.database)
+    try:
+        copies = conn.execute(
+            "SELECT recipient, senttime IS NOT NULL FROM outboxcopy WHERE outbox = ? ORDER BY id",
+            (outbox_id,),
+        ).fetchall()
+    finally:
+        conn.close()
+    assert copies == [(CUSTOMER, 1), ("jane@x.example", 1)]
 
 
 # -- the customer's answer threads back ---------------------------------------------------------
@@ -847,6 +956,40 @@ async def test_template_wraps_the_reply_with_merge_codes_and_relations(
         conn.close()
     assert uses[0] == 1
     assert uses[1] is not None
+
+
+async def test_the_template_is_read_once_and_again_after_a_reload(
+    tmp_path: Path, sink: SmtpSink
+) -> None:
+    """The template file is read at its first use, not per message; a reload (new settings,
+    as SIGHUP gives the worker) reads it again."""
+    template = tmp_path / "support.html"
+    template.write_text("<p>{{ body }}</p><p>first version</p>")
+    data = offline_config(tmp_path, sink, template_file=str(template))
+    current = parse_config(data)
+    conversation = seed_conversation(current)
+    repo = await open_repository(current.database, current)
+    worker = OutboxWorker(lambda: current, repo)
+
+    async def send(text: str) -> str:
+        queue(current, OutgoingRequest(account="support", conversation_id=conversation,
+                                       body_text=text))  # fmt: skip
+        await worker.run_once()
+        html = parsed(sink.received[-1].data).get_body(("html",))
+        assert html is not None
+        return str(html.get_content())
+
+    try:
+        assert "first version" in await send("one")
+        template.write_text("<p>{{ body }}</p><p>second version</p>")
+        assert "first version" in await send("two")  # not read again
+        current = parse_config(data)  # the reload
+        assert "second version" in await send("three")
+        template.unlink()
+        assert "second version" in await send("four")  # kept: no read per message
+    finally:
+        await repo.aclose()
+    assert len(sink.received) == 4
 
 
 async def test_attachments_by_path_only_from_the_configured_directories(

@@ -530,3 +530,97 @@ def test_plain_text_only_is_a_single_part() -> None:
     ours = compose(html=None)
     assert ours.get_content_type() == "text/plain"
     assert parsed(ours).plain_text == "We are on it."
+
+
+@given(
+    name=st.text(min_size=0, max_size=40),
+    subject=st.text(min_size=0, max_size=200),
+    text=st.text(min_size=0, max_size=300),
+)
+def test_the_kept_header_classes_write_what_the_stdlib_writes(
+    name: str, subject: str, text: str
+) -> None:
+    """POLICY keeps the header classes the stdlib makes per header (a quarter of composing):
+    the bytes are those of the same policy with the stdlib's own registry."""
+    from mailbridge.core import compose
+
+    kwargs: dict[str, Any] = {
+        "address": "support@example.test",
+        "display_name": name,
+        "identification": "subject",
+        "conversation_key": new_conversation_key(),
+        "subject": subject,
+        "to": ["Jöhn Doe <john@customer.example>", "jane@x.example"],
+        "text": text,  # no HTML: a multipart's boundary is random
+        "parent_message_id": "<parent@customer.example>",
+        "now": datetime(2026, 11, 23, 9, 0, tzinfo=UTC),
+    }
+
+    def composed() -> bytes:
+        message = compose_reply(**kwargs)
+        del message["Message-ID"]  # random per message
+        return message.as_bytes()
+
+    kept = composed()
+    stdlib = compose._Policy(linesep="\r\n")
+    original = compose.POLICY
+    compose.POLICY = stdlib  # type: ignore[misc]
+    try:
+        assert composed() == kept
+    finally:
+        compose.POLICY = original  # type: ignore[misc]
+
+
+# Printable ASCII names are written by compose; others by the stdlib, as before (whose reader
+# splits a long encoded name it wrote itself: not ours to test).
+_NAMES = st.text(st.characters(min_codepoint=32, max_codepoint=126), max_size=60)
+
+
+@given(
+    sender_name=_NAMES,
+    names=st.lists(_NAMES, min_size=1, max_size=8),
+    subject=st.text(max_size=300),
+)
+def test_headers_written_as_composed_read_back_as_given(
+    sender_name: str, names: list[str], subject: str
+) -> None:
+    """From, To, Cc and Subject are written by compose itself (not the stdlib's slow header
+    objects): a reader gets the names, addresses and subject back, and every line is ASCII and
+    within RFC 5322's 998 characters (folded at 78 where the text allows)."""
+    to = [HeaderAddressFor(name, n) for n, name in enumerate(names)]
+    message = compose_reply(
+        address="support@example.test",
+        display_name=sender_name,
+        identification="message_id",
+        conversation_key=new_conversation_key(),
+        subject=subject,
+        to=to[: len(to) // 2 + 1],
+        cc=to[len(to) // 2 + 1 :],
+        text="Hello",
+    )
+    raw = message.as_bytes()
+    head = raw.split(b"\r\n\r\n", 1)[0]
+    assert head.isascii()
+    assert all(len(line) <= 998 for line in head.split(b"\r\n"))
+    again = message_from_bytes(raw, policy=email_policy.default)
+
+    def collapsed(text: str) -> str:
+        return " ".join(text.split())
+
+    [sender] = again["From"].addresses
+    assert (collapsed(sender.display_name), sender.addr_spec) == (
+        collapsed(sender_name),
+        "support@example.test",
+    )
+    got = [
+        (collapsed(a.display_name), a.addr_spec)
+        for field in ("To", "Cc")
+        if again[field] is not None
+        for a in again[field].addresses
+    ]
+    assert got == [(collapsed(a.name), a.email) for a in to]
+    assert collapsed(str(again["Subject"])) == collapsed(subject)
+
+
+def HeaderAddressFor(name: str, n: int) -> Address:  # noqa: N802 - reads as a constructor
+    return Address(email=f"person{n}@customer.example", name=name)

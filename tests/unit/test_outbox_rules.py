@@ -3,9 +3,11 @@ the latter on every backend (SQLite, and PostgreSQL on the session's throwaway c
 
 from __future__ import annotations
 
+import itertools
 from collections.abc import Iterator
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
+from typing import Any
 
 import pytest
 from hypothesis import given
@@ -233,3 +235,18 @@ def test_snippets_list_pinned_first_and_count_uses(repo: Store) -> None:
     assert used is not None
     assert (used.count, used.last_used) == (1, NOW)
     assert repo.use_snippet("old", NOW) is None  # inactive
+
+
+@given(st.integers(min_value=0, max_value=200))
+def test_pipeline_chunks_start_with_one_row_and_grow_to_the_limit(count: int) -> None:
+    from mailbridge.daemon.outbox import PIPELINE_CHUNK, pipeline_chunks
+
+    rows: list[Any] = list(range(count))
+    chunks = pipeline_chunks(rows)
+    assert [r for chunk in chunks for r in chunk] == rows  # every row once, in order
+    sizes = [len(c) for c in chunks]
+    assert sizes[:1] == ([1] if count else [])
+    assert all(size <= PIPELINE_CHUNK for size in sizes)
+    pairs = list(itertools.pairwise(sizes))
+    assert all(b == min(2 * a, PIPELINE_CHUNK) for a, b in pairs[:-1])  # the last may be short
+    assert all(b <= min(2 * a, PIPELINE_CHUNK) for a, b in pairs[-1:])

@@ -119,3 +119,18 @@ def test_check_config_exits_78_naming_the_template_and_the_code(
     assert "{{ recipent_name }}" in err
     template.write_text("<p>{{ body }}</p><p>{{ recipient_name }}</p>")
     assert cli_main(["-c", str(path), "check-config"]) == 0
+
+
+def test_a_template_is_compiled_once_and_rendered_per_message() -> None:
+    from mailbridge.core.templates import compiled
+
+    source = "<p>{{ body }}</p><p>{{ recipient_name }} #compiled-once</p>"
+    compiled.cache_clear()
+    for name in ("Ann", "Bob", "Cy"):
+        data = MergeData(
+            subject="s", sender_name="Support", sender_address="support@example.test",
+            recipient_name=name, recipient_address=f"{name.lower()}@x.example", followers=(),
+        )  # fmt: skip
+        assert f"<p>{name} #compiled-once</p>" in render(source, "<b>hi</b>", data)
+    info = compiled.cache_info()
+    assert (info.misses, info.hits) == (1, 2)
