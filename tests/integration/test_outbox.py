@@ -480,7 +480,7 @@ async def test_a_commit_by_another_process_wakes_the_watch_without_polling(
 
     settings = parse_config(offline_config(tmp_path, sink))
     seed_conversation(settings)
-    watch = Watch(settings.outbox_database())
+    watch = Watch(settings)
     watch.open()
     try:
         assert watch._poll_seconds == WATCH_POLL_SECONDS  # inotify is watching
@@ -1221,3 +1221,37 @@ async def eventually_async(check: Any) -> None:
             return
         await asyncio.sleep(0.05)
     pytest.fail("condition not met within 30 s")
+
+
+async def test_rows_left_sending_are_resolved_when_the_worker_starts_to_serve_their_account(
+    tmp_path: Path, sink: SmtpSink
+) -> None:
+    """With several daemons the worker serves the accounts this daemon holds a lease of
+    (``only``): a row the previous holder left ``sending`` (it died mid-attempt) is resolved
+    when the account is taken over, not only at start, and only then."""
+    settings = parse_config(offline_config(tmp_path, sink))
+    conversation = seed_conversation(settings)
+    outbox_id = queue(
+        settings, OutgoingRequest(account="support", conversation_id=conversation, body_text="x")
+    )
+    conn = sqlite3.connect(settings.database)
+    conn.execute("UPDATE outbox SET state = 'sending' WHERE id = ?", (outbox_id,))
+    conn.commit()
+    conn.close()
+    repo = await open_repository(settings.database, settings)
+    worker = OutboxWorker(settings, repo, only=frozenset())  # holds no lease yet
+    task = asyncio.create_task(worker.run())
+    try:
+        await asyncio.sleep(1.0)
+        assert row(settings, outbox_id)["state"] == "sending"  # another daemon's, for all it knows
+        worker.only = frozenset({"support"})  # the lease is taken over
+        worker.wake()
+        await eventually(lambda: len(sink.received) == 1, within=15, what="the row sent")
+        await eventually(
+            lambda: row(settings, outbox_id)["state"] == "sent", within=15, what="recorded"
+        )
+    finally:
+        worker.stopping.set()
+        await asyncio.wait_for(task, 30)
+        await repo.aclose()
+    assert "the daemon stopped during this attempt" in row(settings, outbox_id)["lasterror"]
