@@ -218,6 +218,9 @@ def _main(argv: Sequence[str] | None) -> int:
     try:
         return _dispatch(args, settings)
     except ConfigError as exc:
+        if exc.code == "account_unknown":  # the command's argument, not the config, is wrong
+            print(f"mailbridge: {exc}\n  fix: {exc.remedy}", file=sys.stderr)
+            return 1
         print(f"mailbridge: config error: {exc}\n  fix: {exc.remedy}", file=sys.stderr)
         return EX_CONFIG
     except StoreError as exc:
@@ -772,6 +775,8 @@ def _discarded(settings: Settings, account: str | None, *, limit: int, as_json: 
             found = repo.not_stored(account, limit=limit)
         finally:
             repo.close()
+    if account is not None and not found and account not in {a.name for a in settings.accounts}:
+        settings.account(account)  # a typo, not an empty list: account_unknown, exit 1
     if as_json:
         rows = [
             {

@@ -13,11 +13,13 @@ from __future__ import annotations
 import sys
 from collections.abc import Sequence
 from datetime import UTC, datetime
+from email.utils import getaddresses
 from pathlib import Path
 
 from rich.table import Table
 
 from mailbridge.config import Settings
+from mailbridge.core.outbox import parse_actions
 from mailbridge.daemon.outbox import notify_daemon
 from mailbridge.errors import describe
 from mailbridge.store.base import Repository
@@ -26,6 +28,7 @@ from mailbridge.store.outbox import OutgoingRequest
 from mailbridge.term import console, mail_text
 
 EX_USAGE = 64
+EX_NOINPUT = 66
 
 
 def _open(settings: Settings) -> Repository:
@@ -58,12 +61,48 @@ def _wake(settings: Settings, repo: Repository) -> bool:
     return path is not None and notify_daemon(path)
 
 
+class _UnreadableError(Exception):
+    """The body file named on the command line cannot be read (the message says why)."""
+
+
 def _read_body(body_file: Path | None) -> str | None:
-    """The body from ``--body-file`` (``-`` for stdin), else stdin when it is not a terminal."""
+    """The body from ``--body-file`` (``-`` for stdin), else stdin when it is not a terminal.
+    Raises _UnreadableError for a file that cannot be read."""
     if body_file is not None and str(body_file) != "-":
-        return body_file.read_text(encoding="utf-8")
+        try:
+            return body_file.read_text(encoding="utf-8")
+        except (OSError, UnicodeDecodeError) as exc:
+            reason = exc.strerror if isinstance(exc, OSError) and exc.strerror else str(exc)
+            raise _UnreadableError(f"cannot read --body-file {body_file}: {reason}") from exc
     if body_file is not None or not sys.stdin.isatty():
-        return sys.stdin.read()
+        try:
+            return sys.stdin.read()
+        except OSError:  # no stdin at all (a service, a test runner)
+            return None
+    return None
+
+
+def _bad_addresses(values: Sequence[str]) -> list[str]:
+    """The ``--to``/``--cc``/``--bcc`` values that are not email addresses (RFC 5322 3.4):
+    refused when queued, not found out by the worker later."""
+    bad: list[str] = []
+    for value in values:
+        found = getaddresses([value])
+        if not found or any(
+            not addr or addr.count("@") != 1 or not all(addr.split("@")) or " " in addr
+            for _name, addr in found
+        ):
+            bad.append(value)
+    return bad
+
+
+def _bad_actions(actions: str | None) -> str | None:
+    """Why ``--actions`` breaks the rule the worker applies (:func:`parse_actions`), or None:
+    refused when queued rather than failing the row later."""
+    try:
+        parse_actions(actions)
+    except ValueError as exc:
+        return str(exc)
     return None
 
 
@@ -90,7 +129,15 @@ def reply(
     actions: str | None,
 ) -> int:
     """``mailbridge reply CONVERSATION``: queue an answer to the conversation's followers."""
-    body = _read_body(body_file) if body_file is not None or snippet is None else None
+    problem = _bad_actions(actions)
+    if problem is not None:
+        print(f"mailbridge: {problem}", file=sys.stderr)
+        return EX_USAGE
+    try:
+        body = _read_body(body_file)  # with --snippet too: the snippet comes after it
+    except _UnreadableError as exc:
+        print(f"mailbridge: {exc}", file=sys.stderr)
+        return EX_NOINPUT
     repo = _open(settings)
     try:
         context = repo.reply_context(conversation_id)
@@ -148,7 +195,15 @@ def send(
 ) -> int:
     """``mailbridge send ACCOUNT --to ADDR --subject TEXT``: queue a new conversation."""
     settings.account(account)  # ConfigError naming the configured accounts
-    body = _read_body(body_file)
+    bad = _bad_addresses([*to, *cc, *bcc])
+    if bad:
+        print(f"mailbridge: not an email address: {', '.join(map(repr, bad))}", file=sys.stderr)
+        return EX_USAGE
+    try:
+        body = _read_body(body_file)
+    except _UnreadableError as exc:
+        print(f"mailbridge: {exc}", file=sys.stderr)
+        return EX_NOINPUT
     if body is None or not body.strip():
         print("mailbridge: give the body with --body-file FILE or on stdin", file=sys.stderr)
         return EX_USAGE

@@ -1044,7 +1044,11 @@ class Settings(_Model):
             if account.name == name:
                 return account
         names = ", ".join(a.name for a in self.accounts)
-        raise ConfigError(f"no account named {name!r} (configured: {names})", path="accounts")
+        raise ConfigError(
+            f"no account named {name!r} (configured: {names})",
+            path="accounts",
+            code="account_unknown",
+        )
 
 
 def _format_loc(loc: tuple[int | str, ...], data: object) -> str:

@@ -65,6 +65,12 @@ CATALOGUE: Final[dict[str, ErrorInfo]] = dict(
             transient=False,
         ),
         _info(
+            "account_unknown",
+            "No account has that name",
+            "Name one of the accounts of the config ('mailbridge status' lists them).",
+            transient=False,
+        ),
+        _info(
             "secret_missing",
             "A password or token could not be read",
             "Check that the file, environment variable or systemd credential named by "

@@ -14,8 +14,10 @@ mailbox (2 KB - 200 KB; plain, multipart HTML, attachments, inline images, reply
 * IDLE: APPEND to committed row (the ``message_imported`` log line, written after the commit) for
   the daemon, beside the server's own push latency (APPEND to ``* EXISTS`` on a bare IDLE session);
 * fleets: N idle accounts in one daemon: RSS, CPU while idle, IDLE latency with the fleet connected;
-* recovery sweep: 1,000 messages put in Failed by a too-low attachment limit, then retried by
-  ``mailbridge sync`` once the limit is back to its default;
+* recovery sweep: as many messages as the import (1,000 without one), of the import's kind
+  (:func:`make_corpus`, another seed), put in Failed by a too-low ``limits.message_max_size_mb``,
+  then retried by ``mailbridge sync`` once the limit is back to its default: its time per
+  message against the import's;
 * sending: outbox rows to an aiosmtpd sink beside a bare aiosmtplib loop sending the same
   messages, and the latency from an integrator's INSERT to the end of DATA
   (``scripts/bench_sending.py``).
@@ -236,10 +238,15 @@ def write_config(
     mode: str,
     name: str,
     attachment_max_size_mb: float = 25.0,
+    message_max_size_mb: float = 50.0,
 ) -> Path:
     config = {
         "database": str(workdir / f"{name}.db"),
-        "limits": {"fetch_batch_size": BATCH, "attachment_max_size_mb": attachment_max_size_mb},
+        "limits": {
+            "fetch_batch_size": BATCH,
+            "attachment_max_size_mb": attachment_max_size_mb,
+            "message_max_size_mb": message_max_size_mb,
+        },
         "accounts": [
             {
                 "name": user,
@@ -599,36 +606,19 @@ def measure_idle(
 # -- the run ------------------------------------------------------------------------------------
 
 
-def make_failing(count: int, address: str, seed: int = 11) -> list[bytes]:
-    """``count`` messages, each with a 20-80 KB attachment: over a 10 KB limit, under the
-    default one - what an operator's too-low ``attachment_max_size_mb`` leaves in Failed."""
-    rng = random.Random(seed)
-    out: list[bytes] = []
-    for n in range(count):
-        msg = EmailMessage()
-        msg["From"] = f"Customer {n} <customer{n}@example.net>"
-        msg["To"] = address
-        msg["Date"] = format_datetime(datetime.now(UTC))
-        msg["Message-ID"] = f"<sweep-{seed}-{n}@example.net>"
-        msg["Subject"] = f"Scan {n} {rng.choice(VOCABULARY)}"
-        msg.set_content(_text(rng, rng.randrange(1000, 4000)))
-        blob = rng.randbytes(rng.randrange(20_000, 80_000))
-        msg.add_attachment(blob, maintype="application", subtype="pdf", filename=f"scan{n}.pdf")
-        out.append(msg.as_bytes())
-    return out
-
-
 def measure_sweep(dovecot: Dovecot, workdir: Path, count: int) -> dict[str, Any]:
-    """Recovery sweep of ``count`` failed messages: ``run --once`` with a 10 KB attachment limit
-    puts them all in Failed; then, the limit back at its default, ``mailbridge sync`` (a fresh
-    process, start-up included) retries them all and moves them to Processed."""
+    """Recovery sweep of ``count`` failed messages of the import's kind (:func:`make_corpus`,
+    another seed, so the per-message comparison with the import is like for like): ``run
+    --once`` with a 1 KB ``limits.message_max_size_mb`` puts them all in Failed unread
+    (``too_large``); then, the limit back at its default, ``mailbridge sync`` (a fresh process,
+    start-up included) downloads them from Failed, imports them and moves them to Processed."""
     user = dovecot.add_user("sweep", PASSWORD)
-    failing = make_failing(count, f"{user}@example.test")
+    failing = make_corpus(count, f"{user}@example.test", seed=13)
     size = sum(len(raw) for raw in failing)
     append_parallel(dovecot, user, failing)
     del failing
     low = write_config(
-        workdir, dovecot, [user], mode="poll", name="sweep", attachment_max_size_mb=0.01
+        workdir, dovecot, [user], mode="poll", name="sweep", message_max_size_mb=0.001
     )
     with (workdir / "sweep-fail.log").open("wb") as log:
         subprocess.run(
@@ -777,6 +767,8 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                 results["fleets"].append(
                     measure_idle(dovecot, users, workdir, args.latency_messages, f"fleet{size}")
                 )
+            if args.sweep_messages is None:
+                args.sweep_messages = args.messages or 1000
             if args.sweep_messages > 0:
                 say(f"recovery sweep of {args.sweep_messages} failed messages (mailbridge sync)")
                 results["sweep"] = measure_sweep(dovecot, workdir, args.sweep_messages)
@@ -1001,7 +993,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         help="APPENDs per latency measurement (0 skips the latency runs)",
     )
     parser.add_argument(
-        "--sweep-messages", type=int, default=1000, help="failed messages to sweep (0 skips)"
+        "--sweep-messages",
+        type=int,
+        default=None,
+        help="failed messages to sweep (default: as many as --messages, so that the time per "
+        "message compares like for like, start-up included; 1,000 without an import; 0 skips)",
     )
     parser.add_argument(
         "--sending-messages", type=int, default=1000, help="outbox rows to send (0 skips)"

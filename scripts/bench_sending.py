@@ -143,7 +143,8 @@ async def _latency(settings: Settings, sink: _Sink, count: int) -> list[float]:
     inserted: dict[str, float] = {}
     try:
         await asyncio.sleep(0.5)
-        conn = sqlite3.connect(settings.database)
+        assert settings.sqlite_path is not None  # the bench's outbox is an SQLite file
+        conn = sqlite3.connect(settings.sqlite_path)
         try:
             for n in range(count):
                 subject = f"latency {n}"
@@ -202,7 +203,8 @@ async def _measure(count: int, latency_count: int, workdir: Path, sink: _Sink) -
     for start in range(0, count, share):
         part = range(start, min(start + share, count))
         bare += await _bare_loop(sink, [raws[n] for n in part], [recipients[n] for n in part])
-        _insert(settings.database, [(recipients[n], f"Bench {n}", _BODY) for n in part])
+        assert settings.sqlite_path is not None
+        _insert(settings.sqlite_path, [(recipients[n], f"Bench {n}", _BODY) for n in part])
         repo = await open_repository(settings.database, settings)
         try:
             started = time.perf_counter()

@@ -13,6 +13,7 @@ from __future__ import annotations
 import asyncio
 import email
 import email.policy
+import io
 import json
 import os
 import signal
@@ -1255,3 +1256,58 @@ async def test_rows_left_sending_are_resolved_when_the_worker_starts_to_serve_th
         await asyncio.wait_for(task, 30)
         await repo.aclose()
     assert "the daemon stopped during this attempt" in row(settings, outbox_id)["lasterror"]
+
+
+def test_the_sending_commands_refuse_what_could_never_be_sent(
+    tmp_path: Path, sink: SmtpSink, capsys: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """What a command is given is checked when it is queued, not found out by the worker later:
+    a body on stdin is kept beside --snippet, an unreadable --body-file is a clear error, an
+    address that is none and --actions the worker would refuse are usage errors, and an
+    account name that is not configured is the argument's fault (exit 1), not the config's."""
+    data = offline_config(tmp_path, sink)
+    settings = parse_config(data)
+    path = write_config(tmp_path, data)
+    conversation = seed_conversation(settings)
+    conn = sqlite3.connect(settings.database)
+    conn.execute("INSERT INTO textsnippet (name, text) VALUES ('thanks', 'Thank you!')")
+    conn.commit()
+    conn.close()
+
+    def rows_queued() -> list[tuple[Any, ...]]:
+        conn = sqlite3.connect(settings.database)
+        try:
+            return conn.execute("SELECT bodytext FROM outbox ORDER BY id").fetchall()
+        finally:
+            conn.close()
+
+    monkeypatch.setattr("sys.stdin", io.StringIO("Body first.\n"))
+    argv = ["-c", str(path), "reply", str(conversation), "--snippet", "thanks"]
+    assert cli_main(argv) == 0
+    assert rows_queued() == [("Body first.\n\nThank you!",)]
+    capsys.readouterr()
+
+    missing = tmp_path / "nonexistent.txt"
+    reply = ["-c", str(path), "reply", str(conversation)]
+    assert cli_main([*reply, "--body-file", str(missing)]) == 66
+    assert f"cannot read --body-file {missing}: No such file" in capsys.readouterr().err
+    body = tmp_path / "body.txt"
+    body.write_text("Hello")
+    assert cli_main([*reply, "--body-file", str(body), "--actions", "not json"]) == 64
+    assert "actions is not JSON" in capsys.readouterr().err
+    assert cli_main([*reply, "--body-file", str(body), "--actions", '["status"]']) == 64
+    assert "must be a JSON object" in capsys.readouterr().err
+
+    send = ["-c", str(path), "send", "support", "--subject", "Hi", "--body-file", str(body)]
+    assert cli_main([*send, "--to", "not an address"]) == 64
+    assert "not an email address: 'not an address'" in capsys.readouterr().err
+    assert cli_main([*send, "--to", "ann@x.example", "--cc", "bob@"]) == 64
+    assert "'bob@'" in capsys.readouterr().err
+    assert len(rows_queued()) == 1  # nothing more was queued
+
+    assert cli_main([*send[:3], "nosuch", *send[4:], "--to", "ann@x.example"]) == 1
+    err = capsys.readouterr().err
+    assert "no account named 'nosuch' (configured: support)" in err
+    assert "config error" not in err
+    assert cli_main(["-c", str(path), "discarded", "--account", "nosuch"]) == 1
+    assert "no account named 'nosuch'" in capsys.readouterr().err
