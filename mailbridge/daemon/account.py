@@ -247,6 +247,12 @@ class AccountWorker:
                     await self._wait_or_stop(
                         asyncio.sleep(self._wait_seconds(self.account.poll_interval_seconds))
                     )
+                    if not self.stopping.is_set():
+                        # The server reports new mail (EXISTS) only at the end of a command
+                        # (RFC 3501 section 5.2), and Dovecot's SEARCH runs on the view from
+                        # before it: without a NOOP first, mail that arrived while we slept is
+                        # found only by the poll after next.
+                        await session.noop()
                 await self._refresh_token_if_due()
         finally:
             await session.close()

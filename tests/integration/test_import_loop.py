@@ -350,6 +350,36 @@ async def test_poll_mode_imports_new_mail(tmp_path: Path, dovecot: Any, imap_use
         await stop_worker(worker, task, repo)
 
 
+async def test_a_poll_finds_mail_that_arrived_while_it_slept(
+    tmp_path: Path, dovecot: Any, imap_user: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The first SEARCH after the poll's sleep sees mail that arrived during it: the server
+    tells of new mail only at the end of a command (RFC 3501 section 5.2), so a SEARCH alone
+    runs on the view from before and the mail waited a whole poll interval more."""
+    searches: list[list[int]] = []
+    original = ImapSession.undeleted_uids
+
+    async def recorded(self: ImapSession) -> list[int]:
+        found = await original(self)
+        searches.append(found)
+        return found
+
+    monkeypatch.setattr(ImapSession, "undeleted_uids", recorded)
+    settings = make_settings(tmp_path, dovecot, imap_user, mode="poll", poll_interval_seconds=4)
+    worker, task, repo = await run_worker(settings)
+    try:
+        await eventually(lambda: worker.state.state == "polling")  # asleep for 4 s
+        before = len(searches)
+        dovecot.append(
+            imap_user.login, imap_user.password, mail("Polled", to=imap_user.address).as_bytes()
+        )
+        await eventually(lambda: count_messages(settings) == 1)
+    finally:
+        await stop_worker(worker, task, repo)
+    # The search after the sleep in which the mail arrived found it, not the one after next.
+    assert searches[before], searches[before:]
+
+
 async def test_idle_mode_polls_when_the_server_lacks_idle(
     tmp_path: Path, dovecot: Any, imap_user: Any, monkeypatch: pytest.MonkeyPatch
 ) -> None:
