@@ -224,6 +224,14 @@ CATALOGUE: Final[dict[str, ErrorInfo]] = dict(
             transient=False,
         ),
         _info(
+            "starttls_unavailable",
+            "The server does not offer STARTTLS on this port",
+            "TLS was asked for (imap.tls or smtp.tls: starttls) but this port offers none: if the "
+            "server listens for implicit TLS, set imap.tls: implicit with imap.port 993 (SMTP: "
+            "smtp.tls: implicit, port 465); imap.tls: none only on a network you trust.",
+            transient=False,
+        ),
+        _info(
             "tls_failed",
             "The server requires TLS, or the TLS handshake failed",
             "Set imap.tls (or smtp.tls) to starttls or implicit, with the matching imap.port "

@@ -605,7 +605,7 @@ class ImapSession:
         # protocol, then upgrade the transport in place with loop.start_tls().
         if "STARTTLS" not in caps:
             # Never fall back to plaintext when TLS was asked for.
-            raise ServerError(f"{where} does not offer STARTTLS", code="tls_failed")
+            raise ServerError(f"{where} does not offer STARTTLS", code="starttls_unavailable")
         protocol = self._protocol
         command = aioimaplib.Command("STARTTLS", protocol.new_tag(), loop=protocol.loop)
         response = await self._await(protocol.execute(command), "STARTTLS")

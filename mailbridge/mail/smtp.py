@@ -319,7 +319,14 @@ def map_smtp_error(exc: BaseException, where: str, timeout: float, secret: str =
         return ServerError(f"{where}: connection lost", code="connection_lost")
     if isinstance(exc, aiosmtplib.SMTPException):
         text = _scrub(str(exc), secret)
-        code = "tls_failed" if "STARTTLS" in text.upper() else classify_server_text(text)
+        upper = text.upper()
+        code = (
+            "starttls_unavailable"  # aiosmtplib: "SMTP STARTTLS extension not supported by server."
+            if "STARTTLS" in upper and "NOT SUPPORTED" in upper
+            else "tls_failed"
+            if "STARTTLS" in upper
+            else classify_server_text(text)
+        )
         return ServerError(f"{where}: {text}", code=code)
     if isinstance(exc, OSError):
         return ServerError(f"{where}: {exc.strerror or type(exc).__name__}", code="unreachable")

@@ -162,6 +162,20 @@ async def test_smtp_login_good_and_bad(smtp_server: Controller) -> None:
     assert "wrong-smtp" not in str(caught.value)
 
 
+async def test_smtp_without_starttls_is_its_own_code(smtp_server: Controller) -> None:
+    """smtp.tls: starttls against a server that offers none: never a plaintext fallback, and
+    a remedy that does not say "set it to starttls" when it already is."""
+    account = smtp_account(smtp_server, SMTP_PASSWORD)
+    assert account.smtp is not None
+    account = account.model_copy(
+        update={"smtp": account.smtp.model_copy(update={"tls": "starttls"})}
+    )
+    with pytest.raises(ServerError) as caught:
+        await check_smtp(account)
+    assert caught.value.code == "starttls_unavailable"
+    assert "smtp.tls: implicit" in caught.value.remedy
+
+
 async def test_smtp_unreachable_is_classified() -> None:
     account = AccountSettings.model_validate(
         {

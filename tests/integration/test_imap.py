@@ -369,10 +369,12 @@ async def test_implicit_tls_against_plain_port_is_tls_failed(
     assert caught.value.code == "tls_failed"
 
 
-async def test_starttls_not_offered_is_tls_failed(dovecot: Dovecot, imap_user: ImapUser) -> None:
+async def test_starttls_not_offered_is_its_own_code(dovecot: Dovecot, imap_user: ImapUser) -> None:
     with pytest.raises(ServerError) as caught:
         await open_session(dovecot, imap_user, tls="starttls", verify_certificate=False)
-    assert caught.value.code == "tls_failed"
+    # Not "the handshake failed, set tls to starttls": it is set; the port has none to offer.
+    assert caught.value.code == "starttls_unavailable"
+    assert "imap.tls: implicit" in caught.value.remedy
 
 
 async def test_unverified_tls_connects_and_warns(
