@@ -17,7 +17,7 @@ import sys
 from collections.abc import Sequence
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any
+from typing import Any, NoReturn
 
 import structlog
 
@@ -44,8 +44,17 @@ EX_CONFIG = 78
 log = structlog.get_logger("mailbridge.cli")
 
 
+class _Parser(argparse.ArgumentParser):
+    """argparse with sysexits' usage code: a wrong argument exits 64 (EX_USAGE), as the
+    commands' own usage errors do, instead of argparse's 2. Subcommands inherit it."""
+
+    def error(self, message: str) -> NoReturn:
+        self.print_usage(sys.stderr)
+        self.exit(EX_USAGE, f"{self.prog}: error: {message}\n")
+
+
 def _parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    parser = _Parser(
         prog="mailbridge",
         description="Turn shared IMAP mailboxes into a conversation database.",
     )

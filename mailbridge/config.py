@@ -1242,7 +1242,9 @@ def load_config(path: Path | str | None = None) -> Settings:
         mark = getattr(exc, "problem_mark", None)
         where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
         problem = getattr(exc, "problem", None) or "invalid YAML"
-        raise ConfigError(f"{resolved}{where}: {problem}", path=str(resolved)) from exc
+        raise ConfigError(
+            f"{resolved}{where}: {problem}", path=str(resolved), code="config_syntax"
+        ) from exc
     return parse_config(data, source=resolved)
 
 

@@ -58,6 +58,13 @@ CATALOGUE: Final[dict[str, ErrorInfo]] = dict(
             transient=False,
         ),
         _info(
+            "config_syntax",
+            "The config file is not valid YAML",
+            "Fix the YAML at the line and column named (indentation, a missing colon, an "
+            "unclosed quote), then run 'mailbridge check-config'.",
+            transient=False,
+        ),
+        _info(
             "config_missing",
             "The config file cannot be read",
             "Pass the config file with -c FILE or set MAILBRIDGE_CONFIG (config.example.yaml is a "

@@ -243,6 +243,9 @@ def test_yaml_syntax_error_names_the_line(tmp_path: Path) -> None:
         load_config(path)
     assert "line 4" in str(info.value)
     assert str(path) in str(info.value)
+    # No key is named: the fix speaks of the YAML, not of "the named key".
+    assert info.value.code == "config_syntax"
+    assert "line and column" in info.value.remedy
 
 
 def test_not_a_mapping(tmp_path: Path) -> None:
