@@ -246,8 +246,14 @@ def outbox(
                 _wake(settings, repo)
         finally:
             repo.close()
+        if row is None:
+            print(
+                f"mailbridge: no outbox row {outbox_id} ('mailbridge outbox --all')",
+                file=sys.stderr,
+            )
+            return 1
         if not done:
-            state = row.state if row is not None else "no such row"
+            state = row.state
             need = "failed or cancelled" if words[0] == "retry" else "queued or failed"
             print(
                 f"mailbridge: outbox row {outbox_id} is {state}; {words[0]} needs a row {need}",

@@ -410,6 +410,8 @@ def test_outbox_retry_and_cancel(tmp_path: Path, sink: SmtpSink, capsys: Any) ->
     assert row(settings, outbox_id)["state"] == "sent"
     assert cli_main(["-c", str(path), "outbox", "cancel", str(outbox_id)]) == 1  # sent: too late
     assert "is sent" in capsys.readouterr().err
+    assert cli_main(["-c", str(path), "outbox", "retry", "999"]) == 1
+    assert "no outbox row 999" in capsys.readouterr().err
 
 
 async def test_the_running_worker_picks_up_an_integrators_insert_at_once(
