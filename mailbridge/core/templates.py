@@ -26,6 +26,7 @@ compiled once, not per message.
 from __future__ import annotations
 
 import functools
+import re
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import datetime
@@ -229,8 +230,7 @@ def render(source: str, body_html: str, data: MergeData) -> str:
         values["body"] = Markup(body)  # noqa: S704
         return compiled(source).render(values)
     except TemplateError as exc:
-        line = getattr(exc, "lineno", None)
-        raise ValueError(f"template: {exc}" + (f" (line {line})" if line else "")) from exc
+        raise ValueError(_explain(exc)) from exc
 
 
 def render_text(text: str, data: MergeData) -> str:
@@ -245,8 +245,27 @@ def render_text(text: str, data: MergeData) -> str:
     try:
         return compiled(text, autoescape=False).render(values)
     except TemplateError as exc:
-        line = getattr(exc, "lineno", None)
-        raise ValueError(f"template: {exc}" + (f" (line {line})" if line else "")) from exc
+        raise ValueError(_explain(exc)) from exc
+
+
+def _explain(exc: Exception) -> str:
+    """The reason a row fails to render. Unknown names are refused when the config is checked,
+    so a name undefined here is a relation with no record for this message: the conversation
+    (or the recipient's follower) has no row of that table linked, which the integrator fixes
+    in the data, not in the template."""
+    from jinja2 import UndefinedError
+
+    line = getattr(exc, "lineno", None)
+    where = f" (line {line})" if line else ""
+    missing = re.fullmatch(r"'(\w+)' is undefined", str(exc))
+    if isinstance(exc, UndefinedError) and missing is not None:
+        table = missing.group(1)
+        return (
+            f"template: no {table} record is linked to this conversation or its recipient "
+            f"(conversation.{table} / follower.{table} is NULL), so the {table}.* merge codes "
+            f"cannot be filled{where}: link the record, then retry the row"
+        )
+    return f"template: {exc}{where}"
 
 
 def has_codes(text: str | None) -> bool:

@@ -78,6 +78,17 @@ def test_undefined_codes_and_sandbox_escapes_are_errors() -> None:
         render("{{ body.__class__.__mro__ }}", "", data())
 
 
+def test_a_relation_without_a_record_says_which_link_is_missing() -> None:
+    """``{{ person.name }}`` passed the config check (person is a follower-parent table); for a
+    recipient whose follower has no person linked, the reason names the missing link, which an
+    integrator fixes in the data, not in the template."""
+    with pytest.raises(ValueError) as caught:
+        render("{{ person.name }}", "", data())
+    reason = str(caught.value)
+    assert "no person record is linked" in reason
+    assert "follower.person is NULL" in reason
+
+
 def test_a_snippet_in_the_body_is_filled_too() -> None:
     assert render("{{ body }}", "Hello {{ recipient_name }}", data()) == "Hello John &lt;Doe&gt;"
     assert render_text("Hello {{ recipient_name }}", data()) == "Hello John <Doe>"
