@@ -1,6 +1,6 @@
 """The SQLite backend of :class:`~mailbridge.store.base.Repository`.
 
-:class:`SqliteRepository` owns one ``sqlite3`` connection (wrapped by sqlite-utils) and is used
+:class:`SqliteRepository` owns one ``sqlite3`` connection and is used
 from one thread only. The daemon reaches it through
 :class:`~mailbridge.store.asyncrepo.AsyncRepository`, which creates the repository on a
 dedicated writer thread and runs every call there, so SQLite sees a single writer and the event
@@ -33,8 +33,6 @@ import sqlite3
 from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Final, TypeVar
-
-from sqlite_utils import Database
 
 from mailbridge.errors import StoreError
 from mailbridge.store.base import (
@@ -205,9 +203,6 @@ class SqliteRepository(SqlRepository, SqlOutbox):
             self._conn = _connect(self.path, busy_timeout)
         except (sqlite3.Error, OSError) as exc:
             raise _store_error(exc, f"cannot open the database {self.path}") from exc
-        # Plugins could change the connection behind our back; recursive triggers are an
-        # integrator's choice, not ours.
-        self._db = Database(self._conn, recursive_triggers=False, execute_plugins=False)
         self._closed = False
         # Parent specs already prepared on this connection, and the tables known by name for
         # reading conversations back (``conversation()`` shows their links).
