@@ -413,6 +413,8 @@ class OutboxWorker:
         # Template file -> its text, for the settings object it was read under.
         self._templates: dict[Path, str] = {}
         self._templates_of: Settings | None = None
+        # Account -> set when its rows in hand are settled (sent, failed or back to queued).
+        self._in_hand: dict[str, asyncio.Event] = {}
 
     @property
     def settings(self) -> Settings:
@@ -438,6 +440,24 @@ class OutboxWorker:
     def wake(self) -> None:
         if self.watch is not None:
             self.watch.wake()
+
+    def _serves(self, account: str) -> bool:
+        """Still this worker's to send (``only`` follows the leases of several daemons)."""
+        return self.only is None or account in self.only
+
+    async def let_go(self, account: str, within: float) -> None:
+        """``account`` is no longer served (its lease lost or given up; ``only`` already says
+        so): wait, up to ``within`` seconds, until its rows in hand are settled - the message
+        being sent finished and recorded, the rows marked ``sending`` but not yet attempted
+        back to ``queued`` - so that the daemon taking the lease next does not find them in
+        ``sending`` and send them again (recover) while this one still sends them."""
+        in_hand = self._in_hand.get(account)
+        if in_hand is not None:
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(in_hand.wait(), within)
+        kept = self._sessions.pop(account, None)
+        if kept is not None:
+            await kept[0].close()
 
     # -- loops --------------------------------------------------------------------------------
 
@@ -686,6 +706,7 @@ class OutboxWorker:
         sender = await self._kept_session(account)
         ahead: asyncio.Future[list[tuple[OutboxRow, _Prepared]]] | None
         ahead = asyncio.ensure_future(self._begin_chunk(account, chunks[0], summary))
+        in_hand = self._in_hand[account.name] = asyncio.Event()
         finished = False
         try:
             for number in range(len(chunks)):
@@ -708,15 +729,21 @@ class OutboxWorker:
                 with contextlib.suppress(Exception):
                     left = await ahead
                     why = "the daemon is stopping" if self.stopping.is_set() else (
-                        "the account's sending stopped before this row (see the error before)"
+                        "the daemon no longer serves the account" if not self._serves(account.name)
+                        else "the account's sending stopped before this row (see the error before)"
                     )  # fmt: skip
                     await self._release([r for r, _p in left], why)
             try:
                 await recorder.flush()
             finally:
+                in_hand.set()
+                if self._in_hand.get(account.name) is in_hand:
+                    del self._in_hand[account.name]
                 for row in rows:  # prepared but not recorded (failed, cancelled, released)
                     self._parsed.pop(row.id, None)
-                if sender is not None and not (finished and self._keep_session(account, sender)):
+                if sender is not None and not (
+                    finished and self._serves(account.name) and self._keep_session(account, sender)
+                ):
                     await sender.close()
 
     async def _begin_chunk(
@@ -756,6 +783,10 @@ class OutboxWorker:
         for index, (row, prepared) in enumerate(ready):
             if self.stopping.is_set():
                 await self._release([r for r, _p in ready[index:]], "the daemon is stopping")
+                return sender, False
+            if not self._serves(account.name):  # its lease lost: another daemon sends them
+                why = "the daemon no longer serves the account"
+                await self._release([r for r, _p in ready[index:]], why)
                 return sender, False
             try:
                 if sender is None or not sender.usable:
