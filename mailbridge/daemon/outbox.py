@@ -415,6 +415,9 @@ class OutboxWorker:
         self._templates_of: Settings | None = None
         # Account -> set when its rows in hand are settled (sent, failed or back to queued).
         self._in_hand: dict[str, asyncio.Event] = {}
+        # Accounts let go of since run() last looked: their rows left ``sending`` are resolved
+        # again when they are served again.
+        self._given_up: set[str] = set()
 
     @property
     def settings(self) -> Settings:
@@ -451,6 +454,9 @@ class OutboxWorker:
         being sent finished and recorded, the rows marked ``sending`` but not yet attempted
         back to ``queued`` - so that the daemon taking the lease next does not find them in
         ``sending`` and send them again (recover) while this one still sends them."""
+        # Taken again later, even before run() saw it go, it is looked at again then: another
+        # daemon may have held it meanwhile and died leaving rows in ``sending``.
+        self._given_up.add(account)
         in_hand = self._in_hand.get(account)
         if in_hand is not None:
             with contextlib.suppress(TimeoutError):
@@ -474,7 +480,9 @@ class OutboxWorker:
                 # serve: all at start; with several daemons, each account whose lease this
                 # daemon takes (its previous holder died mid-attempt, or handed it over).
                 served = set(self.accounts())
-                recovered &= served  # one given up and taken again is looked at again
+                recovered &= served  # one given up and taken again is looked at again,
+                recovered -= self._given_up  # even when taken again before this look
+                self._given_up.clear()
                 pending = served if recover else served - recovered
                 if pending:
                     recover = not await self._guarded(self.recover(accounts=pending))

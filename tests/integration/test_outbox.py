@@ -1255,3 +1255,42 @@ async def test_rows_left_sending_are_resolved_when_the_worker_starts_to_serve_th
         await asyncio.wait_for(task, 30)
         await repo.aclose()
     assert "the daemon stopped during this attempt" in row(settings, outbox_id)["lasterror"]
+
+
+async def test_an_account_let_go_and_taken_again_within_one_round_is_recovered_again(
+    tmp_path: Path, sink: SmtpSink
+) -> None:
+    """The lease of an account is lost and taken again (another daemon held it meanwhile and
+    died mid-attempt) before the worker's loop looked at its served accounts in between (a
+    long round for other accounts): the row that daemon left ``sending`` is still resolved."""
+    settings = parse_config(offline_config(tmp_path, sink))
+    conversation = seed_conversation(settings)
+    first = queue(
+        settings, OutgoingRequest(account="support", conversation_id=conversation, body_text="1")
+    )
+    repo = await open_repository(settings.database, settings)
+    worker = OutboxWorker(settings, repo, only=frozenset({"support"}))
+    task = asyncio.create_task(worker.run())
+    try:
+        await eventually(lambda: row(settings, first)["state"] == "sent", 15, "the first row")
+        # Meanwhile (as far as this worker's loop saw) the other daemon queued and began one.
+        second = queue(
+            settings,
+            OutgoingRequest(account="support", conversation_id=conversation, body_text="2"),
+        )
+        conn = sqlite3.connect(settings.database)
+        conn.execute("UPDATE outbox SET state = 'sending' WHERE id = ?", (second,))
+        conn.commit()
+        conn.close()
+        await asyncio.sleep(1.0)  # the worker's loop has had its look and waits again
+        assert row(settings, second)["state"] == "sending"
+        worker.only = frozenset()  # the lease lost (the supervisor's on_lost) ...
+        await worker.let_go("support", within=5)
+        worker.only = frozenset({"support"})  # ... and taken again
+        worker.wake()
+        await eventually(lambda: row(settings, second)["state"] == "sent", 15, "resolved, sent")
+    finally:
+        worker.stopping.set()
+        await asyncio.wait_for(task, 30)
+        await repo.aclose()
+    assert len(sink.received) == 2
