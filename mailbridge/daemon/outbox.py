@@ -719,7 +719,9 @@ class OutboxWorker:
         try:
             for number in range(len(chunks)):
                 assert ahead is not None
-                ready, ahead = await ahead, None
+                # Shielded: cancelled here (the drain's last resort), the chunk's transaction
+                # would commit on the database thread anyway; finally releases its rows.
+                ready, ahead = await asyncio.shield(ahead), None
                 if number + 1 < len(chunks):
                     ahead = asyncio.ensure_future(
                         self._begin_chunk(account, chunks[number + 1], summary)

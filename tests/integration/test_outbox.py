@@ -11,6 +11,7 @@ INSERTs is picked up by the running worker without a polling delay.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import email
 import email.policy
 import json
@@ -19,8 +20,10 @@ import signal
 import sqlite3
 import subprocess
 import sys
+import threading
 import time
 from collections.abc import Iterator
+from datetime import UTC, datetime
 from email.message import EmailMessage
 from pathlib import Path
 from typing import Any
@@ -1294,3 +1297,46 @@ async def test_an_account_let_go_and_taken_again_within_one_round_is_recovered_a
         await asyncio.wait_for(task, 30)
         await repo.aclose()
     assert len(sink.received) == 2
+
+
+async def test_cancelled_while_the_next_chunk_begins_leaves_no_row_marked_sending(
+    tmp_path: Path, sink: SmtpSink
+) -> None:
+    """The drain's last resort cancels the worker. Cancelled while it waits for the next
+    chunk's transaction (on the database thread, which commits it anyway), the rows that
+    transaction marks sending go back to queued: none is left for nobody to send."""
+    settings = parse_config(offline_config(tmp_path, sink))
+    conversation = seed_conversation(settings)
+    ids = [
+        queue(settings, OutgoingRequest("support", conversation_id=conversation, body_text=f"{n}"))
+        for n in range(3)
+    ]
+    repo = await open_repository(settings.database, settings)
+    backend = await repo.backend()
+    original = backend.outbox_begin
+    gate = threading.Event()
+    calls: list[object] = []
+
+    def gated(rows: Any, now: Any) -> Any:
+        calls.append(rows)
+        if len(calls) == 2:  # the second chunk's transaction: slow
+            gate.wait(30)
+        return original(rows, now)
+
+    backend.outbox_begin = gated  # type: ignore[method-assign]
+    worker = OutboxWorker(settings, repo)
+    try:
+        task = asyncio.create_task(worker.send_due())
+        await eventually(lambda: len(sink.received) == 1, 30, "the first row sent")
+        await eventually(lambda: len(calls) == 2, 30, "the second chunk's transaction")
+        task.cancel()
+        await asyncio.sleep(0.2)
+        gate.set()
+        with contextlib.suppress(asyncio.CancelledError):
+            await asyncio.wait_for(task, 30)
+        await repo.outbox_due(["support"], datetime.now(UTC), 10)  # after the thread's queue
+    finally:
+        gate.set()
+        await repo.aclose()
+    assert [row(settings, i)["state"] for i in ids] == ["sent", "queued", "queued"]
+    assert len(sink.received) == 1
