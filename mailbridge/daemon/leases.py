@@ -290,7 +290,13 @@ class LeaseManager:
             # loops stopped first, a step at a time; the newcomers take them.
             extra = sorted(self.held)[-min(len(self.held) - share, step) :]
             await self._lose_many(extra, "rebalancing: another daemon has room for it")
-            await self._call(lambda: self.store.release_leases(self.holder, extra))
+            try:
+                await self._call(
+                    lambda: self.store.release_leases(self.holder, extra),
+                    within=self.renew_interval,
+                )
+            except (MailbridgeError, TimeoutError) as exc:  # they expire instead
+                log.warning("lease_release_failed", holder=self.holder, error=str(exc))
             self._next_claim = loop.time() + self._rng.uniform(*STEP_PAUSE)
             return
         limit = claim_limit(len(self.accounts), len(self.held), daemons)
