@@ -361,9 +361,12 @@ class AccountWorker:
         retries = 0
         total = PassSummary()  # what the broken passes did too: they commit batch by batch
         while True:
+            unread = self.step.failed_unread
             try:
                 return await self._run_pass(total)
             except MailbridgeError as exc:
+                if self.step.failed_unread != unread:
+                    retries = 0  # one damaged message is in Failed: the next gets its own tries
                 if not self.step.may_refetch(exc) or retries > UNREADABLE_AFTER:
                     raise
                 retries += 1

@@ -177,6 +177,7 @@ class ImportStep:
         # Inbox UID -> FETCHes in a row that broke the connection with it in the batch; kept
         # across passes and reconnections (the step lives as long as the account's worker).
         self.broken_fetches: dict[int, int] = {}
+        self.failed_unread = 0  # messages sent to Failed unread (message_unreadable) so far
 
     def may_refetch(self, exc: MailbridgeError) -> bool:
         """Whether ``exc`` broke a FETCH whose messages are now to be fetched alone."""
@@ -222,6 +223,7 @@ class ImportStep:
                 summary.add(await self.process_fetched(session, [], parsed=([], failures)))
                 for m in unreadable:
                     del broken[m.uid]
+                self.failed_unread += len(unreadable)
                 gone = {m.uid for m in unreadable}
                 metas = [m for m in metas if m.uid not in gone]
             suspects = [m.uid for m in metas if m.size <= limit and m.uid in broken]

@@ -199,13 +199,7 @@ class LeaseManager:
         removed = [account for account in self.held if account not in self.accounts]
         if removed:  # gone from the config (a reload): loops stopped, then the leases freed
             await self._lose_many(removed, "the account was removed from the config")
-            try:
-                await self._call(
-                    lambda: self.store.release_leases(self.holder, removed),
-                    within=self.renew_interval,
-                )
-            except (MailbridgeError, TimeoutError) as exc:  # they expire instead
-                log.warning("lease_release_failed", holder=self.holder, error=str(exc))
+            await self._release(removed)
         if self.held and loop.time() >= self._next_renew:
             await self._renew()
         await self._drop_expiring()
@@ -255,6 +249,17 @@ class LeaseManager:
         # they expire again. A release queued behind it on the lease thread undoes that.
         self._release_later(expiring)
 
+    async def _release(self, accounts: Sequence[str]) -> None:
+        """Release ``accounts`` (given up locally already) within a renewal interval; a
+        database that refuses or does not answer is a warning: they expire instead."""
+        try:
+            await self._call(
+                lambda: self.store.release_leases(self.holder, accounts),
+                within=self.renew_interval,
+            )
+        except (MailbridgeError, TimeoutError) as exc:
+            log.warning("lease_release_failed", holder=self.holder, error=str(exc))
+
     def _release_later(self, accounts: Sequence[str]) -> None:
         """Release ``accounts`` on the lease thread after what is queued there; not awaited
         (nobody waits for a database that is slow to answer), errors logged."""
@@ -290,7 +295,7 @@ class LeaseManager:
             # loops stopped first, a step at a time; the newcomers take them.
             extra = sorted(self.held)[-min(len(self.held) - share, step) :]
             await self._lose_many(extra, "rebalancing: another daemon has room for it")
-            await self._call(lambda: self.store.release_leases(self.holder, extra))
+            await self._release(extra)
             self._next_claim = loop.time() + self._rng.uniform(*STEP_PAUSE)
             return
         limit = claim_limit(len(self.accounts), len(self.held), daemons)

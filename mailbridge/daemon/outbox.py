@@ -413,6 +413,11 @@ class OutboxWorker:
         # Template file -> its text, for the settings object it was read under.
         self._templates: dict[Path, str] = {}
         self._templates_of: Settings | None = None
+        # Account -> set when its rows in hand are settled (sent, failed or back to queued).
+        self._in_hand: dict[str, asyncio.Event] = {}
+        # Accounts let go of since run() last looked: their rows left ``sending`` are resolved
+        # again when they are served again.
+        self._given_up: set[str] = set()
 
     @property
     def settings(self) -> Settings:
@@ -439,6 +444,27 @@ class OutboxWorker:
         if self.watch is not None:
             self.watch.wake()
 
+    def _serves(self, account: str) -> bool:
+        """Still this worker's to send (``only`` follows the leases of several daemons)."""
+        return self.only is None or account in self.only
+
+    async def let_go(self, account: str, within: float) -> None:
+        """``account`` is no longer served (its lease lost or given up; ``only`` already says
+        so): wait, up to ``within`` seconds, until its rows in hand are settled - the message
+        being sent finished and recorded, the rows marked ``sending`` but not yet attempted
+        back to ``queued`` - so that the daemon taking the lease next does not find them in
+        ``sending`` and send them again (recover) while this one still sends them."""
+        # Taken again later, even before run() saw it go, it is looked at again then: another
+        # daemon may have held it meanwhile and died leaving rows in ``sending``.
+        self._given_up.add(account)
+        in_hand = self._in_hand.get(account)
+        if in_hand is not None:
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(in_hand.wait(), within)
+        kept = self._sessions.pop(account, None)
+        if kept is not None:
+            await kept[0].close()
+
     # -- loops --------------------------------------------------------------------------------
 
     async def run(self) -> None:
@@ -454,7 +480,9 @@ class OutboxWorker:
                 # serve: all at start; with several daemons, each account whose lease this
                 # daemon takes (its previous holder died mid-attempt, or handed it over).
                 served = set(self.accounts())
-                recovered &= served  # one given up and taken again is looked at again
+                recovered &= served  # one given up and taken again is looked at again,
+                recovered -= self._given_up  # even when taken again before this look
+                self._given_up.clear()
                 pending = served if recover else served - recovered
                 if pending:
                     recover = not await self._guarded(self.recover(accounts=pending))
@@ -686,11 +714,14 @@ class OutboxWorker:
         sender = await self._kept_session(account)
         ahead: asyncio.Future[list[tuple[OutboxRow, _Prepared]]] | None
         ahead = asyncio.ensure_future(self._begin_chunk(account, chunks[0], summary))
+        in_hand = self._in_hand[account.name] = asyncio.Event()
         finished = False
         try:
             for number in range(len(chunks)):
                 assert ahead is not None
-                ready, ahead = await ahead, None
+                # Shielded: cancelled here (the drain's last resort), the chunk's transaction
+                # would commit on the database thread anyway; finally releases its rows.
+                ready, ahead = await asyncio.shield(ahead), None
                 if number + 1 < len(chunks):
                     ahead = asyncio.ensure_future(
                         self._begin_chunk(account, chunks[number + 1], summary)
@@ -708,15 +739,21 @@ class OutboxWorker:
                 with contextlib.suppress(Exception):
                     left = await ahead
                     why = "the daemon is stopping" if self.stopping.is_set() else (
-                        "the account's sending stopped before this row (see the error before)"
+                        "the daemon no longer serves the account" if not self._serves(account.name)
+                        else "the account's sending stopped before this row (see the error before)"
                     )  # fmt: skip
                     await self._release([r for r, _p in left], why)
             try:
                 await recorder.flush()
             finally:
+                in_hand.set()
+                if self._in_hand.get(account.name) is in_hand:
+                    del self._in_hand[account.name]
                 for row in rows:  # prepared but not recorded (failed, cancelled, released)
                     self._parsed.pop(row.id, None)
-                if sender is not None and not (finished and self._keep_session(account, sender)):
+                if sender is not None and not (
+                    finished and self._serves(account.name) and self._keep_session(account, sender)
+                ):
                     await sender.close()
 
     async def _begin_chunk(
@@ -756,6 +793,10 @@ class OutboxWorker:
         for index, (row, prepared) in enumerate(ready):
             if self.stopping.is_set():
                 await self._release([r for r, _p in ready[index:]], "the daemon is stopping")
+                return sender, False
+            if not self._serves(account.name):  # its lease lost: another daemon sends them
+                why = "the daemon no longer serves the account"
+                await self._release([r for r, _p in ready[index:]], why)
                 return sender, False
             try:
                 if sender is None or not sender.usable:

@@ -262,9 +262,17 @@ class Supervisor:
         the tasks are cancelled (an import already sent to the database is fenced)."""
         assert self.leases is not None
         self._outbox_follows_leases()
-        if account in self.running:
-            await self._stop_workers([account], within=self.leases.lease_seconds / 8)
-            self._forget_state(account)
+        within = self.leases.lease_seconds / 8
+
+        async def stop_loop() -> None:
+            if account in self.running:
+                await self._stop_workers([account], within=within)
+                self._forget_state(account)
+
+        # Its outbox rows in hand settled too (none left marked sending for the next holder's
+        # recovery to send again), in the same time as the loop.
+        settle = self.outbox.let_go(account, within) if self.outbox is not None else None
+        await asyncio.gather(stop_loop(), *([settle] if settle is not None else []))
 
     def _outbox_follows_leases(self) -> None:
         """The outbox sends for the accounts this daemon holds (and --account allows)."""

@@ -330,6 +330,24 @@ async def test_run_once_gets_past_a_message_the_server_cannot_send(
     assert len([e for e in logs if e["event"] == "fetch_retried"]) == 4
 
 
+async def test_run_once_gets_past_two_messages_the_server_cannot_send(
+    tmp_path: Path, dovecot: Dovecot, imap_user: Any
+) -> None:
+    """Each damaged message gets its own retries: with two, one ``run --once`` still fails
+    both to Failed and imports the rest (the retries were counted for the whole pass, so the
+    second damaged message failed the run, and the next run, and so on, one at a time)."""
+    ids = load(dovecot, imap_user, 5)
+    damage(dovecot, imap_user, ids[1])
+    damage(dovecot, imap_user, ids[3])
+    settings = settings_for(tmp_path, imap_user, dovecot.host, dovecot.port, batch=50)
+    [result] = await run_once(settings)
+    assert result.error is None, result.error
+    assert result.summary.failed == 2
+    assert sorted(db_ids(settings)) == sorted([ids[0], ids[2], ids[4]])
+    assert dovecot.folder_uids(imap_user.login, imap_user.password, "INBOX") == []
+    assert len(dovecot.folder_uids(imap_user.login, imap_user.password, FAILED)) == 2
+
+
 async def test_dovecot_restarted_mid_import(
     tmp_path: Path, dovecot: Dovecot, imap_user: Any
 ) -> None:

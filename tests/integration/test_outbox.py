@@ -11,6 +11,7 @@ INSERTs is picked up by the running worker without a polling delay.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import email
 import email.policy
 import io
@@ -20,8 +21,10 @@ import signal
 import sqlite3
 import subprocess
 import sys
+import threading
 import time
 from collections.abc import Iterator
+from datetime import UTC, datetime
 from email.message import EmailMessage
 from pathlib import Path
 from typing import Any
@@ -1313,3 +1316,85 @@ def test_the_sending_commands_refuse_what_could_never_be_sent(
     assert "config error" not in err
     assert cli_main(["-c", str(path), "discarded", "--account", "nosuch"]) == 1
     assert "no account named 'nosuch'" in capsys.readouterr().err
+
+
+async def test_an_account_let_go_and_taken_again_within_one_round_is_recovered_again(
+    tmp_path: Path, sink: SmtpSink
+) -> None:
+    """The lease of an account is lost and taken again (another daemon held it meanwhile and
+    died mid-attempt) before the worker's loop looked at its served accounts in between (a
+    long round for other accounts): the row that daemon left ``sending`` is still resolved."""
+    settings = parse_config(offline_config(tmp_path, sink))
+    conversation = seed_conversation(settings)
+    first = queue(
+        settings, OutgoingRequest(account="support", conversation_id=conversation, body_text="1")
+    )
+    repo = await open_repository(settings.database, settings)
+    worker = OutboxWorker(settings, repo, only=frozenset({"support"}))
+    task = asyncio.create_task(worker.run())
+    try:
+        await eventually(lambda: row(settings, first)["state"] == "sent", 15, "the first row")
+        # Meanwhile (as far as this worker's loop saw) the other daemon queued and began one.
+        second = queue(
+            settings,
+            OutgoingRequest(account="support", conversation_id=conversation, body_text="2"),
+        )
+        conn = sqlite3.connect(settings.database)
+        conn.execute("UPDATE outbox SET state = 'sending' WHERE id = ?", (second,))
+        conn.commit()
+        conn.close()
+        await asyncio.sleep(1.0)  # the worker's loop has had its look and waits again
+        assert row(settings, second)["state"] == "sending"
+        worker.only = frozenset()  # the lease lost (the supervisor's on_lost) ...
+        await worker.let_go("support", within=5)
+        worker.only = frozenset({"support"})  # ... and taken again
+        worker.wake()
+        await eventually(lambda: row(settings, second)["state"] == "sent", 15, "resolved, sent")
+    finally:
+        worker.stopping.set()
+        await asyncio.wait_for(task, 30)
+        await repo.aclose()
+    assert len(sink.received) == 2
+
+
+async def test_cancelled_while_the_next_chunk_begins_leaves_no_row_marked_sending(
+    tmp_path: Path, sink: SmtpSink
+) -> None:
+    """The drain's last resort cancels the worker. Cancelled while it waits for the next
+    chunk's transaction (on the database thread, which commits it anyway), the rows that
+    transaction marks sending go back to queued: none is left for nobody to send."""
+    settings = parse_config(offline_config(tmp_path, sink))
+    conversation = seed_conversation(settings)
+    ids = [
+        queue(settings, OutgoingRequest("support", conversation_id=conversation, body_text=f"{n}"))
+        for n in range(3)
+    ]
+    repo = await open_repository(settings.database, settings)
+    backend = await repo.backend()
+    original = backend.outbox_begin
+    gate = threading.Event()
+    calls: list[object] = []
+
+    def gated(rows: Any, now: Any) -> Any:
+        calls.append(rows)
+        if len(calls) == 2:  # the second chunk's transaction: slow
+            gate.wait(30)
+        return original(rows, now)
+
+    backend.outbox_begin = gated  # type: ignore[method-assign]
+    worker = OutboxWorker(settings, repo)
+    try:
+        task = asyncio.create_task(worker.send_due())
+        await eventually(lambda: len(sink.received) == 1, 30, "the first row sent")
+        await eventually(lambda: len(calls) == 2, 30, "the second chunk's transaction")
+        task.cancel()
+        await asyncio.sleep(0.2)
+        gate.set()
+        with contextlib.suppress(asyncio.CancelledError):
+            await asyncio.wait_for(task, 30)
+        await repo.outbox_due(["support"], datetime.now(UTC), 10)  # after the thread's queue
+    finally:
+        gate.set()
+        await repo.aclose()
+    assert [row(settings, i)["state"] for i in ids] == ["sent", "queued", "queued"]
+    assert len(sink.received) == 1

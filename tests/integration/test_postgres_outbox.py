@@ -322,3 +322,62 @@ def test_two_daemons_claiming_the_same_rows_begin_each_once(
 
 def _now() -> datetime:
     return datetime.now(UTC)
+
+
+def _in_sending(db: PostgresDatabase) -> int:
+    [(count,)] = execute(db, "SELECT COUNT(*) FROM outbox WHERE state = 'sending'")
+    return int(count)
+
+
+async def test_a_lost_lease_settles_the_rows_in_hand_before_another_daemon_takes_them(
+    tmp_path: Path, postgres_database: PostgresDatabase, sink: SmtpSink
+) -> None:
+    """Daemon A loses the account's lease (rebalancing to a daemon that just started, renewals
+    too slow) while sending a batch: one row in DATA, the next chunk already marked sending.
+    Daemon B, taking the lease, resolves the rows it finds left ``sending`` and sends them
+    again - so A, before the lease is given up (the supervisor's on_lost awaits let_go), must
+    finish the row on the wire, record it, and put the rows it has not attempted back to
+    queued. Each row is delivered exactly once."""
+    settings = parse_config(pg_config(tmp_path, postgres_database, sink))
+    setup = repository(postgres_database)
+    try:
+        ids = [
+            setup.queue_outgoing(
+                OutgoingRequest(account="support", to=CUSTOMER, body_text=f"row {n}")
+            )
+            for n in range(7)
+        ]
+    finally:
+        setup.close()
+    repo_a = await open_repository(settings.database, settings)
+    first = OutboxWorker(settings, repo_a, only=frozenset({"support"}))
+    sink.hold()
+    task = asyncio.create_task(first.run())
+    try:
+        await eventually(sink.holding.is_set, 30, "A's first row in DATA")
+        await eventually(lambda: _in_sending(postgres_database) >= 3, 30, "A's next chunk begun")
+        # The supervisor's on_lost: the account is no longer A's, its rows in hand settled.
+        first.only = frozenset()
+        settling = asyncio.create_task(first.let_go("support", within=60))
+        await asyncio.sleep(0)
+        assert not settling.done()  # the row on the wire is not settled yet
+        sink.release()
+        await asyncio.wait_for(settling, 90)
+        assert _in_sending(postgres_database) == 0
+        assert len(sink.received) == 1
+        # B holds the lease now: it resolves what it finds left sending, then sends.
+        repo_b = await open_repository(settings.database, settings)
+        try:
+            second = OutboxWorker(settings, repo_b, only=frozenset({"support"}))
+            await second.recover()
+            await second.run_once()
+        finally:
+            await repo_b.aclose()
+    finally:
+        sink.release()
+        first.stopping.set()
+        await asyncio.wait_for(task, 60)
+        await repo_a.aclose()
+    bodies = sorted(r.data.split(b"\r\n\r\n", 1)[1].strip() for r in sink.received)
+    assert bodies == sorted(b"row %d" % n for n in range(7))  # each row once
+    assert [state(postgres_database, i) for i in ids] == ["sent"] * 7

@@ -7,9 +7,11 @@ real one in tests/integration/test_leases.py); what is tested here is the manage
 from __future__ import annotations
 
 import asyncio
+import threading
 from collections.abc import Sequence
 
 from mailbridge.daemon.leases import LeaseManager
+from mailbridge.errors import StoreError
 from mailbridge.store.base import LeaseRow
 
 
@@ -98,3 +100,46 @@ async def test_set_accounts_gives_up_removed_ones_and_claims_new_ones() -> None:
     assert ("lost", "a") in events
     assert events.index(("lost", "a")) < events.index(("acquired", "c"))
     assert store.released == ["a"]
+
+
+class RebalancingStore(MemoryStore):
+    """Another daemon has joined (its share is free), and giving leases back fails: the
+    database refuses (``error``) or does not answer (``hang`` until set)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.others = False
+        self.error: Exception | None = None
+        self.hang: threading.Event | None = None
+
+    def survey(self, holder: str, lease_seconds: float) -> tuple[list[LeaseRow], set[str]]:
+        return [], {holder, "other:2:y"} if self.others else {holder}
+
+    def release_leases(self, holder: str, accounts: Sequence[str]) -> None:
+        if self.hang is not None:
+            self.hang.wait(30)
+        if self.error is not None:
+            raise self.error
+        super().release_leases(holder, accounts)
+
+
+async def test_a_failed_release_while_rebalancing_does_not_end_the_lease_manager() -> None:
+    """Rebalancing gives leases back: a database error then is a warning (the leases, given
+    up locally, expire instead), not the end of the manager - which stops the daemon - and a
+    database that does not answer does not hold up the renewals of the other leases."""
+    store = RebalancingStore()
+    manager = LeaseManager(store, ["a", "b", "c", "d"], lease_seconds=3, holder="h:1:x")
+    await claim_all(manager, 4)
+    store.others = True
+    store.error = StoreError("server closed the connection unexpectedly")
+    manager._next_claim = 0.0
+    await manager.step()  # raised StoreError out of run(): the daemon stopped
+    assert len(manager.held) == 3
+    store.error = None
+    store.hang = threading.Event()
+    manager._next_claim = 0.0
+    try:
+        await asyncio.wait_for(manager.step(), 2 * manager.renew_interval + 5)
+    finally:
+        store.hang.set()
+    assert len(manager.held) == 2
