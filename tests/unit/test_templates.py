@@ -82,7 +82,7 @@ def test_a_relation_without_a_record_says_which_link_is_missing() -> None:
     """``{{ person.name }}`` passed the config check (person is a follower-parent table); for a
     recipient whose follower has no person linked, the reason names the missing link, which an
     integrator fixes in the data, not in the template."""
-    with pytest.raises(ValueError) as caught:
+    with pytest.raises(ValueError, match="no person record is linked") as caught:
         render("{{ person.name }}", "", data())
     reason = str(caught.value)
     assert "no person record is linked" in reason
