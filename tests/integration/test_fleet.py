@@ -222,8 +222,14 @@ async def test_two_daemons_share_20_accounts_and_one_takes_over_after_kill_9(
             await eventually(
                 lambda: set(db.copies()) >= set(before), 90, "the 20 first messages imported"
             )
+
             # Served, not only leased: each daemon's log shows imports for its accounts only.
-            by_daemon = {n: imported_accounts(tmp_path / f"daemon{n}.log") for n in (0, 1)}
+            # The line follows the commit (store first, then log): wait for the last ones.
+            def logged() -> dict[int, set[str]] | None:
+                found = {n: imported_accounts(tmp_path / f"daemon{n}.log") for n in (0, 1)}
+                return found if found[0] | found[1] >= set(names) else None
+
+            by_daemon = await eventually(logged, 30, "every account's import logged")
             assert by_daemon[0].isdisjoint(by_daemon[1])
             assert by_daemon[0] | by_daemon[1] == set(names)
             for n, proc in enumerate((first, second)):
