@@ -14,10 +14,10 @@ import json
 import os
 import signal
 import sys
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any, NoReturn
+from typing import Any, NoReturn, TypeVar
 
 import structlog
 
@@ -42,6 +42,8 @@ EX_TEMPFAIL = 75
 EX_CONFIG = 78
 
 log = structlog.get_logger("mailbridge.cli")
+
+T = TypeVar("T")
 
 
 class _Parser(argparse.ArgumentParser):
@@ -442,6 +444,26 @@ def _open_store(settings: Settings) -> Repository | None:
     return open_store(settings)
 
 
+def _from_store(settings: Settings, ask: Callable[[Repository], T]) -> T | None:
+    """What ``ask`` reads (or writes) in the database, which is closed again after it; None
+    when there is no database yet."""
+    repo = _open_store(settings)
+    if repo is None:
+        return None
+    try:
+        return ask(repo)
+    finally:
+        repo.close()
+
+
+def _refuse_unknown_account(settings: Settings, account: str | None, found: Sequence[Any]) -> None:
+    """An ``--account`` that is neither configured nor found in the database is a typo, not an
+    empty list (an account removed from the config still lists what it stored): ConfigError
+    ``account_unknown``, which the command line turns into exit 1."""
+    if account is not None and not found and account not in {a.name for a in settings.accounts}:
+        settings.account(account)
+
+
 def _iso(value: datetime | None) -> str:
     return value.astimezone(UTC).isoformat(timespec="seconds") if value else ""
 
@@ -537,13 +559,7 @@ def _conversations(settings: Settings, account: str | None, search: str | None, 
         found = repo.conversations(account=account, search=search, limit=limit)
     finally:
         repo.close()
-    configured = {a.name for a in settings.accounts}
-    if account is not None and account not in configured and not found:
-        # A typo must not read as "no conversations" (an account removed from the config
-        # still lists what it stored, so only an unknown name with nothing stored is refused).
-        names = ", ".join(sorted(configured))
-        print(f"mailbridge: no account named {account!r} (configured: {names})", file=sys.stderr)
-        return 1
+    _refuse_unknown_account(settings, account, found)
     table = Table(title=f"{len(found)} conversation(s)")
     for column in ("id", "account", "subject", "messages", "followers", "last message", "key"):
         table.add_column(column)
@@ -564,13 +580,7 @@ def _conversations(settings: Settings, account: str | None, search: str | None, 
 def _conversation_show(settings: Settings, conversation_id: int) -> int:
     from rich.text import Text
 
-    repo = _open_store(settings)
-    detail = None
-    if repo is not None:
-        try:
-            detail = repo.conversation(conversation_id)
-        finally:
-            repo.close()
+    detail = _from_store(settings, lambda repo: repo.conversation(conversation_id))
     if detail is None:
         print(f"mailbridge: no conversation {conversation_id}", file=sys.stderr)
         return 1
@@ -619,13 +629,7 @@ def _conversation_show(settings: Settings, conversation_id: int) -> int:
 
 
 def _conversation_read(settings: Settings, conversation_id: int) -> int:
-    repo = _open_store(settings)
-    found = False
-    if repo is not None:
-        try:
-            found = repo.mark_read(conversation_id)
-        finally:
-            repo.close()
+    found = _from_store(settings, lambda repo: repo.mark_read(conversation_id))
     if not found:
         print(f"mailbridge: no conversation {conversation_id}", file=sys.stderr)
         return 1
@@ -719,13 +723,13 @@ def _errors(
     """``mailbridge errors``: one row per failed recipient of a bounce or complaint."""
     from rich.table import Table  # rich only for the commands that print it
 
-    repo = _open_store(settings)
-    found = []
-    if repo is not None:
-        try:
-            found = repo.delivery_errors(unresolved=unresolved, conversation=conversation)
-        finally:
-            repo.close()
+    found = (
+        _from_store(
+            settings,
+            lambda repo: repo.delivery_errors(unresolved=unresolved, conversation=conversation),
+        )
+        or []
+    )
     if as_json:
         rows = [
             {
@@ -777,15 +781,8 @@ def _discarded(settings: Settings, account: str | None, *, limit: int, as_json: 
     (README "Automatic mail"); the message itself is in the Processed folder."""
     from rich.table import Table  # rich only for the commands that print it
 
-    repo = _open_store(settings)
-    found = []
-    if repo is not None:
-        try:
-            found = repo.not_stored(account, limit=limit)
-        finally:
-            repo.close()
-    if account is not None and not found and account not in {a.name for a in settings.accounts}:
-        settings.account(account)  # a typo, not an empty list: account_unknown, exit 1
+    found = _from_store(settings, lambda repo: repo.not_stored(account, limit=limit)) or []
+    _refuse_unknown_account(settings, account, found)
     if as_json:
         rows = [
             {
@@ -821,13 +818,7 @@ def _discarded(settings: Settings, account: str | None, *, limit: int, as_json: 
 
 
 def _errors_resolve(settings: Settings, error_id: int) -> int:
-    repo = _open_store(settings)
-    done = False
-    if repo is not None:
-        try:
-            done = repo.resolve_delivery_error(error_id)
-        finally:
-            repo.close()
+    done = _from_store(settings, lambda repo: repo.resolve_delivery_error(error_id))
     if not done:
         print(f"mailbridge: no unresolved delivery error {error_id}", file=sys.stderr)
         return 1

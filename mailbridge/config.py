@@ -1043,7 +1043,7 @@ class Settings(_Model):
         for account in self.accounts:
             if account.name == name:
                 return account
-        names = ", ".join(a.name for a in self.accounts)
+        names = ", ".join(sorted(a.name for a in self.accounts))
         raise ConfigError(
             f"no account named {name!r} (configured: {names})",
             path="accounts",
