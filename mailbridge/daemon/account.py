@@ -402,7 +402,7 @@ class AccountWorker:
             return summary
         self.log.info("import_pending", messages=len(uids))
         metas = await session.fetch_meta(uids)
-        unfetched, batches = await self.step.fail_too_large(session, metas)
+        unfetched, batches = await self.step.plan_fetches(session, metas)
         summary.add(unfetched)
         if not batches:
             return summary

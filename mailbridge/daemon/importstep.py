@@ -185,7 +185,7 @@ class ImportStep:
 
     async def fetch(self, session: ImapSession, uids: Sequence[int]) -> list[FetchedMessage]:
         """``session.fetch(uids)``, remembering the UIDs of a FETCH that broke the connection so
-        that :meth:`fail_too_large` fetches them alone next time and, after
+        that :meth:`plan_fetches` fetches them alone next time and, after
         ``UNREADABLE_AFTER`` breaks alone, sends them to Failed unread. Raises as the fetch."""
         try:
             fetched = await session.fetch(uids)
@@ -198,35 +198,28 @@ class ImportStep:
             self.broken_fetches.pop(uid, None)
         return fetched
 
-    async def fail_too_large(
+    async def plan_fetches(
         self, session: ImapSession, metas: Sequence[MessageMeta], *, in_failed: bool = False
     ) -> tuple[PassSummary, list[list[int]]]:
-        """Send the messages over ``limits.message_max_size_mb`` to Failed (``too_large``)
-        without downloading them; return that pass and the batches (UIDs) of the rest, bounded
-        by ``limits.fetch_batch_size`` and ``limits.fetch_batch_max_mb`` (:func:`plan_batches`).
-        With ``in_failed`` (the sweep, in the selected Failed folder) they stay where they are.
+        """Send to Failed, unread, what is not to be fetched: messages over
+        ``limits.message_max_size_mb`` (``too_large``) and, in the Inbox, messages whose FETCH
+        broke the connection too often (:meth:`_fail_unreadable`); return that pass and the
+        batches (UIDs) of the rest: first each message whose FETCH broke the connection, alone,
+        then batches bounded by ``limits.fetch_batch_size`` and ``limits.fetch_batch_max_mb``
+        (:func:`plan_batches`). With ``in_failed`` (the sweep, in the selected Failed folder)
+        they stay where they are.
         """
         limits = self.settings.limits
         limit = limits.message_max_bytes
         too_large = [m for m in metas if m.size > limit]
+        fits = [m for m in metas if m.size <= limit]
         summary = PassSummary()
         suspects: list[int] = []
         if not in_failed and self.broken_fetches:
-            # UIDs of a FETCH that broke the connection: alone this time, and unread to Failed
-            # once they broke it alone UNREADABLE_AFTER times.
-            broken = self.broken_fetches
-            unreadable = [
-                m for m in metas if m.size <= limit and broken.get(m.uid, 0) > UNREADABLE_AFTER
-            ]
-            if unreadable:
-                failures = [_failure_unreadable(m, broken[m.uid]) for m in unreadable]
-                summary.add(await self.process_fetched(session, [], parsed=([], failures)))
-                for m in unreadable:
-                    del broken[m.uid]
-                self.failed_unread += len(unreadable)
-                gone = {m.uid for m in unreadable}
-                metas = [m for m in metas if m.uid not in gone]
-            suspects = [m.uid for m in metas if m.size <= limit and m.uid in broken]
+            unread, gone = await self._fail_unreadable(session, fits)
+            summary.add(unread)
+            fits = [m for m in fits if m.uid not in gone]
+            suspects = [m.uid for m in fits if m.uid in self.broken_fetches]
         for start in range(0, len(too_large), limits.fetch_batch_size):
             chunk = too_large[start : start + limits.fetch_batch_size]
             headers = {m.uid: m.raw for m in await session.fetch_headers([m.uid for m in chunk])}
@@ -235,10 +228,26 @@ class ImportStep:
                 await self.process_fetched(session, [], in_failed=in_failed, parsed=([], failures))
             )
         alone = set(suspects)
-        fits = [(m.uid, m.size) for m in metas if m.size <= limit and m.uid not in alone]
+        rest = [(m.uid, m.size) for m in fits if m.uid not in alone]
         batches = [[uid] for uid in suspects]
-        batches += plan_batches(fits, limits.fetch_batch_size, limits.fetch_batch_max_bytes)
+        batches += plan_batches(rest, limits.fetch_batch_size, limits.fetch_batch_max_bytes)
         return summary, batches
+
+    async def _fail_unreadable(
+        self, session: ImapSession, metas: Sequence[MessageMeta]
+    ) -> tuple[PassSummary, set[int]]:
+        """Send to Failed, unread (``message_unreadable``), the Inbox messages whose FETCH broke
+        the connection more than ``UNREADABLE_AFTER`` times in a row; that pass and their UIDs."""
+        broken = self.broken_fetches
+        unreadable = [m for m in metas if broken.get(m.uid, 0) > UNREADABLE_AFTER]
+        if not unreadable:
+            return PassSummary(), set()
+        failures = [_failure_unreadable(m, broken[m.uid]) for m in unreadable]
+        summary = await self.process_fetched(session, [], parsed=([], failures))
+        for m in unreadable:
+            del broken[m.uid]
+        self.failed_unread += len(unreadable)
+        return summary, {m.uid for m in unreadable}
 
     async def fetch_and_parse(self, session: ImapSession, uids: Sequence[int]) -> Prefetched:
         """``UID FETCH`` the batch ``uids`` and parse it off the event loop."""

@@ -390,7 +390,7 @@ async def _retry_failed(
         progress("failed", 0, len(metas))
     if len(metas) >= POOL_MIN_BATCH:
         warm_up_pool()  # parse workers start while the first batch is fetched
-    large, batches = await worker.fail_too_large(session, metas, in_failed=True)
+    large, batches = await worker.plan_fetches(session, metas, in_failed=True)
     summary.retried += large.failed
     summary.still_failing.extend(large.failures)
     done = large.failed
@@ -470,7 +470,7 @@ async def _import_missed(
     summary.skipped_young += len(metas) - len(old)
     if progress is not None:
         progress("inbox", 0, len(old))
-    large, batches = await worker.fail_too_large(session, old)
+    large, batches = await worker.plan_fetches(session, old)
     summary.new_failures.extend(large.failures)
     done = large.failed
     if len(old) >= POOL_MIN_BATCH:
