@@ -13,13 +13,12 @@ from __future__ import annotations
 import sys
 from collections.abc import Sequence
 from datetime import UTC, datetime
-from email.utils import getaddresses
 from pathlib import Path
 
 from rich.table import Table
 
 from mailbridge.config import Settings
-from mailbridge.core.outbox import parse_actions
+from mailbridge.core.outbox import not_addresses, parse_actions
 from mailbridge.daemon.outbox import notify_daemon
 from mailbridge.errors import describe
 from mailbridge.store.base import Repository
@@ -80,20 +79,6 @@ def _read_body(body_file: Path | None) -> str | None:
         except OSError:  # no stdin at all (a service, a test runner)
             return None
     return None
-
-
-def _bad_addresses(values: Sequence[str]) -> list[str]:
-    """The ``--to``/``--cc``/``--bcc`` values that are not email addresses (RFC 5322 3.4):
-    refused when queued, not found out by the worker later."""
-    bad: list[str] = []
-    for value in values:
-        found = getaddresses([value])
-        if not found or any(
-            not addr or addr.count("@") != 1 or not all(addr.split("@")) or " " in addr
-            for _name, addr in found
-        ):
-            bad.append(value)
-    return bad
 
 
 def _bad_actions(actions: str | None) -> str | None:
@@ -195,7 +180,7 @@ def send(
 ) -> int:
     """``mailbridge send ACCOUNT --to ADDR --subject TEXT``: queue a new conversation."""
     settings.account(account)  # ConfigError naming the configured accounts
-    bad = _bad_addresses([*to, *cc, *bcc])
+    bad = not_addresses([*to, *cc, *bcc])
     if bad:
         print(f"mailbridge: not an email address: {', '.join(map(repr, bad))}", file=sys.stderr)
         return EX_USAGE

@@ -106,6 +106,22 @@ def split_addresses(text: str | None) -> list[str]:
     return out
 
 
+def not_addresses(values: Sequence[str]) -> list[str]:
+    """The values (each an address list, as ``--to``/``--cc``/``--bcc`` take it) holding an
+    entry that is not an email address (RFC 5322 section 3.4: one ``@`` between a non-empty
+    local part and domain, no space): refused when a row is queued, where
+    :func:`split_addresses` would drop the entry when it is sent."""
+    bad: list[str] = []
+    for value in values:
+        found = getaddresses([value])
+        if not found or any(
+            not addr or addr.count("@") != 1 or not all(addr.split("@")) or " " in addr
+            for _name, addr in found
+        ):
+            bad.append(value)
+    return bad
+
+
 def address_of(entry: str) -> str:
     """The bare, lower-cased address of a :func:`split_addresses` entry."""
     return getaddresses([entry])[0][1].strip().lower()

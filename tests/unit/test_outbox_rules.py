@@ -21,6 +21,7 @@ from mailbridge.core.outbox import (
     build_message,
     check_actions,
     envelope_recipients,
+    not_addresses,
     parse_actions,
     recovered_state,
     reply_subject,
@@ -250,3 +251,10 @@ def test_pipeline_chunks_start_with_one_row_and_grow_to_the_limit(count: int) ->
     pairs = list(itertools.pairwise(sizes))
     assert all(b == min(2 * a, PIPELINE_CHUNK) for a, b in pairs[:-1])  # the last may be short
     assert all(b <= min(2 * a, PIPELINE_CHUNK) for a, b in pairs[-1:])
+
+
+def test_values_that_are_not_addresses_are_named() -> None:
+    good = ["ann@x.example", "Ann Lee <ann@x.example>", "a@x.example, B <b@y.example>"]
+    assert not_addresses(good) == []
+    bad = ["not an address", "bob@", "@x.example", "a@b@c.example", "", "ann@x.example, nobody"]
+    assert not_addresses([*good, *bad]) == bad
