@@ -194,8 +194,9 @@ class ImportStep:
                 for uid in uids:
                     self.broken_fetches[uid] = self.broken_fetches.get(uid, 0) + 1
             raise
-        for uid in uids:
-            self.broken_fetches.pop(uid, None)
+        if self.broken_fetches:  # nearly always empty: no walk over every batch
+            for uid in uids:
+                self.broken_fetches.pop(uid, None)
         return fetched
 
     async def plan_fetches(
