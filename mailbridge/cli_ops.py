@@ -373,7 +373,7 @@ def _retry(settings: Settings, uids: list[int] | None, account_name: str | None)
     out = console()
     results = asyncio.run(_retry_all(settings, list(plan.values())))
     errors: list[MailbridgeError] = []
-    missing = 0
+    missing = failing = 0
     for name, outcome in results:
         if isinstance(outcome, MailbridgeError):
             errors.append(outcome)
@@ -382,12 +382,14 @@ def _retry(settings: Settings, uids: list[int] | None, account_name: str | None)
         out.print(f"{name}: {outcome.line()}")
         _print_failures(out, name, outcome)
         _print_reconciled(out, name, outcome)
+        failing += len(outcome.still_failing)
         asked = len(plan[name][1] or ())
         if asked > outcome.retried:
             missing += asked - outcome.retried
             out.print(f"{name}: {asked - outcome.retried} UID(s) not in the Failed folder")
-    # A UID asked for that is not there is "not found" (exit 1), as for `failed show UID`.
-    return _exit_code(errors) or (1 if missing else 0)
+    # A UID asked for that is not there is "not found" (exit 1), as for `failed show UID`; a
+    # message retried that failed again is not done either (exit 1), so a script can tell.
+    return _exit_code(errors) or (1 if missing or failing else 0)
 
 
 async def _retry_all(

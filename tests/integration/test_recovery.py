@@ -342,6 +342,9 @@ def test_cli_failed_list_show_retry_and_sync(
     out = capsys.readouterr().out
     assert dict(zip(header, _cells(out, tagged), strict=True))["attempts"] == "2"
     assert dict(zip(header, _cells(out, "Huge scan"), strict=True))["attempts"] == "2"
+    # Retried by hand, still too large: said, and not "done" (exit 1) so a script can tell.
+    assert cli_main(["-c", str(path), "failed", "retry", str(uids[0])]) == 1
+    assert "still failing 1" in capsys.readouterr().out
 
     # The operator raises the limit: one message by UID, the rest by sync.
     data["limits"] = {"attachment_max_size_mb": 5}
