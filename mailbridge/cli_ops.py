@@ -19,6 +19,7 @@ import email.parser
 import email.policy
 import sys
 from collections.abc import Sequence
+from dataclasses import replace
 from datetime import UTC, datetime
 
 from rich.console import Console
@@ -28,8 +29,10 @@ from rich.text import Text
 
 from mailbridge.config import AccountSettings, Settings
 from mailbridge.daemon.doctor import Check, check_database, diagnose, failing
+from mailbridge.daemon.outbox import daemon_serves
 from mailbridge.daemon.sweep import SweepSummary, fetch_failed, retry_failed, sweep_and_record
 from mailbridge.errors import ConfigError, MailbridgeError, MessageError, ServerError, describe
+from mailbridge.store.asyncrepo import AsyncRepository
 from mailbridge.store.base import FailureRecord
 from mailbridge.store.factory import open_repository, open_store
 from mailbridge.term import console, mail_text
@@ -124,15 +127,30 @@ async def _sync(
                     progress.update(tasks[phase], completed=done, total=total)  # type: ignore[arg-type]
 
                 try:
-                    return account.name, await sweep_and_record(
-                        settings, account, repo, progress=report
-                    )
+                    summary = await sweep_and_record(settings, account, repo, progress=report)
                 except MailbridgeError as exc:
                     return account.name, exc
+                await _clear_command_error(settings, repo, account.name)
+                return account.name, summary
 
             return list(await asyncio.gather(*(one(a) for a in accounts)))
     finally:
         await repo.aclose()
+
+
+async def _clear_command_error(settings: Settings, repo: AsyncRepository, name: str) -> None:
+    """After a command reached the server and did its work, an error state a command left
+    (``run --once`` that could not log in, say) is stale: store ``stopped``, as a successful
+    ``run --once`` leaves it, so that ``status`` no longer asks to fix what is fixed. A running
+    daemon's state is its own (it stores the next one itself): left alone."""
+    stored = next((s for s in await repo.account_states() if s.account == name), None)
+    if stored is None or stored.code is None or await daemon_serves(settings, repo):
+        return
+    now = datetime.now(UTC)
+    # `imported` is added to the stored count, not set: 0 keeps it.
+    await repo.set_account_state(
+        replace(stored, state="stopped", code=None, detail="", imported=0, since=now, updated=now)
+    )
 
 
 def _print_failures(out: Console, name: str, summary: SweepSummary) -> None:
@@ -411,6 +429,7 @@ async def _retry_all(
                 f"failed retry: {summary.line()}",
                 summary.imported,
             )
+            await _clear_command_error(settings, repo, account.name)
             return account.name, summary
 
         return list(await asyncio.gather(*(one(a, u) for a, u in plan)))

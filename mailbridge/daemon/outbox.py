@@ -154,6 +154,16 @@ def notify_daemon(database: Path) -> bool:
     return True
 
 
+async def daemon_serves(settings: Settings, repo: AsyncRepository) -> bool:
+    """A daemon serves this database: PostgreSQL counts the LISTENing daemons (any host);
+    with SQLite the daemon's wake socket answers (and the daemon looks at its outbox)."""
+    watchers = await repo.outbox_watchers()
+    if watchers is not None:
+        return watchers > 0
+    path = settings.sqlite_path
+    return path is not None and notify_daemon(path)
+
+
 class Watch:
     """Waits for news of the outbox: a database change, a wake datagram, or :meth:`wake`
     (SQLite); a NOTIFY on a LISTENing session, or :meth:`wake` (PostgreSQL)."""
@@ -516,13 +526,7 @@ class OutboxWorker:
         return summary
 
     async def _daemon_running(self) -> bool:
-        """A daemon serves this database: PostgreSQL counts the LISTENing daemons (any host);
-        with SQLite the daemon's wake socket answers."""
-        watchers = await self.repo.outbox_watchers()
-        if watchers is not None:
-            return watchers > 0
-        path = self.settings.sqlite_path
-        return path is not None and notify_daemon(path)
+        return await daemon_serves(self.settings, self.repo)
 
     async def _guarded(self, work: Awaitable[object]) -> bool:
         """Run ``work``; False (logged, after a 5 s pause) when it failed."""

@@ -19,6 +19,7 @@ import re
 import secrets
 import select
 import signal
+import socket
 import struct
 import subprocess
 import sys
@@ -37,6 +38,7 @@ import yaml
 from mailbridge.cli import main as cli_main
 from mailbridge.cli_ops import _size
 from mailbridge.config import Settings, parse_config
+from mailbridge.daemon.outbox import wake_address
 from mailbridge.daemon.supervisor import Supervisor, run_once
 from mailbridge.daemon.sweep import retry_failed, since_date, sweep, sweep_and_record
 from mailbridge.mail.imap import ImapSession
@@ -711,6 +713,49 @@ def test_cli_sync_exits_69_when_the_account_cannot_log_in(
     out = capsys.readouterr()
     assert "auth_failed" in out.out + out.err
     assert "auth.username" in out.out + out.err  # the remedy
+
+
+def _status_row(path: Path, capsys: pytest.CaptureFixture[str]) -> dict[str, Any]:
+    capsys.readouterr()
+    assert cli_main(["-c", str(path), "status", "--json"]) == 0
+    rows: list[dict[str, Any]] = json.loads(capsys.readouterr().out)["accounts"]
+    return rows[0]
+
+
+@pytest.mark.parametrize("command", [["sync"], ["failed", "retry", "--all"]])
+def test_a_command_that_logs_in_clears_the_error_run_once_left(
+    tmp_path: Path,
+    dovecot: Any,
+    imap_user: Any,
+    capsys: pytest.CaptureFixture[str],
+    command: list[str],
+) -> None:
+    """`run --once` with a wrong password leaves auth_failed in `status`; once the password is
+    fixed, a `sync` (or `failed retry`) that logged in and did its work leaves it `stopped`, as
+    a successful `run --once` would, instead of asking to fix what is fixed."""
+    data = config_data(tmp_path, dovecot, imap_user)
+    data["accounts"][0]["auth"]["password"] = "wrong"
+    path = write_config(tmp_path, data)
+    assert cli_main(["-c", str(path), "run", "--once"]) == 69
+    row = _status_row(path, capsys)
+    assert (row["state"], row["code"]) == ("auth_failed", "auth_failed")
+
+    # Still wrong: the command fails too and the error stays.
+    assert cli_main(["-c", str(path), *command]) == 69
+    assert _status_row(path, capsys)["code"] == "auth_failed"
+
+    data["accounts"][0]["auth"]["password"] = imap_user.password
+    write_config(tmp_path, data)
+    # While a daemon serves the database (its wake socket answers), its state is its own.
+    settings = parse_config(data)
+    assert settings.sqlite_path is not None
+    with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM) as daemon:
+        daemon.bind(wake_address(settings.sqlite_path))
+        assert cli_main(["-c", str(path), *command]) == 0
+        assert _status_row(path, capsys)["code"] == "auth_failed"
+    assert cli_main(["-c", str(path), *command]) == 0
+    row = _status_row(path, capsys)
+    assert (row["state"], row["code"], row["detail"]) == ("stopped", None, "")
 
 
 async def test_daemon_runs_the_sweep_on_its_schedule(
