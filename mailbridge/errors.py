@@ -219,8 +219,8 @@ CATALOGUE: Final[dict[str, ErrorInfo]] = dict(
         _info(
             "folder_unavailable",
             "A configured folder does not exist or cannot be opened",
-            "Check folders.inbox, folders.processed and folders.failed against the server's "
-            "folder names and permissions; 'mailbridge doctor ACCOUNT' checks each.",
+            "Check folders.inbox, folders.processed, folders.failed and folders.sent against "
+            "the server's folder names and permissions; 'mailbridge doctor ACCOUNT' checks each.",
             transient=False,
         ),
         _info(

@@ -243,7 +243,21 @@ async def _folders(
         lines.append(Check.failed(name, exc))
     else:
         lines.append(Check(name, "ok", "exist (created if they were missing)"))
+    if folders.sent is not None:
+        lines.append(await _sent_folder(session, folders.sent, append=folders.append_sent))
     return lines
+
+
+async def _sent_folder(session: ImapSession, sent: str, *, append: bool) -> Check:
+    """``folders.sent`` is the server's own folder (never created by mailbridge): it must be
+    selectable, or sent copies cannot be APPENDed and a crash cannot be checked against it."""
+    name = f"folder {sent!r} (folders.sent) selectable"
+    try:
+        await session.select(sent)
+    except MailbridgeError as exc:
+        return Check.failed(name, exc)
+    use = "a copy of each sent message is appended; " if append else ""
+    return Check(name, "ok", f"{use}searched for a Message-ID after a crash")
 
 
 async def _backlog(session: ImapSession, account: AccountSettings, threshold: int) -> Check:

@@ -127,6 +127,29 @@ def test_doctor_passes_a_good_account(
     assert "Mailbridge Failed" in dovecot.folders(imap_user.login, imap_user.password)
 
 
+def test_doctor_checks_the_sent_folder_without_creating_it(
+    tmp_path: Path, dovecot: Any, imap_user: Any, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """folders.sent is the server's folder: a missing one fails its line (exit 1) with the
+    code and remedy, and is not created; once it exists the line passes."""
+    data = config_data(tmp_path, dovecot, imap_user)
+    data["accounts"][0]["folders"] = {"sent": "Sent Items"}
+    path = write(tmp_path, data)
+    assert cli_main(["-c", str(path), "doctor"]) == 1
+    out = capsys.readouterr().out
+    assert "✗ folder 'Sent Items' (folders.sent) selectable" in out
+    assert "folder_unavailable" in out
+    assert "Sent Items" not in dovecot.folders(imap_user.login, imap_user.password)
+
+    with imaplib.IMAP4(dovecot.host, dovecot.port) as conn:
+        conn.login(imap_user.login, imap_user.password)
+        assert conn.create('"Sent Items"')[0] == "OK"
+    assert cli_main(["-c", str(path), "doctor"]) == 0
+    out = capsys.readouterr().out
+    assert "✓ folder 'Sent Items' (folders.sent) selectable" in out
+    assert "searched for a Message-ID after a crash" in out
+
+
 def test_doctor_wrong_password_fails_with_code_and_remedy(
     tmp_path: Path, dovecot: Any, imap_user: Any, capsys: pytest.CaptureFixture[str]
 ) -> None:
