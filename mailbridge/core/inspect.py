@@ -21,8 +21,9 @@ from mailbridge.core.identify import plus_keys, subject_key, thread_candidates
 from mailbridge.core.model import Address, ParsedMessage
 from mailbridge.core.parse import parse_message
 from mailbridge.core.policy import AutomaticPolicy, analyse, decide
+from mailbridge.errors import MessageError
 
-__all__ = ["bounce_json", "inspect_message"]
+__all__ = ["bounce_json", "inspect_message", "not_a_message"]
 
 
 def _address(address: Address) -> dict[str, str]:
@@ -49,6 +50,30 @@ def bounce_json(bounce: Bounce | None) -> dict[str, Any] | None:
     }
 
 
+# An OLE2 compound file: Outlook's .msg items (and old Office documents) start with it.
+_COMPOUND_FILE = b"\xd0\xcf\x11\xe0\xa1\xb1\x1a\xe1"
+
+
+def not_a_message(raw: bytes) -> str | None:
+    """Why ``raw`` is not a message a person would mean to inspect, or None.
+
+    A message is header fields, then an optional body (RFC 5322 section 2.1); a file whose
+    first line is not a header field (a PDF, an image, a text file, an Outlook ``.msg``) has
+    none. The import still stores such a body-only message when a server hands it over
+    (nothing is lost); ``inspect`` is given files, where it is almost surely the wrong one."""
+    if raw.startswith(_COMPOUND_FILE):
+        return (
+            "an Outlook item (.msg, a compound file), not a MIME message: save it as .eml "
+            "(or copy the message's source) and inspect that"
+        )
+    if not parse_raw(raw).keys():
+        return (
+            "no header fields: not an RFC 5322 message (a message starts with header fields "
+            "such as From: and Date:, RFC 5322 section 2.1)"
+        )
+    return None
+
+
 def inspect_message(
     raw: bytes,
     own_addresses: frozenset[str] = frozenset(),
@@ -59,7 +84,11 @@ def inspect_message(
     aliases) lets plus-address keys be read; ``policy`` (default: the default policy) gives
     ``disposition``: what the import would do if the message started a conversation
     (``new``) or answered a stored one (``reply``). Raises
-    :class:`~mailbridge.errors.MessageError` when the message cannot be parsed at all."""
+    :class:`~mailbridge.errors.MessageError` when the message cannot be parsed at all, or
+    when ``raw`` has no header field (:func:`not_a_message`)."""
+    refusal = not_a_message(raw)
+    if refusal is not None:
+        raise MessageError(refusal, code="unparseable")
     message = parse_message(raw)
     verdict, report = analyse(raw, message)
     bounce = report if report is not None and report.kind != "feedback" else None

@@ -4,12 +4,17 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
 from typing import Any
 
 import pytest
+from hypothesis import given
+from hypothesis import strategies as st
+
+from mailbridge.core.inspect import not_a_message
 
 SAMPLES = Path(__file__).resolve().parents[1] / "data" / "robots"
 
@@ -106,7 +111,14 @@ def test_plus_keys_with_a_configured_account(tmp_path: Path) -> None:
 
 @pytest.mark.parametrize(
     ("content", "code"),
-    [(None, 66), (b"", 65)],
+    [
+        (None, 66),
+        (b"", 65),
+        (b"hello world\n", 65),  # a text file: no header field
+        (b"%PDF-1.7\n%\xe2\xe3\xcf\xd3\n1 0 obj\n", 65),
+        (b"\x89PNG\r\n\x1a\n\x00\x00\x00\rIHDR", 65),
+        (b"\xd0\xcf\x11\xe0\xa1\xb1\x1a\xe1" + bytes(504), 65),  # an Outlook .msg
+    ],
 )
 def test_errors(tmp_path: Path, content: bytes | None, code: int) -> None:
     path = tmp_path / "m.eml"
@@ -115,6 +127,26 @@ def test_errors(tmp_path: Path, content: bytes | None, code: int) -> None:
     result = _run("inspect", str(path))
     assert result.returncode == code
     assert str(path) in result.stderr.decode()
+    if content is not None and content.startswith(b"\xd0\xcf"):
+        assert "save it as .eml" in result.stderr.decode()
+
+
+def _no_field_first(raw: bytes) -> bool:
+    """The first line is no header field (no colon) and no continuation line or mbox
+    "From " line, after which a parser would still read fields."""
+    first = re.split(rb"\r|\n", raw, maxsplit=1)[0]
+    return b":" not in first and not raw[:1].isspace() and not raw.startswith(b"From ")
+
+
+@given(st.binary(max_size=200).filter(_no_field_first))
+def test_input_without_a_header_field_is_never_a_message(raw: bytes) -> None:
+    # RFC 5322 section 2.1: header fields first. A first line with no colon is no field.
+    assert not_a_message(raw) is not None
+
+
+@pytest.mark.parametrize("sample", sorted(SAMPLES.glob("*.eml"))[:20], ids=lambda p: p.name)
+def test_every_sample_message_is_a_message(sample: Path) -> None:
+    assert not_a_message(sample.read_bytes()) is None
 
 
 def test_disposition_under_the_default_policy() -> None:
