@@ -365,7 +365,15 @@ def _run(
         configure_logging(log_level or new.level, log_format or new.format, stream=sys.stderr)
 
     supervisor = Supervisor(settings, only=only, reconfigure_log=reconfigure_log)
-    return asyncio.run(supervisor.run())
+    if settings.sqlite_path is None:
+        return asyncio.run(supervisor.run())  # PostgreSQL: the leases share the accounts
+    from mailbridge.daemon.instance import DatabaseLock
+
+    lock = DatabaseLock(settings.sqlite_path)  # ConfigError (exit 78) while another runs
+    try:
+        return asyncio.run(supervisor.run())
+    finally:
+        lock.release()
 
 
 def _check_config(settings: Settings) -> int:

@@ -72,6 +72,14 @@ CATALOGUE: Final[dict[str, ErrorInfo]] = dict(
             transient=False,
         ),
         _info(
+            "database_in_use",
+            "Another mailbridge daemon already serves this SQLite database",
+            "Stop the other daemon (its pid is named), or give this one its own database (a "
+            "SQLite file serves one daemon); several daemons share accounts only through "
+            "PostgreSQL (database: postgresql://...).",
+            transient=False,
+        ),
+        _info(
             "account_unknown",
             "No account has that name",
             "Name one of the accounts of the config ('mailbridge status' lists them).",

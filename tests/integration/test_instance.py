@@ -1,0 +1,89 @@
+"""One daemon per SQLite database: a second ``mailbridge run`` on the same file is refused
+(exit 78, ``database_in_use``, naming the first one's pid) instead of importing every message
+twice; ``run --once`` still works beside the daemon; after the first is killed with SIGKILL
+the lock is gone with it and a new daemon starts."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from mailbridge.cli import main as cli_main
+from mailbridge.config import parse_config
+from mailbridge.daemon.instance import DatabaseLock, lock_path
+from mailbridge.errors import ConfigError
+from tests.integration.test_import_loop import config_data, write_config
+from tests.integration.test_recovery import _Lines
+
+pytestmark = pytest.mark.dovecot
+
+
+def _daemon(path: Path) -> tuple[subprocess.Popen[bytes], _Lines]:
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "mailbridge", "-c", str(path), "--log-format", "json", "run"],
+        env={k: v for k, v in os.environ.items() if k != "NOTIFY_SOCKET"},
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+    )
+    return proc, _Lines(proc.stderr)
+
+
+def _stop(proc: subprocess.Popen[bytes], lines: _Lines) -> None:
+    if proc.poll() is None:
+        proc.kill()
+        proc.wait()
+    lines.close()
+    assert proc.stderr is not None
+    proc.stderr.close()
+
+
+def test_a_second_daemon_on_one_sqlite_database_is_refused(
+    tmp_path: Path, dovecot: Any, imap_user: Any, capsys: pytest.CaptureFixture[str]
+) -> None:
+    data = config_data(tmp_path, dovecot, imap_user)
+    path = write_config(tmp_path, data)
+    database = parse_config(data).sqlite_path
+    assert database is not None
+    first, lines = _daemon(path)
+    try:
+        lines.wait_for("daemon_started")
+        assert lock_path(database).read_text().strip() == str(first.pid)
+        assert lock_path(database).stat().st_mode & 0o777 == 0o600
+
+        assert cli_main(["-c", str(path), "run"]) == 78
+        err = capsys.readouterr().err
+        assert f"another mailbridge daemon (pid {first.pid})" in err
+        assert "PostgreSQL" in err  # the remedy
+        assert first.poll() is None  # the first one goes on
+
+        assert cli_main(["-c", str(path), "run", "--once"]) == 0  # beside it: allowed
+
+        # kill -9: no clean-up runs, yet the kernel dropped the lock with the process.
+        first.send_signal(signal.SIGKILL)
+        first.wait(timeout=30)
+        second, second_lines = _daemon(path)
+        try:
+            second_lines.wait_for("daemon_started")
+            assert lock_path(database).read_text().strip() == str(second.pid)
+            second.send_signal(signal.SIGTERM)
+            assert second.wait(timeout=60) == 0
+        finally:
+            _stop(second, second_lines)
+    finally:
+        _stop(first, lines)
+
+
+def test_the_lock_is_exclusive_and_released(tmp_path: Path) -> None:
+    database = tmp_path / "state" / "mailbridge.db"
+    held = DatabaseLock(database)
+    with pytest.raises(ConfigError, match=r"pid \d+") as info:
+        DatabaseLock(database)  # another open file description: refused as another process is
+    assert info.value.code == "database_in_use"
+    held.release()
+    DatabaseLock(database).release()
