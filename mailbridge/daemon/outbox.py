@@ -511,22 +511,39 @@ class OutboxWorker:
     async def run_once(self) -> OutboxSummary:
         """Resolve rows left ``sending``, then send every row due now (``run --once``).
 
-        Beside a running daemon (its wake socket answers) rows in ``sending`` are the daemon's
-        attempts in flight, not a crash's: they are left to it (it resolves its own at start).
+        Beside a running daemon (its wake socket answers, or it LISTENs on PostgreSQL) rows in
+        ``sending`` are the daemon's attempts in flight, not a crash's: they are left to it (it
+        resolves its own at start) — except, on PostgreSQL, those of accounts whose lease no
+        daemon holds, which no daemon would resolve until one takes it.
         """
         summary = OutboxSummary()
-        if await self._daemon_running():
-            log.info("outbox_recovery_left_to_daemon", reason="a daemon serves this database")
-        else:
+        unserved = await self._unserved_accounts()
+        if unserved is None:
             await self.recover(summary)
+        else:
+            if unserved:
+                await self.recover(summary, accounts=unserved)
+            log.info(
+                "outbox_recovery_left_to_daemon",
+                reason="a daemon serves this database",
+                **({"recovered_here": sorted(unserved)} if unserved else {}),
+            )
         try:
             await self.send_due(summary)
         finally:
             await self._close_sessions()
         return summary
 
-    async def _daemon_running(self) -> bool:
-        return await daemon_serves(self.settings, self.repo)
+    async def _unserved_accounts(self) -> set[str] | None:
+        """The accounts whose rows left ``sending`` no daemon will resolve: None when no daemon
+        serves this database (all of them); with SQLite's one daemon, none; on PostgreSQL, the
+        accounts whose lease no daemon holds (a daemon that takes one resolves its rows then)."""
+        if not await daemon_serves(self.settings, self.repo):
+            return None
+        if self.settings.postgres is None:
+            return set()
+        holders = await self.repo.lease_holders()
+        return {name for name in self.accounts() if name not in holders}
 
     async def _guarded(self, work: Awaitable[object]) -> bool:
         """Run ``work``; False (logged, after a 5 s pause) when it failed."""

@@ -287,6 +287,9 @@ class AsyncRepository:
     async def outbox_watchers(self) -> int | None:
         return await self._run(lambda repo: repo.outbox_watchers())
 
+    async def lease_holders(self) -> dict[str, str]:
+        return await self._run(lambda repo: repo.lease_holders())
+
     async def aclose(self) -> None:
         """Close the repository on its thread and stop the thread. Idempotent."""
         if self._closed:

@@ -320,6 +320,38 @@ def test_two_daemons_claiming_the_same_rows_begin_each_once(
         second.close()
 
 
+def test_run_once_beside_a_daemon_resolves_rows_of_accounts_no_daemon_holds(
+    tmp_path: Path,
+    postgres_database: PostgresDatabase,
+    sink: SmtpSink,
+) -> None:
+    """A daemon LISTENs on the database but holds no lease for `support` (it serves other
+    accounts, or none yet): a row of `support` left `sending` by a process that died is no
+    daemon's attempt in flight, so `run --once` resolves and sends it. Once a daemon holds the
+    account's lease, its rows in `sending` are left to that daemon."""
+    settings = parse_config(pg_config(tmp_path, postgres_database, sink))
+    repo = repository(postgres_database)
+    url = PostgresUrl.parse(postgres_database.url)
+    daemon = OutboxListener(url, postgres_database.password)  # a daemon's LISTENing session
+    try:
+        assert repo.outbox_watchers() == 1
+        left = repo.queue_outgoing(OutgoingRequest(account="support", to=CUSTOMER, body_text="1"))
+        assert repo.outbox_begin([(left, None)], _now()) == {left}  # then the process died
+        asyncio.run(send_pass(settings))  # what `run --once` does for the outbox
+        assert state(postgres_database, left) == "sent"
+        assert len(sink.received) == 1
+
+        assert repo.claim_leases("other-host:1:x", ["support"], 60, 10) == {"support": 1}
+        held = repo.queue_outgoing(OutgoingRequest(account="support", to=CUSTOMER, body_text="2"))
+        assert repo.outbox_begin([(held, None)], _now()) == {held}  # the holder's, in flight
+        asyncio.run(send_pass(settings))
+        assert state(postgres_database, held) == "sending"
+        assert len(sink.received) == 1
+    finally:
+        daemon.close()
+        repo.close()
+
+
 def _now() -> datetime:
     return datetime.now(UTC)
 
