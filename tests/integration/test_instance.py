@@ -5,10 +5,7 @@ the lock is gone with it and a new daemon starts."""
 
 from __future__ import annotations
 
-import os
 import signal
-import subprocess
-import sys
 from pathlib import Path
 from typing import Any
 
@@ -19,28 +16,9 @@ from mailbridge.config import parse_config
 from mailbridge.daemon.instance import DatabaseLock, lock_path
 from mailbridge.errors import ConfigError
 from tests.integration.test_import_loop import config_data, write_config
-from tests.integration.test_recovery import _Lines
+from tests.integration.test_recovery import start_daemon, stop_daemon
 
 pytestmark = pytest.mark.dovecot
-
-
-def _daemon(path: Path) -> tuple[subprocess.Popen[bytes], _Lines]:
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "mailbridge", "-c", str(path), "--log-format", "json", "run"],
-        env={k: v for k, v in os.environ.items() if k != "NOTIFY_SOCKET"},
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.PIPE,
-    )
-    return proc, _Lines(proc.stderr)
-
-
-def _stop(proc: subprocess.Popen[bytes], lines: _Lines) -> None:
-    if proc.poll() is None:
-        proc.kill()
-        proc.wait()
-    lines.close()
-    assert proc.stderr is not None
-    proc.stderr.close()
 
 
 def test_a_second_daemon_on_one_sqlite_database_is_refused(
@@ -50,7 +28,7 @@ def test_a_second_daemon_on_one_sqlite_database_is_refused(
     path = write_config(tmp_path, data)
     database = parse_config(data).sqlite_path
     assert database is not None
-    first, lines = _daemon(path)
+    first, lines = start_daemon(path)
     try:
         lines.wait_for("daemon_started")
         assert lock_path(database).read_text().strip() == str(first.pid)
@@ -67,16 +45,16 @@ def test_a_second_daemon_on_one_sqlite_database_is_refused(
         # kill -9: no clean-up runs, yet the kernel dropped the lock with the process.
         first.send_signal(signal.SIGKILL)
         first.wait(timeout=30)
-        second, second_lines = _daemon(path)
+        second, second_lines = start_daemon(path)
         try:
             second_lines.wait_for("daemon_started")
             assert lock_path(database).read_text().strip() == str(second.pid)
             second.send_signal(signal.SIGTERM)
             assert second.wait(timeout=60) == 0
         finally:
-            _stop(second, second_lines)
+            stop_daemon(second, second_lines)
     finally:
-        _stop(first, lines)
+        stop_daemon(first, lines)
 
 
 def test_the_lock_is_exclusive_and_released(tmp_path: Path) -> None:

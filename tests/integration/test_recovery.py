@@ -830,6 +830,27 @@ class _Lines:
                 return entry
 
 
+def start_daemon(path: Path) -> tuple[subprocess.Popen[bytes], _Lines]:
+    """``mailbridge run`` with JSON logs as a child process, and its log lines as they come."""
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "mailbridge", "-c", str(path), "--log-format", "json", "run"],
+        env={k: v for k, v in os.environ.items() if k != "NOTIFY_SOCKET"},
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+    )
+    return proc, _Lines(proc.stderr)
+
+
+def stop_daemon(proc: subprocess.Popen[bytes], lines: _Lines) -> None:
+    """Kill the daemon if it still runs, and read its log to the end."""
+    if proc.poll() is None:
+        proc.kill()
+        proc.wait()
+    lines.close()
+    assert proc.stderr is not None
+    proc.stderr.close()
+
+
 def test_wrong_password_backs_off_long_and_recovers_on_sighup(
     tmp_path: Path, dovecot: Any, imap_user: Any, capsys: pytest.CaptureFixture[str]
 ) -> None:
@@ -841,13 +862,7 @@ def test_wrong_password_backs_off_long_and_recovers_on_sighup(
     data = config_data(tmp_path, dovecot, imap_user)
     data["accounts"][0]["auth"] = {"username": imap_user.login, "password_file": str(secret)}
     path = write_config(tmp_path, data)
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "mailbridge", "-c", str(path), "--log-format", "json", "run"],
-        env={k: v for k, v in os.environ.items() if k != "NOTIFY_SOCKET"},
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.PIPE,
-    )
-    lines = _Lines(proc.stderr)
+    proc, lines = start_daemon(path)
     try:
         backoff = lines.wait_for("account_backoff", code="auth_failed")
         assert backoff["retry_in_seconds"] >= 300  # an operator's problem: no hammering
@@ -881,11 +896,6 @@ def test_wrong_password_backs_off_long_and_recovers_on_sighup(
         proc.send_signal(signal.SIGTERM)
         proc.wait(timeout=30)
     finally:
-        if proc.poll() is None:
-            proc.kill()
-            proc.wait()
-        lines.close()
-        assert proc.stderr is not None
-        proc.stderr.close()
+        stop_daemon(proc, lines)
     assert proc.returncode == 0
     assert imap_user.password.encode() not in b"".join(lines.raw)
