@@ -31,7 +31,7 @@ from mailbridge.config import (
     world_readable,
 )
 from mailbridge.core.policy import AutomaticPolicy
-from mailbridge.errors import ConfigError, StoreError, describe
+from mailbridge.errors import ConfigError, StoreError, describe, exit_status
 from mailbridge.log import configure_logging
 from mailbridge.store.base import AccountState, Repository
 from mailbridge.store.factory import open_store
@@ -236,7 +236,7 @@ def _main(argv: Sequence[str] | None) -> int:
         return EX_CONFIG
     except StoreError as exc:
         print(f"mailbridge: {exc.info.title}: {exc}\n  fix: {exc.remedy}", file=sys.stderr)
-        return EX_TEMPFAIL
+        return exit_status([exc])  # 75 when it may pass by itself, else 78
     except KeyboardInterrupt:
         return 130
 

@@ -31,14 +31,19 @@ from mailbridge.config import AccountSettings, Settings
 from mailbridge.daemon.doctor import Check, check_database, diagnose, failing
 from mailbridge.daemon.outbox import daemon_serves
 from mailbridge.daemon.sweep import SweepSummary, fetch_failed, retry_failed, sweep_and_record
-from mailbridge.errors import ConfigError, MailbridgeError, MessageError, ServerError, describe
+from mailbridge.errors import (
+    ConfigError,
+    MailbridgeError,
+    MessageError,
+    describe,
+    exit_status,
+)
 from mailbridge.store.asyncrepo import AsyncRepository
 from mailbridge.store.base import FailureRecord
 from mailbridge.store.factory import open_repository, open_store
 from mailbridge.term import console, mail_text
 
 EX_USAGE = 64
-EX_UNAVAILABLE = 69
 EX_CONFIG = 78
 _CONFIG_CODES = frozenset({"config_invalid", "secret_missing"})
 
@@ -180,12 +185,7 @@ def _print_reconciled(out: Console, name: str, summary: SweepSummary) -> None:
 
 
 def _exit_code(errors: Sequence[MailbridgeError]) -> int:
-    # As `run --once`: an account's own settings (a missing secret) first, then the server.
-    if any(isinstance(e, ConfigError) for e in errors):
-        return EX_CONFIG
-    if any(isinstance(e, ServerError) for e in errors):
-        return EX_UNAVAILABLE
-    return 75 if errors else 0  # a database problem: temporary
+    return exit_status(errors)  # as `run --once`
 
 
 def _print_error(out: Console, name: str, exc: MailbridgeError) -> None:

@@ -16,6 +16,7 @@ exception.
     │   └── FolderError               a configured folder is missing or not selectable
     ├── MessageError                  one message cannot be imported -> the Failed folder
     └── StoreError                    the database refused (locked, disk full, corrupt)
+                                      (exit 75 when transient, else 78: see exit_status)
 
 ``transient`` says whether retrying soon may help (a dropped connection, a locked database) or an
 operator must act first (a wrong password). The daemon's backoff follows it.
@@ -31,6 +32,7 @@ every command against the CLI's parser and every key against the config model.
 from __future__ import annotations
 
 import re
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Final
 
@@ -378,8 +380,10 @@ CATALOGUE: Final[dict[str, ErrorInfo]] = dict(
         _info(
             "database_error",
             "The database could not be opened or is damaged",
-            "Check the database key's path, its permissions and "
-            "'sqlite3 FILE \"PRAGMA integrity_check\"'.",
+            "Read what the database said: SQLite: check the database key's path, that the "
+            "daemon's user owns the file and its directory, and 'sqlite3 FILE \"PRAGMA "
+            "integrity_check\"'; PostgreSQL: grant what the message names (e.g. GRANT CREATE "
+            "ON SCHEMA public TO the database user).",
             transient=False,
         ),
         _info(
@@ -654,3 +658,28 @@ def classify_server_text(text: str, *, default: str = "server_error") -> str:
 def describe(code: str) -> ErrorInfo:
     """The catalogue entry for ``code``; unknown codes read as ``internal``."""
     return CATALOGUE.get(code, CATALOGUE["internal"])
+
+
+EX_OK: Final = 0
+EX_UNAVAILABLE: Final = 69  # sysexits.h: a service (the mail server) is unavailable
+EX_TEMPFAIL: Final = 75  # a temporary failure: run again later
+EX_CONFIG: Final = 78  # the configuration (or what it names) is wrong: fix it first
+
+
+def exit_status(errors: Sequence[MailbridgeError]) -> int:
+    """The sysexits.h status of a command that met ``errors`` (0 for none).
+
+    The one an operator must act on first wins: a config error (a missing secret) or a database
+    that cannot be used as configured (a wrong PostgreSQL password, no permission, not a
+    database: a non-transient StoreError) is 78, which the systemd unit's
+    ``RestartPreventExitStatus`` does not restart in a loop; then a mail server that cannot be
+    reached or refused the login, 69; anything else (a locked database, a full disk, PostgreSQL
+    unreachable) is temporary, 75.
+    """
+    if any(isinstance(e, ConfigError) for e in errors):
+        return EX_CONFIG
+    if any(isinstance(e, StoreError) and not e.transient for e in errors):
+        return EX_CONFIG
+    if any(isinstance(e, ServerError) for e in errors):
+        return EX_UNAVAILABLE
+    return EX_TEMPFAIL if errors else EX_OK

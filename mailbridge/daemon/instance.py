@@ -15,7 +15,7 @@ import fcntl
 import os
 from pathlib import Path
 
-from mailbridge.errors import ConfigError
+from mailbridge.errors import ConfigError, StoreError
 
 __all__ = ["DatabaseLock", "lock_path"]
 
@@ -30,10 +30,22 @@ class DatabaseLock:
 
     def __init__(self, database: Path) -> None:
         """Take the lock at once or raise :class:`ConfigError` (code ``database_in_use``)
-        naming the other daemon's pid. The lock file is created owner-only (0600)."""
+        naming the other daemon's pid, or :class:`StoreError` (``database_error``) when the
+        lock file cannot be opened (another user's). The lock file is created owner-only
+        (0600), a missing directory 0700."""
         self.path = lock_path(database)
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        fd = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+        try:
+            # As the store creates it: the database's directory is the daemon's own (0700).
+            if not self.path.parent.exists():
+                self.path.parent.mkdir(mode=0o700, parents=True)
+            fd = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+        except OSError as exc:
+            raise StoreError(
+                f"cannot open the daemon's lock file {self.path}: {exc.strerror or exc} (the "
+                "user the daemon runs as must own the database's directory and its files; "
+                f"e.g. chown -R mailbridge: {self.path.parent})",
+                code="database_error",
+            ) from exc
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:

@@ -53,7 +53,7 @@ from mailbridge.daemon.limits import raise_fd_limit
 from mailbridge.daemon.outbox import OutboxSummary, OutboxWorker
 from mailbridge.daemon.sweep import run_schedule
 from mailbridge.daemon.systemd import Notifier
-from mailbridge.errors import ConfigError, MailbridgeError, ServerError, describe
+from mailbridge.errors import ConfigError, MailbridgeError, describe, exit_status
 from mailbridge.store.asyncrepo import AsyncRepository
 from mailbridge.store.base import AccountState
 from mailbridge.store.factory import open_repository
@@ -61,10 +61,7 @@ from mailbridge.store.factory import open_repository
 log = structlog.get_logger("mailbridge.supervisor")
 
 EX_OK = 0
-EX_UNAVAILABLE = 69  # sysexits.h: a service (the mail server) is unavailable
 EX_SOFTWARE = 70
-EX_TEMPFAIL = 75
-EX_CONFIG = 78  # an account's own settings are wrong (e.g. its password_file is missing)
 
 # How often the supervisor loop wakes to restart a crashed worker when no watchdog ping is due.
 HOUSEKEEPING_SECONDS = 10.0
@@ -666,12 +663,7 @@ def _only(settings: Settings, names: frozenset[str]) -> Settings:
 
 
 def once_exit_code(results: list[OnceResult]) -> int:
-    """0 when every account was served; 78 when an account's config (e.g. its secret) is
-    wrong; 69 when one could not connect or log in; 75 for anything temporary (the database)."""
-    if any(isinstance(r.error, ConfigError) for r in results):
-        return EX_CONFIG
-    if any(isinstance(r.error, ServerError) for r in results):
-        return EX_UNAVAILABLE
-    if any(r.error is not None for r in results):
-        return EX_TEMPFAIL
-    return EX_OK
+    """0 when every account was served, else :func:`~mailbridge.errors.exit_status` of the
+    errors: 78 for an account's config (its secret) or an unusable database, 69 when one
+    could not connect or log in, 75 for anything temporary."""
+    return exit_status([r.error for r in results if r.error is not None])

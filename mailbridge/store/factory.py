@@ -11,6 +11,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from mailbridge.errors import StoreError
 from mailbridge.store.asyncrepo import AsyncRepository
 
 if TYPE_CHECKING:
@@ -52,8 +53,13 @@ def open_store(settings: Settings, *, write: bool = False) -> Repository | None:
     Raises StoreError, or ConfigError for an unreadable database password.
     """
     path = settings.sqlite_path
-    if path is not None and not path.exists():
-        return None
+    try:
+        if path is not None and not path.exists():
+            return None
+    except OSError as exc:  # a directory on the way the user may not enter
+        raise StoreError(
+            f"cannot reach {path}: {exc.strerror or exc}", code="database_error"
+        ) from exc
     repo = connector(settings.database, settings.database_password())()
     try:
         repo.migrate()

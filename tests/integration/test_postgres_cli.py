@@ -150,11 +150,15 @@ def test_doctor_checks_the_postgresql_database(config: Path) -> None:
     assert (refused.status, refused.code) == ("fail", "secret_missing")
 
 
-def test_wrong_database_password_exits_75_with_the_code(
+def test_wrong_database_password_exits_78_with_the_code(
     config: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
+    """A wrong password is not temporary: 78, which the unit's RestartPreventExitStatus keeps
+    from restarting the daemon every 5 s against PostgreSQL (75 would)."""
     (config.parent / "db.pw").write_text("wrong\n", encoding="utf-8")
-    assert cli_main(["-c", str(config), "status"]) == 75
+    assert cli_main(["-c", str(config), "run", "--once"]) == 78
+    capsys.readouterr()
+    assert cli_main(["-c", str(config), "status"]) == 78
     err = capsys.readouterr().err
     assert "password authentication failed" in err
     assert "database_password_file" in err  # the remedy names where the password comes from

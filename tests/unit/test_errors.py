@@ -34,6 +34,7 @@ from mailbridge.errors import (
     StoreError,
     classify_server_text,
     describe,
+    exit_status,
 )
 
 
@@ -357,3 +358,28 @@ def test_the_readme_troubleshooting_table_is_the_catalogue() -> None:
     for code, info in CATALOGUE.items():
         assert code in rows, f"README troubleshooting table lacks {code}"
         assert rows[code] == [info.title, "yes" if info.transient else "no", info.remedy], code
+
+
+@pytest.mark.parametrize(
+    ("errors", "status"),
+    [
+        ([], 0),
+        ([StoreError("locked", code="database_locked")], 75),
+        ([StoreError("full", code="disk_full")], 75),
+        ([StoreError("down", code="database_unavailable")], 75),
+        ([StoreError("wrong password", code="database_auth_failed")], 78),
+        ([StoreError("file is not a database", code="database_error")], 78),
+        ([ServerError("refused", code="unreachable")], 69),
+        ([ServerError("refused", code="unreachable"), StoreError("x", code="database_error")], 78),
+        ([ServerError("refused", code="unreachable"), StoreError("x", code="disk_full")], 69),
+        ([ConfigError("no secret", code="secret_missing"), ServerError("x")], 78),
+    ],
+)
+def test_exit_status_puts_what_the_operator_must_fix_first(
+    errors: list[MailbridgeError], status: int
+) -> None:
+    # 75 only for what passes by itself: systemd restarts 75, and does not restart 78.
+    assert exit_status(errors) == status
+    for error in errors:
+        if isinstance(error, StoreError):
+            assert (exit_status([error]) == 75) == error.transient
