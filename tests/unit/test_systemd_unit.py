@@ -39,11 +39,36 @@ def seconds(value: str) -> float:
 def test_notify_service_with_check_reload_and_config_exit_code() -> None:
     assert one("Type") == "notify"
     assert one("NotifyAccess") == "main"
-    assert one("ExecStartPre").endswith("-c /etc/mailbridge/config.yaml check-config")
+    # RestartPreventExitStatus= does not cover ExecStartPre=: a config check there would be
+    # restarted for ever; `run` checks the config itself (exit 78).
+    assert "ExecStartPre" not in unit()
     assert one("ExecStart").endswith("-c /etc/mailbridge/config.yaml run")
     assert one("ExecReload") == "/bin/kill -HUP $MAINPID"
     assert one("KillSignal") == "SIGTERM"
     assert "78" in one("RestartPreventExitStatus").split()  # EX_CONFIG: a restart cannot fix it
+
+
+def test_the_readme_install_steps_match_the_unit() -> None:
+    """The paths the unit names are the ones the README's install steps create."""
+    readme = (UNIT.parents[1] / "README.md").read_text(encoding="utf-8")
+    section = readme[readme.index("## Running under systemd") :]
+    start = section.index("```sh\n") + len("```sh\n")
+    steps = section[start : section.index("```", start)]
+    executable = one("ExecStart").split()[0]
+    assert executable == "/opt/mailbridge/bin/mailbridge"
+    assert "python3 -m venv /opt/mailbridge" in steps
+    assert "/usr/local/bin/mailbridge" in steps  # the later `mailbridge ...` commands
+    doc = one("Documentation").removeprefix("file://")
+    assert f"install -D -m 0644 README.md {doc}" in steps
+    assert f"install -d -m {one('ConfigurationDirectoryMode')} -g mailbridge /etc/mailbridge" in (
+        steps
+    )
+    for line in steps.splitlines():
+        if line and not line.startswith(("#", "(")):
+            command = line.split("#")[0].strip()
+            assert command in UNIT.read_text(encoding="utf-8") or command.startswith(
+                ("journalctl", "systemctl daemon-reload")
+            ), command
 
 
 def test_stop_timeout_leaves_room_for_the_drain() -> None:
