@@ -1081,8 +1081,19 @@ def _explain(error: Any) -> str:
         return "unknown key (check the spelling against config.example.yaml)"
     if kind == "missing":
         return "required key is missing"
+    given = error.get("input")
     if kind in {"int_parsing", "int_type", "int_from_float"}:
-        return f"expected a whole number, got {error.get('input')!r}"
+        return f"expected a whole number, got {given!r}"
+    if kind in {"float_parsing", "float_type"}:
+        return f"expected a number, got {given!r}"
+    if kind in {"bool_parsing", "bool_type"}:
+        return f"expected true or false, got {given!r}"
+    if kind in {"string_type"}:
+        return f"expected text, got {given!r}"
+    if kind in {"list_type", "tuple_type", "set_type"}:
+        return f"expected a list (YAML: [a, b] or one '- item' per line), got {given!r}"
+    if kind in {"dict_type", "model_type", "model_attributes_type"}:
+        return f"expected a mapping (key: value lines), got {given!r}"
     if kind in {"greater_than_equal", "less_than_equal", "greater_than", "less_than"}:
         return f"{error['msg'].lower()}, got {error.get('input')!r}"
     if kind == "literal_error":
@@ -1101,6 +1112,16 @@ def _explain(error: Any) -> str:
     return msg.removeprefix("Value error, ")
 
 
+def _located(path: str, why: str) -> tuple[str, str]:
+    """A check of the whole file that names its key first (``database_password_file: a
+    password is only for ...``) is located at that key, not at ``(top level)``."""
+    if path == "(top level)":
+        key, sep, rest = why.partition(": ")
+        if sep and key in Settings.model_fields:
+            return key, rest
+    return path, why
+
+
 def parse_config(data: object, *, source: Path | None = None) -> Settings:
     """Validate already-loaded YAML data. Raises ConfigError naming the first bad key."""
     if not isinstance(data, dict):
@@ -1110,7 +1131,7 @@ def parse_config(data: object, *, source: Path | None = None) -> Settings:
     try:
         settings = Settings.model_validate(data)
     except ValidationError as exc:
-        problems = [(_format_loc(e["loc"], data), _explain(e)) for e in exc.errors()]
+        problems = [_located(_format_loc(e["loc"], data), _explain(e)) for e in exc.errors()]
         first_path = problems[0][0] if problems else ""
         text = "; ".join(f"{path}: {why}" for path, why in problems)
         raise ConfigError(text, path=first_path) from exc

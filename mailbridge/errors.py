@@ -93,8 +93,9 @@ CATALOGUE: Final[dict[str, ErrorInfo]] = dict(
             "Check that the file, environment variable or systemd credential named by "
             "auth.password_file, auth.password_env or auth.password_credential (OAuth2: "
             "auth.client_secret_file, auth.client_secret_env, auth.client_secret_credential, "
-            "auth.service_account_file) exists and is readable by the user the daemon runs as, "
-            "then run 'mailbridge check-config'.",
+            "auth.service_account_file; PostgreSQL: database_password_file, "
+            "database_password_env or database_password_credential) exists and is readable by "
+            "the user the daemon runs as, then run 'mailbridge check-config'.",
             transient=False,
         ),
         _info(

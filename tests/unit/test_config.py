@@ -113,6 +113,28 @@ def test_bad_port_names_path_and_key() -> None:
     assert error.code == "config_invalid"
 
 
+@pytest.mark.parametrize(
+    ("top", "path", "said"),
+    [
+        ({"cluster": {"lease_seconds": "ten"}}, "cluster.lease_seconds", "expected a number"),
+        (
+            {"outbox": {"attachment_directories": "/srv"}},
+            "outbox.attachment_directories",
+            "expected a list",
+        ),
+        ({"recovery": {"enabled": "maybe"}}, "recovery.enabled", "expected true or false"),
+        ({"limits": "big"}, "limits", "expected a mapping"),
+    ],
+)
+def test_a_value_of_the_wrong_kind_is_said_in_plain_words(
+    top: dict[str, object], path: str, said: str
+) -> None:
+    error = _error({"accounts": [_account()], **top})
+    assert error.path == path
+    assert said in str(error)
+    assert "Input should be" not in str(error)  # pydantic's own wording
+
+
 @pytest.mark.parametrize("key", ["prot", "Port", "port2"])
 def test_unknown_key_is_named_with_its_path(key: str) -> None:
     error = _error({"accounts": [_account(imap={"host": "h", key: 993})]})
@@ -379,7 +401,10 @@ def test_bad_database_url_names_the_key(url: str, why: str) -> None:
 def test_database_password_only_for_postgresql_and_only_one() -> None:
     error = _error({"database_password_env": "PGPW", "accounts": [_account()]})
     assert "only for a postgresql:// database" in str(error)
-    assert "database_password_env" in str(error)
+    # Located at its key, named once: not "(top level): database_password_env: ...".
+    assert error.path == "database_password_env"
+    assert str(error).startswith("database_password_env: a password is only")
+    assert str(error).count("database_password_env") == 1
     error = _error(
         {
             "database": "postgresql://mb@db/mb",
