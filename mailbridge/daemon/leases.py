@@ -225,7 +225,8 @@ class LeaseManager:
             )
         except (MailbridgeError, TimeoutError) as exc:
             code = exc.code if isinstance(exc, MailbridgeError) else "timeout"
-            log.warning("lease_renewal_failed", holder=self.holder, code=code, error=str(exc))
+            error = str(exc) or "no answer in time"  # a TimeoutError says nothing itself
+            log.warning("lease_renewal_failed", holder=self.holder, code=code, error=error)
             # Retry soon; _drop_expiring gives up what cannot wait any longer.
             self._next_renew = started + min(self.renew_interval, 1.0)
             return
