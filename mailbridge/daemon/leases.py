@@ -198,7 +198,7 @@ class LeaseManager:
         loop = asyncio.get_running_loop()
         removed = [account for account in self.held if account not in self.accounts]
         if removed:  # gone from the config (a reload): loops stopped, then the leases freed
-            await self._lose_many(removed, "the account was removed from the config")
+            await self._lose_many(removed, "the account was removed from the config", given_up=True)
             await self._release(removed)
         if self.held and loop.time() >= self._next_renew:
             await self._renew()
@@ -295,7 +295,9 @@ class LeaseManager:
             # More than a fair share while others run (one started later): give some back,
             # loops stopped first, a step at a time; the newcomers take them.
             extra = sorted(self.held)[-min(len(self.held) - share, step) :]
-            await self._lose_many(extra, "rebalancing: another daemon has room for it")
+            await self._lose_many(
+                extra, "rebalancing: another daemon has room for it", given_up=True
+            )
             await self._release(extra)
             self._next_claim = loop.time() + self._rng.uniform(*STEP_PAUSE)
             return
@@ -338,13 +340,20 @@ class LeaseManager:
     async def _lose(self, account: str, why: str) -> None:
         await self._lose_many([account], why)
 
-    async def _lose_many(self, accounts: Sequence[str], why: str) -> None:
+    async def _lose_many(
+        self, accounts: Sequence[str], why: str, *, given_up: bool = False
+    ) -> None:
         """Forget ``accounts`` and stop their loops, all at once: the time left before another
         daemon may take them (``margin``) is shared by all, not spent one account after
-        another."""
+        another. ``given_up``: this daemon lets them go by its own decision (removed from the
+        config, rebalancing), logged ``lease_given_up`` at info; otherwise they were lost
+        (expired, not renewed in time), a warning ``lease_lost``."""
         for account in accounts:
             self.held.pop(account, None)
-            log.warning("lease_lost", account=account, holder=self.holder, reason=why)
+            if given_up:
+                log.info("lease_given_up", account=account, holder=self.holder, reason=why)
+            else:
+                log.warning("lease_lost", account=account, holder=self.holder, reason=why)
         if self.on_lost is not None and accounts:
             lost = self.on_lost
             await asyncio.gather(*(lost(account, why) for account in accounts))

@@ -10,6 +10,8 @@ import asyncio
 import threading
 from collections.abc import Sequence
 
+import structlog.testing
+
 from mailbridge.daemon.leases import LeaseManager
 from mailbridge.errors import StoreError
 from mailbridge.store.base import LeaseRow
@@ -143,3 +145,22 @@ async def test_a_failed_release_while_rebalancing_does_not_end_the_lease_manager
     finally:
         store.hang.set()
     assert len(manager.held) == 2
+
+
+async def test_a_lease_given_up_by_choice_is_info_and_a_lost_one_a_warning() -> None:
+    """Rebalancing (another daemon joined) is the fleet working as meant: `lease_given_up` at
+    info; a lease that expired before it could be renewed is `lease_lost`, a warning."""
+    store = RebalancingStore()
+    manager = LeaseManager(store, ["a", "b", "c", "d"], lease_seconds=3, holder="h:1:x")
+    await claim_all(manager, 4)
+    store.others = True
+    manager._next_claim = 0.0
+    with structlog.testing.capture_logs() as logs:
+        await manager.step()
+    given = [e for e in logs if e["event"] in {"lease_given_up", "lease_lost"}]
+    assert given
+    assert all(e["event"] == "lease_given_up" and e["log_level"] == "info" for e in given)
+    assert all(e["reason"].startswith("rebalancing") for e in given)
+    with structlog.testing.capture_logs() as logs:
+        await manager._lose("a", "the lease could not be renewed in time")
+    assert [(e["event"], e["log_level"]) for e in logs] == [("lease_lost", "warning")]
