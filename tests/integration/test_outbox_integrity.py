@@ -373,3 +373,70 @@ async def test_postgresql_warns_of_an_unknown_account_once_and_status_shows_it(
     out = capsys.readouterr().out
     assert "outbox rows of accounts not in the config" in out
     assert "Support (2 queued), billing (1 queued)" in out
+
+
+# -- reply --actions checked against the database when queued ---------------------------------
+
+
+@pytest.mark.parametrize(
+    "backend", ["sqlite", pytest.param("postgresql", marks=pytest.mark.postgres)]
+)
+async def test_reply_refuses_actions_naming_a_table_or_column_the_worker_would_refuse(
+    tmp_path: Path, sink: SmtpSink, capsys: Any, request: pytest.FixtureRequest, backend: str
+) -> None:
+    """README: exit 64 for ``reply --actions`` the worker would refuse — an unknown column or
+    a table the conversation has no parent record in, checked when queued against the database
+    by the worker's own rule (before: queued with exit 0, the row failed later)."""
+    from mailbridge.cli import main as cli_main
+    from tests.integration.test_outbox import seed_conversation
+
+    data: dict[str, Any] = offline_config(tmp_path, sink)
+    data["conversation_parents"] = [
+        {"table": "ticket", "properties": [{"column": "status", "default": "new"}]}
+    ]
+    if backend == "postgresql":
+        db: PostgresDatabase = request.getfixturevalue("postgres_database")
+        secret = tmp_path / "db.pw"
+        secret.write_text(db.password + "\n", encoding="utf-8")
+        secret.chmod(0o600)
+        data.update(database=db.url, database_password_file=str(secret))
+    settings = parse_config(data)
+    repo = connector(settings.database, settings.database_password())()
+    try:
+        repo.migrate()
+        repo.prepare(settings.follower_parents, settings.conversation_parents)
+    finally:
+        repo.close()
+    conversation = seed_conversation(settings)
+    config = tmp_path / "config.yaml"
+    config.write_text(yaml.safe_dump(data), encoding="utf-8")
+    body = tmp_path / "body.txt"
+    body.write_text("Hello", encoding="utf-8")
+    reply = ["-c", str(config), "reply", str(conversation), "--body-file", str(body)]
+
+    def queued() -> int:
+        repo = connector(settings.database, settings.database_password())()
+        try:
+            return len(repo.outbox(states=None))
+        finally:
+            repo.close()
+
+    capsys.readouterr()
+    assert cli_main([*reply, "--actions", '{"ticket": {"nosuchcol": 1}}']) == 64
+    assert "actions name ticket.nosuchcol, which is not a column" in capsys.readouterr().err
+    assert cli_main([*reply, "--actions", '{"invoice": {"status": "paid"}}']) == 64
+    err = capsys.readouterr().err
+    assert "parent table 'invoice'" in err
+    assert "its parents: ticket" in err
+    assert queued() == 0
+    assert cli_main([*reply, "--actions", '{"ticket": {"status": "waiting_customer"}}']) == 0
+    assert queued() == 1
+    await send_pass(settings)
+    [received] = sink.received
+    repo = connector(settings.database, settings.database_password())()
+    try:
+        [sent] = repo.outbox(states=["sent"])
+    finally:
+        repo.close()
+    assert sent.conversation_id == conversation
+    assert received.recipients
