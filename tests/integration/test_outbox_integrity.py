@@ -198,6 +198,48 @@ async def test_the_readmes_postgresql_examples_send_the_row_with_its_attachments
     assert_sent_with_attachments(sink, ["invoice.pdf", "terms.pdf"])
 
 
+async def test_a_row_inserted_cancelled_is_sent_with_its_attachment_once_queued(
+    tmp_path: Path, sink: SmtpSink
+) -> None:
+    """The README's way for a client that cannot use one transaction: insert the row
+    ``cancelled`` (never sent), add its attachment, then set it ``queued``; a worker pass after
+    every commit sends it only then, whole."""
+    directory = invoices(tmp_path)
+    settings = sqlite_settings(tmp_path, sink, directory)
+    steps = (
+        "INSERT INTO outbox (account, toaddresses, subject, bodyhtml, state) VALUES ('support',"
+        " 'Jo Doe <jo@customer.example>', 'Your invoice', '<p>Attached.</p>', 'cancelled');\n"
+        "INSERT INTO outboxattachment (outbox, filename, contenttype, path) VALUES"
+        f" (last_insert_rowid(), 'invoice.pdf', 'application/pdf', '{directory}/1042.pdf');\n"
+    )
+    assert await run_in_sqlite(settings, steps) == 2
+    assert sink.received == []
+    await run_in_sqlite(settings, "UPDATE outbox SET state = 'queued' WHERE id = 1;")
+    assert_sent_with_attachments(sink, ["invoice.pdf"])
+
+
+async def test_a_sent_reply_is_stored_threadedby_outbox(tmp_path: Path, sink: SmtpSink) -> None:
+    """README: a reply is filed in the conversation it answers (``outbox``); a row that starts
+    a conversation is its first message (``new``, the README example's test above)."""
+    from mailbridge.store.outbox import OutgoingRequest
+    from tests.integration.test_outbox import queue, seed_conversation
+
+    settings = parse_config(offline_config(tmp_path, sink))
+    conversation = seed_conversation(settings)
+    queue(settings, OutgoingRequest("support", conversation_id=conversation, body_text="Hi"))
+    await send_pass(settings)
+    assert settings.sqlite_path is not None
+    conn = sqlite3.connect(settings.sqlite_path)
+    try:
+        found = conn.execute(
+            "SELECT m.conversation, m.direction, m.threadedby FROM outbox AS o"
+            " JOIN conversationmessage AS m ON m.id = o.conversationmessage"
+        ).fetchall()
+    finally:
+        conn.close()
+    assert found == [(conversation, "outgoing", "outbox")]
+
+
 # -- rows of accounts not in the config --------------------------------------------------------
 
 
