@@ -32,6 +32,7 @@ from mailbridge.testing.smtpsink import SmtpSink
 from tests.conftest import PostgresDatabase
 from tests.integration.test_outbox import offline_config, parsed, send_pass
 from tests.integration.test_outbox import sink as sink  # the SMTP sink fixture, shared
+from tests.integration.test_postgres_outbox import pg_config
 
 README = Path(__file__).resolve().parents[2] / "README.md"
 EXAMPLE_DIRECTORY = "/srv/crm/invoices/"  # the README's attachment directory
@@ -176,11 +177,7 @@ async def test_the_readmes_postgresql_examples_send_the_row_with_its_attachments
     blocks = readme_sql("PostgreSQL")
     assert len(blocks) == 2
     directory = invoices(tmp_path)
-    secret = tmp_path / "db.pw"
-    secret.write_text(postgres_database.password + "\n", encoding="utf-8")
-    secret.chmod(0o600)
-    data: dict[str, Any] = offline_config(tmp_path, sink)
-    data.update(database=postgres_database.url, database_password_file=str(secret))
+    data = pg_config(tmp_path, postgres_database, sink)
     data["outbox"]["attachment_directories"] = [str(directory)]
     settings = parse_config(data)
     migrate(settings)
@@ -371,11 +368,7 @@ async def test_postgresql_warns_of_an_unknown_account_once_and_status_shows_it(
     from mailbridge.daemon.outbox import OutboxWorker
     from mailbridge.store.factory import open_repository
 
-    secret = tmp_path / "db.pw"
-    secret.write_text(postgres_database.password + "\n", encoding="utf-8")
-    secret.chmod(0o600)
-    data: dict[str, Any] = offline_config(tmp_path, sink)
-    data.update(database=postgres_database.url, database_password_file=str(secret))
+    data = pg_config(tmp_path, postgres_database, sink)
     settings = parse_config(data)
     migrate(settings)
     conninfo = make_conninfo("", **PostgresUrl.parse(postgres_database.url).connection_parameters())
@@ -432,16 +425,14 @@ async def test_reply_refuses_actions_naming_a_table_or_column_the_worker_would_r
     from mailbridge.cli import main as cli_main
     from tests.integration.test_outbox import seed_conversation
 
-    data: dict[str, Any] = offline_config(tmp_path, sink)
+    data = (
+        pg_config(tmp_path, request.getfixturevalue("postgres_database"), sink)
+        if backend == "postgresql"
+        else offline_config(tmp_path, sink)
+    )
     data["conversation_parents"] = [
         {"table": "ticket", "properties": [{"column": "status", "default": "new"}]}
     ]
-    if backend == "postgresql":
-        db: PostgresDatabase = request.getfixturevalue("postgres_database")
-        secret = tmp_path / "db.pw"
-        secret.write_text(db.password + "\n", encoding="utf-8")
-        secret.chmod(0o600)
-        data.update(database=db.url, database_password_file=str(secret))
     settings = parse_config(data)
     repo = connector(settings.database, settings.database_password())()
     try:
