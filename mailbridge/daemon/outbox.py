@@ -433,7 +433,11 @@ class OutboxWorker:
         self._given_up: set[str] = set()
         # Queued rows of accounts not in the config: when next looked for (monotonic); the
         # accounts warned of (PostgreSQL: once each per run); a wake-up set for the next look.
-        self._unknown: tuple[float, set[str], asyncio.TimerHandle | None] = (0.0, set(), None)
+        # Not looked for by a worker given a part of the config (``run --account``): there a
+        # configured account outside the part would look unknown.
+        self._unknown: tuple[float, set[str], asyncio.TimerHandle | None] | None = (
+            (0.0, set(), None) if only is None else None
+        )
 
     @property
     def settings(self) -> Settings:
@@ -706,6 +710,8 @@ class OutboxWorker:
         On PostgreSQL another daemon's config may name the account (a fleet reloading one host
         after another): a warning per account, once per run, and ``status`` shows them.
         Stored first, then logged. At most every UNKNOWN_ACCOUNTS_SECONDS."""
+        if self._unknown is None:
+            return
         due, warned, timer = self._unknown
         wait = due - time.monotonic()
         if wait > 0:
@@ -739,8 +745,8 @@ class OutboxWorker:
                 )  # fmt: skip
 
     def _unknown_look_due(self) -> None:
-        due, warned, _timer = self._unknown
-        self._unknown = (due, warned, None)
+        if self._unknown is not None:
+            self._unknown = (*self._unknown[:2], None)
         self.wake()
 
     # -- sending ------------------------------------------------------------------------------

@@ -355,6 +355,30 @@ async def test_the_running_daemon_fails_a_row_of_an_unknown_account_inserted_lat
         await repo.aclose()
 
 
+async def test_a_worker_given_part_of_the_config_judges_no_account(
+    tmp_path: Path, sink: SmtpSink
+) -> None:
+    """``run --account support`` sees only that account of the config: ``archive`` (configured)
+    would look unknown, so such a worker fails nobody's rows; ``run`` does it."""
+    from mailbridge.daemon.outbox import OutboxWorker
+    from mailbridge.daemon.supervisor import _only
+    from mailbridge.store.factory import open_repository
+
+    settings = two_account_settings(tmp_path, sink)
+    archive, typo = insert_rows(settings, ["archive", "suport"])
+    part = frozenset({"support"})
+    repo = await open_repository(settings.database, settings)
+    try:
+        await OutboxWorker(_only(settings, part), repo, only=part).run_once()
+    finally:
+        await repo.aclose()
+    rows = outbox_rows(settings)
+    assert (rows[archive][0], rows[typo][0]) == ("queued", "queued")
+    await send_pass(settings)
+    rows = outbox_rows(settings)
+    assert (rows[archive][0], rows[typo][0]) == ("queued", "failed")
+
+
 @pytest.mark.postgres
 async def test_postgresql_warns_of_an_unknown_account_once_and_status_shows_it(
     tmp_path: Path, sink: SmtpSink, postgres_database: PostgresDatabase, capsys: Any
@@ -384,6 +408,7 @@ async def test_postgresql_warns_of_an_unknown_account_once_and_status_shows_it(
         worker = OutboxWorker(settings, repo)
         with capture_logs() as logs:
             await worker.run_once()
+            assert worker._unknown is not None
             worker._unknown = (0.0, *worker._unknown[1:])  # the next look is due at once
             await worker.run_once()
     finally:
