@@ -528,8 +528,25 @@ def _status(settings: Settings, *, as_json: bool) -> int:
                 "outbox": outbox.get(account.name, {}),
             }
         )
+    # Queued rows naming an account the config does not have: no daemon with this config sends
+    # them (with SQLite the daemon fails them; with PostgreSQL another daemon's config may).
+    configured = {a.name for a in settings.accounts}
+    unknown = {
+        name: states["queued"]
+        for name, states in sorted(outbox.items())
+        if name not in configured and states.get("queued")
+    }
     if as_json:
-        print(json.dumps({"database": str(settings.database), "accounts": rows}, indent=2))
+        print(
+            json.dumps(
+                {
+                    "database": str(settings.database),
+                    "accounts": rows,
+                    "outbox_unknown_accounts": unknown,
+                },
+                indent=2,
+            )
+        )
         return 0
     table = Table(title=f"mailbridge status — {settings.database}")
     columns = ["account", "state", "last import", "imported", "failed", "outbox", "problem"]
@@ -553,6 +570,12 @@ def _status(settings: Settings, *, as_json: bool) -> int:
             problem,
         )
     console().print(table)
+    if unknown:
+        names = ", ".join(f"{name} ({n} queued)" for name, n in unknown.items())
+        console().print(
+            f"outbox rows of accounts not in the config: {mail_text(names)} — set their account"
+            " to a configured name, or add the account (with several daemons: to each config)"
+        )
     return 0
 
 

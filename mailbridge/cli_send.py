@@ -11,14 +11,14 @@ NOTIFY. Without a running daemon, ``mailbridge run --once`` sends it. Exit codes
 from __future__ import annotations
 
 import sys
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from datetime import UTC, datetime
 from pathlib import Path
 
 from rich.table import Table
 
 from mailbridge.config import Settings
-from mailbridge.core.outbox import not_addresses, parse_actions
+from mailbridge.core.outbox import check_actions, not_addresses, parse_actions
 from mailbridge.daemon.outbox import notify_daemon
 from mailbridge.errors import describe
 from mailbridge.store.base import Repository
@@ -81,14 +81,19 @@ def _read_body(body_file: Path | None) -> str | None:
     return None
 
 
-def _bad_actions(actions: str | None) -> str | None:
-    """Why ``--actions`` breaks the rule the worker applies (:func:`parse_actions`), or None:
-    refused when queued rather than failing the row later."""
+def _bad_actions(
+    actions: str | None, parent_columns: Mapping[str, frozenset[str]] | None = None
+) -> str | None:
+    """Why ``--actions`` breaks the rules the worker applies, or None: refused when queued
+    rather than failing the row later. Its form (:func:`parse_actions`); with
+    ``parent_columns`` (the conversation's parent tables and their columns, as
+    :meth:`~mailbridge.store.outbox.OutboxRepository.reply_context` reads them for the worker
+    too), the tables and columns it names (:func:`check_actions`)."""
     try:
-        parse_actions(actions)
+        parsed = parse_actions(actions)
     except ValueError as exc:
         return str(exc)
-    return None
+    return None if parent_columns is None else check_actions(parsed, parent_columns)
 
 
 def _queued(settings: Settings, outbox_id: int, what: str, account: str, woke: bool) -> None:
@@ -130,6 +135,10 @@ def reply(
             print(f"mailbridge: no conversation {conversation_id}", file=sys.stderr)
             return 1
         settings.account(context.account)  # ConfigError (78) for an account no longer configured
+        problem = _bad_actions(actions, context.parent_columns)  # against the database
+        if problem is not None:
+            print(f"mailbridge: {problem}", file=sys.stderr)
+            return EX_USAGE
         if snippet is not None:
             found = repo.use_snippet(snippet, datetime.now(UTC))
             if found is None:

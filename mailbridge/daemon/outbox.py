@@ -113,6 +113,9 @@ MAX_SLEEP_SECONDS = 60.0
 # looked at, and how often a new session is tried.
 LISTEN_POLL_SECONDS = 1.0
 LISTEN_RETRY_SECONDS = 5.0
+# Queued rows naming an account the config does not have are looked for at most this often
+# (one GROUP BY over the queued rows); a look put off is made by a wake-up this much later.
+UNKNOWN_ACCOUNTS_SECONDS = 1.0
 BATCH_SIZE = 50
 # Messages up to this size are composed and read back on the event loop (about a millisecond);
 # longer ones on a thread.
@@ -428,6 +431,13 @@ class OutboxWorker:
         # Accounts let go of since run() last looked: their rows left ``sending`` are resolved
         # again when they are served again.
         self._given_up: set[str] = set()
+        # Queued rows of accounts not in the config: when next looked for (monotonic); the
+        # accounts warned of (PostgreSQL: once each per run); a wake-up set for the next look.
+        # Not looked for by a worker given a part of the config (``run --account``): there a
+        # configured account outside the part would look unknown.
+        self._unknown: tuple[float, set[str], asyncio.TimerHandle | None] | None = (
+            (0.0, set(), None) if only is None else None
+        )
 
     @property
     def settings(self) -> Settings:
@@ -691,11 +701,60 @@ class OutboxWorker:
         finally:
             await session.close()
 
+    # -- rows of accounts not in the config ---------------------------------------------------
+
+    async def _unknown_accounts(self, summary: OutboxSummary) -> None:
+        """Make queued rows whose ``account`` the config does not name visible (they would wait
+        forever, unsent and unlogged). SQLite has one daemon, whose config is the truth: such
+        rows fail (``outbox_invalid``, the reason naming the account and the configured ones).
+        On PostgreSQL another daemon's config may name the account (a fleet reloading one host
+        after another): a warning per account, once per run, and ``status`` shows them.
+        Stored first, then logged. At most every UNKNOWN_ACCOUNTS_SECONDS."""
+        if self._unknown is None:
+            return
+        due, warned, timer = self._unknown
+        wait = due - time.monotonic()
+        if wait > 0:
+            if timer is None:  # a look put off: made soon, not at the next unrelated wake-up
+                timer = asyncio.get_running_loop().call_later(wait, self._unknown_look_due)
+                self._unknown = (due, warned, timer)
+            return
+        self._unknown = (time.monotonic() + UNKNOWN_ACCOUNTS_SECONDS, warned, None)
+        settings = self.settings
+        configured = [a.name for a in settings.accounts]
+        queued = await self.repo.outbox_queued_accounts()
+        for account in sorted(set(queued) - set(configured)):
+            reason = unknown_account_reason(account, configured)
+            if settings.postgres is not None:
+                if account not in warned:
+                    warned.add(account)
+                    log.warning(
+                        "outbox_unknown_account", code="account_unknown", account=account,
+                        rows=queued[account], reason=reason, remedy=UNKNOWN_ACCOUNT_REMEDY,
+                    )  # fmt: skip
+                continue
+            ids = await self.repo.outbox_fail_account(
+                account, code="outbox_invalid", error=reason, now=datetime.now(UTC)
+            )
+            if ids:
+                summary.failed += len(ids)
+                summary.codes["outbox_invalid"] += len(ids)
+                log.error(
+                    "outbox_unknown_account", code="outbox_invalid", account=account,
+                    rows=len(ids), outbox=ids, reason=reason, remedy=UNKNOWN_ACCOUNT_REMEDY,
+                )  # fmt: skip
+
+    def _unknown_look_due(self) -> None:
+        if self._unknown is not None:
+            self._unknown = (*self._unknown[:2], None)
+        self.wake()
+
     # -- sending ------------------------------------------------------------------------------
 
     async def send_due(self, summary: OutboxSummary | None = None) -> OutboxSummary:
         """Send every due row of the served accounts (batch by batch, until none is due)."""
         summary = summary if summary is not None else OutboxSummary()
+        await self._unknown_accounts(summary)
         tried: set[int] = set()
         while not self.stopping.is_set():
             accounts = self.accounts()
@@ -1321,3 +1380,21 @@ def parse_for_envelope(raw: bytes) -> EmailMessage:
     parsed = BytesHeaderParser(policy=email.policy.default).parsebytes(raw)
     assert isinstance(parsed, EmailMessage)  # policy.default's message factory
     return parsed
+
+
+UNKNOWN_ACCOUNT_REMEDY = (
+    "Set the rows' account to a configured accounts[].name (UPDATE outbox SET account = ..."
+    " WHERE id = ...; a failed row then: mailbridge outbox retry ID), or add the account to the"
+    " config (with several daemons: to the config of each)."
+)
+
+
+def unknown_account_reason(account: str, configured: Sequence[str], shown: int = 20) -> str:
+    """Why a row of ``account`` is not sent: the account, a configured name it may have meant
+    (same letters in another case), and the configured names (the first ``shown``)."""
+    names = ", ".join(sorted(configured)[:shown]) or "none"
+    if len(configured) > shown:
+        names += f" and {len(configured) - shown} more"
+    near = [n for n in configured if n.casefold() == account.casefold()]
+    hint = f" (did you mean {near[0]!r}?)" if near else ""
+    return f"account {account!r} is not in the config{hint}; configured: {names}"

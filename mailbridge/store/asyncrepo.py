@@ -287,6 +287,16 @@ class AsyncRepository:
     async def outbox_watchers(self) -> int | None:
         return await self._run(lambda repo: repo.outbox_watchers())
 
+    async def outbox_queued_accounts(self) -> dict[str, int]:
+        return await self._run(lambda repo: repo.outbox_queued_accounts())
+
+    async def outbox_fail_account(
+        self, account: str, *, code: str, error: str, now: datetime
+    ) -> list[int]:
+        return await self._run(
+            lambda repo: repo.outbox_fail_account(account, code=code, error=error, now=now)
+        )
+
     async def lease_holders(self) -> dict[str, str]:
         return await self._run(lambda repo: repo.lease_holders())
 

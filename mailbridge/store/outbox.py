@@ -259,3 +259,13 @@ class OutboxRepository(Protocol):
         """How many daemons wait for outbox news on this database (PostgreSQL: the sessions
         LISTENing, on any host); None when the database cannot tell (SQLite: the daemon's
         wake socket says, :func:`mailbridge.daemon.outbox.notify_daemon`)."""
+
+    def outbox_queued_accounts(self) -> dict[str, int]:
+        """account -> its ``queued`` rows, for every account name found in the table
+        (configured or not: the worker compares with the config)."""
+
+    def outbox_fail_account(
+        self, account: str, *, code: str, error: str, now: datetime
+    ) -> list[int]:
+        """Every ``queued`` row of ``account`` to ``failed`` with ``code`` and ``error``, in one
+        transaction; returns their ids."""

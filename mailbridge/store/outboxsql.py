@@ -499,6 +499,31 @@ class SqlOutbox:
             )
         return changed > 0
 
+    def outbox_queued_accounts(self) -> dict[str, int]:
+        with self._sql("count queued outbox rows per account", write=False) as sql:
+            return {
+                str(row["account"]): int(row["n"])
+                for row in sql.rows(
+                    "SELECT account, COUNT(*) AS n FROM outbox WHERE state = 'queued'"
+                    " GROUP BY account"
+                )
+            }
+
+    def outbox_fail_account(
+        self, account: str, *, code: str, error: str, now: datetime
+    ) -> list[int]:
+        with self._sql(f"fail the queued outbox rows of {account!r}", write=True) as sql:
+            stamp = iso(now)
+            return sorted(
+                int(row["id"])
+                for row in sql.rows(
+                    "UPDATE outbox SET state = 'failed', lasterrorcode = ?, lasterror = ?,"
+                    " nextattempt = NULL, updatedtime = ? WHERE state = 'queued' AND account = ?"
+                    " RETURNING id",
+                    (code, error[:_MAX_REASON], stamp, account),
+                )
+            )
+
     def table_columns(self, tables: Sequence[str]) -> dict[str, frozenset[str]]:
         found: dict[str, frozenset[str]] = {}
         with self._sql("read table columns", write=False) as sql:
