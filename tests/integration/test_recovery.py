@@ -739,7 +739,8 @@ def test_a_command_that_logs_in_clears_the_error_run_once_left(
     assert cli_main(["-c", str(path), "run", "--once"]) == 69
     row = _status_row(path, capsys)
     assert (row["state"], row["code"]) == ("auth_failed", "auth_failed")
-    assert row["last_import"] is None and row["last_sweep"] is None  # none yet: null, alike
+    assert row["last_import"] is None  # none yet: null, as last_sweep is
+    assert row["last_sweep"] is None
 
     # Still wrong: the command fails too and the error stays.
     assert cli_main(["-c", str(path), *command]) == 69
