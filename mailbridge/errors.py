@@ -353,9 +353,10 @@ CATALOGUE: Final[dict[str, ErrorInfo]] = dict(
         _info(
             "outbox_invalid",
             "An outbox row cannot be sent as written",
-            "Read the reason in 'mailbridge outbox --failed' (no recipient, an unknown "
-            "conversation or account, an unreadable attachment, a message action naming no "
-            "parent column); correct the row and run 'mailbridge outbox retry ID'.",
+            "Read the reason in 'mailbridge outbox --failed' (no recipient, an entry that is "
+            "not an address or needs SMTPUTF8, an unknown conversation or account, an "
+            "unreadable attachment, a message action naming no parent column); correct the "
+            "row and run 'mailbridge outbox retry ID'.",
             transient=False,
         ),
         _info(

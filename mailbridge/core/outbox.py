@@ -19,6 +19,7 @@ the row was queued; a mail server's queue lifetime works the same way (Postfix:
 
 from __future__ import annotations
 
+import contextlib
 import json
 import re
 from collections.abc import Iterable, Mapping, Sequence
@@ -94,7 +95,12 @@ def recovered_state(found_in_sent: bool | None) -> Literal["sent", "queued"]:
 
 def split_addresses(text: str | None) -> list[str]:
     """An address-list column (``"a@x, Name <b@y>"``, RFC 5322 section 3.4) as header
-    addresses, each ``Name <addr>`` or ``addr``; entries without ``@`` are dropped."""
+    addresses, each ``Name <addr>`` or ``addr``, an internationalised domain as its A-label
+    (``jo@xn--exmple-cua.com``, RFC 5890: what SMTP and a header without SMTPUTF8 carry).
+
+    Rows are checked by :func:`recipient_problem` before they are composed, so nothing is
+    dropped here that was not refused there; entries without ``@`` are skipped (the addresses
+    of a stored conversation are not checked again)."""
     if not text:
         return []
     out: list[str] = []
@@ -102,24 +108,62 @@ def split_addresses(text: str | None) -> list[str]:
         address = address.strip()
         if "@" not in address:
             continue
+        local, _, domain = address.rpartition("@")
+        if not domain.isascii():
+            with contextlib.suppress(UnicodeError):
+                address = f"{local}@{domain.encode('idna').decode('ascii')}"
         out.append(f"{name} <{address}>" if name else address)
     return out
 
 
+def address_problem(address: str) -> str | None:
+    """Why ``address`` (an addr-spec) cannot be sent to, or None.
+
+    One ``@`` between a non-empty local part and domain, no space (RFC 5322 section 3.4.1); a
+    local part in ASCII, since a UTF-8 one needs SMTPUTF8 (RFC 6531), which mailbridge does not
+    send; a non-ASCII domain only when it has an IDNA A-label (RFC 5890)."""
+    if not address or address.count("@") != 1 or not all(address.split("@")) or " " in address:
+        return "not an email address"
+    local, domain = address.split("@")
+    if not local.isascii():
+        return "a non-ASCII local part needs SMTPUTF8 (RFC 6531), which mailbridge does not send"
+    if not domain.isascii():
+        try:
+            domain.encode("idna")
+        except UnicodeError:
+            return "the domain is not a valid internationalised domain name (RFC 5890)"
+    return None
+
+
+def recipient_problem(columns: Mapping[str, str | None]) -> str | None:
+    """The first entry of the address-list ``columns`` (name -> text, e.g. ``toaddresses``)
+    that cannot be sent to, said with its column, or None: a row naming one fails as a whole
+    (``outbox_invalid``) instead of going out to the others with the entry left out. A comma
+    inside an unquoted display name splits it: ``Doe, Jo <jo@x>`` is two entries."""
+    for column, text in columns.items():
+        if not text or not text.strip():
+            continue
+        found = getaddresses([text])
+        if not found:
+            return f"{column}: {text!r} is not an email address"
+        for name, address in found:
+            why = address_problem(address.strip())
+            if why is not None:
+                entry = f"{name} <{address}>" if name and address else (address or name or text)
+                hint = (
+                    ' (a display name with a comma must be quoted: "Doe, Jo" <jo@x.example>)'
+                    if why == "not an email address" and "," in text
+                    else ""
+                )
+                return f"{column}: {entry!r}: {why}{hint}"
+    return None
+
+
 def not_addresses(values: Sequence[str]) -> list[str]:
     """The values (each an address list, as ``--to``/``--cc``/``--bcc`` take it) holding an
-    entry that is not an email address (RFC 5322 section 3.4: one ``@`` between a non-empty
-    local part and domain, no space): refused when a row is queued, where
-    :func:`split_addresses` would drop the entry when it is sent."""
-    bad: list[str] = []
-    for value in values:
-        found = getaddresses([value])
-        if not found or any(
-            not addr or addr.count("@") != 1 or not all(addr.split("@")) or " " in addr
-            for _name, addr in found
-        ):
-            bad.append(value)
-    return bad
+    entry that cannot be sent to (:func:`address_problem`): refused when a row is queued, by
+    the rule the worker applies to rows an integrator inserts (:func:`recipient_problem`)."""
+    return [v for v in values if recipient_problem({"value": v}) is not None or not v.strip()]
 
 
 def address_of(entry: str) -> str:

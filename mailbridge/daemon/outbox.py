@@ -68,6 +68,7 @@ from mailbridge.core.outbox import (
     check_actions,
     envelope_recipients,
     parse_actions,
+    recipient_problem,
     recovered_state,
     reply_subject,
     sender_display_name,
@@ -968,6 +969,10 @@ class OutboxWorker:
     async def _prepare(self, account: AccountSettings, row: OutboxRow) -> _Prepared:
         """The row's fixed bytes and envelope; composed and fixed on its first attempt."""
         actions = self._actions(row)
+        columns = {"toaddresses": row.to, "ccaddresses": row.cc, "bccaddresses": row.bcc}
+        problem = recipient_problem(columns)  # not sent to the others with one left out
+        if problem:
+            raise InvalidRowError(problem)
         context = None
         if row.conversation_id is not None:
             context = await self.repo.reply_context(row.conversation_id)

@@ -170,8 +170,11 @@ class SendError(ServerError):
     request), False for 4xx. ``reply`` is the server's code and words, password scrubbed.
     """
 
-    def __init__(self, message: str, *, reply: str, permanent: bool) -> None:
-        super().__init__(message, code="message_rejected" if permanent else "send_deferred")
+    def __init__(
+        self, message: str, *, reply: str, permanent: bool, code: str | None = None
+    ) -> None:
+        default = "message_rejected" if permanent else "send_deferred"
+        super().__init__(message, code=code or default)
         self.reply = reply
         self.permanent = permanent
 
@@ -222,6 +225,15 @@ class SmtpSender:
         refused while accepting others (address -> reply); raises :class:`SendError` when the
         message or every recipient is refused."""
         assert self.account.smtp is not None
+        unsendable = next((a for a in (sender, *recipients) if not a.isascii()), None)
+        if unsendable is not None:
+            # RFC 5321 envelopes are ASCII; a UTF-8 address needs SMTPUTF8 (RFC 6531), which
+            # mailbridge does not send. Refused before MAIL FROM: the connection stays usable
+            # for the account's other messages (before, an encoding error closed it).
+            why = f"{unsendable!r} is not ASCII: it needs SMTPUTF8 (RFC 6531), not sent"
+            raise SendError(
+                f"{self._where}: {why}", reply=why, permanent=True, code="outbox_invalid"
+            )
         try:
             errors, _response = await self._client.sendmail(sender, list(recipients), raw)
         except aiosmtplib.SMTPRecipientsRefused as exc:

@@ -27,7 +27,10 @@ from psycopg.conninfo import make_conninfo
 from psycopg.pq import TransactionStatus
 
 from mailbridge.config import PostgresUrl, Settings, parse_config
+from mailbridge.core.parse import parse_message
+from mailbridge.store.base import ImportContext, ImportItem
 from mailbridge.store.factory import connector
+from mailbridge.store.outbox import OutgoingRequest
 from mailbridge.testing.smtpsink import SmtpSink
 from tests.conftest import PostgresDatabase
 from tests.integration.test_outbox import offline_config, parsed, send_pass
@@ -498,3 +501,91 @@ async def test_reply_refuses_actions_naming_a_table_or_column_the_worker_would_r
         repo.close()
     assert sent.conversation_id == conversation
     assert received.recipients
+
+
+# -- recipients that cannot be sent to ----------------------------------------------------------
+
+
+async def test_a_row_naming_a_recipient_that_cannot_be_sent_to_fails_whole_and_others_go_on(
+    tmp_path: Path, sink: SmtpSink
+) -> None:
+    """An entry that is not an address is never left out silently (the row went to the others,
+    `sent`): the row fails as outbox_invalid naming it. A UTF-8 local part (SMTPUTF8, which
+    mailbridge does not send) fails the same way instead of an `internal` error that held the
+    account's other rows back; an internationalised domain goes out as its A-label."""
+    settings = sqlite_settings(tmp_path, sink, invoices(tmp_path))
+    assert settings.sqlite_path is not None
+    conn = sqlite3.connect(settings.sqlite_path)
+    try:
+        ids = [
+            int(
+                conn.execute(
+                    "INSERT INTO outbox (account, toaddresses, subject, bodytext)"
+                    " VALUES ('support', ?, ?, 'Hello') RETURNING id",
+                    (to, subject),
+                ).fetchone()[0]
+            )
+            for to, subject in [
+                ("jo@customer.example, bob", "one left out"),
+                ("Doe, Jo <jo@customer.example>", "unquoted comma"),
+                ("Zoë <zoë@example.org>", "utf-8 local part"),
+                ("ann@customer.example", "after them"),
+                ("Jö <jo@exämple.com>", "idna domain"),
+            ]
+        ]
+        conn.commit()
+    finally:
+        conn.close()
+    await send_pass(settings)
+    rows = outbox_rows(settings)
+    left_out, comma, utf8, after, idna = (rows[i] for i in ids)
+    for state, code, _error in (left_out, comma, utf8):
+        assert (state, code) == ("failed", "outbox_invalid")
+    assert "'bob': not an email address" in (left_out[2] or "")
+    assert "must be quoted" in (comma[2] or "")
+    assert "SMTPUTF8" in (utf8[2] or "")
+    assert after[0] == idna[0] == "sent"
+    envelopes = sorted(r.recipients for r in sink.received)
+    assert envelopes == [("ann@customer.example",), ("jo@xn--exmple-cua.com",)]
+    headers = [parsed(r.data)["To"] for r in sink.received]
+    assert any("jo@xn--exmple-cua.com" in str(h) for h in headers)
+
+
+async def test_a_reply_to_a_utf8_address_fails_alone_and_the_accounts_other_mail_goes_out(
+    tmp_path: Path, sink: SmtpSink
+) -> None:
+    """A customer wrote from a UTF-8 address (RFC 6532 headers, delivered with SMTPUTF8): the
+    reply's envelope cannot be carried without SMTPUTF8, which mailbridge does not send. It
+    fails at once as outbox_invalid with that reason, on a connection that stays usable;
+    before, an encoding error inside the SMTP client was an `internal` fault of the
+    connection, the row was retried and the account's other rows waited for it."""
+    settings = sqlite_settings(tmp_path, sink, invoices(tmp_path))
+    raw = (
+        "From: Zoë <zoë@example.org>\r\nTo: support@example.test\r\nSubject: Hej\r\n"
+        "Message-ID: <utf8-1@example.org>\r\nDate: Tue, 01 Dec 2026 09:00:00 +0000\r\n"
+        "Content-Type: text/plain; charset=utf-8\r\n\r\nHej!\r\n"
+    ).encode()
+    repo = connector(settings.database)()
+    try:
+        repo.migrate()
+        context = ImportContext.for_account(settings, settings.accounts[0])
+        [result] = repo.import_batch(context, [ImportItem(uid=1, message=parse_message(raw))])
+        assert result.conversation_id is not None
+        reply = repo.queue_outgoing(
+            OutgoingRequest(
+                account="support", conversation_id=result.conversation_id, body_text="Tack!"
+            )
+        )
+        other = repo.queue_outgoing(
+            OutgoingRequest(
+                account="support", to="ann@customer.example", subject="Hi", body_text="Hello"
+            )
+        )
+    finally:
+        repo.close()
+    await send_pass(settings)
+    rows = outbox_rows(settings)
+    assert rows[reply][:2] == ("failed", "outbox_invalid")
+    assert "SMTPUTF8" in (rows[reply][2] or "")
+    assert rows[other][0] == "sent"
+    assert [r.recipients for r in sink.received] == [("ann@customer.example",)]

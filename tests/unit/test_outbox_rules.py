@@ -17,12 +17,14 @@ from mailbridge.core.identify import new_conversation_key
 from mailbridge.core.outbox import (
     MessageAction,
     OutgoingFile,
+    address_problem,
     after_failure,
     build_message,
     check_actions,
     envelope_recipients,
     not_addresses,
     parse_actions,
+    recipient_problem,
     recovered_state,
     reply_subject,
     retry_delay,
@@ -258,3 +260,50 @@ def test_values_that_are_not_addresses_are_named() -> None:
     assert not_addresses(good) == []
     bad = ["not an address", "bob@", "@x.example", "a@b@c.example", "", "ann@x.example, nobody"]
     assert not_addresses([*good, *bad]) == bad
+
+
+def test_an_internationalised_domain_is_sent_as_its_a_label() -> None:
+    # RFC 5890: SMTP without SMTPUTF8, and a header, carry the A-label.
+    assert split_addresses("Jö <jo@exämple.com>, ann@bücher.example") == [
+        "Jö <jo@xn--exmple-cua.com>",
+        "ann@xn--bcher-kva.example",
+    ]
+
+
+@pytest.mark.parametrize(
+    ("columns", "said"),
+    [
+        ({"toaddresses": "jo@customer.example, bob"}, "toaddresses: 'bob': not an email address"),
+        ({"toaddresses": "Doe, Jo <jo@customer.example>"}, "must be quoted"),
+        ({"toaddresses": "not an address"}, "not an email address"),
+        ({"toaddresses": "bob@@x.example"}, "not an email address"),
+        ({"ccaddresses": "zoë@example.org"}, "ccaddresses: 'zoë@example.org': a non-ASCII local"),
+        ({"toaddresses": "a@x.example", "bccaddresses": "b@"}, "bccaddresses: 'b@'"),
+    ],
+)
+def test_a_row_with_an_entry_that_cannot_be_sent_to_is_refused_naming_it(
+    columns: dict[str, str | None], said: str
+) -> None:
+    problem = recipient_problem(columns)
+    assert problem is not None
+    assert said in problem
+
+
+@pytest.mark.parametrize(
+    "columns",
+    [
+        {"toaddresses": "a@x.example, Jane Doe <JANE@y.example>", "ccaddresses": None},
+        {"toaddresses": '"Doe, Jo" <jo@customer.example>', "ccaddresses": ""},
+        {"toaddresses": "jo@exämple.com", "bccaddresses": "  "},  # an IDNA domain
+        {"toaddresses": None, "ccaddresses": None, "bccaddresses": None},  # a reply
+    ],
+)
+def test_rows_that_can_be_sent_pass(columns: dict[str, str | None]) -> None:
+    assert recipient_problem(columns) is None
+
+
+@given(st.emails())
+def test_every_valid_email_address_can_be_sent_to(address: str) -> None:
+    assert address_problem(address) is None
+    assert recipient_problem({"toaddresses": address}) is None
+    assert split_addresses(address) == [address]
