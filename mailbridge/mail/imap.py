@@ -217,6 +217,11 @@ def _text(lines: Sequence[Any]) -> str:
     ).strip()
 
 
+def _informs(line: object) -> bool:
+    """An untagged ``OK`` status line (RFC 3501 section 7.1.1): information, not a reason."""
+    return isinstance(line, bytes) and line.startswith(b"OK ")
+
+
 def imap_date(when: datetime) -> str:
     """An RFC 3501 ``date`` (``1-Feb-2026``) whatever the process locale (strftime's %b is not)."""
     month = next(name for name, number in _MONTHS.items() if number == when.month)
@@ -778,7 +783,11 @@ class ImapSession:
             )
             if response.result != "OK":
                 self.selected = None
-                text = self._scrub(_text(response.lines))
+                # Without the untagged OK lines that only inform (RFC 3501 7.1.1), such as
+                # Dovecot's "OK [CLOSED] Previous mailbox closed." (RFC 7162 3.2.11): the
+                # reason is the refusal's own text.
+                refusal = [line for line in response.lines if not _informs(line)]
+                text = self._scrub(_text(refusal))
                 raise FolderError(
                     f"cannot select folder {folder!r}: {text}",
                     code=classify_server_text(text, default="folder_unavailable"),

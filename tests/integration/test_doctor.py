@@ -139,6 +139,9 @@ def test_doctor_checks_the_sent_folder_without_creating_it(
     out = capsys.readouterr().out
     assert "✗ folder 'Sent Items' (folders.sent) selectable" in out
     assert "folder_unavailable" in out
+    # The server's reason, not the untagged OK [CLOSED] of the folder selected before.
+    assert "Mailbox doesn't exist" in out
+    assert "CLOSED" not in out
     assert "Sent Items" not in dovecot.folders(imap_user.login, imap_user.password)
 
     with imaplib.IMAP4(dovecot.host, dovecot.port) as conn:
