@@ -127,6 +127,9 @@ class AccountWorker:
         self.repo = repo
         self.stopping = stopping or asyncio.Event()
         self.on_state = on_state
+        # False: the account's stored state is another's to write (a daemon serving it beside
+        # `run --once`, or the daemon that took its lease): states are kept here, not stored.
+        self.record_state = True
         self.state = AccountState(account=account.name, state="starting")
         self.log = log.bind(account=account.name)
         self._failures = 0  # consecutive failures, reset by a completed import pass
@@ -164,6 +167,8 @@ class AccountWorker:
         )
         if self.on_state is not None:
             self.on_state(self.state)
+        if not self.record_state:
+            return
         try:
             await self.repo.set_account_state(self.state)
         except StoreError as exc:  # status is advisory; never let it stop the import loop

@@ -168,6 +168,20 @@ async def daemon_serves(settings: Settings, repo: AsyncRepository) -> bool:
     return path is not None and notify_daemon(path)
 
 
+async def served_by_daemons(
+    settings: Settings, repo: AsyncRepository, accounts: Collection[str]
+) -> set[str] | None:
+    """Which of ``accounts`` a running daemon serves: all of them when one serves this SQLite
+    database (it serves every account of the config), on PostgreSQL those whose lease a daemon
+    holds; None when no daemon serves this database."""
+    if not await daemon_serves(settings, repo):
+        return None
+    if settings.postgres is None:
+        return set(accounts)
+    holders = await repo.lease_holders()
+    return {name for name in accounts if name in holders}
+
+
 class Watch:
     """Waits for news of the outbox: a database change, a wake datagram, or :meth:`wake`
     (SQLite); a NOTIFY on a LISTENing session, or :meth:`wake` (PostgreSQL)."""
@@ -549,12 +563,9 @@ class OutboxWorker:
         """The accounts whose rows left ``sending`` no daemon will resolve: None when no daemon
         serves this database (all of them); with SQLite's one daemon, none; on PostgreSQL, the
         accounts whose lease no daemon holds (a daemon that takes one resolves its rows then)."""
-        if not await daemon_serves(self.settings, self.repo):
-            return None
-        if self.settings.postgres is None:
-            return set()
-        holders = await self.repo.lease_holders()
-        return {name for name in self.accounts() if name not in holders}
+        names = set(self.accounts())
+        served = await served_by_daemons(self.settings, self.repo, names)
+        return None if served is None else names - served
 
     async def _guarded(self, work: Awaitable[object]) -> bool:
         """Run ``work``; False (logged, after a 5 s pause) when it failed."""

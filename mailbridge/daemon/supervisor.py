@@ -50,7 +50,7 @@ from mailbridge.config import AccountSettings, LogSettings, Settings, load_confi
 from mailbridge.daemon.account import AccountWorker, PassSummary
 from mailbridge.daemon.leases import LeaseManager, LeaseStore
 from mailbridge.daemon.limits import raise_fd_limit
-from mailbridge.daemon.outbox import OutboxSummary, OutboxWorker
+from mailbridge.daemon.outbox import OutboxSummary, OutboxWorker, served_by_daemons
 from mailbridge.daemon.sweep import run_schedule
 from mailbridge.daemon.systemd import Notifier
 from mailbridge.errors import ConfigError, MailbridgeError, describe, exit_status
@@ -263,6 +263,9 @@ class Supervisor:
 
         async def stop_loop() -> None:
             if account in self.running:
+                # The next holder writes the account's state: a last "stopped" from here
+                # (written late, after a pause) would overwrite its live one.
+                self.running[account].worker.record_state = False
                 await self._stop_workers([account], within=within)
                 self._forget_state(account)
 
@@ -630,9 +633,13 @@ async def run_once(settings: Settings, accounts: list[str] | None = None) -> lis
             a for a in settings.accounts if a.enabled and (accounts is None or a.name in accounts)
         ]
         raise_fd_limit(len(chosen))
+        served = await served_by_daemons(settings, repo, [a.name for a in chosen]) or set()
 
         async def one(account: AccountSettings) -> OnceResult:
             worker = AccountWorker(settings, account, repo)
+            # Beside a daemon serving the account, `status` shows the daemon's state, not this
+            # pass's (which ends "stopped" while the daemon IDLEs on).
+            worker.record_state = account.name not in served
             try:
                 return OnceResult(account.name, await worker.run_once(), None)
             except MailbridgeError as exc:

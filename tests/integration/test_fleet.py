@@ -335,6 +335,10 @@ async def test_a_daemon_whose_lease_is_taken_stops_the_loop_and_commits_nothing(
                 await asyncio.sleep(LEASE / 2)  # no event to poll for: time for a wrong import
                 assert stolen_id not in db.copies()
                 assert len(dovecot.folder_uids(user.login, user.password, "INBOX")) == 1
+                # The account's state is the new holder's to write: no last "stopped" from
+                # the daemon that lost it over the holder's live one.
+                [(state,)] = db.rows("SELECT state FROM accountstate WHERE account = 'acct00'")
+                assert state != "stopped"
 
                 # The thief's lease lapses: the daemon claims it again and imports.
                 db.execute(

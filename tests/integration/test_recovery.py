@@ -42,8 +42,8 @@ from mailbridge.daemon.outbox import wake_address
 from mailbridge.daemon.supervisor import Supervisor, run_once
 from mailbridge.daemon.sweep import retry_failed, since_date, sweep, sweep_and_record
 from mailbridge.mail.imap import ImapSession
-from mailbridge.store.base import RESOLVED_IMPORTED, RESOLVED_REMOVED
-from mailbridge.store.factory import open_repository
+from mailbridge.store.base import RESOLVED_IMPORTED, RESOLVED_REMOVED, AccountState
+from mailbridge.store.factory import open_repository, open_store
 from tests.integration.test_import_loop import (
     FAILED,
     PROCESSED,
@@ -758,6 +758,32 @@ def test_a_command_that_logs_in_clears_the_error_run_once_left(
     assert cli_main(["-c", str(path), *command]) == 0
     row = _status_row(path, capsys)
     assert (row["state"], row["code"], row["detail"]) == ("stopped", None, "")
+
+
+def test_run_once_beside_a_daemon_leaves_the_daemons_state_in_status(
+    tmp_path: Path, dovecot: Any, imap_user: Any, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """`status` shows what the daemon does: a `run --once` beside it (cron, an operator) does
+    its pass without storing its own states, which end "stopped" while the daemon IDLEs on."""
+    data = config_data(tmp_path, dovecot, imap_user)
+    path = write_config(tmp_path, data)
+    assert cli_main(["-c", str(path), "run", "--once"]) == 0
+    assert _status_row(path, capsys)["state"] == "stopped"  # no daemon: its own state
+    settings = parse_config(data)
+    assert settings.sqlite_path is not None
+    repo = open_store(settings, write=True)
+    assert repo is not None
+    try:
+        idle = AccountState(account="support", state="idle", since=datetime.now(UTC))
+        repo.set_account_state(idle)  # as the daemon stores it
+    finally:
+        repo.close()
+    with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM) as daemon:
+        daemon.bind(wake_address(settings.sqlite_path))  # a daemon serves the database
+        dovecot.append(imap_user.login, imap_user.password, mail("Beside").as_bytes())
+        assert cli_main(["-c", str(path), "run", "--once"]) == 0
+        assert "imported 1" in capsys.readouterr().out  # the pass itself still works
+    assert _status_row(path, capsys)["state"] == "idle"
 
 
 async def test_daemon_runs_the_sweep_on_its_schedule(
