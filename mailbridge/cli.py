@@ -536,6 +536,9 @@ def _status(settings: Settings, *, as_json: bool) -> int:
         for name, states in sorted(outbox.items())
         if name not in configured and states.get("queued")
     }
+    # Accounts a daemon serves that this config does not have: one not reloaded yet after the
+    # shared config changed (a removed account is still served there), or another config.
+    elsewhere = {name: holder for name, holder in sorted(holders.items()) if name not in configured}
     if as_json:
         print(
             json.dumps(
@@ -543,6 +546,7 @@ def _status(settings: Settings, *, as_json: bool) -> int:
                     "database": str(settings.database),
                     "accounts": rows,
                     "outbox_unknown_accounts": unknown,
+                    "held_not_in_config": elsewhere,
                 },
                 indent=2,
             )
@@ -575,6 +579,12 @@ def _status(settings: Settings, *, as_json: bool) -> int:
         console().print(
             f"outbox rows of accounts not in the config: {mail_text(names)} — set their account"
             " to a configured name, or add the account (with several daemons: to each config)"
+        )
+    if elsewhere:
+        names = ", ".join(f"{name} (held by {holder})" for name, holder in elsewhere.items())
+        console().print(
+            f"served by a daemon but not in this config: {mail_text(names)} — reload that "
+            "daemon (systemctl reload mailbridge) if the account was removed"
         )
     return 0
 

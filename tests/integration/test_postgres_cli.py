@@ -65,12 +65,15 @@ def test_status_json_names_the_holder_of_each_account(
     repo = _repo(postgres_database)
     try:
         assert repo.claim_leases("hostA:42:beef", ["support"], 30, 5) == {"support": 1}
+        # A daemon not reloaded yet still serves an account removed from the shared config.
+        assert repo.claim_leases("hostB:7:cafe", ["archive"], 30, 5) == {"archive": 1}
     finally:
         repo.close()
     assert cli_main(["-c", str(config), "status", "--json"]) == 0
     out = json.loads(capsys.readouterr().out)
     holders = {row["account"]: row["holder"] for row in out["accounts"]}
     assert holders == {"support": "hostA:42:beef", "sales": None}
+    assert out["held_not_in_config"] == {"archive": "hostB:7:cafe"}
     assert out["database"] == postgres_database.url  # no password in it
     assert postgres_database.password not in json.dumps(out)
 
@@ -78,6 +81,7 @@ def test_status_json_names_the_holder_of_each_account(
     table = capsys.readouterr().out
     assert "holder" in table
     assert "hostA:42:beef" in table
+    assert "not in this config: archive (held by hostB:7:cafe)" in " ".join(table.split())
 
 
 def test_read_commands_work_on_postgresql(
