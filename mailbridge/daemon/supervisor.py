@@ -266,7 +266,7 @@ class Supervisor:
                 # The next holder writes the account's state: a last "stopped" from here
                 # (written late, after a pause) would overwrite its live one.
                 self.running[account].worker.record_state = False
-                await self._stop_workers([account], within=within)
+                await self._stop_workers([account], within=within, why=f"lease: {why}")
                 self._forget_state(account)
 
         # Its outbox rows in hand settled too (none left marked sending for the next holder's
@@ -414,9 +414,12 @@ class Supervisor:
                 remedy="set imap.ca_file to the server's CA and verify_certificate: true",
             )
 
-    async def _stop_workers(self, names: list[str], within: float | None = None) -> None:
+    async def _stop_workers(
+        self, names: list[str], within: float | None = None, why: str = "stopping"
+    ) -> None:
         """Bounded drain: ask workers to stop, wait for the batch in hand (``within`` seconds,
-        ``drain_seconds`` by default), then cancel."""
+        ``drain_seconds`` by default), then cancel. ``why`` is said when a task is cancelled
+        (the daemon stopping, a reload, a lease about to lapse)."""
         entries = [self.running.pop(name) for name in names if name in self.running]
         if not entries:
             return
@@ -427,7 +430,7 @@ class Supervisor:
         timeout = self.drain_seconds if within is None else within
         _, pending = await asyncio.wait(tasks, timeout=timeout)
         for task in pending:
-            log.warning("drain_timeout_cancelling", task=task.get_name())
+            log.warning("drain_timeout_cancelling", task=task.get_name(), reason=why)
             task.cancel()
         for task in tasks:
             try:
@@ -491,7 +494,7 @@ class Supervisor:
             if changed_globals or new_accounts.get(name) != running.settings
         ]
         self.settings = new
-        await self._stop_workers(changed)
+        await self._stop_workers(changed, why="reload: settings changed")
         for name in changed:
             self._forget_state(name)
             if name not in new_accounts:
