@@ -579,6 +579,7 @@ def measure_idle(
         # last one was idle, and 0.5 % minutes later.
         time.sleep(2 + (dovecot.hibernate_seconds or 0) + len(users) / 500)
         result["server_processes"] = dovecot.server_processes()
+        result["server_parked_sessions"] = dovecot.parked_sessions()
         window = 10.0
         before = process.cpu_times()
         time.sleep(window)
@@ -969,9 +970,10 @@ def _fleet_rows(out: Table, fleet: dict[str, Any], hibernation: str) -> None:
     )
     procs = fleet.get("server_processes", {})
     out.add_row(
-        f"  server: imap processes / hibernated in imap-hibernate ({hibernation})",
+        f"  server: imap processes (reused, idle ones included) / sessions parked ({hibernation})",
         f"{procs.get('imap', 0):,}",
-        f"{procs.get('imap-hibernate', 0)} process(es)",
+        f"{fleet.get('server_parked_sessions', 0):,} in {procs.get('imap-hibernate', 0)} "
+        "imap-hibernate process(es)",
     )
 
 
