@@ -477,6 +477,16 @@ async def test_stopping_mid_batch_leaves_no_row_marked_sending(
     assert len(sink.received) == 1
 
 
+def _insert_outbox_row(settings: Settings) -> None:
+    conn = sqlite3.connect(settings.database)
+    try:
+        conn.execute("INSERT INTO outbox (account, toaddresses, bodytext)"
+                     " VALUES ('support', 'a@x.example', 'x')")  # fmt: skip
+        conn.commit()
+    finally:
+        conn.close()
+
+
 async def test_a_commit_by_another_process_wakes_the_watch_without_polling(
     tmp_path: Path, sink: SmtpSink
 ) -> None:
@@ -495,26 +505,10 @@ async def test_a_commit_by_another_process_wakes_the_watch_without_polling(
         waiting = asyncio.create_task(watch.wait(7200, stopping))
         await asyncio.sleep(0.2)
         assert not waiting.done()
-        conn = sqlite3.connect(settings.database)
-        try:
-            conn.execute("INSERT INTO outbox (account, toaddresses, bodytext)"
-                         " VALUES ('support', 'a@x.example', 'x')")  # fmt: skip
-            conn.commit()
-        finally:
-            conn.close()
+        _insert_outbox_row(settings)
         await asyncio.wait_for(waiting, 30)
     finally:
         watch.close()
-
-
-def _insert_outbox_row(settings: Settings) -> None:
-    conn = sqlite3.connect(settings.database)
-    try:
-        conn.execute("INSERT INTO outbox (account, toaddresses, bodytext)"
-                     " VALUES ('support', 'a@x.example', 'x')")  # fmt: skip
-        conn.commit()
-    finally:
-        conn.close()
 
 
 async def test_an_account_state_write_does_not_wake_the_watch_at_once_but_within_a_second(
