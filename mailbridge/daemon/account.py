@@ -222,14 +222,19 @@ class AccountWorker:
         await self._set_state("connecting")
         session = await open_session(self.account)
         try:
-            await self._prepare(session)
+            exists: int | None = await self._prepare(session)
             idle = self.account.mode == "idle" and session.has_idle
             if self.account.mode == "idle" and not session.has_idle:
                 self.log.warning(
                     "imap_idle_unsupported_polling", interval=self.account.poll_interval_seconds
                 )
             while not self.stopping.is_set():
-                found = await self._import_pending(session)
+                # An Inbox that SELECT found empty has nothing to search for (RFC 3501 7.3.1:
+                # EXISTS is the number of messages): a fleet of quiet accounts spares a round
+                # trip each. Mail that arrives after the SELECT is announced with EXISTS
+                # (RFC 3501 5.2), at the latest when IDLE begins, and imported then.
+                found = await self._import_pending(session, empty=exists == 0)
+                exists = None  # later passes follow a wake-up: always search
                 # Only a completed pass proves the account healthy: a login alone does not (a
                 # missing folder or a fault on every FETCH would otherwise reset the backoff
                 # after each login and reconnect every second, forever).
@@ -324,13 +329,15 @@ class AccountWorker:
                     with contextlib.suppress(asyncio.CancelledError, MailbridgeError):
                         await pending
 
-    async def _prepare(self, session: ImapSession) -> None:
+    async def _prepare(self, session: ImapSession) -> int:
+        """Make sure the folders exist and SELECT the Inbox; returns its EXISTS count."""
         folders = self.account.folders
         await session.ensure_folders([folders.processed, folders.failed])
         exists = await session.select(folders.inbox)
         if not self._backlog_checked:
             self._backlog_checked = True
             await self._warn_backlog(session, exists)
+        return exists
 
     async def _warn_backlog(self, session: ImapSession, exists: int) -> None:
         """At an account's first start: warn when the Inbox holds more old mail than
@@ -397,11 +404,14 @@ class AccountWorker:
         return summary
 
     async def _import_pending(
-        self, session: ImapSession, summary: PassSummary | None = None
+        self, session: ImapSession, summary: PassSummary | None = None, *, empty: bool = False
     ) -> PassSummary:
         """Import every Inbox message that is not \\Deleted, batch by batch, adding to
-        ``summary`` (a new one by default) as each batch is done."""
+        ``summary`` (a new one by default) as each batch is done. ``empty``: the SELECT just
+        made found no message (EXISTS 0), so there is nothing to search for."""
         summary = summary if summary is not None else PassSummary()
+        if empty:
+            return summary
         uids = await session.undeleted_uids()
         if not uids:
             return summary

@@ -186,8 +186,17 @@ class Watch:
     """Waits for news of the outbox: a database change, a wake datagram, or :meth:`wake`
     (SQLite); a NOTIFY on a LISTENing session, or :meth:`wake` (PostgreSQL)."""
 
-    def __init__(self, settings: Settings) -> None:
+    def __init__(self, settings: Settings, quiet_commits: Callable[[], int] | None = None) -> None:
+        """``quiet_commits``: a count of this process's commits that cannot have changed the
+        outbox (:meth:`AsyncRepository.quiet_commits`). A database change seen together with
+        one of them wakes the worker at most once per WATCH_POLL_SECONDS instead of at once:
+        a fleet's state writes do not each start a round, and a row an integrator commits
+        meanwhile is still looked at within that second."""
         self.database = settings.sqlite_path  # None: PostgreSQL
+        self._quiet_commits = quiet_commits
+        self._quiet_seen = quiet_commits() if quiet_commits is not None else 0
+        # Monotonic time of the first change left for later (seen with a quiet commit).
+        self._deferred_since: float | None = None
         self._postgres = settings.postgres
         self._password = settings.database_password() if settings.postgres else None
         self._event = asyncio.Event()
@@ -244,24 +253,24 @@ class Watch:
 
         def look() -> None:
             # A writer makes its commit visible (in the -shm index, which raises no event) only
-            # after writing the WAL and, with synchronous=FULL, syncing it: a round woken by the
-            # write may come too early, so the change counter (a read of shared memory) is read
-            # again every few ms for a while, and a change wakes the worker once more.
+            # after writing the WAL and, with synchronous=FULL, syncing it: the change counter
+            # (a read of shared memory) is read at once and, until it moves, again every few
+            # ms for a while; a change that can concern the outbox wakes the worker.
             self._recheck_pending = False
-            if self._conn is not None and self._changed():
+            news = self._news() if self._conn is not None else None
+            if news:
                 self._event.set()
-            elif loop.time() < self._recheck_until:
+            elif news is None and loop.time() < self._recheck_until:
                 self._recheck_pending = True
                 loop.call_later(RECHECK_SECONDS, look)
 
         def on_events() -> None:
             with contextlib.suppress(OSError):
                 if any(event.name in names for event in notify.read(timeout=0)):
-                    self._event.set()
                     self._recheck_until = loop.time() + RECHECK_FOR_SECONDS
                     if not self._recheck_pending:
                         self._recheck_pending = True
-                        loop.call_later(RECHECK_SECONDS, look)
+                        loop.call_soon(look)
 
         loop.add_reader(notify.fileno(), on_events)
         self._notify = notify
@@ -347,6 +356,28 @@ class Watch:
         self._version = version
         return changed
 
+    def _news(self) -> bool | None:
+        """None: the database did not change. True: it changed and the outbox may have (a
+        commit of another process, or one of ours that can write the outbox). False: the
+        change came with a quiet commit of ours (an account state): it is left for the look
+        at most WATCH_POLL_SECONDS later (:meth:`wait`), which also covers another process's
+        commit that landed in the same moment."""
+        quiet = self._quiet_commits() if self._quiet_commits is not None else None
+        if not self._changed():
+            return None
+        if quiet is None or quiet == self._quiet_seen:
+            return True
+        self._quiet_seen = quiet
+        if self._deferred_since is None:
+            self._deferred_since = time.monotonic()
+        return False
+
+    def _deferred_due(self) -> float | None:
+        """Seconds until a change left for later must be looked at (0: now); None: none is."""
+        if self._deferred_since is None:
+            return None
+        return max(0.0, self._deferred_since + WATCH_POLL_SECONDS - time.monotonic())
+
     async def wait(self, seconds: float, stopping: asyncio.Event) -> None:
         """Return after ``seconds``, on news, or when ``stopping`` is set."""
         deadline = time.monotonic() + max(seconds, 0.0)
@@ -357,15 +388,26 @@ class Watch:
         while not stopping.is_set():
             if self._event.is_set():
                 self._event.clear()
+                self._deferred_since = None  # this round looks at the change left for later
                 return
-            if self._changed():
+            if self._news():
+                self._deferred_since = None
+                return
+            deferred = self._deferred_due()
+            if deferred == 0:
+                self._deferred_since = None
                 return
             left = deadline - time.monotonic()
             if left <= 0:
                 return
             with contextlib.suppress(TimeoutError):
                 if self._conn is not None:  # SQLite: read data_version again now and then
-                    await asyncio.wait_for(self._event.wait(), min(left, self._poll_seconds))
+                    poll = (
+                        self._poll_seconds
+                        if deferred is None
+                        else min(self._poll_seconds, deferred)
+                    )
+                    await asyncio.wait_for(self._event.wait(), min(left, poll))
                 else:  # nothing to poll (PostgreSQL's NOTIFY sets the event): news or the stop
                     await asyncio.wait_for(_first_of(self._event, stopping), left)
 
@@ -505,7 +547,7 @@ class OutboxWorker:
     async def run(self) -> None:
         """Until ``stopping``: resolve rows left ``sending``, then send what is due, sleeping
         until the next row is due or news arrives."""
-        self.watch = Watch(self.settings)
+        self.watch = Watch(self.settings, self.repo.quiet_commits)
         self.watch.open()
         try:
             recover = True

@@ -26,6 +26,7 @@ import base64
 import errno
 import functools
 import inspect
+import logging
 import os
 import re
 import socket
@@ -355,6 +356,9 @@ def _parse_list(lines: Sequence[Any]) -> list[str]:
 # -- the aioimaplib protocol, instrumented -----------------------------------------------------
 
 
+_AIOIMAPLIB_LOG = logging.getLogger("aioimaplib.aioimaplib")
+
+
 class _Protocol(aioimaplib.IMAP4ClientProtocol):  # type: ignore[misc]
     """aioimaplib's protocol plus what it lacks: a greeting outcome and a data timestamp."""
 
@@ -400,6 +404,14 @@ class _Protocol(aioimaplib.IMAP4ClientProtocol):  # type: ignore[misc]
                 size += command._expected_size - len(command._resp_literal_data)
             self._feed(bytes(view[start : start + size]))
             start += size
+
+    def send(self, line: str, scrub: str | None = None) -> None:
+        """aioimaplib's ``send`` without its debug line, which formats every command's bytes
+        (``'Sending : %s' % data``) even when debug logging is off; with debug on, its own."""
+        if _AIOIMAPLIB_LOG.isEnabledFor(logging.DEBUG):
+            super().send(line, scrub=scrub)
+            return
+        self.transport.write(f"{line}\r\n".encode())
 
     def _feed(self, data: bytes) -> None:
         """aioimaplib's ``data_received`` without its debug line, which formats each chunk's

@@ -65,6 +65,10 @@ class AsyncRepository:
         self._states: dict[str, AccountState] = {}
         self._states_flush: asyncio.Future[None] | None = None
         self._states_lock = threading.Lock()
+        # Commits of this process that cannot have changed the outbox (state writes), counted
+        # on the database thread: the outbox worker's Watch tells them from an integrator's
+        # commit and does not wake for each (quiet_commits).
+        self._quiet_commits = 0
         # account -> (holder, fencing token) of the lease this daemon serves it under
         # (PostgreSQL, several daemons): every import of the account is fenced with it.
         self._leases: dict[str, tuple[str, int]] = {}
@@ -189,7 +193,14 @@ class AsyncRepository:
             batch = list(self._states.values())
             self._states.clear()
             self._states_flush = None
+        # Counted before the commit, so that whoever sees the commit sees the count too (a
+        # count without its commit, after a failure, only delays the next look by a second).
+        self._quiet_commits += 1
         repo.set_account_states(batch)
+
+    def quiet_commits(self) -> int:
+        """How many commits this process made that touch no outbox row (account states)."""
+        return self._quiet_commits
 
     async def account_states(self) -> list[AccountState]:
         return await self._run(lambda repo: repo.account_states())

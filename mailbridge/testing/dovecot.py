@@ -482,6 +482,30 @@ class Dovecot:
             counts[name] = counts.get(name, 0) + 1
         return counts
 
+    def parked_sessions(self) -> int:
+        """How many client connections the ``imap-hibernate`` process(es) hold: the IDLE
+        sessions parked there (TCP sockets among their open files; Linux /proc)."""
+        pid = self._master_pid()
+        if pid is None:
+            return 0
+        tcp: set[str] = set()
+        for table in ("/proc/net/tcp", "/proc/net/tcp6"):
+            with contextlib.suppress(OSError):
+                for line in Path(table).read_text().splitlines()[1:]:
+                    fields = line.split()
+                    if len(fields) > 9:
+                        tcp.add(fields[9])  # the socket's inode
+        parked = 0
+        for child in _children(pid):
+            try:
+                if Path(f"/proc/{child}/comm").read_text().strip() != "imap-hibernate":
+                    continue
+                links = [os.readlink(fd) for fd in Path(f"/proc/{child}/fd").iterdir()]
+            except OSError:
+                continue
+            parked += sum(1 for link in links if link.startswith("socket:[") and link[8:-1] in tcp)
+        return parked
+
     def _master_pid(self) -> int | None:
         try:
             return int((self.workdir / "run" / "master.pid").read_text().strip())
@@ -667,6 +691,9 @@ def _hibernation(seconds: float, clients: int) -> str:
     limit = clients + 1000
     return f"""
 imap_hibernate_timeout = {max(1, round(seconds))}s
+# Cache passdb/userdb answers (auth_cache_size): a reconnecting fleet logs in again without
+# a passwd-file read per login. Tests that change passwords run without hibernation.
+auth_cache_size = 10M
 default_client_limit = {limit}
 service imap-hibernate {{
   process_limit = 4
@@ -676,6 +703,14 @@ service imap-hibernate {{
   }}
 }}
 service imap {{
+  # Process reuse (Dovecot 2.3 performance tuning): an imap process serves up to 100
+  # sessions in turn instead of one fork + exec + config read per login; a parked session
+  # frees its process for the next login. client_limit stays 1, as Dovecot recommends for
+  # mail processes (they block on disk I/O and locks). All users share one uid here (the
+  # static userdb), which reuse needs.
+  service_count = 100
+  client_limit = 1
+  process_min_avail = 2
   unix_listener imap-master {{
     mode = 0666
   }}

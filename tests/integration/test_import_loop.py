@@ -767,3 +767,57 @@ async def test_mail_arriving_during_a_pass_that_only_discarded_is_imported_witho
     with db(settings) as conn:
         subjects = [r[0] for r in conn.execute("SELECT subject FROM conversationmessage")]
     assert subjects == ["Arrived during the pass"]
+
+
+async def test_an_inbox_found_empty_is_not_searched_before_idle(
+    tmp_path: Path, dovecot: Any, imap_user: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """SELECT said EXISTS 0: the first pass sends no UID SEARCH (a round trip per account of a
+    quiet fleet); the next pass, after IDLE announced mail, searches and imports."""
+    searches: list[tuple[str, ...]] = []
+    search = ImapSession.search
+
+    async def counted(self: ImapSession, *criteria: str) -> list[int]:
+        searches.append(criteria)
+        return await search(self, *criteria)
+
+    monkeypatch.setattr(ImapSession, "search", counted)
+    settings = make_settings(tmp_path, dovecot, imap_user)
+    worker, task, repo = await run_worker(settings)
+    try:
+        await eventually(lambda: worker.state.state == "idle")
+        assert searches == []
+        dovecot.append(
+            imap_user.login, imap_user.password, mail("After", to=imap_user.address).as_bytes()
+        )
+        await eventually(lambda: count_messages(settings) == 1)
+        assert searches  # the pass the IDLE push started did search
+    finally:
+        await stop_worker(worker, task, repo)
+
+
+async def test_mail_arriving_between_an_empty_select_and_idle_is_imported(
+    tmp_path: Path, dovecot: Any, imap_user: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The SEARCH spared after an empty SELECT loses nothing: a message delivered right after
+    the SELECT (before IDLE begins) is announced by EXISTS and imported without reconnecting."""
+    select = ImapSession.select
+    delivered: list[int] = []
+
+    async def select_then_deliver(self: ImapSession, folder: str) -> int:
+        exists = await select(self, folder)
+        if not delivered:
+            delivered.append(exists)
+            raw = mail("Between", to=imap_user.address).as_bytes()
+            await asyncio.to_thread(dovecot.append, imap_user.login, imap_user.password, raw)
+        return exists
+
+    monkeypatch.setattr(ImapSession, "select", select_then_deliver)
+    settings = make_settings(tmp_path, dovecot, imap_user)
+    worker, task, repo = await run_worker(settings)
+    try:
+        await eventually(lambda: count_messages(settings) == 1, within=30)
+        assert delivered == [0]  # the SELECT found the Inbox empty
+        assert dovecot.folder_uids(imap_user.login, imap_user.password, "INBOX") == []
+    finally:
+        await stop_worker(worker, task, repo)

@@ -477,6 +477,16 @@ async def test_stopping_mid_batch_leaves_no_row_marked_sending(
     assert len(sink.received) == 1
 
 
+def _insert_outbox_row(settings: Settings) -> None:
+    conn = sqlite3.connect(settings.database)
+    try:
+        conn.execute("INSERT INTO outbox (account, toaddresses, bodytext)"
+                     " VALUES ('support', 'a@x.example', 'x')")  # fmt: skip
+        conn.commit()
+    finally:
+        conn.close()
+
+
 async def test_a_commit_by_another_process_wakes_the_watch_without_polling(
     tmp_path: Path, sink: SmtpSink
 ) -> None:
@@ -495,16 +505,81 @@ async def test_a_commit_by_another_process_wakes_the_watch_without_polling(
         waiting = asyncio.create_task(watch.wait(7200, stopping))
         await asyncio.sleep(0.2)
         assert not waiting.done()
-        conn = sqlite3.connect(settings.database)
-        try:
-            conn.execute("INSERT INTO outbox (account, toaddresses, bodytext)"
-                         " VALUES ('support', 'a@x.example', 'x')")  # fmt: skip
-            conn.commit()
-        finally:
-            conn.close()
+        _insert_outbox_row(settings)
         await asyncio.wait_for(waiting, 30)
     finally:
         watch.close()
+
+
+async def test_an_account_state_write_does_not_wake_the_watch_at_once_but_within_a_second(
+    tmp_path: Path, sink: SmtpSink
+) -> None:
+    """A state write of this process (a quiet commit: it cannot change the outbox) does not
+    start a round of its own, as every one of a starting fleet's did: the change is left for
+    the look WATCH_POLL_SECONDS later, so it is still looked at."""
+    from mailbridge.daemon.outbox import Watch
+    from mailbridge.store.base import AccountState
+
+    settings = parse_config(offline_config(tmp_path, sink))
+    seed_conversation(settings)
+    repo = await open_repository(settings.database, settings)
+    watch = Watch(settings, repo.quiet_commits)
+    watch.open()
+    try:
+        stopping = asyncio.Event()
+        waiting = asyncio.create_task(watch.wait(7200, stopping))
+        await asyncio.sleep(0.2)
+        await repo.set_account_state(AccountState(account="support", state="idle"))
+        await eventually(lambda: watch._deferred_since is not None, what="the change seen")
+        # Left for later rather than woken at once (the wait ends WATCH_POLL_SECONDS after the
+        # change was seen, measured from that moment, never before it).
+        seen = watch._deferred_since
+        assert seen is not None
+        await asyncio.wait_for(waiting, 30)
+        assert time.monotonic() - seen >= 0.9
+        assert watch._deferred_since is None
+    finally:
+        watch.close()
+        await repo.aclose()
+
+
+async def test_an_integrators_row_wakes_the_watch_while_state_writes_go_on(
+    tmp_path: Path, sink: SmtpSink
+) -> None:
+    """A row committed by another process while this one writes account states all the time
+    (a fleet starting) is still looked at: at once, or at the latest with the deferred look
+    (WATCH_POLL_SECONDS) when it landed together with a state write."""
+    from mailbridge.daemon.outbox import Watch
+    from mailbridge.store.base import AccountState
+
+    settings = parse_config(offline_config(tmp_path, sink))
+    seed_conversation(settings)
+    repo = await open_repository(settings.database, settings)
+    watch = Watch(settings, repo.quiet_commits)
+    watch.open()
+    stopping = asyncio.Event()
+
+    async def state_writes() -> None:
+        number = 0
+        while not stopping.is_set():
+            number += 1
+            await repo.set_account_state(AccountState(account=f"fleet{number % 50}", state="idle"))
+            await asyncio.sleep(0.005)
+
+    writer = asyncio.create_task(state_writes())
+    try:
+        for _ in range(3):  # each state write alone is left for later: rounds are at most 1/s
+            await asyncio.wait_for(watch.wait(7200, stopping), 30)
+        waiting = asyncio.create_task(watch.wait(7200, stopping))
+        await asyncio.to_thread(_insert_outbox_row, settings)
+        await asyncio.wait_for(waiting, 30)
+        with sqlite3.connect(settings.database) as conn:
+            assert conn.execute("SELECT count(*) FROM outbox").fetchone()[0] >= 1
+    finally:
+        stopping.set()
+        await writer
+        watch.close()
+        await repo.aclose()
 
 
 # -- kill -9 between the end of DATA and the status update --------------------------------------

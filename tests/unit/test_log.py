@@ -236,3 +236,22 @@ def test_a_secret_containing_another_is_masked_whole(count: int) -> None:
     finally:
         for value in values:
             unregister_secret(value)
+
+
+def test_records_skip_the_caller_frame_thread_and_process_and_reset_restores() -> None:
+    """A line renders the event's keys only, so stdlib logging does not collect the caller's
+    frame (a quarter of a line's CPU), thread or process for it; reset_logging puts them back."""
+    defaults = (logging._srcfile, logging.logThreads, logging.logProcesses)
+    out = io.StringIO()
+    configure_logging("info", "json", stream=out)
+    assert logging._srcfile is None
+    assert not logging.logThreads
+    assert not logging.logProcesses
+    assert not logging.logMultiprocessing
+    get_logger("mailbridge.test").info("imap_connected", host="127.0.0.1", port=143)
+    logging.getLogger("aioimaplib.aioimaplib").warning("foreign %s", "line")
+    lines = [json.loads(line) for line in out.getvalue().splitlines()]
+    assert set(lines[0]) == {"host", "port", "event", "logger", "level", "timestamp"}
+    assert lines[1]["event"] == "foreign line"
+    reset_logging()
+    assert (logging._srcfile, logging.logThreads, logging.logProcesses) == defaults
