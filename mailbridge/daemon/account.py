@@ -130,6 +130,9 @@ class AccountWorker:
         # False: the account's stored state is another's to write (a daemon serving it beside
         # `run --once`, or the daemon that took its lease): states are kept here, not stored.
         self.record_state = True
+        # When the live loop last finished a pass over the whole Inbox (SEARCH and import):
+        # a scheduled sweep after it has no missed Inbox mail to look for.
+        self.last_pass: datetime | None = None
         self.state = AccountState(account=account.name, state="starting")
         self.log = log.bind(account=account.name)
         self._failures = 0  # consecutive failures, reset by a completed import pass
@@ -235,6 +238,7 @@ class AccountWorker:
                 # (RFC 3501 5.2), at the latest when IDLE begins, and imported then.
                 found = await self._import_pending(session, empty=exists == 0)
                 exists = None  # later passes follow a wake-up: always search
+                self.last_pass = datetime.now(UTC)
                 # Only a completed pass proves the account healthy: a login alone does not (a
                 # missing folder or a fault on every FETCH would otherwise reset the backoff
                 # after each login and reconnect every second, forever).

@@ -37,6 +37,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import math
 import signal
 from collections import Counter
@@ -51,7 +52,7 @@ from mailbridge.daemon.account import AccountWorker, PassSummary
 from mailbridge.daemon.leases import LeaseManager, LeaseStore
 from mailbridge.daemon.limits import raise_fd_limit
 from mailbridge.daemon.outbox import OutboxSummary, OutboxWorker, served_by_daemons
-from mailbridge.daemon.sweep import run_schedule
+from mailbridge.daemon.sweep import nothing_to_recover, run_schedule
 from mailbridge.daemon.systemd import Notifier
 from mailbridge.errors import ConfigError, MailbridgeError, describe, exit_status
 from mailbridge.store.asyncrepo import AsyncRepository
@@ -402,7 +403,7 @@ class Supervisor:
                     account,
                     self.repo,
                     worker.stopping,
-                    skip=lambda: _needs_operator(worker),
+                    skip=functools.partial(_sweep_skip, worker),
                 ),
                 name=f"sweep:{account.name}",
             )
@@ -599,6 +600,16 @@ def _log_task_failure(task: asyncio.Task[None]) -> None:
     exc = task.exception()
     if exc is not None:
         log.error("supervisor_task_failed", task=task.get_name(), error=repr(exc))
+
+
+async def _sweep_skip(worker: AccountWorker) -> str | None:
+    """Why the account's scheduled sweep should let this slot pass, or None (it runs)."""
+    reason = _needs_operator(worker)
+    waiting = worker.last_pass if worker.state.state in {"idle", "polling"} else None
+    if reason is not None or waiting is None:
+        return reason  # (no look at the database unless the rule could skip)
+    failures = await worker.repo.failures(worker.account.name)
+    return nothing_to_recover(len(failures), waiting)
 
 
 def _needs_operator(worker: AccountWorker) -> str | None:

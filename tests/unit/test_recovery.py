@@ -14,7 +14,14 @@ from mailbridge.cli import main as cli_main
 from mailbridge.config import parse_config
 from mailbridge.daemon.account import AccountWorker, backoff_seconds
 from mailbridge.daemon.supervisor import _needs_operator
-from mailbridge.daemon.sweep import SPREAD_MAX, SweepSummary, imap_date, spread_offset
+from mailbridge.daemon.sweep import (
+    NOTHING_TO_RECOVER,
+    SPREAD_MAX,
+    SweepSummary,
+    imap_date,
+    nothing_to_recover,
+    spread_offset,
+)
 from mailbridge.errors import AuthError, ConfigError, ServerError
 from mailbridge.store.base import AccountState, FailureInfo
 
@@ -177,3 +184,13 @@ def test_sweeps_of_a_fleet_are_spread_after_each_slot() -> None:
     assert max(per_second) <= 15  # ~3.3 a second on average; never a storm
     assert max(offsets) - min(offsets) > 0.95 * SPREAD_MAX.total_seconds()
     assert all(0 <= spread_offset(f"a{n}", timedelta(seconds=2)) < 1 for n in range(100))
+
+
+def test_a_sweep_has_nothing_to_recover_only_without_failures_and_with_a_waiting_loop() -> None:
+    at = datetime(2026, 12, 1, 9, 0, tzinfo=UTC)
+    reason = nothing_to_recover(0, at)
+    assert reason is not None
+    assert reason.startswith(NOTHING_TO_RECOVER)
+    assert "2026-12-01T09:00:00+00:00" in reason
+    assert nothing_to_recover(1, at) is None  # a failed import to retry: sweep
+    assert nothing_to_recover(0, None) is None  # the loop connecting, importing, backing off
