@@ -12,9 +12,10 @@ One task in the daemon (beside the account loops) and one pass in ``run --once``
 4. **Sent**: after the 250 to DATA one short transaction marks the row ``sent`` and stores
    the message in its conversation (as composed: its bytes are not parsed back), one
    transaction for the rows of a chunk (the rows composed and marked ``sending`` together,
-   1, 2, 4 ... 16), committed once the chunk's last message is accepted. Then, with ``folders.sent`` and ``append_sent``, a copy is
-   APPENDed to the Sent folder. A refusal: 5xx fails the row; 4xx, a lost connection or a
-   timeout puts it back to ``queued`` for a retry with backoff, until ``outbox.max_age_hours``.
+   1, 2, 4 ... 16), committed once the chunk's last message is accepted. Then, with
+   ``folders.sent`` and ``append_sent``, a copy is APPENDed to the Sent folder. A refusal:
+   5xx fails the row; 4xx, a lost connection or a timeout puts it back to ``queued`` for a
+   retry with backoff, until ``outbox.max_age_hours``.
 
 **After a crash** (kill -9, power cut) between the end of DATA and step 4 the server may have
 the message while the row says ``sending``. At start-up every such row is resolved first: with
@@ -777,6 +778,10 @@ class OutboxWorker:
     ) -> list[tuple[OutboxRow, _Prepared]]:
         ready: list[tuple[OutboxRow, _Prepared]] = []
         for row in rows:
+            # Each row's composing (about a millisecond of CPU) is its own step on the event
+            # loop: the SMTP dialogue of the chunk being sent goes on between two rows, instead
+            # of waiting for the whole chunk (its replies were read a chunk late).
+            await asyncio.sleep(0)
             try:
                 ready.append((row, await self._prepare(account, row)))
             except InvalidRowError as exc:
