@@ -123,9 +123,9 @@ def test_a_personalised_row_stores_its_first_copy() -> None:
 _TEXT = st.text(
     st.characters(blacklist_categories=("Cs",), blacklist_characters="\x00"), max_size=300
 )
-_NAME = st.text(
-    st.characters(blacklist_categories=("Cs", "Cc", "Zl", "Zp")), max_size=30
-).filter(lambda n: n.strip() == n)
+_NAME = st.text(st.characters(blacklist_categories=("Cs", "Cc", "Zl", "Zp")), max_size=30).filter(
+    lambda n: n.strip() == n
+)
 
 
 @settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.too_slow])
