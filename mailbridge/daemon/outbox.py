@@ -1017,7 +1017,7 @@ class OutboxWorker:
             return await self._apply_template(account, row.body_html, row.body_text, data)
 
         def build(
-            html: str | None, text: str | None
+            html: str | None, text: str | None, stored: bool
         ) -> tuple[EmailMessage, bytes, ParsedMessage | None]:
             # CPU work (the stdlib email package): on a thread, beside the SMTP dialogue.
             try:
@@ -1047,7 +1047,10 @@ class OutboxWorker:
                 )
             # What is stored once the server accepts it, read from the message as composed
             # (not parsed back from its bytes; the same reading, see parse_composed). Before
-            # personal_copies changes the Message-ID: the row stores the first copy.
+            # personal_copies changes the Message-ID: the row stores the first copy (another
+            # recipient's own rendering is not stored: ``stored`` False).
+            if not stored:
+                return message, raw, None
             try:
                 parsed: ParsedMessage | None = parse_composed(message, raw)
             except MessageError:
@@ -1055,15 +1058,15 @@ class OutboxWorker:
             return message, raw, parsed
 
         async def built(
-            recipient: Sequence[str],
+            recipient: Sequence[str], *, stored: bool = True
         ) -> tuple[EmailMessage, bytes, ParsedMessage | None]:
             html, text = await bodies(recipient)
             if files or len(html or "") + len(text or "") > INLINE_BYTES:
                 # Attachments or a long text: long work, on a thread beside the SMTP dialogue.
-                return await asyncio.to_thread(build, html, text)
+                return await asyncio.to_thread(build, html, text, stored)
             # A short message (about 1 ms) is built in place: a thread would hold the GIL
             # while the loop waits for it to read the server's replies (scripts/bench).
-            return build(html, text)
+            return build(html, text, stored)
 
         message, raw, parsed = await built([*to, *cc])
         message_id = message_id_of(message)
@@ -1077,7 +1080,7 @@ class OutboxWorker:
                 # Each recipient's own rendering: {{ recipient_name }} is theirs.
                 copies = [OutboxCopy(recipients[0], message_id, raw)]
                 for recipient in recipients[1:]:
-                    own_copy, own_raw, _parsed = await built([recipient])
+                    own_copy, own_raw, _none = await built([recipient], stored=False)
                     own_id = message_id_of(own_copy) or ""
                     copies.append(OutboxCopy(recipient, own_id, own_raw))
         return OutboxFix(message_id, key, raw, tuple(copies)), recipients, parsed
