@@ -92,9 +92,26 @@ def recovered_state(found_in_sent: bool | None) -> Literal["sent", "queued"]:
     return "sent" if found_in_sent else "queued"
 
 
+# RFC 5322 section 3.2.3: a display name holding one of these must be a quoted-string.
+_SPECIALS: Final = frozenset('()<>[]:;@\\,."')
+
+
+def address_entry(address: str, name: str = "") -> str:
+    """``Name <addr>`` (or ``addr``) as one entry of an address list, the name a quoted-string
+    (RFC 5322 section 3.2.4) when it holds a special such as the comma of ``Doe, Jane``:
+    unquoted, the entry would read as two addresses and the row fail as "not an address".
+    Non-ASCII names stay as they are (the reader takes them as they are)."""
+    if not name:
+        return address
+    if any(c in _SPECIALS for c in name):
+        escaped = name.replace("\\", "\\\\").replace('"', '\\"')
+        return f'"{escaped}" <{address}>'
+    return f"{name} <{address}>"
+
+
 def split_addresses(text: str | None) -> list[str]:
     """An address-list column (``"a@x, Name <b@y>"``, RFC 5322 section 3.4) as header
-    addresses, each ``Name <addr>`` or ``addr``; entries without ``@`` are dropped."""
+    addresses, each one :func:`address_entry`; entries without ``@`` are dropped."""
     if not text:
         return []
     out: list[str] = []
@@ -102,7 +119,7 @@ def split_addresses(text: str | None) -> list[str]:
         address = address.strip()
         if "@" not in address:
             continue
-        out.append(f"{name} <{address}>" if name else address)
+        out.append(address_entry(address, name))
     return out
 
 

@@ -65,6 +65,7 @@ from mailbridge.core.model import Address, ParsedMessage
 from mailbridge.core.outbox import (
     MessageAction,
     OutgoingFile,
+    address_entry,
     address_of,
     after_failure,
     build_message,
@@ -983,7 +984,7 @@ class OutboxWorker:
             subject = row.subject or reply_subject(context.subject)
             if not to and not cc:
                 to = list(context.reply_to)
-                cc = [f"{n} <{e}>" if n else e for e, n in context.followers]
+                cc = [address_entry(e, n) for e, n in context.followers]
             if context.own_email and context.own_email in own:
                 address = context.own_email  # answer from the alias the customer wrote to
             parent = {

@@ -6,6 +6,7 @@ from __future__ import annotations
 import itertools
 from collections.abc import Iterator
 from datetime import UTC, datetime, timedelta
+from email.utils import getaddresses
 from pathlib import Path
 from typing import Any
 
@@ -17,6 +18,8 @@ from mailbridge.core.identify import new_conversation_key
 from mailbridge.core.outbox import (
     MessageAction,
     OutgoingFile,
+    address_entry,
+    address_of,
     after_failure,
     build_message,
     check_actions,
@@ -258,3 +261,21 @@ def test_values_that_are_not_addresses_are_named() -> None:
     assert not_addresses(good) == []
     bad = ["not an address", "bob@", "@x.example", "a@b@c.example", "", "ann@x.example, nobody"]
     assert not_addresses([*good, *bad]) == bad
+
+
+def test_names_with_specials_stay_one_address() -> None:
+    """RFC 5322 section 3.2.4: "Doe, Jane" is one quoted display name, not two entries."""
+    assert address_entry("jane@x.example", "Doe, Jane") == '"Doe, Jane" <jane@x.example>'
+    assert address_entry("a@x.example", 'Ann "A." Bee\\') == '"Ann \\"A.\\" Bee\\\\" <a@x.example>'
+    assert address_entry("a@x.example", "Ann Bee") == "Ann Bee <a@x.example>"
+    assert address_entry("a@x.example") == "a@x.example"
+    column = '"Doe, Jane" <jane@x.example>, "Bäcker, Jörg" <JB@y.example>, bob@z.example'
+    entries = split_addresses(column)
+    assert entries == [
+        '"Doe, Jane" <jane@x.example>',
+        '"Bäcker, Jörg" <JB@y.example>',
+        "bob@z.example",
+    ]
+    assert [address_of(e) for e in entries] == ["jane@x.example", "jb@y.example", "bob@z.example"]
+    for name in ("Doe, Jane", 'Ann "A." Bee\\', "a (b) <c> [d]: e; f@g", "Bäcker, Jörg"):
+        assert getaddresses([address_entry("a@x.example", name)]) == [(name, "a@x.example")]
