@@ -93,9 +93,26 @@ def recovered_state(found_in_sent: bool | None) -> Literal["sent", "queued"]:
     return "sent" if found_in_sent else "queued"
 
 
+# RFC 5322 section 3.2.3: a display name holding one of these must be a quoted-string.
+_SPECIALS: Final = frozenset('()<>[]:;@\\,."')
+
+
+def address_entry(address: str, name: str = "") -> str:
+    """``Name <addr>`` (or ``addr``) as one entry of an address list, the name a quoted-string
+    (RFC 5322 section 3.2.4) when it holds a special such as the comma of ``Doe, Jane``:
+    unquoted, the entry would read as two addresses and the row fail as "not an address".
+    Non-ASCII names stay as they are (the reader takes them as they are)."""
+    if not name:
+        return address
+    if any(c in _SPECIALS for c in name):
+        escaped = name.replace("\\", "\\\\").replace('"', '\\"')
+        return f'"{escaped}" <{address}>'
+    return f"{name} <{address}>"
+
+
 def split_addresses(text: str | None) -> list[str]:
     """An address-list column (``"a@x, Name <b@y>"``, RFC 5322 section 3.4) as header
-    addresses, each ``Name <addr>`` or ``addr``, an internationalised domain as its A-label
+    addresses, each one :func:`address_entry`, an internationalised domain as its A-label
     (``jo@xn--exmple-cua.com``, RFC 5890: what SMTP and a header without SMTPUTF8 carry).
 
     Rows are checked by :func:`recipient_problem` before they are composed, so nothing is
@@ -112,7 +129,7 @@ def split_addresses(text: str | None) -> list[str]:
         if not domain.isascii():
             with contextlib.suppress(UnicodeError):
                 address = f"{local}@{domain.encode('idna').decode('ascii')}"
-        out.append(f"{name} <{address}>" if name else address)
+        out.append(address_entry(address, name))
     return out
 
 

@@ -21,10 +21,11 @@ import functools
 import io
 import mimetypes
 import re
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta, timezone
 from email.generator import BytesGenerator
-from email.message import Message
+from email.message import EmailMessage, Message
 from email.parser import BytesParser
 from email.policy import Compat32
 from email.utils import getaddresses, parsedate_tz
@@ -48,7 +49,7 @@ from mailbridge.core.transfer import (
 )
 from mailbridge.errors import MessageError
 
-__all__ = ["decode_header_value", "decode_text", "parse_message"]
+__all__ = ["decode_header_value", "decode_text", "parse_composed", "parse_message"]
 
 # Legit mail nests a handful of multiparts; deeper trees are hostile or broken.
 _MAX_DEPTH: Final = 40
@@ -196,10 +197,10 @@ def _one_line(value: str) -> str:
 class _Headers:
     """The message's top-level headers, looked up case-insensitively, decoded on demand."""
 
-    def __init__(self, message: Message, hint: str | None) -> None:
+    def __init__(self, items: Iterable[tuple[str, str]], hint: str | None) -> None:
         self.hint = hint
         self.values: dict[str, list[str]] = {}
-        for name, value in message.items():
+        for name, value in items:
             self.values.setdefault(name.strip().lower(), []).append(value)
 
     def raw(self, name: str) -> str | None:
@@ -1083,7 +1084,7 @@ def summarise_headers(raw: bytes) -> HeaderSummary:
     try:
         message = BytesParser(policy=_POLICY).parsebytes(bytes(raw), headersonly=True)
         hint = _charset_hint(message)
-        headers = _Headers(message, hint)
+        headers = _Headers(message.items(), hint)
         message_id_text = headers.text("message-id")
         subject_raw = headers.raw("subject")
         senders = _addresses(headers.values.get("from", []), hint) or _addresses(
@@ -1138,9 +1139,59 @@ def _parse(raw: bytes, max_attachment_bytes: int | None, arrival: datetime) -> P
     message = BytesParser(policy=_POLICY).parsebytes(raw)
     if not message.keys() and not str(message.get_payload() or "").strip():
         raise MessageError("the message has neither headers nor a body", code="unparseable")
-
     hint = _charset_hint(message)
-    headers = _Headers(message, hint)
+    return _read(message, _Headers(message.items(), hint), raw, max_attachment_bytes, arrival)
+
+
+# Top-level headers that _read never looks at (the walker reads each part's own from the tree).
+_UNREAD_HEADERS: Final = frozenset({"mime-version", "content-transfer-encoding"}) - frozenset(
+    _AUTO_HEADERS
+)
+
+
+def parse_composed(
+    message: EmailMessage, raw: bytes, *, now: datetime | None = None
+) -> ParsedMessage:
+    """What :func:`parse_message` reads from ``raw``, taken from ``message``, the message
+    object ``raw`` was serialised from (``message.as_bytes()``, as the outbox composes it):
+    the same reading (:func:`_read`), without parsing the bytes back.
+
+    The header values are the ones the serialiser writes (``policy.fold_binary``, as the bytes
+    parser reads them back: after the colon, continuation lines kept); the MIME tree is the
+    composed one, whose parts hold the encoded payloads the bytes carry. An outgoing message
+    is thus stored with the same conversation-model rows as when its bytes were parsed
+    (``tests/unit/test_parse_composed.py`` compares the two). Raises :class:`MessageError`
+    as :func:`parse_message` does.
+    """
+    try:
+        policy = message.policy
+        items: list[tuple[str, str]] = []
+        for name, value in message.raw_items():
+            if name.lower() in _UNREAD_HEADERS:
+                continue  # folding one costs ~40 us, for nothing
+            folded = policy.fold_binary(name, value).decode("ascii", "surrogateescape")
+            # What the bytes parser keeps of a header line (compat32 header_source_parse).
+            items.append((name, folded.partition(":")[2].lstrip(" \t").rstrip("\r\n")))
+        headers = _Headers(items, _charset_hint(message))
+        return _read(message, headers, bytes(raw), None, now or datetime.now(UTC))
+    except MessageError:
+        raise
+    except Exception as exc:
+        reason = f"cannot read the composed message: {type(exc).__name__}: {exc}"
+        raise MessageError(reason[:300], code="unparseable") from exc
+
+
+def _read(
+    message: Message,
+    headers: _Headers,
+    raw: bytes,
+    max_attachment_bytes: int | None,
+    arrival: datetime,
+) -> ParsedMessage:
+    """The :class:`ParsedMessage` of ``message`` (its MIME tree), ``headers`` (its top-level
+    header values as the bytes carry them) and ``raw`` (its bytes): what parse_message and
+    parse_composed share."""
+    hint = headers.hint
     defects: list[str] = []
 
     message_id_text = headers.text("message-id")

@@ -9,10 +9,13 @@ One task in the daemon (beside the account loops) and one pass in ``run --once``
    ``outbox.max_outgoing_size_mb``) fails at once with the reason.
 2. **Begin**: ``queued`` -> ``sending`` (attempts + 1, attemptstarted), committed before MAIL FROM.
 3. **Send** on the account's SMTP connection (kept open for the rest of the batch).
-4. **Sent**: right after the 250 to DATA one short transaction marks the row ``sent`` and stores
-   the message in its conversation. Then, with ``folders.sent`` and ``append_sent``, a copy is
-   APPENDed to the Sent folder. A refusal: 5xx fails the row; 4xx, a lost connection or a
-   timeout puts it back to ``queued`` for a retry with backoff, until ``outbox.max_age_hours``.
+4. **Sent**: after the 250 to DATA one short transaction marks the row ``sent`` and stores
+   the message in its conversation (as composed: its bytes are not parsed back), one
+   transaction for the rows of a chunk (the rows composed and marked ``sending`` together,
+   1, 2, 4 ... 16), committed once the chunk's last message is accepted. Then, with
+   ``folders.sent`` and ``append_sent``, a copy is APPENDed to the Sent folder. A refusal:
+   5xx fails the row; 4xx, a lost connection or a timeout puts it back to ``queued`` for a
+   retry with backoff, until ``outbox.max_age_hours``.
 
 **After a crash** (kill -9, power cut) between the end of DATA and step 4 the server may have
 the message while the row says ``sending``. At start-up every such row is resolved first: with
@@ -62,6 +65,7 @@ from mailbridge.core.model import Address, ParsedMessage
 from mailbridge.core.outbox import (
     MessageAction,
     OutgoingFile,
+    address_entry,
     address_of,
     after_failure,
     build_message,
@@ -74,7 +78,7 @@ from mailbridge.core.outbox import (
     sender_display_name,
     split_addresses,
 )
-from mailbridge.core.parse import parse_message
+from mailbridge.core.parse import parse_composed, parse_message
 from mailbridge.core.templates import HistoryMessage, MergeData, has_codes, render, render_text
 from mailbridge.errors import MailbridgeError, MessageError, StoreError
 from mailbridge.mail.imap import ImapSession, quote
@@ -909,6 +913,10 @@ class OutboxWorker:
     ) -> list[tuple[OutboxRow, _Prepared]]:
         ready: list[tuple[OutboxRow, _Prepared]] = []
         for row in rows:
+            # Each row's composing (about a millisecond of CPU) is its own step on the event
+            # loop: the SMTP dialogue of the chunk being sent goes on between two rows, instead
+            # of waiting for the whole chunk (its replies were read a chunk late).
+            await asyncio.sleep(0)
             try:
                 ready.append((row, await self._prepare(account, row)))
             except InvalidRowError as exc:
@@ -957,6 +965,7 @@ class OutboxWorker:
                     refused=refused,
                 )  # fmt: skip
             recorder.add(row, prepared.raw, prepared.actions)
+        recorder.commit()
         return sender, True
 
     def _pause(self, account: str) -> None:
@@ -1049,27 +1058,32 @@ class OutboxWorker:
             if problem:
                 raise InvalidRowError(problem)
         fix: OutboxFix | None = None
+        parsed: ParsedMessage | None = None
         if row.raw is None:
-            # The envelope comes from the message as composed: its bytes are not parsed back.
-            fix, recipients = await self._compose(account, row, context)
+            # The envelope and the stored message come from the message as composed: its
+            # bytes are not parsed back.
+            fix, recipients, parsed = await self._compose(account, row, context)
             raw, fixed_copies = fix.raw, list(fix.copies)
         else:
             raw = row.raw
             fixed_copies = await self.repo.outbox_copies(row.id) if row.copies else []
             recipients = envelope_recipients(parse_for_envelope(raw), split_addresses(row.bcc))
+            # A retry: what is stored once the server accepts it is read back now, on the
+            # loop for a short message (well under a millisecond; a thread would hold the GIL
+            # while the loop waits to read the server's replies), so recording a batch waits
+            # for no parsing.
+            with contextlib.suppress(MessageError):  # read back (and raised) when recorded
+                parsed = (
+                    parse_message(raw) if len(raw) <= INLINE_BYTES
+                    else await asyncio.to_thread(parse_message, raw)
+                )  # fmt: skip
         if not recipients:
             raise InvalidRowError(
                 "no recipient left (the account's own addresses are never sent to)"
             )
+        if parsed is not None:
+            self._parsed[row.id] = parsed
         copies = [(c.recipient, c.raw) for c in fixed_copies if not c.sent]
-        # What is stored once the server accepts it: read back now, on the loop for a short
-        # message (well under a millisecond; a thread would hold the GIL while the loop waits
-        # to read the server's replies), so recording a batch waits for no parsing.
-        with contextlib.suppress(MessageError):  # read back (and raised) when recorded
-            self._parsed[row.id] = (
-                parse_message(raw) if len(raw) <= INLINE_BYTES
-                else await asyncio.to_thread(parse_message, raw)
-            )  # fmt: skip
         return _Prepared(raw, recipients, actions, copies, bool(fixed_copies), fix)
 
     async def _send(
@@ -1094,9 +1108,10 @@ class OutboxWorker:
 
     async def _compose(
         self, account: AccountSettings, row: OutboxRow, context: ReplyContext | None
-    ) -> tuple[OutboxFix, list[str]]:
+    ) -> tuple[OutboxFix, list[str], ParsedMessage | None]:
         """The row's message, to be fixed by :meth:`outbox_begin` before its first attempt,
-        and its envelope recipients (To, Cc, then Bcc)."""
+        its envelope recipients (To, Cc, then Bcc) and the message as it is stored once sent
+        (None when it cannot be read: then it is parsed back, and fails, when recorded)."""
         settings = self.settings
         own = account.own_addresses()
         to, cc = split_addresses(row.to), split_addresses(row.cc)
@@ -1107,7 +1122,7 @@ class OutboxWorker:
             subject = row.subject or reply_subject(context.subject)
             if not to and not cc:
                 to = list(context.reply_to)
-                cc = [f"{n} <{e}>" if n else e for e, n in context.followers]
+                cc = [address_entry(e, n) for e, n in context.followers]
             if context.own_email and context.own_email in own:
                 address = context.own_email  # answer from the alias the customer wrote to
             parent = {
@@ -1140,7 +1155,9 @@ class OutboxWorker:
             )
             return await self._apply_template(account, row.body_html, row.body_text, data)
 
-        def build(html: str | None, text: str | None) -> tuple[EmailMessage, bytes]:
+        def build(
+            html: str | None, text: str | None, stored: bool
+        ) -> tuple[EmailMessage, bytes, ParsedMessage | None]:
             # CPU work (the stdlib email package): on a thread, beside the SMTP dialogue.
             try:
                 message = build_message(
@@ -1167,18 +1184,30 @@ class OutboxWorker:
                     f"({settings.outbox.max_outgoing_size_mb:g} MB)",
                     code="outgoing_too_large",
                 )
-            return message, raw
+            # What is stored once the server accepts it, read from the message as composed
+            # (not parsed back from its bytes; the same reading, see parse_composed). Before
+            # personal_copies changes the Message-ID: the row stores the first copy (another
+            # recipient's own rendering is not stored: ``stored`` False).
+            if not stored:
+                return message, raw, None
+            try:
+                parsed: ParsedMessage | None = parse_composed(message, raw)
+            except MessageError:
+                parsed = None  # parsed back (and raised) when recorded
+            return message, raw, parsed
 
-        async def built(recipient: Sequence[str]) -> tuple[EmailMessage, bytes]:
+        async def built(
+            recipient: Sequence[str], *, stored: bool = True
+        ) -> tuple[EmailMessage, bytes, ParsedMessage | None]:
             html, text = await bodies(recipient)
             if files or len(html or "") + len(text or "") > INLINE_BYTES:
                 # Attachments or a long text: long work, on a thread beside the SMTP dialogue.
-                return await asyncio.to_thread(build, html, text)
+                return await asyncio.to_thread(build, html, text, stored)
             # A short message (about 1 ms) is built in place: a thread would hold the GIL
             # while the loop waits for it to read the server's replies (scripts/bench).
-            return build(html, text)
+            return build(html, text, stored)
 
-        message, raw = await built([*to, *cc])
+        message, raw, parsed = await built([*to, *cc])
         message_id = message_id_of(message)
         assert message_id is not None
         copies: list[OutboxCopy] = []
@@ -1190,10 +1219,10 @@ class OutboxWorker:
                 # Each recipient's own rendering: {{ recipient_name }} is theirs.
                 copies = [OutboxCopy(recipients[0], message_id, raw)]
                 for recipient in recipients[1:]:
-                    own_copy, own_raw = await built([recipient])
+                    own_copy, own_raw, _none = await built([recipient], stored=False)
                     own_id = message_id_of(own_copy) or ""
                     copies.append(OutboxCopy(recipient, own_id, own_raw))
-        return OutboxFix(message_id, key, raw, tuple(copies)), recipients
+        return OutboxFix(message_id, key, raw, tuple(copies)), recipients, parsed
 
     async def _merge_data(
         self,
@@ -1361,8 +1390,13 @@ class _SentRecorder:
         self.error: Exception | None = None
 
     def add(self, row: OutboxRow, raw: bytes, actions: Sequence[MessageAction]) -> None:
+        """Hold an accepted row; :meth:`commit` records what is held."""
         self.pending.append((row, raw, actions))
-        if self.task is None or self.task.done():
+
+    def commit(self) -> None:
+        """Record the rows held (once the previous transaction is done): called at the end of
+        each chunk, so a chunk's rows share one transaction (one fsync) instead of one each."""
+        if self.pending and (self.task is None or self.task.done()):
             self.task = asyncio.create_task(self._drain(), name=f"outbox-sent:{self.account.name}")
 
     async def _drain(self) -> None:
@@ -1376,6 +1410,7 @@ class _SentRecorder:
 
     async def flush(self) -> None:
         """Wait until every accepted row is recorded (raises what recording raised)."""
+        self.commit()
         while self.task is not None:
             task, self.task = self.task, None
             await task

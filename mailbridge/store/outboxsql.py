@@ -25,6 +25,7 @@ from typing import TYPE_CHECKING, Any, Final, cast
 
 from mailbridge.core import planner
 from mailbridge.core.messagekey import StoredIdentity
+from mailbridge.core.outbox import address_entry
 from mailbridge.errors import StoreError
 from mailbridge.store.base import ImportContext, ImportItem
 from mailbridge.store.importer import import_one
@@ -315,7 +316,7 @@ class SqlOutbox:
         answered: set[str] = set()
         if parent is not None and parent["fromaddress"]:
             address, name = parent["fromaddress"], parent["fromname"] or ""
-            reply_to = (f"{name} <{address}>" if name else address,)
+            reply_to = (address_entry(address, name),)
             answered = {address.lower()}
         return ReplyContext(
             conversation_id=conversation_id,

@@ -1473,3 +1473,46 @@ async def test_cancelled_while_the_next_chunk_begins_leaves_no_row_marked_sendin
         await repo.aclose()
     assert [row(settings, i)["state"] for i in ids] == ["sent", "queued", "queued"]
     assert len(sink.received) == 1
+
+
+async def test_a_reply_to_names_with_commas_reaches_them(tmp_path: Path, sink: SmtpSink) -> None:
+    """Outlook writes "Doe, Jane" <jane@...>: written back into an address list unquoted,
+    the comma made two entries of it and the reply failed with outbox_invalid ("not an
+    address"). The sender, the followers (Cc) and an integrator's toaddresses all keep the
+    name, quoted (RFC 5322 section 3.2.4)."""
+    settings = parse_config(offline_config(tmp_path, sink))
+    original = mail(
+        "Order 1042",
+        sender='"Doe, John" <john@customer.example>',
+        to="support@example.test",
+        Cc='"Roe, Jane (Sales)" <jane@x.example>',
+    )
+    conversation = seed_conversation(settings, original)
+    reply = queue(
+        settings,
+        OutgoingRequest(account="support", conversation_id=conversation, body_text="On it."),
+    )
+    new = queue(
+        settings,
+        OutgoingRequest(
+            account="support",
+            to='"Poe, Ed" <ed@y.example>',
+            subject="Hello",
+            body_text="Hi.",
+        ),
+    )
+    await send_pass(settings)
+    assert row(settings, reply)["state"] == "sent", row(settings, reply)["lasterror"]
+    assert row(settings, new)["state"] == "sent", row(settings, new)["lasterror"]
+    by_subject = {parsed(m.data)["Subject"]: m for m in sink.received}
+    answer = by_subject["Re: Order 1042"]
+    assert set(answer.recipients) == {CUSTOMER, "jane@x.example"}
+    headers = parsed(answer.data)
+    assert [(a.display_name, a.addr_spec) for a in headers["To"].addresses] == [
+        ("Doe, John", CUSTOMER)
+    ]
+    assert [(a.display_name, a.addr_spec) for a in headers["Cc"].addresses] == [
+        ("Roe, Jane (Sales)", "jane@x.example")
+    ]
+    assert list(by_subject["Hello"].recipients) == ["ed@y.example"]
+    assert parsed(by_subject["Hello"].data)["To"].addresses[0].display_name == "Poe, Ed"

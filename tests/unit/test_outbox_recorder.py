@@ -36,6 +36,7 @@ async def test_a_failed_commit_is_raised_by_flush_even_when_later_rows_were_reco
     account = types.SimpleNamespace(name="shared")
     recorder = _SentRecorder(worker, account, OutboxSummary())  # type: ignore[arg-type]
     recorder.add(1, b"", ())  # type: ignore[arg-type]
+    recorder.commit()  # the end of a chunk
     first = recorder.task
     assert first is not None
     await asyncio.wait({first})  # the first commit has failed before the next row comes
@@ -43,3 +44,21 @@ async def test_a_failed_commit_is_raised_by_flush_even_when_later_rows_were_reco
     with pytest.raises(StoreError, match="disk is full"):
         await recorder.flush()
     assert worker.commits == [[1], [2]]  # the later row was still recorded
+
+
+async def test_a_chunk_s_rows_are_recorded_in_one_commit() -> None:
+    """Rows accepted within one chunk wait for its end (``commit``): one transaction, one
+    fsync, for all of them (scripts/bench, sending row); ``flush`` records what is held."""
+    worker = _Worker()
+    worker.commits.append([])  # no failure this time
+    account = types.SimpleNamespace(name="shared")
+    recorder = _SentRecorder(worker, account, OutboxSummary())  # type: ignore[arg-type]
+    for row in (1, 2, 3):
+        recorder.add(row, b"", ())  # type: ignore[arg-type]
+    assert recorder.task is None  # nothing recorded mid-chunk
+    recorder.commit()
+    assert recorder.task is not None
+    await asyncio.wait({recorder.task})
+    recorder.add(4, b"", ())  # type: ignore[arg-type]
+    await recorder.flush()  # the last chunk's rows, held when sending ended
+    assert worker.commits[1:] == [[1, 2, 3], [4]]

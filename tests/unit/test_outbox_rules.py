@@ -6,6 +6,7 @@ from __future__ import annotations
 import itertools
 from collections.abc import Iterator
 from datetime import UTC, datetime, timedelta
+from email.utils import getaddresses
 from pathlib import Path
 from typing import Any
 
@@ -17,6 +18,8 @@ from mailbridge.core.identify import new_conversation_key
 from mailbridge.core.outbox import (
     MessageAction,
     OutgoingFile,
+    address_entry,
+    address_of,
     address_problem,
     after_failure,
     build_message,
@@ -307,3 +310,21 @@ def test_every_valid_email_address_can_be_sent_to(address: str) -> None:
     assert address_problem(address) is None
     assert recipient_problem({"toaddresses": address}) is None
     assert split_addresses(address) == [address]
+
+
+def test_names_with_specials_stay_one_address() -> None:
+    """RFC 5322 section 3.2.4: "Doe, Jane" is one quoted display name, not two entries."""
+    assert address_entry("jane@x.example", "Doe, Jane") == '"Doe, Jane" <jane@x.example>'
+    assert address_entry("a@x.example", 'Ann "A." Bee\\') == '"Ann \\"A.\\" Bee\\\\" <a@x.example>'
+    assert address_entry("a@x.example", "Ann Bee") == "Ann Bee <a@x.example>"
+    assert address_entry("a@x.example") == "a@x.example"
+    column = '"Doe, Jane" <jane@x.example>, "Bäcker, Jörg" <JB@y.example>, bob@z.example'
+    entries = split_addresses(column)
+    assert entries == [
+        '"Doe, Jane" <jane@x.example>',
+        '"Bäcker, Jörg" <JB@y.example>',
+        "bob@z.example",
+    ]
+    assert [address_of(e) for e in entries] == ["jane@x.example", "jb@y.example", "bob@z.example"]
+    for name in ("Doe, Jane", 'Ann "A." Bee\\', "a (b) <c> [d]: e; f@g", "Bäcker, Jörg"):
+        assert getaddresses([address_entry("a@x.example", name)]) == [(name, "a@x.example")]
