@@ -295,6 +295,15 @@ class PostgresRepository(SqlRepository, SqlOutbox):
         with self._transaction(action, write=write) as conn:
             yield _PostgresSql(conn)
 
+    @contextlib.contextmanager
+    def _unsynced_sql(self, action: str) -> Iterator[Sql]:
+        """A write transaction committed without waiting for the WAL flush
+        (``SET LOCAL synchronous_commit = off``): a crash of the server may lose the last
+        such commits, never corrupt the database."""
+        with self._transaction(action, write=True) as conn:
+            conn.execute("SET LOCAL synchronous_commit = off")
+            yield _PostgresSql(conn)
+
     # -- schema -------------------------------------------------------------------------------
 
     @staticmethod

@@ -310,14 +310,22 @@ class SqliteRepository(SqlRepository, SqlOutbox):
         what = f"record the state of {states[0].account}" + (
             f" and {len(states) - 1} more accounts" if len(states) > 1 else ""
         )
+        with self._unsynced_sql(what) as sql:
+            for state in states:
+                write_account_state(sql, state)
+
+    @contextlib.contextmanager
+    def _unsynced_sql(self, action: str) -> Iterator[Sql]:
+        """A write transaction committed with ``synchronous=NORMAL``: in WAL mode the commit
+        is in the WAL when it returns (a killed process keeps it), made durable on the disk
+        by the next FULL commit or checkpoint (a power cut may lose it)."""
         try:
             self._conn.execute("PRAGMA synchronous=NORMAL")
         except sqlite3.Error as exc:
-            raise _store_error(exc, what) from exc
+            raise _store_error(exc, action) from exc
         try:
-            with self._sql(what, write=True) as sql:
-                for state in states:
-                    write_account_state(sql, state)
+            with self._sql(action, write=True) as sql:
+                yield sql
         finally:
             with contextlib.suppress(sqlite3.Error):  # a closed connection: nothing to restore
                 self._conn.execute("PRAGMA synchronous=FULL")

@@ -38,6 +38,7 @@ from mailbridge.core.identify import normalize_message_id
 from mailbridge.core.parse import parse_message
 from mailbridge.daemon.outbox import OutboxWorker
 from mailbridge.daemon.supervisor import run_once
+from mailbridge.store.asyncrepo import AsyncRepository
 from mailbridge.store.base import ImportContext, ImportItem
 from mailbridge.store.factory import connector, open_repository
 from mailbridge.store.outbox import OutboxFile, OutgoingRequest
@@ -1516,3 +1517,38 @@ async def test_a_reply_to_names_with_commas_reaches_them(tmp_path: Path, sink: S
     ]
     assert list(by_subject["Hello"].recipients) == ["ed@y.example"]
     assert parsed(by_subject["Hello"].data)["To"].addresses[0].display_name == "Poe, Ed"
+
+
+async def test_sending_is_synced_before_mail_from_and_sent_is_recorded_without_an_fsync(
+    tmp_path: Path, sink: SmtpSink
+) -> None:
+    """README "The guarantee": `sending` is committed (synced) before MAIL FROM; `sent` is
+    committed with synchronous=NORMAL (kept by a killed process, not by a power cut, after
+    which the row is resolved as an attempt in flight), and FULL is back for what follows."""
+    settings = parse_config(offline_config(tmp_path, sink))
+    repo = AsyncRepository.sqlite(tmp_path / "mailbridge.db")
+    statements: list[str] = []
+    try:
+        await repo.migrate()
+        await repo.queue_outgoing(
+            OutgoingRequest(
+                account="support", to="jo@customer.example", subject="Hi", body_text="Hello"
+            )
+        )
+
+        def trace(r: object) -> None:
+            assert isinstance(r, SqliteRepository)
+            r._conn.set_trace_callback(statements.append)
+
+        await repo._run(trace)
+        await OutboxWorker(settings, repo).run_once()
+    finally:
+        await repo.aclose()
+    assert len(sink.received) == 1
+    sending = next(i for i, q in enumerate(statements) if "SET state = 'sending'" in q)
+    sent = next(i for i, q in enumerate(statements) if "SET state = 'sent'" in q)
+    relaxed = max(i for i, q in enumerate(statements[:sent]) if q.startswith("PRAGMA synchronous"))
+    assert statements[relaxed] == "PRAGMA synchronous=NORMAL"
+    assert "PRAGMA synchronous=NORMAL" not in statements[:sending]  # `sending` synced
+    after = statements[sent:]
+    assert after.index("COMMIT") < after.index("PRAGMA synchronous=FULL")
