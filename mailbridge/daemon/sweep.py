@@ -279,7 +279,14 @@ async def run_schedule(
             await asyncio.wait_for(stopping.wait(), timeout=delay)
         if stopping.is_set():
             break
-        reason = await skip() if skip is not None else None
+        try:
+            reason = await skip() if skip is not None else None
+        except asyncio.CancelledError:
+            raise
+        except Exception as exc:  # the look (a database read) failed: sweep, as if unsure
+            code = exc.code if isinstance(exc, MailbridgeError) else "internal"
+            bound.warning("sweep_skip_check_failed", code=code, error=str(exc) or repr(exc))
+            reason = None
         if reason:
             # A fleet's healthy accounts skip every slot: a line each only when asked for.
             level = "debug" if reason.startswith(NOTHING_TO_RECOVER) else "info"

@@ -194,3 +194,57 @@ def test_a_sweep_has_nothing_to_recover_only_without_failures_and_with_a_waiting
     assert "2026-12-01T09:00:00+00:00" in reason
     assert nothing_to_recover(1, at) is None  # a failed import to retry: sweep
     assert nothing_to_recover(0, None) is None  # the loop connecting, importing, backing off
+
+
+async def test_a_failed_skip_check_sweeps_and_the_schedule_goes_on(tmp_path: Path) -> None:
+    """The skip rule reads the database: a locked database at a slot must not end the
+    account's schedule (the task ended, silently, and no failure was ever retried again).
+    The slot sweeps instead (here against a closed port: logged, and the schedule goes on)."""
+    import socket
+
+    import structlog.testing
+
+    from mailbridge.daemon.sweep import run_schedule
+    from mailbridge.errors import StoreError
+    from mailbridge.store.asyncrepo import AsyncRepository
+
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        closed = probe.getsockname()[1]
+    account = {**BASE["accounts"][0], "imap": {"host": "127.0.0.1", "port": closed, "tls": "none"}}
+    settings = parse_config(
+        {
+            "database": str(tmp_path / "db"),
+            "accounts": [account],
+            "recovery": {"schedule": "* * * * * *"},
+        }
+    )
+    calls: list[int] = []
+
+    async def skip() -> str | None:
+        calls.append(1)
+        if len(calls) == 1:
+            raise StoreError("database is locked", code="database_locked")
+        return "nothing to recover: a test"
+
+    repo = AsyncRepository.sqlite(tmp_path / "db")
+    stopping = asyncio.Event()
+    try:
+        await repo.migrate()
+        with structlog.testing.capture_logs() as logs:
+            task = asyncio.ensure_future(
+                run_schedule(settings, settings.accounts[0], repo, stopping, skip=skip)
+            )
+            for _ in range(100):
+                if len(calls) >= 2:
+                    break
+                await asyncio.sleep(0.1)
+            assert not task.done()  # the schedule lives on
+            stopping.set()
+            await asyncio.wait_for(task, 10)
+    finally:
+        await repo.aclose()
+    assert len(calls) >= 2
+    [warning] = [e for e in logs if e["event"] == "sweep_skip_check_failed"]
+    assert warning["code"] == "database_locked"
+    assert any(e["event"] == "sweep_failed" for e in logs)  # it swept (and could not connect)
