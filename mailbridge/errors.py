@@ -16,7 +16,7 @@ exception.
     │   └── FolderError               a configured folder is missing or not selectable
     ├── MessageError                  one message cannot be imported -> the Failed folder
     └── StoreError                    the database refused (locked, disk full, corrupt)
-                                      (exit 75 when transient, else 78: see exit_status)
+                                      (exit 75; 78 for database_auth_failed: exit_status)
 
 ``transient`` says whether retrying soon may help (a dropped connection, a locked database) or an
 operator must act first (a wrong password). The daemon's backoff follows it.
@@ -671,16 +671,18 @@ EX_CONFIG: Final = 78  # the configuration (or what it names) is wrong: fix it f
 def exit_status(errors: Sequence[MailbridgeError]) -> int:
     """The sysexits.h status of a command that met ``errors`` (0 for none).
 
-    The one an operator must act on first wins: a config error (a missing secret) or a database
-    that cannot be used as configured (a wrong PostgreSQL password, no permission, not a
-    database: a non-transient StoreError) is 78, which the systemd unit's
-    ``RestartPreventExitStatus`` does not restart in a loop; then a mail server that cannot be
-    reached or refused the login, 69; anything else (a locked database, a full disk, PostgreSQL
-    unreachable) is temporary, 75.
+    The one an operator must act on first wins: a config error (a missing secret, another
+    daemon on the SQLite file) or a database password PostgreSQL refuses
+    (``database_auth_failed``) is 78, which the systemd unit's ``RestartPreventExitStatus``
+    does not restart in a loop; then a mail server that cannot be reached or refused the
+    login, 69; anything else is 75, restarted: a locked database, a full disk, PostgreSQL
+    unreachable, and ``database_error`` too — the catch-all of both backends, which also
+    covers what passes by itself (a file system mounted late at boot, a standby during a
+    fail-over), so a fleet is never left down by one.
     """
     if any(isinstance(e, ConfigError) for e in errors):
         return EX_CONFIG
-    if any(isinstance(e, StoreError) and not e.transient for e in errors):
+    if any(isinstance(e, StoreError) and e.code == "database_auth_failed" for e in errors):
         return EX_CONFIG
     if any(isinstance(e, ServerError) for e in errors):
         return EX_UNAVAILABLE
