@@ -29,6 +29,8 @@ from email.message import EmailMessage, Message
 from email.utils import getaddresses
 from typing import Final, Literal
 
+import idna
+
 from mailbridge.core.compose import Identification, compose_reply
 from mailbridge.core.html import html_to_text
 from mailbridge.core.identify import strip_reply_prefixes
@@ -127,8 +129,8 @@ def split_addresses(text: str | None) -> list[str]:
             continue
         local, _, domain = address.rpartition("@")
         if not domain.isascii():
-            with contextlib.suppress(UnicodeError):
-                address = f"{local}@{domain.encode('idna').decode('ascii')}"
+            with contextlib.suppress(idna.IDNAError, UnicodeError):
+                address = f"{local}@{a_label(domain)}"
         out.append(address_entry(address, name))
     return out
 
@@ -146,10 +148,18 @@ def address_problem(address: str) -> str | None:
         return "a non-ASCII local part needs SMTPUTF8 (RFC 6531), which mailbridge does not send"
     if not domain.isascii():
         try:
-            domain.encode("idna")
-        except UnicodeError:
+            a_label(domain)
+        except (idna.IDNAError, UnicodeError):
             return "the domain is not a valid internationalised domain name (RFC 5890)"
     return None
+
+
+def a_label(domain: str) -> str:
+    """``domain`` as SMTP and headers without SMTPUTF8 carry it: IDNA 2008 A-labels (RFC 5891)
+    after UTS 46 mapping, non-transitional, so ``straße.de`` is ``xn--strae-oqa.de`` and not
+    ``strasse.de`` (another domain, as the stdlib's IDNA 2003 codec has it). Raises
+    ``idna.IDNAError`` for a name that has none."""
+    return str(idna.encode(domain, uts46=True, transitional=False).decode("ascii"))
 
 
 def recipient_problem(columns: Mapping[str, str | None]) -> str | None:

@@ -271,6 +271,13 @@ def test_an_internationalised_domain_is_sent_as_its_a_label() -> None:
         "Jö <jo@xn--exmple-cua.com>",
         "ann@xn--bcher-kva.example",
     ]
+    # IDNA 2008 (UTS 46, non-transitional): ß and final sigma are kept, not mapped to another
+    # domain as the stdlib's IDNA 2003 codec does (strasse.de belongs to someone else).
+    assert split_addresses("jo@straße.de, ann@ςx.example") == [
+        "jo@xn--strae-oqa.de",
+        "ann@xn--x-xmb.example",
+    ]
+    assert recipient_problem({"toaddresses": "jo@straße.de"}) is None
 
 
 @pytest.mark.parametrize(
