@@ -176,14 +176,15 @@ async def served_by_daemons(
     settings: Settings, repo: AsyncRepository, accounts: Collection[str]
 ) -> set[str] | None:
     """Which of ``accounts`` a running daemon serves: all of them when one serves this SQLite
-    database (it serves every account of the config), on PostgreSQL those whose lease a daemon
-    holds; None when no daemon serves this database."""
+    database (it serves every account of the config), None when none does; on PostgreSQL
+    those whose lease a daemon holds — the lease table alone, not whether a daemon LISTENs
+    (a daemon whose listening session is down, reconnecting, still sends)."""
+    if settings.postgres is not None:
+        holders = await repo.lease_holders()
+        return {name for name in accounts if name in holders}
     if not await daemon_serves(settings, repo):
         return None
-    if settings.postgres is None:
-        return set(accounts)
-    holders = await repo.lease_holders()
-    return {name for name in accounts if name in holders}
+    return set(accounts)
 
 
 class Watch:

@@ -134,9 +134,9 @@ class SqlOutbox:
         raise NotImplementedError  # each backend opens its own transactions
 
     def _unsynced_sql(self, action: str) -> contextlib.AbstractContextManager[Sql]:
-        """A write transaction whose commit does not wait for the disk (SQLite
-        ``synchronous=NORMAL`` in WAL mode, PostgreSQL ``synchronous_commit = off``): it
-        survives the process being killed, not a power cut. Each backend's."""
+        """A write transaction whose commit need not wait for the disk where losing it is
+        only losing it with the process (SQLite ``synchronous=NORMAL`` in WAL mode: it survives
+        the process being killed, not a power cut); PostgreSQL's is an ordinary one."""
         raise NotImplementedError
 
     def _prepare(
@@ -416,8 +416,8 @@ class SqlOutbox:
             )
 
     def outbox_sent(self, context: ImportContext, records: Sequence[SentRecord]) -> list[int]:
-        # Not synced to the disk: a process killed after this commit keeps it (the record is
-        # in the WAL / the server's log), a power cut may lose it — and then the row is
+        # SQLite: not synced to the disk: a process killed after this commit keeps it (the
+        # record is in the WAL), a power cut may lose it — and the process: then the row is
         # `sending` again, resolved at start-up like any attempt in flight (at-least-once,
         # same Message-ID). So the worker can record each accepted row at once (a kill -9
         # leaves at most the row in hand unrecorded) without an fsync per message.

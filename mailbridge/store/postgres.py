@@ -297,12 +297,12 @@ class PostgresRepository(SqlRepository, SqlOutbox):
 
     @contextlib.contextmanager
     def _unsynced_sql(self, action: str) -> Iterator[Sql]:
-        """A write transaction committed without waiting for the WAL flush
-        (``SET LOCAL synchronous_commit = off``): a crash of the server may lose the last
-        such commits, never corrupt the database."""
-        with self._transaction(action, write=True) as conn:
-            conn.execute("SET LOCAL synchronous_commit = off")
-            yield _PostgresSql(conn)
+        """On PostgreSQL an ordinary, synced transaction: the server can crash and come back
+        while the daemon runs on, and a `sent` it acknowledged and then lost would leave the
+        row `sending` until the daemon restarts (SQLite's unsynced commit is lost only with
+        the machine, and the process with it). The server's group commit keeps it cheap."""
+        with self._sql(action, write=True) as sql:
+            yield sql
 
     # -- schema -------------------------------------------------------------------------------
 
