@@ -103,7 +103,13 @@ def address_entry(address: str, name: str = "") -> str:
     """``Name <addr>`` (or ``addr``) as one entry of an address list, the name a quoted-string
     (RFC 5322 section 3.2.4) when it holds a special such as the comma of ``Doe, Jane``:
     unquoted, the entry would read as two addresses and the row fail as "not an address".
-    Non-ASCII names stay as they are (the reader takes them as they are)."""
+    Non-ASCII names stay as they are (the reader takes them as they are); an internationalised
+    domain becomes its A-label (:func:`a_label`), as SMTP and a header without SMTPUTF8 carry
+    it, whether the address came from a column or from a stored conversation."""
+    local, at, domain = address.rpartition("@")
+    if at and not domain.isascii():
+        with contextlib.suppress(idna.IDNAError, UnicodeError):
+            address = f"{local}@{a_label(domain)}"
     if not name:
         return address
     if any(c in _SPECIALS for c in name):
@@ -127,10 +133,6 @@ def split_addresses(text: str | None) -> list[str]:
         address = address.strip()
         if "@" not in address:
             continue
-        local, _, domain = address.rpartition("@")
-        if not domain.isascii():
-            with contextlib.suppress(idna.IDNAError, UnicodeError):
-                address = f"{local}@{a_label(domain)}"
         out.append(address_entry(address, name))
     return out
 

@@ -1082,6 +1082,14 @@ class OutboxWorker:
             raise InvalidRowError(
                 "no recipient left (the account's own addresses are never sent to)"
             )
+        # Before the first copy goes out (a personalised row sends one per recipient): an
+        # envelope address SMTP cannot carry fails the row whole, not after some copies.
+        unsendable = next((r for r in recipients if not r.isascii()), None)
+        if unsendable is not None:
+            raise InvalidRowError(
+                f"recipient {unsendable!r}: a non-ASCII address needs SMTPUTF8 (RFC 6531), "
+                "which mailbridge does not send"
+            )
         if parsed is not None:
             self._parsed[row.id] = parsed
         copies = [(c.recipient, c.raw) for c in fixed_copies if not c.sent]

@@ -589,3 +589,37 @@ async def test_a_reply_to_a_utf8_address_fails_alone_and_the_accounts_other_mail
     assert "SMTPUTF8" in (rows[reply][2] or "")
     assert rows[other][0] == "sent"
     assert [r.recipients for r in sink.received] == [("ann@customer.example",)]
+
+
+async def test_a_personalised_reply_with_a_utf8_follower_fails_before_any_copy_goes_out(
+    tmp_path: Path, sink: SmtpSink
+) -> None:
+    """Personalised mail sends one copy per recipient: a follower whose address SMTP cannot
+    carry (a UTF-8 local part) fails the row before the first copy, not after some copies went
+    out (the conversation would then never store the message, and a retry fail the same way).
+    A follower on an internationalised domain is written as its A-label."""
+    settings = parse_config(offline_config(tmp_path, sink, personalized_emails=True))
+    migrate(settings)
+    raw = (
+        "From: Jo <jo@customer.example>\r\nTo: support@example.test\r\n"
+        "Cc: Zoë <zoë@example.org>, Ann <ann@bücher.example>\r\nSubject: Order\r\n"
+        "Message-ID: <pers-1@customer.example>\r\nDate: Tue, 01 Dec 2026 09:00:00 +0000\r\n"
+        "Content-Type: text/plain; charset=utf-8\r\n\r\nHello\r\n"
+    ).encode()
+    repo = connector(settings.database)()
+    try:
+        context = ImportContext.for_account(settings, settings.accounts[0])
+        [result] = repo.import_batch(context, [ImportItem(uid=1, message=parse_message(raw))])
+        assert result.conversation_id is not None
+        reply = repo.queue_outgoing(
+            OutgoingRequest(
+                account="support", conversation_id=result.conversation_id, body_text="Thanks"
+            )
+        )
+    finally:
+        repo.close()
+    await send_pass(settings)
+    state, code, error = outbox_rows(settings)[reply]
+    assert (state, code) == ("failed", "outbox_invalid")
+    assert "zoë@example.org" in (error or "")
+    assert sink.received == []  # no copy went out
