@@ -333,15 +333,17 @@ class AccountWorker:
                     with contextlib.suppress(asyncio.CancelledError, MailbridgeError):
                         await pending
 
-    async def _prepare(self, session: ImapSession) -> int:
-        """Make sure the folders exist and SELECT the Inbox; returns its EXISTS count."""
+    async def _prepare(self, session: ImapSession) -> int | None:
+        """Make sure the folders exist and SELECT the Inbox; returns its EXISTS count (None
+        when the server sent none)."""
         folders = self.account.folders
         await session.ensure_folders([folders.processed, folders.failed])
         exists = await session.select(folders.inbox)
         if not self._backlog_checked:
             self._backlog_checked = True
             await self._warn_backlog(session, exists)
-        return exists
+        # A server that left EXISTS out told nothing: the first pass searches.
+        return exists if session.exists_reported else None
 
     async def _warn_backlog(self, session: ImapSession, exists: int) -> None:
         """At an account's first start: warn when the Inbox holds more old mail than

@@ -33,7 +33,8 @@ class DatabaseLock:
         naming the other daemon's pid, or :class:`StoreError` (``database_error``) when the
         lock file cannot be opened (another user's). The lock file is created owner-only
         (0600), a missing directory 0700."""
-        self.path = lock_path(database)
+        # The file the path leads to: two paths to one database (a symbolic link) meet here.
+        self.path = lock_path(database.resolve())
         try:
             # As the store creates it: the database's directory is the daemon's own (0700).
             if not self.path.parent.exists():

@@ -510,6 +510,9 @@ class ImapSession:
         self.capabilities = frozenset()
         self.selected: str | None = None
         self.uidvalidity: int | None = None
+        # Whether the last SELECT had an EXISTS line (RFC 3501 7.3.1 requires one; without it
+        # the count it returned, 0, says nothing about the folder).
+        self.exists_reported = False
         self._protocol = protocol
         self._transport = transport
         self._lost = lost
@@ -805,12 +808,14 @@ class ImapSession:
                     code=classify_server_text(text, default="folder_unavailable"),
                 )
             exists = 0
+            self.exists_reported = False
             for line in response.lines:
                 if not isinstance(line, bytes):
                     continue
                 match = re.match(rb"(\d+) EXISTS", line)
                 if match:
                     exists = int(match.group(1))
+                    self.exists_reported = True
                 match = re.search(rb"\[UIDVALIDITY (\d+)\]", line)
                 if match:
                     self.uidvalidity = int(match.group(1))

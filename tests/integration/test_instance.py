@@ -63,5 +63,11 @@ def test_the_lock_is_exclusive_and_released(tmp_path: Path) -> None:
     with pytest.raises(ConfigError, match=r"pid \d+") as info:
         DatabaseLock(database)  # another open file description: refused as another process is
     assert info.value.code == "database_in_use"
+    # Another path to the same file (a symbolic link) is the same database.
+    link = tmp_path / "link.db"
+    database.touch()
+    link.symlink_to(database)
+    with pytest.raises(ConfigError, match="database_in_use|another mailbridge daemon"):
+        DatabaseLock(link)
     held.release()
     DatabaseLock(database).release()
