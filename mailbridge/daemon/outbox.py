@@ -121,6 +121,9 @@ LISTEN_RETRY_SECONDS = 5.0
 # Queued rows naming an account the config does not have are looked for at most this often
 # (one GROUP BY over the queued rows); a look put off is made by a wake-up this much later.
 UNKNOWN_ACCOUNTS_SECONDS = 1.0
+# A queued row of an account not in the config fails only once it is this old: it may be for
+# an account being added (the config edited, the daemon not reloaded yet).
+UNKNOWN_ACCOUNT_GRACE = timedelta(minutes=10)
 BATCH_SIZE = 50
 # Messages up to this size are composed and read back on the event loop (about a millisecond);
 # longer ones on a thread.
@@ -500,6 +503,9 @@ class OutboxWorker:
         self._unknown: tuple[float, set[str], asyncio.TimerHandle | None] | None = (
             (0.0, set(), None) if only is None else None
         )
+        # Whether this worker's config is the truth about accounts (SQLite's one daemon, or
+        # `run --once` with no daemon beside it): then their rows fail after the grace period.
+        self._judge_unknown = True
 
     @property
     def settings(self) -> Settings:
@@ -590,6 +596,9 @@ class OutboxWorker:
         """
         summary = OutboxSummary()
         unserved = await self._unserved_accounts()
+        # Beside a daemon (maybe with another config) rows of accounts unknown here are its to
+        # judge: only warned of.
+        self._judge_unknown = unserved is None
         if unserved is None:
             await self.recover(summary)
         else:
@@ -782,9 +791,18 @@ class OutboxWorker:
         settings = self.settings
         configured = [a.name for a in settings.accounts]
         queued = await self.repo.outbox_queued_accounts()
+        now = datetime.now(UTC)
         for account in sorted(set(queued) - set(configured)):
             reason = unknown_account_reason(account, configured)
-            if settings.postgres is not None:
+            failed: list[int] = []
+            if settings.postgres is None and self._judge_unknown:
+                # Rows younger than the grace period may be for an account being added (the
+                # config edited, the daemon not reloaded yet): they wait, with the warning.
+                failed = await self.repo.outbox_fail_account(
+                    account, code="outbox_invalid", error=reason, now=now,
+                    created_before=now - UNKNOWN_ACCOUNT_GRACE,
+                )  # fmt: skip
+            if not failed:
                 if account not in warned:
                     warned.add(account)
                     log.warning(
@@ -792,9 +810,7 @@ class OutboxWorker:
                         rows=queued[account], reason=reason, remedy=UNKNOWN_ACCOUNT_REMEDY,
                     )  # fmt: skip
                 continue
-            ids = await self.repo.outbox_fail_account(
-                account, code="outbox_invalid", error=reason, now=datetime.now(UTC)
-            )
+            ids = failed
             if ids:
                 summary.failed += len(ids)
                 summary.codes["outbox_invalid"] += len(ids)

@@ -302,10 +302,18 @@ class AsyncRepository:
         return await self._run(lambda repo: repo.outbox_queued_accounts())
 
     async def outbox_fail_account(
-        self, account: str, *, code: str, error: str, now: datetime
+        self,
+        account: str,
+        *,
+        code: str,
+        error: str,
+        now: datetime,
+        created_before: datetime | None = None,
     ) -> list[int]:
         return await self._run(
-            lambda repo: repo.outbox_fail_account(account, code=code, error=error, now=now)
+            lambda repo: repo.outbox_fail_account(
+                account, code=code, error=error, now=now, created_before=created_before
+            )
         )
 
     async def lease_holders(self) -> dict[str, str]:

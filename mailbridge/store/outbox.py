@@ -265,7 +265,14 @@ class OutboxRepository(Protocol):
         (configured or not: the worker compares with the config)."""
 
     def outbox_fail_account(
-        self, account: str, *, code: str, error: str, now: datetime
+        self,
+        account: str,
+        *,
+        code: str,
+        error: str,
+        now: datetime,
+        created_before: datetime | None = None,
     ) -> list[int]:
-        """Every ``queued`` row of ``account`` to ``failed`` with ``code`` and ``error``, in one
-        transaction; returns their ids."""
+        """Every ``queued`` row of ``account`` (created at or before ``created_before``, by
+        default ``now``) to ``failed`` with ``code`` and ``error``, in one transaction;
+        returns their ids."""

@@ -522,17 +522,24 @@ class SqlOutbox:
             }
 
     def outbox_fail_account(
-        self, account: str, *, code: str, error: str, now: datetime
+        self,
+        account: str,
+        *,
+        code: str,
+        error: str,
+        now: datetime,
+        created_before: datetime | None = None,
     ) -> list[int]:
         with self._sql(f"fail the queued outbox rows of {account!r}", write=True) as sql:
             stamp = iso(now)
+            before = iso(created_before or now)
             return sorted(
                 int(row["id"])
                 for row in sql.rows(
                     "UPDATE outbox SET state = 'failed', lasterrorcode = ?, lasterror = ?,"
                     " nextattempt = NULL, updatedtime = ? WHERE state = 'queued' AND account = ?"
-                    " RETURNING id",
-                    (code, error[:_MAX_REASON], stamp, account),
+                    " AND createdtime <= ? RETURNING id",
+                    (code, error[:_MAX_REASON], stamp, account, before),
                 )
             )
 

@@ -15,8 +15,10 @@ from __future__ import annotations
 import asyncio
 import json
 import re
+import socket
 import sqlite3
 from collections.abc import Callable
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
@@ -243,17 +245,23 @@ async def test_a_sent_reply_is_stored_threadedby_outbox(tmp_path: Path, sink: Sm
 # -- rows of accounts not in the config --------------------------------------------------------
 
 
-def insert_rows(settings: Settings, accounts: list[str]) -> list[int]:
-    """Plain INSERTs of new conversations, as an integrator writes them."""
+OLD = timedelta(minutes=11)  # past the grace period of rows of unknown accounts
+
+
+def insert_rows(
+    settings: Settings, accounts: list[str], age: timedelta = timedelta(0)
+) -> list[int]:
+    """Plain INSERTs of new conversations, as an integrator writes them, ``age`` ago."""
     assert settings.sqlite_path is not None
+    created = (datetime.now(UTC) - age).strftime("%Y-%m-%dT%H:%M:%SZ")
     conn = sqlite3.connect(settings.sqlite_path)
     try:
         ids = [
             int(
                 conn.execute(
-                    "INSERT INTO outbox (account, toaddresses, subject, bodytext)"
-                    " VALUES (?, 'jo@customer.example', 'Hi', 'Hello') RETURNING id",
-                    (account,),
+                    "INSERT INTO outbox (account, toaddresses, subject, bodytext, createdtime)"
+                    " VALUES (?, 'jo@customer.example', 'Hi', 'Hello', ?) RETURNING id",
+                    (account, created),
                 ).fetchone()[0]
             )
             for account in accounts
@@ -297,7 +305,7 @@ async def test_sqlite_fails_rows_of_an_account_not_in_the_config_stored_then_log
 
     settings = two_account_settings(tmp_path, sink)
     good, wrong_case, typo, waiting = insert_rows(
-        settings, ["support", "Support", "suport", "archive"]
+        settings, ["support", "Support", "suport", "archive"], age=OLD
     )
     seen: list[tuple[str, list[int], list[str]]] = []  # account, ids logged, their states
     real_log = outbox_module.log
@@ -346,7 +354,7 @@ async def test_the_running_daemon_fails_a_row_of_an_unknown_account_inserted_lat
     try:
         [first] = insert_rows(settings, ["support"])
         await eventually(lambda: outbox_rows(settings)[first][0] == "sent", what="sent")
-        [unknown] = insert_rows(settings, ["Support"])  # within a second of the last look
+        [unknown] = insert_rows(settings, ["Support"], age=OLD)  # within a second of the look
         await eventually(
             lambda: outbox_rows(settings)[unknown][:2] == ("failed", "outbox_invalid"),
             within=15,
@@ -356,6 +364,28 @@ async def test_the_running_daemon_fails_a_row_of_an_unknown_account_inserted_lat
         worker.stopping.set()
         await asyncio.wait_for(task, 30)
         await repo.aclose()
+
+
+async def test_a_young_row_of_an_unknown_account_waits_and_run_once_beside_a_daemon_judges_none(
+    tmp_path: Path, sink: SmtpSink
+) -> None:
+    """A row for an account not in the config may be for one being added (the config edited,
+    the daemon not reloaded yet): it is warned of and waits out the grace period before it
+    fails. `run --once` beside a daemon (which may have another config) fails none."""
+    from mailbridge.daemon.outbox import wake_address
+
+    settings = two_account_settings(tmp_path, sink)
+    assert settings.sqlite_path is not None
+    [young] = insert_rows(settings, ["sales"])
+    [old] = insert_rows(settings, ["sales"], age=OLD)
+    with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM) as daemon:
+        daemon.bind(wake_address(settings.sqlite_path))  # a daemon serves the database
+        await send_pass(settings)
+    rows = outbox_rows(settings)
+    assert (rows[young][0], rows[old][0]) == ("queued", "queued")
+    await send_pass(settings)  # no daemon: this config is the truth
+    rows = outbox_rows(settings)
+    assert (rows[young][0], rows[old][:2]) == ("queued", ("failed", "outbox_invalid"))
 
 
 async def test_a_worker_given_part_of_the_config_judges_no_account(
@@ -368,7 +398,7 @@ async def test_a_worker_given_part_of_the_config_judges_no_account(
     from mailbridge.store.factory import open_repository
 
     settings = two_account_settings(tmp_path, sink)
-    archive, typo = insert_rows(settings, ["archive", "suport"])
+    archive, typo = insert_rows(settings, ["archive", "suport"], age=OLD)
     part = frozenset({"support"})
     repo = await open_repository(settings.database, settings)
     try:
