@@ -536,6 +536,31 @@ async def test_reply_refuses_actions_naming_a_table_or_column_the_worker_would_r
 # -- recipients that cannot be sent to ----------------------------------------------------------
 
 
+def queue_request(settings: Settings, request: OutgoingRequest) -> int:
+    repo = connector(settings.database)()
+    try:
+        repo.migrate()
+        return repo.queue_outgoing(request)
+    finally:
+        repo.close()
+
+
+def queue_reply(settings: Settings, raw: bytes, body: str) -> int:
+    """Import the customer's message ``raw`` as the live loop does; queue a reply to it."""
+    repo = connector(settings.database)()
+    try:
+        repo.migrate()
+        context = ImportContext.for_account(settings, settings.accounts[0])
+        [result] = repo.import_batch(context, [ImportItem(uid=1, message=parse_message(raw))])
+        assert result.conversation_id is not None
+    finally:
+        repo.close()
+    request = OutgoingRequest(
+        account="support", conversation_id=result.conversation_id, body_text=body
+    )
+    return queue_request(settings, request)
+
+
 async def test_a_row_naming_a_recipient_that_cannot_be_sent_to_fails_whole_and_others_go_on(
     tmp_path: Path, sink: SmtpSink
 ) -> None:
@@ -595,24 +620,13 @@ async def test_a_reply_to_a_utf8_address_fails_alone_and_the_accounts_other_mail
         "Message-ID: <utf8-1@example.org>\r\nDate: Tue, 01 Dec 2026 09:00:00 +0000\r\n"
         "Content-Type: text/plain; charset=utf-8\r\n\r\nHej!\r\n"
     ).encode()
-    repo = connector(settings.database)()
-    try:
-        repo.migrate()
-        context = ImportContext.for_account(settings, settings.accounts[0])
-        [result] = repo.import_batch(context, [ImportItem(uid=1, message=parse_message(raw))])
-        assert result.conversation_id is not None
-        reply = repo.queue_outgoing(
-            OutgoingRequest(
-                account="support", conversation_id=result.conversation_id, body_text="Tack!"
-            )
-        )
-        other = repo.queue_outgoing(
-            OutgoingRequest(
-                account="support", to="ann@customer.example", subject="Hi", body_text="Hello"
-            )
-        )
-    finally:
-        repo.close()
+    reply = queue_reply(settings, raw, "Tack!")
+    other = queue_request(
+        settings,
+        OutgoingRequest(
+            account="support", to="ann@customer.example", subject="Hi", body_text="Hello"
+        ),
+    )
     await send_pass(settings)
     rows = outbox_rows(settings)
     assert rows[reply][:2] == ("failed", "outbox_invalid")
@@ -636,18 +650,7 @@ async def test_a_personalised_reply_with_a_utf8_follower_fails_before_any_copy_g
         "Message-ID: <pers-1@customer.example>\r\nDate: Tue, 01 Dec 2026 09:00:00 +0000\r\n"
         "Content-Type: text/plain; charset=utf-8\r\n\r\nHello\r\n"
     ).encode()
-    repo = connector(settings.database)()
-    try:
-        context = ImportContext.for_account(settings, settings.accounts[0])
-        [result] = repo.import_batch(context, [ImportItem(uid=1, message=parse_message(raw))])
-        assert result.conversation_id is not None
-        reply = repo.queue_outgoing(
-            OutgoingRequest(
-                account="support", conversation_id=result.conversation_id, body_text="Thanks"
-            )
-        )
-    finally:
-        repo.close()
+    reply = queue_reply(settings, raw, "Thanks")
     await send_pass(settings)
     state, code, error = outbox_rows(settings)[reply]
     assert (state, code) == ("failed", "outbox_invalid")
