@@ -6,6 +6,7 @@ the lock is gone with it and a new daemon starts."""
 from __future__ import annotations
 
 import signal
+import time
 from pathlib import Path
 from typing import Any
 
@@ -16,7 +17,7 @@ from mailbridge.config import parse_config
 from mailbridge.daemon.instance import DatabaseLock, lock_path
 from mailbridge.errors import ConfigError
 from tests.integration.test_import_loop import config_data, write_config
-from tests.integration.test_recovery import start_daemon, stop_daemon
+from tests.integration.test_recovery import _status_row, start_daemon, stop_daemon
 
 pytestmark = pytest.mark.dovecot
 
@@ -40,7 +41,14 @@ def test_a_second_daemon_on_one_sqlite_database_is_refused(
         assert "PostgreSQL" in err  # the remedy
         assert first.poll() is None  # the first one goes on
 
-        assert cli_main(["-c", str(path), "run", "--once"]) == 0  # beside it: allowed
+        # Beside it: allowed — once the daemon has set the account up (its first start
+        # creates the folders; a CREATE of the same folder at the same moment can cost a
+        # connection, which is not what this test is about).
+        deadline = time.monotonic() + 30
+        while _status_row(path, capsys)["state"] != "idle":
+            assert time.monotonic() < deadline, "the daemon's account never became idle"
+            time.sleep(0.1)
+        assert cli_main(["-c", str(path), "run", "--once"]) == 0
 
         # kill -9: no clean-up runs, yet the kernel dropped the lock with the process.
         first.send_signal(signal.SIGKILL)
