@@ -818,6 +818,11 @@ async def test_mail_arriving_between_an_empty_select_and_idle_is_imported(
     try:
         await eventually(lambda: count_messages(settings) == 1, within=30)
         assert delivered == [0]  # the SELECT found the Inbox empty
-        assert dovecot.folder_uids(imap_user.login, imap_user.password, "INBOX") == []
+        # Committed first, then moved: the MOVE follows the commit.
+        await eventually(
+            lambda: dovecot.folder_uids(imap_user.login, imap_user.password, "INBOX") == [],
+            within=30,
+            what="moved out of the Inbox",
+        )
     finally:
         await stop_worker(worker, task, repo)
