@@ -31,15 +31,13 @@ from mailbridge.config import (
     world_readable,
 )
 from mailbridge.core.policy import AutomaticPolicy
-from mailbridge.errors import ConfigError, StoreError, describe, exit_status
+from mailbridge.errors import EX_CONFIG, ConfigError, StoreError, describe, exit_status
 from mailbridge.log import configure_logging
 from mailbridge.store.base import AccountState, Repository
 from mailbridge.store.factory import open_store
 from mailbridge.term import console, mail_text
 
 EX_USAGE = 64
-EX_TEMPFAIL = 75
-EX_CONFIG = 78
 
 log = structlog.get_logger("mailbridge.cli")
 

@@ -27,11 +27,10 @@ from typing import Any
 from urllib.parse import parse_qsl, urlsplit
 
 from mailbridge.config import AccountSettings, Settings
-from mailbridge.errors import ConfigError, MailbridgeError
+from mailbridge.errors import EX_UNAVAILABLE, ConfigError, MailbridgeError
 from mailbridge.mail.auth.tokens import provider_for
 
 EX_USAGE = 64
-EX_UNAVAILABLE = 69
 
 
 def auth(settings: Settings, name: str) -> int:

@@ -29,9 +29,10 @@ from rich.text import Text
 
 from mailbridge.config import AccountSettings, Settings
 from mailbridge.daemon.doctor import Check, check_database, diagnose, failing
-from mailbridge.daemon.outbox import daemon_serves
+from mailbridge.daemon.outbox import served_by_daemons
 from mailbridge.daemon.sweep import SweepSummary, fetch_failed, retry_failed, sweep_and_record
 from mailbridge.errors import (
+    EX_CONFIG,
     ConfigError,
     MailbridgeError,
     MessageError,
@@ -44,7 +45,6 @@ from mailbridge.store.factory import open_repository, open_store
 from mailbridge.term import console, mail_text
 
 EX_USAGE = 64
-EX_CONFIG = 78
 _CONFIG_CODES = frozenset({"config_invalid", "secret_missing"})
 
 _MARKS = {"ok": "✓", "warn": "!", "fail": "✗", "skip": "-"}
@@ -104,7 +104,7 @@ def sync(settings: Settings, account: str | None) -> int:
                 )
     for name, exc in errors:
         _print_error(out, name, exc)
-    return _exit_code([exc for _, exc in errors])
+    return exit_status([exc for _, exc in errors])  # as `run --once`
 
 
 async def _sync(
@@ -147,9 +147,10 @@ async def _clear_command_error(settings: Settings, repo: AsyncRepository, name: 
     """After a command reached the server and did its work, an error state a command left
     (``run --once`` that could not log in, say) is stale: store ``stopped``, as a successful
     ``run --once`` leaves it, so that ``status`` no longer asks to fix what is fixed. A running
-    daemon's state is its own (it stores the next one itself): left alone."""
+    daemon's state is its own (it stores the next one itself): left alone, by the rule
+    ``run --once`` follows (:func:`served_by_daemons`: on PostgreSQL the lease table)."""
     stored = next((s for s in await repo.account_states() if s.account == name), None)
-    if stored is None or stored.code is None or await daemon_serves(settings, repo):
+    if stored is None or stored.code is None or await served_by_daemons(settings, repo, [name]):
         return
     now = datetime.now(UTC)
     # `imported` is added to the stored count, not set: 0 keeps it.
@@ -182,10 +183,6 @@ def _print_reconciled(out: Console, name: str, summary: SweepSummary) -> None:
             f"{name}: {summary.reconciled} failure(s) no longer in the Failed folder (deleted or "
             "moved by hand) marked resolved; 'mailbridge failed --all' lists them"
         )
-
-
-def _exit_code(errors: Sequence[MailbridgeError]) -> int:
-    return exit_status(errors)  # as `run --once`
 
 
 def _print_error(out: Console, name: str, exc: MailbridgeError) -> None:
@@ -407,7 +404,7 @@ def _retry(settings: Settings, uids: list[int] | None, account_name: str | None)
             out.print(f"{name}: {asked - outcome.retried} UID(s) not in the Failed folder")
     # A UID asked for that is not there is "not found" (exit 1), as for `failed show UID`; a
     # message retried that failed again is not done either (exit 1), so a script can tell.
-    return _exit_code(errors) or (1 if missing or failing else 0)
+    return exit_status(errors) or (1 if missing or failing else 0)
 
 
 async def _retry_all(

@@ -54,14 +54,13 @@ from mailbridge.daemon.limits import raise_fd_limit
 from mailbridge.daemon.outbox import OutboxSummary, OutboxWorker, served_by_daemons
 from mailbridge.daemon.sweep import nothing_to_recover, run_schedule
 from mailbridge.daemon.systemd import Notifier
-from mailbridge.errors import ConfigError, MailbridgeError, describe, exit_status
+from mailbridge.errors import EX_OK, ConfigError, MailbridgeError, describe, exit_status
 from mailbridge.store.asyncrepo import AsyncRepository
 from mailbridge.store.base import AccountState
 from mailbridge.store.factory import open_repository
 
 log = structlog.get_logger("mailbridge.supervisor")
 
-EX_OK = 0
 EX_SOFTWARE = 70
 
 # How often the supervisor loop wakes to restart a crashed worker when no watchdog ping is due.
