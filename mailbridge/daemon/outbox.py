@@ -8,7 +8,9 @@ One task in the daemon (beside the account loops) and one pass in ``run --once``
    (no recipient, unknown conversation, unreadable attachment, invalid message actions, over
    ``outbox.max_outgoing_size_mb``) fails at once with the reason.
 2. **Begin**: ``queued`` -> ``sending`` (attempts + 1, attemptstarted), committed before MAIL FROM.
-3. **Send** on the account's SMTP connection (kept open for the rest of the batch).
+3. **Send** on one of the account's SMTP connections (up to ``smtp.connections`` at once, one
+   per LANE_ROWS rows due; the rows of one conversation in order on one connection; each kept
+   open for the rest of the batch and SESSION_IDLE_SECONDS after).
 4. **Sent**: after the 250 to DATA one short transaction marks the row ``sent`` and stores
    the message in its conversation (as composed: its bytes are not parsed back), one
    transaction for the rows of a chunk (the rows composed and marked ``sending`` together,
@@ -124,7 +126,12 @@ UNKNOWN_ACCOUNTS_SECONDS = 1.0
 # A queued row of an account not in the config fails only once it is this old: it may be for
 # an account being added (the config edited, the daemon not reloaded yet).
 UNKNOWN_ACCOUNT_GRACE = timedelta(minutes=10)
-BATCH_SIZE = 50
+# The most rows looked up at once: their lanes' pipelines run until all are sent, so a larger
+# batch leaves fewer pipelines to drain and fill (scripts/bench, sending row). Retried rows
+# carry their stored message: a batch holds no more than BATCH_BYTES of them (a message up to
+# outbox.max_outgoing_size_mb alone).
+BATCH_SIZE = 200
+BATCH_BYTES = 64 * 1024 * 1024
 # Messages up to this size are composed and read back on the event loop (about a millisecond);
 # longer ones on a thread.
 INLINE_BYTES = 64 * 1024
@@ -135,6 +142,14 @@ SESSION_IDLE_SECONDS = 30.0
 # The most rows composed, marked sending and sent together; the next chunk is composed and
 # marked meanwhile.
 PIPELINE_CHUNK = 16
+# An account's rows are sent over up to ``smtp.connections`` connections at once (lanes), one
+# more lane per this many rows: a row queued alone goes out on one connection, a batch on
+# several, so that the worker composes and records on one core while the server answers
+# (a connection's dialogue is four round trips per message, RFC 5321 section 3.3).
+LANE_ROWS = 4
+# A further connection the server refused (Exchange Online: "432 4.3.2 Concurrent connections
+# limit exceeded"): the account is sent on the connections that worked for this long.
+LANE_CAP_SECONDS = 600.0
 
 
 class InvalidRowError(Exception):
@@ -457,6 +472,22 @@ class _Prepared:
     fix: OutboxFix | None  # the message to fix at the first attempt
 
 
+@dataclass(eq=False)
+class _Lane:
+    """One of an account's connections in a round, with the rows it sends."""
+
+    index: int
+    rows: Sequence[OutboxRow]
+    sender: SmtpSender | None = None
+    opened: SmtpSender | None = None  # the first connection this lane had (kept or new)
+    finished: bool = False
+    # The first lane's verdict: whether a further lane may open its connection (True once the
+    # first connected or needed none, False when its connection failed).
+    first: asyncio.Future[bool] = dataclasses.field(
+        default_factory=lambda: asyncio.get_running_loop().create_future()
+    )
+
+
 class OutboxWorker:
     """Sends due outbox rows; ``run()`` in the daemon, ``run_once()`` for ``run --once``.
 
@@ -483,9 +514,14 @@ class OutboxWorker:
         self._served: tuple[Settings, frozenset[str] | None, dict[str, AccountSettings]] | None = (
             None
         )
-        # Account -> (its logged-in SMTP connection, monotonic time of its last use), kept
-        # between rounds so that a row queued alone is not delayed by connect, EHLO and AUTH.
-        self._sessions: dict[str, tuple[SmtpSender, float]] = {}
+        # Account -> its logged-in SMTP connections with the monotonic time of their last use,
+        # kept between rounds so that a row queued alone is not delayed by connect, EHLO and
+        # AUTH (one per lane of the account's last round).
+        self._sessions: dict[str, list[tuple[SmtpSender, float]]] = {}
+        # Account -> (how many connections the server allowed, monotonic time until when).
+        self._lane_cap: dict[str, tuple[int, float]] = {}
+        # Rows a refused further connection handed back untried: due again in the same pass.
+        self._handed_back: set[int] = set()
         # Outbox id -> its message as stored once sent, read back when it was prepared.
         self._parsed: dict[int, ParsedMessage] = {}
         # Template file -> its text, for the settings object it was read under.
@@ -549,9 +585,8 @@ class OutboxWorker:
         if in_hand is not None:
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(in_hand.wait(), within)
-        kept = self._sessions.pop(account, None)
-        if kept is not None:
-            await kept[0].close()
+        for sender, _used in self._sessions.pop(account, []):
+            await sender.close()
 
     # -- loops --------------------------------------------------------------------------------
 
@@ -649,35 +684,59 @@ class OutboxWorker:
         for until in self._paused.values():
             if until > now:
                 sleep = min(sleep, until - now)
-        for _sender, used in self._sessions.values():
-            sleep = min(sleep, used + SESSION_IDLE_SECONDS - now)
+        for kept in self._sessions.values():
+            for _sender, used in kept:
+                sleep = min(sleep, used + SESSION_IDLE_SECONDS - now)
         return max(sleep, 0.0)
 
-    async def _kept_session(self, account: AccountSettings) -> SmtpSender | None:
-        """The account's connection kept from an earlier round, reset and ready; or None."""
-        kept = self._sessions.pop(account.name, None)
-        if kept is None:
-            return None
-        sender, _used = kept
-        if sender.account != account:  # the settings were reloaded: sign in anew
-            await sender.close()
-            return None
-        return sender if await sender.reset() else None
+    async def _kept_sessions(self, account: AccountSettings, wanted: int) -> list[SmtpSender]:
+        """Up to ``wanted`` of the account's connections kept from an earlier round, reset and
+        ready (those beyond ``wanted`` stay kept)."""
+        kept = self._sessions.pop(account.name, [])
+        ready: list[SmtpSender] = []
+        for index, (sender, _used) in enumerate(kept):
+            if len(ready) == wanted:
+                self._sessions[account.name] = kept[index:]
+                break
+            if sender.account != account:  # the settings were reloaded: sign in anew
+                await sender.close()
+            elif await sender.reset():
+                ready.append(sender)
+        return ready
 
     def _keep_session(self, account: AccountSettings, sender: SmtpSender) -> bool:
         """Keep ``sender`` for the account's next round; False when it cannot be kept."""
         if not sender.usable or self.stopping.is_set():
             return False
-        self._sessions[account.name] = (sender, time.monotonic())
+        self._sessions.setdefault(account.name, []).append((sender, time.monotonic()))
         return True
 
     async def _close_sessions(self, idle_for: float | None = None) -> None:
         """QUIT the kept connections (only those idle for ``idle_for`` seconds, if given)."""
         now = time.monotonic()
-        for name, (sender, used) in list(self._sessions.items()):
-            if idle_for is None or now - used >= idle_for:
+        for name, kept in list(self._sessions.items()):
+            idle = [k for k in kept if idle_for is None or now - k[1] >= idle_for]
+            if not idle:
+                continue
+            left = [k for k in kept if k not in idle]
+            if left:
+                self._sessions[name] = left
+            else:
                 del self._sessions[name]
+            for sender, _used in idle:
                 await sender.close()
+
+    def _lane_count(self, account: AccountSettings, rows: int) -> int:
+        """How many connections send ``rows`` rows of ``account`` (see LANE_ROWS)."""
+        assert account.smtp is not None
+        most = account.smtp.connections
+        cap = self._lane_cap.get(account.name)
+        if cap is not None:
+            if cap[1] > time.monotonic():
+                most = min(most, cap[0])
+            else:
+                del self._lane_cap[account.name]
+        return max(1, min(most, -(-rows // LANE_ROWS)))
 
     def _is_paused(self, account: str) -> bool:
         return self._paused.get(account, 0.0) > time.monotonic()
@@ -836,12 +895,15 @@ class OutboxWorker:
             names = [n for n in accounts if not self._is_paused(n)]
             rows = [
                 r
-                for r in await self.repo.outbox_due(names, datetime.now(UTC), BATCH_SIZE)
+                for r in await self.repo.outbox_due(
+                    names, datetime.now(UTC), BATCH_SIZE, BATCH_BYTES
+                )
                 if r.id not in tried
             ]
             if not rows:
                 return summary
             tried.update(r.id for r in rows)
+            self._handed_back.clear()
             by_account: dict[str, list[OutboxRow]] = {}
             for row in rows:
                 by_account.setdefault(row.account, []).append(row)
@@ -854,23 +916,67 @@ class OutboxWorker:
             for outcome in outcomes:
                 if isinstance(outcome, BaseException):
                     raise outcome
+            tried -= self._handed_back
         return summary
 
     async def _send_account(
         self, account: AccountSettings, rows: Sequence[OutboxRow], summary: OutboxSummary
     ) -> None:
-        """Send ``rows`` on one connection (kept from the account's last round, RSET, or new;
-        kept afterwards for SESSION_IDLE_SECONDS), in chunks: while a chunk is being sent, the
-        next is composed and marked ``sending`` in one transaction; accepted rows are recorded
-        by group commit. Chunks grow (1, 2, 4 ... PIPELINE_CHUNK rows): the first row goes
-        out at once, later ones share their transactions."""
-        chunks = pipeline_chunks(rows)
+        """Send ``rows`` over up to ``smtp.connections`` connections at once (lanes: see
+        :func:`lane_rows`; the rows of one conversation go out in order on one of them), each
+        kept from the account's last round (RSET) or new, and kept afterwards for
+        SESSION_IDLE_SECONDS. Accepted rows are recorded by group commit, for all lanes."""
+        lanes = [
+            _Lane(index, part)
+            for index, part in enumerate(lane_rows(rows, self._lane_count(account, len(rows))))
+        ]
+        kept = await self._kept_sessions(account, len(lanes))  # as many as lanes, or fewer
+        for lane, sender in zip(lanes, kept, strict=False):
+            lane.sender = lane.opened = sender
+        if lanes[0].sender is not None:
+            lanes[0].first.set_result(True)
         recorder = _SentRecorder(self, account, summary)
-        sender = await self._kept_session(account)
+        in_hand = self._in_hand[account.name] = asyncio.Event()
+        try:
+            outcomes = await asyncio.gather(
+                *(self._send_lane(account, lane, lanes[0], recorder, summary) for lane in lanes),
+                return_exceptions=True,
+            )
+        finally:
+            try:
+                await recorder.flush()
+            finally:
+                in_hand.set()
+                if self._in_hand.get(account.name) is in_hand:
+                    del self._in_hand[account.name]
+                for row in rows:  # prepared but not recorded (failed, cancelled, released)
+                    self._parsed.pop(row.id, None)
+                for lane in lanes:
+                    if lane.sender is not None and not (
+                        lane.finished
+                        and self._serves(account.name)
+                        and self._keep_session(account, lane.sender)
+                    ):
+                        await lane.sender.close()
+        for outcome in outcomes:
+            if isinstance(outcome, BaseException):
+                raise outcome
+
+    async def _send_lane(
+        self,
+        account: AccountSettings,
+        lane: _Lane,
+        first: _Lane,
+        recorder: _SentRecorder,
+        summary: OutboxSummary,
+    ) -> None:
+        """Send a lane's rows on its connection, in chunks: while a chunk is being sent, the
+        next is composed and marked ``sending`` in one transaction. Chunks grow (1, 2, 4 ...
+        PIPELINE_CHUNK rows): the first row goes out at once, later ones share their
+        transactions."""
+        chunks = pipeline_chunks(lane.rows)
         ahead: asyncio.Future[list[tuple[OutboxRow, _Prepared]]] | None
         ahead = asyncio.ensure_future(self._begin_chunk(account, chunks[0], summary))
-        in_hand = self._in_hand[account.name] = asyncio.Event()
-        finished = False
         try:
             for number in range(len(chunks)):
                 assert ahead is not None
@@ -883,11 +989,12 @@ class OutboxWorker:
                     )
                 if not ready:
                     continue
-                sender, go_on = await self._send_chunk(account, ready, sender, recorder, summary)
-                if not go_on:
+                if not await self._send_chunk(account, ready, lane, first, recorder, summary):
                     break
-            finished = True  # no exception: the connection is between transactions
+            lane.finished = True  # no exception: the connection is between transactions
         finally:
+            if lane is first and not lane.first.done():
+                lane.first.set_result(True)  # no connection needed: the others open their own
             if ahead is not None:
                 # Never cancelled: a transaction on the database thread would commit anyway,
                 # leaving rows marked sending that nobody sends. Its rows go back to queued.
@@ -898,18 +1005,6 @@ class OutboxWorker:
                         else "the account's sending stopped before this row (see the error before)"
                     )  # fmt: skip
                     await self._release([r for r, _p in left], why)
-            try:
-                await recorder.flush()
-            finally:
-                in_hand.set()
-                if self._in_hand.get(account.name) is in_hand:
-                    del self._in_hand[account.name]
-                for row in rows:  # prepared but not recorded (failed, cancelled, released)
-                    self._parsed.pop(row.id, None)
-                if sender is not None and not (
-                    finished and self._serves(account.name) and self._keep_session(account, sender)
-                ):
-                    await sender.close()
 
     async def _begin_chunk(
         self, account: AccountSettings, rows: Sequence[OutboxRow], summary: OutboxSummary
@@ -944,23 +1039,27 @@ class OutboxWorker:
         self,
         account: AccountSettings,
         ready: Sequence[tuple[OutboxRow, _Prepared]],
-        sender: SmtpSender | None,
+        lane: _Lane,
+        first: _Lane,
         recorder: _SentRecorder,
         summary: OutboxSummary,
-    ) -> tuple[SmtpSender | None, bool]:
-        """Send rows already marked ``sending``; (the connection, whether to go on)."""
+    ) -> bool:
+        """Send rows already marked ``sending`` on ``lane``'s connection; whether to go on."""
         for index, (row, prepared) in enumerate(ready):
             if self.stopping.is_set():
                 await self._release([r for r, _p in ready[index:]], "the daemon is stopping")
-                return sender, False
+                return False
             if not self._serves(account.name):  # its lease lost: another daemon sends them
                 why = "the daemon no longer serves the account"
                 await self._release([r for r, _p in ready[index:]], why)
-                return sender, False
+                return False
             try:
-                if sender is None or not sender.usable:
-                    sender = await SmtpSender.open(account)
-                refused = await self._send(sender, account, row, prepared)
+                if (lane.sender is None or not lane.sender.usable) and not await self._open(
+                    account, lane, first, ready[index:]
+                ):
+                    return False
+                assert lane.sender is not None
+                refused = await self._send(lane.sender, account, row, prepared)
             except SendError as exc:
                 await self._failed(
                     row, exc.code, exc.reply, permanent=exc.permanent, summary=summary
@@ -969,12 +1068,15 @@ class OutboxWorker:
             except StoreError:
                 raise  # the database, not the server: the round fails and recover() resolves it
             except MailbridgeError as exc:  # ServerError, or a secret/token not to be had
+                lane.sender = None
+                if lane is first and not lane.first.done():
+                    lane.first.set_result(False)
                 await self._failed(row, exc.code, str(exc), permanent=False, summary=summary)
                 # The server (or the sign-in) is the problem, not the row: the account's other
                 # rows wait.
                 self._pause(account.name)
                 await self._release([r for r, _p in ready[index + 1 :]], str(exc))
-                return None, False
+                return False
             self._failures.pop(account.name, None)
             if refused:
                 log.warning(
@@ -983,7 +1085,51 @@ class OutboxWorker:
                 )  # fmt: skip
             recorder.add(row, prepared.raw, prepared.actions)
             recorder.commit()  # at once: a kill -9 leaves at most the rows in hand unrecorded
-        return sender, True
+        return True
+
+    async def _open(
+        self,
+        account: AccountSettings,
+        lane: _Lane,
+        first: _Lane,
+        left: Sequence[tuple[OutboxRow, _Prepared]],
+    ) -> bool:
+        """Give ``lane`` a new connection; False (``left`` back to queued) when a further
+        lane's connection is not to be had. The first lane's failure is raised to the caller
+        (the row fails for a retry, the account pauses), as is a failure of a lane that was
+        connected before (the connection lost). A further lane opens only once the first has
+        connected; one the server refuses while the first is connected (a limit of concurrent
+        connections per mailbox) hands its rows back, not attempted, and the account is sent
+        on fewer connections for LANE_CAP_SECONDS."""
+        if lane is first or lane.opened is not None:
+            lane.sender = await SmtpSender.open(account)
+            lane.opened = lane.sender
+            if lane is first and not lane.first.done():
+                lane.first.set_result(True)
+            return True
+        if not await first.first:
+            await self._release([r for r, _p in left], "the account's first connection failed")
+            return False
+        try:
+            lane.sender = lane.opened = await SmtpSender.open(account)
+        except MailbridgeError as exc:
+            why = f"connection {lane.index + 1} of the account was refused ({exc})"
+            await self._release([r for r, _p in left], why)
+            # The lane's rows (none was sent: it never connected) are sent again in this
+            # pass (send_due), on the connections that worked.
+            self._handed_back.update(r.id for r in lane.rows)
+            cap = self._lane_cap.get(account.name)
+            if cap is not None and cap[0] <= lane.index and cap[1] > time.monotonic():
+                return False  # another lane's refusal set as low a cap, and said so
+            self._lane_cap[account.name] = (lane.index, time.monotonic() + LANE_CAP_SECONDS)
+            log.warning(
+                "outbox_connection_refused", account=account.name, connections=lane.index,
+                code=exc.code, error=str(exc), cap_seconds=LANE_CAP_SECONDS,
+                remedy="the server allows fewer connections at once: set smtp.connections to "
+                f"{lane.index} (until then its rows go out on the connections that worked)",
+            )  # fmt: skip
+            return False
+        return True
 
     def _pause(self, account: str) -> None:
         self._failures[account] += 1
@@ -1466,6 +1612,23 @@ def pipeline_chunks(rows: Sequence[OutboxRow]) -> list[Sequence[OutboxRow]]:
         start += size
         size = min(size * 2, PIPELINE_CHUNK)
     return chunks
+
+
+def lane_rows(rows: Sequence[OutboxRow], lanes: int) -> list[list[OutboxRow]]:
+    """``rows`` shared among ``lanes`` connections (at most; no lane is empty): the rows of one
+    conversation (``conversation_id``) all in one lane, in their order, so that replies in a
+    conversation leave in the order they were queued; each conversation (a row of a new one on
+    its own) to the lane with the fewest rows so far, the earliest lane on a tie."""
+    shares: list[list[OutboxRow]] = [[] for _ in range(max(1, lanes))]
+    placed: dict[int, list[OutboxRow]] = {}
+    for row in rows:
+        share = placed.get(row.conversation_id) if row.conversation_id is not None else None
+        if share is None:
+            share = min(shares, key=len)
+            if row.conversation_id is not None:
+                placed[row.conversation_id] = share
+        share.append(row)
+    return [share for share in shares if share]
 
 
 def attachment_allowed(path: Path, directories: Sequence[Path]) -> bool:

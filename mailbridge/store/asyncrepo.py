@@ -230,10 +230,10 @@ class AsyncRepository:
         return await self._run(lambda repo: repo.outbox_row(outbox_id))
 
     async def outbox_due(
-        self, accounts: Sequence[str], now: datetime, limit: int
+        self, accounts: Sequence[str], now: datetime, limit: int, max_bytes: int | None = None
     ) -> list[OutboxRow]:
         names = tuple(accounts)
-        return await self._run(lambda repo: repo.outbox_due(names, now, limit))
+        return await self._run(lambda repo: repo.outbox_due(names, now, limit, max_bytes))
 
     async def outbox_next_due(self, accounts: Sequence[str]) -> datetime | None:
         names = tuple(accounts)

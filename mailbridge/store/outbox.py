@@ -183,9 +183,12 @@ class OutboxRepository(Protocol):
     def outbox_row(self, outbox_id: int) -> OutboxRow | None:
         """One row, with ``raw``."""
 
-    def outbox_due(self, accounts: Sequence[str], now: datetime, limit: int) -> list[OutboxRow]:
+    def outbox_due(
+        self, accounts: Sequence[str], now: datetime, limit: int, max_bytes: int | None = None
+    ) -> list[OutboxRow]:
         """Queued rows of ``accounts`` whose next attempt is not after ``now``, oldest first,
-        with ``raw``."""
+        with ``raw``: at most ``limit``, and with ``max_bytes`` only as many as begin within
+        that many bytes of ``raw`` (the rows' before it, summed; the first row always)."""
 
     def outbox_next_due(self, accounts: Sequence[str]) -> datetime | None:
         """The earliest ``nextattempt`` of a queued row (epoch for one without)."""

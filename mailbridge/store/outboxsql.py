@@ -234,17 +234,29 @@ class SqlOutbox:
             found = self._outbox_rows(sql, "WHERE id = ?", [outbox_id], raw=True)
         return found[0] if found else None
 
-    def outbox_due(self, accounts: Sequence[str], now: datetime, limit: int) -> list[OutboxRow]:
+    def outbox_due(
+        self, accounts: Sequence[str], now: datetime, limit: int, max_bytes: int | None = None
+    ) -> list[OutboxRow]:
         if not accounts:
             return []
-        with self._sql("find due outbox rows", write=False) as sql:
-            return self._outbox_rows(
-                sql,
-                f"WHERE state = 'queued' AND account IN ({marks(len(accounts))})"
-                " AND (nextattempt IS NULL OR nextattempt <= ?) ORDER BY id LIMIT ?",
-                [*accounts, iso(now), limit],
-                raw=True,
+        due = (
+            f"WHERE state = 'queued' AND account IN ({marks(len(accounts))})"
+            " AND (nextattempt IS NULL OR nextattempt <= ?)"
+        )
+        params: list[object] = [*accounts, iso(now), limit]
+        where = f"{due} ORDER BY id LIMIT ?"
+        if max_bytes is not None:
+            # The stored messages (retries) of the rows before each, summed in id order; only
+            # the rows chosen have their bytes read (LENGTH of a BLOB reads its size only).
+            size = "COALESCE(LENGTH(raw), 0)"
+            where = (
+                "WHERE id IN (SELECT id FROM (SELECT id,"
+                f" SUM({size}) OVER (ORDER BY id) - {size} AS before FROM outbox {due}"
+                " ORDER BY id LIMIT ?) AS due WHERE before < ?) ORDER BY id"
             )
+            params.append(max_bytes)
+        with self._sql("find due outbox rows", write=False) as sql:
+            return self._outbox_rows(sql, where, params, raw=True)
 
     def outbox_next_due(self, accounts: Sequence[str]) -> datetime | None:
         if not accounts:

@@ -3,7 +3,9 @@ it receives and can be told how to answer.
 
 ``SmtpSink().start()`` listens on a free loopback port. ``replies`` is a queue of answers to
 DATA (``"451 4.3.0 Try again later"``), used up one per message; when empty, ``250 OK``.
-``rcpt_replies`` does the same for RCPT TO. ``hold()`` makes the next DATA wait, after the
+``rcpt_replies`` does the same for RCPT TO. ``max_connections`` refuses EHLO/HELO on a
+further connection while that many are open (``432 4.3.2``, as Exchange Online answers past
+its limit per mailbox). ``hold()`` makes the next DATA wait, after the
 message has been received and kept, until ``release()``: the window between the end of DATA
 and the client's status update, where a crash test kills the client.
 """
@@ -23,6 +25,8 @@ from aiosmtpd.smtp import AuthResult, LoginPassword
 
 from mailbridge.testing.dovecot import free_port
 
+LIMIT_REPLY = "432 4.3.2 Concurrent connections limit exceeded"
+
 
 @dataclass(frozen=True, slots=True)
 class Received:
@@ -30,6 +34,7 @@ class Received:
     recipients: tuple[str, ...]
     data: bytes
     at: float = 0.0  # time.monotonic() at the end of DATA (same clock in one process)
+    peer: Any = None  # the client's (host, port): which connection brought it
 
 
 class _Handler:
@@ -46,6 +51,34 @@ class _Handler:
         envelope.rcpt_tos.append(address)
         return "250 OK"
 
+    def _over_limit(self, server: Any) -> bool:
+        """Whether ``server`` (a new connection's protocol) is past ``max_connections``."""
+        with self.sink.lock:
+            open_ = [s for s in self.sink.connections if s.transport is not None]
+            if server in open_:
+                return False
+            if self.sink.max_connections is not None and (len(open_) >= self.sink.max_connections):
+                self.sink.refused_connections += 1
+                return True
+            self.sink.connections = [*open_, server]
+            return False
+
+    async def handle_EHLO(  # noqa: N802 - aiosmtpd's hook name
+        self, server: Any, session: Any, envelope: Any, hostname: str, responses: list[str]
+    ) -> list[str]:
+        if self._over_limit(server):
+            return [LIMIT_REPLY]
+        session.host_name = hostname
+        return responses
+
+    async def handle_HELO(  # noqa: N802 - aiosmtpd's hook name
+        self, server: Any, session: Any, envelope: Any, hostname: str
+    ) -> str:
+        if self._over_limit(server):
+            return LIMIT_REPLY
+        session.host_name = hostname
+        return f"250 {server.hostname}"
+
     async def handle_DATA(self, server: Any, session: Any, envelope: Any) -> str:  # noqa: N802
         import asyncio
 
@@ -61,6 +94,7 @@ class _Handler:
                         tuple(envelope.rcpt_tos),
                         bytes(envelope.content),
                         time.monotonic(),
+                        session.peer,
                     )
                 )
         if held is not None:
@@ -98,6 +132,9 @@ class SmtpSink:
         self.holding = threading.Event()
         self._hold: threading.Event | None = None
         self.logins: dict[str, str] | None = None  # None: every login is accepted
+        self.max_connections: int | None = None  # None: any number at once
+        self.connections: list[Any] = []  # the open ones (aiosmtpd protocols) once greeted
+        self.refused_connections = 0
         self.port = port or free_port()
         self.host = "127.0.0.1"
         self._controller = Controller(

@@ -30,6 +30,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+import structlog.testing
 import yaml
 
 from mailbridge.cli import main as cli_main
@@ -1552,3 +1553,129 @@ async def test_sending_is_synced_before_mail_from_and_sent_is_recorded_without_a
     assert "PRAGMA synchronous=NORMAL" not in statements[:sending]  # `sending` synced
     after = statements[sent:]
     assert after.index("COMMIT") < after.index("PRAGMA synchronous=FULL")
+
+
+def _new_rows(settings: Settings, count: int, conversation: int | None = None) -> list[int]:
+    return [
+        queue(
+            settings,
+            OutgoingRequest(
+                "support",
+                conversation_id=conversation,
+                to="" if conversation else f"customer{n}@example.org",
+                subject=None if conversation else f"Row {n}",
+                body_text=f"Message {n}",
+            ),
+        )
+        for n in range(count)
+    ]
+
+
+async def test_a_batch_goes_out_on_several_connections_each_row_once(
+    tmp_path: Path, sink: SmtpSink
+) -> None:
+    """smtp.connections (3 by default) connections send an account's batch at once; the
+    replies in one conversation leave in the order queued, on one connection; the next
+    round reuses the kept connections instead of signing in again."""
+    settings = parse_config(offline_config(tmp_path, sink))
+    conversation = seed_conversation(settings)
+    replies = _new_rows(settings, 5, conversation)
+    fresh = _new_rows(settings, 10)
+    repo = await open_repository(settings.database, settings)
+    worker = OutboxWorker(settings, repo)
+    try:
+        summary = await worker.send_due()
+        assert summary.sent == 15
+        assert [row(settings, i)["state"] for i in replies + fresh] == ["sent"] * 15
+        assert len(sink.received) == 15  # each once
+        peers = {r.peer for r in sink.received}
+        assert len(peers) == 3
+        ids = [normalize_message_id(parsed(r.data)["Message-ID"]) for r in sink.received]
+        by_id = {row(settings, i)["messageid"]: i for i in replies}
+        ours = [(r.peer, by_id[m]) for r, m in zip(sink.received, ids, strict=True) if m in by_id]
+        assert len({peer for peer, _i in ours}) == 1  # one connection for the conversation
+        assert [i for _peer, i in ours] == replies  # in the order queued
+        # The next batch: the three connections kept (RSET), no new sign-in.
+        more = _new_rows(settings, 12)
+        assert (await worker.send_due()).sent == 12
+        assert {r.peer for r in sink.received[15:]} <= peers
+        assert [row(settings, i)["state"] for i in more] == ["sent"] * 12
+    finally:
+        await worker._close_sessions()
+        await repo.aclose()
+
+
+async def test_a_single_row_goes_out_on_one_connection(tmp_path: Path, sink: SmtpSink) -> None:
+    settings = parse_config(offline_config(tmp_path, sink))
+    [only] = _new_rows(settings, 1)
+    await send_pass(settings)
+    assert row(settings, only)["state"] == "sent"
+    assert len(sink.connections) == 1
+
+
+async def test_connections_one_sends_on_one(tmp_path: Path, sink: SmtpSink) -> None:
+    data = offline_config(tmp_path, sink)
+    data["accounts"][0]["smtp"]["connections"] = 1
+    settings = parse_config(data)
+    ids = _new_rows(settings, 12)
+    await send_pass(settings)
+    assert [row(settings, i)["state"] for i in ids] == ["sent"] * 12
+    assert len({r.peer for r in sink.received}) == 1
+
+
+async def test_a_further_connection_the_server_refuses_hands_its_rows_back(
+    tmp_path: Path, sink: SmtpSink
+) -> None:
+    """Exchange Online allows three connections per mailbox at once and answers a fourth
+    "432 4.3.2 Concurrent connections limit exceeded". A further connection refused: its rows
+    go back to queued, not failed, and are sent on the connections that worked; the account is
+    then sent on that many for a while, with a warning naming the setting."""
+    sink.max_connections = 1
+    data = offline_config(tmp_path, sink)
+    settings = parse_config(data)
+    ids = _new_rows(settings, 12)
+    repo = await open_repository(settings.database, settings)
+    worker = OutboxWorker(settings, repo)
+    try:
+        with structlog.testing.capture_logs() as logs:
+            first = await worker.send_due()
+        assert sink.refused_connections >= 1
+        assert (first.failed, first.retrying) == (0, 0)
+        assert first.sent == len(sink.received) == 12  # those handed back: sent in the same pass
+        assert [row(settings, i)["state"] for i in ids] == ["sent"] * 12
+        assert len({r.peer for r in sink.received}) == 1
+        # Capped: the next round opens no further connection.
+        refused = sink.refused_connections
+        assert (await worker.send_due()).sent == 0
+        _new_rows(settings, 8)
+        assert (await worker.send_due()).sent == 8
+        assert sink.refused_connections == refused
+    finally:
+        await worker._close_sessions()
+        await repo.aclose()
+    [warning, *_more] = [e for e in logs if e["event"] == "outbox_connection_refused"]
+    assert "432 4.3.2" in warning["error"]
+    assert "smtp.connections" in warning["remedy"]
+    assert worker._lane_cap["support"][0] == 1  # the connections that worked
+
+
+async def test_the_first_connection_failing_holds_the_other_lanes_rows(
+    tmp_path: Path, sink: SmtpSink
+) -> None:
+    """The server down: one row records the failed attempt (a retry later), the others go
+    back to queued untried; no further connection is tried, and no cap is set."""
+    data = offline_config(tmp_path, sink)
+    data["accounts"][0]["smtp"]["port"] = free_port()  # nothing listens there
+    settings = parse_config(data)
+    ids = _new_rows(settings, 12)
+    repo = await open_repository(settings.database, settings)
+    worker = OutboxWorker(settings, repo)
+    try:
+        summary = await worker.send_due()
+    finally:
+        await repo.aclose()
+    assert (summary.retrying, summary.sent) == (1, 0)
+    states = [row(settings, i) for i in ids]
+    assert [r["state"] for r in states] == ["queued"] * 12
+    assert sum(1 for r in states if r["lasterrorcode"] == "unreachable") == 1
+    assert worker._lane_cap == {}

@@ -223,6 +223,36 @@ def test_state_transitions(repo: Store) -> None:
     assert [r.state for r in repo.outbox(states=["queued"])] == ["queued"]
 
 
+def test_due_rows_are_bounded_by_the_bytes_of_their_stored_messages(repo: Store) -> None:
+    """Retried rows carry their stored message: a batch takes rows in id order while the
+    bytes of the rows before each stay under the budget (the first row always; rows without
+    a stored message weigh nothing)."""
+    sizes = [0, 400, 0, 300, 500, 0]  # 0: a first attempt (no stored message yet)
+    ids = [
+        repo.queue_outgoing(OutgoingRequest(account="a", to="x@y.example", body_text="b"))
+        for _ in sizes
+    ]
+    fixes = [
+        (i, OutboxFix(f"m{i}@x.example", new_conversation_key(), b"x" * size))
+        for i, size in zip(ids, sizes, strict=True)
+        if size
+    ]
+    assert repo.outbox_begin(fixes, NOW) == {i for i, _f in fixes}
+    for outbox_id, _fix in fixes:
+        repo.outbox_failed_attempt(
+            outbox_id, state="queued", next_attempt=None, code="x", error="x", now=NOW
+        )
+    later = NOW + timedelta(days=1)
+    assert [r.id for r in repo.outbox_due(["a"], later, 10)] == ids
+    # Before each row: 0, 0, 400, 400, 700, 1200 bytes.
+    assert [r.id for r in repo.outbox_due(["a"], later, 10, 700)] == ids[:4]
+    assert [r.id for r in repo.outbox_due(["a"], later, 10, 701)] == ids[:5]
+    assert [r.id for r in repo.outbox_due(["a"], later, 3, 10_000)] == ids[:3]  # the limit too
+    # A message larger than the budget still goes, with the rows before it weighing nothing.
+    big = repo.outbox_due(["a"], later, 10, 1)
+    assert [len(r.raw or b"") for r in big] == [0, 400]
+
+
 def test_snippets_list_pinned_first_and_count_uses(repo: Store) -> None:
     with repo._sql("seed snippets", write=True) as sql:
         sql.executemany(
@@ -335,3 +365,32 @@ def test_names_with_specials_stay_one_address() -> None:
     assert [address_of(e) for e in entries] == ["jane@x.example", "jb@y.example", "bob@z.example"]
     for name in ("Doe, Jane", 'Ann "A." Bee\\', "a (b) <c> [d]: e; f@g", "Bäcker, Jörg"):
         assert getaddresses([address_entry("a@x.example", name)]) == [(name, "a@x.example")]
+
+
+@given(
+    st.lists(st.one_of(st.none(), st.integers(min_value=1, max_value=6)), max_size=60),
+    st.integers(min_value=1, max_value=5),
+)
+def test_lane_rows_keep_a_conversation_in_one_lane_in_order(
+    conversations: list[int | None], lanes: int
+) -> None:
+    from types import SimpleNamespace
+
+    from mailbridge.daemon.outbox import lane_rows
+
+    rows: list[Any] = [
+        SimpleNamespace(id=n, conversation_id=c) for n, c in enumerate(conversations)
+    ]
+    shares = lane_rows(rows, lanes)
+    assert len(shares) <= lanes
+    assert all(shares)  # no lane without rows
+    assert sorted(r.id for share in shares for r in share) == list(range(len(rows)))  # each once
+    for share in shares:
+        assert [r.id for r in share] == sorted(r.id for r in share)  # in the order queued
+    lane_of = {r.id: n for n, share in enumerate(shares) for r in share}
+    for conversation in {c for c in conversations if c is not None}:
+        assert len({lane_of[r.id] for r in rows if r.conversation_id == conversation}) == 1
+    if all(c is None for c in conversations):  # rows of new conversations: shared evenly
+        sizes = [len(share) for share in shares]
+        assert not sizes or max(sizes) - min(sizes) <= 1
+        assert len(shares) == min(lanes, len(rows))
