@@ -30,6 +30,7 @@ class Received:
     recipients: tuple[str, ...]
     data: bytes
     at: float = 0.0  # time.monotonic() at the end of DATA (same clock in one process)
+    mail_options: tuple[str, ...] = ()  # MAIL FROM parameters, upper-cased: ("SIZE=1234",)
 
 
 class _Handler:
@@ -61,6 +62,7 @@ class _Handler:
                         tuple(envelope.rcpt_tos),
                         bytes(envelope.content),
                         time.monotonic(),
+                        tuple(envelope.mail_options),
                     )
                 )
         if held is not None:
@@ -89,7 +91,15 @@ class _Authenticator:
 class SmtpSink:
     """See the module docstring."""
 
-    def __init__(self, *, port: int | None = None, log_path: str | None = None) -> None:
+    def __init__(
+        self,
+        *,
+        port: int | None = None,
+        log_path: str | None = None,
+        data_size_limit: int | None = 2**25,
+    ) -> None:
+        """``data_size_limit``: announced as SIZE in the EHLO reply (RFC 1870) and enforced,
+        aiosmtpd's default; None announces no SIZE."""
         self.log_path = log_path
         self.lock = threading.Lock()
         self.received: list[Received] = []
@@ -106,6 +116,7 @@ class SmtpSink:
             port=self.port,
             authenticator=_Authenticator(self),
             auth_require_tls=False,
+            data_size_limit=data_size_limit,
         )
 
     def log(self, data: bytes) -> None:
