@@ -8,6 +8,8 @@ mapped into :mod:`mailbridge.errors` here, SMTP replies are classified by their 
 
 from __future__ import annotations
 
+import contextlib
+import re
 import socket
 import ssl
 from collections.abc import Awaitable, Callable, Sequence
@@ -49,6 +51,38 @@ _AUTH_CODES: Final = frozenset(
         "send_as_denied",
     }
 )
+
+
+# What may not appear in an envelope address placed on a command line as ``<address>``: a
+# control character anywhere (CR/LF would start a new command, NUL ends it for some servers);
+# outside a quoted-string local part, whitespace (a new ESMTP parameter: `` SIZE=1 NOTIFY=...``),
+# angle brackets (the end of the path) and a double quote. The rule of aiosmtplib's
+# ``email._validate_address``, which ``sendmail`` applied, plus its command-line control check.
+_UNSAFE_IN_PATH: Final = re.compile(r'[\s<>"\x00-\x1f\x7f]')
+_CONTROL: Final = re.compile(r"[\x00-\x1f\x7f]")
+# RFC 5321 section 4.1.2 Quoted-string as aiosmtplib reads it (``QUOTED_LOCAL_PART_REGEX``).
+_QUOTED_LOCAL_PART: Final = re.compile(r'^"(?:[^"\\\r\n]|\\.)*"')
+
+
+def _unsafe_address(address: str) -> bool:
+    """True when ``address`` cannot be sent as ``<address>`` in MAIL FROM or RCPT TO without
+    possibly adding parameters or commands (see ``_UNSAFE_IN_PATH``)."""
+    if not address.startswith('"'):
+        return _UNSAFE_IN_PATH.search(address) is not None
+    if _CONTROL.search(address):
+        return True
+    return _UNSAFE_IN_PATH.search(_QUOTED_LOCAL_PART.sub("", address, count=1)) is not None
+
+
+def transmitted_size(raw: bytes) -> int:
+    """The octets of ``raw`` as DATA transmits it (lone CR and LF as CRLF, a CRLF at the end),
+    without the dot-stuffing and the final ``.``: the RFC 1870 SIZE value. Counted, not
+    converted: ``len(aiosmtplib.protocol.normalize_message_line_endings(raw))``, which
+    ``SMTP.data`` computes again anyway."""
+    cr = raw.count(b"\r")
+    crlf = raw.count(b"\r\n") if cr else 0
+    size = len(raw) + (raw.count(b"\n") - crlf) + (cr - crlf)
+    return size if raw.endswith((b"\n", b"\r")) else size + 2
 
 
 def _client(account: AccountSettings) -> tuple[aiosmtplib.SMTP, str]:
@@ -185,7 +219,9 @@ class SmtpSender:
     ``await SmtpSender.open(account)``, then :meth:`send` per message, then :meth:`close`.
     Errors are mapped at this boundary: :class:`SendError` for a refusal of the message,
     :class:`ServerError` (``unreachable``, ``timeout``, ``connection_lost``, ``auth_failed`` ...)
-    for everything else. After any error the connection is closed; open a new one.
+    for everything else. After any error the connection is closed (open a new one), except
+    an envelope address refused before MAIL FROM (not ASCII, or a character that could
+    smuggle a parameter in): the connection stays usable.
     """
 
     def __init__(self, account: AccountSettings, client: aiosmtplib.SMTP, where: str) -> None:
@@ -234,8 +270,18 @@ class SmtpSender:
             raise SendError(
                 f"{self._where}: {why}", reply=why, permanent=True, code="outbox_invalid"
             )
+        unsafe = next((a for a in (sender, *recipients) if _unsafe_address(a)), None)
+        if unsafe is not None:
+            # Sent as "<address>" (below), an address with a space, an angle bracket or a
+            # line break could add ESMTP parameters or a command: refused by aiosmtplib's rule
+            # (sendmail raised ValueError, which closed the connection here as "internal"),
+            # before MAIL FROM, and the connection stays usable.
+            why = f"{unsafe!r} cannot be an SMTP envelope address (RFC 5321 section 4.1.2)"
+            raise SendError(
+                f"{self._where}: {why}", reply=why, permanent=True, code="outbox_invalid"
+            )
         try:
-            errors, _response = await self._client.sendmail(sender, list(recipients), raw)
+            errors = await self._transaction(raw, sender, recipients)
         except aiosmtplib.SMTPRecipientsRefused as exc:
             replies = "; ".join(f"{r.recipient}: {r.code} {r.message}" for r in exc.recipients)
             permanent = all(r.code >= 500 for r in exc.recipients)
@@ -254,7 +300,66 @@ class SmtpSender:
             raise map_smtp_error(
                 exc, self._where, self.account.smtp.timeout_seconds, self._secret
             ) from exc
-        return {address: f"{reply.code} {reply.message}" for address, reply in errors.items()}
+        return {error.recipient: f"{error.code} {error.message}" for error in errors}
+
+    async def _transaction(
+        self, raw: bytes, sender: str, recipients: Sequence[str]
+    ) -> list[aiosmtplib.SMTPRecipientRefused]:
+        """One mail transaction (RFC 5321 section 3.3: MAIL, RCPT per recipient, DATA) as
+        aiosmtplib's ``SMTP.sendmail`` runs it, with the same exceptions and the same RSET
+        after a refusal, but with the commands sent as they are: the addresses were checked
+        by :meth:`send` and are quoted here, not parsed again per command (``sendmail`` parsed
+        each one twice), and the SIZE value is counted once, not converted (``sendmail``
+        converted the line endings for it, then ``data`` again to send). Returns the refused
+        recipients when others were accepted.
+
+        ``sendmail`` holds a lock for the whole transaction so that two tasks sharing a client
+        cannot interleave their commands; an :class:`SmtpSender` is one worker's connection,
+        sending one message after another, so none is taken here. Each command still waits
+        for its reply (aiosmtplib's command lock) within the client's ``timeout`` (the
+        account's ``smtp.timeout_seconds``, see :func:`_client`), as in ``sendmail``.
+        """
+        client = self._client
+        if client.is_ehlo_or_helo_needed:  # after a reconnect; _connect sent EHLO
+            try:
+                await client.ehlo()
+            except aiosmtplib.SMTPHeloError:
+                if not client.is_connected:
+                    raise
+                await client.helo()
+        # RFC 5321 section 4.1.1.2: MAIL FROM:<reverse-path> [SP Mail-parameters]; the ASCII
+        # and unsafe-character checks of send() make "<address>" the whole path. RFC 1870:
+        # SIZE=<octets as transmitted> when the server announced SIZE in its EHLO reply.
+        mail = [b"MAIL", b"FROM:<" + sender.encode("ascii") + b">"]
+        if client.supports_extension("size"):
+            mail.append(b"SIZE=%d" % transmitted_size(raw))
+        try:
+            response = await client.execute_command(*mail)
+            if response.code != 250:
+                raise aiosmtplib.SMTPSenderRefused(response.code, response.message, sender)
+            # RFC 5321 section 4.1.1.3: RCPT TO:<forward-path>, one per recipient; 250 or 251
+            # accepts it, anything else refuses this recipient only (the others may go on).
+            refused: list[aiosmtplib.SMTPRecipientRefused] = []
+            for address in recipients:
+                response = await client.execute_command(
+                    b"RCPT", b"TO:<" + address.encode("ascii") + b">"
+                )
+                if response.code not in (250, 251):
+                    refused.append(
+                        aiosmtplib.SMTPRecipientRefused(response.code, response.message, address)
+                    )
+            if len(refused) == len(recipients):
+                raise aiosmtplib.SMTPRecipientsRefused(refused)
+            # RFC 5321 section 4.1.1.4: DATA, 354, the message (dot-stuffed, CRLF line
+            # endings, by aiosmtplib), "." and 250; SMTPDataError on any other reply.
+            await client.data(raw)
+        except (aiosmtplib.SMTPResponseException, aiosmtplib.SMTPRecipientsRefused):
+            # As sendmail: RSET (RFC 5321 section 4.1.1.5) ends the refused transaction; a
+            # lost connection or a refused RSET is not what the caller is told.
+            with contextlib.suppress(ConnectionError, aiosmtplib.SMTPResponseException):
+                await client.rset()
+            raise
+        return refused
 
     async def reset(self) -> bool:
         """RSET (RFC 5321 section 4.1.1.5) on a connection kept idle since an earlier batch:

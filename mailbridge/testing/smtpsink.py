@@ -35,6 +35,7 @@ class Received:
     data: bytes
     at: float = 0.0  # time.monotonic() at the end of DATA (same clock in one process)
     peer: Any = None  # the client's (host, port): which connection brought it
+    mail_options: tuple[str, ...] = ()  # MAIL FROM parameters, upper-cased: ("SIZE=1234",)
 
 
 class _Handler:
@@ -95,6 +96,7 @@ class _Handler:
                         bytes(envelope.content),
                         time.monotonic(),
                         session.peer,
+                        tuple(envelope.mail_options),
                     )
                 )
         if held is not None:
@@ -123,7 +125,15 @@ class _Authenticator:
 class SmtpSink:
     """See the module docstring."""
 
-    def __init__(self, *, port: int | None = None, log_path: str | None = None) -> None:
+    def __init__(
+        self,
+        *,
+        port: int | None = None,
+        log_path: str | None = None,
+        data_size_limit: int | None = 2**25,
+    ) -> None:
+        """``data_size_limit``: announced as SIZE in the EHLO reply (RFC 1870) and enforced,
+        aiosmtpd's default; None announces no SIZE."""
         self.log_path = log_path
         self.lock = threading.Lock()
         self.received: list[Received] = []
@@ -143,6 +153,7 @@ class SmtpSink:
             port=self.port,
             authenticator=_Authenticator(self),
             auth_require_tls=False,
+            data_size_limit=data_size_limit,
         )
 
     def log(self, data: bytes) -> None:
