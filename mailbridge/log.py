@@ -184,15 +184,34 @@ def _mask_text(text: str) -> str:
     return "".join(out)
 
 
+# Whether a key names a secret, by key: the keys of log lines are few (the code's own keyword
+# arguments), so each is matched against _SECRET_KEY once instead of at every line. Bounded, for
+# keys that come from data (a foreign record's ``extra``, a logged mapping).
+_KEY_CACHE_MAX: Final = 4096
+_secret_keys: dict[str, bool] = {}
+
+
 def _is_secret_key(key: object) -> bool:
-    return isinstance(key, str) and _SECRET_KEY.fullmatch(key) is not None
+    if not isinstance(key, str):
+        return False
+    known = _secret_keys.get(key)
+    if known is None:
+        known = _SECRET_KEY.fullmatch(key) is not None
+        if len(_secret_keys) < _KEY_CACHE_MAX:
+            _secret_keys[key] = known
+    return known
+
+
+# Values that cannot hold a secret's text and that _mask returns unchanged (checked by exact type:
+# a subclass of int or str may render otherwise).
+_PLAIN: Final = frozenset({int, bool, float, type(None)})
 
 
 def _mask(value: Any, depth: int = 0) -> Any:
     """Mask registered secrets inside ``value``; recurses into containers a few levels deep."""
     if isinstance(value, str):
         return _mask_text(value)
-    if depth >= 4:  # deeper structures are not logged on purpose; do not walk them forever
+    if type(value) in _PLAIN or depth >= 4:  # deeper structures are not logged on purpose
         return value
     if isinstance(value, Mapping):
         return {
@@ -207,6 +226,26 @@ def _mask(value: Any, depth: int = 0) -> Any:
     return value
 
 
+# What redact does with an event's key, by key (cached like _secret_keys): skip it (structlog's
+# own bookkeeping, ``_record``), mask its value whatever it is, or mask secrets inside the value.
+_SKIP: Final = 0
+_HIDE: Final = 1
+_SCAN: Final = 2
+_key_actions: dict[str, int] = {}
+
+
+def _key_action(key: str) -> int:
+    if key.startswith("_"):
+        action = _SKIP
+    elif _is_secret_key(key):
+        action = _HIDE
+    else:
+        action = _SCAN
+    if len(_key_actions) < _KEY_CACHE_MAX:
+        _key_actions[key] = action
+    return action
+
+
 def redact(logger: WrappedLogger, method_name: str, event_dict: EventDict) -> EventDict:
     """structlog processor: mask secret-named keys and registered secret values.
 
@@ -214,12 +253,28 @@ def redact(logger: WrappedLogger, method_name: str, event_dict: EventDict) -> Ev
     Values of other types (ints, objects) are left for the renderer; an object's ``repr`` that
     contains a secret is the caller's bug, and the SecretStr type used in the config guards it.
     """
-    for key, value in list(event_dict.items()):
-        if key.startswith("_"):  # structlog's own bookkeeping (_record, _from_structlog)
+    # Values are replaced in place while iterating: the keys stay the same, so no copy is needed.
+    # The registry is read once per event, not once per string (what _mask_text does).
+    lengths = _lengths_desc
+    shortest = lengths[-1] if lengths else 0
+    pattern = _current_pattern() if lengths else None
+    actions = _key_actions
+    plain = _PLAIN
+    for key, value in event_dict.items():
+        action = actions.get(key)
+        if action is None:
+            action = _key_action(key)
+        if action == _SKIP:
             continue
-        if _is_secret_key(key) and value is not None:
-            event_dict[key] = MASK
-        else:
+        if action == _HIDE:
+            if value is not None:
+                event_dict[key] = MASK
+        elif type(value) is str:
+            if lengths and len(value) >= shortest:
+                masked = pattern.sub(MASK, value) if pattern is not None else _mask_text(value)
+                if masked is not value:
+                    event_dict[key] = masked
+        elif type(value) not in plain:
             event_dict[key] = _mask(value)
     return event_dict
 

@@ -5,10 +5,13 @@ from __future__ import annotations
 import io
 import json
 import logging
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from datetime import datetime
+from typing import Any
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from mailbridge import log as mblog
 from mailbridge.log import (
@@ -255,3 +258,106 @@ def test_records_skip_the_caller_frame_thread_and_process_and_reset_restores() -
     assert lines[1]["event"] == "foreign line"
     reset_logging()
     assert (logging._srcfile, logging.logThreads, logging.logProcesses) == defaults
+
+
+# What redact did before its keys were cached and its plain values skipped: the reference the
+# faster one must agree with, on every event.
+def _reference_mask(value: Any, depth: int = 0) -> Any:
+    if isinstance(value, str):
+        return mblog._mask_text(value)
+    if depth >= 4:
+        return value
+    if isinstance(value, Mapping):
+        return {
+            k: mblog.MASK
+            if isinstance(k, str) and mblog._SECRET_KEY.fullmatch(k) and v is not None
+            else _reference_mask(v, depth + 1)
+            for k, v in value.items()
+        }
+    if isinstance(value, list | tuple | set | frozenset):
+        return [_reference_mask(v, depth + 1) for v in value]
+    if isinstance(value, bytes | bytearray):
+        return _reference_mask(bytes(value).decode("utf-8", "backslashreplace"), depth + 1)
+    return value
+
+
+def _reference_redact(event_dict: dict[str, Any]) -> dict[str, Any]:
+    for key, value in list(event_dict.items()):
+        if key.startswith("_"):
+            continue
+        if mblog._SECRET_KEY.fullmatch(key) and value is not None:
+            event_dict[key] = mblog.MASK
+        else:
+            event_dict[key] = _reference_mask(value)
+    return event_dict
+
+
+class _Text(str):
+    """A str subclass (an enum's value, a library's string type) is masked like a str."""
+
+
+_KEYS = st.sampled_from(
+    ["event", "account", "uid", "password", "_password", "_record", "access_token", "auth",
+     "password_file", "X-Authorization", "detail", "trace"]
+)  # fmt: skip
+_SCALARS = st.one_of(
+    st.none(),
+    st.booleans(),
+    st.integers(),
+    st.floats(allow_nan=False),
+    st.sampled_from(["", "plain", f"x {REGISTERED} y", REGISTERED, "Tr0ub"]),
+    st.builds(_Text, st.sampled_from(["plain", f"in {REGISTERED}"])),
+    st.sampled_from([b"A1 LOGIN " + REGISTERED.encode(), bytearray(b"plain")]),
+)
+_VALUES = st.recursive(
+    _SCALARS,
+    lambda inner: st.one_of(
+        st.lists(inner, max_size=3),
+        st.lists(inner, max_size=3).map(tuple),
+        st.dictionaries(_KEYS, inner, max_size=3),
+    ),
+    max_leaves=8,
+)
+
+
+@pytest.mark.parametrize("secrets", [1, 100])  # the compiled pattern, and the length table
+@settings(max_examples=150, deadline=None)
+@given(event=st.dictionaries(_KEYS, _VALUES, max_size=6))
+def test_redact_agrees_with_the_reference_on_any_event(secrets: int, event: dict[str, Any]) -> None:
+    values = [REGISTERED, *_many_secrets(secrets - 1)]
+    try:
+        for value in values:
+            register_secret(value)
+        # Twice: the first call fills the key caches, the second reads them.
+        for _ in range(2):
+            expected = _reference_redact(dict(event))
+            got = mblog.redact(None, "info", dict(event))
+            assert got == expected
+            assert [type(v) for v in got.values()] == [type(v) for v in expected.values()]
+            assert list(got) == list(event)  # same keys, same order
+    finally:
+        for value in values:
+            unregister_secret(value)
+
+
+def test_redact_key_caches_keep_top_level_bookkeeping_apart_from_nested_keys() -> None:
+    register_secret(REGISTERED)
+    record = object()
+    # "_password" nested in a mapping is a secret key; at the top it is bookkeeping, left alone
+    # whichever was seen first.
+    for _ in range(2):
+        event = {"_password": REGISTERED, "_record": record, "n": {"_password": "x"}}
+        assert mblog.redact(None, "info", event) == {
+            "_password": REGISTERED,
+            "_record": record,
+            "n": {"_password": mblog.MASK},
+        }
+
+
+def test_redact_leaves_values_without_secrets_as_they_are() -> None:
+    register_secret(REGISTERED)
+    text = "no secret in here"
+    number = 10**30
+    event = {"event": text, "big": number, "ok": True, "none": None, "f": 0.5}
+    assert all(a is b for a, b in zip(mblog.redact(None, "info", dict(event)).values(),
+                                      event.values(), strict=True))  # fmt: skip
