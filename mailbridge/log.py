@@ -1,9 +1,11 @@
 """Structured logging for mailbridge: JSON lines under systemd, readable text on a terminal.
 
-``configure_logging()`` routes structlog *and* the standard library's ``logging`` (aioimaplib,
-aiosmtplib, asyncio) through one handler on the root logger, so every line has the same shape
-and passes the same redaction. Under systemd stderr is not a TTY and each event becomes one JSON
-object per line (journald stores one entry per line)::
+``configure_logging()`` sends structlog events *and* the standard library's ``logging`` records
+(aioimaplib, aiosmtplib, asyncio) to one handler on the root logger, so every line has the same
+shape and passes the same redaction. Records reach it through ``logging``; structlog events are
+rendered by their own processor chain and written to the handler's stream, under the handler's
+lock, without a LogRecord (see ``_LineWriter``). Under systemd stderr is not a TTY and each event
+becomes one JSON object per line (journald stores one entry per line)::
 
     {"account": "support", "uid": 42, "event": "imported", "logger": "mailbridge.daemon",
      "level": "info", "timestamp": "2024-05-01T09:00:00.123456Z"}
@@ -21,6 +23,7 @@ LOGIN command line at debug level) or quoted in an exception message is masked a
 
 from __future__ import annotations
 
+import json
 import logging
 import re
 import sys
@@ -96,7 +99,7 @@ _pattern_stale = False  # the set changed since _secret_pattern was compiled
 
 # The one handler configure_logging installs on the root logger; kept so a reconfigure (SIGHUP)
 # replaces it instead of stacking a second one, and other handlers (pytest's) stay untouched.
-_handler: logging.Handler | None = None
+_handler: logging.StreamHandler[TextIO] | None = None
 
 
 def register_secret(value: str) -> None:
@@ -184,15 +187,34 @@ def _mask_text(text: str) -> str:
     return "".join(out)
 
 
+# Whether a key names a secret, by key: the keys of log lines are few (the code's own keyword
+# arguments), so each is matched against _SECRET_KEY once instead of at every line. Bounded, for
+# keys that come from data (a foreign record's ``extra``, a logged mapping).
+_KEY_CACHE_MAX: Final = 4096
+_secret_keys: dict[str, bool] = {}
+
+
 def _is_secret_key(key: object) -> bool:
-    return isinstance(key, str) and _SECRET_KEY.fullmatch(key) is not None
+    if not isinstance(key, str):
+        return False
+    known = _secret_keys.get(key)
+    if known is None:
+        known = _SECRET_KEY.fullmatch(key) is not None
+        if len(_secret_keys) < _KEY_CACHE_MAX:
+            _secret_keys[key] = known
+    return known
+
+
+# Values that cannot hold a secret's text and that _mask returns unchanged (checked by exact type:
+# a subclass of int or str may render otherwise).
+_PLAIN: Final = frozenset({int, bool, float, type(None)})
 
 
 def _mask(value: Any, depth: int = 0) -> Any:
     """Mask registered secrets inside ``value``; recurses into containers a few levels deep."""
     if isinstance(value, str):
         return _mask_text(value)
-    if depth >= 4:  # deeper structures are not logged on purpose; do not walk them forever
+    if type(value) in _PLAIN or depth >= 4:  # deeper structures are not logged on purpose
         return value
     if isinstance(value, Mapping):
         return {
@@ -207,6 +229,26 @@ def _mask(value: Any, depth: int = 0) -> Any:
     return value
 
 
+# What redact does with an event's key, by key (cached like _secret_keys): skip it (structlog's
+# own bookkeeping, ``_record``), mask its value whatever it is, or mask secrets inside the value.
+_SKIP: Final = 0
+_HIDE: Final = 1
+_SCAN: Final = 2
+_key_actions: dict[str, int] = {}
+
+
+def _key_action(key: str) -> int:
+    if key.startswith("_"):
+        action = _SKIP
+    elif _is_secret_key(key):
+        action = _HIDE
+    else:
+        action = _SCAN
+    if len(_key_actions) < _KEY_CACHE_MAX:
+        _key_actions[key] = action
+    return action
+
+
 def redact(logger: WrappedLogger, method_name: str, event_dict: EventDict) -> EventDict:
     """structlog processor: mask secret-named keys and registered secret values.
 
@@ -214,12 +256,28 @@ def redact(logger: WrappedLogger, method_name: str, event_dict: EventDict) -> Ev
     Values of other types (ints, objects) are left for the renderer; an object's ``repr`` that
     contains a secret is the caller's bug, and the SecretStr type used in the config guards it.
     """
-    for key, value in list(event_dict.items()):
-        if key.startswith("_"):  # structlog's own bookkeeping (_record, _from_structlog)
+    # Values are replaced in place while iterating: the keys stay the same, so no copy is needed.
+    # The registry is read once per event, not once per string (what _mask_text does).
+    lengths = _lengths_desc
+    shortest = lengths[-1] if lengths else 0
+    pattern = _current_pattern() if lengths else None
+    actions = _key_actions
+    plain = _PLAIN
+    for key, value in event_dict.items():
+        action = actions.get(key)
+        if action is None:
+            action = _key_action(key)
+        if action == _SKIP:
             continue
-        if _is_secret_key(key) and value is not None:
-            event_dict[key] = MASK
-        else:
+        if action == _HIDE:
+            if value is not None:
+                event_dict[key] = MASK
+        elif type(value) is str:
+            if lengths and len(value) >= shortest:
+                masked = pattern.sub(MASK, value) if pattern is not None else _mask_text(value)
+                if masked is not value:
+                    event_dict[key] = masked
+        elif type(value) not in plain:
             event_dict[key] = _mask(value)
     return event_dict
 
@@ -242,6 +300,198 @@ def _isatty(stream: TextIO) -> bool:
         return False
 
 
+def _json_default(value: Any) -> Any:
+    """What JSON cannot encode natively: the object's ``__structlog__()`` or its ``repr``
+    (structlog's JSONRenderer does the same)."""
+    try:
+        return value.__structlog__()
+    except AttributeError:
+        return repr(value)
+
+
+# One encoder for every line: json.dumps(..., default=...) builds a new JSONEncoder per call.
+# Same output as JSONRenderer(sort_keys=False): ensure_ascii, ", " and ": " separators.
+_encode_json: Final = json.JSONEncoder(default=_json_default).encode
+
+
+def _render_json(logger: WrappedLogger, method_name: str, event_dict: EventDict) -> str:
+    return _encode_json(event_dict)
+
+
+# The renderer of the current configuration (JSON or console). structlog events reach it through
+# _render, the last processor of a chain that never changes (see configure_logging), foreign
+# records through the ProcessorFormatter of the handler.
+_renderer: Processor = _render_json
+
+
+def _render(logger: WrappedLogger, method_name: str, event_dict: EventDict) -> str:
+    return _renderer(logger, method_name, event_dict)  # type: ignore[return-value]
+
+
+# The method names of structlog.stdlib.BoundLogger.log, by level.
+_LEVEL_NAMES: Final[Mapping[int, str]] = {number: name for name, number in LEVELS.items()}
+
+
+class _LineWriter:
+    """What a structlog logger wraps: writes each rendered line through the handler.
+
+    A structlog event does not go through stdlib ``logging`` (no LogRecord, no second copy of
+    it in ProcessorFormatter, no walk up the logger hierarchy: that was over half of a line's
+    CPU): the line is written to the handler's stream under the handler's lock, the lock its
+    foreign records are written under, so lines of several threads never interleave. The
+    handler is looked up at each line, so a logger created before a reconfigure follows it.
+    Anything else (``name``, ``setLevel``, ``handlers`` ...) is the stdlib logger's of the same
+    name, so structlog's stdlib BoundLogger keeps working on top of this.
+    """
+
+    def __init__(self, stdlib: logging.Logger) -> None:
+        self._stdlib = stdlib
+        self.name = stdlib.name
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._stdlib, name)
+
+    def _write(self, levelno: int, line: str) -> None:
+        handler = _handler
+        if handler is None:  # not configured, or detached (tests): stdlib logging as it is
+            self._stdlib.log(levelno, line)
+            return
+        with handler.lock:  # type: ignore[union-attr]  # createLock() made it
+            try:
+                stream = handler.stream
+                stream.write(line + handler.terminator)
+                stream.flush()
+            except RecursionError:  # what logging.StreamHandler.emit does
+                raise
+            except Exception:  # a closed or broken stream: report it as logging does
+                record = logging.LogRecord(self.name, levelno, "", 0, line, None, None)
+                handler.handleError(record)
+
+    def debug(self, line: str) -> None:
+        self._write(logging.DEBUG, line)
+
+    def info(self, line: str) -> None:
+        self._write(logging.INFO, line)
+
+    def warning(self, line: str) -> None:
+        self._write(logging.WARNING, line)
+
+    warn = warning
+
+    def error(self, line: str) -> None:
+        self._write(logging.ERROR, line)
+
+    exception = error
+
+    def critical(self, line: str) -> None:
+        self._write(logging.CRITICAL, line)
+
+    fatal = critical
+
+
+# Without a name, the stdlib factory names the logger after the module that asked for it: the
+# first frame outside structlog and this module.
+_stdlib_factory: Final = structlog.stdlib.LoggerFactory(ignore_frame_names=[__name__])
+_writers: dict[str, _LineWriter] = {}
+
+
+def _writer_factory(*args: Any) -> _LineWriter:
+    """structlog's logger factory: one writer per logger name (a lazy proxy asks at each line)."""
+    name = args[0] if args and isinstance(args[0], str) else None
+    writer = _writers.get(name) if name is not None else None
+    if writer is None:
+        # The stdlib factory also names a logger created without a name after its module.
+        writer = _LineWriter(_stdlib_factory(*args))
+        if name is not None:
+            writer = _writers.setdefault(name, writer)
+    return writer
+
+
+class _BoundLogger(structlog.stdlib.BoundLogger):
+    """structlog's stdlib BoundLogger that drops a below-level event before any work is done (no
+    event dict, no processor, no DropEvent), as ``structlog.stdlib.filter_by_level`` would."""
+
+    def _drops(self, level: int) -> bool:
+        """Below the level of the stdlib logger of the same name, read live (so a reload's new
+        level applies to loggers created earlier), and the chain is configure_logging's: a
+        test's ``capture_logs``, which replaces the chain, still sees every event, as it did
+        when filter_by_level was the chain's first processor."""
+        if self._processors is not _processors or not _processors or _processors[-1] is not _render:
+            return False
+        writer = self._logger
+        if not isinstance(writer, _LineWriter):
+            return False
+        stdlib = writer._stdlib
+        # Not isEnabledFor(): on Python 3.14 it is False while a record is in flight (see
+        # filter_by_level), and this is what filter_by_level reads.
+        return stdlib.disabled or level < stdlib.getEffectiveLevel()
+
+    def debug(self, event: str | None = None, *args: Any, **kw: Any) -> Any:
+        if self._drops(logging.DEBUG):
+            return None
+        return self._proxy_to_logger("debug", event, *args, **kw)
+
+    def info(self, event: str | None = None, *args: Any, **kw: Any) -> Any:
+        if self._drops(logging.INFO):
+            return None
+        return self._proxy_to_logger("info", event, *args, **kw)
+
+    def warning(self, event: str | None = None, *args: Any, **kw: Any) -> Any:
+        if self._drops(logging.WARNING):
+            return None
+        return self._proxy_to_logger("warning", event, *args, **kw)
+
+    warn = warning
+
+    def error(self, event: str | None = None, *args: Any, **kw: Any) -> Any:
+        if self._drops(logging.ERROR):
+            return None
+        return self._proxy_to_logger("error", event, *args, **kw)
+
+    def critical(self, event: str | None = None, *args: Any, **kw: Any) -> Any:
+        if self._drops(logging.CRITICAL):
+            return None
+        return self._proxy_to_logger("critical", event, *args, **kw)
+
+    def fatal(self, event: str | None = None, *args: Any, **kw: Any) -> Any:
+        if self._drops(logging.CRITICAL):
+            return None
+        return self._proxy_to_logger("critical", event, *args, **kw)
+
+    def exception(self, event: str | None = None, *args: Any, **kw: Any) -> Any:
+        if self._drops(logging.ERROR):
+            return None
+        kw.setdefault("exc_info", True)
+        return self._proxy_to_logger("exception", event, *args, **kw)
+
+    def log(self, level: int, event: str | None = None, *args: Any, **kw: Any) -> Any:
+        if self._drops(level):
+            return None
+        return self._proxy_to_logger(_LEVEL_NAMES[level], event, *args, **kw)
+
+
+# Run for structlog events (in the chain below) and for foreign stdlib records (in the formatter).
+_SHARED: Final[tuple[Processor, ...]] = (
+    structlog.contextvars.merge_contextvars,
+    structlog.stdlib.add_logger_name,
+    structlog.stdlib.add_log_level,
+    structlog.processors.TimeStamper(fmt="iso", utc=True),
+)
+# Rendering, for both; the renderer itself comes last.
+_FINAL: Final[tuple[Processor, ...]] = (
+    structlog.processors.StackInfoRenderer(),
+    structlog.processors.format_exc_info,
+    redact,
+)
+
+# The processor chain of structlog events: the same list object at every configure_logging, and
+# nothing in it that a reconfigure changes (the renderer and the stream are looked up at each
+# line). So a logger assembled under an earlier configuration - a cached module-level logger, a
+# bound one kept by a worker - behaves exactly like a new one, and structlog.testing's
+# capture_logs, which edits the configured list in place, reaches every logger.
+_processors: list[Processor] = []
+
+
 def configure_logging(
     level: str = "info", fmt: str = "auto", *, stream: TextIO | None = None
 ) -> None:
@@ -251,24 +501,16 @@ def configure_logging(
     ``auto`` (JSON unless ``stream`` is a TTY). ``stream`` defaults to ``sys.stderr`` at call
     time, which is what systemd connects to the journal.
     """
-    global _handler
+    global _handler, _renderer
     numeric = LEVELS.get(level.lower())
     if numeric is None:
         raise ValueError(f"log level must be one of {', '.join(LEVELS)}, not {level!r}")
     out = stream if stream is not None else sys.stderr
     as_json = _use_json(fmt, out)
 
-    timestamper = structlog.processors.TimeStamper(fmt="iso", utc=True)
-    # Run for structlog events (in configure) and for foreign stdlib records (in the formatter).
-    shared: list[Processor] = [
-        structlog.contextvars.merge_contextvars,
-        structlog.stdlib.add_logger_name,
-        structlog.stdlib.add_log_level,
-        timestamper,
-    ]
     renderer: Processor
     if as_json:
-        renderer = structlog.processors.JSONRenderer(sort_keys=False)
+        renderer = _render_json
     else:
         # Colours only on a real terminal: escape codes in a file or a pipe are noise.
         renderer = structlog.dev.ConsoleRenderer(
@@ -279,13 +521,12 @@ def configure_logging(
             exception_formatter=structlog.dev.plain_traceback,
         )
 
+    # Foreign records (aioimaplib, asyncio ...) go through stdlib logging to this handler.
     formatter = structlog.stdlib.ProcessorFormatter(
-        foreign_pre_chain=[*shared, structlog.stdlib.ExtraAdder()],
+        foreign_pre_chain=[*_SHARED, structlog.stdlib.ExtraAdder()],
         processors=[
             structlog.stdlib.ProcessorFormatter.remove_processors_meta,
-            structlog.processors.StackInfoRenderer(),
-            structlog.processors.format_exc_info,
-            redact,
+            *_FINAL,
             renderer,
         ],
     )
@@ -305,20 +546,24 @@ def configure_logging(
         root.removeHandler(_handler)
     root.addHandler(handler)
     root.setLevel(numeric)
+    _renderer = renderer
     _handler = handler
 
+    _processors[:] = [
+        *_SHARED,
+        structlog.stdlib.PositionalArgumentsFormatter(),
+        *_FINAL,
+        _render,
+    ]
     structlog.configure(
-        processors=[
-            # Drop below-level events before any work is done; reads the stdlib level live, so
-            # a reload's new level applies to loggers created earlier.
-            structlog.stdlib.filter_by_level,
-            *shared,
-            structlog.stdlib.PositionalArgumentsFormatter(),
-            structlog.stdlib.ProcessorFormatter.wrap_for_formatter,
-        ],
-        logger_factory=structlog.stdlib.LoggerFactory(),
-        wrapper_class=structlog.stdlib.BoundLogger,
-        # Not cached: a module-level logger must pick up the processors of a reconfigure.
+        processors=_processors,
+        # structlog events are rendered and written by the chain and _LineWriter, not by
+        # stdlib logging; BoundLogger drops below-level events first (the stdlib level, read
+        # live, so a reload's new level applies to loggers created earlier).
+        logger_factory=_writer_factory,
+        wrapper_class=_BoundLogger,
+        # Not cached: a cached logger would keep this configuration after reset_logging (tests)
+        # and miss a later capture_logs; caching saved ~1 us of a ~12 us line.
         cache_logger_on_first_use=False,
     )
 

@@ -5,10 +5,18 @@ from __future__ import annotations
 import io
 import json
 import logging
-from collections.abc import Iterator
+import threading
+import time
+from collections.abc import Iterator, Mapping
 from datetime import datetime
+from typing import Any
 
 import pytest
+import structlog
+import structlog.testing
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from structlog.typing import EventDict, Processor, WrappedLogger
 
 from mailbridge import log as mblog
 from mailbridge.log import (
@@ -255,3 +263,295 @@ def test_records_skip_the_caller_frame_thread_and_process_and_reset_restores() -
     assert lines[1]["event"] == "foreign line"
     reset_logging()
     assert (logging._srcfile, logging.logThreads, logging.logProcesses) == defaults
+
+
+# What redact did before its keys were cached and its plain values skipped: the reference the
+# faster one must agree with, on every event.
+def _reference_mask(value: Any, depth: int = 0) -> Any:
+    if isinstance(value, str):
+        return mblog._mask_text(value)
+    if depth >= 4:
+        return value
+    if isinstance(value, Mapping):
+        return {
+            k: mblog.MASK
+            if isinstance(k, str) and mblog._SECRET_KEY.fullmatch(k) and v is not None
+            else _reference_mask(v, depth + 1)
+            for k, v in value.items()
+        }
+    if isinstance(value, list | tuple | set | frozenset):
+        return [_reference_mask(v, depth + 1) for v in value]
+    if isinstance(value, bytes | bytearray):
+        return _reference_mask(bytes(value).decode("utf-8", "backslashreplace"), depth + 1)
+    return value
+
+
+def _reference_redact(event_dict: dict[str, Any]) -> dict[str, Any]:
+    for key, value in list(event_dict.items()):
+        if key.startswith("_"):
+            continue
+        if mblog._SECRET_KEY.fullmatch(key) and value is not None:
+            event_dict[key] = mblog.MASK
+        else:
+            event_dict[key] = _reference_mask(value)
+    return event_dict
+
+
+class _Text(str):
+    """A str subclass (an enum's value, a library's string type) is masked like a str."""
+
+
+_KEYS = st.sampled_from(
+    ["event", "account", "uid", "password", "_password", "_record", "access_token", "auth",
+     "password_file", "X-Authorization", "detail", "trace"]
+)  # fmt: skip
+_SCALARS = st.one_of(
+    st.none(),
+    st.booleans(),
+    st.integers(),
+    st.floats(allow_nan=False),
+    st.sampled_from(["", "plain", f"x {REGISTERED} y", REGISTERED, "Tr0ub"]),
+    st.builds(_Text, st.sampled_from(["plain", f"in {REGISTERED}"])),
+    st.sampled_from([b"A1 LOGIN " + REGISTERED.encode(), bytearray(b"plain")]),
+)
+_VALUES = st.recursive(
+    _SCALARS,
+    lambda inner: st.one_of(
+        st.lists(inner, max_size=3),
+        st.lists(inner, max_size=3).map(tuple),
+        st.dictionaries(_KEYS, inner, max_size=3),
+    ),
+    max_leaves=8,
+)
+
+
+@pytest.mark.parametrize("secrets", [1, 100])  # the compiled pattern, and the length table
+@settings(max_examples=150, deadline=None)
+@given(event=st.dictionaries(_KEYS, _VALUES, max_size=6))
+def test_redact_agrees_with_the_reference_on_any_event(secrets: int, event: dict[str, Any]) -> None:
+    values = [REGISTERED, *_many_secrets(secrets - 1)]
+    try:
+        for value in values:
+            register_secret(value)
+        # Twice: the first call fills the key caches, the second reads them.
+        for _ in range(2):
+            expected = _reference_redact(dict(event))
+            got = mblog.redact(None, "info", dict(event))
+            assert got == expected
+            assert [type(v) for v in got.values()] == [type(v) for v in expected.values()]
+            assert list(got) == list(event)  # same keys, same order
+    finally:
+        for value in values:
+            unregister_secret(value)
+
+
+def test_redact_key_caches_keep_top_level_bookkeeping_apart_from_nested_keys() -> None:
+    register_secret(REGISTERED)
+    record = object()
+    # "_password" nested in a mapping is a secret key; at the top it is bookkeeping, left alone
+    # whichever was seen first.
+    for _ in range(2):
+        event = {"_password": REGISTERED, "_record": record, "n": {"_password": "x"}}
+        assert mblog.redact(None, "info", event) == {
+            "_password": REGISTERED,
+            "_record": record,
+            "n": {"_password": mblog.MASK},
+        }
+
+
+def test_redact_leaves_values_without_secrets_as_they_are() -> None:
+    register_secret(REGISTERED)
+    text = "no secret in here"
+    number = 10**30
+    event = {"event": text, "big": number, "ok": True, "none": None, "f": 0.5}
+    assert all(a is b for a, b in zip(mblog.redact(None, "info", dict(event)).values(),
+                                      event.values(), strict=True))  # fmt: skip
+
+
+def test_a_logger_bound_before_a_reconfigure_follows_its_stream_format_and_level() -> None:
+    """A worker binds its logger once (``log.bind(account=...)``) and keeps it across reloads."""
+    first = io.StringIO()
+    configure_logging("warning", "json", stream=first)
+    bound = get_logger("mailbridge.account").bind(account="support")
+    bound.info("dropped")
+    bound.warning("kept_json")
+
+    second = io.StringIO()
+    configure_logging("debug", "console", stream=second)
+    bound.debug("kept_console", uid=3)
+
+    (line,) = _json_lines(first.getvalue())
+    assert line["event"] == "kept_json"
+    assert line["account"] == "support"
+    text = second.getvalue()
+    assert "kept_console" in text
+    assert "account=support" in text
+    assert "uid=3" in text
+    assert "kept_json" not in text
+
+
+def test_the_default_stream_is_sys_stderr_at_call_time(monkeypatch: pytest.MonkeyPatch) -> None:
+    from mailbridge.daemon import outbox  # its module-level logger exists before the call
+
+    err = io.StringIO()
+    monkeypatch.setattr("sys.stderr", err)
+    configure_logging("info", "json")
+    outbox.log.info("message_sent", outbox=1)
+    (line,) = _json_lines(err.getvalue())
+    assert line["event"] == "message_sent"
+    assert line["logger"] == "mailbridge.outbox"
+
+
+def test_a_logger_without_a_name_is_named_after_its_module() -> None:
+    out = io.StringIO()
+    configure_logging("info", "json", stream=out)
+    structlog.get_logger().info("anonymous")
+    (line,) = _json_lines(out.getvalue())
+    assert line["logger"] == __name__
+
+
+def test_json_lines_are_what_structlogs_json_renderer_writes() -> None:
+    class Opaque:
+        def __repr__(self) -> str:
+            return "<Opaque>"
+
+    class Structured:
+        def __structlog__(self) -> dict[str, int]:
+            return {"n": 1}
+
+    event = {
+        "event": 'é ✓ "quoted"\n',
+        "n": 1,
+        "f": float("nan"),
+        "none": None,
+        "nested": {"a": [1, (2, 3)]},
+        "opaque": Opaque(),
+        "structured": Structured(),
+    }
+    reference = structlog.processors.JSONRenderer(sort_keys=False)
+    assert mblog._render_json(None, "info", event) == reference(None, "info", event)
+
+
+def _on_every_line(calls: list[str]) -> Processor:
+    def spy(logger: WrappedLogger, method_name: str, event_dict: EventDict) -> EventDict:
+        calls.append(event_dict["event"])
+        return event_dict
+
+    return spy
+
+
+def test_below_level_events_run_no_processor() -> None:
+    out = io.StringIO()
+    configure_logging("info", "json", stream=out)
+    calls: list[str] = []
+    spy = _on_every_line(calls)
+    mblog._processors.insert(0, spy)
+    try:
+        logger = get_logger("mailbridge.test")
+        logger.debug("below")
+        logger.bind(account="a").debug("below, bound")
+        logger.log(logging.DEBUG, "below, by number")
+        logger.info("at")
+    finally:
+        mblog._processors.remove(spy)
+    assert calls == ["at"]
+
+
+def test_capture_logs_sees_every_level_while_logging_is_configured() -> None:
+    # A CLI test leaves logging configured at "warning"; a later test's capture_logs replaces
+    # the chain and must see its info events (it did when the filter was a processor).
+    out = io.StringIO()
+    configure_logging("warning", "json", stream=out)
+    logger = get_logger("mailbridge.test")
+    bound = logger.bind(account="a")
+    with structlog.testing.capture_logs() as logs:
+        logger.info("captured")
+        bound.debug("captured too")
+    logger.info("dropped again")
+    logger.warning("written")
+    assert [entry["event"] for entry in logs] == ["captured", "captured too"]
+    assert [line["event"] for line in _json_lines(out.getvalue())] == ["written"]
+
+
+class _OneWriterAtATime(io.StringIO):
+    """A stream that notices two threads writing at once (a line could then be torn)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.writing = 0
+        self.overlaps = 0
+
+    def write(self, text: str) -> int:
+        self.writing += 1
+        if self.writing > 1:
+            self.overlaps += 1
+        for char in text:  # slowly, so that another thread would get in between
+            super().write(char)
+            if char == ",":
+                time.sleep(0)
+        self.writing -= 1
+        return len(text)
+
+
+def test_lines_of_several_threads_never_interleave() -> None:
+    out = _OneWriterAtATime()
+    configure_logging("info", "json", stream=out)
+    logger = get_logger("mailbridge.test")
+    foreign = logging.getLogger("aioimaplib.test")
+    start = threading.Barrier(4)
+
+    def work(worker: int) -> None:
+        start.wait()
+        for i in range(50):
+            logger.info("event", worker=worker, i=i, text="a,b,c,d,e,f")
+            foreign.info("record %s %s a,b,c", worker, i)
+
+    threads = [threading.Thread(target=work, args=(n,)) for n in range(4)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    lines = _json_lines(out.getvalue())
+    assert len(lines) == 400
+    assert out.overlaps == 0
+
+
+def test_a_broken_stream_does_not_raise_into_the_caller(
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    out = io.StringIO()
+    configure_logging("info", "json", stream=out)
+    out.close()
+    get_logger("mailbridge.test").info("lost")  # no exception: logging reports it, as stdlib does
+    assert "--- Logging error ---" in capsys.readouterr().err
+
+
+def test_events_go_through_stdlib_logging_while_the_handler_is_detached() -> None:
+    """What tests/conftest.py does after a CLI test: the handler's stream is gone; structlog
+    events must not be written to it but reach stdlib logging (redacted), like records do."""
+    out = io.StringIO()
+    configure_logging("info", "json", stream=out)
+    register_secret(REGISTERED)
+    handler = mblog._handler
+    assert handler is not None
+    logging.getLogger().removeHandler(handler)
+    mblog._handler = None
+    seen: list[logging.LogRecord] = []
+
+    class Collect(logging.Handler):
+        def emit(self, record: logging.LogRecord) -> None:
+            seen.append(record)
+
+    collect = Collect()
+    logging.getLogger().addHandler(collect)
+    try:
+        get_logger("mailbridge.test").warning("detached", detail=REGISTERED)
+    finally:
+        logging.getLogger().removeHandler(collect)
+    assert out.getvalue() == ""
+    (record,) = seen
+    assert record.name == "mailbridge.test"
+    assert record.levelno == logging.WARNING
+    line = json.loads(record.getMessage())
+    assert line["event"] == "detached"
+    assert line["detail"] == mblog.MASK
