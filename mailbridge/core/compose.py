@@ -36,7 +36,7 @@ from email.headerregistry import BaseHeader, HeaderRegistry
 from email.message import EmailMessage
 from email.policy import EmailPolicy
 from email.utils import format_datetime, formataddr, make_msgid, parseaddr
-from typing import Final, Literal
+from typing import Any, Final, Literal
 
 from mailbridge.core.identify import (
     is_key,
@@ -80,6 +80,11 @@ class _Wire(str):
     __slots__ = ()
 
 
+# The MIME headers set_text writes (RFC 2045), and their values parsed (see _Policy).
+_MIME_HEADERS: Final = frozenset({"content-type", "content-transfer-encoding", "mime-version"})
+_PARSED_MIME: dict[tuple[str, str], Any] = {}
+
+
 class _Policy(EmailPolicy):
     """``policy.SMTP`` (CRLF line ends), except that id headers are written on one line and
     :class:`_Wire` values are written as they are.
@@ -93,6 +98,21 @@ class _Policy(EmailPolicy):
         if isinstance(value, _Wire):
             return (name, value)
         return super().header_store_parse(name, value)
+
+    def header_fetch_parse(self, name: str, value: str) -> Any:
+        # A _Wire value is parsed when read, as the stdlib parses any raw value. The MIME
+        # headers :func:`set_text` writes are read again and again while the message is
+        # written and read back (its content type, charset, transfer encoding): their few
+        # values are parsed once per process (header objects are immutable).
+        if isinstance(value, _Wire) and name.lower() in _MIME_HEADERS:
+            key = (name.lower(), str(value))
+            parsed = _PARSED_MIME.get(key)
+            if parsed is None:
+                parsed = super().header_fetch_parse(name, value)
+                if len(_PARSED_MIME) < 64:
+                    _PARSED_MIME[key] = parsed
+            return parsed
+        return super().header_fetch_parse(name, value)
 
     def fold(self, name: str, value: str) -> str:
         if isinstance(value, _Wire):
