@@ -1679,3 +1679,48 @@ async def test_the_first_connection_failing_holds_the_other_lanes_rows(
     assert [r["state"] for r in states] == ["queued"] * 12
     assert sum(1 for r in states if r["lasterrorcode"] == "unreachable") == 1
     assert worker._lane_cap == {}
+
+
+def test_kill_9_with_a_message_on_each_connection_resends_those_and_sends_the_rest_once(
+    tmp_path: Path, sink: SmtpSink
+) -> None:
+    """Three connections at once, each with a message whose 250 the server holds, the next
+    chunks already marked sending: kill -9. The restart resends the three with their
+    Message-IDs and bytes, sends every other row once, and stores each row's message once."""
+    data = offline_config(tmp_path, sink)
+    settings = parse_config(data)
+    path = write_config(tmp_path, data)
+    ids = _new_rows(settings, 12)
+    sink.hold()
+    proc = _daemon(path)
+    try:
+        deadline = time.monotonic() + 60
+        while len(sink.received) < 3 and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert len(sink.received) == 3, "a message in DATA on each of three connections"
+        proc.send_signal(signal.SIGKILL)
+        proc.communicate(timeout=30)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.communicate(timeout=30)
+        sink.release()
+    held = {r.data for r in sink.received}
+    assert len({r.peer for r in sink.received}) == 3
+    assert [row(settings, i)["state"] for i in ids].count("sent") == 0  # none recorded
+    asyncio.run(send_pass(settings))  # the restart: `run --once` does the same recovery
+    assert [row(settings, i)["state"] for i in ids] == ["sent"] * 12
+    by_id: dict[str, list[bytes]] = {}
+    for received in sink.received:
+        message_id = normalize_message_id(parsed(received.data)["Message-ID"]) or ""
+        by_id.setdefault(message_id, []).append(received.data)
+    assert set(by_id) == {row(settings, i)["messageid"] for i in ids}  # every row delivered
+    twice = {m for m, copies in by_id.items() if len(copies) == 2}
+    assert {by_id[m][0] for m in twice} == held  # the three held: sent again, same bytes
+    assert all(len(set(by_id[m])) == 1 for m in twice)
+    assert all(len(copies) == 1 for m, copies in by_id.items() if m not in twice)
+    with sqlite3.connect(settings.database) as conn:
+        [count] = conn.execute(
+            "SELECT COUNT(*) FROM conversationmessage WHERE direction = 'outgoing'"
+        ).fetchone()
+    assert count == 12  # stored once each

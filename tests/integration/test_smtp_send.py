@@ -40,7 +40,7 @@ def account_for(sink: SmtpSink, tmp_path: Path) -> AccountSettings:
                     "address": SUPPORT,
                     "imap": {"host": "127.0.0.1", "port": free_port(), "tls": "none"},
                     "smtp": sink.smtp_settings(),
-                    "auth": {"username": "support", "password": "secret"},
+                    "auth": {"username": "support", "password": "smtp-send-pw"},
                 }
             ],
         }
