@@ -100,6 +100,20 @@ def test_starttls_imap_defaults_to_143_and_smtp_to_587_starttls() -> None:
     assert account.smtp.port == 587
 
 
+def test_smtp_connections_default_to_three_and_are_bounded() -> None:
+    smtp = {"host": "smtp.example.com"}
+    settings = parse_config({"accounts": [_account(smtp=smtp)]})
+    assert settings.accounts[0].smtp is not None
+    assert settings.accounts[0].smtp.connections == 3  # Exchange Online's limit per mailbox
+    one = parse_config({"accounts": [_account(smtp={**smtp, "connections": 1})]})
+    assert one.accounts[0].smtp is not None
+    assert one.accounts[0].smtp.connections == 1
+    for wrong in (0, 11, "two", 2.5):
+        error = _error({"accounts": [_account(smtp={**smtp, "connections": wrong})]})
+        assert error.path == "accounts[0].smtp.connections"
+        assert error.code == "config_invalid"
+
+
 def test_explicit_port_is_kept() -> None:
     settings = parse_config({"accounts": [_account(imap={"host": "h", "port": "10993"})]})
     assert settings.accounts[0].imap.port == 10993
