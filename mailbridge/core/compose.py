@@ -105,7 +105,7 @@ class _Policy(EmailPolicy):
         # written and read back (its content type, charset, transfer encoding): their few
         # values are parsed once per process (header objects are immutable).
         if isinstance(value, _Wire) and name.lower() in _MIME_HEADERS:
-            key = (name.lower(), str(value))
+            key = (name, str(value))  # the object keeps the name as first asked for
             parsed = _PARSED_MIME.get(key)
             if parsed is None:
                 parsed = super().header_fetch_parse(name, value)

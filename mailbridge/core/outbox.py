@@ -164,6 +164,27 @@ def a_label(domain: str) -> str:
     return str(idna.encode(domain, uts46=True, transitional=False).decode("ascii"))
 
 
+# A server's words for "too many connections at once from you", in a 4xx reply: RFC 3463's
+# X.3.2 ("system not accepting network messages", which Exchange Online sends as "432 4.3.2
+# Concurrent connections limit exceeded" and "4.3.2 STOREDRV.ClientSubmit; sender thread
+# limit exceeded", Microsoft's "Message storage and concurrent connection throttling for SMTP
+# Authenticated Submission"), or the phrases of Postfix ("too many connections") and others.
+_CONNECTION_LIMIT = re.compile(
+    r"\b4\.3\.2\b|concurrent connection|too many (\w+ ){0,2}(connections|sessions)"
+    r"|connection limit|thread limit",
+    re.IGNORECASE,
+)
+
+
+def connection_limit_reply(reply: str) -> bool:
+    """Whether an SMTP reply (its code and words: ``"432 4.3.2 ..."``) refuses a connection
+    for being over the server's limit of connections at once: a temporary (4xx, RFC 5321
+    section 4.2.1) reply saying so (see _CONNECTION_LIMIT); a 5xx never is."""
+    return (
+        re.match(r"\s*4\d\d\b", reply) is not None and _CONNECTION_LIMIT.search(reply) is not None
+    )
+
+
 def recipient_problem(columns: Mapping[str, str | None]) -> str | None:
     """The first entry of the address-list ``columns`` (name -> text, e.g. ``toaddresses``)
     that cannot be sent to, said with its column, or None: a row naming one fails as a whole

@@ -72,6 +72,7 @@ from mailbridge.core.outbox import (
     after_failure,
     build_message,
     check_actions,
+    connection_limit_reply,
     envelope_recipients,
     parse_actions,
     recipient_problem,
@@ -479,13 +480,27 @@ class _Lane:
     index: int
     rows: Sequence[OutboxRow]
     sender: SmtpSender | None = None
-    opened: SmtpSender | None = None  # the first connection this lane had (kept or new)
     finished: bool = False
-    # The first lane's verdict: whether a further lane may open its connection (True once the
-    # first connected or needed none, False when its connection failed).
-    first: asyncio.Future[bool] = dataclasses.field(
-        default_factory=lambda: asyncio.get_running_loop().create_future()
-    )
+
+
+@dataclass(eq=False)
+class _Round:
+    """An account's lanes in one round of sending."""
+
+    lanes: list[_Lane]
+    # The round's first connection being opened (True once up, False when it failed): lanes
+    # that need a connection meanwhile wait for it instead of each trying its own.
+    pioneer: asyncio.Future[bool] | None = None
+
+    def connected(self) -> int:
+        return sum(1 for lane in self.lanes if lane.sender is not None and lane.sender.usable)
+
+    def others_connected(self, lane: _Lane) -> bool:
+        return any(
+            other.sender is not None and other.sender.usable
+            for other in self.lanes
+            if other is not lane
+        )
 
 
 class OutboxWorker:
@@ -696,7 +711,12 @@ class OutboxWorker:
         ready: list[SmtpSender] = []
         for index, (sender, _used) in enumerate(kept):
             if len(ready) == wanted:
-                self._sessions[account.name] = kept[index:]
+                rest = kept[index:]
+                if self._serves(account.name) and not self.stopping.is_set():
+                    self._sessions.setdefault(account.name, []).extend(rest)
+                else:  # let go of (or stopping) while the others were reset
+                    for unused, _at in rest:
+                        await unused.close()
                 break
             if sender.account != account:  # the settings were reloaded: sign in anew
                 await sender.close()
@@ -926,20 +946,21 @@ class OutboxWorker:
         :func:`lane_rows`; the rows of one conversation go out in order on one of them), each
         kept from the account's last round (RSET) or new, and kept afterwards for
         SESSION_IDLE_SECONDS. Accepted rows are recorded by group commit, for all lanes."""
+        # Registered before anything is awaited: a let_go() from now on waits for this round.
+        in_hand = self._in_hand[account.name] = asyncio.Event()
         lanes = [
             _Lane(index, part)
             for index, part in enumerate(lane_rows(rows, self._lane_count(account, len(rows))))
         ]
-        kept = await self._kept_sessions(account, len(lanes))  # as many as lanes, or fewer
-        for lane, sender in zip(lanes, kept, strict=False):
-            lane.sender = lane.opened = sender
-        if lanes[0].sender is not None:
-            lanes[0].first.set_result(True)
+        round_ = _Round(lanes)
         recorder = _SentRecorder(self, account, summary)
-        in_hand = self._in_hand[account.name] = asyncio.Event()
+        outcomes: list[BaseException | None] = []
         try:
+            kept = await self._kept_sessions(account, len(lanes))  # as many as lanes, or fewer
+            for lane, sender in zip(lanes, kept, strict=False):
+                lane.sender = sender
             outcomes = await asyncio.gather(
-                *(self._send_lane(account, lane, lanes[0], recorder, summary) for lane in lanes),
+                *(self._send_lane(account, lane, round_, recorder, summary) for lane in lanes),
                 return_exceptions=True,
             )
         finally:
@@ -951,13 +972,17 @@ class OutboxWorker:
                     del self._in_hand[account.name]
                 for row in rows:  # prepared but not recorded (failed, cancelled, released)
                     self._parsed.pop(row.id, None)
-                for lane in lanes:
-                    if lane.sender is not None and not (
+                closing = [
+                    lane.sender.close()
+                    for lane in lanes
+                    if lane.sender is not None
+                    and not (
                         lane.finished
                         and self._serves(account.name)
                         and self._keep_session(account, lane.sender)
-                    ):
-                        await lane.sender.close()
+                    )
+                ]
+                await asyncio.gather(*closing)  # QUIT on each at once (close never raises)
         for outcome in outcomes:
             if isinstance(outcome, BaseException):
                 raise outcome
@@ -966,7 +991,7 @@ class OutboxWorker:
         self,
         account: AccountSettings,
         lane: _Lane,
-        first: _Lane,
+        round_: _Round,
         recorder: _SentRecorder,
         summary: OutboxSummary,
     ) -> None:
@@ -989,22 +1014,24 @@ class OutboxWorker:
                     )
                 if not ready:
                     continue
-                if not await self._send_chunk(account, ready, lane, first, recorder, summary):
+                if not await self._send_chunk(account, ready, lane, round_, recorder, summary):
                     break
             lane.finished = True  # no exception: the connection is between transactions
         finally:
-            if lane is first and not lane.first.done():
-                lane.first.set_result(True)  # no connection needed: the others open their own
             if ahead is not None:
                 # Never cancelled: a transaction on the database thread would commit anyway,
                 # leaving rows marked sending that nobody sends. Its rows go back to queued.
                 with contextlib.suppress(Exception):
                     left = await ahead
-                    why = "the daemon is stopping" if self.stopping.is_set() else (
-                        "the daemon no longer serves the account" if not self._serves(account.name)
-                        else "the account's sending stopped before this row (see the error before)"
-                    )  # fmt: skip
-                    await self._release([r for r, _p in left], why)
+                    await self._release([r for r, _p in left], self._why_stopped(account))
+
+    def _why_stopped(self, account: AccountSettings) -> str:
+        """Why rows marked ``sending`` go back to ``queued`` unattempted."""
+        if self.stopping.is_set():
+            return "the daemon is stopping"
+        if not self._serves(account.name):
+            return "the daemon no longer serves the account"
+        return "the account's sending stopped before this row (see the error before)"
 
     async def _begin_chunk(
         self, account: AccountSettings, rows: Sequence[OutboxRow], summary: OutboxSummary
@@ -1040,27 +1067,35 @@ class OutboxWorker:
         account: AccountSettings,
         ready: Sequence[tuple[OutboxRow, _Prepared]],
         lane: _Lane,
-        first: _Lane,
+        round_: _Round,
         recorder: _SentRecorder,
         summary: OutboxSummary,
     ) -> bool:
         """Send rows already marked ``sending`` on ``lane``'s connection; whether to go on."""
         for index, (row, prepared) in enumerate(ready):
-            if self.stopping.is_set():
-                await self._release([r for r, _p in ready[index:]], "the daemon is stopping")
-                return False
-            if not self._serves(account.name):  # its lease lost: another daemon sends them
-                why = "the daemon no longer serves the account"
-                await self._release([r for r, _p in ready[index:]], why)
-                return False
             try:
-                if (lane.sender is None or not lane.sender.usable) and not await self._open(
-                    account, lane, first, ready[index:]
-                ):
+                # Looked at before the connection is opened and again after (opening may wait
+                # for the round's first connection, and sign in): a lease lost or a stop
+                # meanwhile leaves the rows to the next holder, unsent.
+                if self._stopped(account):
+                    await self._release([r for r, _p in ready[index:]], self._why_stopped(account))
                     return False
+                if lane.sender is None or not lane.sender.usable:
+                    if not await self._open(account, lane, round_, ready[index:]):
+                        return False
+                    if self._stopped(account):
+                        why = self._why_stopped(account)
+                        await self._release([r for r, _p in ready[index:]], why)
+                        return False
                 assert lane.sender is not None
                 refused = await self._send(lane.sender, account, row, prepared)
             except SendError as exc:
+                if round_.others_connected(lane) and connection_limit_reply(exc.reply):
+                    # Over the server's limit of connections at once, said at MAIL or DATA
+                    # (Exchange Online: "432 4.3.2 Concurrent connections limit exceeded"):
+                    # not this row's fault, it goes with the others on fewer connections.
+                    await self._limit_lane(account, lane, round_, ready[index:], str(exc))
+                    return False
                 await self._failed(
                     row, exc.code, exc.reply, permanent=exc.permanent, summary=summary
                 )
@@ -1069,8 +1104,6 @@ class OutboxWorker:
                 raise  # the database, not the server: the round fails and recover() resolves it
             except MailbridgeError as exc:  # ServerError, or a secret/token not to be had
                 lane.sender = None
-                if lane is first and not lane.first.done():
-                    lane.first.set_result(False)
                 await self._failed(row, exc.code, str(exc), permanent=False, summary=summary)
                 # The server (or the sign-in) is the problem, not the row: the account's other
                 # rows wait.
@@ -1087,49 +1120,80 @@ class OutboxWorker:
             recorder.commit()  # at once: a kill -9 leaves at most the rows in hand unrecorded
         return True
 
+    def _stopped(self, account: AccountSettings) -> bool:
+        return self.stopping.is_set() or not self._serves(account.name)
+
     async def _open(
         self,
         account: AccountSettings,
         lane: _Lane,
-        first: _Lane,
+        round_: _Round,
         left: Sequence[tuple[OutboxRow, _Prepared]],
     ) -> bool:
-        """Give ``lane`` a new connection; False (``left`` back to queued) when a further
-        lane's connection is not to be had. The first lane's failure is raised to the caller
-        (the row fails for a retry, the account pauses), as is a failure of a lane that was
-        connected before (the connection lost). A further lane opens only once the first has
-        connected; one the server refuses while the first is connected (a limit of concurrent
-        connections per mailbox) hands its rows back, not attempted, and the account is sent
-        on fewer connections for LANE_CAP_SECONDS."""
-        if lane is first or lane.opened is not None:
-            lane.sender = await SmtpSender.open(account)
-            lane.opened = lane.sender
-            if lane is first and not lane.first.done():
-                lane.first.set_result(True)
+        """Give ``lane`` a new connection; False (``left`` back to queued) when it is not to
+        be had for a reason that is not the lane's rows'.
+
+        While no lane of the round is connected, one lane opens the round's first connection
+        and the others wait for it: its failure is raised to the caller (the row fails for a
+        retry, the account pauses) and the waiting lanes hand their rows back. A further
+        connection, opened while another lane is connected, that the server refuses as over
+        its limit of connections at once (:func:`connection_limit_reply`) hands its rows
+        back too, not attempted, and the account is sent on fewer connections for
+        LANE_CAP_SECONDS; any other failure of it is raised like the first's."""
+        pioneer = round_.pioneer
+        if not round_.others_connected(lane) and pioneer is not None:
+            up = await pioneer
+            if not up or self._stopped(account):
+                why = self._why_stopped(account) if up else "the account's connection failed"
+                await self._release([r for r, _p in left], why)
+                return False
+        if not round_.others_connected(lane):
+            # This lane opens the round's connection (none is up: the first lane needed none,
+            # or the one up was lost meanwhile).
+            opening = round_.pioneer = asyncio.get_running_loop().create_future()
+            try:
+                lane.sender = await SmtpSender.open(account)
+            finally:
+                opening.set_result(lane.sender is not None and lane.sender.usable)
             return True
-        if not await first.first:
-            await self._release([r for r, _p in left], "the account's first connection failed")
-            return False
         try:
-            lane.sender = lane.opened = await SmtpSender.open(account)
+            lane.sender = await SmtpSender.open(account)
         except MailbridgeError as exc:
-            why = f"connection {lane.index + 1} of the account was refused ({exc})"
-            await self._release([r for r, _p in left], why)
-            # The lane's rows (none was sent: it never connected) are sent again in this
-            # pass (send_due), on the connections that worked.
-            self._handed_back.update(r.id for r in lane.rows)
-            cap = self._lane_cap.get(account.name)
-            if cap is not None and cap[0] <= lane.index and cap[1] > time.monotonic():
-                return False  # another lane's refusal set as low a cap, and said so
-            self._lane_cap[account.name] = (lane.index, time.monotonic() + LANE_CAP_SECONDS)
-            log.warning(
-                "outbox_connection_refused", account=account.name, connections=lane.index,
-                code=exc.code, error=str(exc), cap_seconds=LANE_CAP_SECONDS,
-                remedy="the server allows fewer connections at once: set smtp.connections to "
-                f"{lane.index} (until then its rows go out on the connections that worked)",
-            )  # fmt: skip
+            # A reply quoted as "<server> refused: <code> <words>" (mail.smtp's mapping).
+            if not connection_limit_reply(str(exc).rpartition(" refused: ")[2]):
+                raise
+            await self._limit_lane(account, lane, round_, left, str(exc))
             return False
         return True
+
+    async def _limit_lane(
+        self,
+        account: AccountSettings,
+        lane: _Lane,
+        round_: _Round,
+        left: Sequence[tuple[OutboxRow, _Prepared]],
+        error: str,
+    ) -> None:
+        """``lane`` is over the server's limit of connections at once: its rows back to
+        queued (sent again in this pass, send_due, on the connections that work), the
+        account capped to those for LANE_CAP_SECONDS; stored first, then logged."""
+        if lane.sender is not None:
+            await lane.sender.close()
+            lane.sender = None
+        why = f"connection {lane.index + 1} of the account was refused ({error})"
+        await self._release([r for r, _p in left], why)
+        self._handed_back.update(r.id for r in lane.rows)  # those sent are not queued
+        allowed = max(1, round_.connected())
+        cap = self._lane_cap.get(account.name)
+        if cap is not None and cap[0] <= allowed and cap[1] > time.monotonic():
+            return  # another lane's refusal set as low a cap, and said so
+        self._lane_cap[account.name] = (allowed, time.monotonic() + LANE_CAP_SECONDS)
+        log.warning(
+            "outbox_connection_refused", account=account.name, connections=allowed,
+            error=error, cap_seconds=LANE_CAP_SECONDS,
+            remedy="the server allows fewer connections at once: set smtp.connections to "
+            f"{allowed} (until then its rows go out on the connections that worked)",
+        )  # fmt: skip
 
     def _pause(self, account: str) -> None:
         self._failures[account] += 1
@@ -1603,14 +1667,32 @@ def message_id_of(message: EmailMessage) -> str | None:
 
 
 def pipeline_chunks(rows: Sequence[OutboxRow]) -> list[Sequence[OutboxRow]]:
-    """``rows`` in chunks of 1, 2, 4 ... then PIPELINE_CHUNK rows: the first row is sent as
-    soon as it alone is composed and marked, later chunks share one transaction each."""
+    """``rows`` in order, in chunks of 1, 2, 4 ... then PIPELINE_CHUNK rows: the first row is
+    sent as soon as it alone is composed and marked, later chunks share one transaction each.
+    A row with attachments is a chunk of its own: a lane holds at most two of them composed
+    (the one being sent and the next), not two chunks' worth."""
     chunks: list[Sequence[OutboxRow]] = []
-    start, size = 0, 1
-    while start < len(rows):
-        chunks.append(rows[start : start + size])
-        start += size
+    current: list[OutboxRow] = []
+    size = 1
+
+    def close(chunk: list[OutboxRow]) -> None:
+        nonlocal size
+        chunks.append(chunk)
         size = min(size * 2, PIPELINE_CHUNK)
+
+    for row in rows:
+        if row.files:
+            if current:
+                close(current)
+                current = []
+            close([row])
+            continue
+        current.append(row)
+        if len(current) == size:
+            close(current)
+            current = []
+    if current:
+        chunks.append(current)
     return chunks
 
 

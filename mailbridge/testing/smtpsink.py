@@ -5,7 +5,8 @@ it receives and can be told how to answer.
 DATA (``"451 4.3.0 Try again later"``), used up one per message; when empty, ``250 OK``.
 ``rcpt_replies`` does the same for RCPT TO. ``max_connections`` refuses EHLO/HELO on a
 further connection while that many are open (``432 4.3.2``, as Exchange Online answers past
-its limit per mailbox). ``hold()`` makes the next DATA wait, after the
+its limit per mailbox), or with ``limit_at = "mail"`` its MAIL FROM; ``greeting_delay`` slows
+every EHLO/HELO. ``hold()`` makes the next DATA wait, after the
 message has been received and kept, until ``release()``: the window between the end of DATA
 and the client's status update, where a crash test kills the client.
 """
@@ -52,33 +53,58 @@ class _Handler:
         envelope.rcpt_tos.append(address)
         return "250 OK"
 
-    def _over_limit(self, server: Any) -> bool:
-        """Whether ``server`` (a new connection's protocol) is past ``max_connections``."""
+    def _over_limit(self, server: Any, at: str) -> bool:
+        """Whether ``server`` (a connection's protocol) is past ``max_connections``, refused
+        at ``at`` (``greeting``: EHLO/HELO of a new connection; ``mail``: MAIL FROM of one not
+        among the first ``max_connections`` of those open)."""
         with self.sink.lock:
             open_ = [s for s in self.sink.connections if s.transport is not None]
-            if server in open_:
-                return False
-            if self.sink.max_connections is not None and (len(open_) >= self.sink.max_connections):
-                self.sink.refused_connections += 1
-                return True
-            self.sink.connections = [*open_, server]
+            if server not in open_:
+                if self.sink.limit_at == "greeting" and self._full(open_):
+                    self.sink.refused_connections += 1
+                    return True
+                open_.append(server)
+            self.sink.connections = open_
+            limit = self.sink.max_connections
+            if at == "mail" == self.sink.limit_at and limit is not None:
+                if server not in open_[:limit]:
+                    self.sink.refused_connections += 1
+                    return True
             return False
+
+    def _full(self, open_: list[Any]) -> bool:
+        limit = self.sink.max_connections
+        return limit is not None and len(open_) >= limit
+
+    async def _greet(self, server: Any, session: Any, hostname: str) -> bool:
+        if self.sink.greeting_delay:
+            import asyncio
+
+            await asyncio.sleep(self.sink.greeting_delay)
+        if self._over_limit(server, "greeting"):
+            return False
+        session.host_name = hostname
+        return True
 
     async def handle_EHLO(  # noqa: N802 - aiosmtpd's hook name
         self, server: Any, session: Any, envelope: Any, hostname: str, responses: list[str]
     ) -> list[str]:
-        if self._over_limit(server):
-            return [LIMIT_REPLY]
-        session.host_name = hostname
-        return responses
+        return responses if await self._greet(server, session, hostname) else [LIMIT_REPLY]
 
     async def handle_HELO(  # noqa: N802 - aiosmtpd's hook name
         self, server: Any, session: Any, envelope: Any, hostname: str
     ) -> str:
-        if self._over_limit(server):
+        ok = await self._greet(server, session, hostname)
+        return f"250 {server.hostname}" if ok else LIMIT_REPLY
+
+    async def handle_MAIL(  # noqa: N802 - aiosmtpd's hook name
+        self, server: Any, session: Any, envelope: Any, address: str, options: Any
+    ) -> str:
+        if self._over_limit(server, "mail"):
             return LIMIT_REPLY
-        session.host_name = hostname
-        return f"250 {server.hostname}"
+        envelope.mail_from = address
+        envelope.mail_options.extend(options)
+        return "250 OK"
 
     async def handle_DATA(self, server: Any, session: Any, envelope: Any) -> str:  # noqa: N802
         import asyncio
@@ -143,6 +169,8 @@ class SmtpSink:
         self._hold: threading.Event | None = None
         self.logins: dict[str, str] | None = None  # None: every login is accepted
         self.max_connections: int | None = None  # None: any number at once
+        self.limit_at = "greeting"  # or "mail": where a connection over the limit is refused
+        self.greeting_delay = 0.0  # seconds each EHLO/HELO waits (a slow sign-in)
         self.connections: list[Any] = []  # the open ones (aiosmtpd protocols) once greeted
         self.refused_connections = 0
         self.port = port or free_port()

@@ -1724,3 +1724,85 @@ def test_kill_9_with_a_message_on_each_connection_resends_those_and_sends_the_re
             "SELECT COUNT(*) FROM conversationmessage WHERE direction = 'outgoing'"
         ).fetchone()
     assert count == 12  # stored once each
+
+
+async def test_a_limit_said_at_mail_from_hands_the_rows_back(
+    tmp_path: Path, sink: SmtpSink
+) -> None:
+    """Exchange Online may accept the connection and refuse the submission ("432 4.3.2" to
+    MAIL FROM or DATA): on a further connection that is the limit too, not the row's fault.
+    The rows go out on the connection that works, none counted as failed."""
+    sink.max_connections = 1
+    sink.limit_at = "mail"
+    settings = parse_config(offline_config(tmp_path, sink))
+    ids = _new_rows(settings, 12)
+    repo = await open_repository(settings.database, settings)
+    worker = OutboxWorker(settings, repo)
+    try:
+        with structlog.testing.capture_logs() as logs:
+            summary = await worker.send_due()
+    finally:
+        await worker._close_sessions()
+        await repo.aclose()
+    assert sink.refused_connections >= 1
+    assert (summary.sent, summary.failed, summary.retrying) == (12, 0, 0)
+    assert [row(settings, i)["state"] for i in ids] == ["sent"] * 12
+    assert len(sink.received) == 12  # each once
+    assert worker._lane_cap["support"][0] == 1
+    assert any(e["event"] == "outbox_connection_refused" for e in logs)
+
+
+async def test_the_first_connection_of_a_round_need_not_be_the_first_lanes(
+    tmp_path: Path, sink: SmtpSink
+) -> None:
+    """The first lane's rows all invalid (it never connects) and the server down: the next
+    lane's failure is the round's first connection failing (a failed attempt, the account
+    paused), not a further connection refused (no cap, no warning naming smtp.connections)."""
+    data = offline_config(tmp_path, sink)
+    data["accounts"][0]["smtp"]["port"] = free_port()  # nothing listens there
+    settings = parse_config(data)
+    recipients = ["not an address" if n % 2 == 0 else f"c{n}@example.org" for n in range(8)]
+    ids = [
+        queue(settings, OutgoingRequest("support", to=to, subject="Row", body_text="x"))
+        for to in recipients
+    ]
+    repo = await open_repository(settings.database, settings)
+    worker = OutboxWorker(settings, repo)
+    try:
+        with structlog.testing.capture_logs() as logs:
+            summary = await worker.send_due()
+    finally:
+        await repo.aclose()
+    assert (summary.failed, summary.retrying, summary.sent) == (4, 1, 0)
+    assert [row(settings, i)["state"] for i in ids[0::2]] == ["failed"] * 4
+    assert [row(settings, i)["state"] for i in ids[1::2]] == ["queued"] * 4
+    assert worker._lane_cap == {}
+    assert worker._is_paused("support")
+    assert not any(e["event"] == "outbox_connection_refused" for e in logs)
+
+
+async def test_a_lease_lost_while_the_connections_open_sends_nothing_more(
+    tmp_path: Path, sink: SmtpSink
+) -> None:
+    """The account let go of (its lease lost, or the daemon stopping) while its connections
+    are still signing in: once let_go returns nothing more is sent by this daemon, and every
+    row is queued again for the next holder."""
+    sink.greeting_delay = 0.6
+    data = offline_config(tmp_path, sink)
+    data["accounts"][0]["smtp"]["connections"] = 2
+    settings = parse_config(data)
+    ids = _new_rows(settings, 8)
+    repo = await open_repository(settings.database, settings)
+    worker = OutboxWorker(settings, repo, only=frozenset({"support"}))
+    try:
+        sending = asyncio.create_task(worker.send_due())
+        await asyncio.sleep(0.3)  # the first connection is being greeted
+        worker.only = frozenset()
+        await worker.let_go("support", within=30)
+        received = len(sink.received)
+        await asyncio.wait_for(sending, 30)
+        assert len(sink.received) == received == 0  # nothing sent, then or after
+    finally:
+        await worker._close_sessions()
+        await repo.aclose()
+    assert [row(settings, i)["state"] for i in ids] == ["queued"] * 8

@@ -275,9 +275,11 @@ def test_snippets_list_pinned_first_and_count_uses(repo: Store) -> None:
 
 @given(st.integers(min_value=0, max_value=200))
 def test_pipeline_chunks_start_with_one_row_and_grow_to_the_limit(count: int) -> None:
+    from types import SimpleNamespace
+
     from mailbridge.daemon.outbox import PIPELINE_CHUNK, pipeline_chunks
 
-    rows: list[Any] = list(range(count))
+    rows: list[Any] = [SimpleNamespace(id=n, files=0) for n in range(count)]
     chunks = pipeline_chunks(rows)
     assert [r for chunk in chunks for r in chunk] == rows  # every row once, in order
     sizes = [len(c) for c in chunks]
@@ -286,6 +288,21 @@ def test_pipeline_chunks_start_with_one_row_and_grow_to_the_limit(count: int) ->
     pairs = list(itertools.pairwise(sizes))
     assert all(b == min(2 * a, PIPELINE_CHUNK) for a, b in pairs[:-1])  # the last may be short
     assert all(b <= min(2 * a, PIPELINE_CHUNK) for a, b in pairs[-1:])
+
+
+@given(st.lists(st.booleans(), max_size=80))
+def test_a_row_with_attachments_is_a_chunk_of_its_own(with_files: list[bool]) -> None:
+    from types import SimpleNamespace
+
+    from mailbridge.daemon.outbox import PIPELINE_CHUNK, pipeline_chunks
+
+    rows: list[Any] = [SimpleNamespace(id=n, files=int(f)) for n, f in enumerate(with_files)]
+    chunks = pipeline_chunks(rows)
+    assert [r for chunk in chunks for r in chunk] == rows  # every row once, in order
+    assert all(chunk for chunk in chunks)
+    assert all(len(chunk) <= PIPELINE_CHUNK for chunk in chunks)
+    assert all(len(chunk) == 1 for chunk in chunks if any(r.files for r in chunk))
+    assert len(chunks[0]) == 1 if rows else chunks == []
 
 
 def test_values_that_are_not_addresses_are_named() -> None:
@@ -394,3 +411,23 @@ def test_lane_rows_keep_a_conversation_in_one_lane_in_order(
         sizes = [len(share) for share in shares]
         assert not sizes or max(sizes) - min(sizes) <= 1
         assert len(shares) == min(lanes, len(rows))
+
+
+@pytest.mark.parametrize(
+    ("reply", "limit"),
+    [
+        ("432 4.3.2 Concurrent connections limit exceeded", True),  # Exchange Online
+        ("432 4.3.2 STOREDRV.ClientSubmit; sender thread limit exceeded", True),
+        ("421 4.7.0 Error: too many connections from 192.0.2.1", True),  # Postfix
+        ("421 Too many concurrent SMTP connections; please try again later.", True),
+        ("451 4.3.0 Temporary local problem, try again later", False),
+        ("452 4.3.1 Insufficient system storage", False),
+        ("550 5.3.2 too many connections", False),  # permanent: never a lane's limit
+        ("535 5.7.8 Authentication credentials invalid", False),
+        ("", False),
+    ],
+)
+def test_a_reply_over_the_limit_of_connections_is_told(reply: str, limit: bool) -> None:
+    from mailbridge.core.outbox import connection_limit_reply
+
+    assert connection_limit_reply(reply) is limit
