@@ -218,7 +218,8 @@ CATALOGUE: Final[dict[str, ErrorInfo]] = dict(
             "connection_limit",
             "Too many connections to the server from this user or address",
             "Close other IMAP clients of this mailbox or ask the administrator to raise the limit; "
-            "it is retried by itself.",
+            "for SMTP, the mailbox's other sending clients share the server's limit (Exchange "
+            "Online: 3 at once): lower smtp.connections. It is retried by itself.",
             transient=True,
         ),
         _info(
@@ -598,9 +599,9 @@ _RULES: Final[tuple[tuple[str, re.Pattern[str]], ...]] = tuple(
         # -- 3. limits, quota, folders by wording -----------------------------------------------
         (
             "connection_limit",
-            r"too many (?:simultaneous |concurrent )?connections|"
-            r"maximum number of connections|connection limit|mail_max_userip_connections|"
-            r"too many login",
+            r"too many (?:\w+ ){0,2}connections|concurrent connections? limit|"
+            r"maximum number of connections|connections? limit|mail_max_userip_connections|"
+            r"too many login|thread limit exceeded",
         ),
         (
             "quota_exceeded",

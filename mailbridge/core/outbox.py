@@ -164,14 +164,15 @@ def a_label(domain: str) -> str:
     return str(idna.encode(domain, uts46=True, transitional=False).decode("ascii"))
 
 
-# A server's words for "too many connections at once from you", in a 4xx reply: RFC 3463's
-# X.3.2 ("system not accepting network messages", which Exchange Online sends as "432 4.3.2
-# Concurrent connections limit exceeded" and "4.3.2 STOREDRV.ClientSubmit; sender thread
-# limit exceeded", Microsoft's "Message storage and concurrent connection throttling for SMTP
-# Authenticated Submission"), or the phrases of Postfix ("too many connections") and others.
+# A server's words for "too many connections at once from you", in a 4xx reply: Exchange
+# Online's "432 4.3.2 Concurrent connections limit exceeded" and "432 4.3.2
+# STOREDRV.ClientSubmit; sender thread limit exceeded" (Microsoft's "Message storage and
+# concurrent connection throttling for SMTP Authenticated Submission"), Postfix's "421 4.7.0
+# Error: too many connections from ...". Not RFC 3463's X.3.2 alone: "421 4.3.2 Service not
+# available" is a server going away, not a limit.
 _CONNECTION_LIMIT = re.compile(
-    r"\b4\.3\.2\b|concurrent connection|too many (\w+ ){0,2}(connections|sessions)"
-    r"|connection limit|thread limit",
+    r"concurrent connections? limit|too many (\w+ ){0,2}(connections|sessions)"
+    r"|connections? limit|thread limit exceeded",
     re.IGNORECASE,
 )
 

@@ -1181,7 +1181,7 @@ class OutboxWorker:
             await lane.sender.close()
             lane.sender = None
         why = f"connection {lane.index + 1} of the account was refused ({error})"
-        await self._release([r for r, _p in left], why)
+        await self._release([r for r, _p in left], why, code="connection_limit")
         self._handed_back.update(r.id for r in lane.rows)  # those sent are not queued
         allowed = max(1, round_.connected())
         cap = self._lane_cap.get(account.name)
@@ -1189,8 +1189,8 @@ class OutboxWorker:
             return  # another lane's refusal set as low a cap, and said so
         self._lane_cap[account.name] = (allowed, time.monotonic() + LANE_CAP_SECONDS)
         log.warning(
-            "outbox_connection_refused", account=account.name, connections=allowed,
-            error=error, cap_seconds=LANE_CAP_SECONDS,
+            "outbox_connection_refused", code="connection_limit", account=account.name,
+            connections=allowed, error=error, cap_seconds=LANE_CAP_SECONDS,
             remedy="the server allows fewer connections at once: set smtp.connections to "
             f"{allowed} (until then its rows go out on the connections that worked)",
         )  # fmt: skip
@@ -1204,18 +1204,15 @@ class OutboxWorker:
         )
         self._paused[account] = time.monotonic() + delay
 
-    async def _release(self, rows: Sequence[OutboxRow], why: str) -> None:
+    async def _release(
+        self, rows: Sequence[OutboxRow], why: str, code: str = "connection_lost"
+    ) -> None:
         """Rows marked ``sending`` but not attempted: back to ``queued``, due at once (the
-        account's pause, if any, holds them)."""
-        for row in rows:
-            await self.repo.outbox_failed_attempt(
-                row.id,
-                state="queued",
-                next_attempt=None,
-                code="connection_lost",
-                error=f"not attempted: {why}",
-                now=datetime.now(UTC),
-            )
+        account's pause, if any, holds them), the attempt not counted."""
+        await self.repo.outbox_release(
+            [row.id for row in rows], code=code, error=f"not attempted: {why}",
+            now=datetime.now(UTC),
+        )  # fmt: skip
 
     async def _failed(
         self, row: OutboxRow, code: str, error: str, *, permanent: bool, summary: OutboxSummary

@@ -277,6 +277,12 @@ class AsyncRepository:
             )
         )
 
+    async def outbox_release(
+        self, outbox_ids: Sequence[int], *, code: str, error: str, now: datetime
+    ) -> None:
+        ids = tuple(outbox_ids)
+        await self._run(lambda repo: repo.outbox_release(ids, code=code, error=error, now=now))
+
     async def outbox_sent(self, context: ImportContext, records: Sequence[SentRecord]) -> list[int]:
         items = tuple(records)
         return await self._run(lambda repo: repo.outbox_sent(context, items))

@@ -226,6 +226,12 @@ class OutboxRepository(Protocol):
     ) -> None:
         """Record a failed attempt: the new state (queued or failed), next attempt and error."""
 
+    def outbox_release(
+        self, outbox_ids: Sequence[int], *, code: str, error: str, now: datetime
+    ) -> None:
+        """Rows marked ``sending`` and not attempted after all back to ``queued``, due at once,
+        their attempt not counted (``attempts`` back by one), the reason recorded."""
+
     def outbox_sent(self, context: ImportContext, records: Sequence[SentRecord]) -> list[int]:
         """Mark each row ``sent`` and store its message as an outgoing message of its
         conversation (created with the row's conversation key for a new one), with the

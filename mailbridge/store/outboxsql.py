@@ -427,6 +427,20 @@ class SqlOutbox:
                 ),
             )
 
+    def outbox_release(
+        self, outbox_ids: Sequence[int], *, code: str, error: str, now: datetime
+    ) -> None:
+        if not outbox_ids:
+            return
+        with self._sql(f"put {len(outbox_ids)} outbox row(s) back to queued", write=True) as sql:
+            sql.execute(
+                "UPDATE outbox SET state = 'queued', nextattempt = NULL,"
+                " attempts = CASE WHEN attempts > 0 THEN attempts - 1 ELSE 0 END,"
+                " lasterrorcode = ?, lasterror = ?, updatedtime = ?"
+                f" WHERE id IN ({marks(len(outbox_ids))}) AND state = 'sending'",
+                (code, error[:_MAX_REASON], iso(now), *outbox_ids),
+            )
+
     def outbox_sent(self, context: ImportContext, records: Sequence[SentRecord]) -> list[int]:
         # SQLite: not synced to the disk: a process killed after this commit keeps it (the
         # record is in the WAL), a power cut may lose it — and the process: then the row is

@@ -66,10 +66,13 @@ class _Handler:
                 open_.append(server)
             self.sink.connections = open_
             limit = self.sink.max_connections
-            if at == "mail" == self.sink.limit_at and limit is not None:
-                if server not in open_[:limit]:
-                    self.sink.refused_connections += 1
-                    return True
+            if (
+                at == "mail" == self.sink.limit_at
+                and limit is not None
+                and (server not in open_[:limit])
+            ):
+                self.sink.refused_connections += 1
+                return True
             return False
 
     def _full(self, open_: list[Any]) -> bool:

@@ -281,7 +281,10 @@ REAL_RESPONSES: list[tuple[str, str]] = [
      "quota_exceeded"),
     ("451 4.7.0 Temporary server error. Please try again later. PRX5", "server_unavailable"),
     ("421 4.3.2 Service not available, closing transmission channel", "server_unavailable"),
-    ("432 4.3.2 STOREDRV.ClientSubmit; sender thread limit exceeded", "server_unavailable"),
+    # Exchange Online past its limit of connections per mailbox (Microsoft: "Message storage
+    # and concurrent connection throttling for SMTP Authenticated Submission").
+    ("432 4.3.2 STOREDRV.ClientSubmit; sender thread limit exceeded", "connection_limit"),
+    ("432 4.3.2 Concurrent connections limit exceeded", "connection_limit"),
     # --- TLS failures as some servers and relays word them ---
     ("[SSL: CERTIFICATE_VERIFY_FAILED] certificate verify failed: unable to get local issuer "
      "certificate (_ssl.c:1006)", "tls_untrusted"),

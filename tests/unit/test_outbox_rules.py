@@ -223,6 +223,32 @@ def test_state_transitions(repo: Store) -> None:
     assert [r.state for r in repo.outbox(states=["queued"])] == ["queued"]
 
 
+def test_released_rows_are_queued_again_without_the_attempt_counted(repo: Store) -> None:
+    """Rows marked sending that were not attempted after all (the daemon stopping, a lease
+    lost, a connection over the server's limit) go back to queued, due at once, their
+    attempt not counted, with the reason; rows in another state are left alone."""
+    ids = [
+        repo.queue_outgoing(OutgoingRequest(account="a", to="x@y.example", body_text="b"))
+        for _ in range(3)
+    ]
+    assert repo.outbox_begin([(i, None) for i in ids[:2]], NOW) == set(ids[:2])
+    repo.outbox_release(
+        [ids[0], ids[2]], code="connection_limit", error="not attempted: 432", now=NOW
+    )
+    released, sending, queued = (repo.outbox_row(i) for i in ids)
+    assert released is not None
+    assert (released.state, released.attempts, released.next_attempt) == ("queued", 0, None)
+    assert (released.last_error_code, released.last_error) == (
+        "connection_limit",
+        "not attempted: 432",
+    )
+    assert sending is not None
+    assert (sending.state, sending.attempts) == ("sending", 1)
+    assert queued is not None
+    assert (queued.state, queued.attempts, queued.last_error_code) == ("queued", 0, None)
+    repo.outbox_release([], code="x", error="x", now=NOW)  # nothing to do
+
+
 def test_due_rows_are_bounded_by_the_bytes_of_their_stored_messages(repo: Store) -> None:
     """Retried rows carry their stored message: a batch takes rows in id order while the
     bytes of the rows before each stay under the budget (the first row always; rows without
@@ -421,6 +447,7 @@ def test_lane_rows_keep_a_conversation_in_one_lane_in_order(
         ("421 4.7.0 Error: too many connections from 192.0.2.1", True),  # Postfix
         ("421 Too many concurrent SMTP connections; please try again later.", True),
         ("451 4.3.0 Temporary local problem, try again later", False),
+        ("421 4.3.2 Service not available, closing transmission channel", False),
         ("452 4.3.1 Insufficient system storage", False),
         ("550 5.3.2 too many connections", False),  # permanent: never a lane's limit
         ("535 5.7.8 Authentication credentials invalid", False),
