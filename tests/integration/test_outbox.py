@@ -23,7 +23,7 @@ import subprocess
 import sys
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from datetime import UTC, datetime
 from email.message import EmailMessage
 from pathlib import Path
@@ -595,14 +595,16 @@ def _daemon(path: Path) -> subprocess.Popen[bytes]:
     )
 
 
-def _killed_mid_send(path: Path, settings: Settings, sink: SmtpSink, outbox_id: int) -> bytes:
-    """Start the daemon, let the server take the message and hold its 250, kill -9 the daemon
-    then; returns the bytes the server got."""
+def _kill_9_when(path: Path, sink: SmtpSink, held: Callable[[], bool], what: str) -> None:
+    """Start the daemon with the server holding its 250s, kill -9 it once ``held()``, then let
+    the server answer."""
     sink.hold()
     proc = _daemon(path)
     try:
-        assert sink.holding.wait(60), "the daemon never reached DATA"
-        assert row(settings, outbox_id)["state"] == "sending"
+        deadline = time.monotonic() + 60
+        while not held() and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert held(), what
         proc.send_signal(signal.SIGKILL)
         proc.communicate(timeout=30)
     finally:
@@ -610,6 +612,12 @@ def _killed_mid_send(path: Path, settings: Settings, sink: SmtpSink, outbox_id: 
             proc.kill()
             proc.communicate(timeout=30)
         sink.release()
+
+
+def _killed_mid_send(path: Path, settings: Settings, sink: SmtpSink, outbox_id: int) -> bytes:
+    """Start the daemon, let the server take the message and hold its 250, kill -9 the daemon
+    then; returns the bytes the server got."""
+    _kill_9_when(path, sink, sink.holding.is_set, "the daemon never reached DATA")
     assert row(settings, outbox_id)["state"] == "sending"  # the status update never happened
     [received] = sink.received
     return received.data
@@ -1691,20 +1699,10 @@ def test_kill_9_with_a_message_on_each_connection_resends_those_and_sends_the_re
     settings = parse_config(data)
     path = write_config(tmp_path, data)
     ids = _new_rows(settings, 12)
-    sink.hold()
-    proc = _daemon(path)
-    try:
-        deadline = time.monotonic() + 60
-        while len(sink.received) < 3 and time.monotonic() < deadline:
-            time.sleep(0.05)
-        assert len(sink.received) == 3, "a message in DATA on each of three connections"
-        proc.send_signal(signal.SIGKILL)
-        proc.communicate(timeout=30)
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-            proc.communicate(timeout=30)
-        sink.release()
+    _kill_9_when(
+        path, sink, lambda: len(sink.received) >= 3, "a message in DATA on three connections"
+    )
+    assert len(sink.received) == 3
     held = {r.data for r in sink.received}
     assert len({r.peer for r in sink.received}) == 3
     assert [row(settings, i)["state"] for i in ids].count("sent") == 0  # none recorded
@@ -1726,6 +1724,20 @@ def test_kill_9_with_a_message_on_each_connection_resends_those_and_sends_the_re
     assert count == 12  # stored once each
 
 
+async def _one_pass(settings: Settings) -> tuple[OutboxWorker, Any, list[dict[str, Any]]]:
+    """One send_due pass of a new worker, with the log events it wrote; its kept connections
+    closed after."""
+    repo = await open_repository(settings.database, settings)
+    worker = OutboxWorker(settings, repo)
+    try:
+        with structlog.testing.capture_logs() as logs:
+            summary = await worker.send_due()
+    finally:
+        await worker._close_sessions()
+        await repo.aclose()
+    return worker, summary, logs
+
+
 async def test_a_limit_said_at_mail_from_hands_the_rows_back(
     tmp_path: Path, sink: SmtpSink
 ) -> None:
@@ -1736,14 +1748,7 @@ async def test_a_limit_said_at_mail_from_hands_the_rows_back(
     sink.limit_at = "mail"
     settings = parse_config(offline_config(tmp_path, sink))
     ids = _new_rows(settings, 12)
-    repo = await open_repository(settings.database, settings)
-    worker = OutboxWorker(settings, repo)
-    try:
-        with structlog.testing.capture_logs() as logs:
-            summary = await worker.send_due()
-    finally:
-        await worker._close_sessions()
-        await repo.aclose()
+    worker, summary, logs = await _one_pass(settings)
     assert sink.refused_connections >= 1
     assert (summary.sent, summary.failed, summary.retrying) == (12, 0, 0)
     assert [row(settings, i)["state"] for i in ids] == ["sent"] * 12
@@ -1766,13 +1771,7 @@ async def test_the_first_connection_of_a_round_need_not_be_the_first_lanes(
         queue(settings, OutgoingRequest("support", to=to, subject="Row", body_text="x"))
         for to in recipients
     ]
-    repo = await open_repository(settings.database, settings)
-    worker = OutboxWorker(settings, repo)
-    try:
-        with structlog.testing.capture_logs() as logs:
-            summary = await worker.send_due()
-    finally:
-        await repo.aclose()
+    worker, summary, logs = await _one_pass(settings)
     assert (summary.failed, summary.retrying, summary.sent) == (4, 1, 0)
     assert [row(settings, i)["state"] for i in ids[0::2]] == ["failed"] * 4
     assert [row(settings, i)["state"] for i in ids[1::2]] == ["queued"] * 4

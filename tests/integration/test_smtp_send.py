@@ -5,7 +5,7 @@ before MAIL FROM."""
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator, Callable, Iterator
+from collections.abc import AsyncIterator, Callable
 from pathlib import Path
 from typing import Any
 
@@ -16,6 +16,7 @@ from mailbridge.config import AccountSettings, parse_config
 from mailbridge.mail.smtp import SendError, SmtpSender
 from mailbridge.testing.dovecot import free_port
 from mailbridge.testing.smtpsink import SmtpSink
+from tests.integration.test_outbox import sink as sink  # the SMTP sink fixture, shared
 
 SUPPORT = "support@example.test"
 RAW = (
@@ -46,15 +47,6 @@ def account_for(sink: SmtpSink, tmp_path: Path) -> AccountSettings:
         }
     )
     return settings.accounts[0]
-
-
-@pytest.fixture
-def sink() -> Iterator[SmtpSink]:
-    server = SmtpSink().start()
-    try:
-        yield server
-    finally:
-        server.stop()
 
 
 @pytest.fixture
