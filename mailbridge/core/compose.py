@@ -334,17 +334,16 @@ def set_text(message: EmailMessage, text: str) -> None:
     policy = message.policy
     limit = policy.max_line_length or _LINE_LIMIT
     lines = text.encode("utf-8").splitlines()
+    body = b"\n".join(lines) + b"\n"
     cte: str | None = None
     payload = ""
     if max((len(line) for line in lines), default=0) <= limit:
-        body = b"\n".join(lines) + b"\n"
         if body.isascii():
             cte, payload = "7bit", body.decode("ascii")
         elif policy.cte_type == "8bit":
             cte, payload = "8bit", body.decode("ascii", "surrogateescape")
     if cte is None:
         linesep = policy.linesep.encode("ascii")
-        body = b"\n".join(lines) + b"\n"
         # The stdlib's choice: whichever of the two is shorter on the first ten lines.
         sniff = linesep.join(lines[:10]) + linesep
         sniff_qp = quoprimime.body_encode(sniff.decode("latin-1"), limit)
