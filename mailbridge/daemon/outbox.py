@@ -12,9 +12,9 @@ One task in the daemon (beside the account loops) and one pass in ``run --once``
    per LANE_ROWS rows due; the rows of one conversation in order on one connection; each kept
    open for the rest of the batch and SESSION_IDLE_SECONDS after).
 4. **Sent**: after the 250 to DATA one short transaction marks the row ``sent`` and stores
-   the message in its conversation (as composed: its bytes are not parsed back), one
-   transaction for the rows of a chunk (the rows composed and marked ``sending`` together,
-   1, 2, 4 ... 16), committed once the chunk's last message is accepted. Then, with
+   the message in its conversation (as composed: its bytes are not parsed back), at once
+   (rows accepted while the previous such transaction runs, on any of the account's
+   connections, share the next: :class:`_SentRecorder`). Then, with
    ``folders.sent`` and ``append_sent``, a copy is APPENDed to the Sent folder. A refusal:
    5xx fails the row; 4xx, a lost connection or a timeout puts it back to ``queued`` for a
    retry with backoff, until ``outbox.max_age_hours``.
@@ -492,15 +492,16 @@ class _Round:
     # that need a connection meanwhile wait for it instead of each trying its own.
     pioneer: asyncio.Future[bool] | None = None
 
-    def connected(self) -> int:
-        return sum(1 for lane in self.lanes if lane.sender is not None and lane.sender.usable)
+    def connected(self, besides: _Lane | None = None) -> int:
+        """How many lanes (other than ``besides``) have a usable connection."""
+        return sum(
+            1
+            for lane in self.lanes
+            if lane is not besides and lane.sender is not None and lane.sender.usable
+        )
 
     def others_connected(self, lane: _Lane) -> bool:
-        return any(
-            other.sender is not None and other.sender.usable
-            for other in self.lanes
-            if other is not lane
-        )
+        return self.connected(besides=lane) > 0
 
 
 class OutboxWorker:
@@ -1077,15 +1078,12 @@ class OutboxWorker:
                 # Looked at before the connection is opened and again after (opening may wait
                 # for the round's first connection, and sign in): a lease lost or a stop
                 # meanwhile leaves the rows to the next holder, unsent.
-                if self._stopped(account):
-                    await self._release([r for r, _p in ready[index:]], self._why_stopped(account))
+                if await self._released_if_stopped(account, ready[index:]):
                     return False
                 if lane.sender is None or not lane.sender.usable:
                     if not await self._open(account, lane, round_, ready[index:]):
                         return False
-                    if self._stopped(account):
-                        why = self._why_stopped(account)
-                        await self._release([r for r, _p in ready[index:]], why)
+                    if await self._released_if_stopped(account, ready[index:]):
                         return False
                 assert lane.sender is not None
                 refused = await self._send(lane.sender, account, row, prepared)
@@ -1122,6 +1120,16 @@ class OutboxWorker:
 
     def _stopped(self, account: AccountSettings) -> bool:
         return self.stopping.is_set() or not self._serves(account.name)
+
+    async def _released_if_stopped(
+        self, account: AccountSettings, left: Sequence[tuple[OutboxRow, _Prepared]]
+    ) -> bool:
+        """When the daemon stops or no longer serves ``account``: ``left`` back to queued
+        (for the next holder), True."""
+        if not self._stopped(account):
+            return False
+        await self._release([r for r, _p in left], self._why_stopped(account))
+        return True
 
     async def _open(
         self,
